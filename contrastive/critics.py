@@ -1,0 +1,242 @@
+"""Critics: functions ``f(a_i, b_j)`` that map anchors ``a [N, d]`` and candidates ``b [M, d']`` to
+a score matrix ``S [N, M]``, higher meaning more similar.
+
+The critics are the ones studied by Tschannen et al. (ICLR 2020, sec. 3.2) plus the similarity
+functions of deep metric learning:
+
+============================  =================================  ==============================
+critic                        ``S_ij``                           note
+============================  =================================  ==============================
+``Dot()``                     ``a_i . b_j``                      separable; multi-class N-pair
+``Cosine(temperature)``       ``cos(a_i, b_j) / t``              NT-Xent / SupCon
+``NegativeL2(squared)``       ``-||a_i - b_j||`` (or squared)    turns distance losses into scores
+``Bilinear(dim)``             ``a_i^T W b_j``                    the paper's bilinear critic
+``Separable(...)``            ``g(a_i) . h(b_j)``, MLPs g, h     the paper's separable critic
+``Concat(...)``               ``MLP([a_i ; b_j])`` on all pairs  the paper's "MLP" critic
+============================  =================================  ==============================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .validation import check_positive_int, check_temperature
+
+__all__ = [
+    "Critic",
+    "Dot",
+    "Cosine",
+    "NegativeL2",
+    "Bilinear",
+    "Separable",
+    "Concat",
+    "mlp",
+    "get",
+    "available",
+]
+
+
+def mlp(
+    in_dim: int, hidden_dim: int, out_dim: int, layers: int, activation=nn.ReLU
+) -> nn.Sequential:
+    """``layers`` hidden layers of width ``hidden_dim`` with ``activation``, then a linear map to
+    ``out_dim`` (``layers=0`` is a single linear map)."""
+    mods: list[nn.Module] = []
+    width = in_dim
+    for _ in range(layers):
+        mods += [nn.Linear(width, hidden_dim), activation()]
+        width = hidden_dim
+    mods.append(nn.Linear(width, out_dim))
+    return nn.Sequential(*mods)
+
+
+class Critic(nn.Module):
+    """Base class. ``is_distance`` marks critics whose score is a negated distance, so that
+    margin losses can take their margins in distance units."""
+
+    is_distance: bool = False
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Dot(Critic):
+    """``S_ij = a_i . b_j``: the separable critic of the multi-class N-pair loss (Sohn, 2016)."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return a @ b.T
+
+
+class Cosine(Critic):
+    """``S_ij = cos(a_i, b_j) / t``: the critic of NT-Xent (Chen et al., 2020) and SupCon
+    (Khosla et al., 2020). ``learnable=True`` learns ``log(1/t)`` as in CLIP."""
+
+    def __init__(self, temperature: float = 0.1, learnable: bool = False):
+        super().__init__()
+        t = check_temperature(temperature)
+        if learnable:
+            self.log_inv_t = nn.Parameter(torch.tensor(-torch.log(torch.tensor(t)).item()))
+        else:
+            self.register_buffer("log_inv_t", torch.tensor(-torch.log(torch.tensor(t)).item()))
+
+    @property
+    def temperature(self) -> float:
+        return float(torch.exp(-self.log_inv_t.detach()))
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T) * self.log_inv_t.exp()
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature:.4g}"
+
+
+def _sqrt_safe(sq: Tensor) -> Tensor:
+    """sqrt with a zero (not NaN) gradient where the squared distance is 0."""
+    positive = sq > 0
+    return torch.where(positive, sq.clamp_min(1e-30).sqrt(), torch.zeros_like(sq))
+
+
+def squared_l2(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise squared Euclidean distances ``||a_i||^2 + ||b_j||^2 - 2 a_i . b_j``, clamped at 0
+    (one matrix product; the same expansion as ``torch.cdist``'s matmul path)."""
+    sq = (a * a).sum(1, keepdim=True) + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+    return sq.clamp_min(0.0)
+
+
+class NegativeL2(Critic):
+    """``S_ij = -||a_i - b_j||`` (``squared=True``: ``-||a_i - b_j||^2``), optionally on
+    L2-normalised rows (``normalize=True``, the usual metric-learning setting)."""
+
+    is_distance = True
+
+    def __init__(self, squared: bool = False, normalize: bool = False):
+        super().__init__()
+        self.squared = squared
+        self.normalize = normalize
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.normalize:
+            a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+            sq = (2.0 - 2.0 * (a @ b.T)).clamp_min(0.0)
+        else:
+            sq = squared_l2(a, b)
+        return -sq if self.squared else -_sqrt_safe(sq)
+
+    def extra_repr(self) -> str:
+        return f"squared={self.squared}, normalize={self.normalize}"
+
+
+class Bilinear(Critic):
+    """``S_ij = a_i^T W b_j`` with ``W [dim, dim_b]`` (Tschannen et al. 2020, bilinear critic).
+
+    ``init="identity"`` starts as the dot critic; ``"random"`` uses Glorot-uniform like the
+    paper's TensorFlow code.
+    """
+
+    def __init__(self, dim: int, dim_b: int | None = None, init: str = "identity"):
+        super().__init__()
+        dim = check_positive_int(dim, "dim")
+        dim_b = dim if dim_b is None else check_positive_int(dim_b, "dim_b")
+        self.weight = nn.Parameter(torch.empty(dim, dim_b))
+        if init == "identity":
+            with torch.no_grad():
+                self.weight.zero_()
+                k = min(dim, dim_b)
+                self.weight[:k, :k] = torch.eye(k)
+        elif init == "random":
+            nn.init.xavier_uniform_(self.weight)
+        else:
+            raise ValueError(f"init must be 'identity' or 'random', got {init!r}")
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if a.shape[1] != self.weight.shape[0] or b.shape[1] != self.weight.shape[1]:
+            raise ValueError(
+                f"Bilinear critic expects inputs of dims {tuple(self.weight.shape)}, got "
+                f"{a.shape[1]} and {b.shape[1]}; set dim (and dim_b) to the embedding sizes"
+            )
+        return (a @ self.weight) @ b.T
+
+
+class Separable(Critic):
+    """``S_ij = g(a_i) . h(b_j)`` with MLPs ``g`` and ``h`` (Tschannen et al. 2020, separable
+    critic: ``layers`` hidden layers of ``hidden_dim``, output ``out_dim``)."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int = 100,
+        out_dim: int = 100,
+        layers: int = 1,
+        in_dim_b: int | None = None,
+    ):
+        super().__init__()
+        in_dim = check_positive_int(in_dim, "in_dim")
+        self.g = mlp(in_dim, hidden_dim, out_dim, layers)
+        self.h = mlp(in_dim if in_dim_b is None else in_dim_b, hidden_dim, out_dim, layers)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.g(a) @ self.h(b).T
+
+
+class Concat(Critic):
+    """``S_ij = MLP([a_i ; b_j])`` on every pair (Tschannen et al. 2020, the "MLP"/concat critic).
+
+    The first layer is split, ``W [a; b] = W_a a + W_b b``, so it costs two small matrix products;
+    the rest of the MLP runs on rows of anchors in chunks of ``chunk_size`` pairs so that memory is
+    bounded by ``chunk_size * hidden_dim`` whatever ``N x M`` is.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int = 200,
+        layers: int = 1,
+        in_dim_b: int | None = None,
+        chunk_size: int = 1 << 20,
+    ):
+        super().__init__()
+        in_dim = check_positive_int(in_dim, "in_dim")
+        layers = check_positive_int(layers, "layers")
+        self.chunk_size = check_positive_int(chunk_size, "chunk_size")
+        self.first_a = nn.Linear(in_dim, hidden_dim)
+        self.first_b = nn.Linear(in_dim if in_dim_b is None else in_dim_b, hidden_dim, bias=False)
+        self.rest = mlp(hidden_dim, hidden_dim, 1, layers - 1)
+        self.act = nn.ReLU()
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        ha, hb = self.first_a(a), self.first_b(b)
+        rows = max(1, self.chunk_size // max(1, b.shape[0]))
+        out = []
+        for start in range(0, a.shape[0], rows):
+            h = self.act(ha[start : start + rows, None, :] + hb[None, :, :])
+            out.append(self.rest(h).squeeze(-1))
+        return torch.cat(out, dim=0)
+
+
+_REGISTRY: dict[str, Callable[..., Critic]] = {
+    "dot": Dot,
+    "cosine": Cosine,
+    "negative_l2": NegativeL2,
+    "l2": NegativeL2,
+    "bilinear": Bilinear,
+    "separable": Separable,
+    "concat": Concat,
+    "mlp": Concat,
+}
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`get`."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str, **kwargs) -> Critic:
+    """Build a critic by name, e.g. ``get("cosine", temperature=0.1)``."""
+    key = name.lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown critic {name!r}; choose one of {available()}")
+    return _REGISTRY[key](**kwargs)

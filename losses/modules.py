@@ -1,0 +1,286 @@
+"""``nn.Module`` shells around :mod:`losses.functional`.
+
+Each module holds a critic and its hyper-parameters, and is called like a
+pytorch-metric-learning loss::
+
+    loss(embeddings, labels)                       # supervised, or multi-view with instance ids
+    loss(embeddings, labels, ref_emb, ref_labels)  # against a separate reference set
+    loss(x_emb, ref_emb=y_emb)                     # paired views: positives on the diagonal
+
+The critic and the loss always run in float32 (float64 inputs stay float64), with autocast
+switched off locally, so mixed-precision training cannot overflow ``exp(S)`` at small
+temperatures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from contrastive.critics import Cosine, Critic, Dot, NegativeL2
+from contrastive.pairs import Pairs, diagonal_masks, require_positives, resolve_pairs
+from contrastive.validation import check_temperature
+
+from . import functional as LF
+
+__all__ = ["PairLoss", "InfoNCE", "NWJ", "JS", "DV", "MultiClassNPair", "Triplet", "Contrastive"]
+
+
+def _full_precision(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+class PairLoss(nn.Module):
+    """Base class: resolve the call into (anchors, candidates, masks), score them with the
+    critic in full precision, and hand ``(S, P, Q)`` to :meth:`compute`."""
+
+    def __init__(self, critic: Critic | nn.Module | None = None):
+        super().__init__()
+        self.critic = critic if critic is not None else self.default_critic()
+
+    def default_critic(self) -> nn.Module:
+        return Cosine(0.1)
+
+    # -- the shell -------------------------------------------------------------------------
+    def pairs(self, embeddings, labels=None, ref_emb=None, ref_labels=None) -> Pairs:
+        return resolve_pairs(embeddings, labels, ref_emb, ref_labels)
+
+    def scores(
+        self,
+        embeddings: Tensor,
+        labels: Tensor | None = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The score matrix ``S`` and masks ``(P, Q)`` this loss sees for a call."""
+        p = self.pairs(embeddings, labels, ref_emb, ref_labels)
+        with torch.autocast(device_type=p.anchors.device.type, enabled=False):
+            a = _full_precision(p.anchors)
+            b = a if p.self_reference else _full_precision(p.candidates)
+            s = self.critic(a, b)
+        return s, p.positives, p.negatives
+
+    def compute(self, scores: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor | None = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Tensor:
+        s, pos, neg = self.scores(embeddings, labels, ref_emb, ref_labels)
+        with torch.autocast(device_type=s.device.type, enabled=False):
+            return self.compute(s, pos, neg)
+
+    @torch.no_grad()
+    def readout(
+        self,
+        embeddings: Tensor,
+        labels: Tensor | None = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> dict[str, float]:
+        """I_NCE and I_NWJ (nats) of this loss's own score matrix on a batch."""
+        s, pos, neg = self.scores(embeddings, labels, ref_emb, ref_labels)
+        return {
+            "infonce": float(LF.infonce_bound(s, pos, neg)),
+            "nwj": float(LF.nwj_bound(s, pos, neg)) if bool(neg.any()) else float("nan"),
+        }
+
+
+def _critic_or_temperature(critic, temperature, default_t: float) -> nn.Module:
+    if critic is not None and temperature is not None:
+        raise ValueError(
+            "pass either critic= or temperature=, not both; set the temperature on the critic "
+            "(e.g. critics.Cosine(temperature=0.05))"
+        )
+    if critic is not None:
+        return critic
+    return Cosine(check_temperature(default_t if temperature is None else temperature))
+
+
+class InfoNCE(PairLoss):
+    """InfoNCE / NT-Xent / SupCon (:func:`losses.functional.infonce`).
+
+    Default critic: ``Cosine(temperature)`` with ``temperature=0.1``.
+    """
+
+    def __init__(self, temperature: float | None = None, critic: nn.Module | None = None):
+        super().__init__(_critic_or_temperature(critic, temperature, 0.1))
+
+    def compute(self, scores, positives, negatives):
+        return LF.infonce(scores, positives, negatives)
+
+
+class NWJ(PairLoss):
+    """NWJ bound as a loss, ``-I_NWJ`` (:func:`losses.functional.nwj`).
+    Default critic: ``Cosine(0.1)`` (the same as InfoNCE, so comparisons isolate the objective)."""
+
+    def __init__(self, temperature: float | None = None, critic: nn.Module | None = None):
+        super().__init__(_critic_or_temperature(critic, temperature, 0.1))
+
+    def compute(self, scores, positives, negatives):
+        return LF.nwj(scores, positives, negatives)
+
+
+class JS(PairLoss):
+    """Jensen-Shannon critic loss (:func:`losses.functional.js`); default critic ``Cosine(0.1)``.
+    Its MI readout is :func:`losses.functional.js_bound`."""
+
+    def __init__(self, temperature: float | None = None, critic: nn.Module | None = None):
+        super().__init__(_critic_or_temperature(critic, temperature, 0.1))
+
+    def compute(self, scores, positives, negatives):
+        return LF.js(scores, positives, negatives)
+
+
+class DV(PairLoss):
+    """Donsker-Varadhan / MINE loss ``-I_DV`` (:func:`losses.functional.dv`); default critic
+    ``Cosine(0.1)``."""
+
+    def __init__(self, temperature: float | None = None, critic: nn.Module | None = None):
+        super().__init__(_critic_or_temperature(critic, temperature, 0.1))
+
+    def compute(self, scores, positives, negatives):
+        return LF.dv(scores, positives, negatives)
+
+
+def first_pair_per_class(labels: Tensor, ref_labels: Tensor | None = None):
+    """Indices ``(anchor_idx, positive_idx)`` with one pair per class.
+
+    Without ``ref_labels``: for every label with two or more items, its first and second
+    occurrence (the pair pytorch-metric-learning's ``NPairsLoss`` picks). With ``ref_labels``:
+    the first occurrence in ``labels`` and the first in ``ref_labels`` of every shared label.
+    """
+    if ref_labels is None:
+        classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        order = torch.argsort(inverse * labels.numel() + torch.arange(labels.numel(),
+                              device=labels.device))
+        starts = torch.cumsum(counts, 0) - counts
+        keep = counts >= 2
+        return order[starts[keep]], order[starts[keep] + 1]
+    common = torch.tensor(
+        sorted(set(labels.tolist()) & set(ref_labels.tolist())),
+        dtype=labels.dtype, device=labels.device,
+    )
+    a = torch.argmax((labels[None, :] == common[:, None]).int(), dim=1)
+    p = torch.argmax((ref_labels[None, :] == common[:, None]).int(), dim=1)
+    return a, p
+
+
+class MultiClassNPair(PairLoss):
+    """Multi-class N-pair loss (Sohn 2016; :func:`losses.functional.multiclass_npair`).
+
+    From labels it takes one (anchor, positive) pair per class (see :func:`first_pair_per_class`)
+    and scores anchors against positives with the critic (default ``Dot``), positives on the
+    diagonal. ``l2_reg`` adds ``l2_reg * mean ||f||^2`` over the used embeddings (Sohn's
+    regulariser; 0 by default).
+    """
+
+    def __init__(self, critic: nn.Module | None = None, l2_reg: float = 0.0):
+        super().__init__(critic)
+        self.l2_reg = float(l2_reg)
+
+    def default_critic(self) -> nn.Module:
+        return Dot()
+
+    def pairs(self, embeddings, labels=None, ref_emb=None, ref_labels=None) -> Pairs:
+        p = resolve_pairs(embeddings, labels, ref_emb, ref_labels)
+        if ref_emb is not None and labels is None:
+            return p
+        lab = labels if torch.is_tensor(labels) else torch.as_tensor(labels)
+        lab = lab.to(p.anchors.device).long()
+        if ref_emb is None:
+            ai, pi = first_pair_per_class(lab)
+            cand = p.anchors
+        else:
+            ref = lab if ref_labels is None else torch.as_tensor(ref_labels).to(lab.device).long()
+            ai, pi = first_pair_per_class(lab, ref)
+            cand = p.candidates
+        if ai.numel() == 0:
+            require_positives(torch.zeros(1, dtype=torch.bool), "the multi-class N-pair loss")
+        pos, neg = diagonal_masks(ai.numel(), p.anchors.device)
+        return Pairs(p.anchors[ai], cand[pi], pos, neg, False)
+
+    def forward(self, embeddings, labels=None, ref_emb=None, ref_labels=None):
+        p = self.pairs(embeddings, labels, ref_emb, ref_labels)
+        with torch.autocast(device_type=p.anchors.device.type, enabled=False):
+            a, b = _full_precision(p.anchors), _full_precision(p.candidates)
+            loss = LF.multiclass_npair(self.critic(a, b), p.positives, p.negatives)
+            if self.l2_reg:
+                loss = loss + self.l2_reg * 0.5 * ((a * a).sum(1).mean() + (b * b).sum(1).mean())
+        return loss
+
+    def compute(self, scores, positives, negatives):
+        return LF.multiclass_npair(scores, positives, negatives)
+
+
+class Triplet(PairLoss):
+    """Triplet margin loss (:func:`losses.functional.triplet`).
+
+    Default critic: ``NegativeL2(normalize=True)`` (Euclidean distance of L2-normalised
+    embeddings) and ``margin=0.05``, pytorch-metric-learning's defaults; the margin is in score
+    units, i.e. distance units for a distance critic.
+    """
+
+    def __init__(
+        self,
+        margin: float = 0.05,
+        mining: str = "all",
+        soft: bool = False,
+        critic: nn.Module | None = None,
+    ):
+        super().__init__(critic)
+        if mining not in ("all", "hard", "semihard"):
+            raise ValueError(f"mining must be 'all', 'hard' or 'semihard', got {mining!r}")
+        if float(margin) < 0:
+            raise ValueError(f"margin must be >= 0, got {margin!r}")
+        self.margin, self.mining, self.soft = float(margin), mining, bool(soft)
+
+    def default_critic(self) -> nn.Module:
+        return NegativeL2(normalize=True)
+
+    def compute(self, scores, positives, negatives):
+        return LF.triplet(scores, positives, negatives, self.margin, self.mining, self.soft)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, mining={self.mining!r}, soft={self.soft}"
+
+
+class Contrastive(PairLoss):
+    """Contrastive loss (Hadsell et al. 2006; :func:`losses.functional.contrastive`).
+
+    For a distance critic (default ``NegativeL2(normalize=True)``) the margins are distances:
+    ``relu(d - pos_margin)`` on positives, ``relu(neg_margin - d)`` on negatives, defaults 0 and 1.
+    For a similarity critic they are similarities: ``relu(pos_margin - s)`` and
+    ``relu(s - neg_margin)``, defaults 1 and 0 (pytorch-metric-learning's conventions).
+    """
+
+    def __init__(
+        self,
+        pos_margin: float | None = None,
+        neg_margin: float | None = None,
+        critic: nn.Module | None = None,
+    ):
+        super().__init__(critic)
+        dist = bool(getattr(self.critic, "is_distance", False))
+        self.pos_margin = float((0.0 if dist else 1.0) if pos_margin is None else pos_margin)
+        self.neg_margin = float((1.0 if dist else 0.0) if neg_margin is None else neg_margin)
+        sign = -1.0 if dist else 1.0
+        self._t_pos, self._t_neg = sign * self.pos_margin, sign * self.neg_margin
+
+    def default_critic(self) -> nn.Module:
+        return NegativeL2(normalize=True)
+
+    def compute(self, scores, positives, negatives):
+        return LF.contrastive(scores, positives, negatives, self._t_pos, self._t_neg)
+
+    def extra_repr(self) -> str:
+        return f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}"
+
+
+LossFactory = Callable[..., PairLoss]

@@ -16,13 +16,38 @@ from .pairs import diagonal_masks, label_masks, resolve_pairs
 __version__ = "0.1.0"
 
 _LAZY = {
-    # name -> module that defines it
+    # name -> submodule that defines it (imported on first use)
+    "MPerClassSampler": ".samplers",
+    "MultiView": ".views",
+    "collate_views": ".views",
+    "simclr_augmentation": ".views",
+    "small_image_augmentation": ".views",
+    "vector_augmentation": ".views",
+    "get_dataset": ".datasets",
+    "available_datasets": ".datasets",
+    "register_dataset": ".datasets",
+    "atomic_save": ".checkpoint",
+    "load_checkpoint": ".checkpoint",
+    "CheckpointError": ".checkpoint",
+    "all_gather_with_grad": ".distributed",
+    "gather_embeddings": ".distributed",
+    "Embedder": ".embedders",
+    "MLPEncoder": ".embedders",
+    "embed": ".embedders",
+    "TrainConfig": ".config",
+    "fit": ".train",
+    "CompareConfig": ".compare",
+    "compare": ".compare",
 }
+_SUBMODULES = {"samplers", "views", "datasets", "checkpoint", "distributed", "embedders",
+               "config", "train", "compare", "report", "cli", "reproduce"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'contrastive' has no attribute {name!r}")
 
 
@@ -39,4 +64,5 @@ __all__ = [
     "label_masks",
     "diagonal_masks",
     "resolve_pairs",
+    *_LAZY,
 ]

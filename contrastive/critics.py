@@ -18,6 +18,7 @@ critic                        ``S_ij``                           note
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -73,22 +74,29 @@ class Dot(Critic):
 
 class Cosine(Critic):
     """``S_ij = cos(a_i, b_j) / t``: the critic of NT-Xent (Chen et al., 2020) and SupCon
-    (Khosla et al., 2020). ``learnable=True`` learns ``log(1/t)`` as in CLIP."""
+    (Khosla et al., 2020). ``learnable=True`` learns ``log(1/t)`` as in CLIP.
+
+    A fixed temperature is kept in float64 so float64 inputs get ``1/t`` to full precision; the
+    scale multiplies the ``[N, d]`` normalised anchors, not the ``[N, M]`` score matrix.
+    """
 
     def __init__(self, temperature: float = 0.1, learnable: bool = False):
         super().__init__()
         t = check_temperature(temperature)
+        init = torch.tensor(-math.log(t), dtype=torch.float64)
         if learnable:
-            self.log_inv_t = nn.Parameter(torch.tensor(-torch.log(torch.tensor(t)).item()))
+            self.log_inv_t = nn.Parameter(init.float())
         else:
-            self.register_buffer("log_inv_t", torch.tensor(-torch.log(torch.tensor(t)).item()))
+            self.register_buffer("log_inv_t", init)
 
     @property
     def temperature(self) -> float:
         return float(torch.exp(-self.log_inv_t.detach()))
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T) * self.log_inv_t.exp()
+        an = F.normalize(a, dim=1)
+        bn = an if b is a else F.normalize(b, dim=1)
+        return (an * self.log_inv_t.exp().to(an.dtype)) @ bn.T
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature:.4g}"
@@ -107,9 +115,64 @@ def squared_l2(a: Tensor, b: Tensor) -> Tensor:
     return sq.clamp_min(0.0)
 
 
+class _NegativeL2Scores(torch.autograd.Function):
+    """``S = -||a_i - b_j||`` (or its square) from one matrix product, computed in place.
+
+    ``unit=True`` means the rows of ``a`` and ``b`` have norm 1, so ``||a - b||^2 = 2 - 2 a.b``.
+    The backward pass maps ``dL/dS`` to ``dL/d(a.b)`` with one elementwise pass and two matrix
+    products; where the distance is 0 (duplicates, the diagonal) the gradient is 0, not NaN.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, squared: bool, unit: bool):
+        s = a @ b.T
+        s.mul_(-2.0)
+        if unit:
+            s.add_(2.0)
+        else:
+            s.add_((a * a).sum(1, keepdim=True)).add_((b * b).sum(1)[None, :])
+        s.clamp_(min=0.0)
+        if not squared:
+            s.sqrt_()
+        s.neg_()
+        ctx.squared, ctx.unit = squared, unit
+        ctx.save_for_backward(a, b, s)
+        return s
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, b, s = ctx.saved_tensors
+        # dL/dsq: squared -> -g ; else S = -sqrt(sq), dS/dsq = 1 / (2 S); 0 where S = 0
+        if torch.is_grad_enabled():  # create_graph=True: differentiable, out of place
+            if ctx.squared:
+                gsq = torch.where(s < 0, -grad, 0.0)
+            else:
+                neg = s < 0
+                gsq = torch.where(neg, grad / (2.0 * torch.where(neg, s, -1.0)), 0.0)
+        else:  # one temporary
+            zero = s == 0
+            if ctx.squared:
+                gsq = grad.neg()
+            else:
+                gsq = torch.div(grad, s).mul_(0.5)
+            gsq.masked_fill_(zero, 0.0)
+        ga = gb = None
+        if ctx.needs_input_grad[0]:
+            ga = gsq @ b
+            ga = -2.0 * ga if ctx.unit else 2.0 * (a * gsq.sum(1, keepdim=True) - ga)
+        if ctx.needs_input_grad[1]:
+            gb = gsq.T @ a
+            gb = -2.0 * gb if ctx.unit else 2.0 * (b * gsq.sum(0)[:, None] - gb)
+        return ga, gb, None, None
+
+
 class NegativeL2(Critic):
     """``S_ij = -||a_i - b_j||`` (``squared=True``: ``-||a_i - b_j||^2``), optionally on
-    L2-normalised rows (``normalize=True``, the usual metric-learning setting)."""
+    L2-normalised rows (``normalize=True``, the usual metric-learning setting).
+
+    One matrix product and in-place elementwise work (a fused autograd function); the gradient
+    at zero distance is 0.
+    """
 
     is_distance = True
 
@@ -120,11 +183,9 @@ class NegativeL2(Critic):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if self.normalize:
-            a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
-            sq = (2.0 - 2.0 * (a @ b.T)).clamp_min(0.0)
-        else:
-            sq = squared_l2(a, b)
-        return -sq if self.squared else -_sqrt_safe(sq)
+            an = F.normalize(a, dim=1)
+            a, b = an, (an if b is a else F.normalize(b, dim=1))
+        return _NegativeL2Scores.apply(a, b, self.squared, self.normalize)
 
     def extra_repr(self) -> str:
         return f"squared={self.squared}, normalize={self.normalize}"

@@ -39,12 +39,12 @@ def label_masks(labels: Tensor, ref_labels: Tensor | None = None) -> tuple[Tenso
     With ``ref_labels=None`` the reference set is the batch itself and the diagonal is excluded
     from both masks (an item is not its own positive).
     """
+    ref = labels if ref_labels is None else ref_labels
+    same = labels[:, None] == ref[None, :]
+    different = torch.logical_not(same)
     if ref_labels is None:
-        same = labels[:, None] == labels[None, :]
-        eye = torch.eye(labels.shape[0], dtype=torch.bool, device=labels.device)
-        return same & ~eye, ~same
-    same = labels[:, None] == ref_labels[None, :]
-    return same, ~same
+        same.fill_diagonal_(False)
+    return same, different
 
 
 def diagonal_masks(n: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
@@ -53,13 +53,25 @@ def diagonal_masks(n: int, device: torch.device | str | None = None) -> tuple[Te
     return eye, ~eye
 
 
-def resolve_pairs(
+class Call(NamedTuple):
+    """A validated loss call (see :func:`check_call`)."""
+
+    embeddings: Tensor
+    labels: Tensor | None
+    ref_emb: Tensor | None
+    ref_labels: Tensor | None
+
+
+def check_call(
     embeddings: Tensor,
     labels: Tensor | None = None,
     ref_emb: Tensor | None = None,
     ref_labels: Tensor | None = None,
-) -> Pairs:
-    """Validate a loss call and return anchors, candidates and masks (see module docstring)."""
+) -> Call:
+    """Validate the arguments of ``loss(embeddings, labels, ref_emb, ref_labels)`` without
+    building masks: shapes, dtypes, finiteness, one label per row, and a call that defines
+    positives (labels, or paired ``ref_emb``). Labels come back as integer tensors on the
+    embeddings' device."""
     embeddings = check_embeddings(embeddings, "embeddings")
     n = embeddings.shape[0]
     if labels is not None:
@@ -72,8 +84,7 @@ def resolve_pairs(
                 "no labels and no ref_emb: pass labels (class or instance ids) or paired views "
                 "as ref_emb"
             )
-        pos, neg = label_masks(labels)
-        return Pairs(embeddings, embeddings, pos, neg, True)
+        return Call(embeddings, labels, None, None)
     ref_emb = check_embeddings(ref_emb, "ref_emb")
     if ref_emb.shape[1] != embeddings.shape[1]:
         raise ValueError(
@@ -84,18 +95,33 @@ def resolve_pairs(
         if labels is None:
             raise ValueError("ref_labels was given without labels; pass labels for embeddings")
         ref_labels = check_labels(ref_labels, ref_emb.shape[0], "ref_labels", "ref_emb")
-        pos, neg = label_masks(labels, ref_labels.to(embeddings.device))
-        return Pairs(embeddings, ref_emb, pos, neg, False)
+        return Call(embeddings, labels, ref_emb, ref_labels.to(embeddings.device))
     if ref_emb.shape[0] != n:
         raise ValueError(
             f"paired views need as many ref_emb rows as embeddings rows, got {ref_emb.shape[0]} "
             f"and {n}; for a separate reference set pass ref_labels too"
         )
-    if labels is not None:
-        pos, neg = label_masks(labels, labels)
-        return Pairs(embeddings, ref_emb, pos, neg, False)
-    pos, neg = diagonal_masks(n, embeddings.device)
-    return Pairs(embeddings, ref_emb, pos, neg, False)
+    return Call(embeddings, labels, ref_emb, None)
+
+
+def resolve_pairs(
+    embeddings: Tensor,
+    labels: Tensor | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+) -> Pairs:
+    """Validate a loss call and return anchors, candidates and masks (see module docstring)."""
+    c = check_call(embeddings, labels, ref_emb, ref_labels)
+    if c.ref_emb is None:
+        pos, neg = label_masks(c.labels)
+        return Pairs(c.embeddings, c.embeddings, pos, neg, True)
+    if c.ref_labels is not None:
+        pos, neg = label_masks(c.labels, c.ref_labels)
+    elif c.labels is not None:
+        pos, neg = label_masks(c.labels, c.labels)
+    else:
+        pos, neg = diagonal_masks(c.embeddings.shape[0], c.embeddings.device)
+    return Pairs(c.embeddings, c.ref_emb, pos, neg, False)
 
 
 def require_positives(positives: Tensor, what: str = "this loss") -> None:

@@ -6,6 +6,12 @@ Losses are *minimised*; MI readouts are lower bounds in nats. All functions comp
 float64 when given float64), whatever the input dtype, so bf16/fp16 autocast cannot overflow the
 exponentials. If ``negatives`` is omitted it is ``~positives``.
 
+Cost: every function does a few elementwise passes over ``S`` and nothing of size ``N x M x M``.
+Positive pairs (usually few per anchor) are handled as indices; the log-sum-exp over the
+denominator is a fused autograd function with one work buffer (double backward supported);
+triplet mining compares each anchor's j-th positive with its negatives, one ``[N, M]`` pass per
+j < k, or sorts the negatives once per anchor when k is large.
+
 References: van den Oord et al. 2018 (CPC/InfoNCE); Nguyen, Wainwright, Jordan 2010 (NWJ);
 Nowozin et al. 2016 (f-GAN, JS); Donsker & Varadhan 1983, Belghazi et al. 2018 (DV/MINE);
 Poole et al. 2019 (the bounds as used here); Sohn 2016 (multi-class N-pair); Schroff et al. 2015
@@ -16,6 +22,7 @@ Tschannen et al. 2020 (InfoNCE with a separable critic is the multi-class N-pair
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,24 +46,46 @@ __all__ = [
 ]
 
 _NEG_INF = float("-inf")
+_POS_INF = float("inf")
 
+
+def _count_rows(mask: Tensor) -> Tensor:
+    """``mask.sum(1)`` for a boolean ``[N, M]`` mask, as int32 (summing the bytes in int32 is
+    ~15x faster on CPU than torch's bool -> int64 reduction)."""
+    return mask.view(torch.uint8).sum(1, dtype=torch.int32)
+
+
+def _count(mask: Tensor) -> int:
+    return int(_count_rows(mask).sum())
 
 def _prepare(scores: Tensor, positives: Tensor, negatives: Tensor | None):
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be 2-D [N, M], got shape {tuple(scores.shape)}")
+    """Validate ``(S, P, Q)``; return S in float32 (float64 stays) and boolean masks."""
+    if not isinstance(scores, Tensor) or scores.dim() != 2:
+        raise ValueError(
+            f"scores must be a 2-D tensor [N, M], got {getattr(scores, 'shape', type(scores))}"
+        )
     if positives.shape != scores.shape:
         raise ValueError(
-            f"positives has shape {tuple(positives.shape)} but scores {tuple(scores.shape)}"
+            f"positives has shape {tuple(positives.shape)} but scores {tuple(scores.shape)}; "
+            "the masks must match the score matrix"
         )
-    positives = positives.bool()
-    negatives = ~positives if negatives is None else negatives.bool()
+    positives = positives if positives.dtype == torch.bool else positives.bool()
+    if negatives is None:
+        negatives = ~positives
+    elif negatives.dtype != torch.bool:
+        negatives = negatives.bool()
     if negatives.shape != scores.shape:
         raise ValueError(
-            f"negatives has shape {tuple(negatives.shape)} but scores {tuple(scores.shape)}"
+            f"negatives has shape {tuple(negatives.shape)} but scores {tuple(scores.shape)}; "
+            "the masks must match the score matrix"
         )
-    if scores.dtype != torch.float64:
+    if scores.dtype != torch.float64 and scores.dtype != torch.float32:
         scores = scores.float()
-    if not torch.isfinite(scores).all():
+    # one reduction instead of an elementwise isfinite: NaN/Inf propagate into the sum; an
+    # overflowing sum of finite scores is told apart by the exact check
+    if not bool(torch.isfinite(scores.detach().sum())) and not bool(
+        torch.isfinite(scores.detach()).all()
+    ):
         raise ValueError(
             "scores contain NaN or Inf; check the embeddings and the critic "
             "(temperature too small?)"
@@ -64,29 +93,133 @@ def _prepare(scores: Tensor, positives: Tensor, negatives: Tensor | None):
     return scores, positives, negatives
 
 
+class _PosIndex(NamedTuple):
+    """Positive pairs as indices: ``rows[t], cols[t]`` for t < #positives (row-major), and
+    ``count[i] = |P_i|``."""
+
+    rows: Tensor
+    cols: Tensor
+    count: Tensor
+
+
+def _positive_index(positives: Tensor, what: str) -> _PosIndex:
+    rows, cols = positives.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        require_positives(positives, what)  # raises with the sampler hint
+    count = torch.bincount(rows, minlength=positives.shape[0])
+    return _PosIndex(rows, cols, count)
+
+
+def _padded_positives(pi: _PosIndex) -> tuple[Tensor, Tensor]:
+    """``idx [N, k]`` (k = max |P_i|) holding each anchor's positive columns, left-aligned, and
+    ``valid [N, k]`` marking the real ones (padding points at column 0)."""
+    n = pi.count.shape[0]
+    k = int(pi.count.max())
+    starts = torch.cumsum(pi.count, 0) - pi.count
+    slot = torch.arange(pi.rows.numel(), device=pi.rows.device) - starts[pi.rows]
+    idx = torch.zeros(n, k, dtype=torch.long, device=pi.rows.device)
+    idx[pi.rows, slot] = pi.cols
+    valid = torch.arange(k, device=idx.device)[None, :] < pi.count[:, None]
+    return idx, valid
+
+
+def _positive_sum(scores: Tensor, pi: _PosIndex) -> Tensor:
+    """``sum_{j in P_i} S_ij`` per anchor, from the positives' indices (no [N, M] temporary
+    in the forward pass)."""
+    return scores.new_zeros(scores.shape[0]).index_add(0, pi.rows, scores[pi.rows, pi.cols])
+
+
+class _MaskedLogSumExp(torch.autograd.Function):
+    """``log sum_{keep} exp(x)`` along ``dim`` (rows) or over all entries (``dim=None``).
+
+    One ``[N, M]`` work buffer: filled with the masked scores, shifted and exponentiated in
+    place, and kept for the backward pass, whose gradient ``g * exp(x - lse)`` is then one
+    multiplication. Double backward recomputes with differentiable operations.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor | None, dim: int | None):
+        w = x.clone() if keep is None else x.masked_fill(~keep, _NEG_INF)
+        if dim is None:
+            m = w.max()
+        else:
+            m = w.amax(dim=dim, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        w.sub_(m).exp_()
+        z = w.sum() if dim is None else w.sum(dim=dim, keepdim=True)
+        out = m + z.log()
+        out = out if dim is None else out.squeeze(dim)
+        ctx.dim, ctx.keep, ctx.w, ctx.z = dim, keep, w, z
+        ctx.save_for_backward(x, out)  # an output, so double backward sees its graph
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        dim = ctx.dim
+        g = grad if dim is None else grad.unsqueeze(dim)
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
+            x, out = ctx.saved_tensors
+            out = out.masked_fill(~torch.isfinite(out.detach()), 0.0)  # empty rows: -inf
+            p = torch.exp(x - (out if dim is None else out.unsqueeze(dim)))
+            if ctx.keep is not None:
+                p = p.masked_fill(~ctx.keep, 0.0)
+            return p * g, None, None
+        z = ctx.z
+        coef = torch.where(z > 0, g / torch.where(z > 0, z, torch.ones_like(z)), 0.0)
+        return ctx.w * coef, None, None
+
+
+def _masked_lse(x: Tensor, keep: Tensor | None, dim: int | None) -> Tensor:
+    return _MaskedLogSumExp.apply(x, keep, dim)
+
+
 def logmeanexp(x: Tensor, mask: Tensor) -> Tensor:
     """``log( mean_{mask} exp(x) )`` over all masked entries, computed stably."""
-    return torch.logsumexp(x.masked_fill(~mask, _NEG_INF).flatten(), 0) - math.log(
-        int(mask.sum())
-    )
+    mask = mask if mask.dtype == torch.bool else mask.bool()
+    return _masked_lse(x, mask, None) - math.log(_count(mask))
 
 
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    return (x * mask).sum() / mask.sum()
+class _MaskedSoftplusSum(torch.autograd.Function):
+    """``sum_{keep} softplus(x)``. The forward pass uses ``max(x, 0) + log(1 + exp(-|x|))``
+    in place (torch's CPU softplus and log1p are ~5x slower than this; the absolute error is
+    below one float ulp of 1); the backward pass is ``g * sigmoid(x)`` on the kept entries."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor):
+        t = x.abs().neg_().exp_().add_(1.0).log_()
+        t.add_(x.clamp_min(0.0))
+        t.masked_fill_(~keep, 0.0)
+        ctx.save_for_backward(x, keep)
+        return t.sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, keep = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable
+            return torch.sigmoid(x).masked_fill(~keep, 0.0) * grad, None
+        return torch.sigmoid(x).masked_fill_(~keep, 0.0).mul_(grad), None
+
+
+def _masked_softplus_sum(x: Tensor, keep: Tensor) -> Tensor:
+    return _MaskedSoftplusSum.apply(x, keep)
+
+
+def _valid(positives: Tensor, negatives: Tensor) -> Tensor:
+    return torch.logical_or(positives, negatives)
 
 
 # --------------------------------------------------------------------------- InfoNCE
 
 
-def _infonce_rows(scores: Tensor, positives: Tensor, negatives: Tensor):
-    """Per-anchor InfoNCE terms and the mask of anchors that have a positive."""
-    valid = positives | negatives
-    lse = torch.logsumexp(scores.masked_fill(~valid, _NEG_INF), dim=1, keepdim=True)
-    n_pos = positives.sum(1)
-    has_pos = n_pos > 0
-    log_prob = (scores - lse).masked_fill(~positives, 0.0)
-    rows = -log_prob.sum(1) / n_pos.clamp_min(1)
-    return rows, has_pos, valid
+def _infonce_rows(scores: Tensor, positives: Tensor, negatives: Tensor, what: str = "InfoNCE"):
+    """Per-anchor InfoNCE terms (0 for anchors without a positive), ``|P_i|`` and the mask of
+    pairs in the denominator."""
+    pi = _positive_index(positives, what)
+    valid = _valid(positives, negatives)
+    lse = _masked_lse(scores, valid, 1)
+    n_pos = pi.count.clamp_min(1).to(scores.dtype)
+    rows = torch.where(pi.count > 0, lse - _positive_sum(scores, pi) / n_pos, 0.0)
+    return rows, pi.count, valid
 
 
 def infonce(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
@@ -97,9 +230,8 @@ def infonce(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) 
     averaged over anchors with at least one positive.
     """
     scores, positives, negatives = _prepare(scores, positives, negatives)
-    require_positives(positives, "InfoNCE")
-    rows, has_pos, _ = _infonce_rows(scores, positives, negatives)
-    return rows[has_pos].mean()
+    rows, count, _ = _infonce_rows(scores, positives, negatives)
+    return rows.sum() / (count > 0).sum()
 
 
 def infonce_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
@@ -111,13 +243,31 @@ def infonce_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = 
     ``log K + mean_i (S_ii - logsumexp_j S_ij) <= log K``.
     """
     scores, positives, negatives = _prepare(scores, positives, negatives)
-    require_positives(positives, "the InfoNCE bound")
-    rows, has_pos, valid = _infonce_rows(scores, positives, negatives)
-    log_k = valid.sum(1).to(scores.dtype).log()
-    return (log_k - rows)[has_pos].mean()
+    rows, count, valid = _infonce_rows(scores, positives, negatives, "the InfoNCE bound")
+    has = count > 0
+    log_k = _count_rows(valid).clamp_min(1).to(scores.dtype).log()
+    return torch.where(has, log_k - rows, 0.0).sum() / has.sum()
 
 
 # --------------------------------------------------------------------------- NWJ / JS / DV
+
+
+def _negative_count(negatives: Tensor, what: str) -> int:
+    n = _count(negatives)
+    if n == 0:
+        require_negatives(negatives, what)  # raises with the sampler hint
+    return n
+
+
+def _positive_scores(scores: Tensor, positives: Tensor, what: str) -> Tensor:
+    """The scores of all positive pairs, as a vector."""
+    pi = _positive_index(positives, what)
+    return scores[pi.rows, pi.cols]
+
+
+def _logmeanexp_negatives(scores: Tensor, negatives: Tensor, what: str) -> Tensor:
+    n = _negative_count(negatives, what)
+    return _masked_lse(scores, negatives, None) - math.log(n)
 
 
 def nwj_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
@@ -128,9 +278,9 @@ def nwj_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None
     Tight at ``S* = 1 + log p(y|x)/p(y)``.
     """
     scores, positives, negatives = _prepare(scores, positives, negatives)
-    require_positives(positives, "the NWJ bound")
-    require_negatives(negatives, "the NWJ bound")
-    return _masked_mean(scores, positives) - torch.exp(logmeanexp(scores, negatives) - 1.0)
+    what = "the NWJ bound"
+    pos = _positive_scores(scores, positives, what).mean()
+    return pos - torch.exp(_logmeanexp_negatives(scores, negatives, what) - 1.0)
 
 
 def nwj(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
@@ -146,10 +296,10 @@ def js(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Te
     Its optimum is ``S* = log p(y|x)/p(y)``; read MI off with :func:`js_bound`.
     """
     scores, positives, negatives = _prepare(scores, positives, negatives)
-    require_positives(positives, "the JS loss")
-    require_negatives(negatives, "the JS loss")
-    pos_term = _masked_mean(-F.softplus(-scores), positives)
-    neg_term = _masked_mean(F.softplus(scores), negatives)
+    what = "the JS loss"
+    pos_term = -F.softplus(-_positive_scores(scores, positives, what)).mean()
+    n = _negative_count(negatives, what)
+    neg_term = _masked_softplus_sum(scores, negatives) / n
     return -(pos_term - neg_term)
 
 
@@ -169,9 +319,9 @@ def dv_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None)
         I_DV = mean_P S - logmeanexp_Q S
     """
     scores, positives, negatives = _prepare(scores, positives, negatives)
-    require_positives(positives, "the DV bound")
-    require_negatives(negatives, "the DV bound")
-    return _masked_mean(scores, positives) - logmeanexp(scores, negatives)
+    what = "the DV bound"
+    pos = _positive_scores(scores, positives, what).mean()
+    return pos - _logmeanexp_negatives(scores, negatives, what)
 
 
 def dv(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
@@ -188,69 +338,133 @@ def multiclass_npair(
 ) -> Tensor:
     """Multi-class N-pair loss (Sohn 2016), one positive ``p(i)`` per anchor::
 
-        l_i = log(1 + sum_{k in Q_i} exp(S_ik - S_ip(i)))
+        l_i = log(1 + sum_{k in Q_i} exp(S_ik - S_ip(i))) = logsumexp_{{p(i)} u Q_i} S_i. - S_ip(i)
 
     On anchors x positives with a dot critic this is the cross-entropy of each anchor against
     its own positive, i.e. InfoNCE with one positive (Tschannen et al. 2020, sec. 4).
     """
     scores, positives, negatives = _prepare(scores, positives, negatives)
-    require_positives(positives, "the multi-class N-pair loss")
-    n_pos = positives.sum(1)
-    if bool((n_pos > 1).any()):
+    rows, count, _ = _infonce_rows(scores, positives, negatives, "the multi-class N-pair loss")
+    if int(count.max()) > 1:
         raise ValueError(
             "the multi-class N-pair loss takes exactly one positive per anchor; use "
             "losses.MultiClassNPair on labels (it picks one pair per class) or InfoNCE"
         )
-    has_pos = n_pos == 1
-    s_pos = scores.masked_fill(~positives, 0.0).sum(1, keepdim=True)
-    diff = (scores - s_pos).masked_fill(~negatives, _NEG_INF)
-    zeros = torch.zeros_like(s_pos)
-    rows = torch.logsumexp(torch.cat([zeros, diff], dim=1), dim=1)
-    return rows[has_pos].mean()
+    return rows.sum() / (count > 0).sum()
 
 
 # --------------------------------------------------------------------------- triplet
 
 
+def _use_dense(k: int, m: int) -> bool:
+    """Dense comparisons cost ~k passes over [N, M]; a per-row sort ~ c log2 M. The constant
+    was measured on CPU (torch's batched sort and searchsorted are slow)."""
+    return k <= max(8, 7 * math.log2(max(m, 2)))
+
+
+def _triplet_all_dense(scores, negatives, idx, valid, margin):
+    """Sum and count of active triplets (``S_an > S_ap - m``) by comparing every anchor's j-th
+    positive with all its negatives, one ``[N, M]`` pass per j < k. The value is rebuilt from
+    the counts, ``sum_{a,p} c_ap (m - S_ap) + sum_{a,n} c_an S_an``, whose autograd gradient is
+    exactly the hinge's (it is piecewise linear), so only O(N M) is kept for backward."""
+    s_ap = scores.gather(1, idx)
+    thr = (s_ap.detach() - margin).masked_fill(~valid, _POS_INF)
+    sd = scores.detach()
+    k = idx.shape[1]
+    c_ap = torch.empty(idx.shape, dtype=torch.long, device=idx.device)
+    # c_an <= k: count in bytes (bool viewed as uint8 adds without a conversion pass)
+    c_an = torch.zeros(sd.shape, dtype=torch.uint8 if k < 256 else torch.int32, device=sd.device)
+    for j in range(k):
+        act = torch.gt(sd, thr[:, j, None])
+        act &= negatives
+        c_ap[:, j] = _count_rows(act)
+        c_an += act.view(torch.uint8)
+    c_an = c_an.to(scores.dtype)
+    total = (c_ap.to(scores.dtype) * (margin - s_ap)).sum() + torch.dot(
+        c_an.reshape(-1), scores.reshape(-1)
+    )
+    return total, c_ap.sum()
+
+
 def _sorted_negatives(scores: Tensor, negatives: Tensor):
-    """Per anchor: negatives' scores sorted descending (non-negatives last), as values for sums
-    (non-negatives = 0) and as keys for search (ascending ``-S``, non-negatives = +inf)."""
-    keyed = scores.masked_fill(~negatives, _NEG_INF)
-    order = keyed.argsort(dim=1, descending=True)
-    vals = scores.gather(1, order).masked_fill(~negatives.gather(1, order), 0.0)
-    keys = (-keyed.gather(1, order)).contiguous()
+    """Per anchor: the negatives' scores sorted descending, as differentiable values (0 past
+    the last negative) and as ascending search keys ``-S`` (+inf past the last negative)."""
+    keyed = scores.detach().masked_fill(~negatives, _NEG_INF)
+    sorted_keyed, order = keyed.sort(dim=1, descending=True)
+    keys = sorted_keyed.neg_()
+    vals = scores.gather(1, order).masked_fill(torch.isinf(keys), 0.0)
     return vals, keys
 
 
-def _triplet_all(scores, positives, negatives, margin):
-    """Exact sum and count of non-zero ``relu(m - S_ap + S_an)`` over all valid triplets in
-    O(N M log M) time and O(N M) memory: a triplet is active iff ``S_an > S_ap - m``; with each
-    anchor's negatives sorted once, the active ones for a positive are a prefix whose size comes
-    from a binary search and whose sum comes from a prefix sum."""
+def _triplet_all_sorted(scores, negatives, idx, valid, margin):
+    """The same sum and count in O(N M log M): with each anchor's negatives sorted once, the
+    active ones for a positive are a prefix whose size comes from a binary search and whose sum
+    comes from a prefix sum."""
     vals, keys = _sorted_negatives(scores, negatives)
     prefix = F.pad(vals.cumsum(dim=1), (1, 0))  # prefix[:, c] = sum of the c largest
-    threshold = -(scores - margin)  # S_an > S_ap - m  <=>  -S_an < m - S_ap
-    count = torch.searchsorted(keys, threshold.detach().contiguous(), right=False)
-    count = count.masked_fill(~positives, 0)
-    top_sum = prefix.gather(1, count)
-    total = (count * (margin - scores) + top_sum).masked_fill(~positives, 0.0)
-    return total.sum(), count.sum()
+    s_ap = scores.gather(1, idx)
+    # S_an > S_ap - m  <=>  -S_an < m - S_ap ; padding queries -inf count nothing
+    thr = (margin - s_ap.detach()).masked_fill(~valid, _NEG_INF).contiguous()
+    count = torch.searchsorted(keys, thr, right=False)
+    top = prefix.gather(1, count)
+    total = (count.to(scores.dtype) * (margin - s_ap) + top).masked_fill(~valid, 0.0).sum()
+    return total, count.sum()
 
 
-def _triplet_soft_all(scores, positives, negatives, chunk: int = 1 << 22):
-    """Sum of ``softplus(S_an - S_ap)`` over all valid triplets, in anchor chunks so memory stays
-    at ``chunk`` elements."""
-    n, m = scores.shape
-    rows = max(1, chunk // max(1, m * m))
+def _triplet_all(scores, positives, negatives, margin, method: str = "auto", pi=None):
+    """Exact sum and count of non-zero ``relu(m - S_ap + S_an)`` over all valid triplets without
+    B^3 memory: ``"dense"`` (few positives per anchor) or ``"sorted"`` (many)."""
+    pi = _positive_index(positives, "the triplet loss") if pi is None else pi
+    idx, valid = _padded_positives(pi)
+    if method == "auto":
+        method = "dense" if _use_dense(idx.shape[1], scores.shape[1]) else "sorted"
+    fn = _triplet_all_dense if method == "dense" else _triplet_all_sorted
+    return fn(scores, negatives, idx, valid, margin)
+
+
+def _triplet_soft_all(scores, positives, negatives, pi=None):
+    """Sum and count of ``softplus(S_an - S_ap)`` over all valid triplets, one ``[N, M]``
+    pass per positive slot j < k (softplus does not decompose, so this is O(N k M))."""
+    pi = _positive_index(positives, "the triplet loss") if pi is None else pi
+    idx, valid = _padded_positives(pi)
+    s_ap = scores.gather(1, idx)
     total = scores.new_zeros(())
-    count = 0
-    for s in range(0, n, rows):
-        sc, p, q = scores[s : s + rows], positives[s : s + rows], negatives[s : s + rows]
-        valid = p[:, :, None] & q[:, None, :]
-        x = F.softplus(sc[:, None, :] - sc[:, :, None])
-        total = total + x.masked_fill(~valid, 0.0).sum()
-        count += int(valid.sum())
+    for j in range(idx.shape[1]):
+        keep = negatives & valid[:, j, None]
+        total = total + _masked_softplus_sum(scores - s_ap[:, j, None], keep)
+    count = (pi.count * _count_rows(negatives)).sum()
     return total, count
+
+
+def _semihard_negative(scores, negatives, idx, valid, has_neg, method: str = "auto"):
+    """Column of the FaceNet semi-hard negative for every padded (anchor, positive)."""
+    sd = scores.detach()
+    s_ap = sd.gather(1, idx)
+    easiest = sd.masked_fill(~negatives, _POS_INF).argmin(1, keepdim=True)
+    if method == "auto":
+        method = "dense" if _use_dense(idx.shape[1], scores.shape[1]) else "sorted"
+    if method == "dense":
+        arg = torch.empty(idx.shape, dtype=torch.long, device=sd.device)
+        # excluded entries are pushed below every score by subtracting the score range + 1
+        # (arithmetic: masked_fill with a data-dependent mask is ~5x slower on CPU)
+        big = float(sd.max() - sd.min()) + 1.0
+        has_semi = torch.empty(idx.shape, dtype=torch.bool, device=sd.device)
+        for j in range(idx.shape[1]):
+            below = torch.lt(sd, s_ap[:, j, None])
+            below &= negatives
+            has_semi[:, j] = _count_rows(below) > 0
+            cand = below.to(sd.dtype).sub_(1.0).mul_(big).add_(sd)  # sd, or sd - big
+            arg[:, j] = cand.argmax(1)
+    else:
+        keyed = sd.masked_fill(~negatives, _NEG_INF)
+        sorted_keyed, order = keyed.sort(dim=1, descending=True)
+        keys = sorted_keyed.neg_()
+        # keys ascending (= -S_an descending): first index with -S_an > -S_ap is S_an < S_ap
+        pos_in_sorted = torch.searchsorted(keys, (-s_ap).contiguous(), right=True)
+        n_neg = _count_rows(negatives)[:, None]
+        has_semi = pos_in_sorted < n_neg
+        arg = order.gather(1, pos_in_sorted.clamp_max(order.shape[1] - 1))
+    return torch.where(has_semi, arg, easiest)
 
 
 def triplet(
@@ -268,6 +482,9 @@ def triplet(
 
     * ``"all"``: every valid triplet; the mean over triplets with non-zero loss (0 when none),
       as pytorch-metric-learning's ``TripletMarginLoss``; with ``soft`` the mean over all.
+      Exact, in O(N M) memory: each anchor's k positives are compared with its negatives, one
+      [N, M] pass per positive slot (O(k N M) time), or, for many positives per anchor, the
+      negatives are sorted once and each positive's hinge sum is a prefix sum (O(N M log M)).
     * ``"hard"``: batch-hard (Hermans et al. 2017): per anchor its hardest positive
       ``min_p S_ap`` and hardest negative ``max_n S_an``; mean over anchors that have both.
     * ``"semihard"``: FaceNet (Schroff et al. 2015): per (a, p) the hardest negative that is
@@ -275,45 +492,45 @@ def triplet(
       when none is; mean over positive pairs of anchors that have a negative.
     """
     scores, positives, negatives = _prepare(scores, positives, negatives)
-    require_positives(positives, "the triplet loss")
-    require_negatives(negatives, "the triplet loss")
     if mining not in ("all", "hard", "semihard"):
         raise ValueError(f"mining must be 'all', 'hard' or 'semihard', got {mining!r}")
+    pi = _positive_index(positives, "the triplet loss")
+    _negative_count(negatives, "the triplet loss")
+    has_neg = _count_rows(negatives) > 0
+    if not bool(((pi.count > 0) & has_neg).any()):
+        raise ValueError(
+            "no anchor has both a positive and a negative, so there is no triplet: check the "
+            "batch labels (sample several classes with several items each, e.g. MPerClassSampler)"
+        )
     margin = float(margin)
     if mining == "all":
         if soft:
-            total, count = _triplet_soft_all(scores, positives, negatives)
-            return total / max(count, 1)
-        total, count = _triplet_all(scores, positives, negatives, margin)
+            total, count = _triplet_soft_all(scores, positives, negatives, pi)
+        else:
+            total, count = _triplet_all(scores, positives, negatives, margin, pi=pi)
         return total / count.clamp_min(1)
-    has_neg = negatives.any(1)
+    idx, valid = _padded_positives(pi)
     if mining == "hard":
-        ok = positives.any(1) & has_neg
-        s_ap = scores.masked_fill(~positives, float("inf")).min(1).values
-        s_an = scores.masked_fill(~negatives, _NEG_INF).max(1).values
-        diff = (s_an - s_ap)[ok]
+        sd = scores.detach()
+        s_ap_pad = sd.gather(1, idx).masked_fill(~valid, _POS_INF)
+        p_col = idx.gather(1, s_ap_pad.argmin(1, keepdim=True))
+        n_col = sd.masked_fill(~negatives, _NEG_INF).argmax(1, keepdim=True)
+        ok = (pi.count > 0) & has_neg
+        diff = (scores.gather(1, n_col) - scores.gather(1, p_col)).squeeze(1)[ok]
     else:
-        vals, keys = _sorted_negatives(scores, negatives)
-        # keys ascending (= -S_an descending); first index with -S_an > -S_ap is S_an < S_ap
-        idx = torch.searchsorted(keys, (-scores).detach().contiguous(), right=True)
-        n_neg = negatives.sum(1, keepdim=True)
-        has_semi = idx < n_neg
-        semi = vals.gather(1, idx.clamp_max(vals.shape[1] - 1))
-        easiest = vals.gather(1, (n_neg - 1).clamp_min(0)).expand_as(semi)
-        s_an = torch.where(has_semi, semi, easiest)
-        ok = positives & has_neg[:, None]
-        diff = (s_an - scores)[ok]
-    if diff.numel() == 0:
-        raise ValueError("no anchor has both a positive and a negative; check the batch labels")
+        n_col = _semihard_negative(scores, negatives, idx, valid, has_neg)
+        ok = valid & has_neg[:, None]
+        diff = (scores.gather(1, n_col) - scores.gather(1, idx))[ok]
     return (F.softplus(diff) if soft else F.relu(diff + margin)).mean()
 
 
 # --------------------------------------------------------------------------- contrastive
 
 
-def _mean_nonzero(x: Tensor) -> Tensor:
-    nz = x > 0
-    return x.sum() / nz.sum().clamp_min(1)
+def _hinge_mean_nonzero(x: Tensor) -> Tensor:
+    """Mean of ``relu(x)`` over its non-zero entries (0 when none), for a vector ``x``."""
+    h = F.relu(x)
+    return h.sum() / (h > 0).sum().clamp_min(1)
 
 
 def contrastive(
@@ -333,7 +550,15 @@ def contrastive(
     :class:`losses.Contrastive` does that conversion for distance critics.
     """
     scores, positives, negatives = _prepare(scores, positives, negatives)
-    require_positives(positives, "the contrastive loss")
-    pos = F.relu(pos_threshold - scores).masked_fill(~positives, 0.0)
-    neg = F.relu(scores - neg_threshold).masked_fill(~negatives, 0.0)
-    return _mean_nonzero(pos) + _mean_nonzero(neg)
+    pos = _hinge_mean_nonzero(pos_threshold - _positive_scores(scores, positives,
+                                                               "the contrastive loss"))
+    # negatives: sum of S - t_neg over the active pairs (S > t_neg); the mask is constant
+    # almost everywhere, so the gradient of the dot product is the hinge's
+    with torch.no_grad():
+        active = torch.gt(scores, neg_threshold)
+        active &= negatives
+        weight = active.to(scores.dtype)
+    n_active = weight.sum()
+    total = torch.dot(scores.reshape(-1), weight.reshape(-1)) - neg_threshold * n_active
+    neg = total / n_active.clamp_min(1)
+    return pos + neg

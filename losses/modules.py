@@ -17,10 +17,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contrastive.critics import Cosine, Critic, Dot, NegativeL2
-from contrastive.pairs import Pairs, diagonal_masks, require_positives, resolve_pairs
+from contrastive.pairs import (
+    Pairs,
+    check_call,
+    diagonal_masks,
+    require_positives,
+    resolve_pairs,
+)
 from contrastive.validation import check_temperature
 
 from . import functional as LF
@@ -149,26 +156,29 @@ class DV(PairLoss):
         return LF.dv(scores, positives, negatives)
 
 
+def _group_by_label(labels: Tensor):
+    """Classes in ascending order, and for each its first position in a stable sort of
+    ``labels`` (``order``) and its size."""
+    order = torch.argsort(labels, stable=True)
+    classes, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    return classes, order, starts, counts
+
+
 def first_pair_per_class(labels: Tensor, ref_labels: Tensor | None = None):
-    """Indices ``(anchor_idx, positive_idx)`` with one pair per class.
+    """Indices ``(anchor_idx, positive_idx)`` with one pair per class, in ascending class order.
 
     Without ``ref_labels``: for every label with two or more items, its first and second
     occurrence (the pair pytorch-metric-learning's ``NPairsLoss`` picks). With ``ref_labels``:
     the first occurrence in ``labels`` and the first in ``ref_labels`` of every shared label.
     """
+    classes, order, starts, counts = _group_by_label(labels)
     if ref_labels is None:
-        classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-        order = torch.argsort(inverse * labels.numel() + torch.arange(labels.numel(),
-                              device=labels.device))
-        starts = torch.cumsum(counts, 0) - counts
         keep = counts >= 2
         return order[starts[keep]], order[starts[keep] + 1]
-    common = torch.tensor(
-        sorted(set(labels.tolist()) & set(ref_labels.tolist())),
-        dtype=labels.dtype, device=labels.device,
-    )
-    a = torch.argmax((labels[None, :] == common[:, None]).int(), dim=1)
-    p = torch.argmax((ref_labels[None, :] == common[:, None]).int(), dim=1)
+    ref_classes, ref_order, ref_starts, _ = _group_by_label(ref_labels)
+    a = order[starts[torch.isin(classes, ref_classes)]]
+    p = ref_order[ref_starts[torch.isin(ref_classes, classes)]]
     return a, p
 
 
@@ -189,28 +199,36 @@ class MultiClassNPair(PairLoss):
         return Dot()
 
     def pairs(self, embeddings, labels=None, ref_emb=None, ref_labels=None) -> Pairs:
-        p = resolve_pairs(embeddings, labels, ref_emb, ref_labels)
-        if ref_emb is not None and labels is None:
-            return p
-        lab = labels if torch.is_tensor(labels) else torch.as_tensor(labels)
-        lab = lab.to(p.anchors.device).long()
-        if ref_emb is None:
-            ai, pi = first_pair_per_class(lab)
-            cand = p.anchors
+        c = check_call(embeddings, labels, ref_emb, ref_labels)
+        if c.labels is None:  # paired views: anchors x ref_emb, positives on the diagonal
+            pos, neg = diagonal_masks(c.embeddings.shape[0], c.embeddings.device)
+            return Pairs(c.embeddings, c.ref_emb, pos, neg, False)
+        if c.ref_emb is None:
+            ai, pi = first_pair_per_class(c.labels)
+            cand = c.embeddings
         else:
-            ref = lab if ref_labels is None else torch.as_tensor(ref_labels).to(lab.device).long()
-            ai, pi = first_pair_per_class(lab, ref)
-            cand = p.candidates
+            ref = c.labels if c.ref_labels is None else c.ref_labels
+            ai, pi = first_pair_per_class(c.labels, ref)
+            cand = c.ref_emb
         if ai.numel() == 0:
             require_positives(torch.zeros(1, dtype=torch.bool), "the multi-class N-pair loss")
-        pos, neg = diagonal_masks(ai.numel(), p.anchors.device)
-        return Pairs(p.anchors[ai], cand[pi], pos, neg, False)
+        pos, neg = diagonal_masks(ai.numel(), c.embeddings.device)
+        return Pairs(c.embeddings[ai], cand[pi], pos, neg, False)
 
     def forward(self, embeddings, labels=None, ref_emb=None, ref_labels=None):
         p = self.pairs(embeddings, labels, ref_emb, ref_labels)
         with torch.autocast(device_type=p.anchors.device.type, enabled=False):
             a, b = _full_precision(p.anchors), _full_precision(p.candidates)
-            loss = LF.multiclass_npair(self.critic(a, b), p.positives, p.negatives)
+            scores = self.critic(a, b)
+            # pairs() puts the positives on the diagonal with every other pair negative, where
+            # the N-pair loss is the cross-entropy of each anchor against its own positive
+            target = torch.arange(scores.shape[0], device=scores.device)
+            loss = F.cross_entropy(scores, target)
+            if not bool(torch.isfinite(loss)):
+                raise ValueError(
+                    "scores contain NaN or Inf; check the embeddings and the critic "
+                    "(embedding norms too large for the dot critic?)"
+                )
             if self.l2_reg:
                 loss = loss + self.l2_reg * 0.5 * ((a * a).sum(1).mean() + (b * b).sum(1).mean())
         return loss

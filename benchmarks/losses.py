@@ -1,0 +1,320 @@
+"""Forward + backward time and peak memory of our losses against pytorch-metric-learning.
+
+Every row is measured in one run of this script, on the same inputs: our loss, its
+pytorch-metric-learning (PML) counterpart, and the *floor*, the bare score-matrix work every
+contrastive loss has to do (L2-normalise, one B x B matrix product, a row logsumexp, backward).
+
+Usage::
+
+    python benchmarks/losses.py                 # B = 128, 512, 1024, 2048 (+ 4096 for InfoNCE)
+    python benchmarks/losses.py --quick         # B = 128, 512, few repeats
+    python benchmarks/losses.py --sizes 1024 --cases infonce triplet
+
+Time: median of ``--repeats`` forward+backward passes after one warm-up pass (wall clock,
+``torch.get_num_threads()`` threads; ours, PML and the floor interleaved). Peak memory: the
+highest level of torch's CPU allocations above the start of one pass, from torch.profiler's memory
+events (``profile_memory=True``); on CUDA ``torch.cuda.max_memory_allocated``.
+
+PML cases whose cost grows as B^3 are skipped, with the reason printed, when the time or memory
+predicted from the previous size (cubic scaling) exceeds ``--budget-s`` / ``--budget-gb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from losses import modules as M  # noqa: E402
+
+# --------------------------------------------------------------------------- memory
+
+
+class PeakMemory:
+    """Peak bytes allocated by torch above the starting level while the ``with`` block runs.
+
+    CPU: torch's profiler with ``profile_memory=True`` records every allocation and free of the
+    CPU allocator; the running sum of their sizes in time order peaks at the answer. CUDA:
+    ``torch.cuda.max_memory_allocated``.
+    """
+
+    def __init__(self, device):
+        self.device = torch.device(device).type
+        self.peak = 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.device == "cpu":
+            self._prof = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+            )
+            self._prof.__enter__()
+        else:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cpu":
+            self._prof.__exit__(*exc)
+            events = [
+                (e.start_ns(), e.nbytes())
+                for e in self._prof.profiler.kineto_results.events()
+                if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+            ]
+            level = peak = 0
+            for _, nbytes in sorted(events):
+                level += nbytes
+                peak = max(peak, level)
+            self.peak = peak
+        else:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._start
+        return False
+
+
+def memory_method(device) -> str:
+    if torch.device(device).type == "cpu":
+        return ("peak of torch's CPU allocations during one pass (torch.profiler, "
+                "profile_memory=True; running sum of alloc/free sizes)")
+    return "torch.cuda.max_memory_allocated"
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Case:
+    name: str  # our loss
+    ref_name: str  # its PML counterpart ("-" when none)
+    composition: str  # "views" (2 views per instance) or "classes" (4 per class)
+    ours: Callable[[], Callable]
+    ref: Callable[[], Callable] | None
+    cubic_ref: bool  # PML cost grows as B^3
+
+
+def _pml():
+    from pytorch_metric_learning import losses as pml
+    from pytorch_metric_learning import miners
+    from pytorch_metric_learning.reducers import MeanReducer
+
+    return pml, miners, MeanReducer
+
+
+def _ref_hard():
+    pml, miners, MeanReducer = _pml()
+    miner = miners.BatchHardMiner()
+    loss = pml.TripletMarginLoss(margin=0.05, reducer=MeanReducer())
+    return lambda e, y: loss(e, y, miner(e, y))
+
+
+def cases() -> dict[str, Case]:
+    pml, _, _ = _pml()
+    return {
+        "infonce": Case(
+            "InfoNCE(t=0.1)", "NTXentLoss", "views",
+            lambda: M.InfoNCE(temperature=0.1), lambda: pml.NTXentLoss(temperature=0.1), True,
+        ),
+        "supcon": Case(
+            "InfoNCE(t=0.1)", "SupConLoss", "classes",
+            lambda: M.InfoNCE(temperature=0.1), lambda: pml.SupConLoss(temperature=0.1), False,
+        ),
+        "npair": Case(
+            "MultiClassNPair", "NPairsLoss", "classes",
+            lambda: M.MultiClassNPair(), lambda: pml.NPairsLoss(), False,
+        ),
+        "triplet": Case(
+            "Triplet(all)", "TripletMarginLoss", "classes",
+            lambda: M.Triplet(), lambda: pml.TripletMarginLoss(), True,
+        ),
+        "triplet_hard": Case(
+            "Triplet(hard)", "TMLoss+BatchHard", "classes",
+            lambda: M.Triplet(mining="hard"), _ref_hard, False,
+        ),
+        "triplet_semihard": Case(
+            "Triplet(semihard)", "-", "classes", lambda: M.Triplet(mining="semihard"), None, False,
+        ),
+        "contrastive": Case(
+            "Contrastive", "ContrastiveLoss", "classes",
+            lambda: M.Contrastive(), lambda: pml.ContrastiveLoss(), False,
+        ),
+        "nwj": Case("NWJ", "-", "views", lambda: M.NWJ(), None, False),
+        "js": Case("JS", "-", "views", lambda: M.JS(), None, False),
+        "dv": Case("DV", "-", "views", lambda: M.DV(), None, False),
+    }
+
+
+def labels_for(composition: str, b: int, device) -> torch.Tensor:
+    per = 2 if composition == "views" else 4
+    return torch.arange(b, device=device) // per
+
+
+def floor_fn(t: float = 0.1) -> Callable:
+    """The bare score-matrix work: normalise, B x B product, logsumexp, (backward)."""
+
+    def f(e, _labels):
+        z = F.normalize(e, dim=1)
+        return torch.logsumexp((z @ z.T) / t, dim=1).mean()
+
+    return f
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _sync(device):
+    if torch.device(device).type != "cpu":
+        torch.cuda.synchronize()
+
+
+CLOCK = time.perf_counter
+
+
+def run_once(fn, x, labels, device) -> float:
+    x.grad = None
+    _sync(device)
+    t0 = CLOCK()
+    loss = fn(x, labels)
+    loss.backward()
+    _sync(device)
+    return CLOCK() - t0
+
+
+@dataclass
+class Result:
+    ms: float | None = None
+    mb: float | None = None
+    skipped: str = ""
+
+
+def measure_interleaved(fns: dict, x, labels, device, repeats: int, budget_s: float) -> dict:
+    """Warm each function up, take its peak memory on one pass, then time ``repeats`` passes
+    round-robin (ours, PML, floor, ours, ...) so that load from other processes hits all of
+    them alike; the median per function."""
+    out = {}
+    for key, fn in fns.items():
+        run_once(fn, x, labels, device)  # warm-up: first-touch, lazy init
+        with PeakMemory(device) as pm:
+            one = run_once(fn, x, labels, device)
+        out[key] = (pm.peak / 2**20, [one])
+    for _ in range(repeats - 1):
+        for key, fn in fns.items():
+            mb, times = out[key]
+            if sum(times) < budget_s:  # slow cases get fewer repeats
+                times.append(run_once(fn, x, labels, device))
+    return {k: Result(ms=1e3 * statistics.median(t), mb=mb) for k, (mb, t) in out.items()}
+
+
+def predict_skip(prev: Result | None, prev_b: int | None, b: int, cubic: bool, args) -> str:
+    if prev is None or prev.ms is None:
+        return "" if prev is None else "skipped at a smaller B"
+    power = 3 if cubic else 2
+    scale = (b / prev_b) ** power
+    t_pred, m_pred = prev.ms * scale / 1e3, prev.mb * scale / 1024
+    if m_pred > args.budget_gb:
+        return f"skipped (predicted {m_pred:.1f} GB > {args.budget_gb:g} GB budget)"
+    if t_pred > args.budget_s:
+        return f"skipped (predicted {t_pred:.0f} s > {args.budget_s:g} s budget)"
+    return ""
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 1024, 2048])
+    p.add_argument("--extra-infonce-sizes", type=int, nargs="*", default=[4096],
+                   help="sizes at which only InfoNCE and its floor run")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--cases", nargs="+", default=None, help=f"subset of {sorted(cases())}")
+    p.add_argument("--budget-s", type=float, default=20.0, help="per PML pass, seconds")
+    p.add_argument("--budget-gb", type=float, default=4.0, help="per PML pass, GB")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="B = 128, 512; 3 repeats")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads (0: leave torch's default)")
+    p.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                   help="cpu: this process's CPU time (default on CPU with one thread: robust "
+                        "to other processes on a shared machine); wall: perf_counter")
+    args = p.parse_args(argv)
+    global CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock is None:
+        args.clock = "cpu" if args.device == "cpu" and torch.get_num_threads() == 1 else "wall"
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.quick:
+        args.sizes, args.repeats, args.extra_infonce_sizes = [128, 512], 5, []
+
+    all_cases = cases()
+    chosen = args.cases or list(all_cases)
+    dev = torch.device(args.device)
+    clock = "process CPU time" if args.clock == "cpu" else "wall clock"
+    print(f"# torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"d = {args.dim}, forward+backward, median of {args.repeats} ({clock}, interleaved)")
+    print(f"# memory: {memory_method(args.device)}")
+    print("# composition: views = 2 views per instance (B/2 instances); "
+          "classes = 4 items per class (B/4 classes)")
+    print("# speed-up = PML time / ours; mem ratio = PML peak / ours; floor = normalise + "
+          "B x B matmul + logsumexp + backward, same run")
+    head = (f"{'loss':<18} {'PML':<18} {'comp':<7} {'B':>5} {'ours ms':>9} {'PML ms':>10} "
+            f"{'speed-up':>9} {'ours MB':>8} {'PML MB':>8} {'mem ratio':>9} {'floor ms':>9} "
+            f"{'ours/floor':>10} {'floor MB':>8}")
+    print(head)
+    print("-" * len(head))
+    prev_ref: dict[str, tuple[int, Result]] = {}
+    sizes = [(b, False) for b in args.sizes] + [(b, True) for b in args.extra_infonce_sizes]
+    for b, infonce_only in sizes:
+        gen = torch.Generator().manual_seed(args.seed + b)
+        x = torch.randn(b, args.dim, generator=gen).to(dev).requires_grad_(True)
+        for key in chosen:
+            c = all_cases[key]
+            if infonce_only and key != "infonce":
+                continue
+            labels = labels_for(c.composition, b, dev)
+            fns = {"ours": c.ours().to(dev), "floor": floor_fn()}
+            skipped = "no PML counterpart"
+            if c.ref is not None:
+                pb, pres = prev_ref.get(key, (None, None))
+                skipped = predict_skip(pres, pb, b, c.cubic_ref, args)
+                if not skipped:
+                    fn = c.ref()
+                    fns["ref"] = fn.to(dev) if isinstance(fn, torch.nn.Module) else fn
+            res = measure_interleaved(fns, x, labels, dev, args.repeats, args.budget_s)
+            ours, fl = res["ours"], res["floor"]
+            ref = res.get("ref", Result(skipped=skipped))
+            if c.ref is not None:
+                prev_ref[key] = (b, ref)
+            speed = ref.ms / ours.ms if ref.ms else None
+            memr = ref.mb / max(ours.mb, 1e-3) if ref.mb is not None else None
+            line = (f"{c.name:<18} {c.ref_name:<18} {c.composition:<7} {b:>5} "
+                    f"{ours.ms:>9.2f} {fmt(ref.ms, '>10.1f')} {fmt(speed, '>9.1f')} "
+                    f"{ours.mb:>8.1f} {fmt(ref.mb, '>8.1f')} {fmt(memr, '>9.1f')} "
+                    f"{fl.ms:>9.2f} {ours.ms / fl.ms:>10.2f} {fl.mb:>8.1f}")
+            if ref.skipped and c.ref is not None:
+                line += f"  PML {ref.skipped}"
+            print(line, flush=True)
+            del fns, res
+            gc.collect()
+        del x
+        gc.collect()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,268 @@
+"""Speed and peak memory of ``evaluation.retrieval_metrics`` against the references.
+
+Contenders, each timed in its own subprocess on the same data (unit-norm clustered Gaussians,
+``N x d``, ``C`` classes with random sizes, query set == reference set):
+
+* ``ours-faiss`` / ``ours-torch``: ``retrieval_metrics(x, y, backend=...)`` (Recall@{1,2,4,8},
+  Precision@1, R-Precision, MAP@R), cosine.
+* ``pml-default``: pytorch-metric-learning ``AccuracyCalculator(k=None)`` (its default k: the
+  whole reference set) computing precision_at_1, r_precision and mean_average_precision_at_r
+  (its default list also holds NMI/AMI/MAP/MRR; those are left out so the work compared is the
+  same).
+* ``pml-maxbin``: the same with ``k="max_bin_count"``.
+* ``torch-mm-topk``: a plain ``S = x @ x.T`` over the whole set, diagonal masked, ``S.topk(k)``
+  with the same k as ours (neighbours only, no metrics).
+* ``floor``: one ``N x N x d`` matrix product (computed in row blocks into one reused buffer),
+  the arithmetic every exact method must do.
+
+Peak memory: the rise of the process's resident set (VmHWM - VmRSS before the call, after
+``/proc/self/clear_refs`` resets the high-water mark; Linux), so it counts numpy, torch and
+FAISS allocations alike. A contender is skipped, with the reason printed, when its estimated
+memory exceeds half of MemAvailable, and killed when it runs past ``--cap`` seconds.
+
+Usage: ``python benchmarks/retrieval.py [--quick] [--sizes 10000 30000] [--classes 100 1000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+CONTENDERS = ("ours-faiss", "ours-torch", "pml-default", "pml-maxbin", "torch-mm-topk", "floor")
+
+
+# --------------------------------------------------------------------------------------------
+# worker side
+
+
+def make_data(n: int, n_classes: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, n)
+    centers = rng.standard_normal((n_classes, d)).astype(np.float32)
+    x = centers[y] + 2.5 * rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, y
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakRSS:
+    """Peak resident-set rise over a block: VmHWM after clear_refs, else a 5 ms sampler."""
+
+    def __enter__(self):
+        self.base = _status("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.method = "VmHWM"
+        except OSError:
+            self.method = "sampled VmRSS"
+            self.peak = self.base
+            self.stop = threading.Event()
+
+            def sample():
+                while not self.stop.is_set():
+                    self.peak = max(self.peak, _status("VmRSS"))
+                    time.sleep(0.005)
+
+            self.thread = threading.Thread(target=sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.method == "VmHWM":
+            self.peak = _status("VmHWM")
+        else:
+            self.stop.set()
+            self.thread.join()
+        self.rise = max(0, self.peak - self.base)
+
+
+def max_class_count(y: np.ndarray) -> int:
+    return int(np.bincount(y).max())
+
+
+def run_contender(name: str, x: np.ndarray, y: np.ndarray):
+    import torch
+
+    if name.startswith("ours"):
+        from evaluation.retrieval import retrieval_metrics
+
+        backend = name.split("-")[1]
+        return lambda: retrieval_metrics(x, y, backend=backend, device="cpu")
+    if name.startswith("pml"):
+        from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+        calc = AccuracyCalculator(
+            include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
+            k=None if name == "pml-default" else "max_bin_count",
+            device=torch.device("cpu"),
+        )
+        return lambda: calc.get_accuracy(x, y)
+    xt = torch.from_numpy(x)
+    if name == "torch-mm-topk":
+        k = max(8, max_class_count(y) - 1)
+
+        def mm_topk():
+            s = xt @ xt.T
+            s.fill_diagonal_(float("-inf"))
+            v, i = s.topk(k, dim=1)
+            return {"k": k, "checksum": float(v[:, 0].sum())}
+
+        return mm_topk
+    if name == "floor":
+
+        def floor():
+            n = xt.shape[0]
+            step = max(1, min(n, (1 << 28) // (4 * n)))
+            buf = torch.empty(step * n)
+            for s in range(0, n, step):
+                q = xt[s : s + step]
+                torch.mm(q, xt.T, out=buf[: q.shape[0] * n].view(q.shape[0], n))
+            return {"flops": 2.0 * n * n * xt.shape[1]}
+
+        return floor
+    raise ValueError(name)
+
+
+def worker(name: str, n: int, n_classes: int, d: int) -> None:
+    import torch
+
+    x, y = make_data(n, n_classes, d)
+    # warm up libraries, thread pools and allocator on a smaller problem, outside the measurement
+    xs, ys = make_data(min(n, 2000), max(2, n_classes * min(n, 2000) // n), d, seed=1)
+    run_contender(name, xs, ys)()
+    fn = run_contender(name, x, y)
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        result = fn()
+        elapsed = time.perf_counter() - t0
+    result = {k: float(v) for k, v in result.items()}
+    print(json.dumps({
+        "time": elapsed, "peak": mem.rise, "mem_method": mem.method, "result": result,
+        "threads": torch.get_num_threads(),
+    }))
+
+
+# --------------------------------------------------------------------------------------------
+# driver side
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def estimate_bytes(name: str, n: int, kmax: int) -> int:
+    """Rough peak estimate, used only to skip runs that would exhaust the machine."""
+    if name == "pml-default":
+        return 60 * n * n  # kNN over the whole set: ~60 bytes per (query, neighbour)
+    if name == "pml-maxbin":
+        return 60 * n * kmax + 400 * n
+    if name == "torch-mm-topk":
+        return 4 * n * n + 12 * n * kmax
+    return 0
+
+
+def fmt_mb(b: float) -> str:
+    return f"{b / 2**20:,.0f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
+    ap.add_argument("--classes", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    ap.add_argument("--cap", type=float, default=600.0, help="seconds per run before it is killed")
+    ap.add_argument("--quick", action="store_true", help="sizes 2000 and 5000, 50 classes")
+    ap.add_argument("--worker", nargs=4, metavar=("NAME", "N", "C", "D"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        name, n, c, d = args.worker
+        worker(name, int(n), int(c), int(d))
+        return
+    if args.quick:
+        args.sizes, args.classes = [2000, 5000], [50]
+
+    import torch
+
+    print(f"# retrieval benchmark: d={args.dim}, query set == reference set, cosine, CPU, "
+          f"torch threads={torch.get_num_threads()}, cores={os.cpu_count()}, "
+          f"load avg at start={os.getloadavg()[0]:.1f}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for n in args.sizes:
+        for c in args.classes:
+            _, y = make_data(n, c, 4)
+            kmax = max_class_count(y)
+            rows = {}
+            for name in args.contenders:
+                need = estimate_bytes(name, n, kmax)
+                avail = mem_available()
+                if need > avail / 2:
+                    rows[name] = f"skipped: needs ~{fmt_mb(need)} MB, {fmt_mb(avail)} MB available"
+                    continue
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, str(n), str(c),
+                       str(args.dim)]
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cap,
+                                          cwd=root, env={**os.environ, "PYTHONPATH": root})
+                except subprocess.TimeoutExpired:
+                    rows[name] = f"killed: over the {args.cap:.0f} s cap"
+                    continue
+                if proc.returncode != 0:
+                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+                    rows[name] = f"failed (exit {proc.returncode}): {tail[0][:80]}"
+                    continue
+                rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            report(n, c, kmax, rows)
+
+
+def report(n: int, c: int, kmax: int, rows: dict) -> None:
+    print(f"\n## N={n:,} x d, {c} classes (largest class {kmax}: k searched by ours = "
+          f"max(8, {kmax - 1}))")
+    ours = [r for k, r in rows.items() if k.startswith("ours") and isinstance(r, dict)]
+    t_ours = min((r["time"] for r in ours), default=None)
+    floor = rows.get("floor")
+    print(f"{'contender':<15} {'time s':>9} {'peak MB':>9} {'vs best ours':>13} {'vs floor':>9}")
+    for name, r in rows.items():
+        if not isinstance(r, dict):
+            print(f"{name:<15} {r}")
+            continue
+        vs_ours = f"{r['time'] / t_ours:.2f}x" if t_ours else "-"
+        vs_floor = f"{r['time'] / floor['time']:.2f}x" if isinstance(floor, dict) else "-"
+        print(f"{name:<15} {r['time']:>9.2f} {fmt_mb(r['peak']):>9} {vs_ours:>13} {vs_floor:>9}")
+    if isinstance(floor, dict):
+        print(f"floor: {floor['result']['flops'] / floor['time'] / 1e9:.1f} GFLOP/s")
+    # agreement of the metric values (ours vs PML)
+    pml = next((rows[k] for k in ("pml-maxbin", "pml-default") if isinstance(rows.get(k), dict)),
+               None)
+    if ours and pml:
+        o, p = ours[0]["result"], pml["result"]
+        diff = max(abs(o["precision_at_1"] - p["precision_at_1"]),
+                   abs(o["r_precision"] - p["r_precision"]),
+                   abs(o["map_at_r"] - p["mean_average_precision_at_r"]))
+        print(f"max |ours - pml| over P@1, R-P, MAP@R: {diff:.2e} "
+              f"(MAP@R {o['map_at_r']:.4f}, P@1 {o['precision_at_1']:.4f})")
+    methods = {r["mem_method"] for r in rows.values() if isinstance(r, dict)}
+    print(f"peak memory = rise of the resident set during the call ({', '.join(sorted(methods))})")
+
+
+if __name__ == "__main__":
+    main()

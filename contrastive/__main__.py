@@ -1,0 +1,7 @@
+"""``python -m contrastive ...`` (and ``torchrun -m contrastive train ...``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,547 @@
+"""Exact k-nearest-neighbour search for evaluation: FAISS on GPU or CPU, or blockwise torch.
+
+One function, :func:`knn`, and the block iterator :func:`search_blocks` that the retrieval
+metrics and the k-NN classifier reduce block by block, so that neither ever holds an
+``N_query x N_reference`` matrix.
+
+Scores
+    ``metric="cosine"``: cosine similarity (rows are L2-normalised first; an all-zero row has
+    similarity 0 with everything), descending. ``metric="ip"``: inner product, descending.
+    ``metric="l2"``: **squared** Euclidean distance ``|q - r|^2`` (FAISS's convention), ascending.
+
+Backends (``backend="auto"``)
+    * CUDA device and a FAISS build with GPUs: ``GpuIndexFlatIP`` / ``GpuIndexFlatL2`` with queries
+      in blocks; past FAISS-GPU's selection limit (k = 2048) a blockwise torch top-k on CUDA.
+    * CUDA device and FAISS without GPUs (e.g. ``faiss-cpu``): blockwise torch top-k on CUDA.
+    * CPU: ``IndexFlatIP`` / ``IndexFlatL2`` from ``faiss-cpu``; blockwise torch top-k on the CPU
+      when ``import faiss`` fails.
+    ``backend="faiss"`` or ``"torch"`` forces one family (tests use that to compare them).
+
+Ties
+    Neighbours are ordered by (score, reference index): among equal scores the lower reference
+    index comes first, and at the k-th place the lower indices are kept. Neither FAISS nor
+    ``torch.topk`` promises this, and BLAS does not even promise that identical reference rows
+    get identical float32 scores (a row in an edge tile of the matrix product is summed in another
+    order). So (1) identical reference rows are grouped first (bitwise; one pass over the data and
+    a sort) and searched once, so they share one score and tie exactly; (2) every backend returns
+    a slightly wider window (``k + 8``, plus one for the query itself), re-sorted by
+    (score, index); (3) a row whose k-th score equals the window's worst score (the tie may go on
+    past the window) is recomputed over the whole reference set with wider windows until it is
+    decided. The result is exact and deterministic with respect to the float32 scores that the
+    backend computed. Residual caveat: *distinct* vectors whose scores are equal in exact
+    arithmetic or differ by less than float32 rounding (about 1e-7 relative; e.g. permuted integer
+    vectors under cosine) can be ordered differently by different backends or block sizes.
+
+``exclude_self=True`` (the query set is the reference set) removes each query's own row by
+index, not by distance, so a duplicate of the query stays a valid neighbour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ._inputs import as_float_matrix, check_k, check_metric, check_same_dim
+
+__all__ = ["knn", "search_blocks", "resolve_backend", "normalize_rows", "BACKENDS"]
+
+BACKENDS = ("auto", "faiss", "torch")
+#: FAISS-GPU's k-selection limit (GPU_MAX_SELECTION_K for CUDA builds).
+FAISS_GPU_MAX_K = 2048
+#: extra neighbours fetched so that ties at the k-th place can be resolved by index.
+TIE_MARGIN = 8
+_CPU_BLOCK_BYTES = 1 << 27  # one float32 score block on the CPU (128 MiB)
+_GPU_BLOCK_BYTES = 1 << 30  # and on a GPU (1 GiB)
+_FAISS_OUT_BYTES = 1 << 26  # (scores, ids) returned by one FAISS search call
+
+
+def _import_faiss():
+    try:
+        import faiss  # noqa: PLC0415
+    except ImportError:
+        return None
+    return faiss
+
+
+def _faiss_num_gpus(faiss) -> int:
+    fn = getattr(faiss, "get_num_gpus", None)
+    try:
+        return int(fn()) if fn is not None else 0
+    except Exception:  # pragma: no cover - broken GPU build
+        return 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which implementation runs the search: ``kind`` in {"faiss-gpu", "faiss-cpu", "torch"}."""
+
+    kind: str
+    device: torch.device
+
+
+def _resolve_device(device: object) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be like 'cpu' or 'cuda:0', got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA GPU; use device='cpu'")
+    return dev
+
+
+def resolve_backend(backend: str = "auto", device: object = None, k: int = 1) -> Plan:
+    """Pick the implementation for a search of ``k`` neighbours (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dev = _resolve_device(device)
+    if backend == "torch":
+        return Plan("torch", dev)
+    faiss = _import_faiss()
+    if faiss is None:
+        if backend == "faiss":
+            raise ImportError(
+                "backend='faiss' but faiss is not importable; `pip install faiss-cpu` "
+                "(or faiss-gpu) or use backend='torch'"
+            )
+        return Plan("torch", dev)
+    if dev.type == "cuda":
+        if _faiss_num_gpus(faiss) > 0 and k <= FAISS_GPU_MAX_K:
+            return Plan("faiss-gpu", dev)
+        if backend == "faiss":
+            return Plan("faiss-cpu", torch.device("cpu"))
+        return Plan("torch", dev)
+    return Plan("faiss-cpu", torch.device("cpu"))
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Return ``x / max(|x|_2, 1e-12)`` row-wise in float32 (all-zero rows stay zero)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    inv = (1.0 / np.maximum(norms, 1e-12)).astype(np.float32)
+    return x * inv[:, None]  # float32 throughout: no float64 copy of a large set
+
+
+# --------------------------------------------------------------------------------------------
+# duplicate reference rows
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """Groups of identical reference rows (bitwise equal, with -0.0 == 0.0).
+
+    The search runs over one representative per group, so identical rows get one score and tie
+    exactly; :func:`expand_groups` turns a group back into its items in index order.
+    """
+
+    unique_rows: np.ndarray  # [U] lowest item index of each group
+    mult: np.ndarray  # [U] items per group
+    start: np.ndarray  # [U] offset of each group in `members`
+    members: np.ndarray  # [Nr] item indices grouped by group, ascending inside a group
+
+    def to(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(torch.from_numpy(a).to(device) for a in (self.mult, self.start, self.members))
+
+
+def find_duplicates(x: np.ndarray) -> Duplicates | None:
+    """Group identical rows of ``x``; ``None`` when every row is distinct (the usual case).
+
+    A float64 random projection sorts the rows; only rows whose projections (nearly) coincide are
+    compared bytewise, so the cost is one pass over ``x`` plus a sort of ``N`` numbers.
+    """
+    n, d = x.shape
+    v = np.random.default_rng(0).standard_normal(d)
+    proj = np.empty(n)
+    scale = 0.0
+    for s in range(0, n, 1 << 16):
+        blk = x[s : s + (1 << 16)].astype(np.float64)
+        proj[s : s + blk.shape[0]] = blk @ v
+        scale = max(scale, float((np.abs(blk) @ np.abs(v)).max()))
+    order = np.argsort(proj, kind="stable")
+    ps = proj[order]
+    close = np.flatnonzero(np.diff(ps) <= 1e-12 * scale)
+    if close.size == 0:
+        return None
+    cand = np.unique(np.concatenate([order[close], order[close + 1]]))
+    sub = np.ascontiguousarray(x[cand] + np.float32(0.0))  # -0.0 -> 0.0
+    keys = sub.view(np.dtype((np.void, sub.dtype.itemsize * d))).ravel()
+    _, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+    if first.size == cand.size:
+        return None
+    rep = np.arange(n)
+    rep[cand] = cand[first[inv.ravel()]]  # cand is ascending, so this is the lowest index
+    unique_rows, group = np.unique(rep, return_inverse=True)
+    mult = np.bincount(group, minlength=unique_rows.size)
+    members = np.argsort(group, kind="stable")
+    start = np.cumsum(mult) - mult
+    return Duplicates(unique_rows, mult, start, members)
+
+
+# --------------------------------------------------------------------------------------------
+# pure helpers over tensors
+
+
+def block_keys(
+    q: Tensor, r: Tensor, r_sq: Tensor | None, metric: str, out: Tensor | None = None
+) -> Tensor:
+    """Keys (higher = nearer): ``q r^T`` for ip, ``-(|q|^2 + |r|^2 - 2 q r^T)`` for l2.
+
+    ``out``: an optional contiguous buffer of the result's size (saves page faults per block).
+    """
+    if metric == "l2":
+        q_sq = (q * q).sum(1, keepdim=True)
+        s = torch.addmm(-r_sq, q, r.T, alpha=2.0, out=out)  # type: ignore[operator]
+        return s.sub_(q_sq).clamp_(max=0.0)
+    return torch.mm(q, r.T, out=out)
+
+
+def _order_ties_by_index(key: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows sorted by key descending: reorder runs of equal keys by ascending index."""
+    ties = (key[:, 1:] == key[:, :-1]).any(dim=1)
+    if not bool(ties.any()):
+        return key, idx
+    rows = ties.nonzero().flatten()
+    sub_i, order = idx[rows].sort(dim=1)
+    sub_k, order2 = key[rows].gather(1, order).sort(dim=1, descending=True, stable=True)
+    key[rows], idx[rows] = sub_k, sub_i.gather(1, order2)  # in place: callers pass fresh tensors
+    return key, idx
+
+
+def sort_by_key_then_index(
+    key: Tensor, idx: Tensor, presorted: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Sort each row by key descending, ties by index ascending.
+
+    One sort by key, then a second (index, then stable key) sort only for rows holding ties.
+    ``presorted``: the rows are already sorted by key descending (FAISS output).
+    """
+    if not presorted:
+        key, order = key.sort(dim=1, descending=True)
+        idx = idx.gather(1, order)
+    return _order_ties_by_index(key, idx)
+
+
+def expand_groups(
+    key: Tensor, gid: Tensor, mult: Tensor, start: Tensor, members: Tensor, cap: int
+) -> tuple[Tensor, Tensor]:
+    """Replace each group in a window by (at most ``cap`` of) its items, lowest indices first.
+
+    ``key, gid`` [B, W] -> ``(key, idx)`` [B, L], padded with (-inf, int64 max).
+    """
+    b, w = gid.shape
+    dev = gid.device
+    m = mult[gid].clamp(max=cap)
+    flat_m = m.reshape(-1)
+    total = int(flat_m.sum())
+    src = torch.repeat_interleave(torch.arange(b * w, device=dev), flat_m)
+    off = torch.arange(total, device=dev) - (flat_m.cumsum(0) - flat_m)[src]
+    items = members[start[gid.reshape(-1)[src]] + off]
+    pos = (m.cumsum(1) - m).reshape(-1)[src] + off
+    width = int(m.sum(1).max())
+    out_key = torch.full((b, width), float("-inf"), dtype=key.dtype, device=dev)
+    out_idx = torch.full((b, width), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
+    row = src // w
+    out_key[row, pos] = key.reshape(-1)[src]
+    out_idx[row, pos] = items
+    return out_key, out_idx
+
+
+def select_topk(
+    key: Tensor,
+    gid: Tensor,
+    k: int,
+    self_rows: Tensor | None,
+    groups: tuple[Tensor, Tensor, Tensor] | None,
+    complete: bool,
+    presorted: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Tie-correct top-``k`` items from a backend's top-``W`` window over the searched rows.
+
+    ``key, gid`` [B, W]: a valid top-W over the searched (deduplicated) rows: every row scoring
+    strictly above the window's worst key is in it (``presorted``: sorted by key descending,
+    else in any order). Items are ranked by (key desc, item index asc); ``self_rows[i]`` is
+    never returned for query ``i``, and ``W > k`` when it is given (or the window is complete).
+    Returns ``(key [B, k], idx [B, k], redo [B])``: ``redo`` marks rows whose k-th key equals
+    the window's worst key, so tied rows may be missing (never set when ``complete``: the window
+    holds every searched row).
+    """
+    worst = key[:, -1] if presorted else key.min(dim=1).values
+    if groups is None:
+        key, idx = sort_by_key_then_index(key, gid, presorted)
+        if self_rows is not None:  # drop the query's own row, or the worst one if it is absent
+            b, w = idx.shape
+            is_self = idx == self_rows[:, None]
+            at = torch.where(is_self.any(dim=1), is_self.to(torch.uint8).argmax(dim=1), w - 1)
+            cols = torch.arange(w - 1, device=idx.device).expand(b, -1)
+            cols = cols + (cols >= at[:, None]).to(cols.dtype)  # skip column `at`
+            key, idx = key.gather(1, cols), idx.gather(1, cols)
+    else:
+        key, idx = expand_groups(key, gid, *groups, cap=k + 1)
+        if self_rows is not None:
+            key = key.masked_fill(idx == self_rows[:, None], float("-inf"))
+        key, idx = sort_by_key_then_index(key, idx)
+    key, idx = key[:, :k], idx[:, :k]
+    if complete:
+        redo = torch.zeros(key.shape[0], dtype=torch.bool, device=key.device)
+    else:
+        redo = ~(key[:, k - 1] > worst)
+    return key, idx, redo
+
+
+# --------------------------------------------------------------------------------------------
+# block iterator
+
+
+def search_blocks(
+    query: np.ndarray,
+    reference: np.ndarray,
+    k: int,
+    metric: str,
+    self_index: np.ndarray | None = None,
+    backend: str = "auto",
+    device: object = None,
+    block_size: int | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """Yield ``(rows, key [B, k], idx [B, k])`` for consecutive blocks of query rows.
+
+    ``query``/``reference``: validated float32 arrays, already normalised for cosine;
+    ``metric`` in {"ip", "l2"}; ``key`` is the score for ip and minus the squared distance for
+    l2 (higher = nearer), sorted by (key desc, index asc). ``self_index[i]`` is the reference row
+    to leave out for query ``i`` (-1: none); the caller checks that ``k`` neighbours exist.
+    Tensors live on the CPU for FAISS and on the search device for torch.
+    """
+    nq = query.shape[0]
+    has_self = self_index is not None
+    dup = find_duplicates(reference)
+    searched = reference if dup is None else np.ascontiguousarray(reference[dup.unique_rows])
+    n_s = searched.shape[0]
+    window = min(n_s, k + int(has_self) + TIE_MARGIN)
+    plan = resolve_backend(backend, device, window)
+    dev = plan.device
+    self_all = torch.from_numpy(np.asarray(self_index, dtype=np.int64)) if has_self else None
+    budget = _GPU_BLOCK_BYTES if dev.type == "cuda" else _CPU_BLOCK_BYTES
+
+    cache: dict[str, object] = {}
+
+    def torch_ref() -> tuple[Tensor, Tensor | None]:
+        if "ref" not in cache:
+            r = torch.from_numpy(searched).to(dev)
+            cache["ref"] = r
+            cache["sq"] = (r * r).sum(1) if metric == "l2" else None
+        return cache["ref"], cache["sq"]  # type: ignore[return-value]
+
+    def groups_on(device_: torch.device):
+        if dup is None:
+            return None
+        key = f"groups:{device_}"
+        if key not in cache:
+            cache[key] = dup.to(device_)
+        return cache[key]
+
+    def refine(q_rows: Tensor, self_rows: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Exact top-k for rows whose window was too narrow: widen it over full score rows."""
+        r, r_sq = torch_ref()
+        groups = groups_on(dev)
+        step = max(1, budget // (n_s * 4))
+        keys, idxs = [], []
+        for s in range(0, q_rows.shape[0], step):
+            full = block_keys(q_rows[s : s + step], r, r_sq, metric)
+            sr = None if self_rows is None else self_rows[s : s + step]
+            out_k = torch.empty(full.shape[0], k, dtype=full.dtype, device=dev)
+            out_i = torch.empty(full.shape[0], k, dtype=torch.int64, device=dev)
+            todo = torch.arange(full.shape[0], device=dev)
+            w = window
+            while todo.numel():
+                w = min(n_s, 4 * w)
+                v, g = full[todo].topk(w, dim=1)
+                kk, ii, redo = select_topk(
+                    v, g, k, None if sr is None else sr[todo], groups, w == n_s
+                )
+                out_k[todo], out_i[todo] = kk, ii
+                todo = todo[redo]
+            keys.append(out_k)
+            idxs.append(out_i)
+        return torch.cat(keys), torch.cat(idxs)
+
+    def finish(rows: slice, key: Tensor, gid: Tensor, q_block: Tensor, presorted: bool):
+        sr = None if self_all is None else self_all[rows].to(key.device)
+        key, idx, redo = select_topk(
+            key, gid, k, sr, groups_on(key.device), window == n_s, presorted
+        )
+        if bool(redo.any()):
+            bad = redo.nonzero().flatten()
+            rk, ri = refine(
+                q_block[bad.to(q_block.device)].to(dev), None if sr is None else sr[bad].to(dev)
+            )
+            key[bad] = rk.to(key.device)
+            idx[bad] = ri.to(idx.device)
+        return rows, key, idx
+
+    bar = tqdm(total=nq, desc=f"knn ({plan.kind})", unit="query", disable=not progress)
+    try:
+        if plan.kind.startswith("faiss"):
+            index, _keepalive = _faiss_index(plan, searched, metric)
+            step = block_size or max(1, min(nq, _FAISS_OUT_BYTES // (window * 12)))
+            for s in range(0, nq, step):
+                rows = slice(s, min(nq, s + step))
+                with _faiss_cpu_tiles(plan):
+                    dist, ids = index.search(query[rows], window)
+                key = torch.from_numpy(dist)
+                if metric == "l2":
+                    key = -key
+                yield finish(
+                    rows, key, torch.from_numpy(ids).long(), torch.from_numpy(query[rows]), True
+                )
+                bar.update(rows.stop - rows.start)
+        else:
+            r, r_sq = torch_ref()
+            min_rows = min(nq, 64)
+            chunk = n_s if n_s * 4 * min_rows <= budget else max(window, budget // (4 * min_rows))
+            step = block_size or max(1, min(nq, budget // (4 * chunk)))
+            q_all = torch.from_numpy(query)
+            buf = torch.empty(min(step, nq) * min(chunk, n_s), dtype=torch.float32, device=dev)
+            for s in range(0, nq, step):
+                rows = slice(s, min(nq, s + step))
+                qb = q_all[rows].to(dev, non_blocking=True)
+                best_k: Tensor | None = None
+                best_i: Tensor | None = None
+                for c0 in range(0, n_s, chunk):
+                    rc = r[c0 : c0 + chunk]
+                    out = buf[: qb.shape[0] * rc.shape[0]].view(qb.shape[0], rc.shape[0])
+                    sc = block_keys(
+                        qb, rc, None if r_sq is None else r_sq[c0 : c0 + chunk], metric, out
+                    )
+                    vk, vi = sc.topk(min(window, sc.shape[1]), dim=1, sorted=False)
+                    vi += c0
+                    if best_k is None:
+                        best_k, best_i = vk, vi
+                    else:
+                        cat_k = torch.cat([best_k, vk], dim=1)
+                        cat_i = torch.cat([best_i, vi], dim=1)  # type: ignore[list-item]
+                        best_k, pos = cat_k.topk(window, dim=1, sorted=False)
+                        best_i = cat_i.gather(1, pos)
+                yield finish(rows, best_k, best_i, qb, False)  # type: ignore[arg-type]
+                bar.update(rows.stop - rows.start)
+    finally:
+        bar.close()
+
+
+#: FAISS-CPU's exhaustive search multiplies query x database tiles of this size (its defaults,
+#: 4096 x 1024, leave it about twice slower than one large matrix product here; 4096 x 8192 is a
+#: 128 MiB tile). Set around each search call and restored after it.
+FAISS_CPU_TILES = (4096, 8192)
+
+
+@contextmanager
+def _faiss_cpu_tiles(plan: Plan):
+    faiss = _import_faiss()
+    cvar = getattr(faiss, "cvar", None)
+    names = ("distance_compute_blas_query_bs", "distance_compute_blas_database_bs")
+    if plan.kind != "faiss-cpu" or cvar is None or not all(hasattr(cvar, n) for n in names):
+        yield
+        return
+    old = [getattr(cvar, n) for n in names]
+    try:
+        for n, v in zip(names, FAISS_CPU_TILES):
+            setattr(cvar, n, v)
+        yield
+    finally:
+        for n, v in zip(names, old):
+            setattr(cvar, n, v)
+
+
+def _faiss_index(plan: Plan, reference: np.ndarray, metric: str) -> tuple[object, object]:
+    """A flat (exact) FAISS index holding ``reference``, plus what must stay alive with it."""
+    faiss = _import_faiss()
+    d = reference.shape[1]
+    if plan.kind == "faiss-gpu":
+        res = faiss.StandardGpuResources()
+        cfg = faiss.GpuIndexFlatConfig()
+        cfg.device = plan.device.index if plan.device.index is not None else 0
+        cls = faiss.GpuIndexFlatIP if metric == "ip" else faiss.GpuIndexFlatL2
+        index = cls(res, d, cfg)
+        index.add(reference)
+        return index, res  # the resources must outlive the index
+    index = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
+    index.add(reference)
+    return index, None
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def knn(
+    query: object,
+    reference: object,
+    k: int,
+    metric: str = "cosine",
+    exclude_self: bool = False,
+    device: object = None,
+    block_size: int | None = None,
+    backend: str = "auto",
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours of each query row in ``reference``.
+
+    Args:
+        query: ``[Nq, d]`` numpy array or torch tensor.
+        reference: ``[Nr, d]``; ``None`` means the query set itself.
+        k: neighbours per query, ``1 <= k <= Nr`` (``Nr - 1`` with ``exclude_self``).
+        metric: "cosine" | "ip" (similarities, descending) | "l2" (squared distances, ascending).
+        exclude_self: the query set is the reference set (same rows, same order); leave each
+            query's own row out, by index.
+        device: where to search (default: CUDA when torch sees a GPU, else the CPU).
+        block_size: query rows per block (default: sized to keep a block's scores near
+            128 MiB on CPU / 1 GiB on GPU).
+        backend: "auto" | "faiss" | "torch" (see the module docstring).
+        progress: show a tqdm bar over query blocks.
+
+    Returns:
+        ``(scores float32 [Nq, k], indices int64 [Nq, k])`` as numpy arrays, nearest first,
+        ties broken by lower reference index.
+    """
+    metric = check_metric(metric)
+    q = as_float_matrix(query, "query")
+    if reference is None or reference is query:
+        r = q
+    else:
+        r = as_float_matrix(reference, "reference")
+        check_same_dim(q, r, "query", "reference")
+    self_index = None
+    if exclude_self:
+        if r is not q and (r.shape != q.shape or not np.array_equal(r, q)):
+            raise ValueError(
+                "exclude_self=True needs reference to be the query set itself (same rows, same "
+                "order); pass reference=None, or exclude_self=False for a separate reference set"
+            )
+        r = q
+        self_index = np.arange(q.shape[0], dtype=np.int64)
+    avail = r.shape[0] - int(exclude_self)
+    if avail < 1:
+        raise ValueError("exclude_self=True needs at least 2 rows: each query needs a neighbour")
+    k = check_k(k, "k", upper=avail, upper_what="the number of reference rows"
+                + (" other than the query itself" if exclude_self else ""))
+    if metric == "cosine":
+        same = r is q
+        q = normalize_rows(q)
+        r = q if same else normalize_rows(r)
+    search_metric = "l2" if metric == "l2" else "ip"
+    nq = q.shape[0]
+    scores = np.empty((nq, k), dtype=np.float32)
+    indices = np.empty((nq, k), dtype=np.int64)
+    for rows, key, idx in search_blocks(
+        q, r, k, search_metric, self_index, backend, device, block_size, progress
+    ):
+        if metric == "l2":
+            key = (-key).clamp_(min=0.0)
+        scores[rows] = key.cpu().numpy()
+        indices[rows] = idx.cpu().numpy()
+    return scores, indices

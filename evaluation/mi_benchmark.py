@@ -1,0 +1,528 @@
+"""Known-MI benchmark: how well does each variational MI bound track a mutual information we know?
+
+The setting of Poole, Ozair, van den Oord, Alemi, Tucker, "On Variational Bounds of Mutual
+Information" (ICML 2019, sec. 6 and fig. 2), used by Tschannen et al. (2020) as the sanity check
+of their estimators: ``x ~ N(0, I_d)`` and ``y = rho x + sqrt(1 - rho^2) e`` with
+``e ~ N(0, I_d)``, so each of the ``d`` coordinate pairs is a bivariate Gaussian with correlation
+``rho`` and::
+
+    I(X; Y) = -(d / 2) log(1 - rho^2)  nats.
+
+A critic is trained on fresh batches while the true MI follows a staircase (2, 4, 6, 8, 10 nats
+by default, ``d = 20``, batch 64), one critic per estimator, and the estimate of every step is
+recorded. InfoNCE saturates at ``log(batch)``; NWJ, JS and DV can go above it at the price of
+variance. Any critic of :mod:`contrastive.critics` can be plugged in.
+
+An *estimator* is a pair ``(loss_fn, bound_fn)`` of functions of ``(scores [B, B], positives,
+negatives)``: the critic is trained by minimising ``loss_fn`` and the estimate is
+``bound_fn`` of the same batch's scores, with the pairs ``(x_i, y_i)`` on the diagonal as
+positives. Pass your own pairs in ``run(estimators={...})``. The default names ``"infonce"``,
+``"nwj"``, ``"js"`` and ``"dv"`` resolve to :mod:`losses.functional`; that resolution, a
+function-local import in :func:`resolve_estimators`, is the one place where ``evaluation``
+touches ``losses`` (the design keeps ``evaluation`` free of loss imports otherwise).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from contrastive import critics as _critics
+from contrastive.pairs import diagonal_masks
+
+__all__ = [
+    "mi_from_rho",
+    "rho_from_mi",
+    "sample_gaussian",
+    "optimal_critic",
+    "staircase",
+    "ema",
+    "resolve_estimators",
+    "make_critic",
+    "run",
+    "summarize",
+    "markdown_table",
+    "plot",
+    "write_results",
+    "DEFAULT_ESTIMATORS",
+    "DEFAULT_CRITIC_KWARGS",
+    "main",
+]
+
+ScoreFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+Estimator = tuple[ScoreFn, ScoreFn]
+
+DEFAULT_ESTIMATORS = ("infonce", "nwj", "js", "dv")
+#: Poole et al.'s critic sizes: two hidden layers of 256 (ReLU), separable embeddings of 32.
+DEFAULT_CRITIC_KWARGS: dict[str, dict] = {
+    "separable": {"hidden_dim": 256, "out_dim": 32, "layers": 2},
+    "concat": {"hidden_dim": 256, "layers": 2},
+    "mlp": {"hidden_dim": 256, "layers": 2},
+    "bilinear": {},
+}
+
+
+# --------------------------------------------------------------------------- closed forms
+
+
+def mi_from_rho(rho: float, dim: int) -> float:
+    """``I = -(d/2) log(1 - rho^2)`` nats for ``d`` independent pairs with correlation ``rho``."""
+    rho = float(rho)
+    if not -1.0 < rho < 1.0:
+        raise ValueError(f"rho must be in (-1, 1), got {rho!r}")
+    return -0.5 * _check_dim(dim) * math.log1p(-rho * rho)
+
+
+def rho_from_mi(mi: float, dim: int) -> float:
+    """Inverse of :func:`mi_from_rho` on ``rho >= 0``: ``rho = sqrt(1 - exp(-2 I / d))``."""
+    mi = float(mi)
+    if not math.isfinite(mi) or mi < 0:
+        raise ValueError(f"mi must be a finite number of nats >= 0, got {mi!r}")
+    return math.sqrt(-math.expm1(-2.0 * mi / _check_dim(dim)))
+
+
+def _check_dim(dim: int) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    return dim
+
+
+def sample_gaussian(
+    batch_size: int,
+    dim: int,
+    rho: float,
+    generator: torch.Generator | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` of shape ``[batch_size, dim]`` with ``x ~ N(0, I)``,
+    ``y = rho x + sqrt(1 - rho^2) e``, ``e ~ N(0, I)`` (``generator`` must live on ``device``)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_dim(dim)
+    if not -1.0 < float(rho) < 1.0:
+        raise ValueError(f"rho must be in (-1, 1), got {rho!r}")
+    x = torch.randn(batch_size, dim, generator=generator, device=device, dtype=dtype)
+    e = torch.randn(batch_size, dim, generator=generator, device=device, dtype=dtype)
+    return x, rho * x + math.sqrt(1.0 - rho * rho) * e
+
+
+def optimal_critic(x: Tensor, y: Tensor, rho: float) -> Tensor:
+    """The log density ratio on all pairs, ``S_ij = log p(y_j | x_i) / p(y_j)``::
+
+        S_ij = -(d/2) log(1 - rho^2) - ||y_j - rho x_i||^2 / (2 (1 - rho^2)) + ||y_j||^2 / 2
+
+    (``p(y | x) = N(rho x, (1 - rho^2) I)``, ``p(y) = N(0, I)``). Its mean over the diagonal is
+    the MI; InfoNCE, DV and JS are tight at it up to their own limits, NWJ at ``S + 1``.
+    """
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"x and y must be 2-D with the same dimension, got {tuple(x.shape)} and "
+            f"{tuple(y.shape)}"
+        )
+    rho = float(rho)
+    if not -1.0 < rho < 1.0:
+        raise ValueError(f"rho must be in (-1, 1), got {rho!r}")
+    var = 1.0 - rho * rho
+    d = x.shape[1]
+    yy = (y * y).sum(1)
+    xx = (x * x).sum(1)
+    sq = yy[None, :] - 2.0 * rho * (x @ y.T) + (rho * rho) * xx[:, None]  # ||y_j - rho x_i||^2
+    return -0.5 * d * math.log(var) - sq / (2.0 * var) + 0.5 * yy[None, :]
+
+
+def staircase(levels: Sequence[float], steps_per_level: int) -> np.ndarray:
+    """True MI per step: each level held for ``steps_per_level`` steps."""
+    return np.repeat(np.asarray(levels, dtype=np.float64), steps_per_level)
+
+
+def ema(values: Sequence[float], decay: float = 0.98) -> np.ndarray:
+    """Exponential moving average ``s_t = decay s_{t-1} + (1 - decay) v_t``, started at the first
+    finite value; non-finite values are skipped (the average is carried over)."""
+    out = np.full(len(values), np.nan)
+    s = math.nan
+    for i, v in enumerate(values):
+        if v is not None and math.isfinite(v):
+            s = v if math.isnan(s) else decay * s + (1.0 - decay) * v
+        out[i] = s
+    return out
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def resolve_estimators(
+    estimators: Iterable[str] | Mapping[str, Estimator],
+) -> dict[str, Estimator]:
+    """``{name: (loss_fn, bound_fn)}``. A mapping is taken as is; names among ``"infonce"``,
+    ``"nwj"``, ``"js"``, ``"dv"`` map to :mod:`losses.functional`'s ``(infonce, infonce_bound)``,
+    ``(nwj, nwj_bound)``, ``(js, js_bound)``, ``(dv, dv_bound)``."""
+    if isinstance(estimators, Mapping):
+        out = dict(estimators)
+        for name, pair in out.items():
+            if not (isinstance(pair, tuple) and len(pair) == 2 and all(map(callable, pair))):
+                raise TypeError(
+                    f"estimators[{name!r}] must be a (loss_fn, bound_fn) pair of callables of "
+                    "(scores, positives, negatives)"
+                )
+        if not out:
+            raise ValueError("estimators is empty; pass at least one estimator")
+        return out
+    if isinstance(estimators, str):
+        estimators = (estimators,)
+    names = list(estimators)
+    if not names:
+        raise ValueError("estimators is empty; pass at least one of infonce, nwj, js, dv")
+    # The single place where `evaluation` imports `losses` (see the module docstring).
+    from losses import functional as LF
+
+    table = {
+        "infonce": (LF.infonce, LF.infonce_bound),
+        "nwj": (LF.nwj, LF.nwj_bound),
+        "js": (LF.js, LF.js_bound),
+        "dv": (LF.dv, LF.dv_bound),
+    }
+    out = {}
+    for name in names:
+        key = str(name).lower()
+        if key not in table:
+            raise ValueError(
+                f"unknown estimator {name!r}; choose from {sorted(table)} or pass a mapping "
+                "name -> (loss_fn, bound_fn)"
+            )
+        out[key] = table[key]
+    return out
+
+
+def make_critic(critic: str | Callable[[int], nn.Module], dim: int, **kwargs) -> nn.Module:
+    """A fresh critic on ``dim``-dimensional x and y: a name of :mod:`contrastive.critics`
+    (``"separable"``, ``"concat"``, ``"bilinear"``, ...; :data:`DEFAULT_CRITIC_KWARGS` fill in
+    Poole et al.'s sizes, ``kwargs`` override them) or a factory ``critic(dim) -> nn.Module``."""
+    if callable(critic) and not isinstance(critic, str):
+        if kwargs:
+            raise ValueError("critic_kwargs only apply to a critic given by name")
+        module = critic(dim)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"the critic factory must return an nn.Module, got {type(module)}")
+        return module
+    if not isinstance(critic, str):
+        raise TypeError(f"critic must be a name or a factory dim -> nn.Module, got {critic!r}")
+    key = critic.lower().replace("-", "_")
+    kw = {**DEFAULT_CRITIC_KWARGS.get(key, {}), **kwargs}
+    if key == "bilinear":
+        return _critics.Bilinear(dim, **kw)
+    if key in ("separable", "concat", "mlp"):
+        return _critics.get(key, in_dim=dim, **kw)
+    return _critics.get(key, **kw)
+
+
+def _best_device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_levels(levels: Sequence[float]) -> list[float]:
+    try:
+        out = [float(v) for v in levels]
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"levels must be a sequence of MI values in nats, got {levels!r}") from exc
+    if not out or any(not math.isfinite(v) or v <= 0 for v in out):
+        raise ValueError(f"levels must be a non-empty sequence of MI values > 0, got {levels!r}")
+    return out
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def run(
+    estimators: Iterable[str] | Mapping[str, Estimator] = DEFAULT_ESTIMATORS,
+    critic: str | Callable[[int], nn.Module] = "separable",
+    dim: int = 20,
+    batch_size: int = 64,
+    levels: Sequence[float] = (2, 4, 6, 8, 10),
+    steps_per_level: int = 1000,
+    lr: float = 5e-4,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    output: str | Path | None = None,
+    critic_kwargs: Mapping | None = None,
+) -> dict:
+    """Train one critic per estimator on fresh correlated-Gaussian batches whose MI follows
+    ``levels`` (each held ``steps_per_level`` steps) and record the estimate at every step.
+
+    All estimators see the same batches and start from the same critic initialisation (from
+    ``seed``); each has its own Adam optimiser (``lr``). A step whose loss is not finite is
+    skipped (no update; counted in ``skipped_steps``) and its estimate recorded as NaN.
+
+    Returns a dict: ``config``, ``true_mi`` (per step), ``log_batch_size``, ``estimates``
+    (``{name: [per step]}``), ``skipped_steps``, ``summary`` (see :func:`summarize`),
+    ``seconds``; with ``output`` (a directory, created) also ``files``: the JSON, CSV, Markdown
+    and PNG written there by :func:`write_results`.
+    """
+    est = resolve_estimators(estimators)
+    _check_dim(dim)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError(f"batch_size must be an integer >= 2 (positives need negatives), got "
+                         f"{batch_size!r}")
+    if isinstance(steps_per_level, bool) or not isinstance(steps_per_level, int) or (
+        steps_per_level <= 0
+    ):
+        raise ValueError(f"steps_per_level must be a positive integer, got {steps_per_level!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a number > 0, got {lr!r}")
+    levels = _check_levels(levels)
+    dev = _best_device(device)
+    kw = dict(critic_kwargs or {})
+
+    models: dict[str, nn.Module] = {}
+    opts: dict[str, torch.optim.Optimizer] = {}
+    for name in est:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = make_critic(critic, dim, **kw).to(dev)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(
+                f"critic {critic!r} has no trainable parameters; use separable, concat or bilinear"
+            )
+        models[name] = model
+        opts[name] = torch.optim.Adam(params, lr=lr)
+
+    gen = torch.Generator().manual_seed(seed)
+    pos, neg = diagonal_masks(batch_size, dev)
+    true_mi = staircase(levels, steps_per_level)
+    estimates: dict[str, list[float]] = {name: [] for name in est}
+    skipped = dict.fromkeys(est, 0)
+    smooth = dict.fromkeys(est, math.nan)
+
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    bar = tqdm(total=len(true_mi), disable=not progress, desc="known-MI benchmark", unit="step")
+    for step, mi in enumerate(true_mi):
+        rho = rho_from_mi(float(mi), dim)
+        x, y = sample_gaussian(batch_size, dim, rho, generator=gen)
+        x, y = x.to(dev), y.to(dev)
+        for name, (loss_fn, bound_fn) in est.items():
+            model, opt = models[name], opts[name]
+            opt.zero_grad(set_to_none=True)
+            scores = model(x, y)
+            if not bool(torch.isfinite(scores).all()):
+                estimates[name].append(math.nan)
+                skipped[name] += 1
+                continue
+            loss = loss_fn(scores, pos, neg)
+            if not bool(torch.isfinite(loss)):
+                estimates[name].append(math.nan)
+                skipped[name] += 1
+                continue
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                value = float(bound_fn(scores.detach(), pos, neg))
+            estimates[name].append(value)
+            if math.isfinite(value):
+                s = smooth[name]
+                smooth[name] = value if math.isnan(s) else 0.98 * s + 0.02 * value
+        bar.update(1)
+        if progress and (step % 50 == 0 or step == len(true_mi) - 1):
+            bar.set_postfix(true=f"{mi:.1f}", **{k: f"{v:.2f}" for k, v in smooth.items()})
+    bar.close()
+
+    results = {
+        "config": {
+            "estimators": list(est),
+            "critic": critic if isinstance(critic, str) else getattr(critic, "__name__", "custom"),
+            "critic_kwargs": kw,
+            "dim": dim,
+            "batch_size": batch_size,
+            "levels": levels,
+            "steps_per_level": steps_per_level,
+            "lr": lr,
+            "seed": seed,
+            "device": str(dev),
+        },
+        "true_mi": true_mi.tolist(),
+        "log_batch_size": math.log(batch_size),
+        "estimates": estimates,
+        "skipped_steps": skipped,
+        "seconds": time.perf_counter() - start,
+    }
+    results["summary"] = summarize(results)
+    if output is not None:
+        results["files"] = write_results(results, output)
+    return results
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def summarize(results: Mapping) -> list[dict]:
+    """Per estimator and level, over the last half of the level's steps (the critic has had the
+    first half to adapt): ``mean`` estimate, ``bias = mean - true MI``, ``variance`` (population)
+    and ``mse = bias^2 + variance``; non-finite estimates are left out and counted in
+    ``nonfinite``."""
+    cfg = results["config"]
+    spl = int(cfg["steps_per_level"])
+    half = spl // 2
+    rows = []
+    for name, values in results["estimates"].items():
+        arr = np.asarray(values, dtype=np.float64)
+        for i, level in enumerate(cfg["levels"]):
+            seg = arr[i * spl + half : (i + 1) * spl]
+            finite = seg[np.isfinite(seg)]
+            mean = float(finite.mean()) if finite.size else math.nan
+            var = float(finite.var()) if finite.size else math.nan
+            rows.append(
+                {
+                    "estimator": name,
+                    "level": i,
+                    "true_mi": float(level),
+                    "mean": mean,
+                    "bias": mean - float(level),
+                    "variance": var,
+                    "mse": (mean - float(level)) ** 2 + var,
+                    "steps": int(seg.size),
+                    "nonfinite": int(seg.size - finite.size),
+                }
+            )
+    return rows
+
+
+def markdown_table(results: Mapping) -> str:
+    """The :func:`summarize` rows as a Markdown table."""
+    cfg = results["config"]
+    lines = [
+        f"Known-MI benchmark: critic `{cfg['critic']}`, d = {cfg['dim']}, batch "
+        f"{cfg['batch_size']} (log batch = {results['log_batch_size']:.2f} nats), "
+        f"{cfg['steps_per_level']} steps per level, lr {cfg['lr']:g}; statistics over the last "
+        "half of each level.",
+        "",
+        "| estimator | true MI | mean estimate | bias | variance | MSE |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results.get("summary") or summarize(results):
+        lines.append(
+            f"| {r['estimator']} | {r['true_mi']:.1f} | {r['mean']:.3f} | {r['bias']:+.3f} | "
+            f"{r['variance']:.3f} | {r['mse']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Mapping, path: str | Path, decay: float | None = None) -> Path:
+    """Poole et al. (2019) fig. 2: per estimator a panel of the estimate vs step (raw, faint;
+    EMA-smoothed with ``decay``, by default ``1 - 20 / steps_per_level`` so that the average
+    spans a twentieth of a level), the true MI staircase (black) and ``log(batch)`` (dashed).
+    Writes a PNG with matplotlib's Agg canvas (no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if decay is None:
+        decay = max(0.5, 1.0 - 20.0 / float(results["config"]["steps_per_level"]))
+    names = list(results["estimates"])
+    true_mi = np.asarray(results["true_mi"])
+    steps = np.arange(true_mi.size)
+    log_b = float(results["log_batch_size"])
+    top = max(float(true_mi.max()), log_b) * 1.3
+    fig = Figure(figsize=(3.2 * len(names), 3.2), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(names), sharey=True, squeeze=False)[0]
+    colors = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7"]
+    for i, (ax, name) in enumerate(zip(axes, names)):
+        raw = np.asarray(results["estimates"][name], dtype=np.float64)
+        c = colors[i % len(colors)]
+        ax.plot(steps, raw, color=c, alpha=0.25, linewidth=0.6)
+        ax.plot(steps, ema(raw.tolist(), decay), color=c, linewidth=1.6, label="estimate (EMA)")
+        ax.plot(steps, true_mi, color="black", linewidth=1.2, label="true MI")
+        ax.axhline(log_b, color="gray", linestyle="--", linewidth=1.0, label="log(batch)")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylim(-1.0, top)
+    axes[0].set_ylabel("MI (nats)")
+    axes[0].legend(loc="upper left", fontsize=7)
+    cfg = results["config"]
+    fig.suptitle(f"critic: {cfg['critic']}, d={cfg['dim']}, batch={cfg['batch_size']}",
+                 fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _json_safe(obj):
+    """NaN/Inf -> None so that the JSON is standard."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_results(results: Mapping, output: str | Path) -> dict[str, str]:
+    """Write ``results.json``, ``results.csv`` (estimator, step, true_mi, estimate),
+    ``results.md`` (:func:`markdown_table`) and ``mi_benchmark.png`` (:func:`plot`) into the
+    directory ``output``; return their paths."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "json": out / "results.json",
+        "csv": out / "results.csv",
+        "markdown": out / "results.md",
+        "png": out / "mi_benchmark.png",
+    }
+    payload = {k: v for k, v in results.items() if k != "files"}
+    payload["files"] = {k: str(v) for k, v in files.items()}
+    files["json"].write_text(json.dumps(_json_safe(payload), allow_nan=False))
+    with files["csv"].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["estimator", "step", "true_mi", "estimate"])
+        for name, values in results["estimates"].items():
+            for step, (t, v) in enumerate(zip(results["true_mi"], values)):
+                w.writerow([name, step, repr(float(t)), repr(float(v))])
+    files["markdown"].write_text(markdown_table(results))
+    plot(results, files["png"])
+    return {k: str(v) for k, v in files.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``python -m evaluation.mi_benchmark --output runs/mi`` runs :func:`run` and prints the
+    Markdown table."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--estimators", nargs="+", default=list(DEFAULT_ESTIMATORS))
+    p.add_argument("--critic", default="separable")
+    p.add_argument("--dim", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--levels", type=float, nargs="+", default=[2, 4, 6, 8, 10])
+    p.add_argument("--steps-per-level", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--output", default=None, help="directory for JSON/CSV/Markdown/PNG")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    res = run(
+        estimators=a.estimators, critic=a.critic, dim=a.dim, batch_size=a.batch_size,
+        levels=a.levels, steps_per_level=a.steps_per_level, lr=a.lr, seed=a.seed,
+        device=a.device, progress=not a.no_progress, output=a.output,
+    )
+    print(markdown_table(res))
+    print(f"{res['seconds']:.1f} s on {res['config']['device']}")
+    return res
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,425 @@
+"""Distributed helpers: two real ``gloo`` processes under DDP against the single-process run.
+
+The module-scoped fixture starts this very file twice as a script, with the environment
+variables torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so
+``contrastive.distributed.setup`` is exercised as under ``torchrun``. Each rank writes what it
+computed to a file; the tests compare it with the same computation done in one process on the
+whole global batch (the reference). One launch serves all tests (a few seconds).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # when run as a worker script
+    sys.path.insert(0, str(ROOT))
+
+from contrastive import distributed as D  # noqa: E402
+from losses.modules import InfoNCE, Triplet  # noqa: E402
+
+WORLD = 2
+N_GLOBAL, DIM_IN, DIM_OUT, N_CLASSES = 16, 10, 6, 4
+SPLITS = {"even": (8, 8), "uneven": (9, 7)}
+LOSS_NAMES = ("infonce", "triplet", "paired")
+TOL = 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# the problem, shared by the workers and the reference
+# --------------------------------------------------------------------------------------------
+def make_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, nn.Module]:
+    """A fixed global batch (inputs, a second view of them, labels) and a small linear model."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N_GLOBAL, DIM_IN, generator=g)
+    x2 = x + 0.3 * torch.randn(N_GLOBAL, DIM_IN, generator=g)
+    labels = torch.arange(N_CLASSES).repeat_interleave(N_GLOBAL // N_CLASSES)
+    labels = labels[torch.randperm(N_GLOBAL, generator=g)]
+    model = nn.Linear(DIM_IN, DIM_OUT)
+    with torch.no_grad():
+        model.weight.copy_(0.5 * torch.randn(DIM_OUT, DIM_IN, generator=g))
+        model.bias.copy_(0.1 * torch.randn(DIM_OUT, generator=g))
+    return x, x2, labels, model
+
+
+def loss_value(name: str, model: nn.Module, emb, emb2, labels) -> torch.Tensor:
+    """The three global-batch losses under test; ``emb2`` is the second view's embeddings."""
+    if name == "infonce":
+        return InfoNCE(temperature=0.1)(emb, labels)
+    if name == "triplet":
+        return Triplet()(emb, labels)
+    if name == "paired":  # paired views, positives on the diagonal: needs aligned gathers
+        return InfoNCE(temperature=0.1)(emb, ref_emb=emb2)
+    raise ValueError(name)
+
+
+def grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def reference(name: str) -> tuple[float, dict[str, torch.Tensor]]:
+    """Single process, whole global batch."""
+    x, x2, labels, model = make_problem()
+    loss = loss_value(name, model, model(x), model(x2), labels)
+    loss.backward()
+    return loss.item(), grads(model)
+
+
+def gather_without_grad(emb: torch.Tensor) -> torch.Tensor:
+    """The gradient-free gather (as in pytorch-metric-learning's wrapper, but in rank order and
+    without its loss rescaling): other ranks' rows are constants, only the own slice has a
+    gradient."""
+    others = D.all_gather_nograd(emb)
+    sizes = D.all_gather_nograd(torch.tensor([emb.shape[0]])).tolist()
+    start = sum(sizes[: D.get_rank()])
+    return torch.cat([others[:start], emb, others[start + emb.shape[0] :]])
+
+
+# --------------------------------------------------------------------------------------------
+# the worker (this file run as a script)
+# --------------------------------------------------------------------------------------------
+def _worker(out_dir: Path) -> None:
+    import torch.distributed as dist
+    from pytorch_metric_learning.losses import NTXentLoss
+    from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    rank, world, local_rank, device = D.setup()
+    res: dict = {
+        "setup": [rank, world, local_rank, str(device)],
+        "again": [str(v) for v in D.setup()],
+        "backend": str(dist.get_backend()),
+        "is_main": D.is_main_process(),
+        "is_distributed": D.is_distributed(),
+    }
+    x, x2, labels, model0 = make_problem()
+
+    model = copy.deepcopy(model0)
+    ddp = DDP(model)  # one wrapper for every case: no optimizer step, so the weights stay put
+    for split, sizes in SPLITS.items():
+        start, n = sum(sizes[:rank]), sizes[rank]
+        xs, x2s, ys = x[start : start + n], x2[start : start + n], labels[start : start + n]
+        for mode in ("grad", "nograd"):
+            for name in LOSS_NAMES:
+                model.zero_grad(set_to_none=True)
+                emb, emb2 = ddp(torch.cat([xs, x2s])).split(n)
+                emb2 = emb2 if name == "paired" else None
+                if mode == "grad":
+                    all_emb, all_labels = D.gather_embeddings(emb, ys)
+                    all_emb2 = D.all_gather_with_grad(emb2) if emb2 is not None else None
+                else:
+                    all_emb, all_labels = gather_without_grad(emb), D.all_gather_nograd(ys)
+                    all_emb2 = gather_without_grad(emb2) if emb2 is not None else None
+                loss = loss_value(name, model, all_emb, all_emb2, all_labels)
+                loss.backward()
+                res[f"{split}/{mode}/{name}"] = {
+                    "loss": loss.item(),
+                    "grads": grads(model),
+                    "emb": all_emb.detach(),
+                    "labels": all_labels,
+                }
+
+    # pytorch-metric-learning's wrapper, for the docstring's comparison
+    xs, ys = x[rank * 8 : rank * 8 + 8], labels[rank * 8 : rank * 8 + 8]
+    for efficient in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = DistributedLossWrapper(NTXentLoss(temperature=0.1), efficient=efficient)(ddp(xs), ys)
+        loss.backward()
+        res[f"pml/efficient={efficient}"] = {"loss": loss.item(), "grads": grads(model)}
+
+    # other helpers
+    flags = torch.tensor([True, False, rank == 1][: 2 + rank])
+    res["bool"] = D.all_gather_nograd(flags)
+    res["int"] = D.all_gather_nograd(torch.arange(3 + rank, dtype=torch.int32) + 10 * rank)
+    res["mean"] = D.reduce_mean(float(rank)).item()
+    res["mean_tensor"] = D.reduce_mean(torch.tensor([rank, 2 * rank])).tolist()
+    res["broadcast"] = D.broadcast_object({"from": rank, "dir": f"run{rank}"})
+    for key, bad in (
+        ("shape_error", torch.zeros(3, 6 - rank)),
+        ("dtype_error", torch.zeros(3, 6, dtype=torch.float64 if rank else torch.float32)),
+    ):
+        try:
+            D.all_gather_with_grad(bad)
+            res[key] = None
+        except ValueError as exc:
+            res[key] = str(exc)
+    D.barrier()
+    D.cleanup()
+    res["after_cleanup"] = [D.is_distributed(), D.get_world_size()]
+    torch.save(res, out_dir / f"rank{rank}.pt")
+
+
+# --------------------------------------------------------------------------------------------
+# launching
+# --------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out_dir: Path) -> str:
+    """Start WORLD workers with torchrun-style env vars; return their combined output."""
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(WORLD),
+            LOCAL_WORLD_SIZE=str(WORLD),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            CUDA_VISIBLE_DEVICES="",
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, str(out_dir)],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs, failed = [], False
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            out, _ = p.communicate()
+            failed = True
+        outputs.append(out)
+        failed |= p.returncode != 0
+    text = "\n".join(f"--- rank {r} ---\n{o}" for r, o in enumerate(outputs))
+    if failed:
+        raise RuntimeError(text)
+    return text
+
+
+def _run_workers(out_dir: Path) -> None:
+    for attempt in range(3):
+        try:
+            _launch(out_dir)
+            return
+        except RuntimeError as exc:  # a port taken between _free_port and bind: try another
+            if attempt == 2 or "address already in use" not in str(exc).lower():
+                pytest.fail(f"distributed workers failed:\n{exc}")
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory) -> list[dict]:
+    """The workers' results. Under pytest-xdist the xdist workers share one launch (the first
+    one to get here runs it under a file lock, the others read its files)."""
+    from filelock import FileLock  # a dependency of torch
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        out_dir = tmp_path_factory.getbasetemp().parent / "ddp_workers"  # this session's root
+    else:
+        out_dir = tmp_path_factory.mktemp("ddp")
+    files = [out_dir / f"rank{r}.pt" for r in range(WORLD)]
+    out_dir.mkdir(exist_ok=True)
+    with FileLock(str(out_dir) + ".lock"):
+        if not all(f.is_file() for f in files):
+            _run_workers(out_dir)
+    return [torch.load(f, weights_only=True) for f in files]
+
+
+# --------------------------------------------------------------------------------------------
+# tests: two processes
+# --------------------------------------------------------------------------------------------
+def test_setup_reads_torchrun_environment(ddp):
+    for rank, res in enumerate(ddp):
+        assert res["setup"] == [rank, WORLD, rank, "cpu"]
+        assert res["again"] == [str(rank), str(WORLD), str(rank), "cpu"]
+        assert res["backend"] == "gloo"
+        assert res["is_main"] == (rank == 0)
+        assert res["is_distributed"] is True
+        assert res["after_cleanup"] == [False, 1]
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_gather_with_grad_equals_single_process(ddp, split, name):
+    ref_loss, ref_grads = reference(name)
+    x, _, labels, model = make_problem()
+    for res in ddp:
+        r = res[f"{split}/grad/{name}"]
+        torch.testing.assert_close(r["emb"], model(x).detach(), rtol=0, atol=1e-6)
+        assert torch.equal(r["labels"], labels)
+        assert abs(r["loss"] - ref_loss) <= TOL * max(1.0, abs(ref_loss))
+        for key, g in ref_grads.items():
+            assert g.abs().max() > 1e-3  # the comparison is not between zeros
+            torch.testing.assert_close(r["grads"][key], g, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_gather_without_grad_gives_wrong_gradients(ddp, name):
+    """The control: the same run with a gradient-free gather fails the comparison above --
+    the loss is right but DDP's average leaves 1/world of the gradient."""
+    ref_loss, ref_grads = reference(name)
+    for res in ddp:
+        r = res[f"even/nograd/{name}"]
+        assert abs(r["loss"] - ref_loss) <= TOL * max(1.0, abs(ref_loss))
+        for key, g in ref_grads.items():
+            assert not torch.allclose(r["grads"][key], g, rtol=TOL, atol=TOL)
+            torch.testing.assert_close(r["grads"][key], g / WORLD, rtol=TOL, atol=TOL)
+
+
+def test_pml_wrapper_rescales_loss_and_loses_terms_when_efficient(ddp):
+    """What DESIGN.md section 7 and the ``all_gather_with_grad`` docstring say about
+    pytorch-metric-learning's DistributedLossWrapper: its default mode reports world * loss (to
+    fix the gradient scale), its efficient mode gets the gradient direction wrong."""
+    from pytorch_metric_learning.losses import NTXentLoss
+
+    x, _, labels, model = make_problem()
+    loss = NTXentLoss(temperature=0.1)(model(x), labels)
+    loss.backward()
+    ref_grads = grads(model)
+    for res in ddp:
+        full, eff = res["pml/efficient=False"], res["pml/efficient=True"]
+        assert full["loss"] == pytest.approx(WORLD * loss.item(), rel=1e-5)
+        for key, g in ref_grads.items():
+            torch.testing.assert_close(full["grads"][key], g, rtol=TOL, atol=TOL)
+        w = eff["grads"]["weight"].flatten()
+        cos = torch.nn.functional.cosine_similarity(w, ref_grads["weight"].flatten(), dim=0)
+        assert cos < 0.99  # measured 0.953: the direction changes, not only the scale
+
+
+def test_ranks_agree_and_gather_in_rank_order(ddp):
+    for key in ddp[0]:
+        if key.startswith(("even/", "uneven/")):
+            for k, g in ddp[0][key]["grads"].items():
+                torch.testing.assert_close(ddp[1][key]["grads"][k], g, rtol=0, atol=0)
+    for res in ddp:
+        assert res["bool"].dtype == torch.bool
+        assert res["bool"].tolist() == [True, False, True, False, True]
+        assert res["int"].dtype == torch.int32
+        assert res["int"].tolist() == [0, 1, 2, 10, 11, 12, 13]
+        assert res["mean"] == pytest.approx(0.5)
+        assert res["mean_tensor"] == pytest.approx([0.5, 1.0])
+        assert res["broadcast"] == {"from": 0, "dir": "run0"}
+
+
+def test_mismatched_shapes_raise_on_every_rank(ddp):
+    for res in ddp:
+        assert res["shape_error"] is not None
+        assert "rank 0: [3, 6]" in res["shape_error"] and "rank 1: [3, 5]" in res["shape_error"]
+        assert res["dtype_error"] is not None and "dtype" in res["dtype_error"]
+        assert "torch.float64" in res["dtype_error"]
+
+
+# --------------------------------------------------------------------------------------------
+# tests: one process (no process group)
+# --------------------------------------------------------------------------------------------
+def test_single_process_helpers_are_identity():
+    assert not D.is_distributed()
+    assert (D.get_rank(), D.get_world_size(), D.is_main_process()) == (0, 1, True)
+    D.barrier()
+    x = torch.randn(4, 3, requires_grad=True)
+    y = torch.tensor([0, 1, 0, 1])
+    assert D.all_gather_with_grad(x) is x
+    assert D.all_gather_nograd(y) is y
+    e, lab = D.gather_embeddings(x, y)
+    assert e is x and lab is y
+    assert D.gather_embeddings(x) == (x, None)
+    obj = {"a": 1}
+    assert D.broadcast_object(obj) is obj
+    assert D.reduce_mean(3.0).item() == 3.0
+    assert D.reduce_mean(torch.tensor([1, 2])).tolist() == [1.0, 2.0]
+
+
+def test_single_process_bad_input():
+    with pytest.raises(ValueError, match="labels must have one entry per embedding row"):
+        D.gather_embeddings(torch.randn(4, 3), torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        D.all_gather_with_grad([1.0, 2.0])
+    with pytest.raises(TypeError, match="embeddings must be a torch.Tensor"):
+        D.gather_embeddings([1.0, 2.0])
+
+
+_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in _ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_setup_without_torchrun_is_single_process(clean_env):
+    expected = (0, 1, 0, D.best_device())
+    assert D.setup() == expected
+    clean_env.setenv("WORLD_SIZE", "1")
+    assert D.setup() == expected
+    assert not D.is_distributed()
+    D.cleanup()  # safe without a group
+
+
+@pytest.mark.parametrize(
+    "env, match",
+    [
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE must be an integer"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE must be >= 1"),
+        ({"WORLD_SIZE": "2"}, "RANK is not set"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, r"RANK must be in \[0, 2\)"),
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR is not set"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT is not set"),
+    ],
+)
+def test_setup_bad_environment(clean_env, env, match):
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    with pytest.raises(ValueError, match=match):
+        D.setup()
+    assert not D.is_distributed()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_setup_nccl_without_cuda(clean_env):
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        clean_env.setenv(k, v)
+    clean_env.setenv("MASTER_PORT", str(_free_port()))
+    with pytest.raises(ValueError, match="'nccl' needs CUDA"):
+        D.setup(backend="nccl")
+    with pytest.raises(TypeError, match="backend must be a string"):
+        D.setup(backend=3)
+    assert not D.is_distributed()
+
+
+def test_setup_on_cuda_machines_picks_nccl_and_the_local_gpu(clean_env):
+    """The CUDA branch of setup, with CUDA and init_process_group mocked (CPU-only tests)."""
+    calls = {}
+    clean_env.setattr(torch.cuda, "is_available", lambda: True)
+    clean_env.setattr(torch.cuda, "device_count", lambda: 2)
+    clean_env.setattr(torch.cuda, "set_device", lambda i: calls.setdefault("device", i))
+    clean_env.setattr(D.dist, "init_process_group", lambda **kw: calls.setdefault("init", kw))
+    env = {"WORLD_SIZE": "4", "RANK": "3", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    assert D.setup() == (3, 4, 1, torch.device("cuda", 1))  # LOCAL_RANK unset: RANK % 2 GPUs
+    assert calls["device"] == 1
+    assert calls["init"] == {"backend": "nccl", "init_method": "env://", "rank": 3, "world_size": 4}
+    clean_env.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match="LOCAL_RANK=2 but only 2 CUDA device"):
+        D.setup()
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))

@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="contrastive", description=__doc__, formatter_class=fmt)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is fastest for the "
+                   "small default models on a busy machine)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     c = sub.add_parser("compare", help="compare losses side by side", epilog=EPILOG_COMPARE,
@@ -412,6 +415,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    if args.threads is not None:
+        if args.threads <= 0:
+            print("error: --threads must be a positive integer", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -61,7 +61,7 @@ def kmeans_assign(
         km.train(x)
         _, assign = km.index.search(x, 1)
         return assign[:, 0].astype(np.int64)
-    from sklearn.cluster import KMeans  # noqa: PLC0415
+    from sklearn.cluster import KMeans
 
     km = KMeans(n_clusters=n_clusters, n_init=1, max_iter=niter, random_state=int(seed))
     return km.fit_predict(x).astype(np.int64)

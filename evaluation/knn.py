@@ -63,7 +63,7 @@ _FAISS_OUT_BYTES = 1 << 26  # (scores, ids) returned by one FAISS search call
 
 def _import_faiss():
     try:
-        import faiss  # noqa: PLC0415
+        import faiss
     except ImportError:
         return None
     return faiss

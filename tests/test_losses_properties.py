@@ -115,6 +115,7 @@ def test_triplet_all_dense_and_sorted_agree_with_brute_force(data, margin):
         total, count = LF._triplet_all(x, pos, neg, margin, method=method)
         value = total / count.clamp_min(1)
         (g,) = torch.autograd.grad(value, x)
+        value = value.detach()
         out[method] = (float(value), g)
         assert float(value) == pytest.approx(ref, rel=1e-9, abs=1e-12)
     torch.testing.assert_close(out["dense"][1], out["sorted"][1])

@@ -1,4 +1,4 @@
-"""Encoders of Tschannen et al. (ICLR 2020, sec. 3.2-3.3) for flattened image halves.
+"""Encoders of Tschannen et al. (ICLR 2020) for flattened image halves.
 
 * :func:`mlp_encoder`: the MLP ``in -> 300 -> 300 -> 100`` with ReLU.
 * :class:`ConvEncoder`: two 5x5 stride-2 convolutions with 64 and 128 channels, each followed

@@ -165,8 +165,8 @@ DEFAULTS: dict[str, _Common] = {
     "adversarial": AdversarialConfig(
         steps=2000, couplings=10, hidden=64, lr=1e-4, warmup=500, inner_steps=10, evals=10
     ),
-    "critics": CriticsConfig(steps=600, lr=3e-4, evals=6),
-    "encoders": EncodersConfig(steps=1000, lr=3e-4, evals=5),
+    "critics": CriticsConfig(steps=1200, lr=3e-4, evals=6),
+    "encoders": EncodersConfig(steps=2000, lr=3e-4, evals=10),
     "noniid": NoniidConfig(steps=4000, lr=1e-3, evals=10),
 }
 
@@ -421,7 +421,7 @@ def _recon_error(flow: Flow, x: Tensor, dtype: torch.dtype | None = None) -> flo
 
 
 def bijective(data: HalvesData, cfg: BijectiveConfig, seeds, device, progress) -> dict:
-    """Sec. 3.1, first half: bijective g1, g2 keep I(x; g1(x)) maximal, yet training them with
+    """The bijective experiment: bijective g1, g2 keep I(x; g1(x)) maximal, yet training them with
     I_NCE / I_NWJ changes the linear-probe accuracy of g1(x)."""
     d = data.dim
     curves, finals, base = [], [], []
@@ -519,7 +519,7 @@ def _adversarial_run(data: HalvesData, cfg: AdversarialConfig, seed: int, ev: _E
 
 
 def adversarial(data: HalvesData, cfg: AdversarialConfig, seeds, device, progress) -> dict:
-    """Sec. 3.1, second half: a bijective (so MI-maximising) g1 whose features a linear
+    """The adversarial experiment: a bijective (so MI-maximising) g1 whose features a linear
     classifier cannot use: the encoder minimises the cross-entropy of an online linear
     classifier against uniform labels, the classifier its cross-entropy on the true labels."""
     curves, finals, base = [], [], []
@@ -559,7 +559,8 @@ def _make_critic(kind: str, cfg: CriticsConfig, dim: int) -> nn.Module:
 
 
 def critics(data: HalvesData, cfg: CriticsConfig, seeds, device, progress) -> dict:
-    """Sec. 3.2: MLP encoders with bilinear / separable / concat critics, I_NCE and I_NWJ."""
+    """The critics experiment: MLP encoders with bilinear / separable / concat critics, each
+    trained with I_NCE and with I_NWJ."""
     curves, finals, base = [], [], []
     for seed in seeds:
         ev = _eval_views(data, cfg, seed)
@@ -590,8 +591,8 @@ def critics(data: HalvesData, cfg: CriticsConfig, seeds, device, progress) -> di
 
 
 def encoders(data: HalvesData, cfg: EncodersConfig, seeds, device, progress) -> dict:
-    """Sec. 3.3: ConvNet and MLP encoders trained to the same bound value t with the loss
-    ``|I_EST - t|`` and a bilinear critic; compare their probe accuracy."""
+    """The encoders experiment: ConvNet and MLP encoders trained to the same bound value t
+    with the loss ``|I_EST - t|`` and a bilinear critic; compare their probe accuracy."""
     curves, finals, base = [], [], []
     for seed in seeds:
         ev = _eval_views(data, cfg, seed)
@@ -625,15 +626,17 @@ def encoders(data: HalvesData, cfg: EncodersConfig, seeds, device, progress) -> 
 _SAMPLERS = {"noniid": sample_noniid, "iid": sample_iid}
 
 
-def _mean_estimate(critic: nn.Module, pairs: Tensor, estimator: str) -> float:
-    """Mean of the estimator over a stack of batches ``[n_batches, B, 2]``."""
+def _mean_estimate(critic: nn.Module, pairs: Tensor, estimator: str) -> tuple[float, float]:
+    """Mean of the estimator over a stack of batches ``[n_batches, B, 2]`` and its standard
+    error ``std / sqrt(n_batches)`` (batches are independent draws)."""
     with torch.no_grad():
-        vals = [float(estimate(critic(b[:, :1], b[:, 1:]), estimator)) for b in pairs]
-    return float(np.mean(vals))
+        vals = np.array([float(estimate(critic(b[:, :1], b[:, 1:]), estimator)) for b in pairs])
+    se = float(vals.std(ddof=1) / math.sqrt(vals.size)) if vals.size > 1 else 0.0
+    return float(vals.mean()), se
 
 
 def noniid(data, cfg: NoniidConfig, seeds, device, progress) -> dict:
-    """Sec. 3.3 / appendix: with negatives that are not independent of the positives (a
+    """The non-i.i.d. experiment: with negatives that are not independent of the positives (a
     shared component per batch) the "lower bounds" exceed the true MI; with i.i.d. batches from
     the same marginal they stay below it."""
     curves, finals = [], []
@@ -654,10 +657,14 @@ def noniid(data, cfg: NoniidConfig, seeds, device, progress) -> dict:
 
                 def evaluate(step, critic=critic, est=est, eval_same=eval_same,
                              eval_iid=eval_iid, running=running):
+                    same, same_se = _mean_estimate(critic, eval_same, est)
+                    on_iid, on_iid_se = _mean_estimate(critic, eval_iid, est)
                     return {
                         "step": step,
-                        "estimate": _mean_estimate(critic, eval_same, est),
-                        "estimate_on_iid": _mean_estimate(critic, eval_iid, est),
+                        "estimate": same,
+                        "estimate_se": same_se,
+                        "estimate_on_iid": on_iid,
+                        "estimate_on_iid_se": on_iid_se,
                         "train_estimate": float(np.mean(running)) if running else None,
                     }
 
@@ -692,7 +699,7 @@ def noniid(data, cfg: NoniidConfig, seeds, device, progress) -> dict:
         "runs": finals,
         "curves": curves,
         "summary": summarise(finals, ["estimator", "sampler"],
-                             ["estimate", "estimate_on_iid", "train_estimate"]),
+                             ["estimate", "estimate_se", "estimate_on_iid", "train_estimate"]),
     }
 
 

@@ -1,5 +1,5 @@
 """RealNVP-style invertible encoders (Dinh et al. 2017) for the bijective experiments of
-Tschannen et al. (ICLR 2020, sec. 3.1).
+Tschannen et al. (ICLR 2020).
 
 A flow is a stack of coupling layers, each followed by a fixed random permutation of the
 coordinates. A coupling layer splits ``x = [x1, x2]`` (``x1`` the first ``dim // 2``

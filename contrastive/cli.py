@@ -164,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write_json, atomic_write_text
     from .datasets import get_dataset
-    from .train import _eval_transform, evaluate_embedder, load_embedder
+    from .train import _eval_transform, eval_sets, evaluate_embedder, load_embedder
 
     path = Path(args.checkpoint)
     if not path.is_file():
@@ -181,10 +181,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_dataset_path(ds_name, data_dir)
     probe_ds = get_dataset(ds_name, root=data_dir, split=args.train_split)
     tf = _eval_transform(model, probe_ds)
-    test = get_dataset(ds_name, root=data_dir, split=args.split, transform=tf)
+    test, reference = eval_sets(ds_name, data_dir, args.split, tf)
     train = get_dataset(ds_name, root=data_dir, split=args.train_split, transform=tf)
-    metrics = evaluate_embedder(model, test, train, probe=True, device=args.device,
-                                progress=not args.no_progress)
+    metrics = evaluate_embedder(model, test, train, reference=reference, probe=True,
+                                device=args.device, progress=not args.no_progress)
     _print_metrics(metrics)
     if args.output:
         out = Path(args.output)
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--losses", help="comma-separated loss names, ours or pml:ClassName")
     c.add_argument("--backbone", help="timm model name or 'mlp' (default mlp for digits)")
     c.add_argument("--critic", help="critic for every loss that takes one (default: per loss)")
-    c.add_argument("--steps", type=int, help="training steps per cell (default 300)")
+    c.add_argument("--steps", type=int, help="training steps per cell (default 1000)")
     c.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
     c.add_argument("--batch-size", type=int, help="batch size (default 64)")
     c.add_argument("--output", help="output directory (default runs/compare)")

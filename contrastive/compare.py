@@ -50,7 +50,7 @@ class CompareConfig:
     loss_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     backbone: str = "mlp"
     critic: str | None = None
-    steps: int = 300
+    steps: int = 1000
     seeds: tuple[int, ...] = (0, 1, 2)
     batch_size: int = 64
     output: str = "runs/compare"

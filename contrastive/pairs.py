@@ -141,3 +141,34 @@ def require_negatives(negatives: Tensor, what: str = "this loss") -> None:
             f"the batch has no negative pair, which {what} needs: all items share one label. "
             "Sample at least two classes per batch"
         )
+
+
+def mined_masks(
+    indices_tuple: tuple[Tensor, ...], positives: Tensor, negatives: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Restrict ``(P, Q)`` to the pairs a miner returned (pytorch-metric-learning's
+    ``indices_tuple``): ``(a1, p, a2, n)`` pairs or ``(a, p, n)`` triplets (each triplet gives
+    the pairs ``(a, p)`` and ``(a, n)``). Pairs outside the original masks stay excluded."""
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise ValueError(
+            "indices_tuple must be (anchor, positive, negative) triplets or "
+            "(anchor1, positive, anchor2, negative) pairs, as pytorch-metric-learning miners "
+            f"return; got {type(indices_tuple).__name__} of length "
+            f"{len(indices_tuple) if hasattr(indices_tuple, '__len__') else '?'}"
+        )
+    idx = [torch.as_tensor(t, device=positives.device).long().flatten() for t in indices_tuple]
+    if len(idx) == 3:
+        a1, p, n = idx
+        a2 = a1
+    else:
+        a1, p, a2, n = idx
+    n_rows, n_cols = positives.shape
+    for name, t, bound in (("anchor", a1, n_rows), ("positive", p, n_cols),
+                           ("anchor", a2, n_rows), ("negative", n, n_cols)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
+            raise ValueError(f"indices_tuple has {name} indices outside [0, {bound})")
+    pos = torch.zeros_like(positives)
+    neg = torch.zeros_like(negatives)
+    pos[a1, p] = True
+    neg[a2, n] = True
+    return positives & pos, negatives & neg

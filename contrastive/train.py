@@ -105,9 +105,8 @@ def _datasets(cfg: TrainConfig, eval_transform=None, train_transform=None):
                         transform=train_transform)
     train_eval = get_dataset(cfg.dataset, root=cfg.data_dir, split=cfg.train_split,
                              transform=eval_transform)
-    test = get_dataset(cfg.dataset, root=cfg.data_dir, split=cfg.eval_split,
-                       transform=eval_transform)
-    return train, train_eval, test
+    test, reference = eval_sets(cfg.dataset, cfg.data_dir, cfg.eval_split, eval_transform)
+    return train, train_eval, test, reference
 
 
 def _train_transform(cfg: TrainConfig, dataset, embedder) -> Any:
@@ -210,28 +209,69 @@ def _call_loss(loss_fn: nn.Module, emb: torch.Tensor, labels: torch.Tensor) -> t
 # ------------------------------------------------------------------------------ evaluation
 
 
-def evaluate_embedder(model: nn.Module, test, train=None, *, probe: bool = False,
-                      device=None, batch_size: int = 256, progress: bool = False,
-                      seed: int = 0) -> dict[str, float]:
-    """Retrieval metrics on ``test`` (query = reference, self excluded), and with ``probe`` also
-    clustering (NMI/AMI), a linear probe and a weighted k-NN classifier trained on ``train``."""
+def eval_sets(name: str, root, split: str, transform=None):
+    """The query set and the reference set (``None``: query = reference) of an evaluation
+    split. In-Shop's ``"test"`` is its query set against its gallery, as in the benchmark."""
+    from .datasets import get_dataset
+
+    if name.lower().replace("-", "_") in ("inshop", "in_shop") and split == "test":
+        return (get_dataset(name, root=root, split="query", transform=transform),
+                get_dataset(name, root=root, split="gallery", transform=transform))
+    return get_dataset(name, root=root, split=split, transform=transform), None
+
+
+def class_disjoint(train, test) -> bool:
+    """Whether two splits share no class (the DML benchmarks' protocol), judged by the data
+    sets' original class ids (``.classes``)."""
+    a, b = getattr(train, "classes", None), getattr(test, "classes", None)
+    if a is None or b is None:
+        return False
+    return not ({str(c) for c in a} & {str(c) for c in b})
+
+
+def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
+                      probe: bool = False, device=None, batch_size: int = 256,
+                      progress: bool = False, seed: int = 0) -> dict[str, float]:
+    """Evaluate an embedder on held-out data.
+
+    * Retrieval (Recall@1/2/4/8, P@1, R-Precision, MAP@R): ``test`` against ``reference``, or
+      against itself with each query's own row excluded when ``reference`` is ``None``.
+    * With ``probe``: NMI/AMI of k-means on ``test``; a linear probe and a weighted k-NN
+      classifier (k = 200, t = 0.07) trained on ``train`` and scored on ``test``. When the
+      splits are class-disjoint (CUB, Cars, SOP) a classifier trained on ``train`` cannot
+      score ``test``, so both are trained on a stratified half of ``test`` and scored on the
+      other half (``probe_protocol`` says which was used).
+    """
     from evaluation import clustering_metrics, knn_classifier, linear_probe, retrieval_metrics
+    from evaluation.linear_probe import stratified_split
 
     from .embedders import embed
 
-    x_te, y_te = embed(model, test, batch_size=batch_size, device=device, progress=progress)
+    def run(ds):
+        return embed(model, ds, batch_size=batch_size, device=device, progress=progress)
+
+    x_te, y_te = run(test)
     out: dict[str, float] = {}
-    r = retrieval_metrics(x_te, y_te, ks=(1, 2, 4, 8))
+    if reference is None:
+        ks = tuple(k for k in (1, 2, 4, 8) if k < len(y_te)) or (1,)
+        r = retrieval_metrics(x_te, y_te, ks=ks)
+    else:
+        x_ref, y_ref = run(reference)
+        ks = tuple(k for k in (1, 2, 4, 8) if k <= len(y_ref)) or (1,)
+        r = retrieval_metrics(x_te, y_te, x_ref, y_ref, ks=ks)
     out.update({k: float(v) for k, v in r.items()})
     if probe:
         out.update({k: float(v) for k, v in clustering_metrics(x_te, y_te, seed=seed).items()})
         if train is not None:
-            x_tr, y_tr = embed(model, train, batch_size=batch_size, device=device,
-                               progress=progress)
-            lp = linear_probe(x_tr, y_tr, x_te, y_te, seed=seed, device=device)
+            if class_disjoint(train, test):
+                a, b = stratified_split(y_te.numpy(), 0.5, seed)
+                x_tr, y_tr, x_ev, y_ev = x_te[a], y_te[a], x_te[b], y_te[b]
+                out["probe_on_test_halves"] = 1.0
+            else:
+                (x_tr, y_tr), x_ev, y_ev = run(train), x_te, y_te
+            lp = linear_probe(x_tr, y_tr, x_ev, y_ev, seed=seed, device=device)
             out["linear_probe"] = float(lp["accuracy"])
-            k = min(200, len(y_tr))
-            kc = knn_classifier(x_tr, y_tr, x_te, y_te, k=k, temperature=0.07)
+            kc = knn_classifier(x_tr, y_tr, x_ev, y_ev, k=min(200, len(y_tr)), temperature=0.07)
             out["knn_top1"] = float(kc["top1"])
             out["knn_top5"] = float(kc["top5"])
     return out
@@ -339,7 +379,7 @@ def fit(config: TrainConfig | dict) -> dict[str, Any]:
                                transform=train_tf)
         sampler_labels = np.asarray(train_ds.labels)
         m, collate = cfg.m_per_class, None
-    _, train_eval_ds, test_ds = _datasets(cfg, eval_transform=eval_tf)
+    _, train_eval_ds, test_ds, ref_ds = _datasets(cfg, eval_transform=eval_tf)
     sampler = MPerClassSampler(sampler_labels, m=m, batch_size=cfg.batch_size, seed=cfg.seed,
                                num_replicas=world, rank=rank)
     steps_per_epoch = len(sampler)
@@ -444,7 +484,8 @@ def fit(config: TrainConfig | dict) -> dict[str, Any]:
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
                     dist_utils.barrier()
                     if main:
-                        row.update(evaluate_embedder(_unwrap(model), test_ds, device=device,
+                        row.update(evaluate_embedder(_unwrap(model), test_ds, reference=ref_ds,
+                                                     device=device,
                                                      seed=cfg.seed))
                     model.train()
                 history.append(row)
@@ -464,7 +505,7 @@ def fit(config: TrainConfig | dict) -> dict[str, Any]:
     dist_utils.barrier()
     if main:
         save("last.pt")
-        metrics = evaluate_embedder(_unwrap(model), test_ds, train_eval_ds,
+        metrics = evaluate_embedder(_unwrap(model), test_ds, train_eval_ds, reference=ref_ds,
                                     probe=cfg.final_probe, device=device, seed=cfg.seed,
                                     progress=cfg.progress)
         result["metrics"] = metrics

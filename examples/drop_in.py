@@ -8,10 +8,12 @@
 (b) A pytorch-metric-learning (PML) setup. Our losses take PML's call shape
     ``loss(embeddings, labels, ref_emb=..., ref_labels=...)`` and give the same number as the
     matching PML loss on the same batch (InfoNCE = ``SupConLoss``; with two items per class also
-    ``NTXentLoss``; ``Triplet`` = ``TripletMarginLoss``). They do *not* take PML's
-    ``indices_tuple`` (their third positional argument is ``ref_emb``) and are not
-    ``BaseMetricLossFunction`` subclasses, so PML miners and ``DistributedLossWrapper`` need a
-    small adapter. :class:`MinedPairs` below is that adapter, written against public APIs only:
+    ``NTXentLoss``; ``Triplet`` = ``TripletMarginLoss``). A PML miner's output goes in by
+    keyword, ``loss(emb, labels, indices_tuple=miner(emb, labels))`` (their third positional
+    argument is ``ref_emb``). They are not ``BaseMetricLossFunction`` subclasses, so PML's
+    ``DistributedLossWrapper`` needs a small adapter (or use our own gather,
+    ``contrastive.distributed.all_gather_with_grad``). :class:`MinedPairs` below is that
+    adapter, written against public APIs only:
     it keeps our critic and loss (``loss.scores`` / ``loss.compute``) and restricts the
     positive and negative masks to the pairs a PML miner returns.
 
@@ -177,20 +179,20 @@ def same_numbers_as_pml(args) -> None:
           "over positive pairs with only that pair in the denominator; ours (= SupCon) averages "
           "over anchors with all positives in the denominator")
 
-    # What does not work as-is, said plainly.
+    # PML miners: pass the mined pairs/triplets by keyword (our third positional is ref_emb).
     ours = losses.InfoNCE(temperature=0.1)
     pairs = pml_miners.MultiSimilarityMiner(epsilon=0.1)(emb, y)
-    try:
-        ours(emb, y, pairs)
-        print("[pml] ours(emb, labels, indices_tuple) -> accepted")
-    except (TypeError, ValueError) as exc:
-        print(f"[pml] ours(emb, labels, indices_tuple) -> {type(exc).__name__} (the third "
-              f"positional argument of ours is ref_emb, not indices_tuple): {exc}")
+    mined_ours = float(ours(emb, y, indices_tuple=pairs))
+    mined_pml = float(pml_losses.SupConLoss(temperature=0.1)(emb, y, pairs))
+    print(f"[pml] ours(emb, labels, indices_tuple=mined) vs SupConLoss(emb, labels, mined): "
+          f"{mined_ours:.6f} vs {mined_pml:.6f}")
     try:
         DistributedLossWrapper(ours)
         print("[pml] DistributedLossWrapper(ours) -> accepted")
     except TypeError as exc:
-        print(f"[pml] DistributedLossWrapper(ours) -> TypeError: {exc}")
+        print(f"[pml] DistributedLossWrapper(ours) -> TypeError (it needs a PML "
+              f"BaseMetricLossFunction; use contrastive.distributed.all_gather_with_grad or "
+              f"the adapter below): {exc}")
 
     # The adapter: equal to ours without a miner; accepted by PML's wrappers.
     adapted = MinedPairs(ours)

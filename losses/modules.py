@@ -25,6 +25,7 @@ from contrastive.pairs import (
     Pairs,
     check_call,
     diagonal_masks,
+    mined_masks,
     require_positives,
     resolve_pairs,
 )
@@ -78,10 +79,20 @@ class PairLoss(nn.Module):
         labels: Tensor | None = None,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        *,
+        indices_tuple: tuple[Tensor, ...] | None = None,
     ) -> Tensor:
+        """The loss of a batch. ``indices_tuple`` (keyword only) takes the output of a
+        pytorch-metric-learning miner and restricts the positives and negatives to the mined
+        pairs, as PML's pair-based losses do."""
         s, pos, neg = self.scores(embeddings, labels, ref_emb, ref_labels)
+        if indices_tuple is not None:
+            pos, neg = self.mined(indices_tuple, pos, neg)
         with torch.autocast(device_type=s.device.type, enabled=False):
             return self.compute(s, pos, neg)
+
+    def mined(self, indices_tuple, positives: Tensor, negatives: Tensor):
+        return mined_masks(indices_tuple, positives, negatives)
 
     @torch.no_grad()
     def readout(
@@ -215,7 +226,13 @@ class MultiClassNPair(PairLoss):
         pos, neg = diagonal_masks(ai.numel(), c.embeddings.device)
         return Pairs(c.embeddings[ai], cand[pi], pos, neg, False)
 
-    def forward(self, embeddings, labels=None, ref_emb=None, ref_labels=None):
+    def forward(self, embeddings, labels=None, ref_emb=None, ref_labels=None, *,
+                indices_tuple=None):
+        if indices_tuple is not None:
+            raise ValueError(
+                "MultiClassNPair picks its own pair per class and takes no indices_tuple; use "
+                "InfoNCE(critic=Dot()) for mined pairs"
+            )
         p = self.pairs(embeddings, labels, ref_emb, ref_labels)
         with torch.autocast(device_type=p.anchors.device.type, enabled=False):
             a, b = _full_precision(p.anchors), _full_precision(p.candidates)
@@ -264,6 +281,28 @@ class Triplet(PairLoss):
 
     def compute(self, scores, positives, negatives):
         return LF.triplet(scores, positives, negatives, self.margin, self.mining, self.soft)
+
+    def forward(self, embeddings, labels=None, ref_emb=None, ref_labels=None, *,
+                indices_tuple=None):
+        """As :meth:`PairLoss.forward`; mined ``(a, p, n)`` triplets are used as given (the
+        mean of ``max(0, m - S_ap + S_an)`` over the non-zero ones, or of the softplus), mined
+        pairs restrict the masks and ``mining`` then picks triplets among them."""
+        if indices_tuple is None or len(indices_tuple) != 3:
+            return super().forward(embeddings, labels, ref_emb, ref_labels,
+                                   indices_tuple=indices_tuple)
+        s, pos, neg = self.scores(embeddings, labels, ref_emb, ref_labels)
+        mpos, mneg = mined_masks(indices_tuple, pos, neg)  # validates the indices
+        a, p, n = (torch.as_tensor(t, device=s.device).long().flatten() for t in indices_tuple)
+        ok = mpos[a, p] & mneg[a, n]
+        a, p, n = a[ok], p[ok], n[ok]
+        with torch.autocast(device_type=s.device.type, enabled=False):
+            diff = s[a, n] - s[a, p]
+            if diff.numel() == 0:
+                return s.sum() * 0.0  # no mined triplet: zero loss, graph kept
+            if self.soft:
+                return torch.nn.functional.softplus(diff).mean()
+            hinge = torch.relu(diff + self.margin)
+            return hinge.sum() / (hinge > 0).sum().clamp_min(1)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, mining={self.mining!r}, soft={self.soft}"

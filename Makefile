@@ -4,7 +4,6 @@ PIP := $(VENV)/bin/pip
 # torch/torchvision come from the local wheel cache where pip has one (see README).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 

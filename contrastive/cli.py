@@ -213,9 +213,7 @@ def cmd_mi_bench(args: argparse.Namespace) -> int:
     if args.levels:
         kwargs["levels"] = tuple(float(x) for x in _csv_list(args.levels))
     res = mi_benchmark.run(**kwargs)
-    table = res.get("table") if isinstance(res, dict) else None
-    if table:
-        print(table)
+    print(mi_benchmark.markdown_table(res))
     if args.output:
         print(f"written under {args.output}")
     return 0
@@ -236,9 +234,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.dataset == "mnist":
         _check_dataset_path("mnist", args.data_dir)
     res = reproduce.run(args.name, args.output, **kwargs)
-    table = res.get("table") if isinstance(res, dict) else None
-    if table:
-        print(table)
+    print(_rows_md(res.get("summary") or []))
     print(f"written under {args.output}")
     return 0
 
@@ -296,6 +292,20 @@ def _print_metrics(metrics: dict[str, float]) -> None:
             print(f"  {k:<18} {100 * v:6.2f} %")
         else:
             print(f"  {k:<18} {v:g}")
+
+
+def _rows_md(rows: list[dict]) -> str:
+    """A Markdown table of a list of flat dicts (numbers to 4 significant digits)."""
+    if not rows:
+        return ""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def _metrics_md(metrics: dict[str, float]) -> str:

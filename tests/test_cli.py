@@ -86,3 +86,20 @@ def test_user_errors_are_one_line():
         lines = [s for s in r.stderr.strip().splitlines() if s.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+def test_mi_bench_and_reproduce_commands(tmp_path):
+    r = run_cli("mi-bench", "--steps-per-level", "5", "--levels", "2,4", "--estimators",
+                "infonce,dv", "--output", str(tmp_path / "mi"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "| infonce | 2.0 |" in r.stdout and "| dv | 4.0 |" in r.stdout
+    for name in ("results.json", "results.csv", "results.md", "mi_benchmark.png"):
+        assert (tmp_path / "mi" / name).is_file(), name
+    r = run_cli("reproduce", "noniid", "--steps", "10", "--seeds", "0", "--output",
+                str(tmp_path / "rep"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "| nce | noniid |" in r.stdout
+    for name in ("noniid.json", "noniid.csv", "noniid.png"):
+        assert (tmp_path / "rep" / name).is_file(), name
+    r = run_cli("reproduce", "nosuch")
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown experiment")

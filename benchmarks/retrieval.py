@@ -3,8 +3,9 @@
 Contenders, each timed in its own subprocess on the same data (unit-norm clustered Gaussians,
 ``N x d``, ``C`` classes with random sizes, query set == reference set):
 
-* ``ours-faiss`` / ``ours-torch``: ``retrieval_metrics(x, y, backend=...)`` (Recall@{1,2,4,8},
-  Precision@1, R-Precision, MAP@R), cosine.
+* ``ours-auto`` / ``ours-faiss`` / ``ours-torch``: ``retrieval_metrics(x, y, backend=...)``
+  (Recall@{1,2,4,8}, Precision@1, R-Precision, MAP@R), cosine. ``auto`` on the CPU is FAISS for
+  small k and a matrix product per block with a hierarchical top-k for large k.
 * ``pml-default``: pytorch-metric-learning ``AccuracyCalculator(k=None)`` (its default k: the
   whole reference set) computing precision_at_1, r_precision and mean_average_precision_at_r
   (its default list also holds NMI/AMI/MAP/MRR; those are left out so the work compared is the
@@ -35,7 +36,9 @@ import time
 
 import numpy as np
 
-CONTENDERS = ("ours-faiss", "ours-torch", "pml-default", "pml-maxbin", "torch-mm-topk", "floor")
+CONTENDERS = (
+    "ours-auto", "ours-faiss", "ours-torch", "pml-default", "pml-maxbin", "torch-mm-topk", "floor"
+)
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,6 +38,11 @@ _LAZY = {
     "fit": ".train",
     "CompareConfig": ".compare",
     "compare": ".compare",
+    "write_report": ".report",
+    "aggregate": ".report",
+    "format_table": ".report",
+    "check_call": ".pairs",
+    "mined_masks": ".pairs",
 }
 _SUBMODULES = {"samplers", "views", "datasets", "checkpoint", "distributed", "embedders",
                "config", "train", "compare", "report", "cli", "reproduce"}

@@ -136,7 +136,7 @@ def retrieval_metrics(
     labels_dev: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for rows, _key, idx in search_blocks(
         q_act, r_emb, k, "l2" if metric == "l2" else "ip", self_index, backend, device,
-        block_size, progress,
+        block_size, progress, large_k_blocks=True,
     ):
         dev = idx.device
         if dev not in labels_dev:

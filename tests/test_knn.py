@@ -313,3 +313,88 @@ def test_cuda_matches_cpu(metric):
         if metric == "l2":
             np.testing.assert_array_equal(i, bf_i)
         np.testing.assert_allclose(s, bf_s, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# large-k block selection (evaluation._topk; search_blocks(..., large_k_blocks=True))
+
+topk_mod = importlib.import_module("evaluation._topk")
+
+
+@pytest.mark.parametrize(("n", "w"), [(50, 50), (777, 100), (1000, 10), (5003, 7), (20003, 30)])
+def test_window_topk_is_a_valid_sorted_window(n, w):
+    """Ties everywhere (small integers, +-0.0): every column scoring above the window's worst
+    score is in it, values match their columns, order is (score desc, column asc); on distinct
+    scores the window is exactly numpy's lexsort top-w. Sizes cover 1 to 4 levels + padding."""
+    rng = np.random.default_rng(n)
+    width = topk_mod.padded_width(n, w)
+    s = np.full((9, width), -np.inf, dtype=np.float32)
+    s[:, :n] = rng.integers(-5, 5, size=(9, n))
+    s[0, :n] = -0.0
+    s[1, ::2] = 0.0  # +0.0 and -0.0 compare equal: ordered by column
+    s[2, :n] = rng.permutation(n)  # distinct
+    vals, cols = topk_mod.window_topk(s, w)
+    assert vals.shape == cols.shape == (9, w)
+    for i in range(9):
+        assert np.array_equal(vals[i], s[i, cols[i]])
+        assert set(np.flatnonzero(s[i] > vals[i, -1])) <= set(cols[i].tolist())
+        assert list(zip(-vals[i], cols[i])) == sorted(zip(-vals[i], cols[i]))
+        assert len(set(cols[i].tolist())) == w and cols[i].max() < n
+    exact = np.lexsort((np.arange(width), -s[2]))[:w]
+    assert np.array_equal(cols[2], exact)
+    pool = topk_mod.ThreadPoolExecutor(2)
+    try:  # row groups on two threads give the same result
+        v2, c2 = topk_mod.topk_rows(s, w, pool, 2)
+    finally:
+        pool.shutdown()
+    assert np.array_equal(v2, vals) and np.array_equal(c2, cols)
+
+
+def _collect(blocks):
+    blocks = list(blocks)
+    return torch.cat([b[1] for b in blocks]), torch.cat([b[2] for b in blocks])
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize(("n", "d", "k"), [(3001, 8, 20), (900, 4, 250), (400, 2, 390)])
+def test_large_k_blocks_match_torch_and_brute_force(monkeypatch, metric, exclude_self, n, d, k):
+    """The block path (forced on small data) equals the torch backend and a float64 brute force
+    bit for bit, on integer data full of exact ties and duplicate rows (boundary recompute)."""
+    monkeypatch.setattr(knn_mod, "BLOCK_SELECT_MIN_K", 1)
+    x = integer_data(n, d, seed=n + d)
+    self_index = np.arange(n) if exclude_self else None
+    seen = []
+    monkeypatch.setattr(knn_mod, "_cpu_block_search",
+                        lambda *a, _f=knn_mod._cpu_block_search: seen.append(1) or _f(*a))
+    key_b, idx_b = _collect(knn_mod.search_blocks(
+        x, x, k, metric, self_index, "auto", "cpu", 97, large_k_blocks=True
+    ))
+    assert seen, "the block path did not run"
+    key_t, idx_t = _collect(knn_mod.search_blocks(x, x, k, metric, self_index, "torch", "cpu"))
+    assert torch.equal(key_b, key_t) and torch.equal(idx_b, idx_t)
+    rows = np.arange(0, n, max(1, n // 60))
+    _, order, _ = brute_force(x[rows], x, k, metric)
+    if exclude_self:  # brute force without the query's own row
+        key = -((x[rows, None].astype(np.float64) - x[None]) ** 2).sum(-1) if metric == "l2" \
+            else x[rows].astype(np.float64) @ x.T.astype(np.float64)
+        key[np.arange(len(rows)), rows] = -np.inf
+        cols = np.broadcast_to(np.arange(n), key.shape)
+        order = np.lexsort((cols, -key), axis=1)[:, :k]
+    assert np.array_equal(idx_b.numpy()[rows], order)
+
+
+def test_large_k_blocks_only_when_asked(monkeypatch):
+    """knn() and explicit backends keep FAISS / torch; the metrics' auto path switches by k."""
+    x = np.random.default_rng(1).standard_normal((300, 3)).astype(np.float32)
+    windows = []
+    real = knn_mod._cpu_block_search
+    monkeypatch.setattr(knn_mod, "_cpu_block_search",
+                        lambda *a: windows.append(a[3]) or real(*a))
+    assert knn_mod.BLOCK_SELECT_MIN_K <= 258
+    list(knn_mod.search_blocks(x, x, 250, "ip", None, "auto", "cpu", large_k_blocks=True))
+    assert windows == [250 + knn_mod.TIE_MARGIN]
+    list(knn_mod.search_blocks(x, x, 250, "ip", None, "faiss", "cpu", large_k_blocks=True))
+    list(knn_mod.search_blocks(x, x, 5, "ip", None, "auto", "cpu", large_k_blocks=True))
+    knn(x, None, 250, "ip")
+    assert len(windows) == 1

@@ -14,9 +14,20 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from evaluation.retrieval import retrieval_metrics
 
 retrieval_mod = importlib.import_module("evaluation.retrieval")
+knn_mod = importlib.import_module("evaluation.knn")
 
 logging.getLogger("PML").setLevel(logging.ERROR)
-BACKENDS = ["faiss", "torch"]
+# "blocks": backend="auto" with the large-k block path (matrix product + evaluation._topk)
+# forced on for every k, so that it runs on these small sets
+BACKENDS = ["faiss", "torch", "blocks"]
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    if request.param == "blocks":
+        monkeypatch.setattr(knn_mod, "BLOCK_SELECT_MIN_K", 1)
+        return "auto"
+    return request.param
 PML_KEYS = {
     "precision_at_1": "precision_at_1",
     "r_precision": "r_precision",
@@ -80,7 +91,7 @@ def brute_force(q, yq, r, yr, ks, metric, same_set):
     return out
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_same_set_unequal_classes_lone_queries_vs_pml(backend):
     sizes = [1, 2, 3, 5, 8, 40, 13, 1, 25, 60]  # two singleton classes: lone queries
     x, y = clustered(sizes, spread=1.2, seed=1)
@@ -89,7 +100,7 @@ def test_same_set_unequal_classes_lone_queries_vs_pml(backend):
     assert ours["num_queries"] == len(y) and ours["num_lone_queries"] == 2
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_separate_sets_vs_pml(backend):
     xq, yq = clustered([10, 30, 7, 22, 15, 4], spread=1.5, seed=2)
     xr, yr = clustered([25, 3, 40, 9, 12, 1], spread=1.5, seed=2)
@@ -100,7 +111,7 @@ def test_separate_sets_vs_pml(backend):
     assert ours["num_lone_queries"] == int(np.isin(yq, [6, 7]).sum()) > 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_duplicate_vectors_vs_pml(backend):
     x, y = clustered([20, 35, 12, 30], spread=2.0, seed=3)
     order = np.argsort(y, kind="stable")
@@ -115,7 +126,7 @@ def test_duplicate_vectors_vs_pml(backend):
     assert_matches_pml(ours, pml(x, y, xr, yr))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_cosine_on_normalised_data_vs_pml(backend):
     x, y = clustered([30, 30, 10, 50, 5], d=16, spread=2.5, seed=4)
     x /= np.linalg.norm(x, axis=1, keepdims=True)  # L2 ranking == cosine ranking
@@ -125,7 +136,7 @@ def test_cosine_on_normalised_data_vs_pml(backend):
     assert_matches_pml(retrieval_metrics(x, y, xr, yr, backend=backend), pml(x, y, xr, yr))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("same_set", [True, False])
 @pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
 def test_all_metrics_vs_brute_force_float(backend, same_set, metric):
@@ -143,7 +154,7 @@ def test_all_metrics_vs_brute_force_float(backend, same_set, metric):
         assert ours[name] == pytest.approx(value, abs=1e-9), name
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_exact_ties_across_labels_vs_brute_force(backend, metric):
     """Integer vectors: many exact ties, duplicates with different labels; ties go by index."""
@@ -166,6 +177,11 @@ def test_backends_and_block_sizes_agree():
         retrieval_metrics(torch.from_numpy(x), torch.from_numpy(y), backend="faiss"),
     ]:
         assert other == pytest.approx(base, abs=1e-12)
+    with pytest.MonkeyPatch.context() as mp:  # the large-k block path, any block size
+        mp.setattr(knn_mod, "BLOCK_SELECT_MIN_K", 1)
+        for block_size in (None, 13):
+            other = retrieval_metrics(x, y, block_size=block_size)
+            assert other == pytest.approx(base, abs=1e-12)
 
 
 def test_searches_only_what_the_metrics_need(monkeypatch):

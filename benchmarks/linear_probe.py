@@ -92,7 +92,7 @@ def _measure(job: dict) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from evaluation.linear_probe import linear_probe, sklearn_C
+    from evaluation.probe import linear_probe, sklearn_C
 
     def fit(xtr, ytr, xte, yte):
         if job["method"] == "sklearn":

@@ -243,7 +243,7 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
       other half (``probe_protocol`` says which was used).
     """
     from evaluation import clustering_metrics, knn_classifier, linear_probe, retrieval_metrics
-    from evaluation.linear_probe import stratified_split
+    from evaluation.probe import stratified_split
 
     from .embedders import embed
 

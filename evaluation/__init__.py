@@ -11,10 +11,10 @@ Nothing here imports a loss (the MI benchmark takes its estimators as arguments,
 
 from . import mi_benchmark
 from .clustering import clustering_metrics
-from .knn import knn
-from .knn_classifier import knn_classifier
-from .linear_probe import linear_probe
+from .probe import linear_probe
 from .retrieval import retrieval_metrics
+from .search import knn
+from .weighted_knn import knn_classifier
 
 __all__ = [
     "knn",

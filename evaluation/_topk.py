@@ -16,7 +16,7 @@ Why it is a valid top-``w`` window: let ``tau`` be the ``w``-th largest chunk ma
 chunk holds a score ``>= tau``, so the candidates' ``w``-th largest score ``s_w >= tau``, and a
 score above ``s_w`` lies in a chunk whose maximum exceeds ``tau``, which was kept. So every
 column scoring strictly above the returned window's worst score is in the window: the contract
-of :func:`evaluation.knn.select_topk`, whose boundary recompute settles ties at the edge.
+of :func:`evaluation.search.select_topk`, whose boundary recompute settles ties at the edge.
 
 Ordering inside the window is exact and deterministic: each score is packed with its column
 into one int64, ``(order-preserving bits of the float32) << 32 | (2^32 - 1 - column)``, so

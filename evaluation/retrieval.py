@@ -17,7 +17,7 @@ Learning Reality Check", ECCV 2020) and equal pytorch-metric-learning's ``Accura
 Each is averaged over the non-lone queries. Only ``k = max(max(ks), max_q R_q)`` neighbours are
 searched (the largest class size), never the whole reference set, and queries are processed in
 blocks so memory stays ``O(block x k)``. Neighbour order and tie handling are those of
-:func:`evaluation.knn.knn`: ties broken by lower reference index.
+:func:`evaluation.search.knn`: ties broken by lower reference index.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ._inputs import as_float_matrix, as_labels, check_ks, check_metric, check_same_dim
-from .knn import normalize_rows, search_blocks
+from .search import normalize_rows, search_blocks
 
 __all__ = ["retrieval_metrics", "relevance_counts"]
 
@@ -82,7 +82,7 @@ def retrieval_metrics(
             compared with the other queries, its own row excluded. A reference set that is
             passed is searched in full, even if it contains the queries.
         ks: the K of Recall@K, each ``<=`` the number of candidates per query.
-        metric: "cosine" | "ip" | "l2" (squared Euclidean), as in :func:`evaluation.knn.knn`.
+        metric: "cosine" | "ip" | "l2" (squared Euclidean), as in :func:`evaluation.search.knn`.
         backend, device, block_size, progress: passed to the k-NN search.
 
     Returns:

@@ -10,7 +10,7 @@ from sklearn.metrics import adjusted_mutual_info_score
 
 from evaluation.clustering import clustering_metrics, kmeans_assign
 
-knn_mod = importlib.import_module("evaluation.knn")
+knn_mod = importlib.import_module("evaluation.search")
 clustering_mod = importlib.import_module("evaluation.clustering")
 
 

@@ -1,4 +1,4 @@
-"""evaluation.knn: exact search against numpy brute force, both backends, ties, bad input."""
+"""evaluation.search: exact search against numpy brute force, both backends, ties, bad input."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from evaluation._inputs import as_float_matrix, as_labels
-from evaluation.knn import find_duplicates, knn, resolve_backend
+from evaluation.search import find_duplicates, knn, resolve_backend
 
 # the package exports a function named `knn`, which shadows the submodule attribute
-knn_mod = importlib.import_module("evaluation.knn")
+knn_mod = importlib.import_module("evaluation.search")
 BACKENDS = ["faiss", "torch"]
 
 

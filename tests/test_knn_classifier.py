@@ -1,4 +1,4 @@
-"""evaluation.knn_classifier: weighted k-NN voting against a brute-force numpy implementation."""
+"""evaluation.weighted_knn: weighted k-NN voting against a brute-force numpy implementation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.knn_classifier import knn_classifier
+from evaluation.weighted_knn import knn_classifier
 
 
 def data(n_train, n_test, n_classes, d=10, spread=2.0, seed=0):

@@ -14,7 +14,7 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from evaluation.retrieval import retrieval_metrics
 
 retrieval_mod = importlib.import_module("evaluation.retrieval")
-knn_mod = importlib.import_module("evaluation.knn")
+knn_mod = importlib.import_module("evaluation.search")
 
 logging.getLogger("PML").setLevel(logging.ERROR)
 # "blocks": backend="auto" with the large-k block path (matrix product + evaluation._topk)

@@ -5,7 +5,7 @@ Each experiment is a function ``experiment(data, cfg, seeds, device, progress) -
 from the project's pieces: critics from :mod:`contrastive.critics`, bounds from
 :mod:`losses.functional` on the critic's score matrix with diagonal positives
 (:func:`contrastive.pairs.diagonal_masks`), and the paper's linear evaluation
-:func:`evaluation.linear_probe.linear_probe` with ``protocol="tschannen2020"``.
+:func:`evaluation.probe.linear_probe` with ``protocol="tschannen2020"``.
 
 =============  ============================================================================
 ``bijective``  RealNVP (additive couplings) encoders g1, g2 + bilinear critic, trained with
@@ -277,7 +277,7 @@ def _embed(encoder: nn.Module, x: Tensor, chunk: int = 8192) -> Tensor:
 
 def _probe(ftr: Tensor, ytr: Tensor, fte: Tensor, yte: Tensor, seed: int) -> float:
     """The paper's linear evaluation (MinMax + saga LogisticRegression, C=10, tol=0.1)."""
-    from evaluation.linear_probe import linear_probe
+    from evaluation.probe import linear_probe
 
     res = linear_probe(
         ftr.detach().cpu().numpy(), ytr.cpu().numpy(), fte.detach().cpu().numpy(),

@@ -478,7 +478,7 @@ def write_report(
         "* Linear evaluation, the paper's protocol: MinMax scaling fitted on the training "
         "features, scikit-learn `LogisticRegression(solver='saga', C=10, tol=0.1)`, fitted on "
         "g1(top half) of the training split, accuracy on the held-out split "
-        "(`evaluation.linear_probe.linear_probe(..., protocol='tschannen2020')`). Baseline: "
+        "(`evaluation.probe.linear_probe(..., protocol='tschannen2020')`). Baseline: "
         "the same probe on the raw noisy top-half pixels.",
         "* Bounds from `losses.functional` (`infonce_bound`, `nwj_bound`) on the critic's "
         "score matrix with diagonal positives (`contrastive.pairs.diagonal_masks`); critics from "

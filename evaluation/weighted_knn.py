@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ._inputs import as_float_matrix, as_labels, check_k, check_metric, check_same_dim
-from .knn import normalize_rows, search_blocks
+from .search import normalize_rows, search_blocks
 
 __all__ = ["knn_classifier", "vote"]
 

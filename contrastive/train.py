@@ -109,8 +109,27 @@ def _datasets(cfg: TrainConfig, eval_transform=None, train_transform=None):
     return train, train_eval, test, reference
 
 
+def _first_input(dataset):
+    return dataset[0][0]
+
+
+class _ToRGB:
+    """PIL images in any mode -> RGB: timm's transforms and ImageNet statistics expect three
+    channels (MNIST and other grayscale sets come as mode ``"L"``)."""
+
+    def __call__(self, img):
+        return img.convert("RGB") if getattr(img, "mode", "RGB") != "RGB" else img
+
+
 def _train_transform(cfg: TrainConfig, dataset, embedder) -> Any:
-    """Augmentation for training: none unless ``augment`` or multi-view training asks for it."""
+    """Augmentation for training: none unless ``augment`` or multi-view training asks for it.
+
+    Vector data gets noise + feature dropout; image tensors (e.g. ``digits_image``) the mild
+    small-image preset at their own size; PIL images the small-image preset up to 64 px and
+    SimCLR's beyond, at the embedder's input size.
+    """
+    from torchvision.transforms import v2
+
     from . import views
 
     kind = getattr(dataset, "kind", "vector")
@@ -118,10 +137,12 @@ def _train_transform(cfg: TrainConfig, dataset, embedder) -> Any:
         return _eval_transform(embedder, dataset)
     if kind == "vector":
         return views.vector_augmentation(noise_std=0.1, drop_prob=0.1)
-    size = _image_size(embedder, dataset)
-    if size is not None and size <= 64:
-        return views.small_image_augmentation(size)
-    return views.simclr_augmentation(size or 224)
+    x = _first_input(dataset)
+    if torch.is_tensor(x):
+        return views.small_image_augmentation(int(x.shape[-1]))
+    size = _image_size(embedder, dataset) or 224
+    aug = views.small_image_augmentation(size) if size <= 64 else views.simclr_augmentation(size)
+    return v2.Compose([_ToRGB(), aug])
 
 
 def _image_size(embedder, dataset) -> int | None:
@@ -133,15 +154,22 @@ def _image_size(embedder, dataset) -> int | None:
 
 
 def _eval_transform(embedder, dataset):
-    if getattr(dataset, "kind", "vector") == "vector":
+    """Vector data and image tensors go in as they are; PIL images get the backbone's timm
+    evaluation transform (resize, centre crop, normalise), after conversion to RGB."""
+    from torchvision.transforms import v2
+
+    if getattr(dataset, "kind", "vector") == "vector" or torch.is_tensor(_first_input(dataset)):
         return None
+    tf = None
     fn = getattr(embedder, "eval_transform", None)
-    if fn is None:
-        return None
-    try:
-        return fn()
-    except Exception:  # non-timm backbones have no data config
-        return None
+    if fn is not None:
+        try:
+            tf = fn()
+        except Exception:  # non-timm backbones have no data config
+            tf = None
+    if tf is None:
+        tf = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    return v2.Compose([_ToRGB(), tf])
 
 
 class _SkippingBatches:

@@ -45,3 +45,27 @@ def test_bad_split_is_a_clear_error(tmp_path, bad):
                                      progress=False, batch_size=4, m_per_class=2, **bad))
     with pytest.raises(ValueError, match="split"):
         fit(cfg)
+
+
+def test_fit_on_grayscale_pil_images_and_image_tensors(tmp_path):
+    """MNIST comes as PIL "L" images (converted to RGB for timm's transforms); digits_image as
+    1 x 8 x 8 tensors (fed as they are, with a 1-channel stem)."""
+    import numpy as np
+    from test_datasets import write_idx
+
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 4), ("t10k", 2)):
+        labels = np.repeat(np.arange(4, dtype=np.uint8), per_class)
+        images = rng.integers(0, 256, (labels.size, 28, 28), dtype=np.uint8)
+        write_idx(tmp_path / "MNIST" / "raw" / f"{split}-images-idx3-ubyte", images)
+        write_idx(tmp_path / "MNIST" / "raw" / f"{split}-labels-idx1-ubyte", labels)
+    common = dict(backbone="test_resnet", backbone_kwargs={"input_size": 32}, dim=8,
+                  batch_size=8, m_per_class=2, steps=2, progress=False, final_probe=True,
+                  augment=True)
+    res = fit(TrainConfig.from_dict(dict(common, dataset="mnist", data_dir=str(tmp_path),
+                                         output=str(tmp_path / "m"))))
+    assert res["metrics"]["num_queries"] == 8
+    res = fit(TrainConfig.from_dict(dict(common, dataset="digits_image", steps=3,
+                                         output=str(tmp_path / "d"))))
+    assert 0.0 <= res["metrics"]["linear_probe"] <= 1.0
+    assert res["metrics"]["num_queries"] == 540

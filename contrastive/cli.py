@@ -121,7 +121,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         cfg.progress = False
     if args.dataset not in (None, "digits") and cfg.backbone == "mlp" and args.backbone is None:
         cfg.backbone = "resnet18"
-    _check_dataset_path(cfg.dataset, cfg.data_dir)
     res = compare(cfg)
     print()
     print(res["table"])
@@ -153,7 +152,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import fit
 
     cfg = _train_config(args)
-    _check_dataset_path(cfg.dataset, cfg.data_dir)
     res = fit(cfg)
     if "metrics" in res:
         _print_metrics(res["metrics"])
@@ -178,7 +176,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg = load_checkpoint(path).get("config", {})
         ds_name = cfg.get("dataset", "digits")
         data_dir = data_dir or cfg.get("data_dir")
-    _check_dataset_path(ds_name, data_dir)
     probe_ds = get_dataset(ds_name, root=data_dir, split=args.train_split)
     tf = _eval_transform(model, probe_ds)
     test, reference = eval_sets(ds_name, data_dir, args.split, tf)
@@ -231,8 +228,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         kwargs["steps"] = args.steps
     if args.seeds:
         kwargs["seeds"] = tuple(_int_list(args.seeds))
-    if args.dataset == "mnist":
-        _check_dataset_path("mnist", args.data_dir)
     res = reproduce.run(args.name, args.output, **kwargs)
     print(_rows_md(res.get("summary") or []))
     print(f"written under {args.output}")
@@ -269,17 +264,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-_NEEDS_PATH = {"cub200", "cars196", "sop", "inshop", "mnist", "cifar10", "folder"}
-
-
-def _check_dataset_path(name: str, data_dir: str | None) -> None:
-    if name in _NEEDS_PATH:
-        if not data_dir:
-            raise UserError(f"data set {name!r} is read from a local path: pass --data-dir DIR")
-        if not Path(data_dir).expanduser().exists():
-            raise UserError(f"--data-dir {data_dir} does not exist")
 
 
 _PCT = {"precision_at_1", "r_precision", "map_at_r", "linear_probe", "knn_top1", "knn_top5",

@@ -136,21 +136,23 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     ``{"records", "rows", "files", "table", "wall_time_s"}``."""
     from tqdm.auto import tqdm
 
-    from losses import available as available_losses
+    from losses.registry import canonical
 
     from . import report
 
     for loss in cfg.losses:
         if not loss.startswith("pml:"):
-            from losses.registry import _ALIASES, _key
-
-            if _ALIASES.get(_key(loss), _key(loss)) not in available_losses():
-                raise ValueError(
-                    f"unknown loss {loss!r} in --losses; choose from {available_losses()} "
-                    "or pml:ClassName"
-                )
+            canonical(loss)  # an unknown name fails here, before any cell trains
     if not cfg.seeds:
         raise ValueError("seeds must name at least one seed")
+    # The config and the data are checked once, by the readers themselves, before any cell
+    # trains: a wrong path is one error, not one failed cell per (loss, seed).
+    from .datasets import get_dataset
+    from .train import eval_sets
+
+    first = train_config_for(cfg, cfg.losses[0], cfg.seeds[0])
+    get_dataset(first.dataset, root=first.data_dir, split=first.train_split)
+    eval_sets(first.dataset, first.data_dir, first.eval_split)
     out = Path(cfg.output)
     cells = out / "cells"
     cells.mkdir(parents=True, exist_ok=True)

@@ -98,17 +98,6 @@ def build_embedder(cfg: TrainConfig, dataset) -> nn.Module:
                     pretrained=cfg.pretrained, weights=cfg.weights, **kwargs)
 
 
-def _datasets(cfg: TrainConfig, eval_transform=None, train_transform=None):
-    from .datasets import get_dataset
-
-    train = get_dataset(cfg.dataset, root=cfg.data_dir, split=cfg.train_split,
-                        transform=train_transform)
-    train_eval = get_dataset(cfg.dataset, root=cfg.data_dir, split=cfg.train_split,
-                             transform=eval_transform)
-    test, reference = eval_sets(cfg.dataset, cfg.data_dir, cfg.eval_split, eval_transform)
-    return train, train_eval, test, reference
-
-
 def _first_input(dataset):
     return dataset[0][0]
 
@@ -197,8 +186,8 @@ def _lr_lambda(cfg: TrainConfig, total: int):
         if cfg.schedule == "constant":
             return 1.0
         progress = (step - warm) / max(1, total - warm)
-        if cfg.schedule == "step":
-            return 0.1 ** int(progress * 3 >= 2) * 0.1 ** int(progress * 3 >= 2.7)
+        if cfg.schedule == "step":  # x0.1 at 2/3 and again at 9/10 of the budget
+            return 0.1 ** ((progress >= 2 / 3) + (progress >= 0.9))
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return f
@@ -379,8 +368,6 @@ def fit(config: TrainConfig | dict) -> dict[str, Any]:
     main = rank == 0
     out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
-    if main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -393,21 +380,25 @@ def fit(config: TrainConfig | dict) -> dict[str, Any]:
     from .samplers import MPerClassSampler
     from .views import MultiView, collate_views
 
-    probe_ds = get_dataset(cfg.dataset, root=cfg.data_dir, split=cfg.train_split)
-    model = build_embedder(cfg, probe_ds).to(device)
-    eval_tf = _eval_transform(model, probe_ds)
-    train_tf = _train_transform(cfg, probe_ds, model)
+    def split(name: str, transform=None):
+        return get_dataset(cfg.dataset, root=cfg.data_dir, split=name, transform=transform)
+
+    base = split(cfg.train_split)  # untransformed: sizes the model and picks the transforms
+    model = build_embedder(cfg, base).to(device)
+    eval_tf = _eval_transform(model, base)
+    train_tf = _train_transform(cfg, base, model)
     if cfg.views >= 2:
-        base = get_dataset(cfg.dataset, root=cfg.data_dir, split=cfg.train_split)
         train_ds = MultiView(base, train_tf, n_views=cfg.views)
         sampler_labels = np.arange(len(base))
         m, collate = 1, collate_views
     else:
-        train_ds = get_dataset(cfg.dataset, root=cfg.data_dir, split=cfg.train_split,
-                               transform=train_tf)
+        train_ds = split(cfg.train_split, train_tf)
         sampler_labels = np.asarray(train_ds.labels)
         m, collate = cfg.m_per_class, None
-    _, train_eval_ds, test_ds, ref_ds = _datasets(cfg, eval_transform=eval_tf)
+    train_eval_ds = split(cfg.train_split, eval_tf)
+    test_ds, ref_ds = eval_sets(cfg.dataset, cfg.data_dir, cfg.eval_split, eval_tf)
+    if main:  # only once the data and the model are known to be good
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
     sampler = MPerClassSampler(sampler_labels, m=m, batch_size=cfg.batch_size, seed=cfg.seed,
                                num_replicas=world, rank=rank)
     steps_per_epoch = len(sampler)
@@ -503,18 +494,18 @@ def fit(config: TrainConfig | dict) -> dict[str, Any]:
             step += 1
             batch_in_epoch += 1
             bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
+            eval_due = bool(cfg.eval_every) and step % cfg.eval_every == 0 and step != total_steps
+            if step % cfg.log_every == 0 or step == total_steps or eval_due:
                 row = {"step": step, "epoch": epoch, "loss": float(loss.detach()),
                        "lr": optimizer.param_groups[0]["lr"]}
                 row.update(_readout(loss_fn, emb_all.float(), y_all))
                 recent = (recent + [row])[-5:]
                 bar.set_postfix(loss=f"{row['loss']:.4f}", nce=f"{row['infonce']:.2f}")
-                if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
+                if eval_due:
                     dist_utils.barrier()
                     if main:
                         row.update(evaluate_embedder(_unwrap(model), test_ds, reference=ref_ds,
-                                                     device=device,
-                                                     seed=cfg.seed))
+                                                     device=device, seed=cfg.seed))
                     model.train()
                 history.append(row)
                 logger.log(row)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from contrastive.validation import check_temperature
+
 from ._inputs import as_float_matrix, as_labels, check_k, check_metric, check_same_dim
 from .search import normalize_rows, search_blocks
 
@@ -64,12 +66,7 @@ def knn_classifier(
     yte = as_labels(test_y, xte.shape[0], "test_y")
     check_same_dim(xtr, xte, "train_x", "test_x")
     k = check_k(k, "k", upper=xtr.shape[0], upper_what="the number of training points (train_x)")
-    try:
-        t = float(temperature)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}") from exc
-    if not np.isfinite(t) or t <= 0:
-        raise ValueError(f"temperature must be > 0 (e.g. 0.07), got {temperature!r}")
+    t = check_temperature(temperature)
 
     classes, ytr_id = np.unique(ytr, return_inverse=True)
     n_cls = classes.size

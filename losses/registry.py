@@ -32,8 +32,8 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(name: str, **kwargs) -> nn.Module:
-    """Build a registered loss, e.g. ``get("infonce", temperature=0.1)``."""
+def canonical(name: str) -> str:
+    """The registered name behind ``name`` or an alias; ``ValueError`` listing the choices."""
     key = _key(name)
     key = _ALIASES.get(key, key)
     if key not in _REGISTRY:
@@ -41,7 +41,12 @@ def get(name: str, **kwargs) -> nn.Module:
             f"unknown loss {name!r}; choose one of {available()} "
             f"(aliases: {sorted(_ALIASES)})"
         )
-    return _REGISTRY[key](**kwargs)
+    return key
+
+
+def get(name: str, **kwargs) -> nn.Module:
+    """Build a registered loss, e.g. ``get("infonce", temperature=0.1)``."""
+    return _REGISTRY[canonical(name)](**kwargs)
 
 
 register("infonce", M.InfoNCE, aliases=("nce", "ntxent", "nt_xent", "supcon", "cpc"))

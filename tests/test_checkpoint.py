@@ -131,9 +131,8 @@ def test_sigkill_during_save_keeps_old_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path, prefer=None) == path
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
 def test_new_files_follow_the_umask(tmp_path):
-    if os.name != "posix":
-        pytest.skip("POSIX permissions")
     umask = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "r.txt", "x")

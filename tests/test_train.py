@@ -168,3 +168,21 @@ def test_config_errors(tmp_path):
         TrainConfig.from_dict({"views": 1})
     with pytest.raises(FileNotFoundError):
         TrainConfig.from_file(tmp_path / "missing.yaml")
+
+
+def test_eval_steps_are_logged_even_between_log_steps(tmp_path):
+    res = fit(_cfg(tmp_path, steps=60, log_every=20, eval_every=25))
+    steps = [r["step"] for r in res["history"]]
+    assert steps == [20, 25, 40, 50, 60]
+    evaluated = [r["step"] for r in res["history"] if "recall_at_1" in r]
+    assert evaluated == [25, 50]
+
+
+def test_lr_schedules():
+    from contrastive.train import _lr_lambda
+
+    step = _lr_lambda(TrainConfig(schedule="step", steps=90), 90)
+    assert [step(s) for s in (0, 59, 60, 80, 81)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+    cos = _lr_lambda(TrainConfig(schedule="cosine", steps=100, warmup_steps=10), 100)
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
+    assert cos(55) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0, abs=1e-12)

@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # torch/torchvision come from the local wheel cache where pip has one (see README).
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py evaluation/_scan.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q -e '.[dev]'
 	touch $@

@@ -5,7 +5,9 @@ Contenders, each timed in its own subprocess on the same data (unit-norm cluster
 
 * ``ours-auto`` / ``ours-faiss`` / ``ours-torch``: ``retrieval_metrics(x, y, backend=...)``
   (Recall@{1,2,4,8}, Precision@1, R-Precision, MAP@R), cosine. ``auto`` on the CPU is FAISS for
-  small k and a matrix product per block with a hierarchical top-k for large k.
+  small k and, for larger k, blocks of rows spread over threads, each one matrix product and a
+  top-k selection by the C scan (``evaluation/_scan.c``) and numpy.
+* ``ours-noscan``: ``auto`` without the C extension (what an install without a C compiler gets).
 * ``pml-default``: pytorch-metric-learning ``AccuracyCalculator(k=None)`` (its default k: the
   whole reference set) computing precision_at_1, r_precision and mean_average_precision_at_r
   (its default list also holds NMI/AMI/MAP/MRR; those are left out so the work compared is the
@@ -37,7 +39,8 @@ import time
 import numpy as np
 
 CONTENDERS = (
-    "ours-auto", "ours-faiss", "ours-torch", "pml-default", "pml-maxbin", "torch-mm-topk", "floor"
+    "ours-auto", "ours-noscan", "ours-faiss", "ours-torch", "pml-default", "pml-maxbin",
+    "torch-mm-topk", "floor",
 )
 
 
@@ -105,6 +108,11 @@ def run_contender(name: str, x: np.ndarray, y: np.ndarray):
         from evaluation.retrieval import retrieval_metrics
 
         backend = name.split("-")[1]
+        if backend == "noscan":
+            import evaluation._topk
+
+            evaluation._topk._scan = None
+            backend = "auto"
         return lambda: retrieval_metrics(x, y, backend=backend, device="cpu")
     if name.startswith("pml"):
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
@@ -206,9 +214,11 @@ def main() -> None:
 
     import torch
 
+    from evaluation._topk import scan_kernel
+
     print(f"# retrieval benchmark: d={args.dim}, query set == reference set, cosine, CPU, "
           f"torch threads={torch.get_num_threads()}, cores={os.cpu_count()}, "
-          f"load avg at start={os.getloadavg()[0]:.1f}")
+          f"C scan kernel={scan_kernel()}, load avg at start={os.getloadavg()[0]:.1f}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for n in args.sizes:
         for c in args.classes:

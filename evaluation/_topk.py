@@ -22,6 +22,14 @@ Ordering inside the window is exact and deterministic: each score is packed with
 into one int64, ``(order-preserving bits of the float32) << 32 | (2^32 - 1 - column)``, so
 integer order is (score descending, column ascending); ``-0.0`` is mapped to ``+0.0`` first so
 that equal floats have equal keys. Scores must not be NaN.
+
+When the optional C extension :mod:`evaluation._scan` is built (``pip install`` compiles it when
+a C compiler is present; see ``evaluation/_scan.c``) and rows are long enough (``n >=``
+:data:`SCAN_MIN_RATIO` ``* w``), steps 1-2 are replaced by one SIMD pass per row: a threshold
+from a histogram of chunk maxima that keeps at least ``w`` scores, and a vectorised compare that
+writes the (about ``1.1 w``) scores above it as packed keys; numpy then partitions and sorts
+those. Same keys, same result; about 2x faster at ``w ~ 400`` and 4x at ``w ~ 1000``. Rows with
+more than ``2 w + 64`` candidates (many equal scores) take the numpy path.
 """
 
 from __future__ import annotations
@@ -30,7 +38,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["SLABS", "GROUP_BYTES", "padded_width", "window_topk", "topk_rows"]
+try:  # the optional C extension (evaluation/_scan.c)
+    from . import _scan
+except ImportError:  # pragma: no cover - built wherever a C compiler is present
+    _scan = None
+
+__all__ = ["SLABS", "GROUP_BYTES", "padded_width", "window_topk", "topk_rows", "scan_kernel"]
 
 #: slabs per level of the hierarchy, and the size (in multiples of w) solved by one partition.
 SLABS = 4
@@ -39,11 +52,26 @@ _BASE = 8
 #: (measured best around 4-8 MiB with a 32 MiB L3; 52 rows at n = 30k, 15 at n = 100k).
 GROUP_BYTES = 6 << 20
 _LOW = np.int64(0xFFFFFFFF)
+#: the C scan serves rows of at least this many times ``w`` columns (it keeps chunk maxima of
+#: 16 columns, so shorter rows leave too few chunks to set a tight threshold).
+SCAN_MIN_RATIO = 32
+
+
+def scan_kernel() -> str | None:
+    """The instruction set the C scan runs with ("avx512f", "avx2", "generic"), or ``None``
+    when the extension is not built (then the numpy path serves every row)."""
+    return None if _scan is None else _scan.current()
+
+
+def _use_scan(n: int, w: int) -> bool:
+    return _scan is not None and n >= SCAN_MIN_RATIO * w
 
 
 def padded_width(n: int, w: int) -> int:
     """Columns the score block should have (padding columns hold ``-inf``)."""
-    return n if n <= _BASE * w else -(-n // SLABS) * SLABS
+    if n <= _BASE * w or _use_scan(n, w):
+        return n
+    return -(-n // SLABS) * SLABS
 
 
 def _ordered_bits(x: np.ndarray) -> np.ndarray:
@@ -114,12 +142,36 @@ def window_topk(scores: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
     ``n`` must be :func:`padded_width` of the real width, padding columns ``-inf``, ``w <= n``.
     Returns ``(values float32 [B, w], columns int64 [B, w])`` sorted by (value desc, column asc).
     """
+    if _use_scan(scores.shape[1], w):
+        return _scan_topk(np.ascontiguousarray(scores), w)
     cand, chunks, m = _level(scores, w)
-    key = np.sort(_top_set(_pack(cand), w), axis=1)[:, ::-1]
+    val, pos = _unpack(np.sort(_top_set(_pack(cand), w), axis=1)[:, ::-1])
+    return val, np.ascontiguousarray(_columns(pos, chunks, m, w))
+
+
+def _unpack(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(values float32, positions int64) of packed keys."""
     pos = _LOW - (key & _LOW)
     hi = (key >> 32).astype(np.int32)
     val = (hi ^ ((hi >> 31) & np.int32(0x7FFFFFFF))).view(np.float32)
-    return np.ascontiguousarray(val), np.ascontiguousarray(_columns(pos, chunks, m, w))
+    return np.ascontiguousarray(val), np.ascontiguousarray(pos)
+
+
+def _scan_topk(scores: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`window_topk` by the C scan (rows it flags take the numpy path)."""
+    b, n = scores.shape
+    cap = 2 * w + 64
+    keys = np.empty((b, cap), dtype=np.int64)
+    counts = np.empty(b, dtype=np.int64)
+    _scan.scan_rows(scores, b, n, w, cap, keys, counts)
+    top = np.partition(keys, cap - w, axis=1)[:, cap - w :]  # unused slots hold INT64_MIN
+    top.sort(axis=1)
+    val, pos = _unpack(top[:, ::-1])
+    bad = np.flatnonzero(counts < 0)
+    if bad.size:
+        cand = _pack(scores[bad])
+        val[bad], pos[bad] = _unpack(np.sort(_top_set(cand, w), axis=1)[:, ::-1])
+    return val, pos
 
 
 def topk_rows(

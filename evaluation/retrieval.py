@@ -22,6 +22,8 @@ blocks so memory stays ``O(block x k)``. Neighbour order and tie handling are th
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -43,23 +45,29 @@ def relevance_counts(
     return r - 1 if same_set else r
 
 
-def _block_sums(
-    match: torch.Tensor, r: torch.Tensor, ks: tuple[int, ...]
-) -> dict[str, torch.Tensor]:
-    """Per-block sums of the per-query metrics. ``match`` [B, K] bool, ``r`` [B] int64 >= 1."""
-    rel = match.to(torch.float64)
-    pos = torch.arange(1, rel.shape[1] + 1, device=rel.device, dtype=torch.float64)
-    r64 = r.to(torch.float64)
-    hit_r = rel * (pos[None, :] <= r64[:, None])  # relevant and within the first R
-    cum = rel.cumsum(dim=1)  # hits within the first i
+def _block_sums(match: torch.Tensor, r: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
+    """Per-block sums of the per-query metrics. ``match`` [B, K] bool, ``r`` [B] int64 >= 1.
+
+    Sparse in the hits: with ``(row, col)`` the relevant items within the first ``R`` (row-major,
+    so the ``j``-th hit of a row has ``j`` hits up to it), ``MAP@R`` sums ``j / (col + 1) / R``
+    and ``R-Precision`` sums ``1 / R`` over them.
+    """
+    b, width = match.shape
+    dev = match.device
+    within = torch.arange(width, device=dev)[None, :] < r[:, None]
+    rows, cols = (match & within).nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=b)
+    first = counts.cumsum(0) - counts
+    cum = torch.arange(1, rows.numel() + 1, device=dev) - first[rows]
+    inv_r = 1.0 / r.to(torch.float64)
     out = {
-        "precision_at_1": rel[:, 0].sum(),
-        "r_precision": (hit_r.sum(dim=1) / r64).sum(),
-        "map_at_r": ((cum / pos * hit_r).sum(dim=1) / r64).sum(),
+        "precision_at_1": match[:, 0].sum(),
+        "r_precision": (counts * inv_r).sum(),
+        "map_at_r": (cum / (cols + 1).to(torch.float64) * inv_r[rows]).sum(),
     }
     for k in ks:
-        out[f"recall_at_{k}"] = (cum[:, k - 1] > 0).sum().to(torch.float64)
-    return out
+        out[f"recall_at_{k}"] = match[:, :k].any(dim=1).sum()
+    return {name: float(value) for name, value in out.items()}
 
 
 def retrieval_metrics(
@@ -83,7 +91,10 @@ def retrieval_metrics(
             passed is searched in full, even if it contains the queries.
         ks: the K of Recall@K, each ``<=`` the number of candidates per query.
         metric: "cosine" | "ip" | "l2" (squared Euclidean), as in :func:`evaluation.search.knn`.
-        backend, device, block_size, progress: passed to the k-NN search.
+        backend, device, block_size, progress: passed to the k-NN search. On the CPU with
+            large classes (the "cpu-blocks" path of :mod:`evaluation.search`) blocks of queries
+            are spread over ``torch.get_num_threads()`` Python threads, and torch's intra-op
+            thread count is 1 until the call returns (then restored).
 
     Returns:
         ``{"precision_at_1", "r_precision", "map_at_r", "recall_at_{k}" for k in ks (floats in
@@ -132,23 +143,28 @@ def retrieval_metrics(
     q_act = q[active] if active.size < q.shape[0] else q
     self_index = active if same_set else None
 
-    totals: dict[str, torch.Tensor] = {}
     labels_dev: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    for rows, _key, idx in search_blocks(
-        q_act, r_emb, k, "l2" if metric == "l2" else "ip", self_index, backend, device,
-        block_size, progress, large_k_blocks=True,
-    ):
+    lock = threading.Lock()
+
+    def block_sums(rows: slice, _key: torch.Tensor, idx: torch.Tensor) -> dict[str, float]:
         dev = idx.device
-        if dev not in labels_dev:
-            labels_dev[dev] = (
-                torch.from_numpy(yr).to(dev),
-                torch.from_numpy(yq[active]).to(dev),
-                torch.from_numpy(r_q[active]).to(dev),
-            )
-        yr_t, yq_t, r_t = labels_dev[dev]
-        match = yr_t[idx] == yq_t[rows, None]
-        for name, value in _block_sums(match, r_t[rows], ks).items():
-            totals[name] = totals[name] + value.cpu() if name in totals else value.cpu()
+        with lock:  # runs in the search's worker threads
+            if dev not in labels_dev:
+                labels_dev[dev] = (
+                    torch.from_numpy(yr).to(dev),
+                    torch.from_numpy(yq[active]).to(dev),
+                    torch.from_numpy(r_q[active]).to(dev),
+                )
+            yr_t, yq_t, r_t = labels_dev[dev]
+        return _block_sums(yr_t[idx] == yq_t[rows, None], r_t[rows], ks)
+
+    totals = dict.fromkeys(names, 0.0)
+    for _rows, sums in search_blocks(
+        q_act, r_emb, k, "l2" if metric == "l2" else "ip", self_index, backend, device,
+        block_size, progress, large_k_blocks=True, reduce=block_sums,
+    ):
+        for name, value in sums.items():
+            totals[name] += value
     n = active.size
     out.update({name: float(totals[name]) / n for name in names})
     out.update(num_queries=int(q.shape[0]), num_lone_queries=n_lone)

@@ -17,10 +17,12 @@ Backends (``backend="auto"``)
       when ``import faiss`` fails.
     ``backend="faiss"`` or ``"torch"`` forces one family (tests use that to compare them).
     For the retrieval metrics only (``search_blocks(..., large_k_blocks=True)``), ``"auto"`` on
-    the CPU with a window of ``k + margin >= BLOCK_SELECT_MIN_K`` computes each query block's
-    scores with one matrix product and selects with :mod:`evaluation._topk` (a hierarchy of
-    chunk maxima and numpy partitions of packed (score, index) keys), because FAISS-CPU's
-    heap costs about as much as the matrix product at such k.
+    the CPU with a window of ``k + margin >= BLOCK_SELECT_MIN_K`` (``>= BLOCK_SCAN_MIN_K`` when
+    the C scan of :mod:`evaluation._topk` serves) takes the "cpu-blocks" path: blocks of query
+    rows are tasks for ``torch.get_num_threads()`` Python threads, each computing its block's
+    scores with one single-threaded matrix product and selecting with :mod:`evaluation._topk`
+    while they are still in the cache (FAISS-CPU's heap costs about as much as the matrix
+    product at such k). The per-block reduction of the retrieval metrics runs in those threads.
 
 Ties
     Neighbours are ordered by (score, reference index): among equal scores the lower reference
@@ -43,10 +45,13 @@ index, not by distance, so a duplicate of the query stays a valid neighbour.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,7 +59,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._inputs import as_float_matrix, check_k, check_metric, check_same_dim
-from ._topk import padded_width, topk_rows
+from ._topk import SCAN_MIN_RATIO, padded_width, scan_kernel, topk_rows
 
 __all__ = ["knn", "search_blocks", "resolve_backend", "normalize_rows", "BACKENDS"]
 
@@ -166,8 +171,8 @@ def find_duplicates(x: np.ndarray) -> Duplicates | None:
     v = np.random.default_rng(0).standard_normal(d)
     proj = np.empty(n)
     scale = 0.0
-    for s in range(0, n, 1 << 16):
-        blk = x[s : s + (1 << 16)].astype(np.float64)
+    for s in range(0, n, 1 << 12):  # 4 MiB float64 chunks: reused memory, no page faults
+        blk = x[s : s + (1 << 12)].astype(np.float64)
         proj[s : s + blk.shape[0]] = blk @ v
         scale = max(scale, float((np.abs(blk) @ np.abs(v)).max()))
     order = np.argsort(proj, kind="stable")
@@ -267,20 +272,25 @@ def select_topk(
     groups: tuple[Tensor, Tensor, Tensor] | None,
     complete: bool,
     presorted: bool = False,
+    ties_ordered: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Tie-correct top-``k`` items from a backend's top-``W`` window over the searched rows.
 
     ``key, gid`` [B, W]: a valid top-W over the searched (deduplicated) rows: every row scoring
     strictly above the window's worst key is in it (``presorted``: sorted by key descending,
-    else in any order). Items are ranked by (key desc, item index asc); ``self_rows[i]`` is
-    never returned for query ``i``, and ``W > k`` when it is given (or the window is complete).
+    else in any order; ``ties_ordered``: sorted by (key desc, searched row asc) already, as
+    :mod:`evaluation._topk` returns it). Items are ranked by (key desc, item index asc);
+    ``self_rows[i]`` is never returned for query ``i``, and ``W > k`` when it is given (or the
+    window is complete).
     Returns ``(key [B, k], idx [B, k], redo [B])``: ``redo`` marks rows whose k-th key equals
     the window's worst key, so tied rows may be missing (never set when ``complete``: the window
     holds every searched row).
     """
     worst = key[:, -1] if presorted else key.min(dim=1).values
     if groups is None:
-        key, idx = sort_by_key_then_index(key, gid, presorted)
+        idx = gid
+        if not (presorted and ties_ordered):
+            key, idx = sort_by_key_then_index(key, gid, presorted)
         if self_rows is not None:  # drop the query's own row, or the worst one if it is absent
             b, w = idx.shape
             is_self = idx == self_rows[:, None]
@@ -316,7 +326,8 @@ def search_blocks(
     block_size: int | None = None,
     progress: bool = False,
     large_k_blocks: bool = False,
-) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    reduce: Callable[[slice, Tensor, Tensor], Any] | None = None,
+) -> Iterator[tuple[slice, Tensor, Tensor]] | Iterator[tuple[slice, Any]]:
     """Yield ``(rows, key [B, k], idx [B, k])`` for consecutive blocks of query rows.
 
     ``query``/``reference``: validated float32 arrays, already normalised for cosine;
@@ -328,6 +339,10 @@ def search_blocks(
     ``large_k_blocks``: with ``backend="auto"`` on the CPU and a window of at least
     :data:`BLOCK_SELECT_MIN_K`, compute each block's scores with one matrix product and select
     with :func:`evaluation._topk.window_topk` instead of FAISS's heap (kind "cpu-blocks").
+
+    ``reduce``: yield ``(rows, reduce(rows, key, idx))`` instead; on the "cpu-blocks" path it
+    runs in the worker threads, in parallel (it must be thread-safe and use torch ops, which
+    run single-threaded there, or numpy).
     """
     nq = query.shape[0]
     has_self = self_index is not None
@@ -336,31 +351,33 @@ def search_blocks(
     n_s = searched.shape[0]
     window = min(n_s, k + int(has_self) + TIE_MARGIN)
     plan = resolve_backend(backend, device, window)
-    if (
-        large_k_blocks and backend == "auto" and plan.kind == "faiss-cpu"
-        and window >= BLOCK_SELECT_MIN_K
-    ):
-        plan = Plan("cpu-blocks", plan.device)
+    if large_k_blocks and backend == "auto" and plan.kind == "faiss-cpu":
+        scan = scan_kernel() is not None and n_s >= SCAN_MIN_RATIO * window
+        if window >= (min(BLOCK_SCAN_MIN_K, BLOCK_SELECT_MIN_K) if scan else BLOCK_SELECT_MIN_K):
+            plan = Plan("cpu-blocks", plan.device)
     dev = plan.device
     self_all = torch.from_numpy(np.asarray(self_index, dtype=np.int64)) if has_self else None
     budget = _GPU_BLOCK_BYTES if dev.type == "cuda" else _CPU_BLOCK_BYTES
 
     cache: dict[str, object] = {}
+    cache_lock = threading.Lock()  # finish() may run in worker threads
 
     def torch_ref() -> tuple[Tensor, Tensor | None]:
-        if "ref" not in cache:
-            r = torch.from_numpy(searched).to(dev)
-            cache["ref"] = r
-            cache["sq"] = (r * r).sum(1) if metric == "l2" else None
-        return cache["ref"], cache["sq"]  # type: ignore[return-value]
+        with cache_lock:
+            if "ref" not in cache:
+                r = torch.from_numpy(searched).to(dev)
+                cache["ref"] = r
+                cache["sq"] = (r * r).sum(1) if metric == "l2" else None
+            return cache["ref"], cache["sq"]  # type: ignore[return-value]
 
     def groups_on(device_: torch.device):
         if dup is None:
             return None
         key = f"groups:{device_}"
-        if key not in cache:
-            cache[key] = dup.to(device_)
-        return cache[key]
+        with cache_lock:
+            if key not in cache:
+                cache[key] = dup.to(device_)
+            return cache[key]
 
     def refine(q_rows: Tensor, self_rows: Tensor | None) -> tuple[Tensor, Tensor]:
         """Exact top-k for rows whose window was too narrow: widen it over full score rows."""
@@ -387,10 +404,13 @@ def search_blocks(
             idxs.append(out_i)
         return torch.cat(keys), torch.cat(idxs)
 
-    def finish(rows: slice, key: Tensor, gid: Tensor, q_block: Tensor, presorted: bool):
+    def finish(
+        rows: slice, key: Tensor, gid: Tensor, q_block: Tensor, presorted: bool,
+        ties_ordered: bool = False,
+    ):
         sr = None if self_all is None else self_all[rows].to(key.device)
         key, idx, redo = select_topk(
-            key, gid, k, sr, groups_on(key.device), window == n_s, presorted
+            key, gid, k, sr, groups_on(key.device), window == n_s, presorted, ties_ordered
         )
         if bool(redo.any()):
             bad = redo.nonzero().flatten()
@@ -399,7 +419,7 @@ def search_blocks(
             )
             key[bad] = rk.to(key.device)
             idx[bad] = ri.to(idx.device)
-        return rows, key, idx
+        return (rows, key, idx) if reduce is None else (rows, reduce(rows, key, idx))
 
     bar = tqdm(total=nq, desc=f"knn ({plan.kind})", unit="query", disable=not progress)
     try:
@@ -454,39 +474,93 @@ def search_blocks(
         bar.close()
 
 
-#: smallest window (k + tie margin) for which ``large_k_blocks`` leaves FAISS-CPU's heap
-#: (measured crossover at 30k x 128 on 2 cores: FAISS faster at 163, blocks faster from 218).
+#: smallest window (k + tie margin) for which ``large_k_blocks`` leaves FAISS-CPU's heap, with
+#: the numpy selection (measured crossover at 30k x 128 on 2 cores: FAISS faster at 163, blocks
+#: faster from 218) ...
 BLOCK_SELECT_MIN_K = 200
+#: ... and with the C scan (at 30k x 128: FAISS 7% faster at window 25, blocks 8% faster at 130
+#: and as fast at 56)
+BLOCK_SCAN_MIN_K = 48
+
+
+def _cpu_task_rows(width: int, parts: int) -> int:
+    """Query rows per worker task: large enough that MKL streams the reference matrix rarely
+    (at most :data:`CPU_TASK_ROWS`), small enough that ``parts`` tasks hold at most
+    :data:`_CPU_TASKS_BYTES` of scores (but at least 32 MiB each)."""
+    budget = max(32 << 20, _CPU_TASKS_BYTES // parts)
+    return max(16, min(CPU_TASK_ROWS, budget // (4 * width)))
+
+
+#: rows per task of the CPU block search (measured at 30k and 100k x 128 on 2 cores: 400-500
+#: rows are within 3% of the best, 250 rows cost 7% more at 100k)
+CPU_TASK_ROWS = 512
+_CPU_TASKS_BYTES = 512 << 20
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Set torch's intra-op threads to ``n`` inside the block, restore them after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _cpu_block_search(query, searched, metric, window, block_size, finish, bar):
-    """Blocks of ``[B, Nr]`` scores from one matrix product each, top-``window`` selected by
-    :func:`evaluation._topk.topk_rows` on ``torch.get_num_threads()`` threads."""
+    """Top-``window`` over ``[B, Nr]`` score blocks, each block a task for one of
+    ``torch.get_num_threads()`` Python threads: one single-threaded matrix product, then
+    :func:`evaluation._topk.topk_rows` on the scores while they are still in the cache.
+
+    Why threads rather than one parallel matrix product followed by a parallel selection: the
+    OpenMP workers of the product spin after it returns and take the cores the selection
+    needs, and a whole block of scores no longer fits in the cache (measured at 30k x 128 on
+    2 cores: 1.48 s against 1.85 s). So torch runs single-threaded (its intra-op thread count
+    is set to 1 while the search runs and restored after) and the rows are spread over threads.
+    """
     nq, n_s = query.shape[0], searched.shape[0]
     width = padded_width(n_s, window)
     r = torch.from_numpy(searched)
     if width > n_s:
         r = torch.cat([r, r.new_zeros(width - n_s, r.shape[1])])
     r_sq = (r * r).sum(1) if metric == "l2" else None
-    step = block_size or max(1, min(nq, _CPU_BLOCK_BYTES // (4 * width)))
-    buf = torch.empty(min(step, nq) * width, dtype=torch.float32)
     parts = max(1, torch.get_num_threads())
-    pool = ThreadPoolExecutor(parts) if parts > 1 else None
+    step = block_size or _cpu_task_rows(width, parts)
     q_all = torch.from_numpy(query)
-    try:
-        for s in range(0, nq, step):
-            rows = slice(s, min(nq, s + step))
-            qb = q_all[rows]
-            out = buf[: qb.shape[0] * width].view(qb.shape[0], width)
-            sc = block_keys(qb, r, r_sq, metric, out)
-            if width > n_s:
-                sc[:, n_s:] = float("-inf")
-            key, gid = topk_rows(sc.numpy(), window, pool, parts)
-            yield finish(rows, torch.from_numpy(key), torch.from_numpy(gid), qb, True)
-            bar.update(rows.stop - rows.start)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    local = threading.local()
+
+    def task(s: int):
+        rows = slice(s, min(nq, s + step))
+        qb = q_all[rows]
+        buf = getattr(local, "buf", None)
+        if buf is None:  # one buffer per thread: no page faults per block
+            buf = local.buf = torch.empty(min(step, nq) * width, dtype=torch.float32)
+        out = buf[: qb.shape[0] * width].view(qb.shape[0], width)
+        sc = block_keys(qb, r, r_sq, metric, out)
+        if width > n_s:
+            sc[:, n_s:] = float("-inf")
+        key, gid = topk_rows(sc.numpy(), window, None, 1)
+        return finish(rows, torch.from_numpy(key), torch.from_numpy(gid), qb, True, True)
+
+    def done(result):
+        rows = result[0]
+        bar.update(rows.stop - rows.start)
+        return result
+
+    starts = range(0, nq, step)
+    if parts == 1 or len(starts) == 1:
+        for s in starts:
+            yield done(task(s))
+        return
+    with torch_threads(1), ThreadPoolExecutor(parts) as pool:
+        pending: deque = deque()
+        for s in starts:  # at most parts + 1 tasks in flight: memory stays bounded
+            pending.append(pool.submit(task, s))
+            if len(pending) > parts:
+                yield done(pending.popleft().result())
+        while pending:
+            yield done(pending.popleft().result())
 
 
 #: FAISS-CPU's exhaustive search multiplies query x database tiles of this size (its defaults,

@@ -28,8 +28,9 @@ a C compiler is present; see ``evaluation/_scan.c``) and rows are long enough (`
 :data:`SCAN_MIN_RATIO` ``* w``), steps 1-2 are replaced by one SIMD pass per row: a threshold
 from a histogram of chunk maxima that keeps at least ``w`` scores, and a vectorised compare that
 writes the (about ``1.1 w``) scores above it as packed keys; numpy then partitions and sorts
-those. Same keys, same result; about 2x faster at ``w ~ 400`` and 4x at ``w ~ 1000``. Rows with
-more than ``2 w + 64`` candidates (many equal scores) take the numpy path.
+those. Same keys; the window is then the exact top-``w``. Measured on rows in the cache (AVX-512):
+1.7x faster at ``w = 365, n = 30k`` and 3.7x at ``w = 1080, n = 100k``. Rows with more than
+``2 w + 64`` candidates (many equal scores) take the numpy path.
 """
 
 from __future__ import annotations

@@ -146,8 +146,13 @@ def window_topk(scores: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
     if _use_scan(scores.shape[1], w):
         return _scan_topk(np.ascontiguousarray(scores), w)
     cand, chunks, m = _level(scores, w)
-    val, pos = _unpack(np.sort(_top_set(_pack(cand), w), axis=1)[:, ::-1])
+    val, pos = _best_sorted(cand, w)
     return val, np.ascontiguousarray(_columns(pos, chunks, m, w))
+
+
+def _best_sorted(cand: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``w`` best of each row of ``cand``, sorted: (values, positions in the row)."""
+    return _unpack(np.sort(_top_set(_pack(cand), w), axis=1)[:, ::-1])
 
 
 def _unpack(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -170,8 +175,7 @@ def _scan_topk(scores: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
     val, pos = _unpack(top[:, ::-1])
     bad = np.flatnonzero(counts < 0)
     if bad.size:
-        cand = _pack(scores[bad])
-        val[bad], pos[bad] = _unpack(np.sort(_top_set(cand, w), axis=1)[:, ::-1])
+        val[bad], pos[bad] = _best_sorted(scores[bad], w)
     return val, pos
 
 

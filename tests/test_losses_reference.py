@@ -56,6 +56,16 @@ def make_batch(kind: str, dtype, seed: int = 0, dim: int = 16):
     return x, labels
 
 
+def ref_batch(seed: int, n: int, n_ref: int, dim: int, classes: int, dtype):
+    """(x, y, ref, ref_y): a query batch and a separate reference set with random labels."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=gen, dtype=dtype)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    ref = torch.randn(n_ref, dim, generator=gen, dtype=dtype)
+    ref_y = torch.randint(0, classes, (n_ref,), generator=gen)
+    return x, y, ref, ref_y
+
+
 def value_and_grad(fn, x, *extra):
     """Loss value and the gradient with respect to x (and every tensor in extra)."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, *extra)]
@@ -114,11 +124,7 @@ def test_infonce_differs_from_ntxent_with_many_positives():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_infonce_ref_emb_equals_supcon_ref_emb(dtype):
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randn(24, 8, generator=gen, dtype=dtype)
-    y = torch.randint(0, 5, (24,), generator=gen)
-    ref = torch.randn(30, 8, generator=gen, dtype=dtype)
-    ref_y = torch.randint(0, 5, (30,), generator=gen)
+    x, y, ref, ref_y = ref_batch(4, 24, 30, 8, 5, dtype)
     assert_same(
         lambda e, r: InfoNCE(temperature=0.2)(e, y, r, ref_y),
         lambda e, r: pml.SupConLoss(temperature=0.2)(e, y, ref_emb=r, ref_labels=ref_y),
@@ -241,11 +247,7 @@ def test_triplet_all_critics_equal_pml_distances(critic, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triplet_all_ref_emb_equals_pml(dtype):
-    gen = torch.Generator().manual_seed(10)
-    x = torch.randn(20, 6, generator=gen, dtype=dtype)
-    y = torch.randint(0, 4, (20,), generator=gen)
-    ref = torch.randn(25, 6, generator=gen, dtype=dtype)
-    ref_y = torch.randint(0, 4, (25,), generator=gen)
+    x, y, ref, ref_y = ref_batch(10, 20, 25, 6, 4, dtype)
     assert_same(
         lambda e, r: Triplet(margin=0.2)(e, y, r, ref_y),
         lambda e, r: pml.TripletMarginLoss(margin=0.2)(e, y, ref_emb=r, ref_labels=ref_y),
@@ -388,11 +390,7 @@ def test_contrastive_equals_contrastiveloss(case, kind, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_contrastive_ref_emb_equals_pml(dtype):
-    gen = torch.Generator().manual_seed(16)
-    x = torch.randn(20, 6, generator=gen, dtype=dtype)
-    y = torch.randint(0, 4, (20,), generator=gen)
-    ref = torch.randn(25, 6, generator=gen, dtype=dtype)
-    ref_y = torch.randint(0, 4, (25,), generator=gen)
+    x, y, ref, ref_y = ref_batch(16, 20, 25, 6, 4, dtype)
     assert_same(
         lambda e, r: Contrastive(pos_margin=0.2, neg_margin=1.2)(e, y, r, ref_y),
         lambda e, r: pml.ContrastiveLoss(0.2, 1.2)(e, y, ref_emb=r, ref_labels=ref_y),

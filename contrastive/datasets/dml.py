@@ -64,6 +64,22 @@ def _check_first_image(paths: list[str], name: str, hint: str) -> None:
         raise FileNotFoundError(f"{name}: expected the image {paths[0]!r}. {hint}")
 
 
+def _labelled_images(
+    paths: list[str], raw: np.ndarray, name: str, split: str, hint: str,
+    transform: Callable | None, train_classes: int | None = None,
+) -> ImageFileDataset:
+    """The data set of ``paths`` with class ids ``raw`` (remapped to 0..C-1), its first image
+    checked. ``train_classes``: the class-disjoint protocol (classes ``1..train_classes`` train,
+    the rest test); only ``split``'s images are kept."""
+    if train_classes is not None:
+        keep = raw <= train_classes if split == "train" else raw > train_classes
+        paths = [p for p, k in zip(paths, keep) if k]
+        raw = raw[keep]
+    y, classes = remap_labels(raw)
+    _check_first_image(paths, name, hint)
+    return ImageFileDataset(paths, y, classes, transform, f"{name}[{split}]")
+
+
 # -- ImageFolder ---------------------------------------------------------------------------------
 
 
@@ -123,11 +139,8 @@ def cub200(root, split: str = "train", transform: Callable | None = None) -> Ima
         )
     ids = sorted(images, key=int)
     raw = np.array([int(labels[i]) for i in ids])
-    keep = raw <= 100 if split == "train" else raw > 100
-    paths = [str(base / "images" / images[i]) for i, k in zip(ids, keep) if k]
-    y, classes = remap_labels(raw[keep])
-    _check_first_image(paths, "cub200", _CUB_HINT)
-    return ImageFileDataset(paths, y, classes, transform, f"cub200[{split}]")
+    paths = [str(base / "images" / images[i]) for i in ids]
+    return _labelled_images(paths, raw, "cub200", split, _CUB_HINT, transform, 100)
 
 
 # -- Cars196 -------------------------------------------------------------------------------------
@@ -185,11 +198,7 @@ def cars196(root, split: str = "train", transform: Callable | None = None) -> Im
             f"expected cars_annos.mat (or devkit/cars_train_annos.mat) under {str(root)!r}. "
             f"{_CARS_HINT}"
         )
-    keep = raw <= 98 if split == "train" else raw > 98
-    paths = [p for p, k in zip(paths, keep) if k]
-    y, classes = remap_labels(raw[keep])
-    _check_first_image(paths, "cars196", _CARS_HINT)
-    return ImageFileDataset(paths, y, classes, transform, f"cars196[{split}]")
+    return _labelled_images(paths, raw, "cars196", split, _CARS_HINT, transform, 98)
 
 
 # -- Stanford Online Products -------------------------------------------------------------------
@@ -218,9 +227,7 @@ def sop(root, split: str = "train", transform: Callable | None = None) -> ImageF
     except ValueError as exc:
         raise ValueError(f"malformed {str(index)!r}: class ids must be integers ({exc})") from exc
     paths = [str(index.parent / r[3]) for r in rows]
-    y, classes = remap_labels(raw)
-    _check_first_image(paths, "sop", _SOP_HINT)
-    ds = ImageFileDataset(paths, y, classes, transform, f"sop[{split}]")
+    ds = _labelled_images(paths, raw, "sop", split, _SOP_HINT, transform)
     ds.super_labels = remap_labels(raw_super)[0]
     return ds
 

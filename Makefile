@@ -7,7 +7,7 @@ $(VENV)/.installed: pyproject.toml setup.py evaluation/_scan.c
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test lint demo bench clean gpu-check gpu-wheels mutation
 venv: $(VENV)/.installed
 
 lint: venv
@@ -19,11 +19,33 @@ test: venv lint
 demo: venv
 	$(VENV)/bin/contrastive compare --output runs/demo
 
+# Break the loss and metric cores on purpose (flipped signs, dropped terms, detached gradients,
+# off-by-ones), each in a temporary copy, and report the fraction the tests catch.
+mutation: venv
+	$(PY) benchmarks/mutation_check.py
+
 bench: venv
 	$(PY) benchmarks/losses.py
 	$(PY) benchmarks/retrieval.py
 	$(PY) benchmarks/linear_probe.py
 	$(PY) benchmarks/embed.py
+
+# On a machine with a CUDA device: the CUDA tests and the GPU benchmarks, written to docs/gpu.md
+# (under 8 minutes; without a GPU it says so and exits 0). Runs from the checkout with the
+# system python (no venv, no pip install): see benchmarks/gpu_check.py.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py
+
+# The wheels a bare GPU machine (Python 3.12, x86_64, no network) lacks, fetched here into
+# benchmarks/wheels/ (git-ignored, about 23 MB) to travel with the checkout.
+gpu-wheels: venv
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d benchmarks/wheels \
+		pytorch-metric-learning faiss-cpu pytest pluggy iniconfig packaging pygments
+	$(PIP) download -q --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d benchmarks/wheels \
+		pydantic   # with its dependencies: pydantic-core must match it exactly
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

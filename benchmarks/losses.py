@@ -15,6 +15,10 @@ Time: median of ``--repeats`` forward+backward passes after one warm-up pass (wa
 highest level of torch's CPU allocations above the start of one pass, from torch.profiler's memory
 events (``profile_memory=True``); on CUDA ``torch.cuda.max_memory_allocated``.
 
+Every row compares the same loss: the same distance or critic, temperature, margins and
+reduction on both sides, and the ``|diff|`` column prints ``|ours - PML|`` of the loss value on
+that row's input (float32), so a row that compares different losses shows it.
+
 PML cases whose cost grows as B^3 are skipped, with the reason printed, when the time or memory
 predicted from the previous size exceeds ``--budget-s`` / ``--budget-gb`` (B^3 scaling for
 NTXentLoss and for TripletMarginLoss while it builds its B^3 mask, i.e. B^3 < 2^31; B^2 otherwise).
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from contrastive.critics import Cosine  # noqa: E402
 from losses import modules as M  # noqa: E402
 
 # --------------------------------------------------------------------------- memory
@@ -114,9 +119,11 @@ def _pml():
 
 
 def _ref_hard():
-    pml, miners, MeanReducer = _pml()
+    """PML's batch-hard: BatchHardMiner + TripletMarginLoss with its default reducer (the mean
+    over non-zero terms), i.e. ``Triplet(mining="hard", reduction="nonzero")``."""
+    pml, miners, _ = _pml()
     miner = miners.BatchHardMiner()
-    loss = pml.TripletMarginLoss(margin=0.05, reducer=MeanReducer())
+    loss = pml.TripletMarginLoss(margin=0.05)
     return lambda e, y: loss(e, y, miner(e, y))
 
 
@@ -134,29 +141,39 @@ def _triplet_power(b: int) -> int:
 
 
 def cases() -> dict[str, Case]:
+    """Like for like: each PML loss against our module configured to be the same loss."""
     pml, _, _ = _pml()
     return {
         "infonce": Case(
-            "InfoNCE(t=0.1)", "NTXentLoss", "views",
-            lambda: M.InfoNCE(temperature=0.1), lambda: pml.NTXentLoss(temperature=0.1), _cubic,
+            "InfoNCE(pair,t=.1)", "NTXentLoss", "views",
+            lambda: M.InfoNCE(temperature=0.1, positives="pair"),
+            lambda: pml.NTXentLoss(temperature=0.1), _cubic,
+        ),
+        "ntxent": Case(
+            "InfoNCE(pair,t=.1)", "NTXentLoss", "classes",
+            lambda: M.InfoNCE(temperature=0.1, positives="pair"),
+            lambda: pml.NTXentLoss(temperature=0.1), _cubic,
         ),
         "supcon": Case(
-            "InfoNCE(t=0.1)", "SupConLoss", "classes",
-            lambda: M.InfoNCE(temperature=0.1), lambda: pml.SupConLoss(temperature=0.1), _quadratic,
+            "InfoNCE(all,t=.1)", "SupConLoss", "classes",
+            lambda: M.InfoNCE(temperature=0.1, positives="all"),
+            lambda: pml.SupConLoss(temperature=0.1), _quadratic,
         ),
         "npair": Case(
-            "MultiClassNPair", "NPairsLoss", "classes",
-            lambda: M.MultiClassNPair(), lambda: pml.NPairsLoss(), _quadratic,
+            # PML's NPairsLoss() normalises (DotProductSimilarity's default): Cosine(1.0)
+            "NPair(Cosine(1))", "NPairsLoss", "classes",
+            lambda: M.MultiClassNPair(critic=Cosine(1.0)), lambda: pml.NPairsLoss(), _quadratic,
         ),
         "triplet": Case(
             "Triplet(all)", "TripletMarginLoss", "classes",
             lambda: M.Triplet(), lambda: pml.TripletMarginLoss(), _triplet_power,
         ),
         "triplet_hard": Case(
-            "Triplet(hard)", "TMLoss+BatchHard", "classes",
-            lambda: M.Triplet(mining="hard"), _ref_hard, _quadratic,
+            "Triplet(hard,nz)", "TMLoss+BatchHard", "classes",
+            lambda: M.Triplet(mining="hard", reduction="nonzero"), _ref_hard, _quadratic,
         ),
         "triplet_semihard": Case(
+            # PML's semihard TripletMarginMiner keeps every semi-hard triplet, a different loss
             "Triplet(semihard)", "-", "classes", lambda: M.Triplet(mining="semihard"), None,
             _quadratic,
         ),
@@ -288,7 +305,7 @@ def main(argv=None):
           "B x B matmul + logsumexp + backward, same run")
     head = (f"{'loss':<18} {'PML':<18} {'comp':<7} {'B':>5} {'ours ms':>9} {'PML ms':>10} "
             f"{'speed-up':>9} {'ours MB':>8} {'PML MB':>8} {'mem ratio':>9} {'floor ms':>9} "
-            f"{'ours/floor':>10} {'floor MB':>8}")
+            f"{'ours/floor':>10} {'floor MB':>8} {'|diff|':>8}")
     print(head)
     print("-" * len(head))
     prev_ref: dict[str, tuple[int, Result]] = {}
@@ -309,6 +326,10 @@ def main(argv=None):
                 if not skipped:
                     fn = c.ref()
                     fns["ref"] = fn.to(dev) if isinstance(fn, torch.nn.Module) else fn
+            diff = None
+            if "ref" in fns:
+                with torch.no_grad():
+                    diff = abs(float(fns["ours"](x, labels)) - float(fns["ref"](x, labels)))
             res = measure_interleaved(fns, x, labels, dev, args.repeats, args.budget_s)
             ours, fl = res["ours"], res["floor"]
             ref = res.get("ref", Result(skipped=skipped))
@@ -319,7 +340,8 @@ def main(argv=None):
             line = (f"{c.name:<18} {c.ref_name:<18} {c.composition:<7} {b:>5} "
                     f"{ours.ms:>9.2f} {fmt(ref.ms, '>10.1f')} {fmt(speed, '>9.1f')} "
                     f"{ours.mb:>8.1f} {fmt(ref.mb, '>8.1f')} {fmt(memr, '>9.1f')} "
-                    f"{fl.ms:>9.2f} {ours.ms / fl.ms:>10.2f} {fl.mb:>8.1f}")
+                    f"{fl.ms:>9.2f} {ours.ms / fl.ms:>10.2f} {fl.mb:>8.1f} "
+                    f"{fmt(diff, '>8.1e')}")
             if ref.skipped and c.ref is not None:
                 line += f"  PML {ref.skipped}"
             print(line, flush=True)

@@ -24,6 +24,17 @@ FAISS allocations alike. A contender is skipped, with the reason printed, when i
 memory exceeds half of MemAvailable, and killed when it runs past ``--cap`` seconds.
 
 Usage: ``python benchmarks/retrieval.py [--quick] [--sizes 10000 30000] [--classes 100 1000]``.
+
+``--scale``: exact against approximate search (:mod:`evaluation.ann`) at 100k and 1M x 128 with
+1,000 classes (:func:`evaluation.ann.structured_embeddings`, ``--noise``), one subprocess per
+(size, index). For each: the time and peak memory of ``retrieval_metrics(x, y, index=...)``;
+on ``--sample`` random query rows (the same rows for every index) the recall of the true 10 and
+true W nearest neighbours (W = the metrics' window, the largest class), and the difference of
+P@1 / R-Precision / MAP@R against exact search on those rows (paired: same queries). Exact
+search over all query rows runs only up to ``--exact-max-n`` rows; above, its time is estimated
+from the exact search of the sampled rows (scaled by N / sample) and its metrics are those of
+the sample, labelled as such. HNSW runs only up to ``--hnsw-max-n`` rows (its graph build is
+the slow part).
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import time
 
 import numpy as np
 
+SCALE_INDEXES = ("exact", "ivf", "ivfpq", "hnsw")
 CONTENDERS = (
     "ours-auto", "ours-noscan", "ours-faiss", "ours-torch", "pml-default", "pml-maxbin",
     "torch-mm-topk", "floor",
@@ -149,6 +161,155 @@ def run_contender(name: str, x: np.ndarray, y: np.ndarray):
     raise ValueError(name)
 
 
+def _sample_rows(n: int, sample: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(123).choice(n, min(n, sample), replace=False))
+
+
+def _sample_search(x, y, rows, k, index, opts=None):
+    """Neighbours of the sampled query rows (own row excluded) and their metric sums."""
+    import torch
+
+    from evaluation.retrieval import _block_sums, relevance_counts
+    from evaluation.search import search_blocks
+
+    idx = np.concatenate([
+        i.numpy() for _, _, i in search_blocks(
+            x[rows], x, k, "ip", rows, large_k_blocks=True, index=index, index_options=opts
+        )
+    ])
+    r_q = relevance_counts(y[rows], y, True)
+    match = torch.from_numpy(y[idx] == y[rows][:, None])
+    sums = _block_sums(match, torch.from_numpy(r_q), (1,))
+    return idx, {m: sums[m] / len(rows) for m in ("precision_at_1", "r_precision", "map_at_r")}
+
+
+def scale_worker(index: str, n: int, n_classes: int, d: int, noise: float, sample: int,
+                 exact_max_n: int, cache: str, nprobe: int = 0) -> None:
+    """One row of the --scale table (prints one JSON line)."""
+    opts = {"nprobe": nprobe} if nprobe and index in ("ivf", "ivfpq") else None
+    import torch
+
+    from evaluation.ann import structured_embeddings
+    from evaluation.retrieval import relevance_counts, retrieval_metrics
+
+    x, y = structured_embeddings(n, n_classes, d, noise=noise)
+    rows = _sample_rows(n, sample)
+    rows = rows[relevance_counts(y[rows], y, True) > 0]  # lone queries count in no metric
+    window = max(8, int(relevance_counts(y, y, True).max()))
+    xs, ys = structured_embeddings(2000, 20, d, noise=noise, seed=1)
+    retrieval_metrics(xs, ys, index="exact" if index == "exact" else index)  # warm-up
+    out = {"index": index, "window": window, "threads": torch.get_num_threads()}
+    if index == "exact":
+        t0 = time.perf_counter()
+        _sample_search(x, y, rows[:16], window, "exact")  # the fixed cost (setup, 16 rows)
+        t_fixed = time.perf_counter() - t0
+        t0, c0 = time.perf_counter(), time.process_time()
+        idx, sub = _sample_search(x, y, rows, window, "exact")
+        t_sample, c_sample = time.perf_counter() - t0, time.process_time() - c0
+        np.save(cache, idx)
+        out["sample_metrics"] = sub
+        if n <= exact_max_n:
+            full_index = "exact"
+        else:  # fixed cost + N x the cost per query row measured on the sample
+            per_row = max(0.0, t_sample - t_fixed) / max(1, len(rows) - 16)
+            out.update(time=t_fixed + per_row * n, cpu=c_sample * n / len(rows), estimated=True,
+                       peak=None, backend=None,
+                       metrics=sub, sample_time=t_sample)
+            print(json.dumps(out))
+            return
+    else:
+        full_index = index
+    with PeakRSS() as mem:
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = retrieval_metrics(x, y, ks=(1,), index=full_index, index_options=opts)
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    out.update(time=elapsed, cpu=cpu, estimated=False, peak=mem.rise, mem_method=mem.method,
+               backend=res.backend, metrics={k: float(v) for k, v in res.items()})
+    if index != "exact":
+        idx, sub = _sample_search(x, y, rows, window, index, opts)
+        out["sample_metrics"] = sub
+        true = np.load(cache)
+        for kk, name in ((10, "recall_at_10"), (window, "recall_at_w")):
+            hits = [np.intersect1d(a[:kk], b[:kk]).size for a, b in zip(idx, true)]
+            out[name] = float(np.sum(hits)) / (kk * len(rows))
+    print(json.dumps(out))
+
+
+def run_scale(args) -> None:
+    import tempfile
+
+    import torch
+
+    print(f"# retrieval --scale: d={args.dim}, {args.scale_classes} classes, structured synthetic "
+          f"(noise={args.noise}), cosine, query set == reference set, CPU, torch threads="
+          f"{torch.get_num_threads()}, cores={os.cpu_count()}, load avg at start="
+          f"{os.getloadavg()[0]:.1f}; recall and metric differences on {args.sample} sampled "
+          f"query rows")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tmp = tempfile.mkdtemp(prefix="retrieval-scale-")
+    for n in args.scale_sizes:
+        cache = os.path.join(tmp, f"exact-{n}.npy")
+        results = {}
+        for index in args.scale_indexes:
+            if index == "hnsw" and n > args.hnsw_max_n:
+                results[index] = f"skipped: N > --hnsw-max-n={args.hnsw_max_n} (graph build time)"
+                continue
+            cmd = [sys.executable, os.path.abspath(__file__), "--scale-worker", index, str(n),
+                   str(args.scale_classes), str(args.dim), str(args.noise), str(args.sample),
+                   str(args.exact_max_n), cache, str(args.nprobe)]
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cap,
+                                      cwd=root, env={**os.environ, "PYTHONPATH": root})
+            except subprocess.TimeoutExpired:
+                results[index] = f"killed: over the {args.cap:.0f} s cap"
+                continue
+            if proc.returncode != 0:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+                results[index] = f"failed (exit {proc.returncode}): {tail[0][:100]}"
+                continue
+            results[index] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[index]["wall"] = time.perf_counter() - t0
+        scale_report(n, args, results)
+
+
+def scale_report(n: int, args, results: dict) -> None:
+    ex = results.get("exact")
+    ex_sub = ex["sample_metrics"] if isinstance(ex, dict) else None
+    w = next((r["window"] for r in results.values() if isinstance(r, dict)), "?")
+    print(f"\n## N={n:,} x {args.dim}, {args.scale_classes} classes, window W={w}, "
+          f"load avg now {os.getloadavg()[0]:.1f}")
+    print(f"{'index':<7} {'time s':>9} {'cpu s':>9} {'peak MB':>9} {'recall@10':>10} "
+          f"{'recall@W':>9} {'P@1':>7} {'R-P':>7} {'MAP@R':>7} {'dP@1':>8} {'dR-P':>8} "
+          f"{'dMAP@R':>8}  backend")
+    for index, r in results.items():
+        if not isinstance(r, dict):
+            print(f"{index:<7} {r}")
+            continue
+        t = f"{r['time']:.1f}" + ("*" if r["estimated"] else "")
+        peak = "-" if r["peak"] is None else fmt_mb(r["peak"])
+        m = r["metrics"]
+        rec10 = f"{r['recall_at_10']:.4f}" if "recall_at_10" in r else "1"
+        recw = f"{r['recall_at_w']:.4f}" if "recall_at_w" in r else "1"
+        diffs = ["", "", ""]
+        if ex_sub is not None:
+            diffs = [f"{r['sample_metrics'][k] - ex_sub[k]:+.4f}"
+                     for k in ("precision_at_1", "r_precision", "map_at_r")]
+        c = f"{r['cpu']:.0f}" + ("*" if r["estimated"] else "")
+        print(f"{index:<7} {t:>9} {c:>9} {peak:>9} {rec10:>10} {recw:>9} "
+              f"{m['precision_at_1']:>7.4f} {m['r_precision']:>7.4f} {m['map_at_r']:>7.4f} "
+              f"{diffs[0]:>8} {diffs[1]:>8} "
+              f"{diffs[2]:>8}  {r['backend'] or 'exact, estimated'}")
+    if isinstance(ex, dict) and ex["estimated"]:
+        print(f"* exact at N={n:,}: not run over all query rows (> --exact-max-n="
+              f"{args.exact_max_n}); time ESTIMATED as fixed cost (a 16-row search) + N x the cost "
+              f"per row of the exact search of {args.sample} sampled rows ({ex['sample_time']:.1f}"
+              f" s); P@1 / R-P / MAP@R of those sampled rows")
+    print("time (wall), cpu (process CPU time, all threads: about 2x the wall time on 2 idle "
+          "cores), peak (resident-set rise) and P@1 / R-P / MAP@R: the full retrieval_metrics "
+          "call; recall and d* (index - exact): the sampled query rows")
+
+
 def worker(name: str, n: int, n_classes: int, d: int) -> None:
     import torch
 
@@ -204,7 +365,34 @@ def main() -> None:
     ap.add_argument("--cap", type=float, default=600.0, help="seconds per run before it is killed")
     ap.add_argument("--quick", action="store_true", help="sizes 2000 and 5000, 50 classes")
     ap.add_argument("--worker", nargs=4, metavar=("NAME", "N", "C", "D"), help=argparse.SUPPRESS)
+    ap.add_argument("--scale", action="store_true",
+                    help="exact vs approximate index at --scale-sizes (see the docstring)")
+    ap.add_argument("--scale-sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--scale-classes", type=int, default=1000)
+    ap.add_argument("--scale-indexes", nargs="+", default=list(SCALE_INDEXES),
+                    choices=SCALE_INDEXES)
+    ap.add_argument("--noise", type=float, default=2.0, help="structured_embeddings noise")
+    ap.add_argument("--sample", type=int, default=5000, help="query rows for recall / diffs")
+    ap.add_argument("--exact-max-n", type=int, default=200_000,
+                    help="largest N at which exact search runs over all query rows")
+    ap.add_argument("--hnsw-max-n", type=int, default=200_000)
+    ap.add_argument("--nprobe", type=int, default=0,
+                    help="IVF cells probed (0: evaluation.ann's default by N)")
+    ap.add_argument("--scale-worker", nargs=9, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.scale_worker:
+        i, n, c, d, noise, sample, emax, cache, nprobe = args.scale_worker
+        scale_worker(i, int(n), int(c), int(d), float(noise), int(sample), int(emax), cache,
+                     int(nprobe))
+        return
+    if args.scale:
+        if "exact" not in args.scale_indexes:
+            ap.error("--scale-indexes must include exact (the reference for recall)")
+        args.scale_indexes = ["exact"] + [i for i in args.scale_indexes if i != "exact"]
+        if args.cap == 600.0:
+            args.cap = 1800.0
+        run_scale(args)
+        return
     if args.worker:
         name, n, c, d = args.worker
         worker(name, int(n), int(c), int(d))

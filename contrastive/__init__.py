@@ -15,6 +15,40 @@ from .pairs import diagonal_masks, label_masks, resolve_pairs
 
 __version__ = "0.1.0"
 
+
+def check_own_packages() -> None:
+    """Raise ``ImportError`` when ``losses`` or ``evaluation`` -- generic names -- would be
+    imported from somewhere other than beside this package: a user's own ``losses.py`` or
+    ``evaluation/`` in the working folder (first on ``sys.path`` under ``python -m`` and in
+    scripts) shadows ours and would fail later with an unrelated ``AttributeError``. The message
+    names the shadowing file and the fix."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    home = Path(__file__).resolve().parent.parent
+    for name in ("losses", "evaluation"):
+        module = sys.modules.get(name)
+        origin = getattr(module, "__file__", None) if module is not None else None
+        if module is None:
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                spec = None
+            if spec is None:
+                raise ImportError(f"the package {name!r} of contrastive-mi is not installed; "
+                                  "reinstall it (pip install contrastive-mi)")
+            origin = spec.origin
+        if origin is None:
+            continue
+        path = Path(origin).resolve()
+        if path.parent != home / name:
+            raise ImportError(
+                f"{path} shadows contrastive-mi's package {name!r} (expected "
+                f"{home / name}); rename your {path.name if path.name != '__init__.py' else name}"
+                f" or run from another folder (the working folder comes first on sys.path)"
+            )
+
 _LAZY = {
     # name -> submodule that defines it (imported on first use)
     "MPerClassSampler": ".samplers",
@@ -57,6 +91,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "check_own_packages",
     "critics",
     "pairs",
     "validation",

@@ -22,12 +22,15 @@ import re
 import uuid
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
+
+from .config import UserError
 
 __all__ = [
     "CheckpointError",
@@ -39,6 +42,8 @@ __all__ = [
     "capture_rng_state",
     "restore_rng_state",
     "latest_checkpoint",
+    "folder_lock",
+    "FolderInUse",
 ]
 
 _TMP_SUFFIX = ".tmp"
@@ -313,3 +318,51 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             )
         for i in range(min(n, len(saved))):
             torch.cuda.set_rng_state(torch.as_tensor(saved[i], dtype=torch.uint8).cpu(), i)
+
+
+# --------------------------------------------------------------------------------------------
+# one run per folder
+# --------------------------------------------------------------------------------------------
+_LOCK_NAME = ".lock"
+_OWNER_NAME = ".lock.owner"
+
+
+class FolderInUse(UserError):  # a UserError: the command line prints it as one line
+    """Another run holds the folder's lock."""
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "a run") -> Iterator[Path]:
+    """Hold an exclusive lock (``filelock``, an OS file lock on ``<folder>/.lock``) while the
+    block runs, so that two runs never write into one folder at once. A second run does not
+    wait: it stops at once with :class:`FolderInUse` naming the holder's pid and command. The
+    OS drops the lock when its process dies, so a crash never leaves the folder locked."""
+    from filelock import FileLock, Timeout
+
+    d = _as_path(folder, "folder")
+    if d.exists() and not d.is_dir():
+        raise UserError(f"output {d} exists and is not a folder; pick another path")
+    d.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(d / _LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        owner = ""
+        try:
+            info = json.loads((d / _OWNER_NAME).read_text())
+            owner = f" (pid {info.get('pid')}: {info.get('what')})"
+        except (OSError, ValueError):
+            pass
+        raise FolderInUse(
+            f"output folder {d} is in use by another run{owner}; wait for it to finish or pass "
+            "another --output"
+        ) from None
+    try:
+        atomic_write_json(d / _OWNER_NAME, {"pid": os.getpid(), "what": what})
+        yield d
+    finally:
+        try:
+            (d / _OWNER_NAME).unlink()
+        except FileNotFoundError:
+            pass
+        lock.release()

@@ -3,23 +3,52 @@ evaluation, reported in one table.
 
 Every (loss, seed) cell trains the same encoder on the same data with the same optimiser, batch
 composition and step budget (:class:`~contrastive.config.TrainConfig`); only the loss (and its
-standard hyper-parameters, :data:`LOSS_DEFAULTS`) changes. Each finished cell is saved as
-``cells/<loss>__seed<k>.json``, so an interrupted comparison resumes where it stopped and
-finished cells are never run again.
+standard hyper-parameters, :data:`LOSS_DEFAULTS`) changes.
+
+A finished cell is reused only when everything that decides its result is the same. Each cell is
+keyed by :func:`cell_key`, a hash of its resolved config (the loss and its keywords completed
+with the constructor's defaults, the critic and its keywords, backbone, embedding size, data set
+and splits, steps, batch, optimiser, schedule, seed, ..., and the library version): it is saved
+as ``cells/<loss>__seed<k>__<key>.json`` and trains (with its checkpoints) under
+``runs/<loss>__seed<k>__<key>/``. An interrupted comparison resumes where it stopped; a run with
+other settings into the same folder trains its own cells and never reports another run's
+numbers. The output folder is locked while a comparison runs in it
+(:func:`contrastive.checkpoint.folder_lock`).
+
+Problems that are the same for every cell (an unknown loss or keyword, ``pml:`` with a critic,
+a batch that cannot hold ``m_per_class`` items of two or more classes, a missing data path) are
+one :class:`~contrastive.config.UserError` before anything trains. A cell that fails while it
+trains is reported (on stderr as it happens, in the table and in ``results.json``) and the
+others go on; the result's ``failed`` list names it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import re
+import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, load_mapping
+from .config import (
+    Bool,
+    ConfigError,
+    IntList,
+    PosInt,
+    TextList,
+    TrainConfig,
+    UserError,
+    closest,
+    load_mapping,
+    resolved_kwargs,
+    validate_fields,
+)
 
 #: The embedded default comparison: MI bounds and metric-learning losses.
 DEFAULT_LOSSES = ("infonce", "nwj", "js", "dv", "triplet", "npair", "contrastive")
@@ -38,37 +67,62 @@ LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
     "contrastive": {"pos_margin": 0.0, "neg_margin": 1.0},
 }
 
+#: TrainConfig fields that do not change a cell's result (where it is written, how it is shown).
+NOT_IN_KEY = frozenset({"output", "progress", "resume", "overwrite", "num_workers"})
+
 
 @dataclass
 class CompareConfig:
     """What ``contrastive compare`` runs. ``train`` holds any further
-    :class:`~contrastive.config.TrainConfig` fields shared by every cell (e.g. ``lr``)."""
+    :class:`~contrastive.config.TrainConfig` fields shared by every cell (e.g. ``lr``);
+    ``loss_kwargs`` maps a loss name to keywords that replace its :data:`LOSS_DEFAULTS`.
+    ``losses`` and ``seeds`` take a list or a comma string."""
+
+    __pydantic_config__ = TrainConfig.__pydantic_config__
 
     dataset: str = "digits"
     data_dir: str | None = None
-    losses: tuple[str, ...] = DEFAULT_LOSSES
+    losses: TextList = DEFAULT_LOSSES
     loss_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     backbone: str = "mlp"
     critic: str | None = None
-    steps: int = 1000
-    seeds: tuple[int, ...] = (0, 1, 2)
-    batch_size: int = 64
+    critic_kwargs: dict[str, Any] = field(default_factory=dict)
+    steps: PosInt = 1000
+    seeds: IntList = (0, 1, 2)
+    batch_size: PosInt = 64
     output: str = "runs/compare"
     train: dict[str, Any] = field(default_factory=dict)
-    progress: bool = True
+    progress: Bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | None = None) -> CompareConfig:
+        """Build from a mapping, checked against the field types (:class:`ConfigError`)."""
+        cfg = validate_fields(cls, data, source=source)
+        if not cfg.losses:
+            raise UserError("config field 'losses': got an empty list, expected loss names")
+        if not cfg.seeds:
+            raise UserError("config field 'seeds': got an empty list, expected seeds")
+        for key in ("output", "resume", "overwrite", "progress", "loss", "seed"):
+            if key in cfg.train:  # set per cell by compare itself
+                raise ConfigError(f"train.{key}", cfg.train[key],
+                                  "no value: compare sets it for each cell (use the top-level "
+                                  "output / losses / seeds)", source=source)
+        for name, kwargs in cfg.loss_kwargs.items():
+            if name not in cfg.losses:  # keywords for a loss that is not run: a misspelling
+                raise ConfigError(f"loss_kwargs.{name}", kwargs,
+                                  f"a loss of losses ({', '.join(cfg.losses)})",
+                                  closest(name, cfg.losses), source=source)
+        return cfg
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> CompareConfig:
+        """Load a YAML/TOML/JSON file; ``overrides`` that are not None replace its values."""
         data = load_mapping(path)
         data.update({k: v for k, v in overrides.items() if v is not None})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown compare config key(s) {unknown}; known: {sorted(known)}")
-        for k in ("losses", "seeds"):
-            if k in data:
-                data[k] = tuple(data[k])
-        return cls(**data)
+        return cls.from_dict(data, source=str(path))
+
+    def validated(self) -> CompareConfig:
+        return self.from_dict(dict(self.__dict__))
 
 
 def cell_name(loss: str, seed: int) -> str:
@@ -89,36 +143,84 @@ def describe_critic(loss_module) -> str:
     return name
 
 
-def train_config_for(cfg: CompareConfig, loss: str, seed: int) -> TrainConfig:
+def train_config_for(cfg: CompareConfig, loss: str, seed: int,
+                     output: str | None = None) -> TrainConfig:
+    """The :class:`TrainConfig` of one cell (``output``: its run folder; by default the
+    key-named one under ``cfg.output``)."""
     kwargs = dict(LOSS_DEFAULTS.get(loss, {}))
     if cfg.critic is not None:
         kwargs.pop("temperature", None)
     kwargs.update(cfg.loss_kwargs.get(loss, {}))
     base = {
         "dataset": cfg.dataset, "data_dir": cfg.data_dir, "backbone": cfg.backbone,
-        "loss": loss, "loss_kwargs": kwargs, "critic": cfg.critic, "steps": cfg.steps,
-        "batch_size": cfg.batch_size, "seed": seed, "progress": False, "resume": True,
-        "output": str(Path(cfg.output) / "runs" / cell_name(loss, seed)),
+        "loss": loss, "loss_kwargs": kwargs, "critic": cfg.critic,
+        "critic_kwargs": dict(cfg.critic_kwargs) if cfg.critic is not None else {},
+        "steps": cfg.steps, "batch_size": cfg.batch_size, "seed": seed, "progress": False,
+        "resume": "auto", "output": output or str(Path(cfg.output) / "runs" / "pending"),
         "eval_every": max(cfg.steps // 5, 1), "checkpoint_every": max(cfg.steps // 5, 1),
     }
     base.update(cfg.train)
-    return TrainConfig.from_dict(base)
+    tcfg = TrainConfig.from_dict(base)
+    if output is None:
+        tcfg.output = str(Path(cfg.output) / "runs" / f"{cell_name(loss, seed)}__"
+                          f"{cell_key(tcfg)}")
+    return tcfg
 
 
-def run_cell(cfg: CompareConfig, loss: str, seed: int) -> dict[str, Any]:
-    """Train and evaluate one (loss, seed) cell; failures are recorded, not raised."""
+def resolved_cell_config(tcfg: TrainConfig) -> dict[str, Any]:
+    """Everything that decides a cell's result: the cell's config without
+    :data:`NOT_IN_KEY`, the loss's and critic's keywords completed with their constructors'
+    defaults (a sized critic's ``dim`` / ``in_dim`` as the trainer fills it in), and the
+    library version."""
+    from . import __version__
+    from .config import _critic_factory, _loss_factory
+
+    out = {k: v for k, v in tcfg.to_dict().items() if k not in NOT_IN_KEY}
+    out["loss_kwargs"] = resolved_kwargs(_loss_factory(tcfg.loss), tcfg.loss_kwargs)
+    if tcfg.critic is not None:
+        ckw = dict(tcfg.critic_kwargs)
+        key = tcfg.critic.lower()
+        if key == "bilinear":
+            ckw.setdefault("dim", tcfg.dim)
+        elif key in ("separable", "concat", "mlp"):
+            ckw.setdefault("in_dim", tcfg.dim)
+        out["critic_kwargs"] = resolved_kwargs(_critic_factory(tcfg.critic), ckw)
+    out["library_version"] = __version__
+    return out
+
+
+def cell_key(tcfg: TrainConfig) -> str:
+    """12 hex digits of the SHA-256 of :func:`resolved_cell_config` (canonical JSON)."""
+    text = json.dumps(resolved_cell_config(tcfg), sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_cell(cfg: CompareConfig, loss: str, seed: int,
+             tcfg: TrainConfig | None = None) -> dict[str, Any]:
+    """Train and evaluate one (loss, seed) cell. A failure is recorded (``status: failed``,
+    ``error``, ``traceback``) and printed on stderr, not raised; an interrupt (SIGINT/SIGTERM,
+    :class:`~contrastive.train.TrainingInterrupted`) is raised after its checkpoint is
+    written."""
     from .train import build_loss, fit
 
-    tcfg = train_config_for(cfg, loss, seed)
-    record: dict[str, Any] = {"loss": loss, "seed": seed}
+    tcfg = tcfg or train_config_for(cfg, loss, seed)
+    record: dict[str, Any] = {"loss": loss, "seed": seed, "key": cell_key(tcfg),
+                              "config": resolved_cell_config(tcfg)}
     try:
         record["critic"] = describe_critic(
             build_loss(tcfg.loss, tcfg.loss_kwargs, tcfg.critic, tcfg.critic_kwargs,
                        embedding_dim=tcfg.dim)
         )
         res = fit(tcfg)
-    except (ValueError, FloatingPointError, RuntimeError) as exc:
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # one cell's failure must not stop the others; it is reported
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                      traceback=traceback.format_exc())
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _say(f"cell {loss} seed {seed} failed: {type(exc).__name__}: {first}")
         return record
     record.update(
         status="ok",
@@ -130,51 +232,86 @@ def run_cell(cfg: CompareConfig, loss: str, seed: int) -> dict[str, Any]:
     return record
 
 
-def compare(cfg: CompareConfig) -> dict[str, Any]:
-    """Run every (loss, seed) cell not already finished under ``cfg.output``, then write the
-    report (``results.json``, ``results.csv``, ``results.md``, PNG plots). Returns
-    ``{"records", "rows", "files", "table", "wall_time_s"}``."""
-    from tqdm.auto import tqdm
+def preflight(cfg: CompareConfig) -> dict[tuple[str, int], TrainConfig]:
+    """Check what is the same for every cell before anything trains, and return each cell's
+    config: the configs themselves (loss names and keywords, critic, ``train`` fields), the
+    data (train and evaluation splits), the batch composition on the training labels, and each
+    loss's construction. Raises :class:`UserError` on the first problem."""
+    from .datasets import get_dataset
+    from .samplers import MPerClassSampler
+    from .train import build_loss, eval_sets
 
-    from losses.registry import canonical
+    configs = {(loss, seed): train_config_for(cfg, loss, seed)
+               for loss in cfg.losses for seed in cfg.seeds}
+    first = next(iter(configs.values()))
+
+    def user(what, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError:
+            raise
+        except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+            raise UserError(f"{what}: {exc}") from exc
+
+    ds = user(f"data set {first.dataset!r}", get_dataset, first.dataset, root=first.data_dir,
+              split=first.train_split)
+    user(f"data set {first.dataset!r}", eval_sets, first.dataset, first.data_dir,
+         first.eval_split)
+    if first.views < 2:
+        import numpy as np
+
+        user(f"batch_size {first.batch_size} with m_per_class {first.m_per_class} on "
+             f"{first.dataset!r}", MPerClassSampler, np.asarray(ds.labels), m=first.m_per_class,
+             batch_size=first.batch_size, seed=0, num_replicas=1, rank=0)
+    for loss in cfg.losses:
+        t = configs[(loss, cfg.seeds[0])]
+        user(f"loss {loss!r}", build_loss, t.loss, t.loss_kwargs, t.critic, t.critic_kwargs,
+             embedding_dim=t.dim)
+    return configs
+
+
+def compare(cfg: CompareConfig) -> dict[str, Any]:
+    """Run every (loss, seed) cell not already finished under ``cfg.output`` with the same
+    resolved settings, then write the report (``results.json``, ``results.csv``,
+    ``results.md``, PNG plots). Returns ``{"records", "rows", "files", "table", "wall_time_s",
+    "failed"}``; ``failed`` lists the ``(loss, seed, error)`` of the cells that failed."""
+    from tqdm.auto import tqdm
 
     from . import report
 
-    for loss in cfg.losses:
-        if not loss.startswith("pml:"):
-            canonical(loss)  # an unknown name fails here, before any cell trains
-    if not cfg.seeds:
-        raise ValueError("seeds must name at least one seed")
-    # The config and the data are checked once, by the readers themselves, before any cell
-    # trains: a wrong path is one error, not one failed cell per (loss, seed).
-    from .datasets import get_dataset
-    from .train import eval_sets
-
-    first = train_config_for(cfg, cfg.losses[0], cfg.seeds[0])
-    get_dataset(first.dataset, root=first.data_dir, split=first.train_split)
-    eval_sets(first.dataset, first.data_dir, first.eval_split)
+    cfg = cfg.validated()
+    configs = preflight(cfg)
     out = Path(cfg.output)
-    cells = out / "cells"
-    cells.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    records = []
-    todo = [(loss, seed) for loss in cfg.losses for seed in cfg.seeds]
-    bar = tqdm(todo, desc="compare", disable=not cfg.progress, dynamic_ncols=True)
-    for loss, seed in bar:
-        bar.set_postfix(loss=loss, seed=seed)
-        path = cells / f"{cell_name(loss, seed)}.json"
-        if path.exists():
-            records.append(json.loads(path.read_text()))
-            continue
-        record = run_cell(cfg, loss, seed)
-        if record.get("status") == "ok":
-            ckpt.atomic_write_json(path, record)
-        records.append(record)
-    wall = time.perf_counter() - t0
-    meta = {"config": _jsonable(cfg.__dict__), "wall_time_s": wall, "versions": _versions()}
-    files = report.write_report(records, out, meta=meta, title=f"compare on {cfg.dataset}")
+    with ckpt.folder_lock(out, "contrastive compare"):
+        cells = out / "cells"
+        cells.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        records = []
+        todo = list(configs)
+        bar = tqdm(todo, desc="compare", disable=not cfg.progress, dynamic_ncols=True)
+        for loss, seed in bar:
+            bar.set_postfix(loss=loss, seed=seed)
+            tcfg = configs[(loss, seed)]
+            key = cell_key(tcfg)
+            path = cells / f"{cell_name(loss, seed)}__{key}.json"
+            if path.exists():
+                saved = json.loads(path.read_text())
+                if saved.get("key") == key and saved.get("status") == "ok":
+                    records.append(saved)
+                    continue
+            record = run_cell(cfg, loss, seed, tcfg)
+            if record.get("status") == "ok":
+                ckpt.atomic_write_json(path, record)
+            records.append(record)
+        bar.close()
+        wall = time.perf_counter() - t0
+        meta = {"config": _jsonable(cfg.__dict__), "wall_time_s": wall,
+                "versions": _versions()}
+        files = report.write_report(records, out, meta=meta, title=f"compare on {cfg.dataset}")
     rows = report.aggregate(records)
-    return {"records": records, "rows": rows, "files": files,
+    failed = [(r["loss"], r["seed"], r.get("error", "")) for r in records
+              if r.get("status") != "ok"]
+    return {"records": records, "rows": rows, "files": files, "failed": failed,
             "table": report.format_table(rows), "wall_time_s": wall}
 
 
@@ -186,8 +323,11 @@ def _versions() -> dict[str, str]:
     import numpy
     import torch
 
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "numpy": numpy.__version__, "machine": platform.machine()}
+    from . import __version__
+
+    out = {"contrastive": __version__, "python": platform.python_version(),
+           "torch": torch.__version__, "numpy": numpy.__version__,
+           "machine": platform.machine()}
     try:
         import faiss
 

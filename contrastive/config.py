@@ -1,16 +1,138 @@
-"""Training configuration: one dataclass, loadable from YAML, TOML or JSON.
+"""Training configuration: one typed dataclass, loadable from YAML, TOML or JSON, checked by
+pydantic against its field types before anything trains.
 
 Every field has a default that trains the embedded default (digits, an MLP encoder, InfoNCE) on
 two CPU cores in seconds; a config file only names what differs.
+
+Values are read the way people write them: numbers in any usual spelling (``1e-3``, ``"3e-4"``,
+``1_000``, ``1e3`` for an integer field) become numbers; booleans are ``true``/``false`` only
+(``"false"`` is false, ``"yes"`` or ``1`` are errors); a list field takes a YAML list or a comma
+string (``infonce,triplet``). A wrong type, an unknown key or a misspelled keyword inside
+``loss_kwargs`` / ``critic_kwargs`` (checked against the loss's or critic's constructor) raises
+:class:`ConfigError`: one line naming the field, the value, what was expected and the closest
+valid name. :class:`UserError` is the base of every mistake in what a user asked for; the command
+line prints those as one ``error:`` line with exit status 2 and everything else as a traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import json
-from dataclasses import asdict, dataclass, field, fields
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from torch import nn
+
+__all__ = [
+    "UserError",
+    "ConfigError",
+    "TrainConfig",
+    "load_mapping",
+    "validate_fields",
+    "check_loss",
+    "resolved_kwargs",
+    "closest",
+]
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for (a value, a name, a path, a folder in use). The
+    command line prints it as one ``error:`` line and exits with status 2. It is a
+    ``ValueError`` so that Python callers can catch bad input the usual way."""
+
+
+class ConfigError(UserError):
+    """A config value that does not fit its field: names the field, the value, what was
+    expected and (when there is one) the closest valid name."""
+
+    def __init__(self, field: str, value: Any, expected: str, suggestion: str | None = None,
+                 *, unknown: bool = False, source: str | None = None) -> None:
+        self.field, self.value, self.expected = field, value, expected
+        self.suggestion, self.source = suggestion, source
+        where = f" in {source}" if source else ""
+        if unknown:
+            text = (f"unknown config key '{field}'{where} (value {_short(value)}); "
+                    f"expected {expected}")
+        else:
+            text = f"config field '{field}'{where}: got {_short(value)}, expected {expected}"
+        if suggestion:
+            text += f"; did you mean '{suggestion}'?"
+        super().__init__(text)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The choice nearest to ``name`` (``difflib.get_close_matches``, cutoff 0.6), or None."""
+    hits = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return hits[0] if hits else None
+
+
+# ------------------------------------------------------------------------------ value readers
+
+
+def _number(value: Any) -> Any:
+    """Numbers as people write them: ``"1e-3"`` (PyYAML reads ``1e-3`` as a string), ``"1_000"``,
+    ``1e3`` for an integer field. Anything else goes on unchanged for pydantic to judge."""
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            number = float(text)
+        except ValueError:
+            return value
+        if math.isfinite(number) and number.is_integer() and ("e" in text.lower()):
+            return int(number)
+        return number
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return value  # pydantic accepts an exact float for an int field
+    return value
+
+
+def _boolean(value: Any) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError("true or false")
+
+
+def _text_list(value: Any) -> Any:
+    """A YAML list, or a comma string ``"a,b"``; items stripped, empty items dropped."""
+    if isinstance(value, str):
+        return [t.strip() for t in value.split(",") if t.strip()]
+    return value
+
+
+def _number_list(value: Any) -> Any:
+    value = _text_list(value)
+    if isinstance(value, (list, tuple)):
+        return [_number(v) for v in value]
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_number)]
+PosInt = Annotated[int, BeforeValidator(_number), Field(gt=0)]
+NonNegInt = Annotated[int, BeforeValidator(_number), Field(ge=0)]
+Float = Annotated[float, BeforeValidator(_number)]
+PosFloat = Annotated[float, BeforeValidator(_number), Field(gt=0)]
+Bool = Annotated[bool, BeforeValidator(_boolean)]
+TextList = Annotated[tuple[str, ...], BeforeValidator(_text_list)]
+IntList = Annotated[tuple[int, ...], BeforeValidator(_number_list)]
+
+_PYDANTIC = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
 
 @dataclass
@@ -22,136 +144,339 @@ class TrainConfig:
     m_per_class`` classes x ``m_per_class``; >= 2: self-supervised, that many augmented views per
     instance with instance ids as labels), ``augment`` (training augmentation preset).
 
-    Model: ``backbone`` (a timm model name, or ``"mlp"`` for vector data), ``backbone_kwargs``,
-    ``dim`` and ``head`` of the embedding, ``pretrained``/``weights``.
+    Model: ``backbone`` (a timm model name, ``"mlp"`` for vector data, or -- from Python -- any
+    ``nn.Module``; its checkpoints then hold the weights but not the code, so resuming or
+    reloading needs the same module passed again), ``backbone_kwargs``, ``dim`` and ``head`` of
+    the embedding, ``pretrained``/``weights``.
 
     Loss: ``loss`` (a name from ``losses.available()`` or ``"pml:ClassName"`` for a
     pytorch-metric-learning loss), ``loss_kwargs``, and optionally ``critic`` +
     ``critic_kwargs`` (a name from ``contrastive.critics.available()``) to override the loss's
     default critic.
 
-    Optimisation: ``optimizer`` ("adamw" or "sgd"), ``lr``, ``weight_decay``, ``momentum``,
-    ``schedule`` ("cosine", "constant" or "step"), ``warmup_steps``, ``steps`` (or ``epochs``),
-    ``grad_clip`` (max global norm, ``None`` for off), ``amp`` (``None``: bf16 autocast on CUDA
-    only), ``seed``.
+    Optimisation: ``optimizer`` ("adamw", "adam" or "sgd"), ``lr``, ``weight_decay``,
+    ``momentum``, ``schedule`` ("cosine", "constant" or "step"), ``warmup_steps``, ``steps`` (or
+    ``epochs``), ``grad_clip`` (max global norm, ``None`` for off), ``amp`` (``None``: bf16
+    autocast on CUDA only), ``seed``.
 
     Bookkeeping: ``output`` directory (``log.jsonl``, ``log.csv``, ``checkpoints/``,
-    ``result.json``), ``eval_every``, ``log_every``, ``checkpoint_every`` (steps), ``resume``,
+    ``result.json``), ``eval_every``, ``log_every``, ``checkpoint_every`` (steps), ``resume``
+    (``False``: the folder must not hold a run unless ``overwrite``; ``True``: continue from
+    ``checkpoints/last.pt``, which must exist and match these settings; ``"auto"``: continue when
+    a checkpoint exists, else start fresh), ``overwrite`` (replace a run already in ``output``),
     ``final_probe`` (linear probe + k-NN classifier at the end), ``progress``.
     """
+
+    __pydantic_config__ = _PYDANTIC
 
     dataset: str = "digits"
     data_dir: str | None = None
     train_split: str = "train"
     eval_split: str = "test"
-    views: int = 0
-    augment: bool = False
-    backbone: str = "mlp"
+    views: NonNegInt = 0
+    augment: Bool = False
+    backbone: str | nn.Module = "mlp"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    dim: int = 64
-    head: str | None = "linear"
-    normalize: bool = False
-    pretrained: bool = False
+    dim: PosInt = 64
+    head: Literal["linear", "mlp"] | None = "linear"
+    normalize: Bool = False
+    pretrained: Bool = False
     weights: str | None = None
     loss: str = "infonce"
     loss_kwargs: dict[str, Any] = field(default_factory=dict)
     critic: str | None = None
     critic_kwargs: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 64
-    m_per_class: int = 8
-    steps: int = 500
-    epochs: int | None = None
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    grad_clip: float | None = 5.0
-    amp: bool | None = None
-    seed: int = 0
-    eval_every: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 100
+    batch_size: PosInt = 64
+    m_per_class: PosInt = 8
+    steps: PosInt = 500
+    epochs: PosInt | None = None
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: PosFloat = 1e-3
+    weight_decay: Annotated[float, BeforeValidator(_number), Field(ge=0)] = 1e-4
+    momentum: Annotated[float, BeforeValidator(_number), Field(ge=0, lt=1)] = 0.9
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    warmup_steps: NonNegInt = 0
+    grad_clip: PosFloat | None = 5.0
+    amp: Bool | None = None
+    seed: NonNegInt = 0
+    eval_every: NonNegInt = 0
+    log_every: PosInt = 10
+    checkpoint_every: NonNegInt = 100
     output: str = "runs/train"
-    resume: bool = False
-    final_probe: bool = True
+    resume: Bool | Literal["auto"] = False
+    overwrite: Bool = False
+    final_probe: Bool = True
     device: str | None = None
-    num_workers: int = 0
-    progress: bool = True
+    num_workers: NonNegInt = 0
+    progress: Bool = True
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a mapping; unknown keys are an error that lists the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown config key(s) {unknown}; known keys: {sorted(known)}"
-            )
-        return cls(**data).validated()
+    def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> TrainConfig:
+        """Build from a mapping, checked against the field types (:class:`ConfigError` on an
+        unknown key, a wrong type, or an unknown loss / critic keyword)."""
+        return validate_fields(cls, data, source=source).validated(source=source)
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
         """Load ``.yaml``/``.yml``, ``.toml`` or ``.json``."""
-        return cls.from_dict(load_mapping(path))
+        return cls.from_dict(load_mapping(path), source=str(path))
 
     def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes).validated()
+        return TrainConfig.from_dict({**self._fields(), **changes})
+
+    def _fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON-able values; a custom ``nn.Module`` backbone appears as
+        ``"<module ClassName>"``."""
+        out = dataclasses.asdict(dataclasses.replace(self, backbone="")) if isinstance(
+            self.backbone, nn.Module) else dataclasses.asdict(self)
+        if isinstance(self.backbone, nn.Module):
+            out["backbone"] = f"<module {type(self.backbone).__name__}>"
+        return out
 
-    def validated(self) -> TrainConfig:
-        """Check ranges; raise ``ValueError`` naming the field."""
-        positive = ["batch_size", "m_per_class", "dim", "log_every"]
-        for name in positive:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"config field {name} must be a positive integer, got {v!r}")
-        if self.epochs is None and (not isinstance(self.steps, int) or self.steps <= 0):
-            raise ValueError(f"config field steps must be a positive integer, got {self.steps!r}")
-        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs <= 0):
-            raise ValueError(f"config field epochs must be a positive integer, got {self.epochs!r}")
-        for name in ["eval_every", "checkpoint_every", "warmup_steps", "num_workers"]:
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"config field {name} must be an integer >= 0, got {v!r}")
-        if self.views == 1 or self.views < 0:
-            raise ValueError(f"config field views must be 0 (supervised) or >= 2, got {self.views}")
-        if not (self.lr > 0):
-            raise ValueError(f"config field lr must be > 0, got {self.lr!r}")
-        if self.optimizer not in ("adamw", "sgd", "adam"):
-            raise ValueError(f"config field optimizer must be 'adamw', 'adam' or 'sgd', got "
-                             f"{self.optimizer!r}")
-        if self.schedule not in ("cosine", "constant", "step"):
-            raise ValueError(f"config field schedule must be 'cosine', 'constant' or 'step', got "
-                             f"{self.schedule!r}")
-        if self.grad_clip is not None and not (self.grad_clip > 0):
-            raise ValueError(f"config field grad_clip must be > 0 or null, got {self.grad_clip!r}")
-        return self
+    def validated(self, source: str | None = None) -> TrainConfig:
+        """The config with every value checked against its field type and the cross-field
+        rules (``views``, the loss and critic names and keywords); raises :class:`ConfigError`."""
+        cfg = validate_fields(TrainConfig, self._fields(), source=source)
+        if cfg.views == 1:
+            raise ConfigError("views", cfg.views, "0 (supervised) or >= 2 (views per instance)",
+                              source=source)
+        check_loss(cfg.loss, cfg.loss_kwargs, cfg.critic, cfg.critic_kwargs, source=source)
+        return cfg
+
+
+# ------------------------------------------------------------------------------ checking
+
+
+def _expected(errors: list[dict]) -> str:
+    """What pydantic's errors for one field say was expected, in plain words."""
+    parts = []
+    for e in errors:
+        msg = str(e.get("msg", ""))
+        for prefix in ("Input should be ", "Value error, ", "Assertion failed, "):
+            if msg.startswith(prefix):
+                msg = msg[len(prefix):]
+        if e.get("type") == "is_instance_of":
+            msg = f"an instance of {e.get('ctx', {}).get('class', 'the right class')}"
+        if e.get("type") == "none_required":
+            continue  # the None of an optional field: say what the value itself should be
+        if msg not in parts:
+            parts.append(msg)
+    return " or ".join(parts) or "a valid value"
+
+
+def validate_fields(cls: type, data: Mapping[str, Any], source: str | None = None):
+    """``cls`` (a dataclass with pydantic-annotated fields) from ``data``, checked by pydantic;
+    the first problem becomes a :class:`ConfigError`."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("<top level>", data, "a mapping of field: value", source=source)
+    known = [f.name for f in fields(cls)]
+    for key in data:
+        if key not in known:
+            raise ConfigError(str(key), data[key], f"one of the {cls.__name__} fields",
+                              closest(str(key), known), unknown=True, source=source)
+    try:
+        return _adapter(cls).validate_python(dict(data))
+    except ValidationError as exc:
+        errors = exc.errors()
+        top = errors[0]["loc"][0] if errors[0]["loc"] else "<top level>"
+        same = [e for e in errors if e["loc"] and e["loc"][0] == top]
+        path = ".".join(str(p) for p in errors[0]["loc"][:1])
+        value = data.get(top, errors[0].get("input"))
+        suggestion = None
+        literal = next((e for e in same if e["type"] == "literal_error"), None)
+        if literal is not None and isinstance(value, str):
+            options = [o.strip(" '") for o in
+                       str(literal["ctx"]["expected"]).replace(" or ", ", ").split(",")]
+            suggestion = closest(value, options)
+        raise ConfigError(path, value, _expected(same), suggestion, source=source) from None
+
+
+_ADAPTERS: dict[type, TypeAdapter] = {}
+
+
+def _adapter(cls: type) -> TypeAdapter:
+    if cls not in _ADAPTERS:
+        _ADAPTERS[cls] = TypeAdapter(cls)
+    return _ADAPTERS[cls]
+
+
+def _signature_names(factory: Any) -> tuple[list[str], bool]:
+    """Keyword names a class (or function) accepts, following ``**kwargs`` up the MRO (PML's
+    losses pass theirs to their base classes); ``(names, open_ended)``."""
+    targets = list(inspect.getmro(factory)) if inspect.isclass(factory) else [factory]
+    names: list[str] = []
+    for target in targets:
+        fn = target.__init__ if inspect.isclass(target) else target
+        if fn is object.__init__:
+            break
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            return names, True
+        more = False
+        for p in params:
+            if p.kind is p.VAR_KEYWORD:
+                more = True
+            elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self":
+                if p.name not in names:
+                    names.append(p.name)
+        if not more or not inspect.isclass(factory):
+            return names, more and not inspect.isclass(factory)
+        if target is nn.Module or target is object:
+            break
+    return names, False
+
+
+def _loss_factory(name: str, field_name: str = "loss", source: str | None = None):
+    """The class behind a loss name (ours or ``pml:ClassName``), or a :class:`ConfigError`."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(field_name, name, "a loss name", source=source)
+    if name.startswith("pml:"):
+        from losses.registry import pml_class
+
+        try:
+            return pml_class(name[4:])
+        except ValueError:
+            from losses.registry import pml_names
+
+            raise ConfigError(field_name, name, "a pytorch-metric-learning loss class",
+                              ("pml:" + c) if (c := closest(name[4:], pml_names())) else None,
+                              source=source) from None
+    import losses
+    from losses import registry
+
+    try:
+        key = registry.canonical(name)
+    except ValueError:
+        names = losses.available() + sorted(getattr(registry, "_ALIASES", {}))
+        raise ConfigError(field_name, name, f"one of {losses.available()} or pml:<ClassName>",
+                          closest(name.strip().lower(), names), source=source) from None
+    return registry._REGISTRY[key]
+
+
+def _critic_factory(name: str, source: str | None = None):
+    from . import critics
+
+    key = str(name).lower().replace("-", "_")
+    table = getattr(critics, "_REGISTRY", {})
+    if key not in table:
+        raise ConfigError("critic", name, f"one of {critics.available()}",
+                          closest(key, critics.available()), source=source)
+    return table[key]
+
+
+def _check_kwargs(factory: Any, kwargs: Any, field_name: str, what: str,
+                  source: str | None, skip: tuple[str, ...] = ()) -> None:
+    if not isinstance(kwargs, Mapping):
+        raise ConfigError(field_name, kwargs, "a mapping of keyword: value", source=source)
+    names, open_ended = _signature_names(factory)
+    names = [n for n in names if n not in skip]
+    if open_ended:
+        return
+    for key, value in kwargs.items():
+        if key not in names:
+            raise ConfigError(f"{field_name}.{key}", value,
+                              f"a keyword of {what} (one of {names})", closest(str(key), names),
+                              source=source)
+
+
+def check_loss(loss: str, loss_kwargs: Mapping[str, Any] | None = None,
+               critic: str | None = None, critic_kwargs: Mapping[str, Any] | None = None,
+               source: str | None = None) -> None:
+    """Check a loss name, its keywords against its constructor, a critic override and its
+    keywords against the critic's constructor; raise :class:`ConfigError` on the first
+    problem. Nothing is built."""
+    factory = _loss_factory(loss, source=source)
+    _check_kwargs(factory, loss_kwargs or {}, "loss_kwargs", f"loss {loss!r}", source)
+    if critic is not None:
+        if loss.startswith("pml:"):
+            raise ConfigError("critic", critic, "no critic: pml: losses bring their own "
+                              "distance (pass it in loss_kwargs) and take no critic",
+                              source=source)
+        cfactory = _critic_factory(critic, source=source)
+        _check_kwargs(cfactory, critic_kwargs or {}, "critic_kwargs", f"critic {critic!r}",
+                      source)
+    elif critic_kwargs:
+        raise ConfigError("critic_kwargs", dict(critic_kwargs), "empty unless critic is set",
+                          source=source)
+
+
+def resolved_kwargs(factory: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` completed with the constructor's defaults (what the object is actually built
+    with); a default that is not a plain value is written as its ``repr``."""
+    names, _ = _signature_names(factory)
+    out: dict[str, Any] = {}
+    targets = list(inspect.getmro(factory)) if inspect.isclass(factory) else [factory]
+    for target in targets:
+        fn = target.__init__ if inspect.isclass(target) else target
+        if fn is object.__init__:
+            break
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            break
+        for p in params:
+            if p.name in names and p.name not in out and p.default is not p.empty:
+                out[p.name] = p.default
+    out.update(kwargs)
+    return {k: _plain(v) for k, v in sorted(out.items())}
+
+
+def _plain(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return repr(v)
+
+
+# ------------------------------------------------------------------------------ files
 
 
 def load_mapping(path: str | Path) -> dict[str, Any]:
-    """Read a YAML, TOML or JSON file into a dict (by extension)."""
+    """Read a YAML, TOML or JSON file into a dict (by extension). A missing file, a syntax
+    error or a top level that is not a mapping raises :class:`UserError` naming the file (and
+    the line, where the parser says); a missing file raises ``FileNotFoundError``."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {p} does not exist")
     text = p.read_text()
     suffix = p.suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
 
-        data = yaml.safe_load(text) or {}
-    elif suffix == ".toml":
-        import tomllib
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+                raise UserError(f"config file {p}{where}: YAML syntax error: {problem}") from None
+            data = {} if data is None else data
+        elif suffix == ".toml":
+            import tomllib
 
-        data = tomllib.loads(text)
-    elif suffix == ".json":
-        data = json.loads(text)
-    else:
-        raise ValueError(f"config file {p} must end in .yaml, .yml, .toml or .json")
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise UserError(f"config file {p}: TOML syntax error: {exc}") from None
+        elif suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"config file {p}: JSON syntax error: {exc}") from None
+        else:
+            raise UserError(f"config file {p} must end in .yaml, .yml, .toml or .json")
+    except UnicodeDecodeError as exc:  # pragma: no cover - binary file
+        raise UserError(f"config file {p} is not text: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {p} must hold a mapping of field: value")
+        raise UserError(f"config file {p} must hold a mapping of field: value, got "
+                        f"{type(data).__name__}")
     return data

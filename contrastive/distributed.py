@@ -25,8 +25,9 @@ Typical use in a trainer::
 
 from __future__ import annotations
 
+import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -48,7 +49,14 @@ __all__ = [
     "gather_embeddings",
     "broadcast_object",
     "reduce_mean",
+    "average_gradients",
+    "DEFAULT_TIMEOUT_S",
 ]
+
+#: Collective timeout set by :func:`setup` (seconds): long enough for a rank to wait while
+#: another one evaluates a large test set (NCCL's own default, 10 minutes, is not), short enough
+#: to end a run whose peer died. ``CONTRASTIVE_DIST_TIMEOUT_S`` overrides it.
+DEFAULT_TIMEOUT_S = 3600.0
 
 # A shape is exchanged as [ndim, dtype code, *shape] padded with -1 to a fixed length, so that
 # one small all_gather compares shapes of any rank (a collective needs equal sizes on all ranks).
@@ -140,31 +148,79 @@ def _env_int(name: str, default: int | None = None) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
 
 
-def setup(backend: str | None = None) -> tuple[int, int, int, torch.device]:
+def _timeout(timeout_s: float | None) -> datetime.timedelta:
+    if timeout_s is None:
+        raw = os.environ.get("CONTRASTIVE_DIST_TIMEOUT_S", "").strip()
+        try:
+            timeout_s = float(raw) if raw else DEFAULT_TIMEOUT_S
+        except ValueError:
+            raise ValueError(
+                f"environment variable CONTRASTIVE_DIST_TIMEOUT_S must be a number of seconds, "
+                f"got {raw!r}"
+            ) from None
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    return datetime.timedelta(seconds=float(timeout_s))
+
+
+def _requested_device(device: str | torch.device | None) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:0', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but torch sees no CUDA GPU; use device='cpu'")
+    return dev
+
+
+def setup(
+    backend: str | None = None,
+    device: str | torch.device | None = None,
+    timeout_s: float | None = None,
+) -> tuple[int, int, int, torch.device]:
     """Initialise the default process group from torchrun's environment variables.
 
     Reads ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` (and, through ``init_method="env://"``,
     ``MASTER_ADDR`` / ``MASTER_PORT``). When ``WORLD_SIZE`` is unset or 1 nothing is initialised
-    and ``(0, 1, 0, best_device())`` is returned. Otherwise the backend is ``"nccl"`` when CUDA
-    is available and ``"gloo"`` when not (pass ``backend`` to override), and on CUDA machines the
-    current device is set to ``cuda:LOCAL_RANK``. When ``LOCAL_RANK`` is unset it defaults to
-    ``RANK`` modulo the number of visible GPUs. Calling it again after a successful set-up
-    returns the same values without re-initialising.
+    and ``(0, 1, 0, device)`` is returned (``device`` as asked, else :func:`best_device`).
+
+    Otherwise the device and the backend follow ``device``:
+
+    * ``None``: CUDA when available, else the CPU;
+    * ``"cpu"``: the CPU and ``gloo``, also on a machine with GPUs (NCCL cannot carry CPU
+      tensors);
+    * ``"cuda"``: GPU ``LOCAL_RANK`` and ``nccl`` -- one GPU per rank. ``"cuda:N"`` is accepted
+      only when ``N == LOCAL_RANK``: a fixed index would put every rank on the same GPU.
+
+    ``backend`` overrides the choice (``"gloo"`` works with either device, ``"nccl"`` needs
+    CUDA). On CUDA the current device is set to ``cuda:LOCAL_RANK``; when ``LOCAL_RANK`` is
+    unset it defaults to ``RANK`` modulo the number of visible GPUs. Collectives time out after
+    ``timeout_s`` seconds (default :data:`DEFAULT_TIMEOUT_S`, or ``CONTRASTIVE_DIST_TIMEOUT_S``).
+    Calling it again after a successful set-up returns the same values without re-initialising.
 
     Returns ``(rank, world_size, local_rank, device)``.
     """
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a string such as 'nccl' or 'gloo', got {backend!r}")
+    want = _requested_device(device)
     if is_distributed():
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = _env_int("LOCAL_RANK", 0)
+        if want is not None and want.type == "cpu":
+            return rank, world, local_rank, want
         return rank, world, local_rank, best_device()
 
     world = _env_int("WORLD_SIZE", 1)
     if world < 1:
         raise ValueError(f"environment variable WORLD_SIZE must be >= 1, got {world}")
     if world == 1:
-        return 0, 1, 0, best_device()
+        if want is not None and want.type == "cuda" and want.index is None:
+            want = torch.device("cuda", torch.cuda.current_device())
+        return 0, 1, 0, want if want is not None else best_device()
     if not dist.is_available():
         raise RuntimeError(
             f"WORLD_SIZE={world} asks for distributed training but this torch build has no "
@@ -179,16 +235,28 @@ def setup(backend: str | None = None) -> tuple[int, int, int, torch.device]:
                 f"environment variable {name} is not set; torchrun sets it, otherwise export "
                 "MASTER_ADDR (e.g. 127.0.0.1) and MASTER_PORT (a free port) on every rank"
             )
-    cuda = torch.cuda.is_available()
+    timeout = _timeout(timeout_s)
+    cuda = torch.cuda.is_available() and (want is None or want.type == "cuda")
     n_gpu = torch.cuda.device_count() if cuda else 0
     local_rank = _env_int("LOCAL_RANK", rank % n_gpu if n_gpu else 0)
+    if want is not None and want.type == "cuda" and want.index not in (None, local_rank):
+        raise ValueError(
+            f"device={str(device)!r} under torchrun with {world} ranks would put rank {rank} on "
+            f"GPU {want.index} instead of its own GPU {local_rank}; pass device='cuda' (each "
+            "rank then uses cuda:LOCAL_RANK)"
+        )
     if backend is None:
         backend = "nccl" if cuda else "gloo"
     backend = backend.lower()
     if backend == "nccl" and not cuda:
-        raise ValueError("backend 'nccl' needs CUDA, which is not available; use backend='gloo'")
+        raise ValueError(
+            "backend 'nccl' needs CUDA tensors, but "
+            + ("device='cpu' was asked for" if torch.cuda.is_available()
+               else "CUDA is not available")
+            + "; use backend='gloo'"
+        )
 
-    device = torch.device("cpu")
+    dev = torch.device("cpu")
     if cuda:
         if not 0 <= local_rank < n_gpu:
             raise ValueError(
@@ -196,9 +264,10 @@ def setup(backend: str | None = None) -> tuple[int, int, int, torch.device]:
                 "most one process per GPU (torchrun --nproc_per_node) or fix CUDA_VISIBLE_DEVICES"
             )
         torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
-    return rank, world, local_rank, device
+        dev = torch.device("cuda", local_rank)
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
+                            timeout=timeout)
+    return rank, world, local_rank, dev
 
 
 def cleanup() -> None:
@@ -410,3 +479,29 @@ def reduce_mean(x: Tensor | float, group: Any = None) -> Tensor:
     t = t.to(_comm_device(group)).clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return (t / dist.get_world_size(group)).to(home)
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter], group: Any = None) -> None:
+    """Replace each parameter's ``.grad`` by its mean over the ranks (in place; one all_reduce).
+
+    For parameters outside the DDP-wrapped model, such as a learnable critic or a loss's
+    temperature or proxies: DDP averages only the gradients of the module it wraps. When every
+    rank computes the same global-batch loss (the gathered embeddings of
+    :func:`all_gather_with_grad`) these gradients agree up to rounding already, but
+    nondeterministic CUDA kernels (atomics in ``index_add``, ``scatter``) and per-rank partial
+    losses make them differ, and the copies of the parameters would drift apart step by step.
+    Parameters without a gradient are skipped; every rank must have the same parameters with a
+    gradient. A no-op when not distributed.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or not is_distributed() or dist.get_world_size(group) == 1:
+        return
+    comm = _comm_device(group)
+    flat = torch.cat([g.detach().reshape(-1).to(device=comm, dtype=torch.float64) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g).to(device=g.device, dtype=g.dtype))
+        offset += n

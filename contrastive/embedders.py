@@ -9,9 +9,15 @@
       -> optional L2 normalisation of each row (computed in float32)
 
 ``embed(model, data)`` runs any such model over a data set or loader and returns float32 CPU
-embeddings and int64 labels: on CUDA with bf16 autocast, channels_last inputs, pinned memory and
-asynchronous copies; on CPU in plain float32. Both run under ``torch.inference_mode`` with the
-model in eval mode, and restore the model afterwards (train/eval flags, device, memory format).
+embeddings and int64 labels: on CUDA with autocast (bf16 where the GPU computes it natively,
+fp16 before Ampere: :func:`amp_dtype`), channels_last inputs for models whose forward is known to
+accept them (:func:`channels_last_safe`), and asynchronous copies through two reused pinned
+buffers; on CPU in plain float32. Both run under ``torch.inference_mode`` with the model in eval
+mode, and restore the model afterwards (train/eval flags, device, memory format).
+
+``embed_distributed(model, data)`` is the same under ``torchrun``: each rank embeds one
+contiguous share of the data set (about N / W rows) and the shares are gathered in rank order,
+so every rank returns the whole ``[N, dim]`` result, equal to what one process computes.
 
 Checkpoints are read with ``torch.load(weights_only=True)`` (numpy arrays allowed, so a trainer
 checkpoint that stores numpy RNG state still loads); nothing is ever downloaded by this module
@@ -41,6 +47,10 @@ __all__ = [
     "Embedder",
     "MLPEncoder",
     "embed",
+    "embed_distributed",
+    "shard_bounds",
+    "amp_dtype",
+    "channels_last_safe",
     "extract_state_dict",
     "load_checkpoint_state",
     "infer_feature_dim",
@@ -633,6 +643,46 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def amp_dtype(device: str | torch.device) -> torch.dtype:
+    """The autocast dtype for ``device``: bfloat16, except on CUDA GPUs that lack native bf16.
+
+    ``torch.cuda.is_bf16_supported()`` also answers True where bf16 is only *emulated* (V100,
+    T4: compute capability < 8.0), which runs bf16 matrix products many times slower than fp16
+    on the tensor cores; there fp16 is returned. Native bf16 is asked for with
+    ``including_emulation=False`` (torch >= 2.3) or, on older torch, read from the compute
+    capability (>= 8.0, Ampere and later). CPU autocast uses bf16.
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return torch.bfloat16
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    with torch.cuda.device(index):
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.3 has no including_emulation and does not emulate
+            native = torch.cuda.get_device_capability(index)[0] >= 8
+    return torch.bfloat16 if native else torch.float16
+
+
+#: Module families whose forwards accept channels_last inputs (they never ``.view()`` a feature
+#: map): torch.nn layers, timm and torchvision models, and this package's own modules.
+_LAYOUT_SAFE_PREFIXES = ("torch.nn.", "timm.", "torchvision.", "contrastive.")
+
+
+def channels_last_safe(model: nn.Module) -> bool:
+    """Whether ``model`` may be fed channels_last inputs by default: it has a 4-D (conv) weight
+    and every submodule comes from torch.nn, timm, torchvision or this package.
+
+    A custom module's forward may call ``x.view(B, -1)`` on a feature map, which fails on a
+    channels_last tensor (its strides are not those of a contiguous one); such models keep the
+    default contiguous layout unless ``channels_last=True`` is passed explicitly.
+    """
+    model = _unwrap(model)
+    has_4d = any(t.dim() == 4 for t in _tensors(model))
+    return has_4d and all(type(m).__module__.startswith(_LAYOUT_SAFE_PREFIXES)
+                          for m in model.modules())
+
+
 def _float_dtype(model: nn.Module) -> torch.dtype:
     for p in model.parameters():
         if p.is_floating_point():
@@ -693,6 +743,53 @@ def _batches(data: Dataset | DataLoader | Iterable, batch_size: int, num_workers
                     f"got {type(data).__name__}")
 
 
+class _HostStager:
+    """Device -> host copies of the batch outputs through two reused pinned buffers.
+
+    A copy into pinned memory can run asynchronously; allocating a fresh pinned tensor per batch
+    would leave the whole result in torch's pinned-memory cache after the call (it keeps freed
+    pinned blocks for reuse and never returns them). Here batch ``i`` is copied into buffer
+    ``i % 2`` with ``non_blocking=True`` and an event is recorded; before buffer ``i % 2`` is
+    reused (or at ``finish``) its event is awaited and its rows are copied into ordinary memory.
+    So the forward of batch ``i + 1`` overlaps the copy of batch ``i``, and the pinned memory held
+    is two batches of outputs whatever N is.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: list[Tensor | None] = [None, None]
+        self.pending: list[tuple[Any, int] | None] = [None, None]
+        self.out: list[Tensor] = []
+        self.turn = 0
+
+    def _drain(self, slot: int) -> None:
+        job = self.pending[slot]
+        if job is not None:
+            event, rows = job
+            event.synchronize()
+            buf = self.buffers[slot]
+            assert buf is not None
+            self.out.append(buf[:rows].clone())
+            self.pending[slot] = None
+
+    def put(self, z: Tensor) -> None:
+        slot, self.turn = self.turn, 1 - self.turn
+        self._drain(slot)
+        buf = self.buffers[slot]
+        if buf is None or buf.shape[0] < z.shape[0] or buf.shape[1:] != z.shape[1:]:
+            buf = torch.empty(z.shape, dtype=z.dtype, pin_memory=True)
+            self.buffers[slot] = buf
+        buf[: z.shape[0]].copy_(z, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(z.device))
+        self.pending[slot] = (event, int(z.shape[0]))
+
+    def finish(self) -> list[Tensor]:
+        for slot in (self.turn, 1 - self.turn):  # the older copy first
+            self._drain(slot)
+        self.buffers = [None, None]
+        return self.out
+
+
 def embed(
     model: nn.Module,
     data: Dataset | DataLoader,
@@ -715,6 +812,16 @@ def embed(
     train/eval flag, the device and the weights' memory format are restored afterwards.
     DDP / DataParallel wrappers are unwrapped (no collectives). Returned tensors are ordinary
     (not inference) tensors, usable in autograd (e.g. a linear probe).
+
+    Defaults on CUDA: ``amp=None`` autocasts to :func:`amp_dtype` (bf16 on Ampere and later,
+    fp16 on older GPUs, whose bf16 is emulated); ``channels_last=None`` is on only where
+    :func:`channels_last_safe` holds (models built from torch.nn / timm / torchvision modules),
+    since a custom forward that ``.view()``-s a feature map fails on channels_last tensors.
+    Outputs come back through two reused pinned buffers (see ``_HostStager``), so no pinned
+    memory the size of the result stays cached after the call.
+
+    This embeds everything in the calling process, also under ``torchrun``; to split the work
+    over the ranks use :func:`embed_distributed`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -726,10 +833,10 @@ def embed(
     dev = _resolve_device(model, device)
     cuda = dev.type == "cuda"
     amp = cuda if amp is None else bool(amp)
-    channels_last = cuda if channels_last is None else bool(channels_last)
-    amp_dtype = torch.bfloat16
-    if cuda and amp and not torch.cuda.is_bf16_supported():
-        amp_dtype = torch.float16
+    if channels_last is None:
+        channels_last = cuda and channels_last_safe(model)
+    channels_last = bool(channels_last)
+    cast_dtype = amp_dtype(dev) if amp else torch.bfloat16
     batches, n = _batches(data, batch_size, num_workers, pin=cuda)
     in_dtype = _float_dtype(model)
 
@@ -737,6 +844,7 @@ def embed(
 
     chunks: list[Tensor] = []
     labels: list[Tensor] = []
+    stager = _HostStager() if cuda else None
     bar = tqdm(total=n, desc="embed", unit="img", disable=not progress, dynamic_ncols=True)
     with _eval_mode(model), _on_device(model, dev), _channels_last(model, channels_last):
         try:
@@ -747,7 +855,7 @@ def embed(
                 x = x.to(dev, non_blocking=True)
                 if channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode(), torch.autocast(dev.type, dtype=amp_dtype,
+                with torch.inference_mode(), torch.autocast(dev.type, dtype=cast_dtype,
                                                             enabled=amp):
                     z = model(x)
                 if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:
@@ -756,19 +864,99 @@ def embed(
                                      f"[{x.shape[0]}, dim]; got {shape}")
                 with torch.inference_mode():
                     z = z.float()
-                    if cuda:  # async device->host copy into pinned memory; synced below
-                        host = torch.empty(z.shape, dtype=z.dtype, pin_memory=True)
-                        z = host.copy_(z, non_blocking=True)
-                    elif z.device.type != "cpu":
-                        z = z.cpu()
-                chunks.append(z)
+                    if stager is not None:  # async device->host copy, see _HostStager
+                        stager.put(z)
+                    else:
+                        chunks.append(z.cpu())
                 labels.append(y)
                 bar.update(int(x.shape[0]))
-            if cuda:
-                torch.cuda.current_stream(dev).synchronize()
+            if stager is not None:
+                with torch.inference_mode():
+                    chunks = stager.finish()
         finally:
             bar.close()
     if not chunks:
         raise ValueError("embed() got an empty data set; nothing to embed")
     # concatenated outside inference mode, so the results are ordinary tensors
     return torch.cat(chunks), torch.cat(labels)
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of rank ``rank`` when ``n`` rows are split into ``world``
+    contiguous shards: ``start = rank * n // world``; sizes differ by at most one."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+def _shard(data: Dataset | DataLoader, start: int, stop: int) -> Dataset | DataLoader:
+    """Rows ``[start, stop)`` of a data set (a loader: the same loader over those rows)."""
+    from torch.utils.data import SequentialSampler, Subset
+
+    if isinstance(data, DataLoader):
+        if not isinstance(data.sampler, SequentialSampler) or data.batch_size is None:
+            raise ValueError(
+                "embed_distributed needs data in a fixed order: pass the Dataset itself, or a "
+                "DataLoader with shuffle=False and a batch_size (not a custom sampler)"
+            )
+        return DataLoader(_shard(data.dataset, start, stop), batch_size=data.batch_size,
+                          shuffle=False, num_workers=data.num_workers,
+                          collate_fn=data.collate_fn, pin_memory=data.pin_memory,
+                          drop_last=False)
+    if isinstance(data, TensorDataset):
+        return TensorDataset(*(t[start:stop] for t in data.tensors))
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        return Subset(data, range(start, stop))
+    raise TypeError(f"data must be a torch Dataset of (x, y) pairs with a length, or a "
+                    f"DataLoader over one, got {type(data).__name__}")
+
+
+def _length(data: Dataset | DataLoader) -> int:
+    ds = data.dataset if isinstance(data, DataLoader) else data
+    if not hasattr(ds, "__len__"):
+        raise TypeError(f"embed_distributed needs a data set with a length, got "
+                        f"{type(ds).__name__}")
+    return len(ds)  # type: ignore[arg-type]
+
+
+def embed_distributed(
+    model: nn.Module,
+    data: Dataset | DataLoader,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    amp: bool | None = None,
+    channels_last: bool | None = None,
+    group: Any = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`embed` with the data split over the ranks of a process group.
+
+    Rank ``r`` of ``W`` embeds rows ``[r N / W, (r + 1) N / W)`` (:func:`shard_bounds`), and the
+    shards are gathered in rank order with :func:`contrastive.distributed.all_gather_nograd`, so
+    every rank returns the whole ``(embeddings [N, dim], labels [N])``, in the data set's
+    order -- the same rows one process gets from ``embed(model, data)``, up to float rounding
+    of a different batching. Each rank does ``1 / W`` of the forward passes; the gather moves
+    ``N x dim`` floats to every rank (through the GPU under NCCL).
+
+    It is a collective: every rank must call it with the same data. Without a process group, or
+    with one rank, it is exactly :func:`embed`. A rank whose shard is empty (``N < W``) runs the
+    model on one row to learn the output width and contributes no rows. The progress bar shows
+    on rank 0 only.
+    """
+    from . import distributed as D
+
+    world = D.get_world_size(group)
+    if world == 1:
+        return embed(model, data, batch_size=batch_size, device=device, num_workers=num_workers,
+                     progress=progress, amp=amp, channels_last=channels_last)
+    rank = D.get_rank(group)
+    n = _length(data)
+    if n == 0:
+        raise ValueError("embed_distributed() got an empty data set; nothing to embed")
+    start, stop = shard_bounds(n, rank, world)
+    empty = start == stop
+    part = _shard(data, 0, 1) if empty else _shard(data, start, stop)
+    z, y = embed(model, part, batch_size=batch_size, device=device, num_workers=num_workers,
+                 progress=progress and rank == 0, amp=amp, channels_last=channels_last)
+    if empty:
+        z, y = z[:0], y[:0]
+    return D.all_gather_nograd(z, group), D.all_gather_nograd(y, group)

@@ -1,16 +1,20 @@
 """Positive and negative masks: how labels, multi-view instance ids and paired views become the
 one lingua franca of the library, ``(scores [N, M], positives [N, M], negatives [N, M])``.
 
-Three ways to call a loss, as in pytorch-metric-learning:
+The call shapes follow pytorch-metric-learning (PML) 2.x, ``loss(embeddings, labels=None,
+indices_tuple=None, ref_emb=None, ref_labels=None)``:
 
 * ``loss(emb, labels)``: candidates are the batch itself; ``P_ij = y_i == y_j`` and
   ``Q_ij = y_i != y_j`` for ``i != j``; the diagonal (an item with itself) is neither.
   Self-supervised views are the same call with instance ids as labels.
-* ``loss(emb, labels, ref_emb, ref_labels)``: candidates are a separate reference set;
-  ``P_ij = y_i == y'_j``; nothing is excluded.
-* ``loss(x_emb, ref_emb=y_emb)``: paired views (x_i, y_i) from two encoders; positives on the
-  diagonal, every other pair negative. With ``labels`` and no ``ref_labels`` the same labels serve
-  both sides.
+* ``loss(emb, labels, ref_emb=r, ref_labels=ry)``: candidates are a separate reference set;
+  ``P_ij = y_i == ry_j``; nothing is excluded.
+* ``loss(emb, labels, ref_emb=r)`` (no ``ref_labels``, or ``ref_labels`` the very same tensor
+  object as ``labels``): PML's rule -- reference row ``j`` carries ``labels[j]`` and the pair
+  ``(i, i)`` is excluded, exactly as in ``loss(emb, labels)``; ``r`` needs as many rows.
+* ``loss(x_emb, ref_emb=y_emb, paired=True)``: paired views ``(x_i, y_i)`` from two encoders;
+  positives on the diagonal, every other pair negative. With ``labels`` the positives are
+  ``y_i == y_j`` including the diagonal. (PML has no such call: without labels it raises.)
 """
 
 from __future__ import annotations
@@ -21,6 +25,19 @@ import torch
 from torch import Tensor
 
 from .validation import check_embeddings, check_labels
+
+
+class NoPairsError(ValueError):
+    """A batch that gives a loss nothing to average (no positive pair, no negative, no triplet).
+
+    The functional core raises it; the loss modules catch the case first and, unless built with
+    ``strict=True``, return a zero loss that is still part of the graph (as PML does) and issue a
+    :class:`NoPairsWarning` once per loss instance.
+    """
+
+
+class NoPairsWarning(UserWarning):
+    """Issued (once per loss instance) when a batch gave a loss no term and it returned 0."""
 
 
 class Pairs(NamedTuple):
@@ -60,6 +77,7 @@ class Call(NamedTuple):
     labels: Tensor | None
     ref_emb: Tensor | None
     ref_labels: Tensor | None
+    paired: bool = False
 
 
 def check_call(
@@ -67,11 +85,15 @@ def check_call(
     labels: Tensor | None = None,
     ref_emb: Tensor | None = None,
     ref_labels: Tensor | None = None,
+    paired: bool = False,
 ) -> Call:
-    """Validate the arguments of ``loss(embeddings, labels, ref_emb, ref_labels)`` without
-    building masks: shapes, dtypes, finiteness, one label per row, and a call that defines
-    positives (labels, or paired ``ref_emb``). Labels come back as integer tensors on the
-    embeddings' device."""
+    """Validate the arguments of ``loss(embeddings, labels, ref_emb=..., ref_labels=...,
+    paired=...)`` without building masks: shapes, dtypes, finiteness, one label per row, and a
+    call that defines positives (labels, or ``paired=True`` views). Labels come back as integer
+    tensors on the embeddings' device. ``ref_labels`` that is the very tensor object ``labels``
+    is dropped (PML treats that reference set as the batch's own labels, diagonal excluded)."""
+    if ref_labels is not None and ref_labels is labels:
+        ref_labels = None
     embeddings = check_embeddings(embeddings, "embeddings")
     n = embeddings.shape[0]
     if labels is not None:
@@ -79,10 +101,12 @@ def check_call(
     if ref_emb is None:
         if ref_labels is not None:
             raise ValueError("ref_labels was given without ref_emb; pass ref_emb too")
+        if paired:
+            raise ValueError("paired=True needs the second view as ref_emb")
         if labels is None:
             raise ValueError(
-                "no labels and no ref_emb: pass labels (class or instance ids) or paired views "
-                "as ref_emb"
+                "no labels and no ref_emb: pass labels (class or instance ids), or paired views "
+                "as loss(x, ref_emb=y, paired=True)"
             )
         return Call(embeddings, labels, None, None)
     ref_emb = check_embeddings(ref_emb, "ref_emb")
@@ -91,15 +115,33 @@ def check_call(
             f"ref_emb has dimension {ref_emb.shape[1]} but embeddings have "
             f"{embeddings.shape[1]}; both must come from encoders with the same output size"
         )
+    if paired:
+        if ref_labels is not None:
+            raise ValueError(
+                "paired=True takes no ref_labels (the two views share labels); for a separate "
+                "reference set drop paired=True"
+            )
+        if ref_emb.shape[0] != n:
+            raise ValueError(
+                f"paired views need as many ref_emb rows as embeddings rows, got "
+                f"{ref_emb.shape[0]} and {n}; for a separate reference set pass ref_labels and "
+                "drop paired=True"
+            )
+        return Call(embeddings, labels, ref_emb, None, True)
+    if labels is None:
+        raise ValueError(
+            "ref_emb was given without labels: pass labels (and ref_labels for a separate "
+            "reference set), or call loss(x, ref_emb=y, paired=True) for paired views with "
+            "positives on the diagonal"
+        )
     if ref_labels is not None:
-        if labels is None:
-            raise ValueError("ref_labels was given without labels; pass labels for embeddings")
         ref_labels = check_labels(ref_labels, ref_emb.shape[0], "ref_labels", "ref_emb")
         return Call(embeddings, labels, ref_emb, ref_labels.to(embeddings.device))
     if ref_emb.shape[0] != n:
         raise ValueError(
-            f"paired views need as many ref_emb rows as embeddings rows, got {ref_emb.shape[0]} "
-            f"and {n}; for a separate reference set pass ref_labels too"
+            f"ref_emb without ref_labels must have one row per embeddings row (row j takes "
+            f"labels[j], as in pytorch-metric-learning), got {ref_emb.shape[0]} and {n}; for a "
+            "separate reference set pass ref_labels too"
         )
     return Call(embeddings, labels, ref_emb, None)
 
@@ -109,14 +151,17 @@ def resolve_pairs(
     labels: Tensor | None = None,
     ref_emb: Tensor | None = None,
     ref_labels: Tensor | None = None,
+    paired: bool = False,
 ) -> Pairs:
     """Validate a loss call and return anchors, candidates and masks (see module docstring)."""
-    c = check_call(embeddings, labels, ref_emb, ref_labels)
+    c = check_call(embeddings, labels, ref_emb, ref_labels, paired)
     if c.ref_emb is None:
         pos, neg = label_masks(c.labels)
         return Pairs(c.embeddings, c.embeddings, pos, neg, True)
     if c.ref_labels is not None:
         pos, neg = label_masks(c.labels, c.ref_labels)
+    elif not c.paired:  # PML: ref row j has labels[j], (i, i) excluded
+        pos, neg = label_masks(c.labels)
     elif c.labels is not None:
         pos, neg = label_masks(c.labels, c.labels)
     else:
@@ -125,30 +170,48 @@ def resolve_pairs(
 
 
 def require_positives(positives: Tensor, what: str = "this loss") -> None:
-    """Raise a clear error when no anchor has a positive."""
+    """Raise :class:`NoPairsError` (a ``ValueError``) when no anchor has a positive."""
     if not bool(positives.any()):
-        raise ValueError(
+        raise NoPairsError(
             f"the batch has no positive pair, which {what} needs: every label occurs only once. "
             "Sample several items per class (MPerClassSampler with m >= 2) or several views per "
-            "instance (MultiView), or pass paired views as ref_emb"
+            "instance (MultiView), or pass paired views as loss(x, ref_emb=y, paired=True)"
         )
 
 
 def require_negatives(negatives: Tensor, what: str = "this loss") -> None:
-    """Raise a clear error when no anchor has a negative."""
+    """Raise :class:`NoPairsError` (a ``ValueError``) when no anchor has a negative."""
     if not bool(negatives.any()):
-        raise ValueError(
+        raise NoPairsError(
             f"the batch has no negative pair, which {what} needs: all items share one label. "
             "Sample at least two classes per batch"
         )
 
 
+def require_triplet(positives: Tensor, negatives: Tensor, what: str = "the triplet loss") -> None:
+    """Raise :class:`NoPairsError` when no anchor has both a positive and a negative."""
+    require_positives(positives, what)
+    require_negatives(negatives, what)
+    if not bool((positives.any(1) & negatives.any(1)).any()):
+        raise NoPairsError(
+            f"no anchor has both a positive and a negative, so {what} has no triplet: check the "
+            "batch labels (sample several classes with several items each, e.g. MPerClassSampler)"
+        )
+
+
 def mined_masks(
-    indices_tuple: tuple[Tensor, ...], positives: Tensor, negatives: Tensor
+    indices_tuple: tuple[Tensor, ...],
+    positives: Tensor,
+    negatives: Tensor,
+    counts: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Restrict ``(P, Q)`` to the pairs a miner returned (pytorch-metric-learning's
     ``indices_tuple``): ``(a1, p, a2, n)`` pairs or ``(a, p, n)`` triplets (each triplet gives
-    the pairs ``(a, p)`` and ``(a, n)``). Pairs outside the original masks stay excluded."""
+    the pairs ``(a, p)`` and ``(a, n)``). Pairs outside the original masks stay excluded.
+
+    ``counts=False``: boolean masks (a pair mined twice is one pair). ``counts=True``: int32
+    matrices holding how often each pair occurs in the tuple (0 outside the original masks), for
+    the losses that weigh repeated pairs as PML's pair-based losses do."""
     if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
         raise ValueError(
             "indices_tuple must be (anchor, positive, negative) triplets or "
@@ -167,6 +230,12 @@ def mined_masks(
                            ("anchor", a2, n_rows), ("negative", n, n_cols)):
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
             raise ValueError(f"indices_tuple has {name} indices outside [0, {bound})")
+    if counts:
+        pos = torch.zeros(positives.shape, dtype=torch.int32, device=positives.device)
+        neg = torch.zeros(negatives.shape, dtype=torch.int32, device=negatives.device)
+        pos.index_put_((a1, p), torch.ones_like(a1, dtype=torch.int32), accumulate=True)
+        neg.index_put_((a2, n), torch.ones_like(a2, dtype=torch.int32), accumulate=True)
+        return pos * positives, neg * negatives
     pos = torch.zeros_like(positives)
     neg = torch.zeros_like(negatives)
     pos[a1, p] = True

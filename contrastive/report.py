@@ -280,7 +280,10 @@ def format_table(
     header = ["Loss", "Critic"] + [h for h, _, _ in _TABLE_COLUMNS]
     body = []
     for r in rows:
-        cells = [str(r["loss"]), str(r.get("critic", ""))]
+        name = str(r["loss"])
+        if int(r.get("n_failed", 0)) and int(r.get("n_seeds", 0)):
+            name += f" ({int(r['n_failed'])} failed)"  # the mean is over fewer seeds: say so
+        cells = [name, str(r.get("critic", ""))]
         if int(r.get("n_seeds", 0)) == 0:
             cells += ["failed"] + ["—"] * (len(_TABLE_COLUMNS) - 1)
         else:

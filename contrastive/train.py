@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,11 +33,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import check_own_packages
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .config import TrainConfig
+from .config import TrainConfig, UserError
 
-__all__ = ["fit", "build_loss", "build_embedder", "evaluate_embedder", "TrainConfig"]
+check_own_packages()  # a user's own losses.py / evaluation/ would shadow ours: say so now
+
+__all__ = ["fit", "build_loss", "build_embedder", "evaluate_embedder", "TrainConfig",
+           "TrainingInterrupted", "DivergedError", "RESUMABLE_FIELDS"]
 
 
 # ------------------------------------------------------------------------------ building blocks
@@ -54,16 +59,9 @@ def build_loss(name: str, loss_kwargs: dict | None = None, critic: str | None = 
 
     kwargs = dict(loss_kwargs or {})
     if name.startswith("pml:"):
-        from pytorch_metric_learning import losses as pml_losses
-
-        cls_name = name[4:]
-        cls = getattr(pml_losses, cls_name, None)
-        if cls is None or not isinstance(cls, type):
-            known = sorted(n for n in dir(pml_losses) if n.endswith("Loss"))
-            raise ValueError(f"unknown pytorch-metric-learning loss {cls_name!r}; known: {known}")
         if critic is not None:
             raise ValueError("critic= applies to this library's losses only, not to pml: losses")
-        return cls(**kwargs)
+        return losses.get(name, **kwargs)
     if critic is not None:
         from . import critics
 
@@ -87,15 +85,21 @@ def build_embedder(cfg: TrainConfig, dataset) -> nn.Module:
     from .embedders import Embedder
 
     kwargs = dict(cfg.backbone_kwargs)
-    if cfg.backbone == "mlp":
+    if isinstance(cfg.backbone, nn.Module):
+        pass  # a module of the user's: configured before it was passed
+    elif cfg.backbone == "mlp":
         kwargs.setdefault("in_dim", _infer_vector_dim(dataset))
     elif getattr(dataset, "kind", "image") == "image":
         x = dataset[0][0]
         if torch.is_tensor(x) and x.dim() == 3:
             kwargs.setdefault("in_chans", int(x.shape[0]))
-    dim = cfg.dim if (cfg.head is not None or cfg.backbone == "mlp") else None
+    dim = cfg.dim if (cfg.head is not None or _is_mlp(cfg.backbone)) else None
     return Embedder(cfg.backbone, dim=dim, head=cfg.head, normalize=cfg.normalize,
                     pretrained=cfg.pretrained, weights=cfg.weights, **kwargs)
+
+
+def _is_mlp(backbone) -> bool:
+    return isinstance(backbone, str) and backbone == "mlp"
 
 
 def _first_input(dataset):
@@ -248,7 +252,8 @@ def class_disjoint(train, test) -> bool:
 
 def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
                       probe: bool = False, device=None, batch_size: int = 256,
-                      progress: bool = False, seed: int = 0) -> dict[str, float]:
+                      progress: bool = False, seed: int = 0,
+                      num_workers: int = 0) -> dict[str, float]:
     """Evaluate an embedder on held-out data.
 
     * Retrieval (Recall@1/2/4/8, P@1, R-Precision, MAP@R): ``test`` against ``reference``, or
@@ -258,22 +263,33 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
       splits are class-disjoint (CUB, Cars, SOP) a classifier trained on ``train`` cannot
       score ``test``, so both are trained on a stratified half of ``test`` and scored on the
       other half (``probe_protocol`` says which was used).
+
+    Under ``torchrun`` it is a collective that every rank calls: each rank embeds its share of
+    every set (:func:`~contrastive.embedders.embed_distributed`), rank 0 computes the metrics
+    on the gathered embeddings and every rank returns them.
     """
     from evaluation import clustering_metrics, knn_classifier, linear_probe, retrieval_metrics
     from evaluation.probe import stratified_split
 
-    from .embedders import embed
+    from .embedders import embed_distributed
 
     def run(ds):
-        return embed(model, ds, batch_size=batch_size, device=device, progress=progress)
+        return embed_distributed(model, ds, batch_size=batch_size, device=device,
+                                 num_workers=num_workers, progress=progress)
 
-    x_te, y_te = run(test)
+    x_te, y_te = run(test)  # every embedding first: it takes every rank
+    x_ref = y_ref = train_emb = None
+    if reference is not None:
+        x_ref, y_ref = run(reference)
+    if probe and train is not None and not class_disjoint(train, test):
+        train_emb = run(train)
+    if not dist_utils.is_main_process():
+        return dist_utils.broadcast_object(None)
     out: dict[str, float] = {}
     if reference is None:
         ks = tuple(k for k in (1, 2, 4, 8) if k < len(y_te)) or (1,)
         r = retrieval_metrics(x_te, y_te, ks=ks)
     else:
-        x_ref, y_ref = run(reference)
         ks = tuple(k for k in (1, 2, 4, 8) if k <= len(y_ref)) or (1,)
         r = retrieval_metrics(x_te, y_te, x_ref, y_ref, ks=ks)
     out.update({k: float(v) for k, v in r.items()})
@@ -285,13 +301,13 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
                 x_tr, y_tr, x_ev, y_ev = x_te[a], y_te[a], x_te[b], y_te[b]
                 out["probe_on_test_halves"] = 1.0
             else:
-                (x_tr, y_tr), x_ev, y_ev = run(train), x_te, y_te
+                (x_tr, y_tr), x_ev, y_ev = train_emb, x_te, y_te
             lp = linear_probe(x_tr, y_tr, x_ev, y_ev, seed=seed, device=device)
             out["linear_probe"] = float(lp["accuracy"])
             kc = knn_classifier(x_tr, y_tr, x_ev, y_ev, k=min(200, len(y_tr)), temperature=0.07)
             out["knn_top1"] = float(kc["top1"])
             out["knn_top5"] = float(kc["top5"])
-    return out
+    return dist_utils.broadcast_object(out)
 
 
 # ------------------------------------------------------------------------------ logging
@@ -323,20 +339,36 @@ class _Logger:
         ckpt.atomic_write_text(self.jsonl, "".join(s + "\n" for s in kept))
         if self.csv.exists():
             self.csv.unlink()
-        for line in kept:
-            self._csv(json.loads(line))
+        self.columns = list(dict.fromkeys(k for line in kept for k in json.loads(line)))
+        if kept:
+            self._rewrite()
 
     def _csv(self, row: dict) -> None:
-        if self.columns is None:
-            if self.csv.exists():
-                with self.csv.open() as f:
-                    self.columns = next(csv.reader(f), None)
-            if not self.columns:
-                self.columns = list(row)
-                with self.csv.open("w", newline="") as f:
-                    csv.writer(f).writerow(self.columns)
+        """Append ``row``; a row with a column the header lacks (the evaluation metrics of an
+        ``eval_every`` step) rewrites the file from ``log.jsonl`` under the widened header."""
+        if self.columns is None and self.csv.exists():
+            with self.csv.open() as f:
+                self.columns = next(csv.reader(f), None)
+        new = [k for k in row if k not in (self.columns or [])]
+        if new or not self.csv.exists():
+            self.columns = list(self.columns or []) + new
+            self._rewrite()
+            return
         with self.csv.open("a", newline="") as f:
             csv.writer(f).writerow([row.get(c, "") for c in self.columns])
+
+    def _rewrite(self) -> None:
+        import io
+        import json
+
+        rows = [json.loads(s) for s in self.jsonl.read_text().splitlines() if s.strip()] \
+            if self.jsonl.exists() else []
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(self.columns)
+        for r in rows:
+            w.writerow([r.get(c, "") for c in self.columns])
+        ckpt.atomic_write_text(self.csv, buf.getvalue())
 
     def log(self, row: dict) -> None:
         import json
@@ -355,16 +387,179 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+#: Fields that may differ between a checkpoint and the run that resumes it: where things go,
+#: how often they are logged or evaluated, and the machine. Everything else decides the result.
+RESUMABLE_FIELDS = frozenset({"output", "resume", "overwrite", "progress", "device",
+                              "num_workers", "log_every", "eval_every", "checkpoint_every",
+                              "final_probe", "data_dir"})
+
+_RUN_FILES = ("log.jsonl", "log.csv", "result.json")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM stopped :func:`fit`; a checkpoint of the current step was written to
+    ``checkpoint`` (``None`` on ranks other than 0)."""
+
+    def __init__(self, step: int, checkpoint: Path | None, signal_name: str) -> None:
+        self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
+        where = f"; checkpoint written to {checkpoint}" if checkpoint else ""
+        super().__init__(f"{signal_name} at step {step}{where}")
+
+
+class DivergedError(UserError, FloatingPointError):
+    """The loss or the embeddings became non-finite: a setting (usually the learning rate) is
+    too aggressive. A user-facing error (one ``error:`` line on the command line)."""
+
+
+class _StopOnSignal:
+    """While active, the first SIGINT / SIGTERM only sets :attr:`received` (the loop writes a
+    checkpoint at the end of the current step and stops); a second one interrupts at once.
+    Installs nothing outside the main thread (``signal.signal`` is allowed only there)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _run_in(out: Path) -> list[str]:
+    """The files of an earlier run in ``out`` (checkpoints, logs, result)."""
+    found = [n for n in _RUN_FILES if (out / n).exists()]
+    d = out / "checkpoints"
+    if d.is_dir():
+        found += [f"checkpoints/{f.name}" for f in sorted(d.glob("*.pt"))]
+    return found
+
+
+def _compare_settings(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    """:class:`UserError` naming every result-determining field in which ``cfg`` differs from
+    the checkpoint's config."""
+    now = cfg.to_dict()
+    diff = [k for k in now if k not in RESUMABLE_FIELDS and k in saved and saved[k] != now[k]]
+    if diff:
+        parts = ", ".join(f"{k}={saved[k]!r} there but {now[k]!r} now" for k in diff)
+        raise UserError(
+            f"cannot resume from {path}: settings differ from the checkpoint's: {parts}; pass "
+            "the checkpoint's settings, or --overwrite (overwrite=True) to start over"
+        )
+
+
+def _prepare_output(cfg: TrainConfig, out: Path, main: bool) -> dict | None:
+    """Apply ``resume`` / ``overwrite`` to the run folder; return the checkpoint to resume from
+    (loaded), or None for a fresh start."""
+    last = out / "checkpoints" / "last.pt"
+    if cfg.resume is True and not last.is_file():
+        raise UserError(
+            f"--resume: there is no checkpoint {last} to continue from; check --output, or pass "
+            "--resume auto to start fresh when there is none"
+        )
+    if cfg.resume in (True, "auto") and last.is_file():
+        try:
+            state = ckpt.load_checkpoint(last, map_location="cpu")
+        except ckpt.CheckpointError as exc:
+            raise UserError(str(exc)) from exc
+        _compare_settings(state.get("config") or {}, cfg, last)
+        return state
+    existing = _run_in(out)
+    if cfg.resume == "auto":
+        # nothing to continue from: the files of a run stopped before its first checkpoint
+        # are replaced by the fresh run
+        if cfg.progress and main:
+            print(f"resume auto: no checkpoint in {out / 'checkpoints'}; starting fresh",
+                  file=sys.stderr)
+    elif existing and not cfg.overwrite:
+        raise UserError(
+            f"output folder {out} already holds a run ({', '.join(existing[:3])}); pass "
+            "--resume to continue it, --overwrite to replace it, or another --output"
+        )
+    if existing and main:
+        for name in existing:
+            (out / name).unlink(missing_ok=True)
+    return None
+
+
 def fit(config: TrainConfig | dict) -> dict[str, Any]:
     """Train an embedder with a loss as ``config`` says; return the result dict (also written to
     ``<output>/result.json``): ``metrics`` (final evaluation), ``readout`` (mean I_NCE / I_NWJ of
     the last logged training batches), ``history`` (the log rows), ``train_time_s``, ``steps``.
+
+    The run folder is locked while the run lasts (a second run into it stops with a
+    :class:`UserError`); a folder holding a run needs ``resume`` or ``overwrite`` (see
+    :class:`~contrastive.config.TrainConfig`). SIGINT / SIGTERM write a checkpoint at the
+    current step and raise :class:`TrainingInterrupted`. A custom ``nn.Module`` backbone trains
+    and checkpoints its weights; resuming needs the same module passed again.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     cfg = cfg.validated()
-    rank, world, _local, device = dist_utils.setup()
-    if cfg.device is not None:
-        device = torch.device(cfg.device)
+    owns_group = not dist_utils.is_distributed()  # then fit destroys the group it makes
+    rank, world, _local, device = dist_utils.setup(device=cfg.device)
+    main = rank == 0
+    out = Path(cfg.output)
+    with contextlib.ExitStack() as stack:
+        if owns_group:
+            stack.callback(dist_utils.cleanup)
+        if main:
+            stack.enter_context(ckpt.folder_lock(out, "contrastive train"))
+        state = _prepare_output(cfg, out, main)
+        stop = stack.enter_context(_StopOnSignal())
+        return _fit(cfg, state, stop, rank, world, device)
+
+
+def _check_finite_weights(model: nn.Module, step: int, cfg: TrainConfig,
+                          x: torch.Tensor | None = None) -> None:
+    """:class:`DivergedError` when the weights, or the embeddings of the batch ``x`` under them
+    (in eval mode: no state changes), are no longer finite -- before an evaluation would fail
+    on them with a less telling message."""
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if finite and x is not None:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            finite = bool(torch.isfinite(model(x)).all())
+        model.train(was_training)
+    if not finite:
+        raise DivergedError(
+            f"the weights became non-finite by step {step}: training diverged; lower lr "
+            f"({cfg.lr:g}) or set grad_clip"
+        )
+
+
+def _as_user_error(fn, *args, what: str, **kwargs):
+    """Call ``fn``; a ``ValueError`` / missing file from checking the user's input becomes a
+    :class:`UserError` (``what`` says which input)."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError:
+        raise
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        raise UserError(f"{what}: {exc}") from exc
+
+
+def _fit(cfg: TrainConfig, state: dict | None, stop: _StopOnSignal, rank: int, world: int,
+         device) -> dict[str, Any]:
     main = rank == 0
     out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
@@ -381,10 +576,11 @@ def fit(config: TrainConfig | dict) -> dict[str, Any]:
     from .views import MultiView, collate_views
 
     def split(name: str, transform=None):
-        return get_dataset(cfg.dataset, root=cfg.data_dir, split=name, transform=transform)
+        return _as_user_error(get_dataset, cfg.dataset, root=cfg.data_dir, split=name,
+                              transform=transform, what=f"data set {cfg.dataset!r}")
 
     base = split(cfg.train_split)  # untransformed: sizes the model and picks the transforms
-    model = build_embedder(cfg, base).to(device)
+    model = _as_user_error(build_embedder, cfg, base, what="backbone").to(device)
     eval_tf = _eval_transform(model, base)
     train_tf = _train_transform(cfg, base, model)
     if cfg.views >= 2:
@@ -396,37 +592,49 @@ def fit(config: TrainConfig | dict) -> dict[str, Any]:
         sampler_labels = np.asarray(train_ds.labels)
         m, collate = cfg.m_per_class, None
     train_eval_ds = split(cfg.train_split, eval_tf)
-    test_ds, ref_ds = eval_sets(cfg.dataset, cfg.data_dir, cfg.eval_split, eval_tf)
-    if main:  # only once the data and the model are known to be good
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    sampler = MPerClassSampler(sampler_labels, m=m, batch_size=cfg.batch_size, seed=cfg.seed,
-                               num_replicas=world, rank=rank)
+    test_ds, ref_ds = _as_user_error(eval_sets, cfg.dataset, cfg.data_dir, cfg.eval_split,
+                                     eval_tf, what=f"data set {cfg.dataset!r}")
+    sampler = _as_user_error(MPerClassSampler, sampler_labels, m=m, batch_size=cfg.batch_size,
+                             seed=cfg.seed, num_replicas=world, rank=rank,
+                             what=f"batches of {cfg.dataset!r} (batch_size, m_per_class)")
     steps_per_epoch = len(sampler)
     total_steps = cfg.epochs * steps_per_epoch if cfg.epochs is not None else cfg.steps
 
-    loss_fn = build_loss(cfg.loss, cfg.loss_kwargs, cfg.critic, cfg.critic_kwargs,
-                         embedding_dim=getattr(model, "dim", cfg.dim)).to(device)
+    loss_fn = _as_user_error(build_loss, cfg.loss, cfg.loss_kwargs, cfg.critic,
+                             cfg.critic_kwargs, embedding_dim=getattr(model, "dim", cfg.dim),
+                             what=f"loss {cfg.loss!r}").to(device)
+    if main:  # only once the data, the batches, the model and the loss are known to be good
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
     optimizer = _optimizer(cfg, list(model.parameters()) + list(loss_fn.parameters()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
     amp = (device.type == "cuda") if cfg.amp is None else bool(cfg.amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    custom = isinstance(cfg.backbone, nn.Module)
 
     # Resume.
     step, epoch, batch_in_epoch = 0, 0, 0
     history: list[dict] = []
     train_time = 0.0
     last = ckpt_dir / "last.pt"
-    if cfg.resume and last.exists():
-        state = ckpt.load_checkpoint(last, map_location="cpu")
-        model.load_state_dict(state["model"])
-        loss_fn.load_state_dict(state["loss"])
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            loss_fn.load_state_dict(state["loss"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise UserError(
+                f"cannot resume from {last}: its weights do not fit the model these settings "
+                f"build ({first[1].strip() if len(first) > 1 else first[0]}); pass the same "
+                "backbone (the same nn.Module for a custom one), or --overwrite"
+            ) from exc
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         history = state.get("history", [])
         train_time = state.get("train_time_s", 0.0)
         ckpt.restore_rng_state(state["rng"])
+        del state
 
     ddp_model = model
     if world > 1:
@@ -448,9 +656,13 @@ def fit(config: TrainConfig | dict) -> dict[str, Any]:
     def save(name: str = "last.pt") -> None:
         if not main:
             return
+        inner = _unwrap(model)
         ckpt.atomic_save({
-            "model": _unwrap(model).state_dict(),
-            "embedder_config": _unwrap(model).config(),
+            "model": inner.state_dict(),
+            # a custom nn.Module cannot be rebuilt from a dict: its weights are kept, and
+            # resuming or reloading needs the same module passed again
+            "embedder_config": None if custom else inner.config(),
+            "custom_backbone": type(cfg.backbone).__qualname__ if custom else None,
             "loss": loss_fn.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -464,27 +676,37 @@ def fit(config: TrainConfig | dict) -> dict[str, Any]:
                desc=f"{cfg.loss}", dynamic_ncols=True)
     model.train()
     recent: list[dict] = []
+    from .embedders import channels_last_safe
+
+    to_channels_last = device.type == "cuda" and channels_last_safe(model)  # no custom .view()
+    x = None  # the last training batch (none when a finished run is resumed)
     while step < total_steps:
         loader = loader_for(batch_in_epoch)
         t0 = time.perf_counter()
         for x, y in loader:
             x = x.to(device, non_blocking=True)
             y = torch.as_tensor(y).to(device, non_blocking=True)
-            if x.dim() == 4 and device.type == "cuda":
+            if x.dim() == 4 and to_channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             ctx = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp
                    else contextlib.nullcontext())
             with ctx:
                 emb = ddp_model(x)
             emb_all, y_all = dist_utils.gather_embeddings(emb, y)
+            if not bool(torch.isfinite(emb_all).all()):
+                raise DivergedError(
+                    f"the embeddings became non-finite at step {step}: training diverged; lower "
+                    f"lr ({cfg.lr:g}) or set grad_clip"
+                )
             loss = _call_loss(loss_fn, emb_all, y_all)
             if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {loss.item()} at step {step}; lower lr ({cfg.lr}) or enable "
-                    "grad_clip"
+                raise DivergedError(
+                    f"the loss became {loss.item()} at step {step}: training diverged; lower lr "
+                    f"({cfg.lr:g}) or set grad_clip"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            dist_utils.average_gradients(loss_fn.parameters())  # DDP averages only the model's
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(
                     list(model.parameters()) + list(loss_fn.parameters()), cfg.grad_clip
@@ -501,32 +723,36 @@ def fit(config: TrainConfig | dict) -> dict[str, Any]:
                 row.update(_readout(loss_fn, emb_all.float(), y_all))
                 recent = (recent + [row])[-5:]
                 bar.set_postfix(loss=f"{row['loss']:.4f}", nce=f"{row['infonce']:.2f}")
-                if eval_due:
-                    dist_utils.barrier()
-                    if main:
-                        row.update(evaluate_embedder(_unwrap(model), test_ds, reference=ref_ds,
-                                                     device=device, seed=cfg.seed))
+                if eval_due:  # on every rank: each embeds its share of the test set
+                    _check_finite_weights(_unwrap(model), step, cfg, x)
+                    row.update(evaluate_embedder(_unwrap(model), test_ds, reference=ref_ds,
+                                                 device=device, seed=cfg.seed,
+                                                 num_workers=cfg.num_workers))
                     model.train()
                 history.append(row)
                 logger.log(row)
             if batch_in_epoch >= steps_per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            due = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
+            if due or stop.received:
                 train_time += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 save()
+            if stop.received:
+                bar.close()
+                raise TrainingInterrupted(step, last if main else None, stop.received)
             if step >= total_steps or batch_in_epoch == 0:
                 break
         train_time += time.perf_counter() - t0
     bar.close()
+    _check_finite_weights(_unwrap(model), step, cfg, x)
 
     result: dict[str, Any] = {"steps": step, "train_time_s": train_time, "history": history}
-    dist_utils.barrier()
+    save("last.pt")  # on rank 0
+    metrics = evaluate_embedder(_unwrap(model), test_ds, train_eval_ds, reference=ref_ds,
+                                probe=cfg.final_probe, device=device, seed=cfg.seed,
+                                progress=cfg.progress and main, num_workers=cfg.num_workers)
     if main:
-        save("last.pt")
-        metrics = evaluate_embedder(_unwrap(model), test_ds, train_eval_ds, reference=ref_ds,
-                                    probe=cfg.final_probe, device=device, seed=cfg.seed,
-                                    progress=cfg.progress)
         result["metrics"] = metrics
         result["readout"] = {
             k: float(np.nanmean([r[k] for r in recent])) if recent else float("nan")
@@ -544,7 +770,13 @@ def load_embedder(path: str | Path, map_location: str = "cpu") -> nn.Module:
 
     state = ckpt.load_checkpoint(path, map_location=map_location)
     if "embedder_config" not in state or "model" not in state:
-        raise ValueError(f"{path} is not a checkpoint written by contrastive.train.fit")
+        raise UserError(f"{path} is not a checkpoint written by contrastive.train.fit")
+    if state["embedder_config"] is None:
+        raise UserError(
+            f"{path} holds a custom nn.Module backbone ({state.get('custom_backbone')}), whose "
+            "code is not in the checkpoint: build Embedder(<the same module>, dim=..., "
+            "head=...) in Python and load_state_dict(load_checkpoint(path)['model'])"
+        )
     # pretrained=False: the saved weights replace them, and nothing may be downloaded.
     model = Embedder.from_config(state["embedder_config"], pretrained=False)
     model.load_state_dict(state["model"])

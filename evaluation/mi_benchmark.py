@@ -48,6 +48,8 @@ __all__ = [
     "resolve_estimators",
     "make_critic",
     "run",
+    "check_arguments",
+    "diverged",
     "summarize",
     "markdown_table",
     "plot",
@@ -243,6 +245,54 @@ def _check_levels(levels: Sequence[float]) -> list[float]:
 # --------------------------------------------------------------------------- the benchmark
 
 
+def check_arguments(
+    estimators: Iterable[str] | Mapping[str, Estimator] = DEFAULT_ESTIMATORS,
+    critic: str | Callable[[int], nn.Module] = "separable",
+    dim: int = 20,
+    batch_size: int = 64,
+    levels: Sequence[float] = (2, 4, 6, 8, 10),
+    steps_per_level: int = 1000,
+    lr: float = 5e-4,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    critic_kwargs: Mapping | None = None,
+) -> tuple[dict[str, Estimator], list[float]]:
+    """Check :func:`run`'s arguments without training anything (``ValueError`` / ``TypeError``
+    naming the argument); returns the resolved estimators and levels."""
+    est = resolve_estimators(estimators)
+    _check_dim(dim)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError(f"batch_size must be an integer >= 2 (positives need negatives), got "
+                         f"{batch_size!r}")
+    if isinstance(steps_per_level, bool) or not isinstance(steps_per_level, int) or (
+        steps_per_level <= 0
+    ):
+        raise ValueError(f"steps_per_level must be a positive integer, got {steps_per_level!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    levels = _check_levels(levels)
+    with torch.random.fork_rng(devices=[]):
+        params = list(make_critic(critic, dim, **dict(critic_kwargs or {})).parameters())
+    if not any(p.requires_grad for p in params):
+        raise ValueError(
+            f"critic {critic!r} has no trainable parameters; use separable, concat or bilinear"
+        )
+    return est, levels
+
+
+def diverged(results: Mapping) -> dict[str, int]:
+    """``{estimator: number of non-finite estimates}`` for the estimators that diverged (any
+    non-finite estimate: a score or loss overflowed, and no number after it can be trusted)."""
+    out = {}
+    for name, values in results["estimates"].items():
+        n = int(np.sum(~np.isfinite(np.asarray(values, dtype=np.float64))))
+        if n:
+            out[name] = n
+    return out
+
+
 def run(
     estimators: Iterable[str] | Mapping[str, Estimator] = DEFAULT_ESTIMATORS,
     critic: str | Callable[[int], nn.Module] = "separable",
@@ -269,18 +319,8 @@ def run(
     ``seconds``; with ``output`` (a directory, created) also ``files``: the JSON, CSV, Markdown
     and PNG written there by :func:`write_results`.
     """
-    est = resolve_estimators(estimators)
-    _check_dim(dim)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
-        raise ValueError(f"batch_size must be an integer >= 2 (positives need negatives), got "
-                         f"{batch_size!r}")
-    if isinstance(steps_per_level, bool) or not isinstance(steps_per_level, int) or (
-        steps_per_level <= 0
-    ):
-        raise ValueError(f"steps_per_level must be a positive integer, got {steps_per_level!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a number > 0, got {lr!r}")
-    levels = _check_levels(levels)
+    est, levels = check_arguments(estimators, critic, dim, batch_size, levels, steps_per_level,
+                                  lr, seed, critic_kwargs=critic_kwargs)
     dev = _best_device(device)
     kw = dict(critic_kwargs or {})
 
@@ -359,6 +399,7 @@ def run(
         "seconds": time.perf_counter() - start,
     }
     results["summary"] = summarize(results)
+    results["diverged"] = diverged(results)
     if output is not None:
         results["files"] = write_results(results, output)
     return results
@@ -408,14 +449,26 @@ def markdown_table(results: Mapping) -> str:
         f"{cfg['steps_per_level']} steps per level, lr {cfg['lr']:g}; statistics over the last "
         "half of each level.",
         "",
-        "| estimator | true MI | mean estimate | bias | variance | MSE |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| estimator | true MI | mean estimate | bias | variance | MSE | non-finite |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def num(v: float, fmt: str) -> str:
+        return format(v, fmt) if math.isfinite(v) else "non-finite"
+
     for r in results.get("summary") or summarize(results):
+        bad = int(r.get("nonfinite", 0))
+        count = f"{bad} of {r['steps']}" if bad else "0"
         lines.append(
-            f"| {r['estimator']} | {r['true_mi']:.1f} | {r['mean']:.3f} | {r['bias']:+.3f} | "
-            f"{r['variance']:.3f} | {r['mse']:.3f} |"
+            f"| {r['estimator']} | {r['true_mi']:.1f} | {num(r['mean'], '.3f')} | "
+            f"{num(r['bias'], '+.3f')} | {num(r['variance'], '.3f')} | {num(r['mse'], '.3f')} | "
+            f"{count} |"
         )
+    bad = diverged(results)
+    if bad:
+        total = len(results["true_mi"])
+        lines += ["", "DIVERGED (non-finite estimates; their statistics leave them out): "
+                  + ", ".join(f"{k} {v} of {total} steps" for k, v in bad.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -442,10 +495,19 @@ def plot(results: Mapping, path: str | Path, decay: float | None = None) -> Path
         raw = np.asarray(results["estimates"][name], dtype=np.float64)
         c = colors[i % len(colors)]
         ax.plot(steps, raw, color=c, alpha=0.25, linewidth=0.6)
-        ax.plot(steps, ema(raw.tolist(), decay), color=c, linewidth=1.6, label="estimate (EMA)")
+        bad = ~np.isfinite(raw)
+        smooth = ema(raw.tolist(), decay)
+        smooth[bad] = np.nan  # a gap, not a line carried flat through the diverged steps
+        ax.plot(steps, smooth, color=c, linewidth=1.6, label="estimate (EMA)")
         ax.plot(steps, true_mi, color="black", linewidth=1.2, label="true MI")
         ax.axhline(log_b, color="gray", linestyle="--", linewidth=1.0, label="log(batch)")
-        ax.set_title(name)
+        if bad.any():
+            ax.plot(steps[bad], np.full(int(bad.sum()), 0.95 * top), linestyle="none",
+                    marker="|", color="red", markersize=8, label="non-finite estimate")
+            ax.set_title(f"{name}: DIVERGED ({int(bad.sum())} non-finite)", color="red",
+                         fontsize=9)
+        else:
+            ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylim(-1.0, top)
     axes[0].set_ylabel("MI (nats)")

@@ -30,7 +30,14 @@ import torch
 from ._inputs import as_float_matrix, as_labels, check_ks, check_metric, check_same_dim
 from .search import normalize_rows, search_blocks
 
-__all__ = ["retrieval_metrics", "relevance_counts"]
+__all__ = ["retrieval_metrics", "relevance_counts", "RetrievalMetrics"]
+
+
+class RetrievalMetrics(dict):
+    """The metrics (a plain ``dict`` of numbers, so callers that format or average every value
+    keep working) plus the attribute ``backend``: the name of the search that produced them."""
+
+    backend: str = "none"
 
 
 def relevance_counts(
@@ -81,7 +88,9 @@ def retrieval_metrics(
     device: object = None,
     block_size: int | None = None,
     progress: bool = False,
-) -> dict[str, float | int]:
+    index: str = "auto",
+    index_options: dict | None = None,
+) -> RetrievalMetrics:
     """Recall@K, Precision@1, R-Precision and MAP@R of ``query`` against ``reference``.
 
     Args:
@@ -95,11 +104,17 @@ def retrieval_metrics(
             large classes (the "cpu-blocks" path of :mod:`evaluation.search`) blocks of queries
             are spread over ``torch.get_num_threads()`` Python threads, and torch's intra-op
             thread count is 1 until the call returns (then restored).
+        index, index_options: exact or approximate search, as in :func:`evaluation.search.knn`
+            ("auto": exact below :data:`evaluation.ann.ANN_MIN_N` reference rows, IVF-Flat
+            from there on the CPU; :mod:`evaluation.ann` measures the accuracy cost).
 
     Returns:
         ``{"precision_at_1", "r_precision", "map_at_r", "recall_at_{k}" for k in ks (floats in
         [0, 1], NaN when every query is lone), "num_queries" (all queries, lone ones included),
-        "num_lone_queries"}``. See the module docstring for the formulas.
+        "num_lone_queries"}``, all numbers. See the module docstring for the formulas. The dict's
+        ``backend`` attribute names the search that ran (e.g. ``"faiss-cpu IndexFlat exact"``,
+        ``"torch exact (cuda:0)"``, ``"faiss-cpu IVF-Flat(nlist=4000, nprobe=16)
+        approximate"``; ``"none"`` when every query is lone).
     """
     metric = check_metric(metric)
     ks = check_ks(ks)
@@ -129,7 +144,7 @@ def retrieval_metrics(
     r_q = relevance_counts(yq, yr, same_set)
     active = np.flatnonzero(r_q > 0)
     n_lone = int(q.shape[0] - active.size)
-    out: dict[str, float | int] = {}
+    out = RetrievalMetrics()
     names = ["precision_at_1", "r_precision", "map_at_r"] + [f"recall_at_{k}" for k in ks]
     if active.size == 0:
         out.update({name: float("nan") for name in names})
@@ -159,13 +174,16 @@ def retrieval_metrics(
         return _block_sums(yr_t[idx] == yq_t[rows, None], r_t[rows], ks)
 
     totals = dict.fromkeys(names, 0.0)
+    info: dict[str, str] = {}
     for _rows, sums in search_blocks(
         q_act, r_emb, k, "l2" if metric == "l2" else "ip", self_index, backend, device,
         block_size, progress, large_k_blocks=True, reduce=block_sums,
+        index=index, index_options=index_options, info=info,
     ):
         for name, value in sums.items():
             totals[name] += value
     n = active.size
     out.update({name: float(totals[name]) / n for name in names})
     out.update(num_queries=int(q.shape[0]), num_lone_queries=n_lone)
+    out.backend = info.get("backend", "none")
     return out

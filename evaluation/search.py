@@ -30,7 +30,10 @@ Ties
     ``torch.topk`` promises this, and BLAS does not even promise that identical reference rows
     get identical float32 scores (a row in an edge tile of the matrix product is summed in another
     order). So (1) identical reference rows are grouped first (bitwise; one pass over the data and
-    a sort) and searched once, so they share one score and tie exactly; (2) every backend returns
+    a sort) and searched once, so they share one score and tie exactly; a window of groups is
+    expanded to its first ``k`` items in index order by a gather, with no sort unless two
+    groups in it share a score (so 10,000 identical rows cost what 10,000 distinct ones do,
+    not a sort of thousands of equal scores per query); (2) every backend returns
     a slightly wider window (``k + 8``, plus one for the query itself), re-sorted by
     (score, index); (3) a row whose k-th score equals the window's worst score (the tie may go on
     past the window) is recomputed over the whole reference set with wider windows until it is
@@ -131,6 +134,16 @@ def resolve_backend(backend: str = "auto", device: object = None, k: int = 1) ->
             return Plan("faiss-cpu", torch.device("cpu"))
         return Plan("torch", dev)
     return Plan("faiss-cpu", torch.device("cpu"))
+
+
+def describe_plan(plan: Plan) -> str:
+    """One-line name of an exact search backend, as results report it (``backend``)."""
+    return {
+        "faiss-cpu": "faiss-cpu IndexFlat exact",
+        "faiss-gpu": f"faiss-gpu GpuIndexFlat exact ({plan.device})",
+        "torch": f"torch exact ({plan.device})",
+        "cpu-blocks": "torch-cpu blocks exact (matmul + top-k scan)",
+    }.get(plan.kind, f"{plan.kind} exact")
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -264,6 +277,34 @@ def expand_groups(
     return out_key, out_idx
 
 
+def expand_sorted_groups(
+    key: Tensor, gid: Tensor, mult: Tensor, start: Tensor, members: Tensor, width: int
+) -> tuple[Tensor, Tensor]:
+    """The first ``width`` items of a window of groups taken in column order, each group's
+    items ascending: ``key, gid`` [B, W] -> ``(key, idx)`` [B, width], padded with
+    (-inf, int64 max). Item ``p`` of a row is ``members[base_j + p]`` for the group ``j``
+    holding position ``p`` (a binary search over the groups' cumulative sizes, skipped for rows
+    whose first group fills the width), so a group of thousands of identical rows costs one
+    gather per output entry and no sort.
+    """
+    b, w = gid.shape
+    dev = gid.device
+    m = mult[gid]
+    ends = m.cumsum(1)
+    base = start[gid] - (ends - m)  # members[base_j + p] is the item at position p of group j
+    pos = torch.arange(width, device=dev)
+    if bool((m[:, 0] >= width).all()):  # one group fills every row (e.g. collapsed embeddings)
+        return key[:, :1].expand(b, width).contiguous(), members[base[:, :1] + pos]
+    pos = pos.expand(b, width).contiguous()
+    j = torch.searchsorted(ends, pos, right=True)  # the group holding each position
+    valid = j < w
+    j.clamp_(max=w - 1)
+    flat = base.gather(1, j).add_(pos).masked_fill_(~valid, 0)
+    out_key = key.gather(1, j).masked_fill_(~valid, float("-inf"))
+    out_idx = members[flat].masked_fill_(~valid, torch.iinfo(torch.int64).max)
+    return out_key, out_idx
+
+
 def select_topk(
     key: Tensor,
     gid: Tensor,
@@ -291,18 +332,31 @@ def select_topk(
         idx = gid
         if not (presorted and ties_ordered):
             key, idx = sort_by_key_then_index(key, gid, presorted)
-        if self_rows is not None:  # drop the query's own row, or the worst one if it is absent
-            b, w = idx.shape
-            is_self = idx == self_rows[:, None]
-            at = torch.where(is_self.any(dim=1), is_self.to(torch.uint8).argmax(dim=1), w - 1)
-            cols = torch.arange(w - 1, device=idx.device).expand(b, -1)
-            cols = cols + (cols >= at[:, None]).to(cols.dtype)  # skip column `at`
-            key, idx = key.gather(1, cols), idx.gather(1, cols)
     else:
-        key, idx = expand_groups(key, gid, *groups, cap=k + 1)
-        if self_rows is not None:
-            key = key.masked_fill(idx == self_rows[:, None], float("-inf"))
-        key, idx = sort_by_key_then_index(key, idx)
+        # groups in (key desc, group) order; where no two groups share a key, their items in
+        # that order, each group's ascending, are already in (key desc, index asc) order: take
+        # the first k + 1 by a gather (identical rows cost no sort). Rows where groups tie:
+        # expand every group and sort.
+        if not (presorted and ties_ordered):
+            key, gid = sort_by_key_then_index(key, gid, presorted)
+        width = k + 1
+        # a tie matters where its first group starts within the width
+        before = groups[0][gid].cumsum(1)[:, :-1] - groups[0][gid[:, :-1]]
+        tied = ((key[:, 1:] == key[:, :-1]) & (before < width)).any(dim=1)
+        out_k, idx = expand_sorted_groups(key, gid, *groups, width=width)
+        if bool(tied.any()):
+            rows = tied.nonzero().flatten()
+            tk, ti = expand_groups(key[rows], gid[rows], *groups, cap=width)
+            tk, ti = sort_by_key_then_index(tk, ti)
+            n = min(width, tk.shape[1])
+            out_k[rows, :n], idx[rows, :n] = tk[:, :n], ti[:, :n]
+        key = out_k
+    if self_rows is not None:  # drop the query's own row, or the last one if it is absent
+        b, w = idx.shape
+        is_self = idx == self_rows[:, None]
+        at = torch.where(is_self.any(dim=1), is_self.to(torch.uint8).argmax(dim=1), w - 1)
+        keep = torch.arange(w, device=idx.device) != at[:, None]  # w - 1 per row
+        key, idx = key[keep].view(b, w - 1), idx[keep].view(b, w - 1)
     key, idx = key[:, :k], idx[:, :k]
     if complete:
         redo = torch.zeros(key.shape[0], dtype=torch.bool, device=key.device)
@@ -327,6 +381,9 @@ def search_blocks(
     progress: bool = False,
     large_k_blocks: bool = False,
     reduce: Callable[[slice, Tensor, Tensor], Any] | None = None,
+    index: str = "exact",
+    index_options: dict | None = None,
+    info: dict | None = None,
 ) -> Iterator[tuple[slice, Tensor, Tensor]] | Iterator[tuple[slice, Any]]:
     """Yield ``(rows, key [B, k], idx [B, k])`` for consecutive blocks of query rows.
 
@@ -343,9 +400,25 @@ def search_blocks(
     ``reduce``: yield ``(rows, reduce(rows, key, idx))`` instead; on the "cpu-blocks" path it
     runs in the worker threads, in parallel (it must be thread-safe and use torch ops, which
     run single-threaded there, or numpy).
+
+    ``index``/``index_options``: "exact", or an approximate FAISS index chosen as in
+    :mod:`evaluation.ann` (which then runs the search). ``info``: a dict that receives
+    ``info["backend"]``, the name of the search that ran (:func:`describe_plan`, or
+    :meth:`evaluation.ann.AnnParams.describe`).
     """
+    from .ann import ann_search_blocks, resolve_index  # lazy: evaluation.ann imports this module
+
     nq = query.shape[0]
     has_self = self_index is not None
+    ann = resolve_index(index, reference.shape[0], reference.shape[1], k + int(has_self),
+                        backend, device, index_options)
+    if ann is not None:
+        if info is not None:
+            info["backend"] = ann.describe()
+        yield from ann_search_blocks(
+            query, reference, k, metric, ann, self_index, block_size, progress, reduce
+        )
+        return
     dup = find_duplicates(reference)
     searched = reference if dup is None else np.ascontiguousarray(reference[dup.unique_rows])
     n_s = searched.shape[0]
@@ -353,11 +426,19 @@ def search_blocks(
     plan = resolve_backend(backend, device, window)
     if large_k_blocks and backend == "auto" and plan.kind == "faiss-cpu":
         scan = scan_kernel() is not None and n_s >= SCAN_MIN_RATIO * window
-        if window >= (min(BLOCK_SCAN_MIN_K, BLOCK_SELECT_MIN_K) if scan else BLOCK_SELECT_MIN_K):
+        # by the window over the items, not over the distinct rows: with many duplicates the
+        # work is in expanding groups to k items and in `reduce`, which run in the workers
+        wide = min(reference.shape[0], k + int(has_self) + TIE_MARGIN)
+        if wide >= (min(BLOCK_SCAN_MIN_K, BLOCK_SELECT_MIN_K) if scan else BLOCK_SELECT_MIN_K):
             plan = Plan("cpu-blocks", plan.device)
     dev = plan.device
+    if info is not None:
+        info["backend"] = describe_plan(plan)
     self_all = torch.from_numpy(np.asarray(self_index, dtype=np.int64)) if has_self else None
     budget = _GPU_BLOCK_BYTES if dev.type == "cuda" else _CPU_BLOCK_BYTES
+    # bytes per query row of a block's window and, with duplicates, of its expansion to
+    # k + 1 items (about six int64 temporaries each)
+    out_bytes = max(window * 12, 0 if dup is None else (k + 1) * 48)
 
     cache: dict[str, object] = {}
     cache_lock = threading.Lock()  # finish() may run in worker threads
@@ -425,7 +506,8 @@ def search_blocks(
     try:
         if plan.kind.startswith("faiss"):
             index, _keepalive = _faiss_index(plan, searched, metric)
-            step = block_size or max(1, min(nq, _FAISS_OUT_BYTES // (window * 12)))
+            # rows per call: FAISS's output, and (duplicates) the rows expanded to k items
+            step = block_size or max(1, min(nq, _FAISS_OUT_BYTES // out_bytes))
             for s in range(0, nq, step):
                 rows = slice(s, min(nq, s + step))
                 with _faiss_cpu_tiles(plan):
@@ -445,7 +527,7 @@ def search_blocks(
             r, r_sq = torch_ref()
             min_rows = min(nq, 64)
             chunk = n_s if n_s * 4 * min_rows <= budget else max(window, budget // (4 * min_rows))
-            step = block_size or max(1, min(nq, budget // (4 * chunk)))
+            step = block_size or max(1, min(nq, budget // (4 * chunk), budget // out_bytes))
             q_all = torch.from_numpy(query)
             buf = torch.empty(min(step, nq) * min(chunk, n_s), dtype=torch.float32, device=dev)
             for s in range(0, nq, step):
@@ -618,8 +700,12 @@ def knn(
     block_size: int | None = None,
     backend: str = "auto",
     progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest neighbours of each query row in ``reference``.
+    index: str = "auto",
+    index_options: dict | None = None,
+    return_backend: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, str]:
+    """The k nearest neighbours of each query row in ``reference``: exact, or approximate for
+    large reference sets (``index``).
 
     Args:
         query: ``[Nq, d]`` numpy array or torch tensor.
@@ -633,10 +719,20 @@ def knn(
             128 MiB on CPU / 1 GiB on GPU).
         backend: "auto" | "faiss" | "torch" (see the module docstring).
         progress: show a tqdm bar over query blocks.
+        index: "auto" (exact below :data:`evaluation.ann.ANN_MIN_N` reference rows, on a CUDA
+            device or without FAISS; IVF-Flat otherwise) | "exact" | "ivf" | "ivfpq" | "hnsw"
+            (approximate FAISS-CPU indexes, see :mod:`evaluation.ann`).
+        index_options: settings of the approximate index, e.g. ``{"nlist": 4000, "nprobe": 32}``
+            (defaults by N in :mod:`evaluation.ann`).
+        return_backend: also return the name of the search that ran, e.g.
+            ``"faiss-cpu IndexFlat exact"`` or ``"faiss-cpu IVF-Flat(nlist=4000, nprobe=16)
+            approximate"``.
 
     Returns:
         ``(scores float32 [Nq, k], indices int64 [Nq, k])`` as numpy arrays, nearest first,
-        ties broken by lower reference index.
+        ties broken by lower reference index (``+ (backend,)`` with ``return_backend``).
+        Approximate indexes may miss true neighbours and break ties only among the candidates
+        they return (:mod:`evaluation.ann`).
     """
     metric = check_metric(metric)
     q = as_float_matrix(query, "query")
@@ -667,11 +763,15 @@ def knn(
     nq = q.shape[0]
     scores = np.empty((nq, k), dtype=np.float32)
     indices = np.empty((nq, k), dtype=np.int64)
+    info: dict[str, str] = {}
     for rows, key, idx in search_blocks(
-        q, r, k, search_metric, self_index, backend, device, block_size, progress
+        q, r, k, search_metric, self_index, backend, device, block_size, progress,
+        index=index, index_options=index_options, info=info,
     ):
         if metric == "l2":
             key = (-key).clamp_(min=0.0)
         scores[rows] = key.cpu().numpy()
         indices[rows] = idx.cpu().numpy()
+    if return_backend:
+        return scores, indices, info.get("backend", "none")
     return scores, indices

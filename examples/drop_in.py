@@ -5,17 +5,14 @@
     ``losses.get("triplet", mining="semihard")``; the loss goes down and Recall@1 on held-out
     digits goes up (``evaluation.retrieval.retrieval_metrics``).
 
-(b) A pytorch-metric-learning (PML) setup. Our losses take PML's call shape
-    ``loss(embeddings, labels, ref_emb=..., ref_labels=...)`` and give the same number as the
-    matching PML loss on the same batch (InfoNCE = ``SupConLoss``; with two items per class also
-    ``NTXentLoss``; ``Triplet`` = ``TripletMarginLoss``). A PML miner's output goes in by
-    keyword, ``loss(emb, labels, indices_tuple=miner(emb, labels))`` (their third positional
-    argument is ``ref_emb``). They are not ``BaseMetricLossFunction`` subclasses, so PML's
-    ``DistributedLossWrapper`` needs a small adapter (or use our own gather,
-    ``contrastive.distributed.all_gather_with_grad``). :class:`MinedPairs` below is that
-    adapter, written against public APIs only:
-    it keeps our critic and loss (``loss.scores`` / ``loss.compute``) and restricts the
-    positive and negative masks to the pairs a PML miner returns.
+(b) A pytorch-metric-learning (PML) setup, unchanged except for one import:
+    ``from losses import drop_in as losses`` gives ``NTXentLoss``, ``SupConLoss``,
+    ``TripletMarginLoss``, ``ContrastiveLoss`` and ``NPairsLoss`` with PML's constructor
+    arguments and defaults. They take PML's positional call,
+    ``loss_func(embeddings, labels, miner(embeddings, labels))``, give PML's numbers on the same
+    batch, return PML's zero (in the graph) on a batch without a positive pair, and work inside
+    PML's ``CrossBatchMemory``. PML's ``DistributedLossWrapper`` insists on its own base class:
+    ``losses.to_pml(loss)`` is the bridge (or gather with ``contrastive.distributed``).
 
 Run::
 
@@ -33,8 +30,6 @@ import numpy as np
 import torch
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
-from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -42,6 +37,7 @@ from torch import nn
 
 import losses
 from evaluation.retrieval import retrieval_metrics
+from losses import drop_in
 
 
 # --------------------------------------------------------------------------- data and model
@@ -72,7 +68,7 @@ def recall_at_1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def train(model, loss_fn, x, y, *, steps, batch_size, seed, tag, miner=None, lr=1e-3):
     """The loop you already have: sample a batch, embed, loss, step. With a PML ``miner`` the
-    loss is called PML's way, ``loss_fn(emb, labels, indices_tuple)``."""
+    loss is called PML's way, ``loss_fn(emb, labels, miner(emb, labels))``."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     log_at = {round(i * (steps - 1) / 4) for i in range(5)}
@@ -92,47 +88,6 @@ def train(model, loss_fn, x, y, *, steps, batch_size, seed, tag, miner=None, lr=
         if step in log_at:
             print(f"[{tag}] step {step:4d}  loss {last:.4f}")
     return first, last
-
-
-# --------------------------------------------------------------------------- the PML adapter
-class MinedPairs(BaseMetricLossFunction):
-    """Use one of our losses where PML expects a ``BaseMetricLossFunction``.
-
-    ``MinedPairs(losses.InfoNCE())(emb, labels, indices_tuple)``: our critic scores the batch
-    against the reference set (the batch itself unless ``ref_emb`` is given), and our loss runs
-    on the positive / negative masks intersected with the pairs in ``indices_tuple`` (any PML
-    tuple: pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``). Without ``indices_tuple`` it
-    equals our loss. Needs a loss whose score matrix is batch x reference (not
-    ``MultiClassNPair``, which re-pairs the batch).
-    """
-
-    def __init__(self, loss: nn.Module, **kwargs):
-        super().__init__(**kwargs)
-        self.loss = loss
-
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        self_ref = ref_emb is embeddings  # PML substitutes the batch when ref_emb is None
-        if self_ref:
-            s, pos, neg = self.loss.scores(embeddings, labels)
-        else:
-            s, pos, neg = self.loss.scores(embeddings, labels, ref_emb, ref_labels)
-        if s.shape != (embeddings.shape[0], ref_emb.shape[0]):
-            raise TypeError(
-                f"MinedPairs needs a loss scoring batch x reference; {type(self.loss).__name__} "
-                f"gave scores of shape {tuple(s.shape)}"
-            )
-        if indices_tuple is not None:
-            a1, p, a2, n = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
-            mined_pos = torch.zeros_like(pos)
-            mined_neg = torch.zeros_like(neg)
-            mined_pos[a1, p] = True
-            mined_neg[a2, n] = True
-            pos, neg = pos & mined_pos, neg & mined_neg
-        if not bool(pos.any()):  # the miner kept no positive pair: nothing to learn here
-            value = embeddings.sum() * 0.0
-        else:
-            value = self.loss.compute(s, pos, neg)
-        return {"loss": {"losses": value, "indices": None, "reduction_type": "already_reduced"}}
 
 
 # --------------------------------------------------------------------------- the demo
@@ -162,57 +117,64 @@ def same_numbers_as_pml(args) -> None:
     g = torch.Generator().manual_seed(args.seed)
     emb = torch.randn(64, 16, generator=g)
     y = torch.arange(8).repeat_interleave(8)  # 8 classes x 8 per class
-    y2 = torch.arange(32).repeat_interleave(2)  # 32 classes x 2 per class
-    checks = [
-        ("InfoNCE(t=0.1) vs SupConLoss(t=0.1), 8 per class",
-         losses.InfoNCE(temperature=0.1)(emb, y), pml_losses.SupConLoss(temperature=0.1)(emb, y)),
-        ("InfoNCE(t=0.1) vs NTXentLoss(t=0.1), 2 per class",
-         losses.InfoNCE(temperature=0.1)(emb, y2),
-         pml_losses.NTXentLoss(temperature=0.1)(emb, y2)),
-        ("Triplet(margin=0.05) vs TripletMarginLoss(margin=0.05)",
-         losses.Triplet(margin=0.05)(emb, y), pml_losses.TripletMarginLoss(margin=0.05)(emb, y)),
+    pairs = [
+        ("NTXentLoss(temperature=0.1)", drop_in.NTXentLoss(temperature=0.1),
+         pml_losses.NTXentLoss(temperature=0.1)),
+        ("SupConLoss(temperature=0.1)", drop_in.SupConLoss(temperature=0.1),
+         pml_losses.SupConLoss(temperature=0.1)),
+        ("TripletMarginLoss(margin=0.05)", drop_in.TripletMarginLoss(margin=0.05),
+         pml_losses.TripletMarginLoss(margin=0.05)),
+        ("ContrastiveLoss()", drop_in.ContrastiveLoss(), pml_losses.ContrastiveLoss()),
+        ("NPairsLoss()", drop_in.NPairsLoss(), pml_losses.NPairsLoss()),
     ]
-    for name, ours, theirs in checks:
-        print(f"[pml] same batch, {name}: ours {float(ours):.6f}  pml {float(theirs):.6f}  "
-              f"|diff| {abs(float(ours) - float(theirs)):.1e}")
-    print("[pml] NTXentLoss differs from ours with more than 2 per class by design: PML averages "
-          "over positive pairs with only that pair in the denominator; ours (= SupCon) averages "
-          "over anchors with all positives in the denominator")
+    for name, ours, theirs in pairs:
+        a, b = float(ours(emb, y)), float(theirs(emb, y))
+        print(f"[pml] same batch, {name}: ours {a:.6f}  pml {b:.6f}  |diff| {abs(a - b):.1e}")
 
-    # PML miners: pass the mined pairs/triplets by keyword (our third positional is ref_emb).
-    ours = losses.InfoNCE(temperature=0.1)
-    pairs = pml_miners.MultiSimilarityMiner(epsilon=0.1)(emb, y)
-    mined_ours = float(ours(emb, y, indices_tuple=pairs))
-    mined_pml = float(pml_losses.SupConLoss(temperature=0.1)(emb, y, pairs))
-    print(f"[pml] ours(emb, labels, indices_tuple=mined) vs SupConLoss(emb, labels, mined): "
-          f"{mined_ours:.6f} vs {mined_pml:.6f}")
+    # PML's idiom, three positional arguments: loss_func(embeddings, labels, indices_tuple)
+    miner = pml_miners.MultiSimilarityMiner(epsilon=0.1)
+    mined = miner(emb, y)
+    ours, theirs = drop_in.SupConLoss(temperature=0.1), pml_losses.SupConLoss(temperature=0.1)
+    print(f"[pml] loss_func(emb, labels, miner(emb, labels)): ours {float(ours(emb, y, mined)):.6f}"
+          f"  pml {float(theirs(emb, y, mined)):.6f}")
+
+    # a batch without a positive pair: PML's zero loss, still in the graph
+    leaf = emb.clone().requires_grad_(True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        zero = drop_in.NTXentLoss()(leaf, torch.arange(64))
+    zero.backward()
+    zero = zero.detach()
+    print(f"[pml] batch without positives: ours {zero.item():.1f} (grad norm "
+          f"{float(leaf.grad.norm()):.1f}, {len(caught)} warning)  pml "
+          f"{float(pml_losses.NTXentLoss()(emb, torch.arange(64))):.1f}")
+
+    # CrossBatchMemory checks the class name and calls loss(emb, labels, idx, mem_emb, mem_lab)
+    values = []
+    for loss in (drop_in.NTXentLoss(temperature=0.1), pml_losses.NTXentLoss(temperature=0.1)):
+        xbm = pml_losses.CrossBatchMemory(loss, embedding_size=16, memory_size=96)
+        values.append([float(xbm(emb[i:i + 32], y[i:i + 32])) for i in (0, 32, 0)])
+    print("[pml] CrossBatchMemory(NTXentLoss, 16, memory_size=96), 3 steps: ours "
+          + " ".join(f"{v:.6f}" for v in values[0]) + "  pml "
+          + " ".join(f"{v:.6f}" for v in values[1]))
+
     try:
-        DistributedLossWrapper(ours)
+        DistributedLossWrapper(drop_in.SupConLoss())
         print("[pml] DistributedLossWrapper(ours) -> accepted")
     except TypeError as exc:
-        print(f"[pml] DistributedLossWrapper(ours) -> TypeError (it needs a PML "
-              f"BaseMetricLossFunction; use contrastive.distributed.all_gather_with_grad or "
-              f"the adapter below): {exc}")
-
-    # The adapter: equal to ours without a miner; accepted by PML's wrappers.
-    adapted = MinedPairs(ours)
-    plain, via = float(ours(emb, y)), float(adapted(emb, y))
-    print(f"[pml] MinedPairs(ours) without a miner equals ours: {abs(plain - via) < 1e-6} "
-          f"({via:.6f} vs {plain:.6f})")
-    wrapped = DistributedLossWrapper(MinedPairs(ours))
+        print(f"[pml] DistributedLossWrapper(ours) -> TypeError: {exc}")
+    wrapped = DistributedLossWrapper(losses.to_pml(drop_in.SupConLoss(temperature=0.1)))
     with warnings.catch_warnings():  # PML warns that it is not running distributed
         warnings.simplefilter("ignore", UserWarning)
-        w = float(wrapped(emb, y, pairs))
-    m = float(adapted(emb, y, pairs))
-    print(f"[pml] DistributedLossWrapper(MinedPairs(ours)) with MultiSimilarityMiner pairs: "
-          f"{w:.6f} (unwrapped {m:.6f}; {len(pairs[0])} positive and {len(pairs[2])} negative "
-          f"pairs mined)")
+        w = float(wrapped(emb, y, mined))
+    print(f"[pml] DistributedLossWrapper(losses.to_pml(ours)) with mined pairs: {w:.6f} "
+          f"(unwrapped {float(ours(emb, y, mined)):.6f})")
 
 
 def pml_training(data, args) -> None:
     x_tr, y_tr, x_te, y_te = data
     for tag, make_loss in (
-        ("ours+miner", lambda: MinedPairs(losses.InfoNCE(temperature=0.1))),
+        ("ours+miner", lambda: drop_in.SupConLoss(temperature=0.1)),
         ("pml-supcon+miner", lambda: pml_losses.SupConLoss(temperature=0.1)),
     ):
         model, loss_fn = make_encoder(args.seed), make_loss()

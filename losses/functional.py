@@ -2,6 +2,11 @@
 ``S [N, M]`` (higher = more similar, from any critic) and boolean masks ``P`` (positives) and
 ``Q`` (negatives) of the same shape. Pairs in neither mask (an item with itself) are ignored.
 
+A batch that leaves a loss nothing to average (no positive pair, no negative, no triplet) raises
+:class:`contrastive.pairs.NoPairsError` (a ``ValueError``) here; the modules in
+:mod:`losses.modules` turn that case into pytorch-metric-learning's zero loss (or keep the error
+with ``strict=True``).
+
 Losses are *minimised*; MI readouts are lower bounds in nats. All functions compute in float32 (or
 float64 when given float64), whatever the input dtype, so bf16/fp16 autocast cannot overflow the
 exponentials. If ``negatives`` is omitted it is ``~positives``.
@@ -28,10 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from contrastive.pairs import require_negatives, require_positives
+from contrastive.pairs import NoPairsError, require_negatives, require_positives, require_triplet
 
 __all__ = [
     "infonce",
+    "ntxent",
+    "supcon",
     "nwj",
     "js",
     "dv",
@@ -222,16 +229,86 @@ def _infonce_rows(scores: Tensor, positives: Tensor, negatives: Tensor, what: st
     return rows, pi.count, valid
 
 
-def infonce(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
-    """Multi-positive InfoNCE (CPC; NT-Xent with one positive; SupCon with several)::
+def _counts_or_none(mask: Tensor | None) -> Tensor | None:
+    """A mask given as integer counts (mined pairs with repeats), else None."""
+    if mask is None or mask.dtype == torch.bool or mask.is_floating_point():
+        return None
+    return mask
+
+
+def _require_both(positives: Tensor, negatives: Tensor, what: str) -> None:
+    require_positives(positives, what)
+    require_negatives(negatives, what)
+
+
+def supcon(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
+    """Multi-positive InfoNCE in SupCon's form (Khosla et al. 2020, ``L_out``; CPC / NT-Xent
+    with one positive)::
 
         l_i = -(1/|P_i|) sum_{j in P_i} [ S_ij - logsumexp_{k in P_i u Q_i} S_ik ]
 
-    averaged over anchors with at least one positive.
+    averaged over the anchors with a positive and at least two pairs in ``P_i u Q_i`` (the
+    others have ``l_i = 0``; pytorch-metric-learning's ``SupConLoss`` averages over non-zero
+    terms, which is the same set unless an ``exp`` underflows). Needs a positive and a negative
+    somewhere in the batch (:class:`~contrastive.pairs.NoPairsError` otherwise).
     """
     scores, positives, negatives = _prepare(scores, positives, negatives)
-    rows, count, _ = _infonce_rows(scores, positives, negatives)
-    return rows.sum() / (count > 0).sum()
+    _require_both(positives, negatives, "InfoNCE")
+    rows, count, valid = _infonce_rows(scores, positives, negatives)
+    used = (count > 0) & (_count_rows(valid) > 1)
+    return rows.sum() / used.sum().clamp_min(1)
+
+
+def ntxent(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
+    """InfoNCE in NT-Xent's pair form (Chen et al. 2020; pytorch-metric-learning's
+    ``NTXentLoss``): one term per positive pair, the positive against the anchor's negatives
+    only (the anchor's other positives are left out of the denominator)::
+
+        l_ij = -log( exp(S_ij) / (exp(S_ij) + sum_{k in Q_i} exp(S_ik)) )
+             = softplus( logsumexp_{k in Q_i} S_ik - S_ij ),    (i, j) in P
+
+    averaged over all positive pairs (a pair whose anchor has no negative gives 0 and still
+    counts, as in PML). One positive per anchor makes it equal to :func:`supcon`. Cost: one
+    masked log-sum-exp over ``[N, M]`` and a gather per positive pair (no ``N x M x M``).
+    Needs a positive and a negative somewhere in the batch.
+
+    ``positives`` / ``negatives`` may also be integer counts (how often a miner returned each
+    pair, :func:`contrastive.pairs.mined_masks` with ``counts=True``): a positive pair then
+    weighs its count in the mean and a negative its count in the sum, as in PML.
+    """
+    p_count = _counts_or_none(positives)
+    q_count = _counts_or_none(negatives)
+    scores, positives, negatives = _prepare(scores, positives, negatives)
+    _require_both(positives, negatives, "NT-Xent")
+    pi = _positive_index(positives, "NT-Xent")
+    has_neg = _count_rows(negatives) > 0
+    logits = scores if q_count is None else scores + q_count.clamp_min(1).to(scores.dtype).log()
+    lse_neg = _masked_lse(logits, negatives, 1)
+    lse_neg = torch.where(has_neg, lse_neg, torch.zeros_like(lse_neg))  # -inf -> 0, masked below
+    z = lse_neg[pi.rows] - scores[pi.rows, pi.cols]
+    # softplus without torch's linear cut-off above 20 (which is off by ~2e-9 there)
+    terms = z.clamp_min(0.0) + torch.log1p(torch.exp(-z.abs()))
+    terms = torch.where(has_neg[pi.rows], terms, torch.zeros_like(terms))
+    if p_count is None:
+        return terms.sum() / pi.rows.numel()
+    w = p_count[pi.rows, pi.cols].to(scores.dtype)
+    return (terms * w).sum() / w.sum()
+
+
+def infonce(
+    scores: Tensor,
+    positives: Tensor,
+    negatives: Tensor | None = None,
+    form: str = "all",
+) -> Tensor:
+    """Multi-positive InfoNCE: ``form="all"`` is SupCon's term (:func:`supcon`, all positives
+    of an anchor in one log-sum-exp), ``form="pair"`` NT-Xent's (:func:`ntxent`, one term per
+    positive pair). Both are CPC's InfoNCE with one positive per anchor."""
+    if form == "all":
+        return supcon(scores, positives, negatives)
+    if form == "pair":
+        return ntxent(scores, positives, negatives)
+    raise ValueError(f"form must be 'all' (SupCon) or 'pair' (NT-Xent), got {form!r}")
 
 
 def infonce_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
@@ -422,12 +499,12 @@ def _triplet_all(scores, positives, negatives, margin, method: str = "auto", pi=
     return fn(scores, negatives, idx, valid, margin)
 
 
-def _triplet_soft_all(scores, positives, negatives, pi=None):
-    """Sum and count of ``softplus(S_an - S_ap)`` over all valid triplets, one ``[N, M]``
+def _triplet_soft_all(scores, positives, negatives, margin: float = 0.0, pi=None):
+    """Sum and count of ``softplus(m + S_an - S_ap)`` over all valid triplets, one ``[N, M]``
     pass per positive slot j < k (softplus does not decompose, so this is O(N k M))."""
     pi = _positive_index(positives, "the triplet loss") if pi is None else pi
     idx, valid = _padded_positives(pi)
-    s_ap = scores.gather(1, idx)
+    s_ap = scores.gather(1, idx) - margin
     total = scores.new_zeros(())
     for j in range(idx.shape[1]):
         keep = negatives & valid[:, j, None]
@@ -467,6 +544,30 @@ def _semihard_negative(scores, negatives, idx, valid, has_neg, method: str = "au
     return torch.where(has_semi, arg, easiest)
 
 
+TRIPLET_REDUCTIONS = ("nonzero", "mean")
+
+
+def reduce_terms(terms: Tensor, reduction: str) -> Tensor:
+    """``"mean"``: the mean of ``terms``; ``"nonzero"``: the mean over the terms > 0 (0 when
+    none), pytorch-metric-learning's ``AvgNonZeroReducer``."""
+    if reduction == "mean":
+        return terms.mean()
+    return terms.sum() / (terms.detach() > 0).sum().clamp_min(1)
+
+
+def _check_triplet_args(mining: str, reduction: str | None) -> str:
+    if mining not in ("all", "hard", "semihard"):
+        raise ValueError(f"mining must be 'all', 'hard' or 'semihard', got {mining!r}")
+    if reduction is None:
+        return "nonzero" if mining == "all" else "mean"
+    if reduction not in TRIPLET_REDUCTIONS:
+        raise ValueError(
+            f"reduction must be 'nonzero' (mean over non-zero terms, PML's AvgNonZeroReducer), "
+            f"'mean' (over all terms) or None (the mining's default), got {reduction!r}"
+        )
+    return reduction
+
+
 def triplet(
     scores: Tensor,
     positives: Tensor,
@@ -474,40 +575,46 @@ def triplet(
     margin: float = 0.05,
     mining: str = "all",
     soft: bool = False,
+    reduction: str | None = None,
 ) -> Tensor:
     """Triplet loss in score form ``max(0, m - S_ap + S_an)`` (with ``S = -d`` this is the usual
-    ``max(0, d_ap - d_an + m)``); ``soft=True`` uses ``softplus(S_an - S_ap)`` (Hermans 2017).
+    ``max(0, d_ap - d_an + m)``); ``soft=True`` uses ``softplus(m - S_ap + S_an)``
+    (pytorch-metric-learning's ``smooth_loss=True``; Hermans et al. 2017's soft margin is
+    ``m = 0``).
 
     Mining:
 
-    * ``"all"``: every valid triplet; the mean over triplets with non-zero loss (0 when none),
-      as pytorch-metric-learning's ``TripletMarginLoss``; with ``soft`` the mean over all.
-      Exact, in O(N M) memory: each anchor's k positives are compared with its negatives, one
-      [N, M] pass per positive slot (O(k N M) time), or, for many positives per anchor, the
-      negatives are sorted once and each positive's hinge sum is a prefix sum (O(N M log M)).
+    * ``"all"``: every valid triplet. Exact, in O(N M) memory: each anchor's k positives are
+      compared with its negatives, one [N, M] pass per positive slot (O(k N M) time), or, for
+      many positives per anchor, the negatives are sorted once and each positive's hinge sum is
+      a prefix sum (O(N M log M)).
     * ``"hard"``: batch-hard (Hermans et al. 2017): per anchor its hardest positive
-      ``min_p S_ap`` and hardest negative ``max_n S_an``; mean over anchors that have both.
+      ``min_p S_ap`` and hardest negative ``max_n S_an``; one term per anchor that has both.
     * ``"semihard"``: FaceNet (Schroff et al. 2015): per (a, p) the hardest negative that is
       still less similar than the positive, ``max{S_an : S_an < S_ap}``, or the easiest negative
-      when none is; mean over positive pairs of anchors that have a negative.
+      when none is; one term per positive pair of an anchor that has a negative.
+
+    Reduction: ``"nonzero"`` averages over the terms > 0 (pytorch-metric-learning's
+    ``AvgNonZeroReducer``, the default of its ``TripletMarginLoss``; 0 when none), ``"mean"``
+    over all terms. ``None`` picks ``"nonzero"`` for ``"all"`` (as PML) and ``"mean"`` for
+    ``"hard"``/``"semihard"`` (as Hermans et al.); PML's ``BatchHardMiner`` +
+    ``TripletMarginLoss()`` is ``mining="hard", reduction="nonzero"``. A soft term is never 0,
+    so both reductions agree there. No anchor with both a positive and a negative raises
+    :class:`~contrastive.pairs.NoPairsError`.
     """
     scores, positives, negatives = _prepare(scores, positives, negatives)
-    if mining not in ("all", "hard", "semihard"):
-        raise ValueError(f"mining must be 'all', 'hard' or 'semihard', got {mining!r}")
+    reduction = _check_triplet_args(mining, reduction)
+    require_triplet(positives, negatives, "the triplet loss")
     pi = _positive_index(positives, "the triplet loss")
-    _negative_count(negatives, "the triplet loss")
     has_neg = _count_rows(negatives) > 0
-    if not bool(((pi.count > 0) & has_neg).any()):
-        raise ValueError(
-            "no anchor has both a positive and a negative, so there is no triplet: check the "
-            "batch labels (sample several classes with several items each, e.g. MPerClassSampler)"
-        )
     margin = float(margin)
     if mining == "all":
         if soft:
-            total, count = _triplet_soft_all(scores, positives, negatives, pi)
+            total, count = _triplet_soft_all(scores, positives, negatives, margin, pi)
         else:
             total, count = _triplet_all(scores, positives, negatives, margin, pi=pi)
+            if reduction == "mean":
+                count = (pi.count * _count_rows(negatives)).sum()
         return total / count.clamp_min(1)
     idx, valid = _padded_positives(pi)
     if mining == "hard":
@@ -521,16 +628,11 @@ def triplet(
         n_col = _semihard_negative(scores, negatives, idx, valid, has_neg)
         ok = valid & has_neg[:, None]
         diff = (scores.gather(1, n_col) - scores.gather(1, idx))[ok]
-    return (F.softplus(diff) if soft else F.relu(diff + margin)).mean()
+    terms = F.softplus(diff + margin) if soft else F.relu(diff + margin)
+    return reduce_terms(terms, reduction)
 
 
 # --------------------------------------------------------------------------- contrastive
-
-
-def _hinge_mean_nonzero(x: Tensor) -> Tensor:
-    """Mean of ``relu(x)`` over its non-zero entries (0 when none), for a vector ``x``."""
-    h = F.relu(x)
-    return h.sum() / (h > 0).sum().clamp_min(1)
 
 
 def contrastive(
@@ -544,20 +646,36 @@ def contrastive(
 
         mean_nz_P relu(t_pos - S) + mean_nz_Q relu(S - t_neg)
 
-    where ``mean_nz`` averages over the non-zero terms (pytorch-metric-learning's
-    ``AvgNonZeroReducer``). With ``S = -d`` and thresholds ``t_pos = -m_pos``, ``t_neg = -m_neg``
-    this is ``relu(d - m_pos)`` on positives plus ``relu(m_neg - d)`` on negatives;
-    :class:`losses.Contrastive` does that conversion for distance critics.
+    where ``mean_nz`` averages over the non-zero terms (integer count masks weigh each pair
+    by its count, as PML does with repeated mined pairs; pytorch-metric-learning's
+    ``AvgNonZeroReducer``; 0 when none, so a batch without positives or without negatives keeps
+    the other part, as in PML). With ``S = -d`` and thresholds ``t_pos = -m_pos``,
+    ``t_neg = -m_neg`` this is ``relu(d - m_pos)`` on positives plus ``relu(m_neg - d)`` on
+    negatives; :class:`losses.Contrastive` does that conversion for distance critics.
     """
+    p_count = _counts_or_none(positives)
+    q_count = _counts_or_none(negatives)
     scores, positives, negatives = _prepare(scores, positives, negatives)
-    pos = _hinge_mean_nonzero(pos_threshold - _positive_scores(scores, positives,
-                                                               "the contrastive loss"))
+    if not bool(positives.any()) and not bool(negatives.any()):
+        raise NoPairsError(
+            "the batch has no pair at all, which the contrastive loss needs: pass at least two "
+            "items"
+        )
+    pi = positives.nonzero(as_tuple=True)
+    h = F.relu(pos_threshold - scores[pi])
+    if p_count is None:
+        pos = h.sum() / (h > 0).sum().clamp_min(1)
+    else:  # mined pairs with repeats: each occurrence is a term, as in PML
+        c = p_count[pi].to(scores.dtype)
+        pos = (c * h).sum() / (c * (h > 0)).sum().clamp_min(1)
     # negatives: sum of S - t_neg over the active pairs (S > t_neg); the mask is constant
     # almost everywhere, so the gradient of the dot product is the hinge's
     with torch.no_grad():
         active = torch.gt(scores, neg_threshold)
         active &= negatives
         weight = active.to(scores.dtype)
+        if q_count is not None:
+            weight *= q_count
     n_active = weight.sum()
     total = torch.dot(scores.reshape(-1), weight.reshape(-1)) - neg_threshold * n_active
     neg = total / n_active.clamp_min(1)

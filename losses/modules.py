@@ -1,11 +1,19 @@
 """``nn.Module`` shells around :mod:`losses.functional`.
 
-Each module holds a critic and its hyper-parameters, and is called like a
-pytorch-metric-learning loss::
+Each module holds a critic and its hyper-parameters, and is called exactly like a
+pytorch-metric-learning (PML) 2.x loss, positional order included::
 
-    loss(embeddings, labels)                       # supervised, or multi-view with instance ids
-    loss(embeddings, labels, ref_emb, ref_labels)  # against a separate reference set
-    loss(x_emb, ref_emb=y_emb)                     # paired views: positives on the diagonal
+    loss(embeddings, labels)                              # supervised, or views with instance ids
+    loss(embeddings, labels, miner(embeddings, labels))   # PML's indices_tuple, third
+    loss(embeddings, labels, None, ref_emb, ref_labels)   # against a separate reference set
+    loss(x_emb, ref_emb=y_emb, paired=True)               # paired views: positives on the diagonal
+
+(:mod:`contrastive.pairs` lists what each call means.) A batch that gives the loss nothing to
+average -- no positive pair, no negative, no triplet -- returns a zero loss that is still part
+of the graph, as in PML, with a :class:`~contrastive.pairs.NoPairsWarning` the first time *per
+loss instance*; ``strict=True`` raises a ``ValueError`` that explains the batch instead. Mined
+tuples that leave nothing (the miner found no hard pair) give the same zero without a warning,
+also under ``strict``.
 
 The critic and the loss always run in float32 (float64 inputs stay float64), with autocast
 switched off locally, so mixed-precision training cannot overflow ``exp(S)`` at small
@@ -14,19 +22,25 @@ temperatures.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contrastive.critics import Cosine, Critic, Dot, NegativeL2
 from contrastive.pairs import (
+    NoPairsError,
+    NoPairsWarning,
     Pairs,
     check_call,
     diagonal_masks,
     mined_masks,
+    require_negatives,
     require_positives,
+    require_triplet,
     resolve_pairs,
 )
 from contrastive.validation import check_temperature
@@ -40,70 +54,143 @@ def _full_precision(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def _zero(scores: Tensor) -> Tensor:
+    """PML's "zero loss": 0, but connected to the graph of everything ``scores`` depends on
+    (embeddings, ``ref_emb``, critic parameters), so ``backward()`` and DDP run as usual."""
+    return (scores * 0.0).sum()
+
+
 class PairLoss(nn.Module):
     """Base class: resolve the call into (anchors, candidates, masks), score them with the
-    critic in full precision, and hand ``(S, P, Q)`` to :meth:`compute`."""
+    critic in full precision, and hand ``(S, P, Q)`` to :meth:`compute`.
 
-    def __init__(self, critic: Critic | nn.Module | None = None):
+    ``strict=False`` (default, PML's behaviour): a batch with no term gives a zero loss in the
+    graph and a warning once per instance; ``strict=True``: it raises ``ValueError``.
+    """
+
+    what = "this loss"
+
+    def __init__(self, critic: Critic | nn.Module | None = None, strict: bool = False):
         super().__init__()
         self.critic = critic if critic is not None else self.default_critic()
+        self.strict = bool(strict)
+        self._warned = False
 
     def default_critic(self) -> nn.Module:
         return Cosine(0.1)
 
     # -- the shell -------------------------------------------------------------------------
-    def pairs(self, embeddings, labels=None, ref_emb=None, ref_labels=None) -> Pairs:
-        return resolve_pairs(embeddings, labels, ref_emb, ref_labels)
+    def pairs(self, embeddings, labels=None, ref_emb=None, ref_labels=None, paired=False) -> Pairs:
+        return resolve_pairs(embeddings, labels, ref_emb, ref_labels, paired)
+
+    def _score(self, p: Pairs) -> Tensor:
+        with torch.autocast(device_type=p.anchors.device.type, enabled=False):
+            a = _full_precision(p.anchors)
+            b = a if p.self_reference else _full_precision(p.candidates)
+            return self.critic(a, b)
 
     def scores(
         self,
         embeddings: Tensor,
         labels: Tensor | None = None,
+        indices_tuple: tuple[Tensor, ...] | None = None,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        *,
+        paired: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """The score matrix ``S`` and masks ``(P, Q)`` this loss sees for a call."""
-        p = self.pairs(embeddings, labels, ref_emb, ref_labels)
-        with torch.autocast(device_type=p.anchors.device.type, enabled=False):
-            a = _full_precision(p.anchors)
-            b = a if p.self_reference else _full_precision(p.candidates)
-            s = self.critic(a, b)
-        return s, p.positives, p.negatives
+        """The score matrix ``S`` and masks ``(P, Q)`` this loss sees for a call (the masks
+        restricted to the mined pairs when ``indices_tuple`` is given)."""
+        p = self.pairs(embeddings, labels, ref_emb, ref_labels, paired)
+        s, pos, neg = self._score(p), p.positives, p.negatives
+        if indices_tuple is not None:
+            pos, neg = self.mined(indices_tuple, pos, neg)
+        return s, pos, neg
 
     def compute(self, scores: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def has_terms(self, positives: Tensor, negatives: Tensor) -> bool:
+        """Whether the masks give this loss anything to average (default: a positive and a
+        negative pair somewhere in the batch)."""
+        return bool(positives.any()) and bool(negatives.any())
+
+    def require_terms(self, positives: Tensor, negatives: Tensor) -> None:
+        """Raise :class:`~contrastive.pairs.NoPairsError` explaining why there is no term."""
+        require_positives(positives, self.what)
+        require_negatives(negatives, self.what)
+
+    def no_terms(self, scores: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
+        """The batch has no term: raise (``strict``) or warn once and return a graph zero."""
+        try:
+            self.require_terms(positives, negatives)
+            reason = f"the batch gives {self.what} no term"
+        except NoPairsError as exc:
+            if self.strict:
+                raise
+            reason = str(exc)
+        if self.strict:
+            raise NoPairsError(reason)
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{type(self).__name__}: {reason}. Returning a zero loss that stays in the graph "
+                "(pytorch-metric-learning's behaviour); pass strict=True to raise instead. "
+                "Warned once per loss instance.",
+                NoPairsWarning,
+                stacklevel=3,
+            )
+        return _zero(scores)
 
     def forward(
         self,
         embeddings: Tensor,
         labels: Tensor | None = None,
+        indices_tuple: tuple[Tensor, ...] | None = None,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
         *,
-        indices_tuple: tuple[Tensor, ...] | None = None,
+        paired: bool = False,
     ) -> Tensor:
-        """The loss of a batch. ``indices_tuple`` (keyword only) takes the output of a
-        pytorch-metric-learning miner and restricts the positives and negatives to the mined
-        pairs, as PML's pair-based losses do."""
-        s, pos, neg = self.scores(embeddings, labels, ref_emb, ref_labels)
-        if indices_tuple is not None:
-            pos, neg = self.mined(indices_tuple, pos, neg)
+        """The loss of a batch, in PML's positional order. ``indices_tuple`` takes the output
+        of a PML miner -- pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)`` -- and restricts
+        the positives and negatives to the mined pairs (NT-Xent and the contrastive loss count
+        a pair mined twice twice, as PML's pair-based losses; the others once).
+        ``paired=True`` (keyword only): ``ref_emb`` is a second view, positives on the
+        diagonal."""
+        p = self.pairs(embeddings, labels, ref_emb, ref_labels, paired)
+        s, pos, neg = self._score(p), p.positives, p.negatives
         with torch.autocast(device_type=s.device.type, enabled=False):
+            if not self.has_terms(pos, neg):
+                return self.no_terms(s, pos, neg)
+            if indices_tuple is not None:
+                pos, neg = self.mined(indices_tuple, pos, neg)
+                if not self.has_terms(pos, neg):
+                    return _zero(s)  # the miner kept nothing: PML's zero, no warning
             return self.compute(s, pos, neg)
 
+    #: whether mined pairs keep their multiplicity (PML's pair-based losses count a pair
+    #: mined twice twice; its matrix-based ones, e.g. SupCon, once)
+    counts_repeats = False
+
     def mined(self, indices_tuple, positives: Tensor, negatives: Tensor):
-        return mined_masks(indices_tuple, positives, negatives)
+        return mined_masks(indices_tuple, positives, negatives, counts=self.counts_repeats)
 
     @torch.no_grad()
     def readout(
         self,
         embeddings: Tensor,
         labels: Tensor | None = None,
+        indices_tuple: tuple[Tensor, ...] | None = None,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        *,
+        paired: bool = False,
     ) -> dict[str, float]:
-        """I_NCE and I_NWJ (nats) of this loss's own score matrix on a batch."""
-        s, pos, neg = self.scores(embeddings, labels, ref_emb, ref_labels)
+        """I_NCE and I_NWJ (nats) of this loss's own score matrix on a batch (arguments as
+        :meth:`forward`); raises ``ValueError`` on a batch without positives."""
+        s, pos, neg = self.scores(embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                                  paired=paired)
         return {
             "infonce": float(LF.infonce_bound(s, pos, neg)),
             "nwj": float(LF.nwj_bound(s, pos, neg)) if bool(neg.any()) else float("nan"),
@@ -121,25 +208,59 @@ def _critic_or_temperature(critic, temperature, default_t: float) -> nn.Module:
     return Cosine(check_temperature(default_t if temperature is None else temperature))
 
 
+INFONCE_FORMS = ("all", "pair")
+
+
 class InfoNCE(PairLoss):
-    """InfoNCE / NT-Xent / SupCon (:func:`losses.functional.infonce`).
+    """InfoNCE with several positives per anchor, in one of two forms:
+
+    * ``positives="all"`` (default): SupCon's term, all of an anchor's positives in one
+      log-sum-exp (:func:`losses.functional.supcon`; PML's ``SupConLoss``);
+    * ``positives="pair"``: NT-Xent's term, one per positive pair, each positive against the
+      anchor's negatives only (:func:`losses.functional.ntxent`; PML's ``NTXentLoss``).
+
+    With one positive per anchor (two views per instance, paired views) both are CPC's InfoNCE.
+    ``"all"`` is the default because it is the form the project's MI readout
+    (:func:`losses.functional.infonce_bound`) and published numbers use; PML users get NT-Xent
+    under its own names (``losses.get("ntxent")``, :class:`losses.NTXentLoss`).
 
     Default critic: ``Cosine(temperature)`` with ``temperature=0.1``.
     """
 
-    def __init__(self, temperature: float | None = None, critic: nn.Module | None = None):
-        super().__init__(_critic_or_temperature(critic, temperature, 0.1))
+    what = "InfoNCE"
+
+    def __init__(
+        self,
+        temperature: float | None = None,
+        critic: nn.Module | None = None,
+        positives: str = "all",
+        strict: bool = False,
+    ):
+        if positives not in INFONCE_FORMS:
+            raise ValueError(
+                f"positives must be 'all' (SupCon: all positives in one term) or 'pair' "
+                f"(NT-Xent: one term per positive pair), got {positives!r}"
+            )
+        super().__init__(_critic_or_temperature(critic, temperature, 0.1), strict)
+        self.positives = positives
+        self.counts_repeats = positives == "pair"  # NT-Xent is pair-based in PML
 
     def compute(self, scores, positives, negatives):
-        return LF.infonce(scores, positives, negatives)
+        return LF.infonce(scores, positives, negatives, form=self.positives)
+
+    def extra_repr(self) -> str:
+        return f"positives={self.positives!r}"
 
 
 class NWJ(PairLoss):
     """NWJ bound as a loss, ``-I_NWJ`` (:func:`losses.functional.nwj`).
     Default critic: ``Cosine(0.1)`` (the same as InfoNCE, so comparisons isolate the objective)."""
 
-    def __init__(self, temperature: float | None = None, critic: nn.Module | None = None):
-        super().__init__(_critic_or_temperature(critic, temperature, 0.1))
+    what = "the NWJ loss"
+
+    def __init__(self, temperature: float | None = None, critic: nn.Module | None = None,
+                 strict: bool = False):
+        super().__init__(_critic_or_temperature(critic, temperature, 0.1), strict)
 
     def compute(self, scores, positives, negatives):
         return LF.nwj(scores, positives, negatives)
@@ -149,8 +270,11 @@ class JS(PairLoss):
     """Jensen-Shannon critic loss (:func:`losses.functional.js`); default critic ``Cosine(0.1)``.
     Its MI readout is :func:`losses.functional.js_bound`."""
 
-    def __init__(self, temperature: float | None = None, critic: nn.Module | None = None):
-        super().__init__(_critic_or_temperature(critic, temperature, 0.1))
+    what = "the JS loss"
+
+    def __init__(self, temperature: float | None = None, critic: nn.Module | None = None,
+                 strict: bool = False):
+        super().__init__(_critic_or_temperature(critic, temperature, 0.1), strict)
 
     def compute(self, scores, positives, negatives):
         return LF.js(scores, positives, negatives)
@@ -160,8 +284,11 @@ class DV(PairLoss):
     """Donsker-Varadhan / MINE loss ``-I_DV`` (:func:`losses.functional.dv`); default critic
     ``Cosine(0.1)``."""
 
-    def __init__(self, temperature: float | None = None, critic: nn.Module | None = None):
-        super().__init__(_critic_or_temperature(critic, temperature, 0.1))
+    what = "the DV loss"
+
+    def __init__(self, temperature: float | None = None, critic: nn.Module | None = None,
+                 strict: bool = False):
+        super().__init__(_critic_or_temperature(critic, temperature, 0.1), strict)
 
     def compute(self, scores, positives, negatives):
         return LF.dv(scores, positives, negatives)
@@ -193,48 +320,81 @@ def first_pair_per_class(labels: Tensor, ref_labels: Tensor | None = None):
     return a, p
 
 
+def _first_mined_pair_per_label(indices_tuple, labels: Tensor, cand_labels: Tensor,
+                                self_reference: bool):
+    """From a miner's ``(a1, p, ...)`` keep the positive pairs whose labels match (and, on the
+    batch itself, that are not an item with itself) and, for every anchor label, the first such
+    pair in the tuple's order (PML's ``NPairsLoss`` rule)."""
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise ValueError(
+            "indices_tuple must be (anchor, positive, negative) triplets or "
+            "(anchor1, positive, anchor2, negative) pairs, as pytorch-metric-learning miners "
+            "return"
+        )
+    a, p = (torch.as_tensor(t, device=labels.device).long().flatten() for t in indices_tuple[:2])
+    for name, t, bound in (("anchor", a, labels.numel()), ("positive", p, cand_labels.numel())):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
+            raise ValueError(f"indices_tuple has {name} indices outside [0, {bound})")
+    keep = labels[a] == cand_labels[p]
+    if self_reference:
+        keep &= a != p
+    a, p = a[keep], p[keep]
+    _, first = np.unique(labels[a].cpu().numpy(), return_index=True)
+    first = torch.as_tensor(first, device=labels.device, dtype=torch.long)
+    return a[first], p[first]
+
+
 class MultiClassNPair(PairLoss):
     """Multi-class N-pair loss (Sohn 2016; :func:`losses.functional.multiclass_npair`).
 
-    From labels it takes one (anchor, positive) pair per class (see :func:`first_pair_per_class`)
-    and scores anchors against positives with the critic (default ``Dot``), positives on the
-    diagonal. ``l2_reg`` adds ``l2_reg * mean ||f||^2`` over the used embeddings (Sohn's
-    regulariser; 0 by default).
+    From labels it takes one (anchor, positive) pair per class (see :func:`first_pair_per_class`;
+    with a PML miner's ``indices_tuple``, the first mined positive pair of every anchor label, as
+    PML's ``NPairsLoss``) and scores anchors against positives with the critic (default ``Dot``,
+    i.e. ``NPairsLoss(distance=DotProductSimilarity(normalize_embeddings=False))``; PML's own
+    default normalises, which is ``critic=Cosine(1.0)``), positives on the diagonal. ``l2_reg``
+    adds ``l2_reg * mean ||f||^2 / 2`` over the used embeddings (Sohn's regulariser; 0 by
+    default). Unlike PML it also takes a reference set (anchors from the batch, positives from
+    ``ref_emb``).
     """
 
-    def __init__(self, critic: nn.Module | None = None, l2_reg: float = 0.0):
-        super().__init__(critic)
+    what = "the multi-class N-pair loss"
+
+    def __init__(self, critic: nn.Module | None = None, l2_reg: float = 0.0,
+                 strict: bool = False):
+        super().__init__(critic, strict)
         self.l2_reg = float(l2_reg)
 
     def default_critic(self) -> nn.Module:
         return Dot()
 
-    def pairs(self, embeddings, labels=None, ref_emb=None, ref_labels=None) -> Pairs:
-        c = check_call(embeddings, labels, ref_emb, ref_labels)
+    def pairs(self, embeddings, labels=None, ref_emb=None, ref_labels=None, paired=False,
+              indices_tuple=None) -> Pairs:
+        c = check_call(embeddings, labels, ref_emb, ref_labels, paired)
         if c.labels is None:  # paired views: anchors x ref_emb, positives on the diagonal
             pos, neg = diagonal_masks(c.embeddings.shape[0], c.embeddings.device)
             return Pairs(c.embeddings, c.ref_emb, pos, neg, False)
-        if c.ref_emb is None:
+        cand = c.embeddings if c.ref_emb is None else c.ref_emb
+        if indices_tuple is not None:
+            cand_labels = c.labels if c.ref_labels is None else c.ref_labels
+            ai, pi = _first_mined_pair_per_label(indices_tuple, c.labels, cand_labels,
+                                                 c.ref_emb is None)
+        elif c.ref_labels is not None:
+            ai, pi = first_pair_per_class(c.labels, c.ref_labels)
+        elif c.paired:  # the two views of each item share its label
+            ai, pi = first_pair_per_class(c.labels, c.labels)
+        else:  # the batch itself, or PML's ref_emb whose row j has labels[j]
             ai, pi = first_pair_per_class(c.labels)
-            cand = c.embeddings
-        else:
-            ref = c.labels if c.ref_labels is None else c.ref_labels
-            ai, pi = first_pair_per_class(c.labels, ref)
-            cand = c.ref_emb
-        if ai.numel() == 0:
-            require_positives(torch.zeros(1, dtype=torch.bool), "the multi-class N-pair loss")
         pos, neg = diagonal_masks(ai.numel(), c.embeddings.device)
         return Pairs(c.embeddings[ai], cand[pi], pos, neg, False)
 
-    def forward(self, embeddings, labels=None, ref_emb=None, ref_labels=None, *,
-                indices_tuple=None):
-        if indices_tuple is not None:
-            raise ValueError(
-                "MultiClassNPair picks its own pair per class and takes no indices_tuple; use "
-                "InfoNCE(critic=Dot()) for mined pairs"
-            )
-        p = self.pairs(embeddings, labels, ref_emb, ref_labels)
-        with torch.autocast(device_type=p.anchors.device.type, enabled=False):
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None,
+                *, paired=False):
+        p = self.pairs(embeddings, labels, ref_emb, ref_labels, paired, indices_tuple)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            if p.anchors.shape[0] == 0:
+                if indices_tuple is not None:  # the miner kept no positive pair
+                    return _zero(_full_precision(embeddings))
+                return self.no_terms(_full_precision(embeddings), p.positives, p.negatives)
             a, b = _full_precision(p.anchors), _full_precision(p.candidates)
             scores = self.critic(a, b)
             # pairs() puts the positives on the diagonal with every other pair negative, where
@@ -250,6 +410,13 @@ class MultiClassNPair(PairLoss):
                 loss = loss + self.l2_reg * 0.5 * ((a * a).sum(1).mean() + (b * b).sum(1).mean())
         return loss
 
+    def require_terms(self, positives, negatives):
+        raise NoPairsError(
+            "the batch has no positive pair, which the multi-class N-pair loss needs: every "
+            "label occurs only once. Sample several items per class (MPerClassSampler with "
+            "m >= 2) or several views per instance (MultiView)"
+        )
+
     def compute(self, scores, positives, negatives):
         return LF.multiclass_npair(scores, positives, negatives)
 
@@ -259,8 +426,18 @@ class Triplet(PairLoss):
 
     Default critic: ``NegativeL2(normalize=True)`` (Euclidean distance of L2-normalised
     embeddings) and ``margin=0.05``, pytorch-metric-learning's defaults; the margin is in score
-    units, i.e. distance units for a distance critic.
+    units, i.e. distance units for a distance critic. ``soft=True`` is PML's
+    ``smooth_loss=True``, ``softplus(margin + d_ap - d_an)`` (Hermans et al.'s soft margin is
+    ``margin=0``).
+
+    ``reduction``: ``"nonzero"`` (mean over the non-zero terms, PML's ``AvgNonZeroReducer``) or
+    ``"mean"`` (over all terms); ``None`` (default) is ``"nonzero"`` for ``mining="all"`` and
+    for mined triplets (PML) and ``"mean"`` over anchors for ``"hard"``/``"semihard"``
+    (Hermans et al.). PML's ``BatchHardMiner`` + ``TripletMarginLoss()`` is
+    ``Triplet(mining="hard", reduction="nonzero")``.
     """
+
+    what = "the triplet loss"
 
     def __init__(
         self,
@@ -268,44 +445,57 @@ class Triplet(PairLoss):
         mining: str = "all",
         soft: bool = False,
         critic: nn.Module | None = None,
+        reduction: str | None = None,
+        strict: bool = False,
     ):
-        super().__init__(critic)
-        if mining not in ("all", "hard", "semihard"):
-            raise ValueError(f"mining must be 'all', 'hard' or 'semihard', got {mining!r}")
+        super().__init__(critic, strict)
+        LF._check_triplet_args(mining, reduction)
         if float(margin) < 0:
             raise ValueError(f"margin must be >= 0, got {margin!r}")
         self.margin, self.mining, self.soft = float(margin), mining, bool(soft)
+        self.reduction = reduction
 
     def default_critic(self) -> nn.Module:
         return NegativeL2(normalize=True)
 
-    def compute(self, scores, positives, negatives):
-        return LF.triplet(scores, positives, negatives, self.margin, self.mining, self.soft)
+    def has_terms(self, positives, negatives):
+        return bool((positives.any(1) & negatives.any(1)).any())
 
-    def forward(self, embeddings, labels=None, ref_emb=None, ref_labels=None, *,
-                indices_tuple=None):
-        """As :meth:`PairLoss.forward`; mined ``(a, p, n)`` triplets are used as given (the
-        mean of ``max(0, m - S_ap + S_an)`` over the non-zero ones, or of the softplus), mined
-        pairs restrict the masks and ``mining`` then picks triplets among them."""
+    def require_terms(self, positives, negatives):
+        require_triplet(positives, negatives, self.what)
+
+    def compute(self, scores, positives, negatives):
+        return LF.triplet(scores, positives, negatives, self.margin, self.mining, self.soft,
+                          self.reduction)
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None,
+                *, paired=False):
+        """As :meth:`PairLoss.forward`; mined ``(a, p, n)`` triplets are used as given
+        (duplicates included, as PML), reduced by ``reduction`` (``None``: the mean over the
+        non-zero terms); mined pairs restrict the masks and ``mining`` then picks triplets
+        among them."""
         if indices_tuple is None or len(indices_tuple) != 3:
-            return super().forward(embeddings, labels, ref_emb, ref_labels,
-                                   indices_tuple=indices_tuple)
-        s, pos, neg = self.scores(embeddings, labels, ref_emb, ref_labels)
-        mpos, mneg = mined_masks(indices_tuple, pos, neg)  # validates the indices
-        a, p, n = (torch.as_tensor(t, device=s.device).long().flatten() for t in indices_tuple)
-        ok = mpos[a, p] & mneg[a, n]
-        a, p, n = a[ok], p[ok], n[ok]
+            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                                   paired=paired)
+        p = self.pairs(embeddings, labels, ref_emb, ref_labels, paired)
+        s, pos, neg = self._score(p), p.positives, p.negatives
         with torch.autocast(device_type=s.device.type, enabled=False):
-            diff = s[a, n] - s[a, p]
-            if diff.numel() == 0:
-                return s.sum() * 0.0  # no mined triplet: zero loss, graph kept
-            if self.soft:
-                return torch.nn.functional.softplus(diff).mean()
-            hinge = torch.relu(diff + self.margin)
-            return hinge.sum() / (hinge > 0).sum().clamp_min(1)
+            if not self.has_terms(pos, neg):
+                return self.no_terms(s, pos, neg)
+            mpos, mneg = mined_masks(indices_tuple, pos, neg)  # validates the indices
+            a, q, n = (torch.as_tensor(t, device=s.device).long().flatten()
+                       for t in indices_tuple)
+            ok = mpos[a, q] & mneg[a, n]
+            a, q, n = a[ok], q[ok], n[ok]
+            if a.numel() == 0:
+                return _zero(s)  # no mined triplet: zero loss, graph kept
+            diff = s[a, n] - s[a, q] + self.margin
+            terms = F.softplus(diff) if self.soft else F.relu(diff)
+            return LF.reduce_terms(terms, self.reduction or "nonzero")
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}, mining={self.mining!r}, soft={self.soft}"
+        return (f"margin={self.margin}, mining={self.mining!r}, soft={self.soft}, "
+                f"reduction={self.reduction!r}")
 
 
 class Contrastive(PairLoss):
@@ -314,16 +504,22 @@ class Contrastive(PairLoss):
     For a distance critic (default ``NegativeL2(normalize=True)``) the margins are distances:
     ``relu(d - pos_margin)`` on positives, ``relu(neg_margin - d)`` on negatives, defaults 0 and 1.
     For a similarity critic they are similarities: ``relu(pos_margin - s)`` and
-    ``relu(s - neg_margin)``, defaults 1 and 0 (pytorch-metric-learning's conventions).
+    ``relu(s - neg_margin)``, defaults 1 and 0 (pytorch-metric-learning's conventions). A batch
+    without positives (or negatives) keeps the other part, as in PML; only a batch with no pair
+    at all has no term.
     """
+
+    what = "the contrastive loss"
+    counts_repeats = True
 
     def __init__(
         self,
         pos_margin: float | None = None,
         neg_margin: float | None = None,
         critic: nn.Module | None = None,
+        strict: bool = False,
     ):
-        super().__init__(critic)
+        super().__init__(critic, strict)
         dist = bool(getattr(self.critic, "is_distance", False))
         self.pos_margin = float((0.0 if dist else 1.0) if pos_margin is None else pos_margin)
         self.neg_margin = float((1.0 if dist else 0.0) if neg_margin is None else neg_margin)
@@ -332,6 +528,15 @@ class Contrastive(PairLoss):
 
     def default_critic(self) -> nn.Module:
         return NegativeL2(normalize=True)
+
+    def has_terms(self, positives, negatives):
+        return bool(positives.any()) or bool(negatives.any())
+
+    def require_terms(self, positives, negatives):
+        raise NoPairsError(
+            "the batch has no pair at all, which the contrastive loss needs: pass at least two "
+            "items"
+        )
 
     def compute(self, scores, positives, negatives):
         return LF.contrastive(scores, positives, negatives, self._t_pos, self._t_neg)

@@ -1,21 +1,55 @@
-"""The ``contrastive`` command end to end, in subprocesses, on tiny budgets."""
+"""The ``contrastive`` command end to end on tiny budgets.
+
+Most commands run in-process through :func:`contrastive.cli.main` (the same argument parsing,
+dispatch and exit codes as the console script, without 2 s of imports per call); two subprocesses
+check what only a real process shows: the installed ``contrastive`` console script, and a
+``compare`` run that a second run finds finished.
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from contrastive import cli
+
 ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ("compare", "train", "eval", "mi-bench", "reproduce", "list")
 
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "contrastive", *args], env=env,
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture
+def main(capsys):
+    """``main(*args) -> (exit status, stdout, stderr)``, in-process; ``--help`` and argparse
+    errors leave through ``SystemExit``, whose code is the exit status."""
+    threads = torch.get_num_threads()
+
+    def call(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            rc = cli.main(list(args))
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            torch.set_num_threads(threads)
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return call
 
 
 def test_compare_end_to_end_and_resume(tmp_path):
@@ -48,58 +82,110 @@ def test_compare_end_to_end_and_resume(tmp_path):
     assert [c.stat().st_mtime_ns for c in cells] == stamps
 
 
-def test_train_then_eval(tmp_path):
+def test_train_then_eval_reproduces_the_runs_own_metrics(tmp_path, main):
+    """``eval`` of the checkpoint gives the numbers the training run reported for it: every
+    retrieval, clustering, probe and k-NN metric (same model, data, seed)."""
     out = tmp_path / "t"
-    r = run_cli("train", "--loss", "triplet", "--steps", "10", "--output", str(out),
-                "--set", "loss_kwargs.margin=0.2", "--set", "final_probe=false",
-                "--no-progress")
+    rc, stdout, err = main("train", "--loss", "triplet", "--steps", "10", "--output", str(out),
+                           "--set", "loss_kwargs.margin=0.2", "--set", "final_probe=true",
+                           "--no-progress")
+    assert rc == 0, err
+    trained = json.loads((out / "result.json").read_text())["metrics"]
+    assert "map_at_r" in stdout and f"{100 * trained['map_at_r']:6.2f} %" in stdout
+    rc, stdout, err = main("eval", str(out / "checkpoints" / "last.pt"), "--output",
+                           str(tmp_path / "e"), "--no-progress")
+    assert rc == 0, err
+    ev = json.loads((tmp_path / "e" / "eval.json").read_text())["metrics"]
+    keys = ("recall_at_1", "recall_at_8", "precision_at_1", "r_precision", "map_at_r", "nmi",
+            "ami", "linear_probe", "knn_top1")
+    assert set(keys) <= set(trained) and set(keys) <= set(ev)
+    for key in keys:
+        assert ev[key] == pytest.approx(trained[key], abs=1e-6), key
+    md = (tmp_path / "e" / "eval.md").read_text()
+    assert md.startswith("| metric") and f"| map_at_r | {ev['map_at_r']:.4g} |" in md
+    header, values = (tmp_path / "e" / "eval.csv").read_text().splitlines()
+    row = dict(zip(header.split(","), values.split(",")))
+    assert float(row["linear_probe"]) == pytest.approx(ev["linear_probe"], rel=1e-5)
+
+
+def test_list_and_help(main):
+    rc, out, err = main("list")
+    assert rc == 0, err
+    for word in ("infonce", "triplet", "bilinear", "separable", "digits", "cub200", "noniid",
+                 "timm models"):
+        assert word in out, word
+    rc, out, _ = main("list", "critics")
+    assert rc == 0 and out.startswith("critics:") and "losses:" not in out
+    for cmd in COMMANDS:
+        rc, out, err = main(cmd, "--help")
+        assert rc == 0, (cmd, err)
+        assert "examples:" in out and f"contrastive {cmd}" in out, cmd
+    rc, out, _ = main("--help")
+    assert rc == 0 and all(cmd in out for cmd in COMMANDS)
+    rc, _, err = main()  # no command: the help, and a usage error status
+    assert rc == 2
+
+
+def test_console_script_is_installed_and_runs():
+    """The one check that needs a real process: the ``contrastive`` entry point of the
+    installed package reaches :func:`contrastive.cli.main`."""
+    exe = Path(sys.executable).with_name("contrastive")
+    script = str(exe) if exe.exists() else shutil.which("contrastive")
+    assert script, "the contrastive console script is not installed (pip install -e .)"
+    r = subprocess.run([script, "list", "losses"], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    assert "map_at_r" in r.stdout
-    ck = out / "checkpoints" / "last.pt"
-    r = run_cli("eval", str(ck), "--output", str(tmp_path / "e"), "--no-progress")
-    assert r.returncode == 0, r.stderr
-    ev = json.loads((tmp_path / "e" / "eval.json").read_text())
-    assert 0 < ev["metrics"]["linear_probe"] <= 1
-    assert (tmp_path / "e" / "eval.md").read_text().startswith("| metric")
+    assert r.stdout.startswith("losses:") and "infonce" in r.stdout and "pml:" in r.stdout
 
 
-def test_list_and_help():
-    r = run_cli("list")
-    assert r.returncode == 0, r.stderr
-    assert "infonce" in r.stdout and "bilinear" in r.stdout and "cub200" in r.stdout
-    for cmd in ("compare", "train", "eval", "mi-bench", "reproduce", "list"):
-        h = run_cli(cmd, "--help")
-        assert h.returncode == 0 and "examples:" in h.stdout or cmd == "list", cmd
-
-
-def test_user_errors_are_one_line():
+def test_user_errors_are_one_line(main):
     cases = [
         ("compare", "--losses", "nosuch", "--steps", "2"),
         ("compare", "--dataset", "cub200", "--data-dir", "/nonexistent/path"),
         ("train", "--dataset", "sop"),
         ("eval", "/nonexistent/ckpt.pt"),
         ("train", "--set", "batch_size=0"),
+        ("reproduce", "nosuch"),
     ]
     for args in cases:
-        r = run_cli(*args)
-        assert r.returncode == 2, (args, r.stderr)
-        lines = [s for s in r.stderr.strip().splitlines() if s.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
-        assert "Traceback" not in r.stderr
+        rc, _, err = main(*args)
+        assert rc == 2, (args, err)
+        lines = [s for s in err.strip().splitlines() if s.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, err)
+        assert "Traceback" not in err
 
 
-def test_mi_bench_and_reproduce_commands(tmp_path):
-    r = run_cli("mi-bench", "--steps-per-level", "5", "--levels", "2,4", "--estimators",
-                "infonce,dv", "--output", str(tmp_path / "mi"), "--no-progress")
-    assert r.returncode == 0, r.stderr
-    assert "| infonce | 2.0 |" in r.stdout and "| dv | 4.0 |" in r.stdout
+def test_mi_bench_command(tmp_path, main):
+    rc, out, err = main("mi-bench", "--steps-per-level", "5", "--levels", "2,4", "--estimators",
+                        "infonce,dv", "--output", str(tmp_path / "mi"), "--no-progress")
+    assert rc == 0, err
+    assert "| infonce | 2.0 |" in out and "| dv | 4.0 |" in out
     for name in ("results.json", "results.csv", "results.md", "mi_benchmark.png"):
         assert (tmp_path / "mi" / name).is_file(), name
-    r = run_cli("reproduce", "noniid", "--steps", "10", "--seeds", "0", "--output",
-                str(tmp_path / "rep"), "--no-progress")
-    assert r.returncode == 0, r.stderr
-    assert "| nce | noniid |" in r.stdout
+    saved = json.loads((tmp_path / "mi" / "results.json").read_text())
+    # the options reach the benchmark: 2 levels x 5 steps per estimator, the truth per step
+    assert saved["config"]["estimators"] == ["infonce", "dv"]
+    assert saved["config"]["levels"] == [2.0, 4.0] and saved["config"]["steps_per_level"] == 5
+    assert saved["true_mi"] == [2.0] * 5 + [4.0] * 5
+    assert {k: len(v) for k, v in saved["estimates"].items()} == {"infonce": 10, "dv": 10}
+
+
+def test_reproduce_command_passes_its_options(tmp_path, main, monkeypatch):
+    """``reproduce noniid`` through the command line, with the experiment's default evaluation
+    size made tiny (200 held-out batches at every evaluation made this one call a minute long):
+    the seeds and steps given reach the experiment, and its table and files come out."""
+    from contrastive.reproduce import experiments
+
+    small = dataclasses.replace(experiments.DEFAULTS["noniid"], eval_batches=2, batch_size=16)
+    monkeypatch.setitem(experiments.DEFAULTS, "noniid", small)
+    rep = tmp_path / "rep"
+    rc, out, err = main("reproduce", "noniid", "--steps", "4", "--seeds", "0,1", "--output",
+                        str(rep), "--no-progress")
+    assert rc == 0, err
+    assert "| nce | noniid |" in out and "| nwj | iid |" in out
     for name in ("noniid.json", "noniid.csv", "noniid.png"):
-        assert (tmp_path / "rep" / name).is_file(), name
-    r = run_cli("reproduce", "nosuch")
-    assert r.returncode == 2 and r.stderr.startswith("error: unknown experiment")
+        assert (rep / name).is_file(), name
+    saved = json.loads((rep / "noniid.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["config"]["steps"] == 4
+    assert saved["config"]["eval_batches"] == 2 and saved["paper_size"] is False
+    assert len(saved["runs"]) == 2 * 2 * 2  # seeds x samplers x estimators

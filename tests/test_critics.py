@@ -113,15 +113,33 @@ def test_bilinear():
         Bilinear(0)
 
 
-def test_separable_is_dot_of_two_mlps():
+def numpy_mlp(net: nn.Sequential, x: np.ndarray) -> np.ndarray:
+    """The MLP's forward pass from its weights in numpy: ``relu(x W^T + b)`` per hidden layer,
+    a final affine map (the layer list itself is checked in ``test_mlp_structure``)."""
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    assert all(isinstance(m, (nn.Linear, nn.ReLU)) for m in net)
+    for k, lin in enumerate(linears):
+        x = x @ lin.weight.detach().numpy().T + lin.bias.detach().numpy()
+        if k < len(linears) - 1:
+            x = np.maximum(x, 0.0)
+    return x
+
+
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_separable_is_dot_of_two_mlps(layers):
+    """S_ij = g(a_i) . h(b_j) on every pair, with g and h evaluated in numpy from the weights:
+    two different networks (a critic that used one MLP for both sides, or dropped a layer's bias
+    or ReLU, would differ)."""
     a, b = data()
-    c = Separable(6, hidden_dim=11, out_dim=4, layers=2, in_dim_b=6).double()
-    ref = c.g(a) @ c.h(b).T
-    torch.testing.assert_close(c(a, b), ref)
-    ga = c.g(a).detach().numpy()
-    assert ga.shape == (7, 4)
-    c2 = Separable(6, in_dim_b=3).double()
-    assert c2(a, b[:, :3]).shape == (7, 5)
+    c = Separable(6, hidden_dim=11, out_dim=4, layers=layers, in_dim_b=6).double()
+    ga, hb = numpy_mlp(c.g, a.numpy()), numpy_mlp(c.h, b.numpy())
+    assert ga.shape == (7, 4) and hb.shape == (5, 4)
+    ref = np.array([[float(np.dot(ga[i], hb[j])) for j in range(5)] for i in range(7)])
+    np.testing.assert_allclose(c(a, b).detach().numpy(), ref, rtol=1e-12, atol=1e-12)
+    assert np.abs(numpy_mlp(c.g, b.numpy()) - hb).max() > 1e-3  # g and h are separate networks
+    c2 = Separable(6, hidden_dim=5, out_dim=3, in_dim_b=3).double()
+    ref2 = numpy_mlp(c2.g, a.numpy()) @ numpy_mlp(c2.h, b[:, :3].numpy()).T
+    np.testing.assert_allclose(c2(a, b[:, :3]).detach().numpy(), ref2, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1 << 20])

@@ -1,5 +1,10 @@
 """Distributed helpers: two real ``gloo`` processes under DDP against the single-process run.
 
+The same launch checks distributed evaluation: ``embed_distributed`` (each rank embeds its
+share of the data set, the shares are gathered) and ``train.evaluate_embedder`` under two ranks
+give the single process's embeddings and metrics, with each rank running the model on half of
+the rows only.
+
 The module-scoped fixture starts this very file twice as a script, with the environment
 variables torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so
 ``contrastive.distributed.setup`` is exercised as under ``torchrun``. Each rank writes what it
@@ -58,7 +63,7 @@ def loss_value(name: str, model: nn.Module, emb, emb2, labels) -> torch.Tensor:
     if name == "triplet":
         return Triplet()(emb, labels)
     if name == "paired":  # paired views, positives on the diagonal: needs aligned gathers
-        return InfoNCE(temperature=0.1)(emb, ref_emb=emb2)
+        return InfoNCE(temperature=0.1)(emb, ref_emb=emb2, paired=True)
     raise ValueError(name)
 
 
@@ -72,6 +77,71 @@ def reference(name: str) -> tuple[float, dict[str, torch.Tensor]]:
     loss = loss_value(name, model, model(x), model(x2), labels)
     loss.backward()
     return loss.item(), grads(model)
+
+
+N_EVAL, N_EVAL_TRAIN = 61, 40  # odd: the two shards differ in size (30 and 31 rows)
+
+
+class PlainPairs(torch.utils.data.Dataset):
+    """A map-style data set without the TensorDataset fast path (the Subset/DataLoader path)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def make_eval_problem():
+    """A small embedder, a test set and a train set with 5 classes, for the evaluation."""
+    from torch.utils.data import TensorDataset
+
+    from contrastive.embedders import Embedder
+
+    g = torch.Generator().manual_seed(1)
+    centers = 2.0 * torch.randn(5, DIM_IN, generator=g)
+    y_te, y_tr = torch.arange(N_EVAL) % 5, torch.arange(N_EVAL_TRAIN) % 5
+    x_te = centers[y_te] + torch.randn(N_EVAL, DIM_IN, generator=g)
+    x_tr = centers[y_tr] + torch.randn(N_EVAL_TRAIN, DIM_IN, generator=g)
+    torch.manual_seed(2)
+    model = Embedder("mlp", in_dim=DIM_IN, hidden_dim=16, layers=1, dim=8)
+    return model, TensorDataset(x_te, y_te), PlainPairs(x_te, y_te), TensorDataset(x_tr, y_tr)
+
+
+class RowCounter:
+    """A forward pre-hook counting the rows the model runs on (the cost share of a rank)."""
+
+    def __init__(self, model):
+        self.rows = 0
+        model.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.rows += int(args[0].shape[0])
+
+
+def evaluation_results(model, test, plain, train, counter=None) -> dict:
+    """What both the workers and the single-process reference compute."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from contrastive.embedders import embed_distributed
+    from contrastive.train import evaluate_embedder
+
+    out: dict = {}
+    z, y = embed_distributed(model, test, batch_size=8, device="cpu", progress=False)
+    out["tensor"] = (z, y, counter.rows if counter else None)
+    z, y = embed_distributed(model, plain, batch_size=8, device="cpu", progress=False)
+    out["plain"] = (z, y)
+    loader = DataLoader(plain, batch_size=8)
+    z, y = embed_distributed(model, loader, device="cpu", progress=False)
+    out["loader"] = (z, y)
+    one = TensorDataset(*(t[:1] for t in test.tensors))  # fewer rows than ranks
+    z, y = embed_distributed(model, one, device="cpu", progress=False)
+    out["one"] = (z, y)
+    out["metrics"] = evaluate_embedder(model, test, train, probe=True, device="cpu")
+    return out
 
 
 def gather_without_grad(emb: torch.Tensor) -> torch.Tensor:
@@ -136,6 +206,27 @@ def _worker(out_dir: Path) -> None:
         loss = DistributedLossWrapper(NTXentLoss(temperature=0.1), efficient=efficient)(ddp(xs), ys)
         loss.backward()
         res[f"pml/efficient={efficient}"] = {"loss": loss.item(), "grads": grads(model)}
+
+    # distributed evaluation
+    eval_model, test, plain, train = make_eval_problem()
+    counter = RowCounter(eval_model)
+    res["eval"] = evaluation_results(eval_model, test, plain, train, counter)
+    shuffled = torch.utils.data.DataLoader(plain, batch_size=8, shuffle=True)
+    try:
+        from contrastive.embedders import embed_distributed
+
+        embed_distributed(eval_model, shuffled, progress=False)
+        res["shuffled_error"] = None
+    except ValueError as exc:
+        res["shuffled_error"] = str(exc)
+
+    # gradients of parameters outside DDP (a loss's temperature, a critic)
+    p = nn.Parameter(torch.zeros(3))
+    q = nn.Parameter(torch.zeros(2))  # no gradient: skipped
+    p.grad = torch.tensor([float(rank), 2.0 * rank, 1.0])
+    D.average_gradients([p, q])
+    res["avg_grad"] = p.grad.tolist()
+    res["avg_grad_none"] = q.grad is None
 
     # other helpers
     flags = torch.tensor([True, False, rank == 1][: 2 + rank])
@@ -324,6 +415,47 @@ def test_mismatched_shapes_raise_on_every_rank(ddp):
         assert "torch.float64" in res["dtype_error"]
 
 
+def test_distributed_evaluation_equals_single_process(ddp):
+    """Two ranks, each embedding its half, give the single process's embeddings (rows in the
+    data set's order) and the same metrics; rank 0 runs the model on 30 rows, rank 1 on 31."""
+    model, test, plain, train = make_eval_problem()
+    ref = evaluation_results(model, test, plain, train)
+    z_ref, y_ref, _ = ref["tensor"]
+    assert z_ref.shape == (N_EVAL, 8)
+    for rank, res in enumerate(ddp):
+        got = res["eval"]
+        z, y, rows = got["tensor"]
+        # the model saw this rank's shard once for the TensorDataset call, not the whole set
+        assert rows == (30, 31)[rank]
+        for key in ("tensor", "plain", "loader", "one"):
+            torch.testing.assert_close(got[key][0], ref[key][0], rtol=0, atol=1e-6)
+            assert torch.equal(got[key][1], ref[key][1])
+        assert got["one"][0].shape == (1, 8)
+        assert got["metrics"].keys() == ref["metrics"].keys()
+        assert {"map_at_r", "linear_probe", "knn_top1", "nmi"} <= set(ref["metrics"])
+        for key, value in ref["metrics"].items():
+            assert got["metrics"][key] == pytest.approx(value, abs=1e-6), key
+        assert "shuffle=False" in res["shuffled_error"]
+
+
+def test_shard_bounds_cover_the_rows_once():
+    from contrastive.embedders import shard_bounds
+
+    for n in (1, 2, 5, 61, 100):
+        for world in (1, 2, 3, 8):
+            bounds = [shard_bounds(n, r, world) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            sizes = [b - a for a, b in bounds]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_average_gradients_is_the_mean_over_ranks(ddp):
+    for res in ddp:
+        assert res["avg_grad"] == pytest.approx([0.5, 1.0, 1.0])
+        assert res["avg_grad_none"] is True
+
+
 # --------------------------------------------------------------------------------------------
 # tests: one process (no process group)
 # --------------------------------------------------------------------------------------------
@@ -415,10 +547,58 @@ def test_setup_on_cuda_machines_picks_nccl_and_the_local_gpu(clean_env):
         clean_env.setenv(k, v)
     assert D.setup() == (3, 4, 1, torch.device("cuda", 1))  # LOCAL_RANK unset: RANK % 2 GPUs
     assert calls["device"] == 1
+    timeout = calls["init"].pop("timeout")
+    assert timeout.total_seconds() == D.DEFAULT_TIMEOUT_S  # not NCCL's 10 minutes
     assert calls["init"] == {"backend": "nccl", "init_method": "env://", "rank": 3, "world_size": 4}
     clean_env.setenv("LOCAL_RANK", "2")
     with pytest.raises(ValueError, match="LOCAL_RANK=2 but only 2 CUDA device"):
         D.setup()
+
+
+def _mock_cuda_machine(env, n_gpu: int = 2) -> dict:
+    calls: dict = {}
+    env.setattr(torch.cuda, "is_available", lambda: True)
+    env.setattr(torch.cuda, "device_count", lambda: n_gpu)
+    env.setattr(torch.cuda, "set_device", lambda i: calls.setdefault("device", i))
+    env.setattr(D.dist, "init_process_group", lambda **kw: calls.setdefault("init", kw))
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "h",
+                 "MASTER_PORT": "1"}.items():
+        env.setenv(k, v)
+    return calls
+
+
+def test_setup_device_cpu_on_a_gpu_machine_uses_gloo(clean_env):
+    calls = _mock_cuda_machine(clean_env)
+    assert D.setup(device="cpu") == (1, 2, 1, torch.device("cpu"))
+    assert calls["init"]["backend"] == "gloo"  # NCCL cannot carry CPU tensors
+    assert "device" not in calls  # no GPU claimed
+    with pytest.raises(ValueError, match="device='cpu' was asked for"):
+        D.setup(device="cpu", backend="nccl")
+
+
+def test_setup_device_cuda_gives_each_rank_its_own_gpu(clean_env):
+    calls = _mock_cuda_machine(clean_env)
+    assert D.setup(device="cuda") == (1, 2, 1, torch.device("cuda", 1))
+    assert calls["device"] == 1 and calls["init"]["backend"] == "nccl"
+    with pytest.raises(ValueError, match="every rank on the same GPU|instead of its own GPU 1"):
+        D.setup(device="cuda:0")  # rank 1 on GPU 0: refused, with the fix
+    assert D.setup(device="cuda:1")[3] == torch.device("cuda", 1)
+
+
+def test_setup_timeout_argument_and_environment(clean_env):
+    calls = _mock_cuda_machine(clean_env)
+    D.setup(timeout_s=90)
+    assert calls.pop("init")["timeout"].total_seconds() == 90
+    clean_env.setenv("CONTRASTIVE_DIST_TIMEOUT_S", "7200")
+    D.setup()
+    assert calls.pop("init")["timeout"].total_seconds() == 7200
+    clean_env.setenv("CONTRASTIVE_DIST_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match="CONTRASTIVE_DIST_TIMEOUT_S must be a number"):
+        D.setup()
+    with pytest.raises(ValueError, match="timeout_s must be a positive number"):
+        D.setup(timeout_s=0)
+    with pytest.raises(ValueError, match="device must be"):
+        D.setup(device="tpu")
 
 
 if __name__ == "__main__":

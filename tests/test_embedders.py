@@ -1,7 +1,13 @@
 """Tests for contrastive.embedders: Embedder (timm / MLP / nn.Module backbones, heads, weights,
 config round trip, data config) and embed() (equality with a manual eval-mode loop, mode and
 memory-format restoration, dtypes, input kinds, errors). References are numpy computations from
-the parameters, a manual loop, PIL/numpy arithmetic, and timm's own numbers."""
+the parameters, a manual loop, PIL/numpy arithmetic, and timm's own numbers.
+
+The tests that mean the CPU pass ``device="cpu"`` (on a CUDA machine embed() would otherwise run
+on the GPU with autocast); the ``cuda``-marked tests check the CUDA defaults (autocast dtype,
+channels_last, the pinned output buffers) and are skipped without a GPU. Autocast is checked
+both ways: equal to a hand-written autocast loop, and off the float32 result by about what bf16
+rounding costs (between 2**-12 and 2**-7 of the output scale; measured 0.65 * 2**-8)."""
 
 from __future__ import annotations
 
@@ -408,7 +414,7 @@ def test_embed_equals_manual_eval_loop(cnn_data, kind):
     model, x, y, ref = cnn_data
     data = {"tensor": TensorDataset(x, y), "plain": PlainDataset(x, y),
             "loader": DataLoader(PlainDataset(x, y), batch_size=4)}[kind]
-    emb, lab = embed(model, data, batch_size=5, progress=False)
+    emb, lab = embed(model, data, batch_size=5, device="cpu", progress=False)
     assert emb.dtype == torch.float32 and lab.dtype == torch.int64
     assert emb.device.type == "cpu" and emb.shape == (23, 5)
     torch.testing.assert_close(emb, ref, atol=1e-5, rtol=1e-5)
@@ -419,7 +425,8 @@ def test_embed_equals_manual_eval_loop(cnn_data, kind):
 def test_embed_restores_mixed_modes_and_returns_autograd_tensors(cnn_data):
     model, x, y, ref = cnn_data
     model.body[1].eval()  # a frozen BN inside a training model stays frozen
-    emb, lab = embed(model, TensorDataset(x, y), batch_size=8, progress=False)
+    emb, lab = embed(model, TensorDataset(x, y), batch_size=8, device="cpu",
+                     progress=False)
     assert model.training and not model.body[1].training and model.body[5].training
     assert not emb.is_inference() and not lab.is_inference()
     w = torch.zeros(5, 3, requires_grad=True)  # e.g. a linear probe on the embeddings
@@ -431,7 +438,7 @@ def test_embed_numpy_inputs_and_float64(cnn_data):
     model, x, y, ref = cnn_data
     xs = x.double().numpy()  # float64 numpy images, numpy int labels
     data = PlainDataset(xs, y.numpy())
-    emb, lab = embed(model, data, batch_size=7, progress=False)
+    emb, lab = embed(model, data, batch_size=7, device="cpu", progress=False)
     torch.testing.assert_close(emb, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(lab, y)
 
@@ -439,21 +446,164 @@ def test_embed_numpy_inputs_and_float64(cnn_data):
         return np.stack([a for a, _ in items]), [b for _, b in items]
 
     loader = DataLoader(data, batch_size=6, collate_fn=numpy_collate)
-    emb2, lab2 = embed(model, loader, progress=False)
+    emb2, lab2 = embed(model, loader, device="cpu", progress=False)
     torch.testing.assert_close(emb2, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(lab2, y)
+
+
+def _autocast_loop(model, x, batch_size, device, dtype, channels_last):
+    """The independent reference for autocast: the eval-mode forward of each batch under
+    ``torch.autocast(dtype)``, as a user would write it."""
+    model.eval()
+    out = []
+    with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype):
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].to(device)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            out.append(model(xb).float().cpu())
+    model.train()
+    return torch.cat(out)
+
+
+def _relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a - ref).abs().max() / ref.abs().max())
+
+
+# bf16 keeps 8 significant bits: one rounding costs up to 2**-9 relatively. The CPU case below
+# measured 0.65 * 2**-8 against float32 (a few roundings through conv, BN and linear).
+BF16_MAX_REL = 2 * 2**-8   # ~3x the measured error: a wrong cast or a lost scale exceeds it
+BF16_MIN_REL = 2**-12      # below this nothing was computed in bf16
 
 
 def test_embed_amp_and_channels_last_on_cpu(cnn_data):
     model, x, y, ref = cnn_data
     conv_w = model.body[0].weight
-    emb, _ = embed(model, TensorDataset(x, y), batch_size=8, progress=False,
+    emb, _ = embed(model, TensorDataset(x, y), batch_size=8, device="cpu", progress=False,
                    channels_last=True)
     torch.testing.assert_close(emb, ref, atol=1e-5, rtol=1e-5)
     assert conv_w.is_contiguous()  # memory format restored
-    emb_bf16, _ = embed(model, TensorDataset(x, y), batch_size=8, progress=False, amp=True)
+    emb_bf16, _ = embed(model, TensorDataset(x, y), batch_size=8, device="cpu",
+                        progress=False, amp=True)
     assert emb_bf16.dtype == torch.float32
-    torch.testing.assert_close(emb_bf16, ref, atol=0.1, rtol=0.05)  # bf16 has 8 mantissa bits
+    # it ran under bf16 autocast: equal to the hand-written autocast loop ...
+    manual = _autocast_loop(model, x, 8, "cpu", torch.bfloat16, channels_last=False)
+    torch.testing.assert_close(emb_bf16, manual, atol=1e-6, rtol=0)
+    # ... and bf16 changed the numbers, by about what bf16 rounding costs
+    err = _relative_error(emb_bf16, ref)
+    assert BF16_MIN_REL < err < BF16_MAX_REL, err
+    assert model.training
+
+
+class ViewBackbone(nn.Module):
+    """A custom backbone that flattens its feature map with ``.view`` (fails on channels_last)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        f = self.conv(x)
+        return f.view(f.shape[0], -1)
+
+
+def test_channels_last_default_only_for_known_modules():
+    from contrastive.embedders import channels_last_safe
+
+    assert channels_last_safe(Embedder("test_resnet", dim=4))
+    assert channels_last_safe(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
+    assert not channels_last_safe(ViewBackbone())  # a custom forward may .view()
+    assert not channels_last_safe(SmallCNN())  # a custom class, even if it would work
+    assert not channels_last_safe(nn.Linear(3, 4))  # nothing 4-D to lay out
+    x, y = torch.randn(5, 3, 6, 6), torch.arange(5)
+    with pytest.raises(RuntimeError, match="view"):  # why the default is off for it
+        embed(ViewBackbone(), TensorDataset(x, y), device="cpu", progress=False,
+              channels_last=True)
+
+
+def test_amp_dtype_uses_fp16_where_bf16_is_emulated(monkeypatch):
+    import contextlib
+
+    from contrastive.embedders import amp_dtype
+
+    assert amp_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "device", lambda i: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for native, expected in ((True, torch.bfloat16), (False, torch.float16)):
+        # torch's own check counts emulation as support unless told not to
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, n=native: including_emulation or n)
+        assert amp_dtype("cuda:0") == expected
+    # older torch without the keyword: the compute capability decides (>= 8.0 native)
+    def old_check():
+        return True
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", old_check)
+    for cap, expected in (((7, 0), torch.float16), ((8, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, c=cap: c)
+        assert amp_dtype("cuda") == expected
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_embed_defaults_autocast_channels_last_and_restore():
+    """The CUDA defaults: autocast to amp_dtype, channels_last for a torch.nn model, outputs
+    through the pinned stager in order (23 rows in batches of 5), model restored to the CPU."""
+    from contrastive.embedders import amp_dtype
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 6))
+    x, y = torch.randn(23, 3, 8, 8), torch.arange(23)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    model.train()
+    emb, lab = embed(model, TensorDataset(x, y), batch_size=5, progress=False)
+    assert emb.device.type == "cpu" and emb.dtype == torch.float32 and torch.equal(lab, y)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert model[0].weight.is_contiguous() and model.training
+    dtype = amp_dtype("cuda")
+    manual = _autocast_loop(model.cuda(), x, 5, "cuda", dtype, channels_last=True)
+    model.cpu()
+    torch.testing.assert_close(emb, manual, atol=2**-8 * float(ref.abs().max()), rtol=0)
+    err = _relative_error(emb, ref)
+    assert BF16_MIN_REL < err < BF16_MAX_REL, err
+    full, _ = embed(model, TensorDataset(x, y), batch_size=5, progress=False, amp=False,
+                    channels_last=False)
+    torch.testing.assert_close(full, ref, atol=1e-4, rtol=1e-4)  # TF32 may serve float32
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.skipif(not hasattr(torch.cuda, "host_memory_stats"), reason="torch too old")
+def test_cuda_embed_keeps_no_pinned_copy_of_the_result():
+    """Outputs go through two reused pinned buffers: the pinned memory that torch's host
+    allocator holds afterwards is about two batches, not the 40 MB result."""
+    model = nn.Linear(4, 512)
+    x, y = torch.randn(20_000, 4), torch.zeros(20_000, dtype=torch.long)
+    torch._C._host_emptyCache()
+    before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    emb, _ = embed(model, TensorDataset(x, y), batch_size=50, progress=False, amp=False)
+    held = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) - before
+    assert emb.shape == (20_000, 512) and emb.numel() * 4 == 40_960_000
+    assert held < 4 * 2**20, held
+    with torch.no_grad():
+        torch.testing.assert_close(emb, model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_embed_custom_view_backbone_runs_by_default():
+    torch.manual_seed(0)
+    model = ViewBackbone()
+    x, y = torch.randn(7, 3, 6, 6), torch.arange(7)
+    emb, _ = embed(model, TensorDataset(x, y), batch_size=4, progress=False, amp=False)
+    with torch.no_grad():
+        torch.testing.assert_close(emb, model(x), atol=1e-4, rtol=1e-4)
 
 
 def test_embed_embedder_timm_and_dataparallel():
@@ -464,7 +614,8 @@ def test_embed_embedder_timm_and_dataparallel():
     with torch.no_grad():
         ref = model(x)
     model.train()
-    emb, _ = embed(nn.DataParallel(model), TensorDataset(x, y), batch_size=4, progress=False)
+    emb, _ = embed(nn.DataParallel(model), TensorDataset(x, y), batch_size=4, device="cpu",
+                   progress=False)
     torch.testing.assert_close(emb, ref, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(emb.numpy(), axis=1), 1.0, atol=1e-5)
     assert model.training
@@ -472,9 +623,9 @@ def test_embed_embedder_timm_and_dataparallel():
 
 def test_embed_progress_bar_writes(cnn_data, capsys):
     model, x, y, _ = cnn_data
-    embed(model, TensorDataset(x, y), batch_size=8, progress=True)
+    embed(model, TensorDataset(x, y), batch_size=8, device="cpu", progress=True)
     assert "embed" in capsys.readouterr().err
-    embed(model, TensorDataset(x, y), batch_size=8, progress=False)
+    embed(model, TensorDataset(x, y), batch_size=8, device="cpu", progress=False)
     assert capsys.readouterr().err == ""
 
 

@@ -110,12 +110,27 @@ def test_backends_agree_with_duplicates(metric, exclude_self):
     np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5)
 
 
-def test_torch_reference_chunking(monkeypatch):
-    """A tiny block budget forces the torch backend to merge top-k over reference chunks."""
-    monkeypatch.setattr(knn_mod, "_CPU_BLOCK_BYTES", 64 * 40 * 4)
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_torch_reference_chunking(monkeypatch, device):
+    """A tiny block budget on the device searched (set explicitly, so that on a CUDA machine the
+    CPU case still runs on the CPU) forces the torch backend to merge top-k over reference
+    chunks; a spy on the score blocks checks that chunks narrower than the reference ran."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    budget = "_GPU_BLOCK_BYTES" if device == "cuda" else "_CPU_BLOCK_BYTES"
+    monkeypatch.setattr(knn_mod, budget, 64 * 40 * 4)  # 64 query rows x 40 reference rows
+    widths = []
+    real = knn_mod.block_keys
+    monkeypatch.setattr(knn_mod, "block_keys",
+                        lambda q, r, *a, **kw: widths.append((r.shape[0], r.device.type))
+                        or real(q, r, *a, **kw))
     q = integer_data(70, 3, seed=6)
+    n_searched = len(np.unique(q, axis=0))  # duplicate rows are searched once
+    assert n_searched > 40
     k = 25
-    s, i = knn(q, None, k, "l2", exclude_self=True, backend="torch")
+    s, i = knn(q, None, k, "l2", exclude_self=True, backend="torch", device=device)
+    assert {dev for _, dev in widths} == {device}
+    assert sum(w == 40 for w, _ in widths) >= 2 and min(w for w, _ in widths) < 40
     bf_s, bf_i, _ = brute_force(q, q, k, "l2", exclude_self=True)
     np.testing.assert_array_equal(i, bf_i)
     np.testing.assert_array_equal(s, bf_s.astype(np.float32))

@@ -13,6 +13,7 @@ from sklearn.preprocessing import MinMaxScaler, StandardScaler
 from threadpoolctl import threadpool_limits
 
 from evaluation.probe import (
+    _standardizer,
     fit_logistic_regression,
     linear_probe,
     sklearn_C,
@@ -249,4 +250,19 @@ def test_closed_form_gradient_equals_autograd(monkeypatch, block_elems):
     torch.testing.assert_close(gb, b.grad)
     assert lp._accuracy(x, y, w.detach(), b.detach()) == pytest.approx(
         float(((x @ w.T + b).argmax(1) == y).double().mean())
+    )
+
+
+def test_standardizer_equals_sklearn_standard_scaler():
+    """The probe standardises like scikit-learn's StandardScaler (population std, ddof=0);
+    a constant feature keeps scale 1 instead of dividing by zero."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(7, 5)) * np.array([1.0, 10.0, 0.1, 3.0, 1.0])
+    x[:, 4] = 2.5  # constant feature
+    mean, std = _standardizer(torch.from_numpy(x))
+    ref = StandardScaler().fit(x)
+    np.testing.assert_allclose(mean.numpy(), ref.mean_, rtol=1e-12)
+    np.testing.assert_allclose(std.numpy(), ref.scale_, rtol=1e-12)
+    np.testing.assert_allclose(
+        ((torch.from_numpy(x) - mean) / std).numpy(), ref.transform(x), rtol=1e-10, atol=1e-12
     )

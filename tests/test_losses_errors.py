@@ -99,21 +99,27 @@ def test_no_labels_and_no_ref_emb(name):
         ALL[name]()(x)
 
 
-@pytest.mark.parametrize("name", NAMES)
+def strict(name):
+    loss = ALL[name]()
+    loss.strict = True
+    return loss
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "contrastive"])
 def test_batch_without_positive_pair_says_so(name):
-    """Every label once: the message names the cause and the sampler fix."""
+    """Every label once, strict=True: the message names the cause and the sampler fix."""
     x, _ = batch()
     with pytest.raises(ValueError, match=r"no positive pair.*every label occurs only once.*"
                        r"MPerClassSampler"):
-        ALL[name]()(x, torch.arange(8))
+        strict(name)(x, torch.arange(8))
 
 
-@pytest.mark.parametrize("name", ["nwj", "js", "dv", "triplet", "triplet_hard",
+@pytest.mark.parametrize("name", ["infonce", "nwj", "js", "dv", "triplet", "triplet_hard",
                                   "triplet_semihard"])
 def test_batch_without_negative_pair_says_so(name):
     x, _ = batch()
     with pytest.raises(ValueError, match=r"no negative pair.*all items share one label"):
-        ALL[name]()(x, torch.zeros(8, dtype=torch.long))
+        strict(name)(x, torch.zeros(8, dtype=torch.long))
 
 
 def test_triplet_without_a_valid_triplet():
@@ -127,13 +133,22 @@ def test_triplet_without_a_valid_triplet():
 def test_reference_set_arguments():
     x, y = batch()
     with pytest.raises(ValueError, match="ref_labels was given without ref_emb"):
-        InfoNCE()(x, y, ref_labels=y)
-    with pytest.raises(ValueError, match="ref_labels was given without labels"):
+        InfoNCE()(x, y, ref_labels=y.clone())
+    with pytest.raises(ValueError, match=r"ref_emb was given without labels.*paired=True"):
         InfoNCE()(x, ref_emb=x, ref_labels=y)
+    with pytest.raises(ValueError, match=r"ref_emb was given without labels.*paired=True"):
+        InfoNCE()(x, ref_emb=x)  # PML raises here too (labels are required)
     with pytest.raises(ValueError, match="ref_emb has dimension 3 but embeddings have 4"):
         InfoNCE()(x, ref_emb=x[:, :3])
     with pytest.raises(ValueError, match=r"paired views need as many ref_emb rows.*ref_labels"):
-        InfoNCE()(x, ref_emb=x[:5])
+        InfoNCE()(x, ref_emb=x[:5], paired=True)
+    with pytest.raises(ValueError, match=r"ref_emb without ref_labels must have one row per "
+                       r"embeddings row.*pass ref_labels"):
+        InfoNCE()(x, y, None, x[:5])
+    with pytest.raises(ValueError, match="paired=True takes no ref_labels"):
+        InfoNCE()(x, y, None, x, y.clone(), paired=True)
+    with pytest.raises(ValueError, match="paired=True needs the second view as ref_emb"):
+        InfoNCE()(x, y, paired=True)
     with pytest.raises(ValueError, match=r"ref_labels has 7 entries but ref_emb has 8 rows"):
         InfoNCE()(x, y, ref_emb=x, ref_labels=y[:7])
 
@@ -228,8 +243,8 @@ def test_autocast_bf16_paired_views_and_readout():
     x = torch.randn(64, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         a, b = f(x), g(x + 0.1 * torch.randn_like(x))
-        loss = InfoNCE(temperature=0.01)(a, ref_emb=b)
-        out = InfoNCE(temperature=0.01).readout(a, ref_emb=b)
+        loss = InfoNCE(temperature=0.01)(a, ref_emb=b, paired=True)
+        out = InfoNCE(temperature=0.01).readout(a, ref_emb=b, paired=True)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert math.isfinite(out["infonce"]) and out["infonce"] <= math.log(64) + 1e-6
     assert math.isfinite(out["nwj"])

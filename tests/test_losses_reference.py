@@ -126,7 +126,7 @@ def test_infonce_differs_from_ntxent_with_many_positives():
 def test_infonce_ref_emb_equals_supcon_ref_emb(dtype):
     x, y, ref, ref_y = ref_batch(4, 24, 30, 8, 5, dtype)
     assert_same(
-        lambda e, r: InfoNCE(temperature=0.2)(e, y, r, ref_y),
+        lambda e, r: InfoNCE(temperature=0.2)(e, y, None, r, ref_y),
         lambda e, r: pml.SupConLoss(temperature=0.2)(e, y, ref_emb=r, ref_labels=ref_y),
         dtype,
         x,
@@ -136,15 +136,15 @@ def test_infonce_ref_emb_equals_supcon_ref_emb(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_paired_views_equal_ntxent_ref_emb(dtype):
-    """loss(x, ref_emb=y): positives on the diagonal, everything else negative; that is NT-Xent
-    against a reference set whose labels are the row indices (a distinct tensor, so PML keeps the
-    diagonal)."""
+    """loss(x, ref_emb=y, paired=True): positives on the diagonal, everything else negative;
+    that is NT-Xent against a reference set whose labels are the row indices (a distinct tensor,
+    so PML keeps the diagonal)."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(20, 8, generator=gen, dtype=dtype)
     ref = torch.randn(20, 8, generator=gen, dtype=dtype)
     idx = torch.arange(20)
     assert_same(
-        lambda e, r: InfoNCE(temperature=0.1)(e, ref_emb=r),
+        lambda e, r: InfoNCE(temperature=0.1)(e, ref_emb=r, paired=True),
         lambda e, r: pml.NTXentLoss(temperature=0.1)(e, idx, ref_emb=r, ref_labels=idx.clone()),
         dtype,
         x,
@@ -153,7 +153,7 @@ def test_paired_views_equal_ntxent_ref_emb(dtype):
     # the same call with labels and a one-positive reference set
     perm = torch.randperm(20, generator=gen)
     assert_same(
-        lambda e, r: InfoNCE(temperature=0.1)(e, idx, r, idx[perm]),
+        lambda e, r: InfoNCE(temperature=0.1)(e, idx, None, r, idx[perm]),
         lambda e, r: pml.NTXentLoss(temperature=0.1)(e, idx, ref_emb=r, ref_labels=idx[perm]),
         dtype,
         x,
@@ -194,7 +194,7 @@ def test_infonce_dot_is_npair_on_one_pair_per_class(dtype):
     positives = anchors + 0.5 * torch.randn(n, 12, generator=gen, dtype=dtype)
     emb = torch.cat([anchors, positives])
     labels = torch.arange(n).repeat(2)
-    a = InfoNCE(critic=Dot())(anchors, ref_emb=positives)
+    a = InfoNCE(critic=Dot())(anchors, ref_emb=positives, paired=True)
     b = MultiClassNPair()(emb, labels)
     torch.testing.assert_close(a, b, **tol(dtype))
     # and the functional forms agree on the score matrix
@@ -249,7 +249,7 @@ def test_triplet_all_critics_equal_pml_distances(critic, dtype):
 def test_triplet_all_ref_emb_equals_pml(dtype):
     x, y, ref, ref_y = ref_batch(10, 20, 25, 6, 4, dtype)
     assert_same(
-        lambda e, r: Triplet(margin=0.2)(e, y, r, ref_y),
+        lambda e, r: Triplet(margin=0.2)(e, y, None, r, ref_y),
         lambda e, r: pml.TripletMarginLoss(margin=0.2)(e, y, ref_emb=r, ref_labels=ref_y),
         dtype,
         x,
@@ -259,11 +259,16 @@ def test_triplet_all_ref_emb_equals_pml(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", COMPOSITIONS)
-def test_triplet_soft_all_equals_pml_smooth(kind, dtype):
+@pytest.mark.parametrize("margin", [0.0, 0.05, 0.3])
+def test_triplet_soft_all_equals_pml_smooth(kind, dtype, margin):
+    """The soft form uses the margin, softplus(m + d_ap - d_an), as PML's smooth_loss=True
+    (default 0.05 in both)."""
     x, y = make_batch(kind, dtype, seed=11)
+    make = (lambda: Triplet(soft=True)) if margin == 0.05 else (
+        lambda: Triplet(margin=margin, soft=True))
     assert_same(
-        lambda e: Triplet(soft=True)(e, y),
-        lambda e: pml.TripletMarginLoss(margin=0.0, smooth_loss=True)(e, y),
+        lambda e: make()(e, y),
+        lambda e: pml.TripletMarginLoss(margin=margin, smooth_loss=True)(e, y),
         dtype,
         x,
     )
@@ -278,7 +283,7 @@ def test_triplet_hard_equals_batch_hard_miner_mean_reducer(kind, dtype, soft):
     averages over the *non-zero* triplets (AvgNonZeroReducer); Hermans et al. and we average
     over all anchors, so the reference uses MeanReducer (the test below shows the difference)."""
     x, y = make_batch(kind, dtype, seed=12)
-    margin = 0.0 if soft else 0.2
+    margin = 0.1 if soft else 0.2
 
     def ref(e):
         idx = pml_miners.BatchHardMiner()(e, y)
@@ -286,6 +291,22 @@ def test_triplet_hard_equals_batch_hard_miner_mean_reducer(kind, dtype, soft):
         return loss(e, y, idx)
 
     assert_same(lambda e: Triplet(margin=margin, mining="hard", soft=soft)(e, y), ref, dtype, x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", COMPOSITIONS)
+def test_triplet_hard_nonzero_equals_pml_batch_hard_default(kind, dtype):
+    """PML's batch-hard (BatchHardMiner + TripletMarginLoss with its default AvgNonZeroReducer)
+    is one argument away: reduction="nonzero"."""
+    x, y = make_batch(kind, dtype, seed=15, dim=4)
+    margin = 0.1
+
+    def ref(e):
+        return pml.TripletMarginLoss(margin=margin)(e, y, pml_miners.BatchHardMiner()(e, y))
+
+    assert_same(
+        lambda e: Triplet(margin=margin, mining="hard", reduction="nonzero")(e, y), ref, dtype, x
+    )
 
 
 def test_triplet_hard_mean_over_all_anchors_not_nonzero():
@@ -305,6 +326,8 @@ def test_triplet_hard_mean_over_all_anchors_not_nonzero():
     idx = pml_miners.BatchHardMiner()(x, y)
     nonzero = float(pml.TripletMarginLoss()(x, y, idx))
     assert nonzero == pytest.approx(np.mean([r for r in rows if r > 0]), rel=1e-12)
+    ours_nonzero = float(Triplet(mining="hard", reduction="nonzero")(x, y))
+    assert ours_nonzero == pytest.approx(nonzero, rel=1e-12) and ours_nonzero > ours
 
 
 def brute_semihard(s: np.ndarray, pos: np.ndarray, neg: np.ndarray, margin, soft):
@@ -321,7 +344,7 @@ def brute_semihard(s: np.ndarray, pos: np.ndarray, neg: np.ndarray, margin, soft
             below = [v for v in negs if v < s[a, p]]
             s_an = max(below) if below else min(negs)
             d = s_an - s[a, p]
-            out.append(math.log1p(math.exp(d)) if soft else max(0.0, d + margin))
+            out.append(math.log1p(math.exp(d + margin)) if soft else max(0.0, d + margin))
     return float(np.mean(out))
 
 
@@ -392,7 +415,7 @@ def test_contrastive_equals_contrastiveloss(case, kind, dtype):
 def test_contrastive_ref_emb_equals_pml(dtype):
     x, y, ref, ref_y = ref_batch(16, 20, 25, 6, 4, dtype)
     assert_same(
-        lambda e, r: Contrastive(pos_margin=0.2, neg_margin=1.2)(e, y, r, ref_y),
+        lambda e, r: Contrastive(pos_margin=0.2, neg_margin=1.2)(e, y, None, r, ref_y),
         lambda e, r: pml.ContrastiveLoss(0.2, 1.2)(e, y, ref_emb=r, ref_labels=ref_y),
         dtype,
         x,
@@ -443,7 +466,7 @@ def test_infonce_bound_equals_numpy_formula():
     ref = math.log(30) + np.mean(np.diag(sn) - lse)
     assert float(LF.infonce_bound(s, pos, neg)) == pytest.approx(ref, rel=1e-12)
     x = torch.randn(30, 5, generator=gen, dtype=torch.float64)
-    out = InfoNCE(critic=Dot()).readout(x, ref_emb=x.flip(0))
+    out = InfoNCE(critic=Dot()).readout(x, ref_emb=x.flip(0), paired=True)
     sn = (x @ x.flip(0).T).numpy()
     lse = np.log(np.exp(sn).sum(1))
     assert out["infonce"] == pytest.approx(math.log(30) + np.mean(np.diag(sn) - lse), rel=1e-10)

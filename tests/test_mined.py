@@ -70,4 +70,4 @@ def test_mined_masks_validation_and_restriction():
         mined_masks((torch.tensor([5]), torch.tensor([1]), torch.tensor([2])), pos, neg)
     x, y = _batch()
     with pytest.raises(ValueError, match="indices_tuple"):
-        losses.MultiClassNPair()(x, y, indices_tuple=(y, y, y))
+        losses.MultiClassNPair()(x, y, indices_tuple=(y,))

@@ -72,11 +72,21 @@ def test_resolve_pairs_three_call_shapes():
     np.testing.assert_array_equal(p.negatives.numpy(), brute_masks(y, ref_y)[1])
 
     z = torch.randn(6, 3)
-    p = resolve_pairs(x, ref_emb=z)  # paired views
+    p = resolve_pairs(x, ref_emb=z, paired=True)  # paired views
     np.testing.assert_array_equal(p.positives.numpy(), np.eye(6, dtype=bool))
     np.testing.assert_array_equal(p.negatives.numpy(), ~np.eye(6, dtype=bool))
 
-    p = resolve_pairs(x, y, ref_emb=z)  # paired views with labels: same labels both sides
+    p = resolve_pairs(x, y, ref_emb=z, paired=True)  # paired views with labels: both sides
+    np.testing.assert_array_equal(p.positives.numpy(), brute_masks(y, y)[0])
+
+    # PML: ref_emb without ref_labels (or with the very labels tensor) takes labels[j] for row
+    # j and leaves (i, i) out, exactly as loss(emb, labels)
+    for ref_labels in (None, y):
+        p = resolve_pairs(x, y, ref_emb=z, ref_labels=ref_labels)
+        assert p.candidates is z and not p.self_reference
+        np.testing.assert_array_equal(p.positives.numpy(), brute_masks(y)[0])
+        np.testing.assert_array_equal(p.negatives.numpy(), brute_masks(y)[1])
+    p = resolve_pairs(x, y, ref_emb=z, ref_labels=y.clone())  # a distinct tensor: kept
     np.testing.assert_array_equal(p.positives.numpy(), brute_masks(y, y)[0])
 
 

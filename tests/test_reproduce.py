@@ -332,3 +332,103 @@ def test_report_is_written(tiny_results, tmp_path):
     assert "**The paper.**" in text and "Verdict" in text
     with pytest.raises(ValueError, match="no experiment results"):
         write_report(tmp_path / "empty", tmp_path / "x.md", tmp_path / "f")
+
+
+# --------------------------------------------------------------------------- verdict rules
+# Hand-made results on each side of every rule: each experiment's verdict must reach all three
+# words, each for the reason its rule states (the tiny runs above can land on any of them).
+
+SEEDS = (0, 1)
+
+
+def _bijective(gain_nce, gain_nwj, bound_rise=0.5):
+    runs = [dict(estimator=est, seed=s, raw_accuracy=0.8, accuracy=0.8 + g[s],
+                 max_accuracy=0.8 + g[s], bound=1.0 + bound_rise, initial_bound=1.0,
+                 max_recon_error=1e-6)
+            for est, g in (("nce", gain_nce), ("nwj", gain_nwj)) for s in SEEDS]
+    return {"config": {"estimators": ["nce", "nwj"]}, "runs": runs}
+
+
+def _adversarial(gaps, min_gaps=None):
+    min_gaps = gaps if min_gaps is None else min_gaps
+    runs = [dict(seed=s, raw_accuracy=0.8, accuracy=0.8 - g, min_accuracy=0.8 - m,
+                 max_recon_error=1e-6, recon_error_f64=1e-12)
+            for s, g, m in zip(SEEDS, gaps, min_gaps)]
+    return {"runs": runs}
+
+
+def _critics(bounds, accs):
+    """``bounds`` / ``accs``: critic -> NWJ value; NCE rows are all equal."""
+    rows = []
+    for est in ("nce", "nwj"):
+        for c in ("bilinear", "separable", "concat"):
+            b, a = (bounds[c], accs[c]) if est == "nwj" else (1.0, 0.5)
+            rows.append(dict(estimator=est, critic=c, bound_mean=b, accuracy_mean=a,
+                             train_bound_mean=b))
+    return {"config": {"estimators": ["nce", "nwj"]}, "summary": rows}
+
+
+def _encoders(bound_conv, bound_mlp, diffs):
+    runs = []
+    for s, d in zip(SEEDS, diffs):
+        runs.append(dict(estimator="nce", target=2.0, encoder="conv", seed=s,
+                         train_bound=bound_conv, accuracy=0.7 + d))
+        runs.append(dict(estimator="nce", target=2.0, encoder="mlp", seed=s,
+                         train_bound=bound_mlp, accuracy=0.7))
+    return {"config": {"estimators": ["nce"], "targets": [2.0]}, "runs": runs}
+
+
+def _noniid(non, non_se, iid, iid_se):
+    runs = [dict(estimator=est, sampler=smp, seed=s, estimate=v, estimate_se=se)
+            for est in ("nce", "nwj") for s in SEEDS
+            for smp, v, se in (("noniid", non, non_se), ("iid", iid, iid_se))]
+    return {"baseline": {"true_mi": TRUE_MI}, "config": {"estimators": ["nce", "nwj"]},
+            "runs": runs}
+
+
+VERDICT_CASES = [
+    # every estimator beats raw pixels by > 0.01 in every seed and the bound rose
+    ("bijective", _bijective((0.05, 0.03), (0.02, 0.04)), "reproduces"),
+    ("bijective", _bijective((0.05, 0.03), (0.02, 0.04), bound_rise=-0.1), "partly"),
+    ("bijective", _bijective((0.05, 0.03), (-0.02, -0.01)), "partly"),
+    ("bijective", _bijective((-0.05, -0.03), (-0.02, 0.0)), "does not reproduce"),
+    # the probe falls > 0.05 below raw pixels in every seed
+    ("adversarial", _adversarial((0.10, 0.07)), "reproduces"),
+    ("adversarial", _adversarial((0.10, 0.03)), "partly"),
+    ("adversarial", _adversarial((-0.01, -0.02), (0.08, 0.06)), "partly"),
+    ("adversarial", _adversarial((-0.01, -0.02), (0.0, 0.01)), "does not reproduce"),
+    # under NWJ concat has the highest bound and the worst probe
+    ("critics", _critics({"bilinear": 1.0, "separable": 1.5, "concat": 2.0},
+                         {"bilinear": 0.8, "separable": 0.7, "concat": 0.5}), "reproduces"),
+    ("critics", _critics({"bilinear": 1.0, "separable": 1.5, "concat": 2.0},
+                         {"bilinear": 0.5, "separable": 0.7, "concat": 0.8}), "partly"),
+    ("critics", _critics({"bilinear": 1.0, "separable": 2.0, "concat": 1.5},
+                         {"bilinear": 0.5, "separable": 0.9, "concat": 0.7}),
+     "does not reproduce"),
+    # matched bounds (within 0.15 nats of t = 2) and the ConvNet better in every seed
+    ("encoders", _encoders(2.05, 1.95, (0.05, 0.02)), "reproduces"),
+    ("encoders", _encoders(2.05, 1.95, (-0.05, -0.02)), "partly"),
+    ("encoders", _encoders(2.05, 1.95, (0.05, -0.02)), "does not reproduce"),
+    ("encoders", _encoders(2.5, 1.95, (0.05, 0.02)), "does not reproduce"),
+    # non-i.i.d. above the truth by > 2 SE, i.i.d. not above it by > 2 SE
+    ("noniid", _noniid(0.2, 0.01, 0.01, 0.005), "reproduces"),
+    ("noniid", _noniid(0.025, 0.01, 0.01, 0.005), "partly"),
+    ("noniid", _noniid(0.2, 0.01, 0.2, 0.01), "partly"),
+    ("noniid", _noniid(0.01, 0.001, 0.2, 0.001), "does not reproduce"),
+]
+
+
+@pytest.mark.parametrize("name,res,word", VERDICT_CASES,
+                         ids=[f"{n}-{w.replace(' ', '_')}-{i}"
+                              for i, (n, _, w) in enumerate(VERDICT_CASES)])
+def test_verdict_rules(name, res, word):
+    got, why = verdict(name, res)
+    assert got == word, why
+    assert "rule:" in why
+
+
+def test_every_verdict_reachable_for_every_experiment():
+    words = {(n, w) for n, _, w in VERDICT_CASES}
+    for name in EXPERIMENTS:
+        for w in ("reproduces", "partly", "does not reproduce"):
+            assert (name, w) in words, (name, w)

@@ -66,7 +66,9 @@ def brute_force(q, yq, r, yr, ks, metric, same_set):
     if metric == "cosine":
         q64 /= np.linalg.norm(q64, axis=1, keepdims=True)
         r64 /= np.linalg.norm(r64, axis=1, keepdims=True)
-    key = -((q64[:, None] - r64[None]) ** 2).sum(-1) if metric == "l2" else q64 @ r64.T
+    # elementwise, not a matrix product: BLAS may round identical rows differently
+    key = -((q64[:, None] - r64[None]) ** 2).sum(-1) if metric == "l2" else (
+        (q64[:, None] * r64[None]).sum(-1))
     cols = np.arange(r.shape[0])
     sums = {"precision_at_1": 0.0, "r_precision": 0.0, "map_at_r": 0.0}
     sums.update({f"recall_at_{k}": 0.0 for k in ks})
@@ -164,6 +166,31 @@ def test_exact_ties_across_labels_vs_brute_force(backend, metric):
     ks = (1, 2, 4, 8, 30)
     ours = retrieval_metrics(x, y, ks=ks, metric=metric, backend=backend)
     ref = brute_force(x, y, x, y, ks, metric, True)
+    for name, value in ref.items():
+        assert ours[name] == pytest.approx(value, abs=1e-12), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_collapsed_embeddings_vs_brute_force(backend, metric):
+    """Pathological ties: 1,000 identical rows in three classes, plus 150 distinct rows and two
+    groups of 20 identical rows that tie with each other (not identical: ones + e_0 and
+    ones + e_1) as neighbours of the 1,000. Every tie is ranked by index; the search expands
+    the identical rows in order rather than sorting thousands of equal scores."""
+    rng = np.random.default_rng(15)
+    x = np.ones((1190, 8), dtype=np.float32)
+    x[1000:1150] = rng.standard_normal((150, 8))
+    x[1150:1170, 0] = x[1170:, 1] = 2.0
+    x = x[rng.permutation(len(x))]
+    y = rng.integers(0, 3, len(x))
+    ks = (1, 2, 8, 1100)  # Recall@1100 reaches past the 1,000 into the tied groups
+    ours = retrieval_metrics(x, y, ks=ks, metric=metric, backend=backend)
+    ref = brute_force(x, y, x, y, ks, metric, True)
+    for name, value in ref.items():
+        assert ours[name] == pytest.approx(value, abs=1e-12), name
+    xr, yr, ks = x[::2], y[::2], (1, 2, 8, 300)
+    ours = retrieval_metrics(x[:300], y[:300], xr, yr, ks=ks, metric=metric, backend=backend)
+    ref = brute_force(x[:300], y[:300], xr, yr, ks, metric, False)
     for name, value in ref.items():
         assert ours[name] == pytest.approx(value, abs=1e-12), name
 

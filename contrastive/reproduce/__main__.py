@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from . import EXPERIMENTS, run
 
@@ -40,6 +41,18 @@ def main(argv: list[str] | None = None) -> int:
 
         print(write_report(a.output, a.doc, a.figures))
         return 0
+    # the settings and the data are checked before anything trains: a mistake there is the
+    # user's (one error line, exit 2); a failure later is not, and keeps its traceback
+    from .data import load_halves
+    from .experiments import RUNNERS, make_config
+
+    try:
+        make_config(a.name, a.paper_size, a.steps, dict(a.size))
+        if RUNNERS[a.name][1] and a.dataset != "digits":
+            load_halves(a.dataset, a.data_dir)
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     res = run(
         a.name, a.output, steps=a.steps, seeds=a.seeds, dataset=a.dataset, data_dir=a.data_dir,
         paper_size=a.paper_size, progress=not a.no_progress, device=a.device, **dict(a.size),

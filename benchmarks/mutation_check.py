@@ -1,0 +1,257 @@
+"""Mutation check: does the test suite notice when the loss and metric cores are broken?
+
+Each mutation below is a small, plausible bug in ``losses/functional.py`` or ``evaluation/``: a
+flipped sign, a dropped term, a detached gradient, an off-by-one. For each one the script copies
+the repository into a temporary folder, applies the mutation to the copy (the working tree is
+never touched), runs the tests that cover that file and records whether they failed ("caught")
+or passed ("survived"). The caught fraction is the suite's mutation score on these cores;
+a surviving mutation names a promise no test checks.
+
+    python benchmarks/mutation_check.py                 # all mutations (make mutation)
+    python benchmarks/mutation_check.py --only nwj,map  # those whose id contains a word
+    python benchmarks/mutation_check.py --list          # the mutations, nothing run
+    python benchmarks/mutation_check.py --min-caught 0.9   # exit 1 below 90 % caught
+
+Before any mutation the same test groups run on the unmutated copy: they must pass, or the
+check stops (a red suite would make every mutation look caught). A mutation whose anchor text
+is no longer in the source (the code changed) is reported as "stale" and left out of the
+fraction; update its anchor. A run that exceeds ``--timeout`` counts as caught (the mutant hangs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LOSS_TESTS = ("tests/test_losses_reference.py", "tests/test_losses_properties.py",
+              "tests/test_losses_errors.py")
+TESTS = {
+    "losses/functional.py": LOSS_TESTS,
+    "evaluation/retrieval.py": ("tests/test_retrieval.py",),
+    "evaluation/clustering.py": ("tests/test_clustering.py",),
+    "evaluation/weighted_knn.py": ("tests/test_knn_classifier.py",),
+    "evaluation/probe.py": ("tests/test_linear_probe.py",),
+    "evaluation/mi_benchmark.py": ("tests/test_mi_benchmark.py",),
+}
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """Replace the one occurrence of ``old`` in ``path`` by ``new``."""
+
+    id: str
+    path: str
+    kind: str  # sign | term | detach | off-by-one | index
+    old: str
+    new: str
+
+    @property
+    def tests(self) -> tuple[str, ...]:
+        return TESTS[self.path]
+
+
+F, R = "losses/functional.py", "evaluation/retrieval.py"
+MUTATIONS: tuple[Mutation, ...] = (
+    # ---------------------------------------------------------------- losses.functional
+    Mutation("infonce-sign", F, "sign",
+             "lse - _positive_sum(scores, pi) / n_pos", "lse + _positive_sum(scores, pi) / n_pos"),
+    Mutation("infonce-mean-over-positives", F, "term",
+             "lse - _positive_sum(scores, pi) / n_pos", "lse - _positive_sum(scores, pi)"),
+    Mutation("positive-sum-index", F, "index",
+             "index_add(0, pi.rows, scores[pi.rows, pi.cols])",
+             "index_add(0, pi.cols % scores.shape[0], scores[pi.rows, pi.cols])"),
+    Mutation("lse-backward-detached", F, "detach",
+             "return ctx.w * coef, None, None", "return ctx.w * coef * 0.0, None, None"),
+    Mutation("lse-max-shift-dropped", F, "term",
+             "out = m + z.log()", "out = z.log()"),
+    Mutation("logmeanexp-count-off-by-one", F, "off-by-one",
+             "_masked_lse(x, mask, None) - math.log(_count(mask))",
+             "_masked_lse(x, mask, None) - math.log(_count(mask) + 1)"),
+    Mutation("infonce-bound-log-k-off-by-one", F, "off-by-one",
+             "log_k = _count_rows(valid).clamp_min(1)",
+             "log_k = (_count_rows(valid) - 1).clamp_min(1)"),
+    Mutation("supcon-mean-over-all-anchors", F, "term",
+             "return rows.sum() / used.sum().clamp_min(1)",
+             "return rows.sum() / rows.numel()"),
+    Mutation("ntxent-positive-detached", F, "detach",
+             "z = lse_neg[pi.rows] - scores[pi.rows, pi.cols]",
+             "z = lse_neg[pi.rows] - scores.detach()[pi.rows, pi.cols]"),
+    Mutation("nwj-minus-one-dropped", F, "term",
+             "_logmeanexp_negatives(scores, negatives, what) - 1.0)",
+             "_logmeanexp_negatives(scores, negatives, what))"),
+    Mutation("dv-sign", F, "sign",
+             "return pos - _logmeanexp_negatives(scores, negatives, what)",
+             "return pos + _logmeanexp_negatives(scores, negatives, what)"),
+    Mutation("js-negative-count-off-by-one", F, "off-by-one",
+             "neg_term = _masked_softplus_sum(scores, negatives) / n",
+             "neg_term = _masked_softplus_sum(scores, negatives) / (n + 1)"),
+    Mutation("softplus-backward-sign", F, "sign",
+             "return torch.sigmoid(x).masked_fill_(~keep, 0.0).mul_(grad), None",
+             "return torch.sigmoid(-x).masked_fill_(~keep, 0.0).mul_(grad), None"),
+    Mutation("triplet-dense-margin-sign", F, "sign",
+             "thr = (s_ap.detach() - margin)", "thr = (s_ap.detach() + margin)"),
+    Mutation("triplet-sorted-prefix-off-by-one", F, "off-by-one",
+             "top = prefix.gather(1, count)", "top = prefix.gather(1, (count - 1).clamp_min(0))"),
+    Mutation("triplet-hard-negative-is-easiest", F, "sign",
+             "n_col = sd.masked_fill(~negatives, _NEG_INF).argmax(1, keepdim=True)",
+             "n_col = sd.masked_fill(~negatives, _POS_INF).argmin(1, keepdim=True)"),
+    Mutation("triplet-nonzero-reducer-counts-all", F, "term",
+             "return terms.sum() / (terms.detach() > 0).sum().clamp_min(1)",
+             "return terms.sum() / terms.numel()"),
+    Mutation("contrastive-negative-threshold-dropped", F, "term",
+             "- neg_threshold * n_active", ""),
+    Mutation("contrastive-positive-hinge-sign", F, "sign",
+             "h = F.relu(pos_threshold - scores[pi])", "h = F.relu(scores[pi] - pos_threshold)"),
+    # ---------------------------------------------------------------- evaluation
+    Mutation("relevance-counts-self", R, "off-by-one",
+             "return r - 1 if same_set else r", "return r"),
+    Mutation("map-at-r-window-off-by-one", R, "off-by-one",
+             "torch.arange(width, device=dev)[None, :] < r[:, None]",
+             "torch.arange(width, device=dev)[None, :] <= r[:, None]"),
+    Mutation("map-at-r-rank-off-by-one", R, "off-by-one",
+             "cum / (cols + 1).to(torch.float64)", "cum / (cols + 2).to(torch.float64)"),
+    Mutation("map-at-r-precision-dropped", R, "term",
+             "cum / (cols + 1).to(torch.float64) * inv_r[rows]", "inv_r[rows]"),
+    Mutation("r-precision-divisor", R, "term",
+             "\"r_precision\": (counts * inv_r).sum()",
+             "\"r_precision\": (counts * inv_r[0]).sum()"),
+    Mutation("recall-at-k-off-by-one", R, "off-by-one",
+             "match[:, :k].any(dim=1).sum()", "match[:, : max(k - 1, 1)].any(dim=1).sum()"),
+    Mutation("knn-vote-temperature-inverted", "evaluation/weighted_knn.py", "sign",
+             ".max(dim=1, keepdim=True).values) / temperature)",
+             ".max(dim=1, keepdim=True).values) * temperature)"),
+    Mutation("clustering-k-off-by-one", "evaluation/clustering.py", "off-by-one",
+             "n_clusters = int(np.unique(y).size)", "n_clusters = int(np.unique(y).size) + 1"),
+    Mutation("clustering-cosine-not-normalised", "evaluation/clustering.py", "term",
+             "    if metric == \"cosine\":\n        x = normalize_rows(x)\n    faiss",
+             "    faiss"),
+    Mutation("probe-l2-half-dropped", "evaluation/probe.py", "term",
+             "loss = loss + 0.5 * weight_decay * (w * w).sum()",
+             "loss = loss + weight_decay * (w * w).sum()"),
+    Mutation("probe-l2-gradient-doubled", "evaluation/probe.py", "term",
+             "gw.add_(w, alpha=weight_decay)", "gw.add_(w, alpha=2 * weight_decay)"),
+    Mutation("probe-std-ddof", "evaluation/probe.py", "off-by-one",
+             "torch.std_mean(x, dim=0, correction=0)", "torch.std_mean(x, dim=0, correction=1)"),
+    Mutation("mi-from-rho-sign", "evaluation/mi_benchmark.py", "sign",
+             "math.log1p(-rho * rho)", "math.log1p(rho * rho)"),
+    Mutation("optimal-critic-variance-sign", "evaluation/mi_benchmark.py", "sign",
+             "var = 1.0 - rho * rho", "var = 1.0 + rho * rho"),
+)
+
+IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "runs", "__pycache__", ".pytest_cache",
+                                ".hypothesis", "*.egg-info", ".ruff_cache", "docs", "build")
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, float, str]:
+    """``(outcome, seconds, last line)``: outcome "passed", "failed" or "timeout"."""
+    env = dict(os.environ, PYTHONPATH=str(copy), OMP_NUM_THREADS="1",
+               PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.perf_counter() - t0, f"no result within {timeout:.0f} s"
+    lines = [s for s in (r.stdout + r.stderr).strip().splitlines() if s.strip()]
+    return ("passed" if r.returncode == 0 else "failed"), time.perf_counter() - t0, \
+        (lines[-1] if lines else f"exit {r.returncode}")
+
+
+def apply(copy: Path, m: Mutation) -> str | None:
+    """Mutate the copy; the original text, or None when the anchor is missing or not unique."""
+    path = copy / m.path
+    text = path.read_text()
+    if text.count(m.old) != 1:
+        return None
+    mutated = text.replace(m.old, m.new)
+    compile(mutated, str(path), "exec")  # every mutation must stay valid Python
+    path.write_text(mutated)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", help="comma-separated words; run the mutations whose id has one")
+    p.add_argument("--list", action="store_true", help="print the mutations and exit")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per test run")
+    p.add_argument("--min-caught", type=float, default=None,
+                   help="exit 1 when the caught fraction is below this (0..1)")
+    p.add_argument("--output", help="also write the results as JSON to this file")
+    args = p.parse_args(argv)
+
+    chosen = list(MUTATIONS)
+    if args.only:
+        words = [w.strip() for w in args.only.split(",") if w.strip()]
+        chosen = [m for m in chosen if any(w in m.id for w in words)]
+        if not chosen:
+            p.error(f"--only {args.only!r} matches no mutation id")
+    if args.list:
+        for m in chosen:
+            print(f"{m.id:<40} {m.kind:<11} {m.path}")
+        return 0
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
+        copy = Path(tmp) / "repo"
+        shutil.copytree(ROOT, copy, ignore=IGNORE)
+        for group in sorted({m.tests for m in chosen}):
+            outcome, secs, last = run_tests(copy, group, args.timeout)
+            print(f"baseline {' '.join(group)}: {outcome} in {secs:.0f} s", flush=True)
+            if outcome != "passed":
+                print(f"the unmutated tests do not pass ({last}); fix them first",
+                      file=sys.stderr)
+                return 2
+        for m in chosen:
+            original = apply(copy, m)
+            if original is None:
+                rows.append(dict(id=m.id, kind=m.kind, path=m.path, outcome="stale",
+                                 seconds=0.0, detail="anchor not found once in the source"))
+                print(f"{m.id:<40} stale (anchor not found once)", flush=True)
+                continue
+            try:
+                outcome, secs, last = run_tests(copy, m.tests, args.timeout)
+            finally:
+                (copy / m.path).write_text(original)
+            verdict = {"failed": "caught", "timeout": "caught (timeout)",
+                       "passed": "SURVIVED"}[outcome]
+            rows.append(dict(id=m.id, kind=m.kind, path=m.path, outcome=verdict,
+                             seconds=round(secs, 1), detail=last))
+            print(f"{m.id:<40} {verdict:<16} {secs:6.1f} s  {last[:70]}", flush=True)
+
+    judged = [r for r in rows if r["outcome"] != "stale"]
+    caught = [r for r in judged if r["outcome"].startswith("caught")]
+    frac = len(caught) / len(judged) if judged else float("nan")
+    print()
+    print("| mutation | kind | file | result | s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['id']} | {r['kind']} | {r['path']} | {r['outcome']} | {r['seconds']:.0f} |")
+    print()
+    print(f"caught {len(caught)} of {len(judged)} mutations ({100 * frac:.0f} %)"
+          + (f"; {len(rows) - len(judged)} stale" if len(rows) > len(judged) else ""))
+    survivors = [r["id"] for r in judged if r["outcome"] == "SURVIVED"]
+    if survivors:
+        print("survived: " + ", ".join(survivors))
+    if args.output:
+        Path(args.output).write_text(json.dumps(
+            {"caught": len(caught), "judged": len(judged), "fraction": frac, "rows": rows},
+            indent=1))
+    if args.min_caught is not None and not frac >= args.min_caught:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

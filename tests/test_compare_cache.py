@@ -1,0 +1,43 @@
+"""``compare`` in this process: a cell that fails while training is reported (stderr, the
+table, ``failed``) while the others go on; finished cells with the same settings are reused
+and only the failed one is trained again."""
+
+from __future__ import annotations
+
+import json
+
+import contrastive.train as train_mod
+from contrastive.compare import CompareConfig, compare
+
+
+def test_a_failing_cell_is_reported_and_retried_alone(tmp_path, monkeypatch, capsys):
+    cfg = CompareConfig.from_dict({"losses": "infonce", "seeds": "0,1", "steps": 2,
+                                   "output": str(tmp_path / "c"), "progress": False,
+                                   "train": {"final_probe": False, "dim": 16}})
+    real_fit = train_mod.fit
+    trained = []
+
+    def flaky(tcfg):
+        trained.append(tcfg.seed)
+        if tcfg.seed == 1:
+            raise RuntimeError("simulated failure in the middle of training")
+        return real_fit(tcfg)
+
+    monkeypatch.setattr(train_mod, "fit", flaky)
+    res = compare(cfg)
+    assert res["failed"] == [("infonce", 1, "RuntimeError: simulated failure in the middle of "
+                                            "training")]
+    assert "cell infonce seed 1 failed: RuntimeError: simulated failure" in capsys.readouterr().err
+    assert "| infonce (1 failed) |" in res["table"]
+    assert "Failed cells, left out of the statistics: infonce seed 1." in res["table"]
+    cells = sorted((tmp_path / "c" / "cells").glob("*.json"))
+    assert [json.loads(c.read_text())["seed"] for c in cells] == [0]  # failures are not cached
+    stamp = cells[0].stat().st_mtime_ns
+
+    monkeypatch.setattr(train_mod, "fit", lambda tcfg: (trained.append(tcfg.seed),
+                                                        real_fit(tcfg))[1])
+    again = compare(cfg)
+    assert trained == [0, 1, 1] and again["failed"] == []  # only the failed cell ran again
+    assert cells[0].stat().st_mtime_ns == stamp
+    assert [r["status"] for r in again["records"]] == ["ok", "ok"]
+    assert again["records"][0]["metrics"] == res["records"][0]["metrics"]

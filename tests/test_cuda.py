@@ -1,0 +1,90 @@
+"""Tests that mean CUDA: the trainer's and ``embed``'s CUDA paths, the CUDA search backends, and
+``torchrun`` with ``device="cpu"`` on a machine with a GPU. All are marked ``cuda`` and skipped
+without a CUDA device; ``make gpu-check`` runs them (``pytest -m cuda``). The tests that mean the
+CPU pin it (``device="cpu"``, or ``CUDA_VISIBLE_DEVICES=""`` for subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from contrastive.config import TrainConfig
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+COMMON = dict(dataset="digits", backbone="mlp", dim=16, batch_size=32, m_per_class=4, steps=12,
+              log_every=4, eval_every=6, checkpoint_every=0, final_probe=False, progress=False,
+              lr=0.05, grad_clip=1.0, optimizer="sgd")
+
+
+def test_cuda_fit_autocast_trains_like_the_cpu(tmp_path):
+    """The trainer on CUDA (bf16 autocast, evaluation through embed on the GPU) follows the
+    float32 CPU run: the same losses to bf16 accuracy, and close final metrics."""
+    from contrastive.train import fit
+
+    torch.cuda.reset_peak_memory_stats()
+    gpu = fit(TrainConfig.from_dict(dict(COMMON, output=str(tmp_path / "gpu"), device="cuda")))
+    assert torch.cuda.max_memory_allocated() > 0  # it did run on the GPU
+    cpu = fit(TrainConfig.from_dict(dict(COMMON, output=str(tmp_path / "cpu"), device="cpu")))
+    assert gpu["steps"] == cpu["steps"] == 12
+    for g, c in zip(gpu["history"], cpu["history"]):
+        assert math.isfinite(g["loss"])
+        assert abs(g["loss"] - c["loss"]) < 0.05 * abs(c["loss"]) + 0.02
+    for key in ("precision_at_1", "map_at_r"):
+        assert abs(gpu["metrics"][key] - cpu["metrics"][key]) < 0.03, key
+
+
+def test_cuda_search_backends_and_blocks_agree_with_the_cpu():
+    from evaluation.retrieval import retrieval_metrics
+    from evaluation.search import knn
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 32, generator=g)
+    y = torch.arange(3000) % 30
+    s_cpu, i_cpu = knn(x, None, k=10, exclude_self=True, device="cpu", backend="torch")
+    s_gpu, i_gpu = knn(x, None, k=10, exclude_self=True, device="cuda", backend="torch")
+    s_blk, i_blk = knn(x, None, k=10, exclude_self=True, device="cuda", backend="torch",
+                       block_size=7)  # many query blocks on the GPU
+    assert (i_gpu == i_blk).all()
+    assert (i_gpu == i_cpu).mean() > 0.999  # float32 rounding may swap near-ties
+    torch.testing.assert_close(torch.as_tensor(s_gpu), torch.as_tensor(s_cpu), atol=1e-5,
+                               rtol=0)
+    m_cpu = retrieval_metrics(x, y, device="cpu")
+    m_gpu = retrieval_metrics(x, y, device="cuda", backend="torch")
+    for key in ("precision_at_1", "r_precision", "map_at_r"):
+        assert m_gpu[key] == pytest.approx(m_cpu[key], abs=1e-3)
+
+
+def test_cuda_torchrun_with_device_cpu_uses_gloo_on_a_gpu_machine(tmp_path):
+    """Two ranks with ``device="cpu"`` while the GPU stays visible: setup must pick gloo (NCCL
+    cannot carry CPU tensors) and the run must equal the single process."""
+    from test_train_ddp import _launch
+
+    cfg = dict(COMMON, device="cpu")
+    _launch(TrainConfig.from_dict(dict(cfg, output=str(tmp_path / "one"))), 1, hide_gpus=False)
+    _launch(TrainConfig.from_dict(dict(cfg, output=str(tmp_path / "two"))), 2, hide_gpus=False)
+    a = json.loads((tmp_path / "one" / "result.json").read_text())
+    b = json.loads((tmp_path / "two" / "result.json").read_text())
+    for x, y in zip(a["history"], b["history"]):
+        assert abs(x["loss"] - y["loss"]) < 1e-5
+    assert abs(a["metrics"]["map_at_r"] - b["metrics"]["map_at_r"]) < 1e-3
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank")
+def test_cuda_two_gpu_nccl_fit_equals_one_gpu(tmp_path):
+    from test_train_ddp import _launch
+
+    cfg = dict(COMMON, device="cuda", amp=False)  # float32: the comparison is about NCCL
+    _launch(TrainConfig.from_dict(dict(cfg, output=str(tmp_path / "one"))), 1, hide_gpus=False)
+    _launch(TrainConfig.from_dict(dict(cfg, output=str(tmp_path / "two"))), 2, hide_gpus=False)
+    a = json.loads((tmp_path / "one" / "result.json").read_text())
+    b = json.loads((tmp_path / "two" / "result.json").read_text())
+    for x, y in zip(a["history"], b["history"]):
+        assert abs(x["loss"] - y["loss"]) < 1e-4
+    assert abs(a["metrics"]["map_at_r"] - b["metrics"]["map_at_r"]) < 1e-3

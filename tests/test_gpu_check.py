@@ -1,0 +1,148 @@
+"""``benchmarks/gpu_check.py`` (``make gpu-check``) is ready for its first GPU run: the dry run
+lists every part, without a GPU it says so in one line and exits 0 without touching
+docs/gpu.md, the wheels a bare GPU machine lacks are unpacked (and never shadow an installed
+build), and its CPU-runnable parts -- the retrieval contenders, the report -- give correct
+numbers at toy sizes. (The embed, losses, tests and compare parts were rehearsed on the CPU with
+``--device cpu --tiny``; they take too long for the suite.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_check  # noqa: E402
+
+
+def test_dry_run_lists_every_part_within_the_time_limit():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for part in ("tests", "losses", "embed", "retrieval", "compare"):
+        assert f"  {part} " in out
+    for label in ("100,000 x 128, torch", "1,000,000 x 128, faiss-gpu", "1,000,000 x 128, pml",
+                  "1,000,000 x 128, floor"):
+        assert label in out
+    assert "128 1024 2048 4096 8192" in out  # the loss batch sizes
+    assert "tests/test_embedders.py" in out and "tests/test_cuda.py" in out
+    assert "budget 450 s" in out  # under the 8-minute limit with room for the set-up
+
+
+def test_plan_budget_and_cuda_test_files():
+    steps = gpu_check.plan("cuda", tiny=False)
+    assert [s.part for s in steps][:3] == ["tests", "losses", "embed"]
+    assert {tuple(s.args) for s in steps if s.part == "retrieval"} == {
+        (str(n), "1000", c) for n in (100_000, 1_000_000)
+        for c in ("floor", "torch", "faiss-gpu", "pml")}
+    files = gpu_check.cuda_test_files()
+    assert "tests/test_embedders.py" in files and "tests/test_cuda.py" in files
+    assert "tests/test_gpu_check.py" not in files  # this file has no CUDA-marked test
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_without_cuda_one_line_and_exit_0(tmp_path, capsys):
+    report = tmp_path / "gpu.md"
+    assert gpu_check.main(["--output", str(report)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "no CUDA device" in out[0]
+    assert not report.exists()
+
+
+def _wheel(path: Path, files: dict[str, str]) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return path
+
+
+def test_unpack_wheels(tmp_path):
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    wheels.mkdir()
+    _wheel(wheels / "zz_gpucheck_pure-1.0-py3-none-any.whl",
+           {"zz_gpucheck_pure/__init__.py": "VALUE = 42\n"})
+    _wheel(wheels / "zz_gpucheck_old-1.0-cp27-cp27mu-manylinux1_x86_64.whl",
+           {"zz_gpucheck_old/__init__.py": ""})
+    (site / "json").mkdir(parents=True)  # a stale copy of an installed module
+    modules = {"zz_gpucheck_pure": "zz_gpucheck_pure", "zz_gpucheck_old": "zz_gpucheck_old",
+               "zz_gpucheck_none": "zz_gpucheck_none", "json": "json"}
+    status = gpu_check.unpack_wheels(site, wheels, modules)
+    assert status["zz_gpucheck_pure"].startswith("from wheel zz_gpucheck_pure-1.0")
+    assert (site / "zz_gpucheck_pure" / "__init__.py").read_text() == "VALUE = 42\n"
+    assert "built for cp27" in status["zz_gpucheck_old"]
+    assert "make gpu-wheels" in status["zz_gpucheck_none"]
+    assert status["json"] == "installed" and not (site / "json").exists()  # never shadowed
+    again = gpu_check.unpack_wheels(site, wheels, modules)
+    assert again["zz_gpucheck_pure"].startswith("from wheel (unpacked earlier")
+    env = gpu_check.child_env(site)
+    assert env["PYTHONPATH"].split(":")[:2] == [str(ROOT), str(site)]
+
+
+def test_retrieval_contenders_agree_on_cpu():
+    """The parts the GPU run times, at toy size: the torch backend and PML's calculator give the
+    same metrics as a direct call; the floor reports its time."""
+    from evaluation.retrieval import retrieval_metrics
+
+    n, classes = 240, 8
+    x, y = gpu_check.synthetic(n, classes, 128, "cpu")
+    assert x.shape == (n, 128) and torch.equal(torch.bincount(y), torch.full((classes,), 30))
+    direct = retrieval_metrics(x, y)
+    assert 0.2 < direct["map_at_r"] < 0.99  # neither trivial nor hopeless
+    ours = gpu_check.part_retrieval(n, classes, "torch", "cpu")
+    pml = gpu_check.part_retrieval(n, classes, "pml", "cpu")
+    floor = gpu_check.part_retrieval(n, classes, "floor", "cpu")
+    for key in ("precision_at_1", "r_precision", "map_at_r"):
+        assert ours["metrics"][key] == pytest.approx(direct[key], abs=1e-12)
+        assert pml["metrics"][key] == pytest.approx(direct[key], abs=1e-6)
+    assert floor["seconds"] > 0 and floor["peak_alloc_mb"] is None  # no GPU memory on CPU
+    # no FAISS GPU here: reported, not dropped
+    gpu = gpu_check.part_retrieval(n, classes, "faiss-gpu", "cpu")
+    if not gpu_check.faiss_gpu_missing():
+        pytest.skip("this faiss has GPUs")
+    assert "not_tested" in gpu and "seconds" not in gpu
+
+
+def test_report_shows_numbers_and_what_did_not_run():
+    S = gpu_check.Step
+    results = [
+        (S("tests", "t"), {"files": ["tests/test_cuda.py"], "summary": "5 passed in 3.1s"}),
+        (S("retrieval", "r", ["1000", "10", "floor"]),
+         {"n": 1000, "contender": "floor", "seconds": 0.5, "tflops": 1.0,
+          "peak_alloc_mb": 10.0, "peak_device_mb": 12.0}),
+        (S("retrieval", "r", ["1000", "10", "torch"]),
+         {"n": 1000, "contender": "torch", "seconds": 1.0, "peak_alloc_mb": 20.0,
+          "peak_device_mb": 30.0,
+          "metrics": {"precision_at_1": 0.9, "r_precision": 0.5, "map_at_r": 0.4}}),
+        (S("retrieval", "r", ["1000", "10", "pml"]),
+         {"n": 1000, "contender": "pml", "seconds": 3.0, "peak_alloc_mb": 40.0,
+          "peak_device_mb": 50.0,
+          "metrics": {"precision_at_1": 0.9, "r_precision": 0.5, "map_at_r": 0.4002}}),
+        (S("retrieval", "r", ["1000", "10", "faiss-gpu"]), {"not_tested": "no GPU faiss"}),
+        (S("embed", "e"), {"failed": "killed after 100 s"}),
+        (S("compare", "c"), {"skipped": "time budget (450 s) spent"}),
+    ]
+    md = gpu_check.render({"date": "today", "device": "X"}, results, 12.0, 450.0)
+    assert "**5 passed in 3.1s**" in md
+    assert "| 1,000 | torch | 1.00 | 2.0 | 20 | 30 | 0.9000 | 0.5000 | 0.4000 | - |" in md
+    assert "| 1,000 | pml | 3.00 | 6.0 | 40 | 50 |" in md and "| 2.0e-04 |" in md
+    assert "not tested: no GPU faiss" in md
+    assert "failed: killed after 100 s" in md
+    assert "- c: time budget (450 s) spent" in md
+
+
+def test_a_part_cut_short_keeps_the_rows_it_printed(monkeypatch):
+    """benchmarks/losses.py prints row by row: a part stopped at its limit keeps those rows."""
+    monkeypatch.setenv("GPU_CHECK_TIMEOUT_S", "12")  # 10 s kept in reserve: stops after 2 s
+    code = "import time; print('row 1', flush=True); time.sleep(30); print('row 2')"
+    status, out, _ = gpu_check._run_within_budget([sys.executable, "-c", code])
+    assert isinstance(status, str) and status.startswith("stopped after 2 s")
+    assert out.strip() == "row 1"
+    status, out, _ = gpu_check._run_within_budget([sys.executable, "-c", "print('done')"])
+    assert (status, out) == (0, "done\n")

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import UserError
+from .config import UserError, as_user_error
 
 EPILOG_COMPARE = """examples:
   contrastive compare                                   # digits, MLP, 7 losses, 3 seeds
@@ -124,17 +124,6 @@ def _source(args: argparse.Namespace) -> str | None:
     """Where config values came from, for error messages."""
     parts = ([args.config] if args.config else []) + (["--set"] if args.set else [])
     return " / ".join(parts) or None
-
-
-def _user_input(what: str, fn, *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn`` on what the user gave; its ``ValueError`` or missing file is the user's
-    mistake (:class:`UserError`). Used only where input is being checked."""
-    try:
-        return fn(*args, **kwargs)
-    except UserError:
-        raise
-    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
-        raise UserError(f"{what}: {exc}") from exc
 
 
 def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -247,7 +236,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
-    model = _user_input(f"checkpoint {path}", load_embedder, path)
+    model = as_user_error(f"checkpoint {path}", load_embedder, path)
     ds_name = args.dataset
     data_dir = args.data_dir
     if ds_name is None:
@@ -257,10 +246,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ds_name = cfg.get("dataset", "digits")
         data_dir = data_dir or cfg.get("data_dir")
     what = f"data set {ds_name!r}"
-    probe_ds = _user_input(what, get_dataset, ds_name, root=data_dir, split=args.train_split)
+    probe_ds = as_user_error(what, get_dataset, ds_name, root=data_dir, split=args.train_split)
     tf = _eval_transform(model, probe_ds)
-    test, reference = _user_input(what, eval_sets, ds_name, data_dir, args.split, tf)
-    train = _user_input(what, get_dataset, ds_name, root=data_dir, split=args.train_split,
+    test, reference = as_user_error(what, eval_sets, ds_name, data_dir, args.split, tf)
+    train = as_user_error(what, get_dataset, ds_name, root=data_dir, split=args.train_split,
                         transform=tf)
     metrics = evaluate_embedder(model, test, train, reference=reference, probe=True,
                                 device=args.device, progress=not args.no_progress)
@@ -269,7 +258,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "eval.json", {"checkpoint": str(path), "dataset": ds_name,
-                                              "metrics": metrics})
+                                              "metrics": metrics,
+                                              "backend": getattr(metrics, "backend", "unknown")})
         keys = list(metrics)
         atomic_write_text(out / "eval.csv", ",".join(keys) + "\n"
                           + ",".join(f"{metrics[k]:.6g}" for k in keys) + "\n")
@@ -332,9 +322,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce.data import load_halves
     from .reproduce.experiments import RUNNERS, make_config
 
-    _user_input("reproduce", make_config, args.name, bool(args.paper_size), args.steps, {})
+    as_user_error("reproduce", make_config, args.name, bool(args.paper_size), args.steps, {})
     if RUNNERS[args.name][1] and args.dataset != "digits":
-        _user_input(f"data set {args.dataset!r}", load_halves, args.dataset, args.data_dir)
+        as_user_error(f"data set {args.dataset!r}", load_halves, args.dataset, args.data_dir)
     res = reproduce.run(args.name, args.output, **kwargs)
     print(_rows_md(res.get("summary") or []))
     print(f"written under {args.output}")
@@ -383,6 +373,8 @@ def _print_metrics(metrics: dict[str, float]) -> None:
             print(f"  {k:<18} {100 * v:6.2f} %")
         else:
             print(f"  {k:<18} {v:g}")
+    if getattr(metrics, "backend", None):
+        print(f"  {'k-NN search':<18} {metrics.backend}")
 
 
 def _rows_md(rows: list[dict]) -> str:

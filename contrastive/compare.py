@@ -44,6 +44,7 @@ from .config import (
     TextList,
     TrainConfig,
     UserError,
+    as_user_error,
     closest,
     load_mapping,
     resolved_kwargs,
@@ -225,6 +226,7 @@ def run_cell(cfg: CompareConfig, loss: str, seed: int,
     record.update(
         status="ok",
         metrics=res["metrics"],
+        eval_backend=res.get("eval_backend", "unknown"),
         readout=res["readout"],
         train_time_s=res["train_time_s"],
         history=res["history"],
@@ -245,13 +247,7 @@ def preflight(cfg: CompareConfig) -> dict[tuple[str, int], TrainConfig]:
                for loss in cfg.losses for seed in cfg.seeds}
     first = next(iter(configs.values()))
 
-    def user(what, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError:
-            raise
-        except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
-            raise UserError(f"{what}: {exc}") from exc
+    user = as_user_error
 
     ds = user(f"data set {first.dataset!r}", get_dataset, first.dataset, root=first.data_dir,
               split=first.train_split)

@@ -47,6 +47,18 @@ class UserError(ValueError):
     ``ValueError`` so that Python callers can catch bad input the usual way."""
 
 
+def as_user_error(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn(*args, **kwargs)`` on what the user gave: its ``ValueError`` or missing file is
+    the user's mistake and is raised as a :class:`UserError` prefixed with ``what`` (which input).
+    Used only where user input is being checked, so internal errors keep their traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError:
+        raise
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        raise UserError(f"{what}: {exc}") from exc
+
+
 class ConfigError(UserError):
     """A config value that does not fit its field: names the field, the value, what was
     expected and (when there is one) the closest valid name."""
@@ -304,18 +316,27 @@ def _adapter(cls: type) -> TypeAdapter:
     return _ADAPTERS[cls]
 
 
-def _signature_names(factory: Any) -> tuple[list[str], bool]:
-    """Keyword names a class (or function) accepts, following ``**kwargs`` up the MRO (PML's
-    losses pass theirs to their base classes); ``(names, open_ended)``."""
+def _constructor_params(factory: Any):
+    """The parameter lists of ``factory`` (a function) or of each ``__init__`` along a class's
+    MRO, up to ``object``; ``None`` for one whose signature cannot be read."""
     targets = list(inspect.getmro(factory)) if inspect.isclass(factory) else [factory]
-    names: list[str] = []
     for target in targets:
         fn = target.__init__ if inspect.isclass(target) else target
         if fn is object.__init__:
-            break
+            return
         try:
-            params = inspect.signature(fn).parameters.values()
+            yield target, list(inspect.signature(fn).parameters.values())
         except (TypeError, ValueError):
+            yield target, None
+            return
+
+
+def _signature_names(factory: Any) -> tuple[list[str], bool]:
+    """Keyword names a class (or function) accepts, following ``**kwargs`` up the MRO (PML's
+    losses pass theirs to their base classes); ``(names, open_ended)``."""
+    names: list[str] = []
+    for target, params in _constructor_params(factory):
+        if params is None:
             return names, True
         more = False
         for p in params:
@@ -410,16 +431,8 @@ def resolved_kwargs(factory: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     with); a default that is not a plain value is written as its ``repr``."""
     names, _ = _signature_names(factory)
     out: dict[str, Any] = {}
-    targets = list(inspect.getmro(factory)) if inspect.isclass(factory) else [factory]
-    for target in targets:
-        fn = target.__init__ if inspect.isclass(target) else target
-        if fn is object.__init__:
-            break
-        try:
-            params = inspect.signature(fn).parameters.values()
-        except (TypeError, ValueError):
-            break
-        for p in params:
+    for _, params in _constructor_params(factory):
+        for p in params or ():
             if p.name in names and p.name not in out and p.default is not p.empty:
                 out[p.name] = p.default
     out.update(kwargs)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from . import check_own_packages
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .config import TrainConfig, UserError
+from .config import TrainConfig, UserError, as_user_error
 
 check_own_packages()  # a user's own losses.py / evaluation/ would shadow ours: say so now
 
@@ -256,6 +256,10 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
                       num_workers: int = 0) -> dict[str, float]:
     """Evaluate an embedder on held-out data.
 
+    Returns a dict of numbers (an :class:`evaluation.retrieval.RetrievalMetrics`) whose
+    ``backend`` attribute names the k-NN search that produced the retrieval metrics (exact or
+    approximate FAISS, torch); ``fit`` and ``contrastive eval`` write it next to the metrics.
+
     * Retrieval (Recall@1/2/4/8, P@1, R-Precision, MAP@R): ``test`` against ``reference``, or
       against itself with each query's own row excluded when ``reference`` is ``None``.
     * With ``probe``: NMI/AMI of k-means on ``test``; a linear probe and a weighted k-NN
@@ -270,6 +274,7 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
     """
     from evaluation import clustering_metrics, knn_classifier, linear_probe, retrieval_metrics
     from evaluation.probe import stratified_split
+    from evaluation.retrieval import RetrievalMetrics
 
     from .embedders import embed_distributed
 
@@ -285,7 +290,7 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
         train_emb = run(train)
     if not dist_utils.is_main_process():
         return dist_utils.broadcast_object(None)
-    out: dict[str, float] = {}
+    out = RetrievalMetrics()
     if reference is None:
         ks = tuple(k for k in (1, 2, 4, 8) if k < len(y_te)) or (1,)
         r = retrieval_metrics(x_te, y_te, ks=ks)
@@ -293,6 +298,7 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
         ks = tuple(k for k in (1, 2, 4, 8) if k <= len(y_ref)) or (1,)
         r = retrieval_metrics(x_te, y_te, x_ref, y_ref, ks=ks)
     out.update({k: float(v) for k, v in r.items()})
+    out.backend = getattr(r, "backend", "unknown")
     if probe:
         out.update({k: float(v) for k, v in clustering_metrics(x_te, y_te, seed=seed).items()})
         if train is not None:
@@ -547,15 +553,6 @@ def _check_finite_weights(model: nn.Module, step: int, cfg: TrainConfig,
         )
 
 
-def _as_user_error(fn, *args, what: str, **kwargs):
-    """Call ``fn``; a ``ValueError`` / missing file from checking the user's input becomes a
-    :class:`UserError` (``what`` says which input)."""
-    try:
-        return fn(*args, **kwargs)
-    except UserError:
-        raise
-    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
-        raise UserError(f"{what}: {exc}") from exc
 
 
 def _fit(cfg: TrainConfig, state: dict | None, stop: _StopOnSignal, rank: int, world: int,
@@ -576,11 +573,11 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: _StopOnSignal, rank: int, w
     from .views import MultiView, collate_views
 
     def split(name: str, transform=None):
-        return _as_user_error(get_dataset, cfg.dataset, root=cfg.data_dir, split=name,
-                              transform=transform, what=f"data set {cfg.dataset!r}")
+        return as_user_error(f"data set {cfg.dataset!r}", get_dataset, cfg.dataset,
+                             root=cfg.data_dir, split=name, transform=transform)
 
     base = split(cfg.train_split)  # untransformed: sizes the model and picks the transforms
-    model = _as_user_error(build_embedder, cfg, base, what="backbone").to(device)
+    model = as_user_error("backbone", build_embedder, cfg, base).to(device)
     eval_tf = _eval_transform(model, base)
     train_tf = _train_transform(cfg, base, model)
     if cfg.views >= 2:
@@ -592,17 +589,17 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: _StopOnSignal, rank: int, w
         sampler_labels = np.asarray(train_ds.labels)
         m, collate = cfg.m_per_class, None
     train_eval_ds = split(cfg.train_split, eval_tf)
-    test_ds, ref_ds = _as_user_error(eval_sets, cfg.dataset, cfg.data_dir, cfg.eval_split,
-                                     eval_tf, what=f"data set {cfg.dataset!r}")
-    sampler = _as_user_error(MPerClassSampler, sampler_labels, m=m, batch_size=cfg.batch_size,
-                             seed=cfg.seed, num_replicas=world, rank=rank,
-                             what=f"batches of {cfg.dataset!r} (batch_size, m_per_class)")
+    test_ds, ref_ds = as_user_error(f"data set {cfg.dataset!r}", eval_sets, cfg.dataset,
+                                     cfg.data_dir, cfg.eval_split, eval_tf)
+    sampler = as_user_error(f"batches of {cfg.dataset!r} (batch_size, m_per_class)",
+                            MPerClassSampler, sampler_labels, m=m, batch_size=cfg.batch_size,
+                            seed=cfg.seed, num_replicas=world, rank=rank)
     steps_per_epoch = len(sampler)
     total_steps = cfg.epochs * steps_per_epoch if cfg.epochs is not None else cfg.steps
 
-    loss_fn = _as_user_error(build_loss, cfg.loss, cfg.loss_kwargs, cfg.critic,
-                             cfg.critic_kwargs, embedding_dim=getattr(model, "dim", cfg.dim),
-                             what=f"loss {cfg.loss!r}").to(device)
+    loss_fn = as_user_error(f"loss {cfg.loss!r}", build_loss, cfg.loss, cfg.loss_kwargs,
+                            cfg.critic, cfg.critic_kwargs,
+                            embedding_dim=getattr(model, "dim", cfg.dim)).to(device)
     if main:  # only once the data, the batches, the model and the loss are known to be good
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     optimizer = _optimizer(cfg, list(model.parameters()) + list(loss_fn.parameters()))
@@ -754,6 +751,7 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: _StopOnSignal, rank: int, w
                                 progress=cfg.progress and main, num_workers=cfg.num_workers)
     if main:
         result["metrics"] = metrics
+        result["eval_backend"] = getattr(metrics, "backend", "unknown")
         result["readout"] = {
             k: float(np.nanmean([r[k] for r in recent])) if recent else float("nan")
             for k in ("infonce", "nwj")

@@ -676,7 +676,9 @@ def _faiss_index(plan: Plan, reference: np.ndarray, metric: str) -> tuple[object
     if plan.kind == "faiss-gpu":
         res = faiss.StandardGpuResources()
         cfg = faiss.GpuIndexFlatConfig()
-        cfg.device = plan.device.index if plan.device.index is not None else 0
+        # the device the caller asked for, else torch's current one (not always GPU 0)
+        cfg.device = (plan.device.index if plan.device.index is not None
+                      else torch.cuda.current_device())
         cls = faiss.GpuIndexFlatIP if metric == "ip" else faiss.GpuIndexFlatL2
         index = cls(res, d, cfg)
         index.add(reference)

@@ -250,16 +250,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tf = _eval_transform(model, probe_ds)
     test, reference = as_user_error(what, eval_sets, ds_name, data_dir, args.split, tf)
     train = as_user_error(what, get_dataset, ds_name, root=data_dir, split=args.train_split,
-                        transform=tf)
-    metrics = evaluate_embedder(model, test, train, reference=reference, probe=True,
-                                device=args.device, progress=not args.no_progress)
+                          transform=tf)
+    metrics, backend = evaluate_embedder(model, test, train, reference=reference, probe=True,
+                                         return_backend=True, device=args.device,
+                                         progress=not args.no_progress)
     _print_metrics(metrics)
+    print(f"  {'k-NN search':<18} {backend}")
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "eval.json", {"checkpoint": str(path), "dataset": ds_name,
                                               "metrics": metrics,
-                                              "backend": getattr(metrics, "backend", "unknown")})
+                                              "backend": backend})
         keys = list(metrics)
         atomic_write_text(out / "eval.csv", ",".join(keys) + "\n"
                           + ",".join(f"{metrics[k]:.6g}" for k in keys) + "\n")
@@ -373,8 +375,6 @@ def _print_metrics(metrics: dict[str, float]) -> None:
             print(f"  {k:<18} {100 * v:6.2f} %")
         else:
             print(f"  {k:<18} {v:g}")
-    if getattr(metrics, "backend", None):
-        print(f"  {'k-NN search':<18} {metrics.backend}")
 
 
 def _rows_md(rows: list[dict]) -> str:

@@ -253,12 +253,11 @@ def class_disjoint(train, test) -> bool:
 def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
                       probe: bool = False, device=None, batch_size: int = 256,
                       progress: bool = False, seed: int = 0,
-                      num_workers: int = 0) -> dict[str, float]:
-    """Evaluate an embedder on held-out data.
-
-    Returns a dict of numbers (an :class:`evaluation.retrieval.RetrievalMetrics`) whose
-    ``backend`` attribute names the k-NN search that produced the retrieval metrics (exact or
-    approximate FAISS, torch); ``fit`` and ``contrastive eval`` write it next to the metrics.
+                      num_workers: int = 0, return_backend: bool = False):
+    """Evaluate an embedder on held-out data: a plain dict of numbers, or with
+    ``return_backend=True`` ``(metrics, backend)`` where ``backend`` names the k-NN search that
+    produced the retrieval metrics (exact or approximate FAISS, torch); ``fit`` and
+    ``contrastive eval`` write it next to the metrics.
 
     * Retrieval (Recall@1/2/4/8, P@1, R-Precision, MAP@R): ``test`` against ``reference``, or
       against itself with each query's own row excluded when ``reference`` is ``None``.
@@ -274,7 +273,6 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
     """
     from evaluation import clustering_metrics, knn_classifier, linear_probe, retrieval_metrics
     from evaluation.probe import stratified_split
-    from evaluation.retrieval import RetrievalMetrics
 
     from .embedders import embed_distributed
 
@@ -289,8 +287,9 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
     if probe and train is not None and not class_disjoint(train, test):
         train_emb = run(train)
     if not dist_utils.is_main_process():
-        return dist_utils.broadcast_object(None)
-    out = RetrievalMetrics()
+        got = dist_utils.broadcast_object(None)
+        return got if return_backend else got[0]
+    out: dict[str, float] = {}
     if reference is None:
         ks = tuple(k for k in (1, 2, 4, 8) if k < len(y_te)) or (1,)
         r = retrieval_metrics(x_te, y_te, ks=ks)
@@ -298,7 +297,6 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
         ks = tuple(k for k in (1, 2, 4, 8) if k <= len(y_ref)) or (1,)
         r = retrieval_metrics(x_te, y_te, x_ref, y_ref, ks=ks)
     out.update({k: float(v) for k, v in r.items()})
-    out.backend = getattr(r, "backend", "unknown")
     if probe:
         out.update({k: float(v) for k, v in clustering_metrics(x_te, y_te, seed=seed).items()})
         if train is not None:
@@ -313,7 +311,8 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
             kc = knn_classifier(x_tr, y_tr, x_ev, y_ev, k=min(200, len(y_tr)), temperature=0.07)
             out["knn_top1"] = float(kc["top1"])
             out["knn_top5"] = float(kc["top5"])
-    return dist_utils.broadcast_object(out)
+    got = dist_utils.broadcast_object((out, getattr(r, "backend", "unknown")))
+    return got if return_backend else got[0]
 
 
 # ------------------------------------------------------------------------------ logging
@@ -746,12 +745,14 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: _StopOnSignal, rank: int, w
 
     result: dict[str, Any] = {"steps": step, "train_time_s": train_time, "history": history}
     save("last.pt")  # on rank 0
-    metrics = evaluate_embedder(_unwrap(model), test_ds, train_eval_ds, reference=ref_ds,
-                                probe=cfg.final_probe, device=device, seed=cfg.seed,
-                                progress=cfg.progress and main, num_workers=cfg.num_workers)
+    metrics, backend = evaluate_embedder(_unwrap(model), test_ds, train_eval_ds,
+                                         reference=ref_ds, return_backend=True,
+                                         probe=cfg.final_probe, device=device, seed=cfg.seed,
+                                         progress=cfg.progress and main,
+                                         num_workers=cfg.num_workers)
     if main:
         result["metrics"] = metrics
-        result["eval_backend"] = getattr(metrics, "backend", "unknown")
+        result["eval_backend"] = backend
         result["readout"] = {
             k: float(np.nanmean([r[k] for r in recent])) if recent else float("nan")
             for k in ("infonce", "nwj")

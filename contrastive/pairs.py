@@ -169,9 +169,24 @@ def resolve_pairs(
     return Pairs(c.embeddings, c.ref_emb, pos, neg, False)
 
 
+def any_true(mask: Tensor) -> bool:
+    """``bool(mask.any())``, faster for boolean masks: torch's CPU ``any`` on bool is several
+    times slower than a ``max`` over the same bytes viewed as uint8."""
+    if mask.dtype == torch.bool and mask.numel() > 0:
+        return bool(mask.view(torch.uint8).max())
+    return bool(mask.any())
+
+
+def rows_any(mask: Tensor) -> Tensor:
+    """``mask.any(1)`` for a 2-D mask, faster for boolean masks (a ``uint8`` row maximum)."""
+    if mask.dtype == torch.bool and mask.shape[0] > 0 and mask.shape[1] > 0:
+        return mask.view(torch.uint8).amax(1).view(torch.bool)
+    return mask.any(1)
+
+
 def require_positives(positives: Tensor, what: str = "this loss") -> None:
     """Raise :class:`NoPairsError` (a ``ValueError``) when no anchor has a positive."""
-    if not bool(positives.any()):
+    if not any_true(positives):
         raise NoPairsError(
             f"the batch has no positive pair, which {what} needs: every label occurs only once. "
             "Sample several items per class (MPerClassSampler with m >= 2) or several views per "
@@ -181,7 +196,7 @@ def require_positives(positives: Tensor, what: str = "this loss") -> None:
 
 def require_negatives(negatives: Tensor, what: str = "this loss") -> None:
     """Raise :class:`NoPairsError` (a ``ValueError``) when no anchor has a negative."""
-    if not bool(negatives.any()):
+    if not any_true(negatives):
         raise NoPairsError(
             f"the batch has no negative pair, which {what} needs: all items share one label. "
             "Sample at least two classes per batch"
@@ -192,7 +207,7 @@ def require_triplet(positives: Tensor, negatives: Tensor, what: str = "the tripl
     """Raise :class:`NoPairsError` when no anchor has both a positive and a negative."""
     require_positives(positives, what)
     require_negatives(negatives, what)
-    if not bool((positives.any(1) & negatives.any(1)).any()):
+    if not any_true(rows_any(positives) & rows_any(negatives)):
         raise NoPairsError(
             f"no anchor has both a positive and a negative, so {what} has no triplet: check the "
             "batch labels (sample several classes with several items each, e.g. MPerClassSampler)"

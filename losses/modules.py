@@ -35,6 +35,7 @@ from contrastive.pairs import (
     NoPairsError,
     NoPairsWarning,
     Pairs,
+    any_true,
     check_call,
     diagonal_masks,
     mined_masks,
@@ -42,6 +43,7 @@ from contrastive.pairs import (
     require_positives,
     require_triplet,
     resolve_pairs,
+    rows_any,
 )
 from contrastive.validation import check_temperature
 
@@ -52,6 +54,25 @@ __all__ = ["PairLoss", "InfoNCE", "NWJ", "JS", "DV", "MultiClassNPair", "Triplet
 
 def _full_precision(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+class _NoAutocast:
+    """``torch.autocast(device_type, enabled=False)`` entered only when autocast is on for that
+    device (entering and leaving the context costs more than the check)."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, device_type: str):
+        self._ctx = (torch.autocast(device_type=device_type, enabled=False)
+                     if torch.is_autocast_enabled(device_type) else None)
+
+    def __enter__(self):
+        if self._ctx is not None:
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return False if self._ctx is None else self._ctx.__exit__(*exc)
 
 
 def _zero(scores: Tensor) -> Tensor:
@@ -84,7 +105,7 @@ class PairLoss(nn.Module):
         return resolve_pairs(embeddings, labels, ref_emb, ref_labels, paired)
 
     def _score(self, p: Pairs) -> Tensor:
-        with torch.autocast(device_type=p.anchors.device.type, enabled=False):
+        with _NoAutocast(p.anchors.device.type):
             a = _full_precision(p.anchors)
             b = a if p.self_reference else _full_precision(p.candidates)
             return self.critic(a, b)
@@ -113,7 +134,7 @@ class PairLoss(nn.Module):
     def has_terms(self, positives: Tensor, negatives: Tensor) -> bool:
         """Whether the masks give this loss anything to average (default: a positive and a
         negative pair somewhere in the batch)."""
-        return bool(positives.any()) and bool(negatives.any())
+        return any_true(positives) and any_true(negatives)
 
     def require_terms(self, positives: Tensor, negatives: Tensor) -> None:
         """Raise :class:`~contrastive.pairs.NoPairsError` explaining why there is no term."""
@@ -160,7 +181,7 @@ class PairLoss(nn.Module):
         diagonal."""
         p = self.pairs(embeddings, labels, ref_emb, ref_labels, paired)
         s, pos, neg = self._score(p), p.positives, p.negatives
-        with torch.autocast(device_type=s.device.type, enabled=False):
+        with _NoAutocast(s.device.type):
             if not self.has_terms(pos, neg):
                 return self.no_terms(s, pos, neg)
             if indices_tuple is not None:
@@ -193,7 +214,7 @@ class PairLoss(nn.Module):
                                   paired=paired)
         return {
             "infonce": float(LF.infonce_bound(s, pos, neg)),
-            "nwj": float(LF.nwj_bound(s, pos, neg)) if bool(neg.any()) else float("nan"),
+            "nwj": float(LF.nwj_bound(s, pos, neg)) if any_true(neg) else float("nan"),
         }
 
 
@@ -390,7 +411,7 @@ class MultiClassNPair(PairLoss):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None,
                 *, paired=False):
         p = self.pairs(embeddings, labels, ref_emb, ref_labels, paired, indices_tuple)
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        with _NoAutocast(embeddings.device.type):
             if p.anchors.shape[0] == 0:
                 if indices_tuple is not None:  # the miner kept no positive pair
                     return _zero(_full_precision(embeddings))
@@ -459,7 +480,7 @@ class Triplet(PairLoss):
         return NegativeL2(normalize=True)
 
     def has_terms(self, positives, negatives):
-        return bool((positives.any(1) & negatives.any(1)).any())
+        return any_true(rows_any(positives) & rows_any(negatives))
 
     def require_terms(self, positives, negatives):
         require_triplet(positives, negatives, self.what)
@@ -479,7 +500,7 @@ class Triplet(PairLoss):
                                    paired=paired)
         p = self.pairs(embeddings, labels, ref_emb, ref_labels, paired)
         s, pos, neg = self._score(p), p.positives, p.negatives
-        with torch.autocast(device_type=s.device.type, enabled=False):
+        with _NoAutocast(s.device.type):
             if not self.has_terms(pos, neg):
                 return self.no_terms(s, pos, neg)
             mpos, mneg = mined_masks(indices_tuple, pos, neg)  # validates the indices
@@ -530,7 +551,7 @@ class Contrastive(PairLoss):
         return NegativeL2(normalize=True)
 
     def has_terms(self, positives, negatives):
-        return bool(positives.any()) or bool(negatives.any())
+        return any_true(positives) or any_true(negatives)
 
     def require_terms(self, positives, negatives):
         raise NoPairsError(

@@ -12,6 +12,7 @@ venv: $(VENV)/.installed
 
 lint: venv
 	$(VENV)/bin/ruff check contrastive losses evaluation tests benchmarks examples
+	$(VENV)/bin/lint-imports
 
 test: venv lint
 	$(VENV)/bin/python -m pytest -q -n 2 tests

@@ -41,7 +41,7 @@ TESTS = {
     "evaluation/clustering.py": ("tests/test_clustering.py",),
     "evaluation/weighted_knn.py": ("tests/test_knn_classifier.py",),
     "evaluation/probe.py": ("tests/test_linear_probe.py",),
-    "evaluation/mi_benchmark.py": ("tests/test_mi_benchmark.py",),
+    "evaluation/known_mi.py": ("tests/test_mi_benchmark.py",),
 }
 
 
@@ -142,9 +142,9 @@ MUTATIONS: tuple[Mutation, ...] = (
              "gw.add_(w, alpha=weight_decay)", "gw.add_(w, alpha=2 * weight_decay)"),
     Mutation("probe-std-ddof", "evaluation/probe.py", "off-by-one",
              "torch.std_mean(x, dim=0, correction=0)", "torch.std_mean(x, dim=0, correction=1)"),
-    Mutation("mi-from-rho-sign", "evaluation/mi_benchmark.py", "sign",
+    Mutation("mi-from-rho-sign", "evaluation/known_mi.py", "sign",
              "math.log1p(-rho * rho)", "math.log1p(rho * rho)"),
-    Mutation("optimal-critic-variance-sign", "evaluation/mi_benchmark.py", "sign",
+    Mutation("optimal-critic-variance-sign", "evaluation/known_mi.py", "sign",
              "var = 1.0 - rho * rho", "var = 1.0 + rho * rho"),
 )
 

@@ -79,7 +79,7 @@ _LAZY = {
     "mined_masks": ".pairs",
 }
 _SUBMODULES = {"samplers", "views", "datasets", "checkpoint", "distributed", "embedders",
-               "config", "train", "compare", "report", "cli", "reproduce"}
+               "config", "train", "compare", "report", "cli", "reproduce", "mi_benchmark"}
 
 
 def __getattr__(name: str):

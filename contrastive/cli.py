@@ -271,7 +271,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_mi_bench(args: argparse.Namespace) -> int:
-    from evaluation import mi_benchmark
+    from . import mi_benchmark
 
     kwargs: dict[str, Any] = {"critic": args.critic, "output": args.output,
                               "progress": not args.no_progress}

@@ -388,7 +388,7 @@ def all_gather_with_grad(x: Tensor, group: Any = None) -> Tensor:
     ``efficient=True`` mode (local anchors against all candidates) the terms where ``x_r`` is a
     candidate for another rank's anchors are lost altogether, which changes the direction of the
     gradient, not only its scale. Gathering with gradient, as lightly and solo-learn do, needs
-    no loss rescaling and is exact in both forms (DESIGN.md section 7).
+    no loss rescaling and is exact in both forms (docs/architecture.md, Distributed training).
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")

@@ -1,4 +1,4 @@
-"""Embedding models and batched inference: the one embedding interface of DESIGN.md section 5.
+"""Embedding models and batched inference: the one embedding interface of docs/architecture.md.
 
 ``Embedder`` turns any backbone into a model ``x -> z`` with ``z`` of shape ``[B, dim]``:
 

@@ -7,12 +7,14 @@
   (same options, keys and values) over the same search;
 * :func:`clustering_metrics` -- NMI / AMI of k-means on the embeddings;
 * :func:`linear_probe` and :func:`knn_classifier` -- classification on frozen embeddings;
-* :mod:`evaluation.mi_benchmark` -- the known-MI estimator benchmark (Poole et al. 2019).
+* :mod:`evaluation.known_mi` -- correlated Gaussians with a known MI and their optimal critic
+  (Poole et al. 2019), the data of the known-MI benchmark (:mod:`contrastive.mi_benchmark`).
 
-Nothing here imports a loss (the MI benchmark takes its estimators as arguments, see there).
+Nothing here imports a loss: ``evaluation`` sits above the core and beside ``losses``
+(``docs/architecture.md``).
 """
 
-from . import mi_benchmark
+from . import known_mi
 from .accuracy_calculator import AccuracyCalculator
 from .clustering import clustering_metrics
 from .probe import linear_probe
@@ -27,5 +29,5 @@ __all__ = [
     "clustering_metrics",
     "knn_classifier",
     "linear_probe",
-    "mi_benchmark",
+    "known_mi",
 ]

@@ -373,7 +373,8 @@ def test_gather_without_grad_gives_wrong_gradients(ddp, name):
 
 
 def test_pml_wrapper_rescales_loss_and_loses_terms_when_efficient(ddp):
-    """What DESIGN.md section 7 and the ``all_gather_with_grad`` docstring say about
+    """What docs/architecture.md (Distributed training) and the ``all_gather_with_grad`` docstring
+    say about
     pytorch-metric-learning's DistributedLossWrapper: its default mode reports world * loss (to
     fix the gradient scale), its efficient mode gets the gradient direction wrong."""
     from pytorch_metric_learning.losses import NTXentLoss

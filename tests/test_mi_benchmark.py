@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch.distributions import Normal
 
+from contrastive import mi_benchmark as mb
 from contrastive.critics import Bilinear, Concat, Separable
 from contrastive.pairs import diagonal_masks
-from evaluation import mi_benchmark as mb
 from losses import functional as LF
 
 

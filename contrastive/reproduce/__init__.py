@@ -100,7 +100,8 @@ def run(
         dataset: ``"digits"`` (scikit-learn 8x8, bundled) or ``"mnist"`` (needs ``data_dir``
             holding ``MNIST/raw`` as torchvision stores it; nothing is downloaded). Ignored by
             ``noniid``.
-        paper_size: the official protocol's sizes (DESIGN.md sec. 7) instead of the CPU defaults.
+        paper_size: the official protocol's sizes (docs/architecture.md, The paper's protocol)
+            instead of the CPU defaults.
         progress: tqdm progress bars.
         device: torch device; ``None`` picks CUDA when available.
         **sizes: overrides of the experiment's configuration fields (see

@@ -10,11 +10,12 @@ The views get i.i.d. Gaussian pixel noise of std ``sigma = 0.05`` (fresh noise f
 training batch, one fixed draw for the evaluation features), which keeps the MI between the
 continuous views finite.
 
-Non-i.i.d. Gaussian (DESIGN.md sec. 7): per batch one shared ``Z ~ N(0, C_z)``,
-``C_z = [[1, -0.5], [-0.5, 1]]``, per sample ``e_i ~ N(0, C_e)``, ``C_e = [[1, 0.9], [0.9, 1]]``,
-``(X_i, Y_i) = Z + e_i``. Each pair's marginal is ``N(0, C_z + C_e) = N(0, [[2, 0.4], [0.4, 2]])``
-with ``I(X; Y) = -1/2 log(1 - 0.2^2) = 0.0204`` nats, but within a batch the pairs are
-dependent: ``Cov(X_i, X_j) = 1``, ``Cov(X_i, Y_j) = -0.5`` for ``i != j``.
+Non-i.i.d. Gaussian (docs/architecture.md, The paper's protocol): per batch one shared
+``Z ~ N(0, C_z)``, ``C_z = [[1, -0.5], [-0.5, 1]]``, per sample ``e_i ~ N(0, C_e)``,
+``C_e = [[1, 0.9], [0.9, 1]]``, ``(X_i, Y_i) = Z + e_i``. Each pair's marginal is
+``N(0, C_z + C_e) = N(0, [[2, 0.4], [0.4, 2]])`` with
+``I(X; Y) = -1/2 log(1 - 0.2^2) = 0.0204`` nats, but within a batch the pairs are dependent:
+``Cov(X_i, X_j) = 1``, ``Cov(X_i, Y_j) = -0.5`` for ``i != j``.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from the project's pieces: critics from :mod:`contrastive.critics`, bounds from
 =============  ============================================================================
 
 Sizes live in one dataclass per experiment: ``DEFAULTS`` fit a few minutes on 2 CPU cores for
-digits, ``PAPER`` are the official protocol's (DESIGN.md sec. 7).
+digits, ``PAPER`` are the official protocol's (docs/architecture.md, The paper's protocol).
 """
 
 from __future__ import annotations

@@ -494,7 +494,8 @@ def write_report(
         f"{any_res.get('threads')} torch thread(s).",
         "",
         "Sizes that differ from the paper's protocol (`PAPER` in "
-        "`contrastive/reproduce/experiments.py`; DESIGN.md sec. 7), as run:",
+        "`contrastive/reproduce/experiments.py`; docs/architecture.md, The paper's protocol), "
+        "as run:",
         "",
         _sizes_table(results),
         "",

@@ -3,8 +3,7 @@
 The setting of Poole, Ozair, van den Oord, Alemi, Tucker, "On Variational Bounds of Mutual
 Information" (ICML 2019, sec. 6 and fig. 2), used by Tschannen et al. (2020) as the sanity check
 of their estimators: ``x ~ N(0, I_d)`` and ``y = rho x + sqrt(1 - rho^2) e`` with
-``e ~ N(0, I_d)``, so each of the ``d`` coordinate pairs is a bivariate Gaussian with correlation
-``rho`` and::
+``e ~ N(0, I_d)`` (the data and its closed forms: :mod:`evaluation.known_mi`), so::
 
     I(X; Y) = -(d / 2) log(1 - rho^2)  nats.
 
@@ -16,10 +15,11 @@ variance. Any critic of :mod:`contrastive.critics` can be plugged in.
 An *estimator* is a pair ``(loss_fn, bound_fn)`` of functions of ``(scores [B, B], positives,
 negatives)``: the critic is trained by minimising ``loss_fn`` and the estimate is
 ``bound_fn`` of the same batch's scores, with the pairs ``(x_i, y_i)`` on the diagonal as
-positives. Pass your own pairs in ``run(estimators={...})``. The default names ``"infonce"``,
-``"nwj"``, ``"js"`` and ``"dv"`` resolve to :mod:`losses.functional`; that resolution, a
-function-local import in :func:`resolve_estimators`, is the one place where ``evaluation``
-touches ``losses`` (the design keeps ``evaluation`` free of loss imports otherwise).
+positives. Pass your own pairs in ``run(estimators={...})``; the default names ``"infonce"``,
+``"nwj"``, ``"js"`` and ``"dv"`` resolve to :mod:`losses.functional`.
+
+It trains critics and writes plots, so it is an experiment of the application layer, above
+``losses`` and ``evaluation`` (``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -35,8 +35,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from contrastive import critics as _critics
-from contrastive.pairs import diagonal_masks
+from evaluation.known_mi import (
+    check_dim,
+    mi_from_rho,
+    optimal_critic,
+    rho_from_mi,
+    sample_gaussian,
+    staircase,
+)
+from losses import functional as LF
+
+from . import critics as _critics
+from .pairs import diagonal_masks
 
 __all__ = [
     "mi_from_rho",
@@ -56,7 +66,6 @@ __all__ = [
     "write_results",
     "DEFAULT_ESTIMATORS",
     "DEFAULT_CRITIC_KWARGS",
-    "main",
 ]
 
 ScoreFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -72,78 +81,7 @@ DEFAULT_CRITIC_KWARGS: dict[str, dict] = {
 }
 
 
-# --------------------------------------------------------------------------- closed forms
-
-
-def mi_from_rho(rho: float, dim: int) -> float:
-    """``I = -(d/2) log(1 - rho^2)`` nats for ``d`` independent pairs with correlation ``rho``."""
-    rho = float(rho)
-    if not -1.0 < rho < 1.0:
-        raise ValueError(f"rho must be in (-1, 1), got {rho!r}")
-    return -0.5 * _check_dim(dim) * math.log1p(-rho * rho)
-
-
-def rho_from_mi(mi: float, dim: int) -> float:
-    """Inverse of :func:`mi_from_rho` on ``rho >= 0``: ``rho = sqrt(1 - exp(-2 I / d))``."""
-    mi = float(mi)
-    if not math.isfinite(mi) or mi < 0:
-        raise ValueError(f"mi must be a finite number of nats >= 0, got {mi!r}")
-    return math.sqrt(-math.expm1(-2.0 * mi / _check_dim(dim)))
-
-
-def _check_dim(dim: int) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
-    return dim
-
-
-def sample_gaussian(
-    batch_size: int,
-    dim: int,
-    rho: float,
-    generator: torch.Generator | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` of shape ``[batch_size, dim]`` with ``x ~ N(0, I)``,
-    ``y = rho x + sqrt(1 - rho^2) e``, ``e ~ N(0, I)`` (``generator`` must live on ``device``)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    _check_dim(dim)
-    if not -1.0 < float(rho) < 1.0:
-        raise ValueError(f"rho must be in (-1, 1), got {rho!r}")
-    x = torch.randn(batch_size, dim, generator=generator, device=device, dtype=dtype)
-    e = torch.randn(batch_size, dim, generator=generator, device=device, dtype=dtype)
-    return x, rho * x + math.sqrt(1.0 - rho * rho) * e
-
-
-def optimal_critic(x: Tensor, y: Tensor, rho: float) -> Tensor:
-    """The log density ratio on all pairs, ``S_ij = log p(y_j | x_i) / p(y_j)``::
-
-        S_ij = -(d/2) log(1 - rho^2) - ||y_j - rho x_i||^2 / (2 (1 - rho^2)) + ||y_j||^2 / 2
-
-    (``p(y | x) = N(rho x, (1 - rho^2) I)``, ``p(y) = N(0, I)``). Its mean over the diagonal is
-    the MI; InfoNCE, DV and JS are tight at it up to their own limits, NWJ at ``S + 1``.
-    """
-    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(
-            f"x and y must be 2-D with the same dimension, got {tuple(x.shape)} and "
-            f"{tuple(y.shape)}"
-        )
-    rho = float(rho)
-    if not -1.0 < rho < 1.0:
-        raise ValueError(f"rho must be in (-1, 1), got {rho!r}")
-    var = 1.0 - rho * rho
-    d = x.shape[1]
-    yy = (y * y).sum(1)
-    xx = (x * x).sum(1)
-    sq = yy[None, :] - 2.0 * rho * (x @ y.T) + (rho * rho) * xx[:, None]  # ||y_j - rho x_i||^2
-    return -0.5 * d * math.log(var) - sq / (2.0 * var) + 0.5 * yy[None, :]
-
-
-def staircase(levels: Sequence[float], steps_per_level: int) -> np.ndarray:
-    """True MI per step: each level held for ``steps_per_level`` steps."""
-    return np.repeat(np.asarray(levels, dtype=np.float64), steps_per_level)
+# --------------------------------------------------------------------------- summaries
 
 
 def ema(values: Sequence[float], decay: float = 0.98) -> np.ndarray:
@@ -183,9 +121,6 @@ def resolve_estimators(
     names = list(estimators)
     if not names:
         raise ValueError("estimators is empty; pass at least one of infonce, nwj, js, dv")
-    # The single place where `evaluation` imports `losses` (see the module docstring).
-    from losses import functional as LF
-
     table = {
         "infonce": (LF.infonce, LF.infonce_bound),
         "nwj": (LF.nwj, LF.nwj_bound),
@@ -260,7 +195,7 @@ def check_arguments(
     """Check :func:`run`'s arguments without training anything (``ValueError`` / ``TypeError``
     naming the argument); returns the resolved estimators and levels."""
     est = resolve_estimators(estimators)
-    _check_dim(dim)
+    check_dim(dim)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
         raise ValueError(f"batch_size must be an integer >= 2 (positives need negatives), got "
                          f"{batch_size!r}")
@@ -556,35 +491,3 @@ def write_results(results: Mapping, output: str | Path) -> dict[str, str]:
     files["markdown"].write_text(markdown_table(results))
     plot(results, files["png"])
     return {k: str(v) for k, v in files.items()}
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    """``python -m evaluation.mi_benchmark --output runs/mi`` runs :func:`run` and prints the
-    Markdown table."""
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--estimators", nargs="+", default=list(DEFAULT_ESTIMATORS))
-    p.add_argument("--critic", default="separable")
-    p.add_argument("--dim", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--levels", type=float, nargs="+", default=[2, 4, 6, 8, 10])
-    p.add_argument("--steps-per-level", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--output", default=None, help="directory for JSON/CSV/Markdown/PNG")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    res = run(
-        estimators=a.estimators, critic=a.critic, dim=a.dim, batch_size=a.batch_size,
-        levels=a.levels, steps_per_level=a.steps_per_level, lr=a.lr, seed=a.seed,
-        device=a.device, progress=not a.no_progress, output=a.output,
-    )
-    print(markdown_table(res))
-    print(f"{res['seconds']:.1f} s on {res['config']['device']}")
-    return res
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -1,0 +1,102 @@
+"""Known-MI data: correlated Gaussians whose mutual information is known in closed form.
+
+The setting of Poole, Ozair, van den Oord, Alemi, Tucker, "On Variational Bounds of Mutual
+Information" (ICML 2019, sec. 6): ``x ~ N(0, I_d)`` and ``y = rho x + sqrt(1 - rho^2) e`` with
+``e ~ N(0, I_d)``, so::
+
+    I(X; Y) = -(d / 2) log(1 - rho^2)  nats,
+
+plus the analytic optimal critic (the log density ratio) and the staircase of true MI values.
+Pure functions over tensors; the benchmark that trains critics on this data is an experiment of
+the application layer (:mod:`contrastive.mi_benchmark`; layers in ``docs/architecture.md``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_dim",
+    "mi_from_rho",
+    "rho_from_mi",
+    "sample_gaussian",
+    "optimal_critic",
+    "staircase",
+]
+
+
+def mi_from_rho(rho: float, dim: int) -> float:
+    """``I = -(d/2) log(1 - rho^2)`` nats for ``d`` independent pairs with correlation ``rho``."""
+    rho = float(rho)
+    if not -1.0 < rho < 1.0:
+        raise ValueError(f"rho must be in (-1, 1), got {rho!r}")
+    return -0.5 * check_dim(dim) * math.log1p(-rho * rho)
+
+
+def rho_from_mi(mi: float, dim: int) -> float:
+    """Inverse of :func:`mi_from_rho` on ``rho >= 0``: ``rho = sqrt(1 - exp(-2 I / d))``."""
+    mi = float(mi)
+    if not math.isfinite(mi) or mi < 0:
+        raise ValueError(f"mi must be a finite number of nats >= 0, got {mi!r}")
+    return math.sqrt(-math.expm1(-2.0 * mi / check_dim(dim)))
+
+
+def check_dim(dim: int) -> int:
+    """``dim`` if it is a positive integer; ``ValueError`` naming it otherwise."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    return dim
+
+
+def sample_gaussian(
+    batch_size: int,
+    dim: int,
+    rho: float,
+    generator: torch.Generator | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` of shape ``[batch_size, dim]`` with ``x ~ N(0, I)``,
+    ``y = rho x + sqrt(1 - rho^2) e``, ``e ~ N(0, I)`` (``generator`` must live on ``device``)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_dim(dim)
+    if not -1.0 < float(rho) < 1.0:
+        raise ValueError(f"rho must be in (-1, 1), got {rho!r}")
+    x = torch.randn(batch_size, dim, generator=generator, device=device, dtype=dtype)
+    e = torch.randn(batch_size, dim, generator=generator, device=device, dtype=dtype)
+    return x, rho * x + math.sqrt(1.0 - rho * rho) * e
+
+
+def optimal_critic(x: Tensor, y: Tensor, rho: float) -> Tensor:
+    """The log density ratio on all pairs, ``S_ij = log p(y_j | x_i) / p(y_j)``::
+
+        S_ij = -(d/2) log(1 - rho^2) - ||y_j - rho x_i||^2 / (2 (1 - rho^2)) + ||y_j||^2 / 2
+
+    (``p(y | x) = N(rho x, (1 - rho^2) I)``, ``p(y) = N(0, I)``). Its mean over the diagonal is
+    the MI; InfoNCE, DV and JS are tight at it up to their own limits, NWJ at ``S + 1``.
+    """
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"x and y must be 2-D with the same dimension, got {tuple(x.shape)} and "
+            f"{tuple(y.shape)}"
+        )
+    rho = float(rho)
+    if not -1.0 < rho < 1.0:
+        raise ValueError(f"rho must be in (-1, 1), got {rho!r}")
+    var = 1.0 - rho * rho
+    d = x.shape[1]
+    yy = (y * y).sum(1)
+    xx = (x * x).sum(1)
+    sq = yy[None, :] - 2.0 * rho * (x @ y.T) + (rho * rho) * xx[:, None]  # ||y_j - rho x_i||^2
+    return -0.5 * d * math.log(var) - sq / (2.0 * var) + 0.5 * yy[None, :]
+
+
+def staircase(levels: Sequence[float], steps_per_level: int) -> np.ndarray:
+    """True MI per step: each level held for ``steps_per_level`` steps."""
+    return np.repeat(np.asarray(levels, dtype=np.float64), steps_per_level)

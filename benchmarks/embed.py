@@ -1,4 +1,4 @@
-"""Throughput of ``contrastive.embedders.embed`` against the bare backbone forward.
+"""Throughput of ``contrastive.inference.embed`` against the bare backbone forward.
 
 For each (model, image size, batch size) the same in-memory images are embedded three ways:
 
@@ -37,7 +37,8 @@ from torch.utils.data import Dataset, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from contrastive.embedders import Embedder, embed  # noqa: E402
+from contrastive.embedders import Embedder  # noqa: E402
+from contrastive.inference import embed  # noqa: E402
 
 
 class _PlainDataset(Dataset):

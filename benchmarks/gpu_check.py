@@ -70,7 +70,7 @@ WHEEL_MODULES = {
     "iniconfig": "iniconfig",
     "packaging": "packaging",
     "pygments": "pygments",
-    "pydantic": "pydantic",  # contrastive.config
+    "pydantic": "pydantic",  # contrastive.app.config
     "pydantic_core": "pydantic_core",
     "annotated_types": "annotated_types",
     "typing_inspection": "typing_inspection",
@@ -207,7 +207,7 @@ def build_scan() -> str:
 def preflight() -> str:
     """Whether the project imports in a child process as the parts will see it: 'ok' or the
     error (a package missing on this machine, with no wheel for it)."""
-    code = ("import contrastive.cli, contrastive.train, contrastive.compare, evaluation, losses, "
+    code = ("import contrastive.cli, contrastive.app, evaluation, losses, "
             "pytorch_metric_learning")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=child_env(), cwd=ROOT)
@@ -403,7 +403,8 @@ def part_embed(device: str, tiny: bool) -> dict:
     import torch
     from torch.utils.data import TensorDataset
 
-    from contrastive.embedders import Embedder, amp_dtype, channels_last_safe, embed
+    from contrastive.embedders import Embedder
+    from contrastive.inference import amp_dtype, channels_last_safe, embed
 
     name, size, n, bs = ("test_resnet", 64, 64, 16) if tiny else ("resnet50", 224, 2048, 256)
     cuda = torch.device(device).type == "cuda"
@@ -702,7 +703,7 @@ def environment(device: str) -> dict:
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(i)))
         env["memory"] = f"{p.total_memory / 2**30:.0f} GiB"
         try:
-            from contrastive.embedders import amp_dtype
+            from contrastive.inference import amp_dtype
 
             env["bf16"] = f"embed's autocast dtype {amp_dtype('cuda')}"
         except Exception as exc:  # reported, the parts say more

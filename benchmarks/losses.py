@@ -6,7 +6,7 @@ contrastive loss has to do (L2-normalise, one B x B matrix product, a row logsum
 
 Usage::
 
-    python benchmarks/losses.py                 # B = 128, 512, 1024, 2048 (+ 4096 for InfoNCE)
+    python benchmarks/losses.py                 # B = 128 .. 2048 (+ 4096: InfoNCE, new losses)
     python benchmarks/losses.py --quick         # B = 128, 512, few repeats
     python benchmarks/losses.py --sizes 1024 --cases infonce triplet
 
@@ -43,6 +43,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from contrastive.critics import Cosine  # noqa: E402
 from losses import modules as M  # noqa: E402
+from losses import pair_based as PB  # noqa: E402
+from losses import proxies as PX  # noqa: E402
+
+#: classes of the proxy losses' cases (labels = item index mod this)
+PROXY_CLASSES = 100
 
 # --------------------------------------------------------------------------- memory
 
@@ -109,6 +114,7 @@ class Case:
     ours: Callable[[], Callable]
     ref: Callable[[], Callable] | None
     ref_power: Callable[[int], int]  # PML cost grows as B^power at batch size B
+    floor: Callable[[], Callable] | None = None  # None: the B x B floor (floor_fn)
 
 
 def _pml():
@@ -182,13 +188,97 @@ def cases() -> dict[str, Case]:
             "Contrastive", "ContrastiveLoss", "classes",
             lambda: M.Contrastive(), lambda: pml.ContrastiveLoss(), _quadratic,
         ),
+        "multi_similarity": Case(
+            "MultiSim(eps=.1)", "MSLoss+MSMiner", "classes",
+            lambda: PB.MultiSimilarity(epsilon=0.1), _ref_ms, _quadratic,
+        ),
+        "multi_similarity_all": Case(
+            "MultiSim", "MultiSimilarityLoss", "classes",
+            lambda: PB.MultiSimilarity(), lambda: pml.MultiSimilarityLoss(), _quadratic,
+        ),
+        "circle": Case("Circle", "CircleLoss", "classes", lambda: PB.Circle(),
+                       lambda: pml.CircleLoss(), _quadratic),
+        "lifted": Case("LiftedStructure", "GenLiftedStruct", "classes",
+                       lambda: PB.LiftedStructure(),
+                       lambda: pml.GeneralizedLiftedStructureLoss(), _quadratic),
+        "margin": Case("Margin(all)", "MarginLoss(all)", "classes", lambda: PB.Margin(),
+                       lambda: pml.MarginLoss(triplets_per_anchor="all"), _triplet_power),
+        "nca": Case("NCA", "NCALoss", "classes", lambda: PB.NCA(), lambda: pml.NCALoss(),
+                    _quadratic),
+        **_proxy_cases(pml),
         "nwj": Case("NWJ", "-", "views", lambda: M.NWJ(), None, _quadratic),
         "js": Case("JS", "-", "views", lambda: M.JS(), None, _quadratic),
         "dv": Case("DV", "-", "views", lambda: M.DV(), None, _quadratic),
     }
 
 
+def _ref_ms():
+    """PML's multi-similarity with its pair mining: MultiSimilarityMiner(0.1) + the loss."""
+    pml, miners, _ = _pml()
+    miner = miners.MultiSimilarityMiner(0.1)
+    loss = pml.MultiSimilarityLoss()
+    return lambda e, y: loss(e, y, miner(e, y))
+
+
+def _proxy_cases(pml) -> dict[str, Case]:
+    """Proxy losses against PML's with the same proxies: ``ours()`` builds both modules (ours
+    initialised from PML's) and ``ref()`` returns the PML one it built."""
+    c, built = PROXY_CLASSES, {}
+    specs = {  # key: (our name, PML name, ours, PML, PML keeps W [d, C])
+        "proxy_nca": ("ProxyNCA", "ProxyNCALoss", PX.ProxyNCA, pml.ProxyNCALoss, False),
+        "proxy_anchor": ("ProxyAnchor", "ProxyAnchorLoss", PX.ProxyAnchor,
+                         pml.ProxyAnchorLoss, False),
+        "norm_softmax": ("NormSoftmax", "NormalizedSoftmax", PX.NormalizedSoftmax,
+                         pml.NormalizedSoftmaxLoss, True),
+        "cosface": ("CosFace", "CosFaceLoss", PX.CosFace, pml.CosFaceLoss, True),
+        "arcface": ("ArcFace", "ArcFaceLoss", PX.ArcFace, pml.ArcFaceLoss, True),
+    }
+
+    def make(key, ours_cls, ref_cls, transposed):
+        def ours():
+            ref = ref_cls(num_classes=c, embedding_size=DIM)
+            mine = ours_cls(c, DIM)
+            with torch.no_grad():
+                mine.proxies.copy_(ref.W.data.T if transposed else ref.proxies.data)
+            built[key] = ref
+            return mine
+
+        return ours, lambda: built[key]
+
+    out = {}
+    for key, (name, ref_name, ours_cls, ref_cls, transposed) in specs.items():
+        ours, ref = make(key, ours_cls, ref_cls, transposed)
+        out[key] = Case(name, ref_name, "proxies", ours, ref, _quadratic, proxy_floor_fn)
+    return out
+
+
+#: the pair-based and proxy losses (issue 14), also run at the extra sizes by default
+NEW_CASES = ["multi_similarity", "multi_similarity_all", "circle", "lifted", "margin", "nca",
+             "proxy_nca", "proxy_anchor", "norm_softmax", "cosface", "arcface"]
+
+#: the embedding size (set from --dim before the cases are built)
+DIM = 128
+
+
+def proxy_floor_fn(t: float = 0.1) -> Callable:
+    """The proxy losses' floor: normalise, one B x C product with the proxies, logsumexp,
+    backward (into the embeddings and the proxies)."""
+    proxies: dict = {}  # one leaf per device, made on first use (no copy inside the timing)
+
+    def f(e, _labels):
+        if e.device not in proxies:
+            proxies[e.device] = torch.randn(PROXY_CLASSES, DIM, device=e.device,
+                                            requires_grad=True)
+        z = F.normalize(e, dim=1)
+        w = F.normalize(proxies[e.device], dim=1)
+        return torch.logsumexp((z @ w.T) / t, dim=1).mean()
+
+    return f
+
+
 def labels_for(composition: str, b: int, device) -> torch.Tensor:
+    if composition == "proxies":
+        return torch.arange(b, device=device) % PROXY_CLASSES
     per = 2 if composition == "views" else 4
     return torch.arange(b, device=device) // per
 
@@ -274,7 +364,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 1024, 2048])
     p.add_argument("--extra-infonce-sizes", type=int, nargs="*", default=[4096],
-                   help="sizes at which only InfoNCE and its floor run")
+                   help="sizes at which only the --extra-cases run")
+    p.add_argument("--extra-cases", nargs="*", default=["infonce", *NEW_CASES],
+                   help="the cases that also run at --extra-infonce-sizes")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cases", nargs="+", default=None, help=f"subset of {sorted(cases())}")
@@ -289,7 +381,8 @@ def main(argv=None):
                    help="cpu: this process's CPU time (default on CPU with one thread: robust "
                         "to other processes on a shared machine); wall: perf_counter")
     args = p.parse_args(argv)
-    global CLOCK
+    global CLOCK, DIM
+    DIM = args.dim
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock is None:
@@ -306,7 +399,8 @@ def main(argv=None):
           f"d = {args.dim}, forward+backward, median of {args.repeats} ({clock}, interleaved)")
     print(f"# memory: {memory_method(args.device)}")
     print("# composition: views = 2 views per instance (B/2 instances); "
-          "classes = 4 items per class (B/4 classes)")
+          "classes = 4 items per class (B/4 classes); proxies = "
+          f"{PROXY_CLASSES} classes and proxies (the floor is then B x {PROXY_CLASSES})")
     print("# speed-up = PML time / ours; mem ratio = PML peak / ours; floor = normalise + "
           "B x B matmul + logsumexp + backward, same run")
     head = (f"{'loss':<18} {'PML':<18} {'comp':<7} {'B':>5} {'ours ms':>9} {'PML ms':>10} "
@@ -321,10 +415,10 @@ def main(argv=None):
         x = torch.randn(b, args.dim, generator=gen).to(dev).requires_grad_(True)
         for key in chosen:
             c = all_cases[key]
-            if infonce_only and key != "infonce":
+            if infonce_only and key not in args.extra_cases:
                 continue
             labels = labels_for(c.composition, b, dev)
-            fns = {"ours": c.ours().to(dev), "floor": floor_fn()}
+            fns = {"ours": c.ours().to(dev), "floor": (c.floor or floor_fn)()}
             skipped = "no PML counterpart"
             if c.ref is not None:
                 pb, pres = prev_ref.get(key, (None, None))

@@ -6,8 +6,10 @@ Contenders, each timed in its own subprocess on the same data (unit-norm cluster
 * ``ours-auto`` / ``ours-faiss`` / ``ours-torch``: ``retrieval_metrics(x, y, backend=...)``
   (Recall@{1,2,4,8}, Precision@1, R-Precision, MAP@R), cosine. ``auto`` on the CPU is FAISS for
   small k and, for larger k, blocks of rows spread over threads, each one matrix product and a
-  top-k selection by the C scan (``evaluation/_scan.c``) and numpy.
-* ``ours-noscan``: ``auto`` without the C extension (what an install without a C compiler gets).
+  top-k selection by the C scan (``evaluation/_scan.c``) and numpy
+  (:class:`evaluation.backends.BlockScanBackend`, run by :mod:`evaluation.search`).
+* ``ours-noscan``: ``auto`` without the C extension (what an install without a C compiler gets);
+  ``ours-auto`` against ``ours-noscan`` in the large-k rows (few classes) is the C scan's gain.
 * ``pml-default``: pytorch-metric-learning ``AccuracyCalculator(k=None)`` (its default k: the
   whole reference set) computing precision_at_1, r_precision and mean_average_precision_at_r
   (its default list also holds NMI/AMI/MAP/MRR; those are left out so the work compared is the

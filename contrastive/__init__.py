@@ -1,15 +1,21 @@
-"""contrastive: the common interface of the library -- critics, positive masks, samplers, data
-sets, embedders, distributed helpers, the trainer and the command line.
+"""contrastive: the common interface of the library (the core layer) -- critics, positive masks,
+validation, samplers, views, data sets, embedders, distributed helpers, checkpoint I/O and the
+registry type -- and, above it, the application (:mod:`contrastive.app`: trainer, compare,
+reports, reproduction, the known-MI benchmark) and the command line (:mod:`contrastive.cli`).
+The layers and what each module owns: ``docs/architecture.md``.
 
-Heavy submodules (datasets, embedders, trainer) are imported lazily so that ``import losses``
-stays light.
+``losses`` imports this package, so importing it must stay cheap: the core modules that pull in
+torchvision or timm (views, data sets, embedders; about 1-4 s each on a cold start) are imported
+on first use of one of their names (:data:`_LAZY`), never at ``import contrastive``. The
+application is not re-exported here: it sits above ``losses`` and ``evaluation`` and is reached
+as ``contrastive.app``.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from . import critics, pairs, validation
+from . import critics, errors, pairs, registry, validation
 from .critics import Bilinear, Concat, Cosine, Dot, NegativeL2, Separable
 from .pairs import diagonal_masks, label_masks, resolve_pairs
 
@@ -49,8 +55,8 @@ def check_own_packages() -> None:
                 f" or run from another folder (the working folder comes first on sys.path)"
             )
 
+#: Heavy core names -> the submodule that defines them (imported on first use).
 _LAZY = {
-    # name -> submodule that defines it (imported on first use)
     "MPerClassSampler": ".samplers",
     "MultiView": ".views",
     "collate_views": ".views",
@@ -67,19 +73,14 @@ _LAZY = {
     "gather_embeddings": ".distributed",
     "Embedder": ".embedders",
     "MLPEncoder": ".embedders",
-    "embed": ".embedders",
-    "TrainConfig": ".config",
-    "fit": ".train",
-    "CompareConfig": ".compare",
-    "compare": ".compare",
-    "write_report": ".report",
-    "aggregate": ".report",
-    "format_table": ".report",
+    "embed": ".inference",
+    "embed_distributed": ".inference",
     "check_call": ".pairs",
     "mined_masks": ".pairs",
 }
 _SUBMODULES = {"samplers", "views", "datasets", "checkpoint", "distributed", "embedders",
-               "config", "train", "compare", "report", "cli", "reproduce", "mi_benchmark"}
+               "inference", "app",
+               "cli"}
 
 
 def __getattr__(name: str):
@@ -93,7 +94,9 @@ def __getattr__(name: str):
 __all__ = [
     "check_own_packages",
     "critics",
+    "errors",
     "pairs",
+    "registry",
     "validation",
     "Dot",
     "Cosine",

@@ -30,7 +30,8 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from .config import UserError
+from .errors import UserError
+from .jsonsafe import to_jsonable
 
 __all__ = [
     "CheckpointError",
@@ -39,6 +40,8 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "load_checkpoint",
+    "safe_load",
+    "refused_global",
     "capture_rng_state",
     "restore_rng_state",
     "latest_checkpoint",
@@ -47,6 +50,8 @@ __all__ = [
 ]
 
 _TMP_SUFFIX = ".tmp"
+#: torch's message when ``weights_only`` loading meets a global outside its allowlist.
+_REFUSED_GLOBAL = re.compile(r"unsupported global:\s*(?:GLOBAL\s+)?([\w.]+)", re.I)
 
 
 class CheckpointError(ValueError):
@@ -132,31 +137,58 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
     """Write ``obj`` as JSON (UTF-8, trailing newline) to ``path`` atomically.
 
-    Tensors and NumPy scalars/arrays are converted with ``.tolist()`` / ``.item()``; paths become
-    strings. Anything else JSON cannot encode raises ``TypeError`` before ``path`` is touched.
+    Tensors and NumPy scalars/arrays become numbers / lists, paths strings, sets lists
+    (:func:`contrastive.jsonsafe.to_jsonable`); NaN and infinities are written as Python's
+    ``json`` writes them (``NaN``, ``Infinity``). Anything else JSON cannot encode raises
+    ``TypeError`` before ``path`` is touched.
     """
     text = json.dumps(obj, indent=indent, default=_json_default, ensure_ascii=False)
     return atomic_write_text(path, text + "\n")
 
 
 def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.item() if o.dim() == 0 else o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, os.PathLike):
-        return os.fspath(o)
-    raise TypeError(
-        f"object of type {type(o).__name__} is not JSON serialisable; convert it to a number, "
-        "string, list or dict first"
-    )
+    """``json.dumps``'s hook for what it cannot encode: tensors and numpy values as numbers or
+    lists, paths as strings, sets as lists (NaN kept: written as ``NaN``); anything else a
+    ``TypeError``."""
+    return to_jsonable(o, nan_to_none=False, strict=True)
 
 
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
+def _numpy_safe_globals() -> list:
+    """Globals that numpy arrays need under ``torch.load(weights_only=True)``."""
+    core = getattr(np, "_core", None) or np.core
+    names: list = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        names += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return names
+
+
+def safe_load(
+    path: str | os.PathLike,
+    map_location: str | torch.device | None = "cpu",
+    weights_only: bool = True,
+) -> Any:
+    """``torch.load(path, map_location, weights_only)``; with ``weights_only=True`` (the default:
+    no pickled code can run) numpy arrays and dtypes are allowed too, so a checkpoint that
+    stores numpy RNG state or arrays loads. Errors are torch's own: a refused object raises
+    ``pickle.UnpicklingError`` (:func:`refused_global` names it); callers word their message."""
+    if weights_only and hasattr(torch.serialization, "safe_globals"):
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    return torch.load(path, map_location=map_location, weights_only=weights_only)
+
+
+def refused_global(exc: BaseException) -> str | None:
+    """The dotted name of the global that ``weights_only`` loading refused, read from torch's
+    ``UnpicklingError`` message ("Unsupported global: GLOBAL fractions.Fraction ..."), or None
+    when the error is something else (a truncated or corrupt file)."""
+    found = _REFUSED_GLOBAL.search(str(exc))
+    return found.group(1) if found else None
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     map_location: str | torch.device | None = "cpu",
@@ -184,12 +216,12 @@ def load_checkpoint(
             "latest_checkpoint(directory)"
         )
     try:
-        obj = torch.load(p, map_location=map_location, weights_only=weights_only)
+        obj = safe_load(p, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as exc:
-        refused = re.search(r"unsupported global:\s*(?:GLOBAL\s+)?([\w.]+)", str(exc), re.I)
+        refused = refused_global(exc)
         if weights_only and refused:
             raise CheckpointError(
-                f"checkpoint {p} holds a Python object ({refused.group(1)}) that "
+                f"checkpoint {p} holds a Python object ({refused}) that "
                 "weights_only=True refuses to load, since unpickling it could run code; if you "
                 "trust the file, call load_checkpoint(..., weights_only=False)"
             ) from exc

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import UserError, as_user_error
+from .errors import UserError, as_user_error
 
 EPILOG_COMPARE = """examples:
   contrastive compare                                   # digits, MLP, 7 losses, 3 seeds
@@ -31,6 +31,9 @@ EPILOG_COMPARE = """examples:
   contrastive compare --dataset cub200 --data-dir ~/data --backbone resnet18 --steps 2000
   contrastive compare --critic bilinear --output runs/bilinear
   contrastive compare --config examples/configs/compare.yaml --set train.lr=3e-4
+  contrastive compare --protocol class-disjoint          # untuned, unseen test classes
+  contrastive compare --tune                            # tuned, equal budget, 95% intervals
+  contrastive compare --tune --trials 20 --storage postgresql://user@host/db   # shared study
 """
 
 EPILOG_TRAIN = """examples:
@@ -49,6 +52,8 @@ EPILOG_EVAL = """examples:
 EPILOG_MI = """examples:
   contrastive mi-bench                                  # 4 estimators, separable critic
   contrastive mi-bench --critic concat --steps-per-level 2000 --output runs/mi
+  contrastive mi-bench --family --output runs/mi-family   # every estimator, critic, data set
+  contrastive mi-bench --quick                            # the same in under 3 minutes
 """
 
 EPILOG_REPRO = """examples:
@@ -109,8 +114,22 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _size_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``reproduce --size``; the value is read as JSON when it parses
+    (``4``, ``3e-4``, ``[1, 2]``), as text otherwise."""
+    import json
+
+    if "=" not in text:
+        raise UserError(f"--size takes KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
 def _load_config(path: str | None) -> dict[str, Any]:
-    from .config import load_mapping
+    from .app.config import load_mapping
 
     if not path:
         return {}
@@ -149,10 +168,56 @@ def _apply_sets(data: dict, sets: list[str]) -> dict:
 # ------------------------------------------------------------------------------ commands
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import CompareConfig, compare
-    from .train import TrainingInterrupted
+def _tune_compare(args: argparse.Namespace) -> int:
+    """``compare --tune``: the tuned, class-disjoint comparison (:mod:`.app.tuning`)."""
+    from .app.run_folder import TrainingInterrupted
+    from .app.tuning import TuneConfig, tune
 
+    if args.critic:
+        raise UserError("--critic is not searched by --tune: each loss keeps its own critic")
+    if (args.protocol or "class-disjoint") != "class-disjoint":
+        raise UserError("--tune runs the class-disjoint protocol only (tuning folds and test "
+                        "classes); drop --protocol iid or --tune")
+    data = _load_config(args.config)
+    data.update(_given(args, ("dataset", "data_dir", "backbone", "steps", "batch_size",
+                              "output", "losses", "seeds", "trials", "folds", "storage")))
+    if args.no_progress:
+        data["progress"] = False
+    if data.get("dataset", "digits") not in ("digits",) and "backbone" not in data:
+        data["backbone"] = "resnet18"
+    _apply_sets(data, args.set)
+    cfg = TuneConfig.from_dict(data, source=_source(args))
+    try:
+        res = tune(cfg)
+    except TrainingInterrupted as exc:
+        print(f"interrupted by {exc.signal_name}: finished trials and cells are kept; run the "
+              f"same command again to continue:\n  {_resume_hint(None)}", file=sys.stderr)
+        return 130
+    print()
+    print(res["table"])
+    print()
+    print(f"wall time: {res['wall_time_s']:.1f} s (tuning {res['tune_time_s']:.1f} s)")
+    for kind, path in res["files"].items():
+        print(f"{kind}: {path}")
+    if res["failed"]:
+        for loss, seed, error in res["failed"]:
+            first = error.strip().splitlines()[0] if error.strip() else "no message"
+            print(f"failed: {loss} seed {seed}: {first}", file=sys.stderr)
+        print(f"error: {len(res['failed'])} of {len(res['records'])} final cells failed",
+              file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .app.compare import CompareConfig, compare
+    from .app.run_folder import TrainingInterrupted
+
+    if args.tune:
+        return _tune_compare(args)
+    for flag in ("trials", "folds", "storage"):
+        if getattr(args, flag) is not None:
+            raise UserError(f"--{flag} goes with --tune")
     data = _load_config(args.config)
     data.update(_given(args, ("dataset", "data_dir", "backbone", "critic", "steps",
                               "batch_size", "output", "losses", "seeds")))
@@ -160,6 +225,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         data["progress"] = False
     if data.get("dataset", "digits") != "digits" and "backbone" not in data:
         data["backbone"] = "resnet18"
+    if args.protocol == "class-disjoint":  # train on some classes, retrieve among the others
+        train = data.setdefault("train", {})
+        train.update({"train_split": "train_classes", "eval_split": "test_classes"})
+        if data.get("dataset", "digits") in ("digits", "digits_image"):  # 6 training classes
+            data.setdefault("batch_size", 48)
+            train.setdefault("m_per_class", 16)
     _apply_sets(data, args.set)
     cfg = CompareConfig.from_dict(data, source=_source(args))
     try:
@@ -197,7 +268,7 @@ def _resume_hint(extra: str | None) -> str:
 
 
 def _train_config(args: argparse.Namespace):
-    from .config import TrainConfig
+    from .app.config import TrainConfig
 
     data: dict[str, Any] = _load_config(args.config)
     data.update(_given(args, ("dataset", "data_dir", "loss", "backbone", "critic", "steps",
@@ -213,7 +284,8 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainingInterrupted, fit
+    from .app.run_folder import TrainingInterrupted
+    from .app.train import fit
 
     cfg = _train_config(args)
     try:
@@ -229,10 +301,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .app.factory import eval_transform, load_embedder
+    from .app.protocol import eval_sets, evaluate_embedder
     from .checkpoint import atomic_write_json, atomic_write_text
     from .datasets import get_dataset
-    from .train import _eval_transform, eval_sets, evaluate_embedder, load_embedder
+    from .devices import resolve_device
 
+    if args.device is not None:
+        as_user_error("eval", resolve_device, args.device, name="--device")
     path = Path(args.checkpoint)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
@@ -247,7 +323,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data_dir = data_dir or cfg.get("data_dir")
     what = f"data set {ds_name!r}"
     probe_ds = as_user_error(what, get_dataset, ds_name, root=data_dir, split=args.train_split)
-    tf = _eval_transform(model, probe_ds)
+    tf = eval_transform(model, probe_ds)
     test, reference = as_user_error(what, eval_sets, ds_name, data_dir, args.split, tf)
     train = as_user_error(what, get_dataset, ds_name, root=data_dir, split=args.train_split,
                           transform=tf)
@@ -270,13 +346,56 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_mi_bench(args: argparse.Namespace) -> int:
-    from . import mi_benchmark
-
-    kwargs: dict[str, Any] = {"critic": args.critic, "output": args.output,
-                              "progress": not args.no_progress}
+def _mi_bench_family(args: argparse.Namespace, mi_benchmark) -> int:
+    """``mi-bench --family`` / ``--quick``: every estimator x critic x data set."""
+    kwargs: dict[str, Any] = {"budget": "quick" if args.quick else "default",
+                              "output": args.output, "progress": not args.no_progress,
+                              "critics": tuple(_csv_list(args.critic or
+                                                         "separable,bilinear,concat")),
+                              "transforms": tuple(_csv_list(args.data or "gaussian,cubic"))}
     if args.estimators:
         kwargs["estimators"] = tuple(_csv_list(args.estimators))
+    for key in ("dim", "batch_size", "steps_per_level", "seed", "lr"):
+        v = getattr(args, key)
+        if v is not None:
+            kwargs[key] = v
+    if args.levels:
+        try:
+            kwargs["levels"] = tuple(float(x) for x in _csv_list(args.levels))
+        except ValueError:
+            raise UserError(f"--levels expects comma-separated numbers of nats, got "
+                            f"{args.levels!r}") from None
+    try:  # run_family checks every run's arguments before anything trains
+        res = mi_benchmark.run_family(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from exc
+    print(mi_benchmark.family_table(res))
+    print(f"{res['seconds']:.0f} s; written under {args.output}" if args.output else
+          f"{res['seconds']:.0f} s")
+    if res["diverged"]:  # a finding of the family benchmark (an estimator's failure mode)
+        parts = ", ".join(f"{k} ({n} non-finite)" for k, n in res["diverged"].items())
+        print(f"note: non-finite estimates, left out of the statistics: {parts}",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_mi_bench(args: argparse.Namespace) -> int:
+    from .app import mi_benchmark
+
+    if args.family or args.quick:
+        return _mi_bench_family(args, mi_benchmark)
+    kwargs: dict[str, Any] = {"critic": args.critic or "separable", "output": args.output,
+                              "progress": not args.no_progress}
+    if args.data:
+        kwargs["transform"] = args.data
+    if args.estimators:
+        names = tuple(_csv_list(args.estimators))
+        try:
+            kwargs["estimators"] = (mi_benchmark.family_estimators(names)
+                                    if any(n.lower() in mi_benchmark.NEW_ESTIMATORS
+                                           for n in names) else names)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
     for key in ("dim", "batch_size", "steps_per_level", "seed", "lr"):
         v = getattr(args, key)
         if v is not None:
@@ -308,26 +427,37 @@ def cmd_mi_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from . import reproduce
+    from .app import reproduce
 
+    if args.name == "report":
+        from .app.reproduce.paper_report import write_report
+
+        print(as_user_error("reproduce report", write_report, args.output, args.doc,
+                            args.figures))
+        return 0
     if args.name not in reproduce.EXPERIMENTS:
         raise UserError(f"unknown experiment {args.name!r}; choose from "
                         f"{sorted(reproduce.EXPERIMENTS)}")
+    from .devices import resolve_device
+
+    as_user_error("reproduce", resolve_device, args.device, name="--device")
     kwargs: dict[str, Any] = {"dataset": args.dataset, "data_dir": args.data_dir,
-                              "paper_size": args.paper_size, "progress": not args.no_progress}
+                              "paper_size": args.paper_size, "progress": not args.no_progress,
+                              "device": args.device}
+    sizes = dict(_size_override(text) for text in args.size)
     if args.steps is not None:
         kwargs["steps"] = args.steps
     if args.seeds:
         kwargs["seeds"] = tuple(_int_list(args.seeds))
     # the settings and the data are checked here, before anything trains: a mistake there is
     # the user's; whatever fails later is not
-    from .reproduce.data import load_halves
-    from .reproduce.experiments import RUNNERS, make_config
+    from .app.reproduce.data import load_halves
+    from .app.reproduce.experiments import EXPERIMENTS, make_config
 
-    as_user_error("reproduce", make_config, args.name, bool(args.paper_size), args.steps, {})
-    if RUNNERS[args.name][1] and args.dataset != "digits":
+    as_user_error("reproduce", make_config, args.name, bool(args.paper_size), args.steps, sizes)
+    if EXPERIMENTS.meta(args.name)["needs_data"] and args.dataset != "digits":
         as_user_error(f"data set {args.dataset!r}", load_halves, args.dataset, args.data_dir)
-    res = reproduce.run(args.name, args.output, **kwargs)
+    res = reproduce.run(args.name, args.output, **kwargs, **sizes)
     print(_rows_md(res.get("summary") or []))
     print(f"written under {args.output}")
     return 0
@@ -339,6 +469,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         import losses
 
         print("losses:   " + ", ".join(losses.available()) + ", pml:<ClassName>")
+    if what in ("estimators", "all"):
+        from losses.registry import ESTIMATORS
+
+        print("estimators: " + ", ".join(ESTIMATORS.available()))
     if what in ("critics", "all"):
         from . import critics
 
@@ -348,7 +482,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
         print("datasets: " + ", ".join(available_datasets()))
     if what in ("experiments", "all"):
-        from . import reproduce
+        from .app import reproduce
 
         print("experiments: " + ", ".join(sorted(reproduce.EXPERIMENTS)))
     if what in ("models", "all"):
@@ -379,6 +513,8 @@ def _print_metrics(metrics: dict[str, float]) -> None:
 
 def _rows_md(rows: list[dict]) -> str:
     """A Markdown table of a list of flat dicts (numbers to 4 significant digits)."""
+    from .app.results import markdown_table
+
     if not rows:
         return ""
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -386,16 +522,13 @@ def _rows_md(rows: list[dict]) -> str:
     def cell(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(keys, [[cell(r.get(k, "")) for k in keys] for r in rows])
 
 
 def _metrics_md(metrics: dict[str, float]) -> str:
-    lines = ["| metric | value |", "|---|---|"]
-    for k, v in metrics.items():
-        lines.append(f"| {k} | {v:.4g} |")
-    return "\n".join(lines) + "\n"
+    from .app.results import markdown_table
+
+    return markdown_table(["metric", "value"], [[k, f"{v:.4g}"] for k, v in metrics.items()]) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,6 +569,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a CompareConfig field (repeatable; nested with dots, e.g. "
                    "train.lr=3e-4 or loss_kwargs.infonce.temperature=0.05)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.add_argument("--protocol", choices=("iid", "class-disjoint"),
+                   help="iid: the data set's train/test split (default without --tune); "
+                   "class-disjoint: train on the training classes, evaluate on unseen test "
+                   "classes (the only protocol of --tune)")
+    c.add_argument("--tune", action="store_true",
+                   help="tune each loss first (equal budget: Optuna TPE over its search space "
+                   "and lr, MAP@R on class-disjoint folds of the training classes), then "
+                   "retrain the best with every seed; report 95%% intervals and which losses "
+                   "are indistinguishable from the best (default output runs/compare-tuned)")
+    c.add_argument("--trials", help="--tune: trials per loss (default 8)")
+    c.add_argument("--folds", help="--tune: class-disjoint folds of the training classes "
+                   "(default 2)")
+    c.add_argument("--storage", help="--tune: Optuna storage URL shared by workers (default "
+                   "sqlite:///<output>/tuning.db); a killed run resumes from it")
     c.set_defaults(func=cmd_compare)
 
     t = sub.add_parser("train", parents=[common],
@@ -487,8 +634,18 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt,
                        description="Correlated Gaussians with known MI (staircase 2..10 nats); "
                        "each estimator trains a critic and is plotted against the truth.")
-    m.add_argument("--estimators", help="comma-separated: infonce,nwj,js,dv")
-    m.add_argument("--critic", default="separable", help="separable, bilinear or concat")
+    m.add_argument("--estimators", help="comma-separated: infonce,nwj,js,dv, and tuba, mine_ma, "
+                   "smile_1, smile_5, alpha_infonce, l1out, club (the upper bounds get a "
+                   "Gaussian conditional critic)")
+    m.add_argument("--critic", help="separable (default), bilinear or concat; with --family "
+                   "a comma-separated list (default all three)")
+    m.add_argument("--data", help="gaussian (default) or cubic (y -> y^3, same MI); with "
+                   "--family a comma-separated list (default both)")
+    m.add_argument("--family", action="store_true",
+                   help="every estimator x critic x data set, a bias/variance/MSE table and a "
+                   "figure per data set (about 9 min on 2 idle CPU cores)")
+    m.add_argument("--quick", action="store_true",
+                   help="--family with small critics and 100 steps per level (under 3 min)")
     m.add_argument("--dim", type=int)
     m.add_argument("--batch-size", type=int)
     m.add_argument("--steps-per-level", type=int)
@@ -505,13 +662,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Experiments of 'On Mutual Information Maximization for "
                        "Representation Learning': bijective, adversarial, critics, encoders, "
                        "noniid.")
-    r.add_argument("name", help="experiment name")
-    r.add_argument("--output", default="runs/reproduce")
+    r.add_argument("name", help="experiment name, or 'report' to write the reproduction page "
+                   "from the results under --output")
+    r.add_argument("--output", "--results", dest="output", default="runs/reproduce")
     r.add_argument("--steps", type=int)
     r.add_argument("--seeds", help="comma-separated seeds")
     r.add_argument("--dataset", default="digits", help="digits (default) or mnist")
     r.add_argument("--data-dir")
     r.add_argument("--paper-size", action="store_true", help="the paper's sizes (slow)")
+    r.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    r.add_argument("--size", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one size of the experiment, e.g. --size couplings=4")
+    r.add_argument("--doc", default="docs/reproduction.md", help="report: the page to write")
+    r.add_argument("--figures", default="docs/figures", help="report: where figures are copied")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=cmd_reproduce)
 
@@ -519,7 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="list losses, critics, data sets, models",
                         epilog=EPILOG_LIST, formatter_class=fmt)
     li.add_argument("what", nargs="?", default="all",
-                    choices=["all", "losses", "critics", "datasets", "models", "experiments"])
+                    choices=["all", "losses", "estimators", "critics", "datasets", "models",
+                             "experiments"])
     li.add_argument("--filter", help="timm model name pattern, e.g. 'vit_*'")
     li.set_defaults(func=cmd_list)
     return p

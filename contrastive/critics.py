@@ -19,12 +19,12 @@ critic                        ``S_ij``                           note
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .registry import Registry
 from .validation import check_positive_int, check_temperature
 
 __all__ = [
@@ -36,7 +36,9 @@ __all__ = [
     "Separable",
     "Concat",
     "mlp",
+    "CRITICS",
     "get",
+    "create",
     "available",
 ]
 
@@ -100,19 +102,6 @@ class Cosine(Critic):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature:.4g}"
-
-
-def _sqrt_safe(sq: Tensor) -> Tensor:
-    """sqrt with a zero (not NaN) gradient where the squared distance is 0."""
-    positive = sq > 0
-    return torch.where(positive, sq.clamp_min(1e-30).sqrt(), torch.zeros_like(sq))
-
-
-def squared_l2(a: Tensor, b: Tensor) -> Tensor:
-    """Pairwise squared Euclidean distances ``||a_i||^2 + ||b_j||^2 - 2 a_i . b_j``, clamped at 0
-    (one matrix product; the same expansion as ``torch.cdist``'s matmul path)."""
-    sq = (a * a).sum(1, keepdim=True) + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
-    return sq.clamp_min(0.0)
 
 
 class _NegativeL2Scores(torch.autograd.Function):
@@ -185,10 +174,31 @@ class NegativeL2(Critic):
         if self.normalize:
             an = F.normalize(a, dim=1)
             a, b = an, (an if b is a else F.normalize(b, dim=1))
+        if _compiling():  # the fused Function breaks the graph when given one tensor twice
+            return _negative_l2_plain(a, b, self.squared, self.normalize)
         return _NegativeL2Scores.apply(a, b, self.squared, self.normalize)
 
     def extra_repr(self) -> str:
         return f"squared={self.squared}, normalize={self.normalize}"
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _negative_l2_plain(a: Tensor, b: Tensor, squared: bool, unit: bool) -> Tensor:
+    """:class:`_NegativeL2Scores` as plain differentiable tensor code (what ``torch.compile``
+    traces): the same expansion, and a zero (not NaN) gradient where the distance is 0."""
+    ab = a @ b.T
+    if unit:
+        sq = 2.0 - 2.0 * ab
+    else:
+        sq = (a * a).sum(1, keepdim=True) + (b * b).sum(1)[None, :] - 2.0 * ab
+    sq = sq.clamp_min(0.0)
+    if squared:
+        return -sq
+    return -torch.where(sq > 0, sq.clamp_min(1e-30).sqrt(), torch.zeros_like(sq))
 
 
 class Bilinear(Critic):
@@ -278,26 +288,37 @@ class Concat(Critic):
         return torch.cat(out, dim=0)
 
 
-_REGISTRY: dict[str, Callable[..., Critic]] = {
-    "dot": Dot,
-    "cosine": Cosine,
-    "negative_l2": NegativeL2,
-    "l2": NegativeL2,
-    "bilinear": Bilinear,
-    "separable": Separable,
-    "concat": Concat,
-    "mlp": Concat,
-}
+#: The critics by name. ``meta["size"]`` names the constructor argument that takes the embedding
+#: size (``None``: the critic has no parameters that depend on it); :func:`create` fills it in.
+CRITICS: Registry[Critic] = Registry("critic")
+CRITICS.register("dot", Dot, meta={"size": None, "separable": True})
+CRITICS.register("cosine", Cosine, meta={"size": None, "separable": True})
+CRITICS.register("negative_l2", NegativeL2, aliases=("l2",), meta={"size": None,
+                                                                    "separable": False})
+CRITICS.register("bilinear", Bilinear, meta={"size": "dim", "separable": True})
+CRITICS.register("separable", Separable, meta={"size": "in_dim", "separable": True})
+CRITICS.register("concat", Concat, aliases=("mlp",), meta={"size": "in_dim", "separable": False})
 
 
 def available() -> list[str]:
-    """Names accepted by :func:`get`."""
-    return sorted(_REGISTRY)
+    """Names accepted by :func:`get` and :func:`create` (canonical names and aliases)."""
+    return sorted([*CRITICS.available(), *CRITICS.aliases()])
 
 
 def get(name: str, **kwargs) -> Critic:
     """Build a critic by name, e.g. ``get("cosine", temperature=0.1)``."""
-    key = name.lower().replace("-", "_")
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown critic {name!r}; choose one of {available()}")
-    return _REGISTRY[key](**kwargs)
+    return CRITICS.create(name, **kwargs)
+
+
+def create(name: str, embedding_dim: int | None = None, **kwargs) -> Critic:
+    """Build a critic by name on ``embedding_dim``-dimensional embeddings: the critics with
+    parameters (bilinear ``dim``, separable / concat ``in_dim``) get the size from
+    ``embedding_dim`` unless ``kwargs`` set it; the others ignore it. The one place that knows
+    which critic takes which size argument."""
+    size = CRITICS.get(name).meta.get("size")
+    if size is not None and size not in kwargs:
+        if embedding_dim is None:
+            raise ValueError(f"critic {name!r} needs the embedding size: pass embedding_dim= "
+                             f"(or {size}=)")
+        kwargs[size] = embedding_dim
+    return CRITICS.create(name, **kwargs)

@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .devices import resolve_device
+
 __all__ = [
     "is_distributed",
     "get_rank",
@@ -166,14 +168,9 @@ def _timeout(timeout_s: float | None) -> datetime.timedelta:
 def _requested_device(device: str | torch.device | None) -> torch.device | None:
     if device is None:
         return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:0', got {device!r}") from None
+    dev = resolve_device(device)
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} but torch sees no CUDA GPU; use device='cpu'")
     return dev
 
 

@@ -15,6 +15,17 @@ indices_tuple=None, ref_emb=None, ref_labels=None)``:
 * ``loss(x_emb, ref_emb=y_emb, paired=True)``: paired views ``(x_i, y_i)`` from two encoders;
   positives on the diagonal, every other pair negative. With ``labels`` the positives are
   ``y_i == y_j`` including the diagonal. (PML has no such call: without labels it raises.)
+
+Mining lives here too, in one place: a pytorch-metric-learning miner's ``indices_tuple`` --
+``(a1, p, a2, n)`` pairs or ``(a, p, n)`` triplets -- is validated by one function and becomes
+restricted masks (:func:`mined_masks`), the valid triplets (:func:`mined_triplets`) or one pair
+per label (:func:`first_mined_pair_per_label`, the N-pair rule). The triplet loss's own
+``mining=`` modes (all / batch-hard / semi-hard) pick triplets from the masks inside
+:func:`losses.functional.triplet`.
+
+``check=False`` (every function that takes it) skips the checks that read tensor values on the
+host (finite embeddings, integral float labels, index bounds), for compiled or CUDA-graph
+regions; shape checks stay.
 """
 
 from __future__ import annotations
@@ -86,18 +97,20 @@ def check_call(
     ref_emb: Tensor | None = None,
     ref_labels: Tensor | None = None,
     paired: bool = False,
+    check: bool = True,
 ) -> Call:
     """Validate the arguments of ``loss(embeddings, labels, ref_emb=..., ref_labels=...,
     paired=...)`` without building masks: shapes, dtypes, finiteness, one label per row, and a
     call that defines positives (labels, or ``paired=True`` views). Labels come back as integer
     tensors on the embeddings' device. ``ref_labels`` that is the very tensor object ``labels``
-    is dropped (PML treats that reference set as the batch's own labels, diagonal excluded)."""
+    is dropped (PML treats that reference set as the batch's own labels, diagonal excluded).
+    ``check=False`` skips the checks that read values (finiteness, integral float labels)."""
     if ref_labels is not None and ref_labels is labels:
         ref_labels = None
-    embeddings = check_embeddings(embeddings, "embeddings")
+    embeddings = check_embeddings(embeddings, "embeddings", check)
     n = embeddings.shape[0]
     if labels is not None:
-        labels = check_labels(labels, n, "labels", "embeddings").to(embeddings.device)
+        labels = check_labels(labels, n, "labels", "embeddings", check).to(embeddings.device)
     if ref_emb is None:
         if ref_labels is not None:
             raise ValueError("ref_labels was given without ref_emb; pass ref_emb too")
@@ -109,7 +122,7 @@ def check_call(
                 "as loss(x, ref_emb=y, paired=True)"
             )
         return Call(embeddings, labels, None, None)
-    ref_emb = check_embeddings(ref_emb, "ref_emb")
+    ref_emb = check_embeddings(ref_emb, "ref_emb", check)
     if ref_emb.shape[1] != embeddings.shape[1]:
         raise ValueError(
             f"ref_emb has dimension {ref_emb.shape[1]} but embeddings have "
@@ -135,7 +148,7 @@ def check_call(
             "positives on the diagonal"
         )
     if ref_labels is not None:
-        ref_labels = check_labels(ref_labels, ref_emb.shape[0], "ref_labels", "ref_emb")
+        ref_labels = check_labels(ref_labels, ref_emb.shape[0], "ref_labels", "ref_emb", check)
         return Call(embeddings, labels, ref_emb, ref_labels.to(embeddings.device))
     if ref_emb.shape[0] != n:
         raise ValueError(
@@ -152,9 +165,10 @@ def resolve_pairs(
     ref_emb: Tensor | None = None,
     ref_labels: Tensor | None = None,
     paired: bool = False,
+    check: bool = True,
 ) -> Pairs:
     """Validate a loss call and return anchors, candidates and masks (see module docstring)."""
-    c = check_call(embeddings, labels, ref_emb, ref_labels, paired)
+    c = check_call(embeddings, labels, ref_emb, ref_labels, paired, check)
     if c.ref_emb is None:
         pos, neg = label_masks(c.labels)
         return Pairs(c.embeddings, c.embeddings, pos, neg, True)
@@ -214,11 +228,36 @@ def require_triplet(positives: Tensor, negatives: Tensor, what: str = "the tripl
         )
 
 
+def _mined_indices(indices_tuple, n_rows: int, n_cols: int, device, check: bool = True):
+    """A miner's ``indices_tuple`` as flat long tensors ``(a1, p, a2, n)`` (a triplet tuple
+    ``(a, p, n)`` gives ``a2 = a``), its format checked and, with ``check``, its bounds."""
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise ValueError(
+            "indices_tuple must be (anchor, positive, negative) triplets or "
+            "(anchor1, positive, anchor2, negative) pairs, as pytorch-metric-learning miners "
+            f"return; got {type(indices_tuple).__name__} of length "
+            f"{len(indices_tuple) if hasattr(indices_tuple, '__len__') else '?'}"
+        )
+    idx = [torch.as_tensor(t, device=device).long().flatten() for t in indices_tuple]
+    if len(idx) == 3:
+        a1, p, n = idx
+        a2 = a1
+    else:
+        a1, p, a2, n = idx
+    if check:
+        for name, t, bound in (("anchor", a1, n_rows), ("positive", p, n_cols),
+                               ("anchor", a2, n_rows), ("negative", n, n_cols)):
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
+                raise ValueError(f"indices_tuple has {name} indices outside [0, {bound})")
+    return a1, p, a2, n
+
+
 def mined_masks(
     indices_tuple: tuple[Tensor, ...],
     positives: Tensor,
     negatives: Tensor,
     counts: bool = False,
+    check: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Restrict ``(P, Q)`` to the pairs a miner returned (pytorch-metric-learning's
     ``indices_tuple``): ``(a1, p, a2, n)`` pairs or ``(a, p, n)`` triplets (each triplet gives
@@ -227,24 +266,7 @@ def mined_masks(
     ``counts=False``: boolean masks (a pair mined twice is one pair). ``counts=True``: int32
     matrices holding how often each pair occurs in the tuple (0 outside the original masks), for
     the losses that weigh repeated pairs as PML's pair-based losses do."""
-    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
-        raise ValueError(
-            "indices_tuple must be (anchor, positive, negative) triplets or "
-            "(anchor1, positive, anchor2, negative) pairs, as pytorch-metric-learning miners "
-            f"return; got {type(indices_tuple).__name__} of length "
-            f"{len(indices_tuple) if hasattr(indices_tuple, '__len__') else '?'}"
-        )
-    idx = [torch.as_tensor(t, device=positives.device).long().flatten() for t in indices_tuple]
-    if len(idx) == 3:
-        a1, p, n = idx
-        a2 = a1
-    else:
-        a1, p, a2, n = idx
-    n_rows, n_cols = positives.shape
-    for name, t, bound in (("anchor", a1, n_rows), ("positive", p, n_cols),
-                           ("anchor", a2, n_rows), ("negative", n, n_cols)):
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
-            raise ValueError(f"indices_tuple has {name} indices outside [0, {bound})")
+    a1, p, a2, n = _mined_indices(indices_tuple, *positives.shape, positives.device, check)
     if counts:
         pos = torch.zeros(positives.shape, dtype=torch.int32, device=positives.device)
         neg = torch.zeros(negatives.shape, dtype=torch.int32, device=negatives.device)
@@ -256,3 +278,59 @@ def mined_masks(
     pos[a1, p] = True
     neg[a2, n] = True
     return positives & pos, negatives & neg
+
+
+def mined_triplets(
+    indices_tuple: tuple[Tensor, ...],
+    positives: Tensor,
+    negatives: Tensor,
+    check: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The triplets ``(a, p, n)`` of a miner's triplet tuple whose ``(a, p)`` is a positive and
+    ``(a, n)`` a negative pair of the masks, in the tuple's order, duplicates kept (as PML)."""
+    a, p, _, n = _mined_indices(indices_tuple, *positives.shape, positives.device, check)
+    ok = positives[a, p] & negatives[a, n]
+    return a[ok], p[ok], n[ok]
+
+
+def _group_by_label(labels: Tensor):
+    """Classes in ascending order, and for each its first position in a stable sort of
+    ``labels`` (``order``) and its size."""
+    order = torch.argsort(labels, stable=True)
+    classes, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    return classes, order, starts, counts
+
+
+def first_pair_per_class(labels: Tensor, ref_labels: Tensor | None = None):
+    """Indices ``(anchor_idx, positive_idx)`` with one pair per class, in ascending class order.
+
+    Without ``ref_labels``: for every label with two or more items, its first and second
+    occurrence (the pair pytorch-metric-learning's ``NPairsLoss`` picks). With ``ref_labels``:
+    the first occurrence in ``labels`` and the first in ``ref_labels`` of every shared label.
+    """
+    classes, order, starts, counts = _group_by_label(labels)
+    if ref_labels is None:
+        keep = counts >= 2
+        return order[starts[keep]], order[starts[keep] + 1]
+    ref_classes, ref_order, ref_starts, _ = _group_by_label(ref_labels)
+    a = order[starts[torch.isin(classes, ref_classes)]]
+    p = ref_order[ref_starts[torch.isin(ref_classes, classes)]]
+    return a, p
+
+
+def first_mined_pair_per_label(indices_tuple, labels: Tensor, cand_labels: Tensor,
+                               self_reference: bool, check: bool = True):
+    """From a miner's ``(a1, p, ...)`` keep the positive pairs whose labels match (and, on the
+    batch itself, that are not an item with itself) and, for every anchor label, the first such
+    pair in the tuple's order (PML's ``NPairsLoss`` rule), in ascending label order."""
+    a, p, _, _ = _mined_indices(indices_tuple, labels.numel(), cand_labels.numel(),
+                                labels.device, check)
+    keep = labels[a] == cand_labels[p]
+    if self_reference:
+        keep &= a != p
+    a, p = a[keep], p[keep]
+    # the first occurrence of every anchor label: a stable sort by label, then its group starts
+    _, order, starts, _ = _group_by_label(labels[a])
+    first = order[starts]
+    return a[first], p[first]

@@ -1,7 +1,9 @@
 """Input checks shared by losses, critics and samplers.
 
 Every check raises ``ValueError`` or ``TypeError`` with a message that names the argument and says
-how to fix it, so a bad batch fails loudly instead of returning NaN.
+how to fix it, so a bad batch fails loudly instead of returning NaN. The checks that read tensor
+values (a device-to-host sync) run only with ``check=True``; ``check=False`` keeps the type and
+shape checks, which read no value, for compiled or CUDA-graph regions.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import torch
 from torch import Tensor
 
 
-def check_embeddings(x: object, name: str = "embeddings") -> Tensor:
-    """Return ``x`` if it is a finite, floating 2-D tensor ``[N, d]``; raise otherwise."""
+def check_embeddings(x: object, name: str = "embeddings", check: bool = True) -> Tensor:
+    """Return ``x`` if it is a finite, floating 2-D tensor ``[N, d]``; raise otherwise
+    (finiteness only with ``check``)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [N, d], got {type(x).__name__}")
     if x.dim() != 2:
@@ -27,7 +30,9 @@ def check_embeddings(x: object, name: str = "embeddings") -> Tensor:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); the batch needs rows")
     # one reduction instead of an elementwise isfinite pass: NaN/Inf propagate into the sum; a
     # sum of finite values that overflows is told apart by the exact check
-    if not math.isfinite(float(x.detach().sum())) and not bool(torch.isfinite(x).all()):
+    if check and not math.isfinite(float(x.detach().sum())) and not bool(
+        torch.isfinite(x).all()
+    ):
         bad = (~torch.isfinite(x)).any(dim=1).nonzero().flatten()
         raise ValueError(
             f"{name} contains NaN or Inf in {bad.numel()} row(s) (first: {bad[:5].tolist()}); "
@@ -36,8 +41,10 @@ def check_embeddings(x: object, name: str = "embeddings") -> Tensor:
     return x
 
 
-def check_labels(labels: object, n: int, name: str = "labels", emb_name: str = "embeddings"):
-    """Return ``labels`` as a 1-D integer tensor of length ``n``; raise otherwise."""
+def check_labels(labels: object, n: int, name: str = "labels", emb_name: str = "embeddings",
+                 check: bool = True):
+    """Return ``labels`` as a 1-D integer tensor of length ``n``; raise otherwise (float labels
+    are checked to be integral only with ``check``)."""
     if not isinstance(labels, Tensor):
         try:
             labels = torch.as_tensor(labels)
@@ -51,7 +58,7 @@ def check_labels(labels: object, n: int, name: str = "labels", emb_name: str = "
             "pass one label per embedding row"
         )
     if labels.is_floating_point():
-        if not torch.equal(labels, labels.round()):
+        if check and not torch.equal(labels, labels.round()):
             raise ValueError(f"{name} must hold integer class ids, got non-integer floats")
         labels = labels.long()
     elif labels.dtype == torch.bool:

@@ -1,4 +1,5 @@
-"""Top-``w`` selection over a CPU score block, for large ``w`` (hundreds to thousands).
+"""Top-``w`` selection over a CPU score block, for large ``w`` (hundreds to thousands): the one
+selection path of :class:`evaluation.backends.BlockScanBackend`.
 
 FAISS-CPU and ``torch.topk`` keep a heap (or a partial sort) per row, whose cost grows with
 ``w``: at ``w ~ 400`` it is about as expensive as the matrix product that made the scores. Here
@@ -16,7 +17,7 @@ Why it is a valid top-``w`` window: let ``tau`` be the ``w``-th largest chunk ma
 chunk holds a score ``>= tau``, so the candidates' ``w``-th largest score ``s_w >= tau``, and a
 score above ``s_w`` lies in a chunk whose maximum exceeds ``tau``, which was kept. So every
 column scoring strictly above the returned window's worst score is in the window: the contract
-of :func:`evaluation.search.select_topk`, whose boundary recompute settles ties at the edge.
+of :func:`evaluation.ties.select_topk`, whose boundary recompute settles ties at the edge.
 
 Ordering inside the window is exact and deterministic: each score is packed with its column
 into one int64, ``(order-preserving bits of the float32) << 32 | (2^32 - 1 - column)``, so

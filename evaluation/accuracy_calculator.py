@@ -55,17 +55,17 @@ import numpy as np
 import torch
 
 from ._inputs import as_float_matrix, as_labels, check_metric, check_same_dim
-from .clustering import kmeans_assign
-from .retrieval import relevance_counts
-from .search import (
+from .backends import (
     _CPU_BLOCK_BYTES,
     _GPU_BLOCK_BYTES,
     _resolve_device,
     block_keys,
-    find_duplicates,
     normalize_rows,
-    search_blocks,
 )
+from .clustering import kmeans_assign
+from .retrieval import relevance_counts
+from .search import search_blocks
+from .ties import find_duplicates
 
 __all__ = ["AccuracyCalculator", "METRICS", "KNN_METRICS", "CLUSTERING_METRICS", "knn_values"]
 

@@ -62,6 +62,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .backends import block_keys
+from .ties import select_topk
+
 __all__ = [
     "INDEXES",
     "ANN_MIN_N",
@@ -161,7 +164,8 @@ def resolve_index(
             f"index_options must be a dict such as {{'nprobe': 32}}, got {index_options!r}"
         )
     if index == "exact" or (index == "auto" and (
-        n_reference < ANN_MIN_N or backend == "torch" or _on_cuda(device) or _faiss() is None
+        n_reference < ANN_MIN_N or backend in ("torch", "blocks") or _on_cuda(device)
+        or _faiss() is None
     )):
         if index_options:
             raise ValueError(
@@ -171,10 +175,10 @@ def resolve_index(
             )
         return None
     kind = "ivf" if index == "auto" else str(index)
-    if backend == "torch":
+    if backend in ("torch", "blocks"):
         raise ValueError(
-            f"index={index!r} is a FAISS index but backend='torch'; use backend='auto' (or "
-            "'faiss'), or index='exact' for the torch search"
+            f"index={index!r} is a FAISS index but backend={backend!r}; use backend='auto' (or "
+            f"'faiss'), or index='exact' for the {backend} search"
         )
     if _faiss() is None:
         raise ImportError(
@@ -288,8 +292,6 @@ def _exact_rows(
     q: np.ndarray, reference: np.ndarray, window: int, metric: str
 ) -> tuple[Tensor, Tensor]:
     """Exact top-``window`` (key, index) of a few query rows over the whole reference set."""
-    from .search import block_keys
-
     r = torch.from_numpy(reference)
     r_sq = (r * r).sum(1) if metric == "l2" else None
     step = max(1, (1 << 27) // (4 * r.shape[0]))
@@ -316,8 +318,6 @@ def ann_search_blocks(
     """Approximate counterpart of :func:`evaluation.search.search_blocks` (same arguments and
     result format; ``query``/``reference`` already normalised for cosine, ``metric`` in
     {"ip", "l2"}). Tensors are on the CPU."""
-    from .search import select_topk
-
     nq, n = query.shape[0], reference.shape[0]
     has_self = self_index is not None
     window = min(n, k + int(has_self))

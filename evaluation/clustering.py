@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
 from ._inputs import as_float_matrix, as_labels, check_k, check_metric
-from .search import _import_faiss, normalize_rows
+from .backends import _import_faiss, normalize_rows
 
 __all__ = ["kmeans_assign", "clustering_metrics"]
 

@@ -6,9 +6,12 @@ Information" (ICML 2019, sec. 6): ``x ~ N(0, I_d)`` and ``y = rho x + sqrt(1 - r
 
     I(X; Y) = -(d / 2) log(1 - rho^2)  nats,
 
-plus the analytic optimal critic (the log density ratio) and the staircase of true MI values.
+plus the analytic optimal critic (the log density ratio), the true conditional log density (the
+score matrix of the upper bounds) and the closed form of CLUB at it, the cubic transform of Poole
+et al. / Song & Ermon (``y -> y^3``, invertible, so the MI is unchanged) and the staircase of true
+MI values.
 Pure functions over tensors; the benchmark that trains critics on this data is an experiment of
-the application layer (:mod:`contrastive.mi_benchmark`; layers in ``docs/architecture.md``).
+the application layer (:mod:`contrastive.app.mi_benchmark`; layers in ``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ __all__ = [
     "sample_gaussian",
     "optimal_critic",
     "staircase",
+    "cubic",
+    "conditional_log_density",
+    "club_at_truth",
 ]
 
 
@@ -100,3 +106,42 @@ def optimal_critic(x: Tensor, y: Tensor, rho: float) -> Tensor:
 def staircase(levels: Sequence[float], steps_per_level: int) -> np.ndarray:
     """True MI per step: each level held for ``steps_per_level`` steps."""
     return np.repeat(np.asarray(levels, dtype=np.float64), steps_per_level)
+
+
+def cubic(y: Tensor) -> Tensor:
+    """The cubic transform ``y -> y^3`` of Poole et al. (2019, fig. 2) and Song & Ermon (2020):
+    elementwise and invertible, so ``I(X; Y^3) = I(X; Y)``, but the log density ratio is no longer
+    a quadratic form, which separable and bilinear critics cannot represent."""
+    return y * y * y
+
+
+def conditional_log_density(x: Tensor, y: Tensor, rho: float) -> Tensor:
+    """``L_ij = log p(y_j | x_i)`` with ``p(y | x) = N(rho x, (1 - rho^2) I)``: the true
+    conditional, at which the leave-one-out and CLUB upper bounds hold. Equals
+    :func:`optimal_critic` ``+ log p(y_j)``."""
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"x and y must be 2-D with the same dimension, got {tuple(x.shape)} and "
+            f"{tuple(y.shape)}"
+        )
+    rho = float(rho)
+    if not -1.0 < rho < 1.0:
+        raise ValueError(f"rho must be in (-1, 1), got {rho!r}")
+    var = 1.0 - rho * rho
+    d = x.shape[1]
+    sq = ((y * y).sum(1)[None, :] - 2.0 * rho * (x @ y.T)
+          + (rho * rho) * (x * x).sum(1)[:, None])  # ||y_j - rho x_i||^2
+    return -0.5 * d * math.log(2.0 * math.pi * var) - sq / (2.0 * var)
+
+
+def club_at_truth(rho: float, dim: int) -> float:
+    """CLUB (Cheng et al. 2020) at the true Gaussian conditional, in closed form::
+
+        E_{p(x,y)} log p(y|x) - E_{p(x)p(y)} log p(y|x) = d rho^2 / (1 - rho^2)
+
+    (``E||y - rho x||^2`` is ``d (1 - rho^2)`` on the joint and ``d (1 + rho^2)`` on the product
+    of marginals), above ``I = -(d/2) log(1 - rho^2)`` for every ``rho != 0``."""
+    rho = float(rho)
+    if not -1.0 < rho < 1.0:
+        raise ValueError(f"rho must be in (-1, 1), got {rho!r}")
+    return check_dim(dim) * rho * rho / (1.0 - rho * rho)

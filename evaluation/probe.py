@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from contrastive.devices import resolve_device
+
 from ._inputs import as_float_matrix, as_labels, check_same_dim
 
 __all__ = [
@@ -194,12 +196,6 @@ def _accuracy(x: Tensor, y: Tensor, w: Tensor, b: Tensor) -> float:
 # --------------------------------------------------------------------------- input handling
 
 
-def _best_device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _check_inputs(train_x, train_y, test_x, test_y):
     """Validate and convert to numpy: float32 matrices, int64 labels, equal feature dims."""
     xtr = as_float_matrix(train_x, "train_x")
@@ -244,7 +240,7 @@ def _probe_torch(
     xtr, ytr, xte, yte, classes, weight_decays, val_fraction, max_iter, tol, device, dtype,
     seed, standardize,
 ) -> dict:
-    dev = _best_device(device)
+    dev = resolve_device(device)
     # class ids -> 0..K-1; test labels unseen in training map to -1 (always wrong)
     ytr_idx = np.searchsorted(classes, ytr)
     pos = np.clip(np.searchsorted(classes, yte), 0, classes.size - 1)

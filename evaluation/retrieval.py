@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from ._inputs import as_float_matrix, as_labels, check_ks, check_metric, check_same_dim
-from .search import normalize_rows, search_blocks
+from .backends import KnnBackend, normalize_rows
+from .search import search_blocks
 
 __all__ = ["retrieval_metrics", "relevance_counts", "RetrievalMetrics"]
 
@@ -84,7 +85,7 @@ def retrieval_metrics(
     reference_labels: object = None,
     ks: tuple[int, ...] | list[int] | int = (1, 2, 4, 8),
     metric: str = "cosine",
-    backend: str = "auto",
+    backend: str | KnnBackend = "auto",
     device: object = None,
     block_size: int | None = None,
     progress: bool = False,
@@ -100,10 +101,12 @@ def retrieval_metrics(
             passed is searched in full, even if it contains the queries.
         ks: the K of Recall@K, each ``<=`` the number of candidates per query.
         metric: "cosine" | "ip" | "l2" (squared Euclidean), as in :func:`evaluation.search.knn`.
-        backend, device, block_size, progress: passed to the k-NN search. On the CPU with
+        backend, device, block_size, progress: passed to the k-NN search (``backend``: a
+            name or a :class:`~evaluation.backends.KnnBackend` object, e.g. a wrapped PML
+            ``knn_func``, see :mod:`evaluation.pml_interop`). On the CPU with
             large classes (the "cpu-blocks" path of :mod:`evaluation.search`) blocks of queries
             are spread over ``torch.get_num_threads()`` Python threads, and torch's intra-op
-            thread count is 1 until the call returns (then restored).
+            thread count is 1 while they run (restored before any code of the caller runs).
         index, index_options: exact or approximate search, as in :func:`evaluation.search.knn`
             ("auto": exact below :data:`evaluation.ann.ANN_MIN_N` reference rows, IVF-Flat
             from there on the CPU; :mod:`evaluation.ann` measures the accuracy cost).

@@ -22,7 +22,8 @@ import torch
 from contrastive.validation import check_temperature
 
 from ._inputs import as_float_matrix, as_labels, check_k, check_metric, check_same_dim
-from .search import normalize_rows, search_blocks
+from .backends import KnnBackend, normalize_rows
+from .search import search_blocks
 
 __all__ = ["knn_classifier", "vote"]
 
@@ -43,7 +44,7 @@ def knn_classifier(
     k: int = 200,
     temperature: float = 0.07,
     metric: str = "cosine",
-    backend: str = "auto",
+    backend: str | KnnBackend = "auto",
     device: object = None,
     block_size: int | None = None,
     progress: bool = False,

@@ -76,10 +76,8 @@ def train(model, loss_fn, x, y, *, steps, batch_size, seed, tag, miner=None, lr=
     for step in range(steps):
         idx = torch.randperm(len(y), generator=g)[:batch_size]
         emb, labels = model(x[idx]), y[idx]
-        if miner is None:
-            loss = loss_fn(emb, labels)
-        else:
-            loss = loss_fn(emb, labels, miner(emb, labels))
+        # the miner's tuple goes to the loss, which owns what it means (contrastive.pairs)
+        loss = loss_fn(emb, labels, None if miner is None else miner(emb, labels))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -12,7 +12,7 @@ Each (loss, seed) cell is trained under the same protocol (batches of P classes 
 AdamW, cosine schedule) and evaluated with Recall@K, P@1, R-Precision, MAP@R on the held-out
 classes (query = reference, self excluded), NMI/AMI, a linear probe and weighted k-NN; the table
 is printed and written with results.json/.csv and plots under --output. Re-running the same
-command skips the cells already finished with the same settings (see contrastive.compare).
+command skips the cells already finished with the same settings (see contrastive.app.compare).
 
 The batch, m, learning rate and embedding size default to the usual values for the image
 benchmarks (128 = 32 classes x 4, lr 1e-4, 128-d) and to the digits defaults (64 = 8 classes x 8,
@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from contrastive.compare import DEFAULT_LOSSES, CompareConfig, compare
-from contrastive.config import UserError
+from contrastive.app.compare import DEFAULT_LOSSES, CompareConfig, compare
+from contrastive.app.config import UserError
 
 #: (batch_size, m_per_class, lr, dim) per kind of data set.
 DEFAULTS = {"digits": (64, 8, 1e-3, 64), "images": (128, 4, 1e-4, 128)}

@@ -6,8 +6,9 @@ multi-class N-pair, contrastive), each a pure function of ``(scores, positives, 
 
 from contrastive.pairs import NoPairsError, NoPairsWarning
 
-from . import drop_in, functional
+from . import drop_in, functional, memory, pair_based, proxies, self_supervised
 from .drop_in import ContrastiveLoss, NPairsLoss, NTXentLoss, SupConLoss, TripletMarginLoss, to_pml
+from .memory import CrossBatchMemory, NegativeQueue
 from .modules import (
     DV,
     JS,
@@ -19,7 +20,10 @@ from .modules import (
     Triplet,
     first_pair_per_class,
 )
-from .registry import available, get, register
+from .pair_based import NCA, Circle, LiftedStructure, Margin, MultiSimilarity
+from .proxies import ArcFace, CosFace, NormalizedSoftmax, ProxyAnchor, ProxyLoss, ProxyNCA
+from .registry import ESTIMATORS, LOSSES, available, canonical, estimator, get, register
+from .self_supervised import DCL, DCLW, SimCLR, simclr
 
 __all__ = [
     "functional",
@@ -41,7 +45,32 @@ __all__ = [
     "Triplet",
     "Contrastive",
     "first_pair_per_class",
+    "pair_based",
+    "proxies",
+    "MultiSimilarity",
+    "Circle",
+    "LiftedStructure",
+    "Margin",
+    "NCA",
+    "ProxyLoss",
+    "ProxyNCA",
+    "ProxyAnchor",
+    "NormalizedSoftmax",
+    "CosFace",
+    "ArcFace",
+    "memory",
+    "self_supervised",
+    "simclr",
+    "SimCLR",
+    "DCL",
+    "DCLW",
+    "CrossBatchMemory",
+    "NegativeQueue",
+    "LOSSES",
+    "ESTIMATORS",
     "available",
+    "canonical",
+    "estimator",
     "get",
     "register",
 ]

@@ -14,6 +14,11 @@ PML's normalised dot product). The class name is what PML's ``CrossBatchMemory``
 the call takes PML's five positional arguments, so ``CrossBatchMemory(NTXentLoss(), 128,
 memory_size=1024, miner=miner)`` accepts them.
 
+Each also takes our ``reduction=`` (default: PML's reducer for that loss -- the mean for NT-Xent,
+SupCon and N-pairs, the mean over non-zero terms for the triplet and contrastive losses; ``"none"``
+gives the per-element terms) and ``check=`` (``False`` skips the checks that sync, for compiled
+code; see :mod:`losses.modules`).
+
 PML's ``distance=``, ``reducer=``, ``embedding_regularizer=`` and ``collect_stats=`` are PML
 objects and are refused with a ``TypeError`` that names our equivalent (a ``critic=`` on the
 generic class). ``DistributedLossWrapper`` tests ``isinstance(loss, BaseMetricLossFunction)``,
@@ -62,18 +67,22 @@ class NTXentLoss(InfoNCE):
     """PML's ``NTXentLoss(temperature=0.07)``: :class:`losses.InfoNCE` with
     ``positives="pair"`` and a cosine critic."""
 
-    def __init__(self, temperature: float = 0.07, strict: bool = False, **pml_only):
+    def __init__(self, temperature: float = 0.07, strict: bool = False, reduction: str = "mean",
+                 check: bool = True, **pml_only):
         _refuse_pml_objects("NTXentLoss", pml_only)
-        super().__init__(temperature=temperature, positives="pair", strict=strict)
+        super().__init__(temperature=temperature, positives="pair", strict=strict,
+                         reduction=reduction, check=check)
 
 
 class SupConLoss(InfoNCE):
     """PML's ``SupConLoss(temperature=0.1)``: :class:`losses.InfoNCE` with
     ``positives="all"`` and a cosine critic."""
 
-    def __init__(self, temperature: float = 0.1, strict: bool = False, **pml_only):
+    def __init__(self, temperature: float = 0.1, strict: bool = False, reduction: str = "mean",
+                 check: bool = True, **pml_only):
         _refuse_pml_objects("SupConLoss", pml_only)
-        super().__init__(temperature=temperature, positives="all", strict=strict)
+        super().__init__(temperature=temperature, positives="all", strict=strict,
+                         reduction=reduction, check=check)
 
 
 class TripletMarginLoss(Triplet):
@@ -88,6 +97,8 @@ class TripletMarginLoss(Triplet):
         smooth_loss: bool = False,
         triplets_per_anchor: str | int = "all",
         strict: bool = False,
+        reduction: str = "nonzero",
+        check: bool = True,
         **pml_only,
     ):
         _refuse_pml_objects("TripletMarginLoss", pml_only)
@@ -101,8 +112,8 @@ class TripletMarginLoss(Triplet):
                 f"triplets_per_anchor={triplets_per_anchor!r} samples random triplets, which is "
                 "not supported: keep 'all' or pass a PML miner's triplets as the third argument"
             )
-        super().__init__(margin=margin, mining="all", soft=smooth_loss, reduction="nonzero",
-                         strict=strict)
+        super().__init__(margin=margin, mining="all", soft=smooth_loss, reduction=reduction,
+                         strict=strict, check=check)
 
 
 class ContrastiveLoss(Contrastive):
@@ -110,18 +121,20 @@ class ContrastiveLoss(Contrastive):
     distances."""
 
     def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, strict: bool = False,
-                 **pml_only):
+                 reduction: str = "nonzero", check: bool = True, **pml_only):
         _refuse_pml_objects("ContrastiveLoss", pml_only)
-        super().__init__(pos_margin=pos_margin, neg_margin=neg_margin, strict=strict)
+        super().__init__(pos_margin=pos_margin, neg_margin=neg_margin, strict=strict,
+                         reduction=reduction, check=check)
 
 
 class NPairsLoss(MultiClassNPair):
     """PML's ``NPairsLoss()``: multi-class N-pair on PML's default distance, the dot product of
     L2-normalised embeddings (``critic=Cosine(1.0)``)."""
 
-    def __init__(self, strict: bool = False, **pml_only):
+    def __init__(self, strict: bool = False, reduction: str = "mean", check: bool = True,
+                 **pml_only):
         _refuse_pml_objects("NPairsLoss", pml_only)
-        super().__init__(critic=Cosine(1.0), strict=strict)
+        super().__init__(critic=Cosine(1.0), strict=strict, reduction=reduction, check=check)
 
 
 def to_pml(loss: nn.Module) -> nn.Module:

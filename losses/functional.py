@@ -2,20 +2,36 @@
 ``S [N, M]`` (higher = more similar, from any critic) and boolean masks ``P`` (positives) and
 ``Q`` (negatives) of the same shape. Pairs in neither mask (an item with itself) are ignored.
 
-A batch that leaves a loss nothing to average (no positive pair, no negative, no triplet) raises
-:class:`contrastive.pairs.NoPairsError` (a ``ValueError``) here; the modules in
+Reductions. Every function takes ``reduction``, as torch's own losses do: ``"mean"`` (the
+default, the loss as published), ``"sum"`` or ``"none"`` (the per-element terms, so that sample
+weights need no copy of a loss); the triplet and contrastive losses also take ``"nonzero"``, the
+mean over the terms > 0 (pytorch-metric-learning's ``AvgNonZeroReducer``). Each docstring says
+what one term is. ``"none"`` keeps static shapes: per anchor ``[N]``, per pair ``[N, M]`` (0 off
+the pairs), per triplet ``[N, M, M]``; ``"mean"`` divides the sum of the terms by the number of
+terms that exist (anchors with a term, pairs in the mask), as ``cross_entropy(...,
+ignore_index=...)`` does, so it equals ``terms.mean()`` exactly when every slot holds a term.
+
+Checks. ``check=True`` (default) validates the input with device-to-host syncs: finite scores,
+and a batch that leaves a loss nothing to average (no positive pair, no negative, no triplet)
+raises :class:`contrastive.pairs.NoPairsError` (a ``ValueError``); the modules in
 :mod:`losses.modules` turn that case into pytorch-metric-learning's zero loss (or keep the error
-with ``strict=True``).
+with ``strict=True``). ``check=False`` reads no tensor value on the host and branches on no tensor
+data: every shape is static (positives as masks, not indices), and a batch without a term gives
+0 through masks and clamped counts. That is the form for ``torch.compile`` and CUDA graphs
+(``tests/test_compile.py``). With ``check=True`` positives are gathered by index (``nonzero``,
+one sync; the fastest form in eager mode when anchors have few positives); both forms give the
+same values.
 
 Losses are *minimised*; MI readouts are lower bounds in nats. All functions compute in float32 (or
 float64 when given float64), whatever the input dtype, so bf16/fp16 autocast cannot overflow the
 exponentials. If ``negatives`` is omitted it is ``~positives``.
 
-Cost: every function does a few elementwise passes over ``S`` and nothing of size ``N x M x M``.
-Positive pairs (usually few per anchor) are handled as indices; the log-sum-exp over the
-denominator is a fused autograd function with one work buffer (double backward supported);
-triplet mining compares each anchor's j-th positive with its negatives, one ``[N, M]`` pass per
-j < k, or sorts the negatives once per anchor when k is large.
+Cost: every function does a few elementwise passes over ``S`` and nothing of size ``N x M x M``
+(except ``reduction="none"`` of the all-triplets loss, whose terms are that size). Positive pairs
+(usually few per anchor) are handled as indices; the log-sum-exp over the denominator is a fused
+autograd function with one work buffer (double backward supported); triplet mining compares each
+anchor's j-th positive with its negatives, one ``[N, M]`` pass per j < k, or sorts the negatives
+once per anchor when k is large (always with ``check=False``, where k is not read).
 
 References: van den Oord et al. 2018 (CPC/InfoNCE); Nguyen, Wainwright, Jordan 2010 (NWJ);
 Nowozin et al. 2016 (f-GAN, JS); Donsker & Varadhan 1983, Belghazi et al. 2018 (DV/MINE);
@@ -50,10 +66,15 @@ __all__ = [
     "js_bound",
     "dv_bound",
     "logmeanexp",
+    "REDUCTIONS",
 ]
 
 _NEG_INF = float("-inf")
 _POS_INF = float("inf")
+
+#: the reductions every function takes; the triplet and contrastive losses also take "nonzero"
+REDUCTIONS = ("mean", "sum", "none")
+_NONZERO = ("nonzero", *REDUCTIONS)
 
 
 def _count_rows(mask: Tensor) -> Tensor:
@@ -62,11 +83,47 @@ def _count_rows(mask: Tensor) -> Tensor:
     return mask.view(torch.uint8).sum(1, dtype=torch.int32)
 
 
-def _count(mask: Tensor) -> int:
-    return int(_count_rows(mask).sum())
+def _count(mask: Tensor) -> Tensor:
+    """The number of entries of a boolean mask, as a 0-d tensor (no sync)."""
+    return _count_rows(mask).sum()
 
-def _prepare(scores: Tensor, positives: Tensor, negatives: Tensor | None):
-    """Validate ``(S, P, Q)``; return S in float32 (float64 stays) and boolean masks."""
+
+def _check_reduction(reduction: str, allowed: tuple[str, ...] = REDUCTIONS) -> str:
+    if reduction not in allowed:
+        raise ValueError(
+            f"reduction must be one of {', '.join(repr(r) for r in allowed)} (as torch's losses; "
+            f"'nonzero' is the mean over the terms > 0), got {reduction!r}"
+        )
+    return reduction
+
+
+def _reduce(terms: Tensor, reduction: str, count: Tensor | int | None = None) -> Tensor:
+    """``"none"``: ``terms``; ``"sum"``: their sum; ``"mean"``: the sum over ``count`` (the number
+    of terms that exist, at least 1; ``terms.numel()`` when None); ``"nonzero"``: the sum over
+    the number of terms > 0 (0 when none), pytorch-metric-learning's ``AvgNonZeroReducer``."""
+    if reduction == "none":
+        return terms
+    total = terms.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "nonzero":
+        return total / (terms.detach() > 0).sum().clamp_min(1)
+    if count is None:
+        count = terms.numel()
+    if isinstance(count, Tensor):
+        return total / count.clamp_min(1)
+    return total / max(int(count), 1)
+
+
+def _gate(x: Tensor, ok: Tensor) -> Tensor:
+    """``x`` where ``ok`` (a 0-d or broadcastable bool tensor), else 0: the masked form of
+    "no term, zero loss" (no branch on tensor data)."""
+    return torch.where(ok, x, torch.zeros_like(x))
+
+
+def _prepare(scores: Tensor, positives: Tensor, negatives: Tensor | None, check: bool = True):
+    """Validate ``(S, P, Q)``; return S in float32 (float64 stays) and boolean masks. Shapes are
+    always checked (static); finiteness only with ``check`` (it reads a value)."""
     if not isinstance(scores, Tensor) or scores.dim() != 2:
         raise ValueError(
             f"scores must be a 2-D tensor [N, M], got {getattr(scores, 'shape', type(scores))}"
@@ -90,7 +147,7 @@ def _prepare(scores: Tensor, positives: Tensor, negatives: Tensor | None):
         scores = scores.float()
     # one reduction instead of an elementwise isfinite: NaN/Inf propagate into the sum; an
     # overflowing sum of finite scores is told apart by the exact check
-    if not bool(torch.isfinite(scores.detach().sum())) and not bool(
+    if check and not bool(torch.isfinite(scores.detach().sum())) and not bool(
         torch.isfinite(scores.detach()).all()
     ):
         raise ValueError(
@@ -136,6 +193,11 @@ def _positive_sum(scores: Tensor, pi: _PosIndex) -> Tensor:
     return scores.new_zeros(scores.shape[0]).index_add(0, pi.rows, scores[pi.rows, pi.cols])
 
 
+def _masked_row_sum(x: Tensor, mask: Tensor) -> Tensor:
+    """``sum_{j : mask_ij} x_ij`` per row, from the mask (static shapes)."""
+    return torch.where(mask, x, torch.zeros_like(x)).sum(1)
+
+
 class _MaskedLogSumExp(torch.autograd.Function):
     """``log sum_{keep} exp(x)`` along ``dim`` (rows) or over all entries (``dim=None``).
 
@@ -177,13 +239,18 @@ class _MaskedLogSumExp(torch.autograd.Function):
 
 
 def _masked_lse(x: Tensor, keep: Tensor | None, dim: int | None) -> Tensor:
+    if x.numel() == 0:  # no entry: -inf (of the reduced shape), still in the graph
+        return (x.sum() if dim is None else x.sum(dim)) + _NEG_INF
     return _MaskedLogSumExp.apply(x, keep, dim)
 
 
-def logmeanexp(x: Tensor, mask: Tensor) -> Tensor:
-    """``log( mean_{mask} exp(x) )`` over all masked entries, computed stably."""
+def logmeanexp(x: Tensor, mask: Tensor, check: bool = True) -> Tensor:
+    """``log( mean_{mask} exp(x) )`` over all masked entries, computed stably (``-inf`` for an
+    empty mask with ``check=False``)."""
     mask = mask if mask.dtype == torch.bool else mask.bool()
-    return _masked_lse(x, mask, None) - math.log(_count(mask))
+    if check:
+        return _masked_lse(x, mask, None) - math.log(int(_count(mask)))
+    return _masked_lse(x, mask, None) - _count(mask).clamp_min(1).to(x.dtype).log()
 
 
 class _MaskedSoftplusSum(torch.autograd.Function):
@@ -215,18 +282,33 @@ def _valid(positives: Tensor, negatives: Tensor) -> Tensor:
     return torch.logical_or(positives, negatives)
 
 
+def _softplus(z: Tensor) -> Tensor:
+    """softplus without torch's linear cut-off above 20 (which is off by ~2e-9 there)."""
+    return z.clamp_min(0.0) + torch.log1p(torch.exp(-z.abs()))
+
+
+def _any_pair(positives: Tensor, negatives: Tensor) -> Tensor:
+    """0-d bool: a positive and a negative somewhere in the batch (no sync)."""
+    return positives.any() & negatives.any()
+
+
 # --------------------------------------------------------------------------- InfoNCE
 
 
-def _infonce_rows(scores: Tensor, positives: Tensor, negatives: Tensor, what: str = "InfoNCE"):
+def _infonce_rows(scores: Tensor, positives: Tensor, negatives: Tensor, pi: _PosIndex | None):
     """Per-anchor InfoNCE terms (0 for anchors without a positive), ``|P_i|`` and the mask of
-    pairs in the denominator."""
-    pi = _positive_index(positives, what)
+    pairs in the denominator; positives by index (``pi``) or, when None, by mask."""
     valid = _valid(positives, negatives)
     lse = _masked_lse(scores, valid, 1)
-    n_pos = pi.count.clamp_min(1).to(scores.dtype)
-    rows = torch.where(pi.count > 0, lse - _positive_sum(scores, pi) / n_pos, 0.0)
-    return rows, pi.count, valid
+    if pi is None:
+        count = _count_rows(positives)
+        psum = _masked_row_sum(scores, positives)
+    else:
+        count = pi.count
+        psum = _positive_sum(scores, pi)
+    n_pos = count.clamp_min(1).to(scores.dtype)
+    rows = torch.where(count > 0, lse - psum / n_pos, 0.0)
+    return rows, count, valid
 
 
 def _counts_or_none(mask: Tensor | None) -> Tensor | None:
@@ -241,7 +323,13 @@ def _require_both(positives: Tensor, negatives: Tensor, what: str) -> None:
     require_negatives(negatives, what)
 
 
-def supcon(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
+def supcon(
+    scores: Tensor,
+    positives: Tensor,
+    negatives: Tensor | None = None,
+    reduction: str = "mean",
+    check: bool = True,
+) -> Tensor:
     """Multi-positive InfoNCE in SupCon's form (Khosla et al. 2020, ``L_out``; CPC / NT-Xent
     with one positive)::
 
@@ -250,16 +338,31 @@ def supcon(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -
     averaged over the anchors with a positive and at least two pairs in ``P_i u Q_i`` (the
     others have ``l_i = 0``; pytorch-metric-learning's ``SupConLoss`` averages over non-zero
     terms, which is the same set unless an ``exp`` underflows). Needs a positive and a negative
-    somewhere in the batch (:class:`~contrastive.pairs.NoPairsError` otherwise).
+    somewhere in the batch (:class:`~contrastive.pairs.NoPairsError` with ``check``, else 0).
+
+    One term is one anchor row: ``reduction="none"`` gives ``l [N]`` (0 for the anchors left
+    out); ``"mean"`` is ``l.sum() / #anchors used``, the mean of ``"none"`` when every anchor
+    has a positive and a negative.
     """
-    scores, positives, negatives = _prepare(scores, positives, negatives)
-    _require_both(positives, negatives, "InfoNCE")
-    rows, count, valid = _infonce_rows(scores, positives, negatives)
+    _check_reduction(reduction)
+    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    if check:
+        _require_both(positives, negatives, "InfoNCE")
+    pi = _positive_index(positives, "InfoNCE") if check else None
+    rows, count, valid = _infonce_rows(scores, positives, negatives, pi)
     used = (count > 0) & (_count_rows(valid) > 1)
-    return rows.sum() / used.sum().clamp_min(1)
+    if not check:
+        rows = _gate(rows, _any_pair(positives, negatives))
+    return _reduce(rows, reduction, used.sum())
 
 
-def ntxent(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
+def ntxent(
+    scores: Tensor,
+    positives: Tensor,
+    negatives: Tensor | None = None,
+    reduction: str = "mean",
+    check: bool = True,
+) -> Tensor:
     """InfoNCE in NT-Xent's pair form (Chen et al. 2020; pytorch-metric-learning's
     ``NTXentLoss``): one term per positive pair, the positive against the anchor's negatives
     only (the anchor's other positives are left out of the denominator)::
@@ -274,25 +377,42 @@ def ntxent(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -
 
     ``positives`` / ``negatives`` may also be integer counts (how often a miner returned each
     pair, :func:`contrastive.pairs.mined_masks` with ``counts=True``): a positive pair then
-    weighs its count in the mean and a negative its count in the sum, as in PML.
+    weighs its count in the mean and in the sum, and a negative its count in the denominator,
+    as in PML.
+
+    One term is one (anchor, positive) pair: ``reduction="none"`` gives ``l [N, M]``, 0 off the
+    positive pairs (with counts: one term per distinct pair, unweighted); ``"mean"`` is the mean
+    of ``l[P]`` (count-weighted with counts).
     """
+    _check_reduction(reduction)
     p_count = _counts_or_none(positives)
     q_count = _counts_or_none(negatives)
-    scores, positives, negatives = _prepare(scores, positives, negatives)
-    _require_both(positives, negatives, "NT-Xent")
-    pi = _positive_index(positives, "NT-Xent")
+    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    if check:
+        _require_both(positives, negatives, "NT-Xent")
     has_neg = _count_rows(negatives) > 0
     logits = scores if q_count is None else scores + q_count.clamp_min(1).to(scores.dtype).log()
     lse_neg = _masked_lse(logits, negatives, 1)
     lse_neg = torch.where(has_neg, lse_neg, torch.zeros_like(lse_neg))  # -inf -> 0, masked below
-    z = lse_neg[pi.rows] - scores[pi.rows, pi.cols]
-    # softplus without torch's linear cut-off above 20 (which is off by ~2e-9 there)
-    terms = z.clamp_min(0.0) + torch.log1p(torch.exp(-z.abs()))
-    terms = torch.where(has_neg[pi.rows], terms, torch.zeros_like(terms))
-    if p_count is None:
-        return terms.sum() / pi.rows.numel()
-    w = p_count[pi.rows, pi.cols].to(scores.dtype)
-    return (terms * w).sum() / w.sum()
+    if check:  # one term per positive pair, gathered by index
+        pi = _positive_index(positives, "NT-Xent")
+        z = lse_neg[pi.rows] - scores[pi.rows, pi.cols]
+        terms = _softplus(z)
+        terms = torch.where(has_neg[pi.rows], terms, torch.zeros_like(terms))
+        if reduction == "none":
+            return scores.new_zeros(scores.shape).index_put((pi.rows, pi.cols), terms)
+        n = pi.rows.numel()
+        w = None if p_count is None else p_count[pi.rows, pi.cols].to(scores.dtype)
+    else:  # the same terms as an [N, M] matrix, 0 off the positive pairs
+        terms = _softplus(lse_neg[:, None] - scores)
+        terms = torch.where(positives & has_neg[:, None], terms, torch.zeros_like(terms))
+        if reduction == "none":
+            return terms
+        n = _count(positives)
+        w = None if p_count is None else p_count.to(scores.dtype)
+    if w is None:
+        return _reduce(terms, reduction, n)
+    return _reduce(terms * w, reduction, w.sum())
 
 
 def infonce(
@@ -300,37 +420,57 @@ def infonce(
     positives: Tensor,
     negatives: Tensor | None = None,
     form: str = "all",
+    reduction: str = "mean",
+    check: bool = True,
 ) -> Tensor:
     """Multi-positive InfoNCE: ``form="all"`` is SupCon's term (:func:`supcon`, all positives
-    of an anchor in one log-sum-exp), ``form="pair"`` NT-Xent's (:func:`ntxent`, one term per
-    positive pair). Both are CPC's InfoNCE with one positive per anchor."""
+    of an anchor in one log-sum-exp, one term per anchor), ``form="pair"`` NT-Xent's
+    (:func:`ntxent`, one term per positive pair). Both are CPC's InfoNCE with one positive per
+    anchor."""
     if form == "all":
-        return supcon(scores, positives, negatives)
+        return supcon(scores, positives, negatives, reduction, check)
     if form == "pair":
-        return ntxent(scores, positives, negatives)
+        return ntxent(scores, positives, negatives, reduction, check)
     raise ValueError(f"form must be 'all' (SupCon) or 'pair' (NT-Xent), got {form!r}")
 
 
-def infonce_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
+def infonce_bound(
+    scores: Tensor,
+    positives: Tensor,
+    negatives: Tensor | None = None,
+    reduction: str = "mean",
+    check: bool = True,
+) -> Tensor:
     """The InfoNCE lower bound on MI in nats (van den Oord et al. 2018; Poole et al. 2019)::
 
         I_NCE = mean_i [ log K_i - l_i ],   K_i = |P_i u Q_i|
 
     For K paired samples (positives on the diagonal) this is
-    ``log K + mean_i (S_ii - logsumexp_j S_ij) <= log K``.
+    ``log K + mean_i (S_ii - logsumexp_j S_ij) <= log K``. One term per anchor (``[N]``, 0 for
+    anchors without a positive); ``"mean"`` averages over the anchors with a positive.
     """
-    scores, positives, negatives = _prepare(scores, positives, negatives)
-    rows, count, valid = _infonce_rows(scores, positives, negatives, "the InfoNCE bound")
+    _check_reduction(reduction)
+    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    pi = _positive_index(positives, "the InfoNCE bound") if check else None
+    rows, count, valid = _infonce_rows(scores, positives, negatives, pi)
     has = count > 0
     log_k = _count_rows(valid).clamp_min(1).to(scores.dtype).log()
-    return torch.where(has, log_k - rows, 0.0).sum() / has.sum()
+    return _reduce(torch.where(has, log_k - rows, 0.0), reduction, has.sum())
 
 
 # --------------------------------------------------------------------------- NWJ / JS / DV
+#
+# These bounds are means over two different sets (positive pairs, negative pairs), and DV's
+# log-mean-exp runs over all negatives at once, so they are not means of independent per-anchor
+# terms. Their terms are per anchor and defined so that their mean over the N anchors is the
+# value: with n_P = |P|, n_Q = |Q|,
+#     t_i = (N / n_P) sum_{j in P_i} f(S_ij) + (N / n_Q) sum_{k in Q_i} g(S_ik)
+# (for paired views, n_P = N: the positive's own term plus the mean over the anchor's
+# negatives); DV adds the one batch-wide log-mean-exp to every anchor's term.
 
 
 def _negative_count(negatives: Tensor, what: str) -> int:
-    n = _count(negatives)
+    n = int(_count(negatives))
     if n == 0:
         require_negatives(negatives, what)  # raises with the sampler hint
     return n
@@ -342,92 +482,185 @@ def _positive_scores(scores: Tensor, positives: Tensor, what: str) -> Tensor:
     return scores[pi.rows, pi.cols]
 
 
-def _logmeanexp_negatives(scores: Tensor, negatives: Tensor, what: str) -> Tensor:
-    n = _negative_count(negatives, what)
-    return _masked_lse(scores, negatives, None) - math.log(n)
+def _positive_mean(scores: Tensor, positives: Tensor, what: str, check: bool) -> Tensor:
+    """``mean_P S`` (0 without positives when not ``check``)."""
+    if check:
+        return _positive_scores(scores, positives, what).mean()
+    return _masked_row_sum(scores, positives).sum() / _count(positives).clamp_min(1)
 
 
-def nwj_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
+def _logmeanexp_negatives(scores: Tensor, negatives: Tensor, what: str, check: bool = True):
+    if check:
+        n = _negative_count(negatives, what)
+        return _masked_lse(scores, negatives, None) - math.log(n)
+    return logmeanexp(scores, negatives, check=False)
+
+
+def _anchor_terms(scores: Tensor, positives: Tensor, negatives: Tensor, f_pos: Tensor | None,
+                  row_neg: Tensor | None) -> Tensor:
+    """``(N / n_P) sum_{P_i} f_pos + (N / n_Q) row_neg_i`` per anchor (see the section note)."""
+    n = scores.shape[0]
+    t = scores.new_zeros(n)
+    if f_pos is not None:
+        n_p = _count(positives).clamp_min(1).to(scores.dtype)
+        t = t + _masked_row_sum(f_pos, positives) * (n / n_p)
+    if row_neg is not None:
+        n_q = _count(negatives).clamp_min(1).to(scores.dtype)
+        t = t + row_neg * (n / n_q)
+    return t
+
+
+def _bound_terms(scores, positives, negatives, what, check, terms):
+    """Per-anchor terms of a bound: the no-pair check, or the gate without ``check``."""
+    if check:
+        require_positives(positives, what)
+        require_negatives(negatives, what)
+        return terms
+    return _gate(terms, _any_pair(positives, negatives))
+
+
+def nwj_bound(
+    scores: Tensor,
+    positives: Tensor,
+    negatives: Tensor | None = None,
+    reduction: str = "mean",
+    check: bool = True,
+) -> Tensor:
     """NWJ / f-divergence lower bound (Nguyen et al. 2010; Poole et al. 2019, "I_NWJ")::
 
         I_NWJ = mean_P S - e^{-1} mean_Q exp(S) = mean_P S - exp(logmeanexp_Q S - 1)
 
-    Tight at ``S* = 1 + log p(y|x)/p(y)``.
+    Tight at ``S* = 1 + log p(y|x)/p(y)``. Terms per anchor (see the note above the NWJ
+    section): ``t_i = (N/n_P) sum_{P_i} S_ij - (N/n_Q) sum_{Q_i} exp(S_ik - 1)``, whose mean
+    over the N anchors is ``I_NWJ``.
     """
-    scores, positives, negatives = _prepare(scores, positives, negatives)
+    _check_reduction(reduction)
+    scores, positives, negatives = _prepare(scores, positives, negatives, check)
     what = "the NWJ bound"
-    pos = _positive_scores(scores, positives, what).mean()
-    return pos - torch.exp(_logmeanexp_negatives(scores, negatives, what) - 1.0)
+    if reduction != "mean":
+        neg = torch.exp(_masked_lse(scores, negatives, 1) - 1.0)
+        t = _anchor_terms(scores, positives, negatives, scores, -neg)
+        return _reduce(_bound_terms(scores, positives, negatives, what, check, t), reduction)
+    pos = _positive_mean(scores, positives, what, check)
+    value = pos - torch.exp(_logmeanexp_negatives(scores, negatives, what, check) - 1.0)
+    return value if check else _gate(value, _any_pair(positives, negatives))
 
 
-def nwj(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
-    """NWJ loss ``-I_NWJ`` (see :func:`nwj_bound`): unbiased, high variance."""
-    return -nwj_bound(scores, positives, negatives)
+def nwj(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
+        reduction: str = "mean", check: bool = True) -> Tensor:
+    """NWJ loss ``-I_NWJ`` (see :func:`nwj_bound`; its terms negated): unbiased, high
+    variance."""
+    return -nwj_bound(scores, positives, negatives, reduction, check)
 
 
-def js(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
+def js(
+    scores: Tensor,
+    positives: Tensor,
+    negatives: Tensor | None = None,
+    reduction: str = "mean",
+    check: bool = True,
+) -> Tensor:
     """Jensen-Shannon (f-GAN) critic loss (Nowozin et al. 2016; Hjelm et al. 2019)::
 
         loss = -( mean_P[-softplus(-S)] - mean_Q[softplus(S)] )
 
-    Its optimum is ``S* = log p(y|x)/p(y)``; read MI off with :func:`js_bound`.
+    Its optimum is ``S* = log p(y|x)/p(y)``; read MI off with :func:`js_bound`. Terms per
+    anchor: ``t_i = (N/n_P) sum_{P_i} softplus(-S_ij) + (N/n_Q) sum_{Q_i} softplus(S_ik)``, whose
+    mean over the N anchors is the loss.
     """
-    scores, positives, negatives = _prepare(scores, positives, negatives)
+    _check_reduction(reduction)
+    scores, positives, negatives = _prepare(scores, positives, negatives, check)
     what = "the JS loss"
-    pos_term = -F.softplus(-_positive_scores(scores, positives, what)).mean()
-    n = _negative_count(negatives, what)
+    if reduction != "mean":
+        neg = _masked_row_sum(_softplus(scores), negatives)
+        t = _anchor_terms(scores, positives, negatives, _softplus(-scores), neg)
+        return _reduce(_bound_terms(scores, positives, negatives, what, check, t), reduction)
+    if check:
+        pos_term = -F.softplus(-_positive_scores(scores, positives, what)).mean()
+        n = _negative_count(negatives, what)
+    else:
+        pos_term = -_positive_mean(_softplus(-scores), positives, what, False)
+        n = _count(negatives).clamp_min(1)
     neg_term = _masked_softplus_sum(scores, negatives) / n
-    return -(pos_term - neg_term)
+    value = -(pos_term - neg_term)
+    return value if check else _gate(value, _any_pair(positives, negatives))
 
 
-def js_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
-    """MI readout of a JS-trained critic: ``I_NWJ(S + 1)``.
+def js_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
+             reduction: str = "mean", check: bool = True) -> Tensor:
+    """MI readout of a JS-trained critic: ``I_NWJ(S + 1)`` (terms as :func:`nwj_bound`'s).
 
     JS's optimal critic is the log density ratio, while NWJ is tight at ``1 +`` that ratio, so the
     shift makes the readout tight at the JS optimum (``I_NWJ(S)`` would sit ``1/e`` nats below).
     Any shift of a critic still gives a valid NWJ lower bound.
     """
-    return nwj_bound(scores + 1.0, positives, negatives)
+    return nwj_bound(scores + 1.0, positives, negatives, reduction, check)
 
 
-def dv_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
+def dv_bound(
+    scores: Tensor,
+    positives: Tensor,
+    negatives: Tensor | None = None,
+    reduction: str = "mean",
+    check: bool = True,
+) -> Tensor:
     """Donsker-Varadhan lower bound (MINE, Belghazi et al. 2018)::
 
         I_DV = mean_P S - logmeanexp_Q S
+
+    The log-mean-exp runs over all negatives of the batch at once, so the bound is no mean of
+    independent terms. Terms per anchor: ``t_i = (N/n_P) sum_{P_i} S_ij - logmeanexp_Q S``
+    (the batch-wide log-mean-exp in every anchor's term), so that their mean is ``I_DV``.
     """
-    scores, positives, negatives = _prepare(scores, positives, negatives)
+    _check_reduction(reduction)
+    scores, positives, negatives = _prepare(scores, positives, negatives, check)
     what = "the DV bound"
-    pos = _positive_scores(scores, positives, what).mean()
-    return pos - _logmeanexp_negatives(scores, negatives, what)
+    if reduction != "mean":
+        t = _anchor_terms(scores, positives, negatives, scores, None)
+        t = t - _logmeanexp_negatives(scores, negatives, what, False)
+        return _reduce(_bound_terms(scores, positives, negatives, what, check, t), reduction)
+    pos = _positive_mean(scores, positives, what, check)
+    value = pos - _logmeanexp_negatives(scores, negatives, what, check)
+    return value if check else _gate(value, _any_pair(positives, negatives))
 
 
-def dv(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
-    """DV loss ``-I_DV`` (plain mini-batch gradient; MINE's moving-average correction is not
-    applied)."""
-    return -dv_bound(scores, positives, negatives)
+def dv(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
+       reduction: str = "mean", check: bool = True) -> Tensor:
+    """DV loss ``-I_DV`` (its terms negated; plain mini-batch gradient; MINE's moving-average
+    correction is not applied)."""
+    return -dv_bound(scores, positives, negatives, reduction, check)
 
 
 # --------------------------------------------------------------------------- N-pair
 
 
 def multiclass_npair(
-    scores: Tensor, positives: Tensor, negatives: Tensor | None = None
+    scores: Tensor,
+    positives: Tensor,
+    negatives: Tensor | None = None,
+    reduction: str = "mean",
+    check: bool = True,
 ) -> Tensor:
     """Multi-class N-pair loss (Sohn 2016), one positive ``p(i)`` per anchor::
 
         l_i = log(1 + sum_{k in Q_i} exp(S_ik - S_ip(i))) = logsumexp_{{p(i)} u Q_i} S_i. - S_ip(i)
 
     On anchors x positives with a dot critic this is the cross-entropy of each anchor against
-    its own positive, i.e. InfoNCE with one positive (Tschannen et al. 2020, sec. 4).
+    its own positive, i.e. InfoNCE with one positive (Tschannen et al. 2020, sec. 4). One term
+    per anchor (``[N]``, 0 for an anchor without a positive); ``"mean"`` averages over the
+    anchors with a positive (all of them on paired rows, where it is the mean of ``"none"``).
+    ``check`` also verifies that no anchor has two positives.
     """
-    scores, positives, negatives = _prepare(scores, positives, negatives)
-    rows, count, _ = _infonce_rows(scores, positives, negatives, "the multi-class N-pair loss")
-    if int(count.max()) > 1:
+    _check_reduction(reduction)
+    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    pi = _positive_index(positives, "the multi-class N-pair loss") if check else None
+    rows, count, _ = _infonce_rows(scores, positives, negatives, pi)
+    if check and int(count.max()) > 1:
         raise ValueError(
             "the multi-class N-pair loss takes exactly one positive per anchor; use "
             "losses.MultiClassNPair on labels (it picks one pair per class) or InfoNCE"
         )
-    return rows.sum() / (count > 0).sum()
+    return _reduce(rows, reduction, (count > 0).sum())
 
 
 # --------------------------------------------------------------------------- triplet
@@ -476,10 +709,11 @@ def _sorted_negatives(scores: Tensor, negatives: Tensor):
 def _triplet_all_sorted(scores, negatives, idx, valid, margin):
     """The same sum and count in O(N M log M): with each anchor's negatives sorted once, the
     active ones for a positive are a prefix whose size comes from a binary search and whose sum
-    comes from a prefix sum."""
+    comes from a prefix sum. ``idx=None``: every column is a slot and ``valid`` is the positive
+    mask (static shapes)."""
     vals, keys = _sorted_negatives(scores, negatives)
     prefix = F.pad(vals.cumsum(dim=1), (1, 0))  # prefix[:, c] = sum of the c largest
-    s_ap = scores.gather(1, idx)
+    s_ap = scores if idx is None else scores.gather(1, idx)
     # S_an > S_ap - m  <=>  -S_an < m - S_ap ; padding queries -inf count nothing
     thr = (margin - s_ap.detach()).masked_fill(~valid, _NEG_INF).contiguous()
     count = torch.searchsorted(keys, thr, right=False)
@@ -490,13 +724,37 @@ def _triplet_all_sorted(scores, negatives, idx, valid, margin):
 
 def _triplet_all(scores, positives, negatives, margin, method: str = "auto", pi=None):
     """Exact sum and count of non-zero ``relu(m - S_ap + S_an)`` over all valid triplets without
-    B^3 memory: ``"dense"`` (few positives per anchor) or ``"sorted"`` (many)."""
+    B^3 memory: ``"dense"`` (few positives per anchor) or ``"sorted"`` (many); ``"masked"`` is
+    ``"sorted"`` with every column a slot (no sync, static shapes)."""
+    if method == "masked":
+        return _triplet_all_sorted(scores, negatives, None, positives, margin)
     pi = _positive_index(positives, "the triplet loss") if pi is None else pi
     idx, valid = _padded_positives(pi)
     if method == "auto":
         method = "dense" if _use_dense(idx.shape[1], scores.shape[1]) else "sorted"
     fn = _triplet_all_dense if method == "dense" else _triplet_all_sorted
     return fn(scores, negatives, idx, valid, margin)
+
+
+def _triplet_terms(scores, positives, negatives, margin: float, soft: bool) -> Tensor:
+    """Every triplet's term ``[N, M, M]`` (anchor, positive, negative), 0 off the valid ones."""
+    d = scores[:, None, :] - scores[:, :, None] + margin
+    t = _softplus(d) if soft else F.relu(d)
+    keep = positives[:, :, None] & negatives[:, None, :]
+    return torch.where(keep, t, torch.zeros_like(t))
+
+
+def _triplet_soft_masked(scores, positives, negatives, margin: float) -> Tensor:
+    """Sum of ``softplus(m + S_an - S_ap)`` over all valid triplets without reading k: blocks
+    of anchors, ``[b, M, M]`` each (O(N M^2) time; blocks of at most ~4M entries)."""
+    n, m = scores.shape
+    step = max(1, (1 << 22) // max(m * m, 1))
+    total = scores.new_zeros(())
+    for r in range(0, n, step):
+        rows = slice(r, r + step)
+        total = total + _triplet_terms(scores[rows], positives[rows], negatives[rows], margin,
+                                       True).sum()
+    return total
 
 
 def _triplet_soft_all(scores, positives, negatives, margin: float = 0.0, pi=None):
@@ -514,9 +772,12 @@ def _triplet_soft_all(scores, positives, negatives, margin: float = 0.0, pi=None
 
 
 def _semihard_negative(scores, negatives, idx, valid, has_neg, method: str = "auto"):
-    """Column of the FaceNet semi-hard negative for every padded (anchor, positive)."""
+    """Column of the FaceNet semi-hard negative for every padded (anchor, positive);
+    ``idx=None``: for every (anchor, column), by the sorted method (static shapes)."""
     sd = scores.detach()
-    s_ap = sd.gather(1, idx)
+    s_ap = sd if idx is None else sd.gather(1, idx)
+    if idx is None:
+        method = "sorted"
     easiest = sd.masked_fill(~negatives, _POS_INF).argmin(1, keepdim=True)
     if method == "auto":
         method = "dense" if _use_dense(idx.shape[1], scores.shape[1]) else "sorted"
@@ -544,28 +805,25 @@ def _semihard_negative(scores, negatives, idx, valid, has_neg, method: str = "au
     return torch.where(has_semi, arg, easiest)
 
 
-TRIPLET_REDUCTIONS = ("nonzero", "mean")
-
-
-def reduce_terms(terms: Tensor, reduction: str) -> Tensor:
-    """``"mean"``: the mean of ``terms``; ``"nonzero"``: the mean over the terms > 0 (0 when
-    none), pytorch-metric-learning's ``AvgNonZeroReducer``."""
-    if reduction == "mean":
-        return terms.mean()
-    return terms.sum() / (terms.detach() > 0).sum().clamp_min(1)
+_TRIPLET_MINING = ("all", "hard", "semihard")
 
 
 def _check_triplet_args(mining: str, reduction: str | None) -> str:
-    if mining not in ("all", "hard", "semihard"):
+    if mining not in _TRIPLET_MINING:
         raise ValueError(f"mining must be 'all', 'hard' or 'semihard', got {mining!r}")
     if reduction is None:
         return "nonzero" if mining == "all" else "mean"
-    if reduction not in TRIPLET_REDUCTIONS:
+    if reduction not in _NONZERO:
         raise ValueError(
             f"reduction must be 'nonzero' (mean over non-zero terms, PML's AvgNonZeroReducer), "
-            f"'mean' (over all terms) or None (the mining's default), got {reduction!r}"
+            f"'mean' (over all terms), 'sum', 'none' (the terms) or None (the mining's "
+            f"default), got {reduction!r}"
         )
     return reduction
+
+
+def _hinge(x: Tensor, soft: bool) -> Tensor:
+    return F.softplus(x) if soft else F.relu(x)
 
 
 def triplet(
@@ -576,6 +834,8 @@ def triplet(
     mining: str = "all",
     soft: bool = False,
     reduction: str | None = None,
+    check: bool = True,
+    triplets: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Triplet loss in score form ``max(0, m - S_ap + S_an)`` (with ``S = -d`` this is the usual
     ``max(0, d_ap - d_an + m)``); ``soft=True`` uses ``softplus(m - S_ap + S_an)``
@@ -593,43 +853,74 @@ def triplet(
     * ``"semihard"``: FaceNet (Schroff et al. 2015): per (a, p) the hardest negative that is
       still less similar than the positive, ``max{S_an : S_an < S_ap}``, or the easiest negative
       when none is; one term per positive pair of an anchor that has a negative.
+    * ``triplets=(a, p, n)``: the given triplets (a miner's, as index tensors, already checked
+      against the masks by :func:`contrastive.pairs.mined_triplets`), duplicates included, as
+      PML; ``mining`` is then ignored and no triplet gives 0.
 
     Reduction: ``"nonzero"`` averages over the terms > 0 (pytorch-metric-learning's
     ``AvgNonZeroReducer``, the default of its ``TripletMarginLoss``; 0 when none), ``"mean"``
-    over all terms. ``None`` picks ``"nonzero"`` for ``"all"`` (as PML) and ``"mean"`` for
-    ``"hard"``/``"semihard"`` (as Hermans et al.); PML's ``BatchHardMiner`` +
-    ``TripletMarginLoss()`` is ``mining="hard", reduction="nonzero"``. A soft term is never 0,
-    so both reductions agree there. No anchor with both a positive and a negative raises
+    over all terms, ``"sum"`` sums them, ``"none"`` returns them. ``None`` picks ``"nonzero"``
+    for ``"all"`` and given triplets (as PML) and ``"mean"`` for ``"hard"``/``"semihard"`` (as
+    Hermans et al.); PML's ``BatchHardMiner`` + ``TripletMarginLoss()`` is
+    ``mining="hard", reduction="nonzero"``. A soft term is never 0, so for ``"all"`` both means
+    count every triplet. One term is one triplet: ``"none"`` gives ``[N]`` for ``"hard"`` (per
+    anchor), ``[N, M]`` for ``"semihard"`` (per anchor and positive column), ``[N, M, M]`` for
+    ``"all"`` (anchor, positive, negative; O(N M^2) memory) and ``[T]`` for given triplets, 0
+    where there is no triplet; ``"mean"`` divides by the number of triplets that exist. With
+    ``check``, no anchor with both a positive and a negative raises
     :class:`~contrastive.pairs.NoPairsError`.
     """
-    scores, positives, negatives = _prepare(scores, positives, negatives)
-    reduction = _check_triplet_args(mining, reduction)
-    require_triplet(positives, negatives, "the triplet loss")
-    pi = _positive_index(positives, "the triplet loss")
-    has_neg = _count_rows(negatives) > 0
+    scores, positives, negatives = _prepare(scores, positives, negatives, check)
     margin = float(margin)
-    if mining == "all":
-        if soft:
-            total, count = _triplet_soft_all(scores, positives, negatives, margin, pi)
-        else:
-            total, count = _triplet_all(scores, positives, negatives, margin, pi=pi)
-            if reduction == "mean":
-                count = (pi.count * _count_rows(negatives)).sum()
-        return total / count.clamp_min(1)
-    idx, valid = _padded_positives(pi)
-    if mining == "hard":
+    if triplets is not None:
+        reduction = _check_triplet_args("all", reduction)
+        a, p, n = triplets
+        terms = _hinge(scores[a, n] - scores[a, p] + margin, soft)
+        return _reduce(terms, reduction, terms.numel())
+    reduction = _check_triplet_args(mining, reduction)
+    if check:
+        require_triplet(positives, negatives, "the triplet loss")
+    n_pos, n_neg = _count_rows(positives), _count_rows(negatives)
+    has_neg = n_neg > 0
+    if reduction == "none" and mining == "all":
+        return _triplet_terms(scores, positives, negatives, margin, soft)
+    if mining == "hard":  # per anchor, from the masks: no index of the positives needed
         sd = scores.detach()
-        s_ap_pad = sd.gather(1, idx).masked_fill(~valid, _POS_INF)
-        p_col = idx.gather(1, s_ap_pad.argmin(1, keepdim=True))
+        p_col = sd.masked_fill(~positives, _POS_INF).argmin(1, keepdim=True)
         n_col = sd.masked_fill(~negatives, _NEG_INF).argmax(1, keepdim=True)
-        ok = (pi.count > 0) & has_neg
-        diff = (scores.gather(1, n_col) - scores.gather(1, p_col)).squeeze(1)[ok]
+        ok = (n_pos > 0) & has_neg
+        diff = (scores.gather(1, n_col) - scores.gather(1, p_col)).squeeze(1)
+        terms = torch.where(ok, _hinge(diff + margin, soft), 0.0)
+        return _reduce(terms, reduction, ok.sum())
+    pi = _positive_index(positives, "the triplet loss") if check else None
+    if mining == "all":
+        n_triplets = (n_pos * n_neg).sum()
+        if soft:
+            if check:
+                total, _ = _triplet_soft_all(scores, positives, negatives, margin, pi)
+            else:
+                total = _triplet_soft_masked(scores, positives, negatives, margin)
+            return total if reduction == "sum" else total / n_triplets.clamp_min(1)
+        method = "auto" if check else "masked"
+        total, count = _triplet_all(scores, positives, negatives, margin, method, pi)
+        if reduction == "sum":
+            return total
+        if reduction == "mean":
+            count = n_triplets
+        return total / count.clamp_min(1)
+    # semihard: per (anchor, positive slot); slots are the padded positives with check, else
+    # every column (static shapes)
+    if check:
+        idx, valid = _padded_positives(pi)
+        s_ap = scores.gather(1, idx)
     else:
-        n_col = _semihard_negative(scores, negatives, idx, valid, has_neg)
-        ok = valid & has_neg[:, None]
-        diff = (scores.gather(1, n_col) - scores.gather(1, idx))[ok]
-    terms = F.softplus(diff + margin) if soft else F.relu(diff + margin)
-    return reduce_terms(terms, reduction)
+        idx, valid, s_ap = None, positives, scores
+    n_col = _semihard_negative(scores, negatives, idx, valid, has_neg)
+    ok = valid & has_neg[:, None]
+    terms = torch.where(ok, _hinge(scores.gather(1, n_col) - s_ap + margin, soft), 0.0)
+    if reduction == "none" and idx is not None:  # slots back to columns
+        return scores.new_zeros(scores.shape).scatter_add(1, idx, terms)
+    return _reduce(terms, reduction, ok.sum())
 
 
 # --------------------------------------------------------------------------- contrastive
@@ -641,6 +932,8 @@ def contrastive(
     negatives: Tensor | None = None,
     pos_threshold: float = 1.0,
     neg_threshold: float = 0.0,
+    reduction: str = "nonzero",
+    check: bool = True,
 ) -> Tensor:
     """Contrastive loss (Hadsell et al. 2006) in score form::
 
@@ -652,22 +945,40 @@ def contrastive(
     the other part, as in PML). With ``S = -d`` and thresholds ``t_pos = -m_pos``,
     ``t_neg = -m_neg`` this is ``relu(d - m_pos)`` on positives plus ``relu(m_neg - d)`` on
     negatives; :class:`losses.Contrastive` does that conversion for distance critics.
+
+    One term is one pair: ``reduction="none"`` gives ``[N, M]`` (the positive hinge on P, the
+    negative hinge on Q, 0 elsewhere; one term per distinct pair with count masks). The loss is
+    a sum of two means, so no reduction is the mean of ``"none"``: ``"nonzero"`` (default) is
+    the formula above, ``"mean"`` the same with the means over all pairs of each part, ``"sum"``
+    the (count-weighted) sum of all terms.
     """
+    _check_reduction(reduction, _NONZERO)
     p_count = _counts_or_none(positives)
     q_count = _counts_or_none(negatives)
-    scores, positives, negatives = _prepare(scores, positives, negatives)
-    if not bool(positives.any()) and not bool(negatives.any()):
+    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    if check and not bool(positives.any()) and not bool(negatives.any()):
         raise NoPairsError(
             "the batch has no pair at all, which the contrastive loss needs: pass at least two "
             "items"
         )
-    pi = positives.nonzero(as_tuple=True)
-    h = F.relu(pos_threshold - scores[pi])
+    if reduction == "none":
+        pos_h = F.relu(pos_threshold - scores)
+        neg_h = F.relu(scores - neg_threshold)
+        zero = torch.zeros_like(scores)
+        return torch.where(positives, pos_h, zero) + torch.where(negatives, neg_h, zero)
+    if check:  # the positive pairs by index
+        pi = positives.nonzero(as_tuple=True)
+        h = F.relu(pos_threshold - scores[pi])
+        c = None if p_count is None else p_count[pi].to(scores.dtype)
+        n_pairs = pi[0].numel() if c is None else c.sum()
+    else:  # the same hinges as an [N, M] matrix, 0 off the positives
+        h = torch.where(positives, F.relu(pos_threshold - scores), torch.zeros_like(scores))
+        c = None if p_count is None else p_count.to(scores.dtype)
+        n_pairs = _count(positives) if c is None else c.sum()
     if p_count is None:
-        pos = h.sum() / (h > 0).sum().clamp_min(1)
+        pos_sum, pos_nz = h.sum(), (h > 0).sum()
     else:  # mined pairs with repeats: each occurrence is a term, as in PML
-        c = p_count[pi].to(scores.dtype)
-        pos = (c * h).sum() / (c * (h > 0)).sum().clamp_min(1)
+        pos_sum, pos_nz = (c * h).sum(), (c * (h > 0)).sum()
     # negatives: sum of S - t_neg over the active pairs (S > t_neg); the mask is constant
     # almost everywhere, so the gradient of the dot product is the hinge's
     with torch.no_grad():
@@ -678,5 +989,11 @@ def contrastive(
             weight *= q_count
     n_active = weight.sum()
     total = torch.dot(scores.reshape(-1), weight.reshape(-1)) - neg_threshold * n_active
+    if reduction == "sum":
+        return pos_sum + total
+    if reduction == "mean":
+        n_neg = _count(negatives) if q_count is None else q_count.sum()
+        return _reduce(pos_sum, "mean", n_pairs) + _reduce(total, "mean", n_neg)
+    pos = pos_sum / pos_nz.clamp_min(1)
     neg = total / n_active.clamp_min(1)
     return pos + neg

@@ -8,12 +8,21 @@ pytorch-metric-learning (PML) 2.x loss, positional order included::
     loss(embeddings, labels, None, ref_emb, ref_labels)   # against a separate reference set
     loss(x_emb, ref_emb=y_emb, paired=True)               # paired views: positives on the diagonal
 
-(:mod:`contrastive.pairs` lists what each call means.) A batch that gives the loss nothing to
-average -- no positive pair, no negative, no triplet -- returns a zero loss that is still part
-of the graph, as in PML, with a :class:`~contrastive.pairs.NoPairsWarning` the first time *per
-loss instance*; ``strict=True`` raises a ``ValueError`` that explains the batch instead. Mined
-tuples that leave nothing (the miner found no hard pair) give the same zero without a warning,
-also under ``strict``.
+(:mod:`contrastive.pairs` lists what each call means.) Every module takes the same path,
+:meth:`PairLoss.forward`: resolve the call into anchors, candidates and masks, score them with the
+critic, restrict the masks to a miner's pairs (:mod:`contrastive.pairs` owns the mining), and hand
+``(S, P, Q)`` to :meth:`PairLoss.compute`, one call of a function of :mod:`losses.functional`.
+
+``reduction=`` is the functional core's (``"mean"``, ``"sum"``, ``"none"``; the triplet and
+contrastive losses also ``"nonzero"``), so ``loss(emb, labels)`` can return per-anchor terms for
+sample weights. ``check=True`` (default) validates the batch at the boundary, with device-to-host
+syncs: finite embeddings and scores, index bounds, and the batch that gives the loss nothing to
+average -- no positive pair, no negative, no triplet -- which returns a zero loss that is still
+part of the graph, as in PML, with a :class:`~contrastive.pairs.NoPairsWarning` the first time
+*per loss instance*; ``strict=True`` raises a ``ValueError`` that explains the batch instead.
+Mined tuples that leave nothing (the miner found no hard pair) give the same zero without a
+warning, also under ``strict``. ``check=False`` skips all of that (for ``torch.compile`` and CUDA
+graphs): the functional core then gives the same zero through masks, without a sync.
 
 The critic and the loss always run in float32 (float64 inputs stay float64), with autocast
 switched off locally, so mixed-precision training cannot overflow ``exp(S)`` at small
@@ -23,11 +32,8 @@ temperatures.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contrastive.critics import Cosine, Critic, Dot, NegativeL2
@@ -38,7 +44,10 @@ from contrastive.pairs import (
     any_true,
     check_call,
     diagonal_masks,
+    first_mined_pair_per_label,
+    first_pair_per_class,
     mined_masks,
+    mined_triplets,
     require_negatives,
     require_positives,
     require_triplet,
@@ -49,7 +58,8 @@ from contrastive.validation import check_temperature
 
 from . import functional as LF
 
-__all__ = ["PairLoss", "InfoNCE", "NWJ", "JS", "DV", "MultiClassNPair", "Triplet", "Contrastive"]
+__all__ = ["PairLoss", "InfoNCE", "NWJ", "JS", "DV", "MultiClassNPair", "Triplet", "Contrastive",
+           "first_pair_per_class"]
 
 
 def _full_precision(x: Tensor) -> Tensor:
@@ -75,40 +85,51 @@ class _NoAutocast:
         return False if self._ctx is None else self._ctx.__exit__(*exc)
 
 
-def _zero(scores: Tensor) -> Tensor:
-    """PML's "zero loss": 0, but connected to the graph of everything ``scores`` depends on
-    (embeddings, ``ref_emb``, critic parameters), so ``backward()`` and DDP run as usual."""
-    return (scores * 0.0).sum()
-
-
 class PairLoss(nn.Module):
     """Base class: resolve the call into (anchors, candidates, masks), score them with the
     critic in full precision, and hand ``(S, P, Q)`` to :meth:`compute`.
 
     ``strict=False`` (default, PML's behaviour): a batch with no term gives a zero loss in the
     graph and a warning once per instance; ``strict=True``: it raises ``ValueError``.
+    ``reduction``: as the functional core's; ``check``: see the module docstring.
     """
 
     what = "this loss"
+    #: whether mined pairs keep their multiplicity (PML's pair-based losses count a pair
+    #: mined twice twice; its matrix-based ones, e.g. SupCon, once)
+    counts_repeats = False
+    #: whether :meth:`pairs` consumes the miner's tuple itself (the N-pair loss picks its rows)
+    mines_in_pairs = False
 
-    def __init__(self, critic: Critic | nn.Module | None = None, strict: bool = False):
+    def __init__(self, critic: Critic | nn.Module | None = None, strict: bool = False,
+                 reduction: str | None = "mean", check: bool = True):
         super().__init__()
         self.critic = critic if critic is not None else self.default_critic()
         self.strict = bool(strict)
+        self.reduction = reduction
+        self.check = bool(check)
         self._warned = False
 
     def default_critic(self) -> nn.Module:
         return Cosine(0.1)
 
     # -- the shell -------------------------------------------------------------------------
-    def pairs(self, embeddings, labels=None, ref_emb=None, ref_labels=None, paired=False) -> Pairs:
-        return resolve_pairs(embeddings, labels, ref_emb, ref_labels, paired)
+    def pairs(self, embeddings, labels=None, ref_emb=None, ref_labels=None, paired=False,
+              indices_tuple=None) -> Pairs:
+        return resolve_pairs(embeddings, labels, ref_emb, ref_labels, paired, self.check)
 
     def _score(self, p: Pairs) -> Tensor:
         with _NoAutocast(p.anchors.device.type):
             a = _full_precision(p.anchors)
             b = a if p.self_reference else _full_precision(p.candidates)
             return self.critic(a, b)
+
+    def mined(self, indices_tuple, positives: Tensor, negatives: Tensor):
+        """``(P, Q, triplets)`` restricted to a miner's tuple (:mod:`contrastive.pairs`);
+        ``triplets`` is None except for losses that take a triplet tuple as triplets."""
+        pos, neg = mined_masks(indices_tuple, positives, negatives, counts=self.counts_repeats,
+                               check=self.check)
+        return pos, neg, None
 
     def scores(
         self,
@@ -122,14 +143,20 @@ class PairLoss(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The score matrix ``S`` and masks ``(P, Q)`` this loss sees for a call (the masks
         restricted to the mined pairs when ``indices_tuple`` is given)."""
-        p = self.pairs(embeddings, labels, ref_emb, ref_labels, paired)
+        p = self.pairs(embeddings, labels, ref_emb, ref_labels, paired, indices_tuple)
         s, pos, neg = self._score(p), p.positives, p.negatives
-        if indices_tuple is not None:
-            pos, neg = self.mined(indices_tuple, pos, neg)
+        if indices_tuple is not None and not self.mines_in_pairs:
+            pos, neg, _ = self.mined(indices_tuple, pos, neg)
         return s, pos, neg
 
-    def compute(self, scores: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
+    def compute(self, scores: Tensor, positives: Tensor, negatives: Tensor, *,
+                triplets=None, check: bool = True) -> Tensor:
+        """The loss of ``(S, P, Q)``: one call of the functional core."""
         raise NotImplementedError
+
+    def penalty(self, p: Pairs) -> Tensor | None:
+        """A term added to the loss (a regulariser of the embeddings); None by default."""
+        return None
 
     def has_terms(self, positives: Tensor, negatives: Tensor) -> bool:
         """Whether the masks give this loss anything to average (default: a positive and a
@@ -142,7 +169,7 @@ class PairLoss(nn.Module):
         require_negatives(negatives, self.what)
 
     def no_terms(self, scores: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
-        """The batch has no term: raise (``strict``) or warn once and return a graph zero."""
+        """The batch has no term: raise (``strict``) or warn once and return the zero loss."""
         try:
             self.require_terms(positives, negatives)
             reason = f"the batch gives {self.what} no term"
@@ -161,7 +188,7 @@ class PairLoss(nn.Module):
                 NoPairsWarning,
                 stacklevel=3,
             )
-        return _zero(scores)
+        return self.compute(scores, positives, negatives, check=False)
 
     def forward(
         self,
@@ -176,26 +203,26 @@ class PairLoss(nn.Module):
         """The loss of a batch, in PML's positional order. ``indices_tuple`` takes the output
         of a PML miner -- pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)`` -- and restricts
         the positives and negatives to the mined pairs (NT-Xent and the contrastive loss count
-        a pair mined twice twice, as PML's pair-based losses; the others once).
-        ``paired=True`` (keyword only): ``ref_emb`` is a second view, positives on the
-        diagonal."""
-        p = self.pairs(embeddings, labels, ref_emb, ref_labels, paired)
-        s, pos, neg = self._score(p), p.positives, p.negatives
+        a pair mined twice twice, as PML's pair-based losses; the others once; the triplet loss
+        uses mined triplets as given). ``paired=True`` (keyword only): ``ref_emb`` is a second
+        view, positives on the diagonal. The zero of a batch without a term comes from the
+        functional core (masks), so ``reduction="none"`` keeps its shape there too."""
+        p = self.pairs(embeddings, labels, ref_emb, ref_labels, paired, indices_tuple)
+        s = self._score(p)
         with _NoAutocast(s.device.type):
-            if not self.has_terms(pos, neg):
+            pos, neg, triplets = p.positives, p.negatives, None
+            mined = indices_tuple is not None
+            if mined and not self.mines_in_pairs:
+                if self.check and not self.has_terms(pos, neg):
+                    return self.no_terms(s, pos, neg)
+                pos, neg, triplets = self.mined(indices_tuple, pos, neg)
+            if self.check and not self.has_terms(pos, neg):
+                if mined:  # the miner kept nothing: PML's zero, no warning
+                    return self.compute(s, pos, neg, triplets=triplets, check=False)
                 return self.no_terms(s, pos, neg)
-            if indices_tuple is not None:
-                pos, neg = self.mined(indices_tuple, pos, neg)
-                if not self.has_terms(pos, neg):
-                    return _zero(s)  # the miner kept nothing: PML's zero, no warning
-            return self.compute(s, pos, neg)
-
-    #: whether mined pairs keep their multiplicity (PML's pair-based losses count a pair
-    #: mined twice twice; its matrix-based ones, e.g. SupCon, once)
-    counts_repeats = False
-
-    def mined(self, indices_tuple, positives: Tensor, negatives: Tensor):
-        return mined_masks(indices_tuple, positives, negatives, counts=self.counts_repeats)
+            loss = self.compute(s, pos, neg, triplets=triplets, check=self.check)
+            reg = self.penalty(p)
+        return loss if reg is None else loss + reg
 
     @torch.no_grad()
     def readout(
@@ -207,15 +234,32 @@ class PairLoss(nn.Module):
         ref_labels: Tensor | None = None,
         *,
         paired: bool = False,
+        estimators: tuple[str, ...] = ("infonce", "nwj"),
     ) -> dict[str, float]:
-        """I_NCE and I_NWJ (nats) of this loss's own score matrix on a batch (arguments as
-        :meth:`forward`); raises ``ValueError`` on a batch without positives."""
+        """MI estimates (nats) of this loss's own score matrix on a batch (arguments as
+        :meth:`forward`): by default I_NCE and I_NWJ; ``estimators`` takes any lower bound
+        registered in :data:`losses.registry.ESTIMATORS` (names or aliases, e.g. ``("dv",
+        "smile", "tuba")``; the upper bounds need a conditional critic and are refused). Keys
+        are the canonical names; a bound that needs negatives reads NaN on a batch without
+        them. Raises ``ValueError`` on a batch without positives."""
+        from .registry import ESTIMATORS  # the registry imports this module
+
         s, pos, neg = self.scores(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                                   paired=paired)
-        return {
-            "infonce": float(LF.infonce_bound(s, pos, neg)),
-            "nwj": float(LF.nwj_bound(s, pos, neg)) if any_true(neg) else float("nan"),
-        }
+        has_neg = any_true(neg)
+        out: dict[str, float] = {}
+        for name in estimators:
+            entry = ESTIMATORS.get(name)
+            if entry.meta.get("kind") == "upper":
+                raise ValueError(f"estimator {name!r} is an upper bound on a conditional "
+                                 "log-density and needs a conditional critic, not this loss's "
+                                 "score matrix")
+            _, bound = entry.factory()
+            if entry.name == "infonce" or has_neg:
+                out[entry.name] = float(bound(s, pos, neg))
+            else:
+                out[entry.name] = float("nan")
+        return out
 
 
 def _critic_or_temperature(critic, temperature, default_t: float) -> nn.Module:
@@ -236,7 +280,7 @@ class InfoNCE(PairLoss):
     """InfoNCE with several positives per anchor, in one of two forms:
 
     * ``positives="all"`` (default): SupCon's term, all of an anchor's positives in one
-      log-sum-exp (:func:`losses.functional.supcon`; PML's ``SupConLoss``);
+      log-sum-exp (:func:`losses.functional.supcon`; PML's ``SupConLoss``), one term per anchor;
     * ``positives="pair"``: NT-Xent's term, one per positive pair, each positive against the
       anchor's negatives only (:func:`losses.functional.ntxent`; PML's ``NTXentLoss``).
 
@@ -256,113 +300,63 @@ class InfoNCE(PairLoss):
         critic: nn.Module | None = None,
         positives: str = "all",
         strict: bool = False,
+        reduction: str = "mean",
+        check: bool = True,
     ):
         if positives not in INFONCE_FORMS:
             raise ValueError(
                 f"positives must be 'all' (SupCon: all positives in one term) or 'pair' "
                 f"(NT-Xent: one term per positive pair), got {positives!r}"
             )
-        super().__init__(_critic_or_temperature(critic, temperature, 0.1), strict)
+        super().__init__(_critic_or_temperature(critic, temperature, 0.1), strict,
+                         LF._check_reduction(reduction), check)
         self.positives = positives
         self.counts_repeats = positives == "pair"  # NT-Xent is pair-based in PML
 
-    def compute(self, scores, positives, negatives):
-        return LF.infonce(scores, positives, negatives, form=self.positives)
+    def compute(self, scores, positives, negatives, *, triplets=None, check=True):
+        return LF.infonce(scores, positives, negatives, self.positives, self.reduction, check)
 
     def extra_repr(self) -> str:
-        return f"positives={self.positives!r}"
+        return f"positives={self.positives!r}, reduction={self.reduction!r}"
 
 
-class NWJ(PairLoss):
+class _Bound(PairLoss):
+    """NWJ, JS and DV: a critic (default ``Cosine(0.1)``, the same as InfoNCE, so comparisons
+    isolate the objective) and one function of the functional core."""
+
+    fn = staticmethod(LF.nwj)
+
+    def __init__(self, temperature: float | None = None, critic: nn.Module | None = None,
+                 strict: bool = False, reduction: str = "mean", check: bool = True):
+        super().__init__(_critic_or_temperature(critic, temperature, 0.1), strict,
+                         LF._check_reduction(reduction), check)
+
+    def compute(self, scores, positives, negatives, *, triplets=None, check=True):
+        return self.fn(scores, positives, negatives, self.reduction, check)
+
+
+class NWJ(_Bound):
     """NWJ bound as a loss, ``-I_NWJ`` (:func:`losses.functional.nwj`).
     Default critic: ``Cosine(0.1)`` (the same as InfoNCE, so comparisons isolate the objective)."""
 
     what = "the NWJ loss"
-
-    def __init__(self, temperature: float | None = None, critic: nn.Module | None = None,
-                 strict: bool = False):
-        super().__init__(_critic_or_temperature(critic, temperature, 0.1), strict)
-
-    def compute(self, scores, positives, negatives):
-        return LF.nwj(scores, positives, negatives)
+    fn = staticmethod(LF.nwj)
 
 
-class JS(PairLoss):
+class JS(_Bound):
     """Jensen-Shannon critic loss (:func:`losses.functional.js`); default critic ``Cosine(0.1)``.
     Its MI readout is :func:`losses.functional.js_bound`."""
 
     what = "the JS loss"
-
-    def __init__(self, temperature: float | None = None, critic: nn.Module | None = None,
-                 strict: bool = False):
-        super().__init__(_critic_or_temperature(critic, temperature, 0.1), strict)
-
-    def compute(self, scores, positives, negatives):
-        return LF.js(scores, positives, negatives)
+    fn = staticmethod(LF.js)
 
 
-class DV(PairLoss):
+class DV(_Bound):
     """Donsker-Varadhan / MINE loss ``-I_DV`` (:func:`losses.functional.dv`); default critic
     ``Cosine(0.1)``."""
 
     what = "the DV loss"
-
-    def __init__(self, temperature: float | None = None, critic: nn.Module | None = None,
-                 strict: bool = False):
-        super().__init__(_critic_or_temperature(critic, temperature, 0.1), strict)
-
-    def compute(self, scores, positives, negatives):
-        return LF.dv(scores, positives, negatives)
-
-
-def _group_by_label(labels: Tensor):
-    """Classes in ascending order, and for each its first position in a stable sort of
-    ``labels`` (``order``) and its size."""
-    order = torch.argsort(labels, stable=True)
-    classes, counts = torch.unique_consecutive(labels[order], return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    return classes, order, starts, counts
-
-
-def first_pair_per_class(labels: Tensor, ref_labels: Tensor | None = None):
-    """Indices ``(anchor_idx, positive_idx)`` with one pair per class, in ascending class order.
-
-    Without ``ref_labels``: for every label with two or more items, its first and second
-    occurrence (the pair pytorch-metric-learning's ``NPairsLoss`` picks). With ``ref_labels``:
-    the first occurrence in ``labels`` and the first in ``ref_labels`` of every shared label.
-    """
-    classes, order, starts, counts = _group_by_label(labels)
-    if ref_labels is None:
-        keep = counts >= 2
-        return order[starts[keep]], order[starts[keep] + 1]
-    ref_classes, ref_order, ref_starts, _ = _group_by_label(ref_labels)
-    a = order[starts[torch.isin(classes, ref_classes)]]
-    p = ref_order[ref_starts[torch.isin(ref_classes, classes)]]
-    return a, p
-
-
-def _first_mined_pair_per_label(indices_tuple, labels: Tensor, cand_labels: Tensor,
-                                self_reference: bool):
-    """From a miner's ``(a1, p, ...)`` keep the positive pairs whose labels match (and, on the
-    batch itself, that are not an item with itself) and, for every anchor label, the first such
-    pair in the tuple's order (PML's ``NPairsLoss`` rule)."""
-    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
-        raise ValueError(
-            "indices_tuple must be (anchor, positive, negative) triplets or "
-            "(anchor1, positive, anchor2, negative) pairs, as pytorch-metric-learning miners "
-            "return"
-        )
-    a, p = (torch.as_tensor(t, device=labels.device).long().flatten() for t in indices_tuple[:2])
-    for name, t, bound in (("anchor", a, labels.numel()), ("positive", p, cand_labels.numel())):
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
-            raise ValueError(f"indices_tuple has {name} indices outside [0, {bound})")
-    keep = labels[a] == cand_labels[p]
-    if self_reference:
-        keep &= a != p
-    a, p = a[keep], p[keep]
-    _, first = np.unique(labels[a].cpu().numpy(), return_index=True)
-    first = torch.as_tensor(first, device=labels.device, dtype=torch.long)
-    return a[first], p[first]
+    fn = staticmethod(LF.dv)
 
 
 class MultiClassNPair(PairLoss):
@@ -372,17 +366,19 @@ class MultiClassNPair(PairLoss):
     with a PML miner's ``indices_tuple``, the first mined positive pair of every anchor label, as
     PML's ``NPairsLoss``) and scores anchors against positives with the critic (default ``Dot``,
     i.e. ``NPairsLoss(distance=DotProductSimilarity(normalize_embeddings=False))``; PML's own
-    default normalises, which is ``critic=Cosine(1.0)``), positives on the diagonal. ``l2_reg``
-    adds ``l2_reg * mean ||f||^2 / 2`` over the used embeddings (Sohn's regulariser; 0 by
-    default). Unlike PML it also takes a reference set (anchors from the batch, positives from
+    default normalises, which is ``critic=Cosine(1.0)``), positives on the diagonal: the
+    cross-entropy of each anchor against its own positive. ``l2_reg`` adds
+    ``l2_reg * mean ||f||^2 / 2`` over the used embeddings (Sohn's regulariser; 0 by default).
+    Unlike PML it also takes a reference set (anchors from the batch, positives from
     ``ref_emb``).
     """
 
     what = "the multi-class N-pair loss"
+    mines_in_pairs = True
 
     def __init__(self, critic: nn.Module | None = None, l2_reg: float = 0.0,
-                 strict: bool = False):
-        super().__init__(critic, strict)
+                 strict: bool = False, reduction: str = "mean", check: bool = True):
+        super().__init__(critic, strict, LF._check_reduction(reduction), check)
         self.l2_reg = float(l2_reg)
 
     def default_critic(self) -> nn.Module:
@@ -390,15 +386,15 @@ class MultiClassNPair(PairLoss):
 
     def pairs(self, embeddings, labels=None, ref_emb=None, ref_labels=None, paired=False,
               indices_tuple=None) -> Pairs:
-        c = check_call(embeddings, labels, ref_emb, ref_labels, paired)
+        c = check_call(embeddings, labels, ref_emb, ref_labels, paired, self.check)
         if c.labels is None:  # paired views: anchors x ref_emb, positives on the diagonal
             pos, neg = diagonal_masks(c.embeddings.shape[0], c.embeddings.device)
             return Pairs(c.embeddings, c.ref_emb, pos, neg, False)
         cand = c.embeddings if c.ref_emb is None else c.ref_emb
         if indices_tuple is not None:
             cand_labels = c.labels if c.ref_labels is None else c.ref_labels
-            ai, pi = _first_mined_pair_per_label(indices_tuple, c.labels, cand_labels,
-                                                 c.ref_emb is None)
+            ai, pi = first_mined_pair_per_label(indices_tuple, c.labels, cand_labels,
+                                                c.ref_emb is None, self.check)
         elif c.ref_labels is not None:
             ai, pi = first_pair_per_class(c.labels, c.ref_labels)
         elif c.paired:  # the two views of each item share its label
@@ -408,28 +404,8 @@ class MultiClassNPair(PairLoss):
         pos, neg = diagonal_masks(ai.numel(), c.embeddings.device)
         return Pairs(c.embeddings[ai], cand[pi], pos, neg, False)
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None,
-                *, paired=False):
-        p = self.pairs(embeddings, labels, ref_emb, ref_labels, paired, indices_tuple)
-        with _NoAutocast(embeddings.device.type):
-            if p.anchors.shape[0] == 0:
-                if indices_tuple is not None:  # the miner kept no positive pair
-                    return _zero(_full_precision(embeddings))
-                return self.no_terms(_full_precision(embeddings), p.positives, p.negatives)
-            a, b = _full_precision(p.anchors), _full_precision(p.candidates)
-            scores = self.critic(a, b)
-            # pairs() puts the positives on the diagonal with every other pair negative, where
-            # the N-pair loss is the cross-entropy of each anchor against its own positive
-            target = torch.arange(scores.shape[0], device=scores.device)
-            loss = F.cross_entropy(scores, target)
-            if not bool(torch.isfinite(loss)):
-                raise ValueError(
-                    "scores contain NaN or Inf; check the embeddings and the critic "
-                    "(embedding norms too large for the dot critic?)"
-                )
-            if self.l2_reg:
-                loss = loss + self.l2_reg * 0.5 * ((a * a).sum(1).mean() + (b * b).sum(1).mean())
-        return loss
+    def has_terms(self, positives, negatives):
+        return any_true(positives)  # one pair is a term (0): no negative needed, as PML
 
     def require_terms(self, positives, negatives):
         raise NoPairsError(
@@ -438,8 +414,15 @@ class MultiClassNPair(PairLoss):
             "m >= 2) or several views per instance (MultiView)"
         )
 
-    def compute(self, scores, positives, negatives):
-        return LF.multiclass_npair(scores, positives, negatives)
+    def compute(self, scores, positives, negatives, *, triplets=None, check=True):
+        return LF.multiclass_npair(scores, positives, negatives, self.reduction, check)
+
+    def penalty(self, p: Pairs) -> Tensor | None:
+        if not self.l2_reg:
+            return None
+        a, b = _full_precision(p.anchors), _full_precision(p.candidates)
+        n = max(a.shape[0], 1)
+        return self.l2_reg * 0.5 * ((a * a).sum() / n + (b * b).sum() / n)
 
 
 class Triplet(PairLoss):
@@ -451,11 +434,13 @@ class Triplet(PairLoss):
     ``smooth_loss=True``, ``softplus(margin + d_ap - d_an)`` (Hermans et al.'s soft margin is
     ``margin=0``).
 
-    ``reduction``: ``"nonzero"`` (mean over the non-zero terms, PML's ``AvgNonZeroReducer``) or
-    ``"mean"`` (over all terms); ``None`` (default) is ``"nonzero"`` for ``mining="all"`` and
-    for mined triplets (PML) and ``"mean"`` over anchors for ``"hard"``/``"semihard"``
-    (Hermans et al.). PML's ``BatchHardMiner`` + ``TripletMarginLoss()`` is
-    ``Triplet(mining="hard", reduction="nonzero")``.
+    ``reduction``: ``"nonzero"`` (mean over the non-zero terms, PML's ``AvgNonZeroReducer``),
+    ``"mean"`` (over all terms), ``"sum"`` or ``"none"``; ``None`` (default) is ``"nonzero"``
+    for ``mining="all"`` and for mined triplets (PML) and ``"mean"`` over anchors for
+    ``"hard"``/``"semihard"`` (Hermans et al.). PML's ``BatchHardMiner`` +
+    ``TripletMarginLoss()`` is ``Triplet(mining="hard", reduction="nonzero")``. A miner's
+    ``(a, p, n)`` triplets are used as given (duplicates included, as PML); mined pairs restrict
+    the masks and ``mining`` then picks triplets among them.
     """
 
     what = "the triplet loss"
@@ -468,13 +453,13 @@ class Triplet(PairLoss):
         critic: nn.Module | None = None,
         reduction: str | None = None,
         strict: bool = False,
+        check: bool = True,
     ):
-        super().__init__(critic, strict)
         LF._check_triplet_args(mining, reduction)
+        super().__init__(critic, strict, reduction, check)
         if float(margin) < 0:
             raise ValueError(f"margin must be >= 0, got {margin!r}")
         self.margin, self.mining, self.soft = float(margin), mining, bool(soft)
-        self.reduction = reduction
 
     def default_critic(self) -> nn.Module:
         return NegativeL2(normalize=True)
@@ -485,34 +470,15 @@ class Triplet(PairLoss):
     def require_terms(self, positives, negatives):
         require_triplet(positives, negatives, self.what)
 
-    def compute(self, scores, positives, negatives):
-        return LF.triplet(scores, positives, negatives, self.margin, self.mining, self.soft,
-                          self.reduction)
+    def mined(self, indices_tuple, positives, negatives):
+        pos, neg, _ = super().mined(indices_tuple, positives, negatives)
+        if len(indices_tuple) != 3:
+            return pos, neg, None
+        return pos, neg, mined_triplets(indices_tuple, positives, negatives, self.check)
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None,
-                *, paired=False):
-        """As :meth:`PairLoss.forward`; mined ``(a, p, n)`` triplets are used as given
-        (duplicates included, as PML), reduced by ``reduction`` (``None``: the mean over the
-        non-zero terms); mined pairs restrict the masks and ``mining`` then picks triplets
-        among them."""
-        if indices_tuple is None or len(indices_tuple) != 3:
-            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels,
-                                   paired=paired)
-        p = self.pairs(embeddings, labels, ref_emb, ref_labels, paired)
-        s, pos, neg = self._score(p), p.positives, p.negatives
-        with _NoAutocast(s.device.type):
-            if not self.has_terms(pos, neg):
-                return self.no_terms(s, pos, neg)
-            mpos, mneg = mined_masks(indices_tuple, pos, neg)  # validates the indices
-            a, q, n = (torch.as_tensor(t, device=s.device).long().flatten()
-                       for t in indices_tuple)
-            ok = mpos[a, q] & mneg[a, n]
-            a, q, n = a[ok], q[ok], n[ok]
-            if a.numel() == 0:
-                return _zero(s)  # no mined triplet: zero loss, graph kept
-            diff = s[a, n] - s[a, q] + self.margin
-            terms = F.softplus(diff) if self.soft else F.relu(diff)
-            return LF.reduce_terms(terms, self.reduction or "nonzero")
+    def compute(self, scores, positives, negatives, *, triplets=None, check=True):
+        return LF.triplet(scores, positives, negatives, self.margin, self.mining, self.soft,
+                          self.reduction, check, triplets)
 
     def extra_repr(self) -> str:
         return (f"margin={self.margin}, mining={self.mining!r}, soft={self.soft}, "
@@ -527,7 +493,7 @@ class Contrastive(PairLoss):
     For a similarity critic they are similarities: ``relu(pos_margin - s)`` and
     ``relu(s - neg_margin)``, defaults 1 and 0 (pytorch-metric-learning's conventions). A batch
     without positives (or negatives) keeps the other part, as in PML; only a batch with no pair
-    at all has no term.
+    at all has no term. ``reduction="nonzero"`` (default) is PML's ``AvgNonZeroReducer``.
     """
 
     what = "the contrastive loss"
@@ -539,8 +505,10 @@ class Contrastive(PairLoss):
         neg_margin: float | None = None,
         critic: nn.Module | None = None,
         strict: bool = False,
+        reduction: str = "nonzero",
+        check: bool = True,
     ):
-        super().__init__(critic, strict)
+        super().__init__(critic, strict, LF._check_reduction(reduction, LF._NONZERO), check)
         dist = bool(getattr(self.critic, "is_distance", False))
         self.pos_margin = float((0.0 if dist else 1.0) if pos_margin is None else pos_margin)
         self.neg_margin = float((1.0 if dist else 0.0) if neg_margin is None else neg_margin)
@@ -559,11 +527,10 @@ class Contrastive(PairLoss):
             "items"
         )
 
-    def compute(self, scores, positives, negatives):
-        return LF.contrastive(scores, positives, negatives, self._t_pos, self._t_neg)
+    def compute(self, scores, positives, negatives, *, triplets=None, check=True):
+        return LF.contrastive(scores, positives, negatives, self._t_pos, self._t_neg,
+                              self.reduction, check)
 
     def extra_repr(self) -> str:
-        return f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}"
-
-
-LossFactory = Callable[..., PairLoss]
+        return (f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, "
+                f"reduction={self.reduction!r}")

@@ -174,7 +174,7 @@ def test_reproduce_command_passes_its_options(tmp_path, main, monkeypatch):
     """``reproduce noniid`` through the command line, with the experiment's default evaluation
     size made tiny (200 held-out batches at every evaluation made this one call a minute long):
     the seeds and steps given reach the experiment, and its table and files come out."""
-    from contrastive.reproduce import experiments
+    from contrastive.app.reproduce import experiments
 
     small = dataclasses.replace(experiments.DEFAULTS["noniid"], eval_batches=2, batch_size=16)
     monkeypatch.setitem(experiments.DEFAULTS, "noniid", small)
@@ -182,7 +182,7 @@ def test_reproduce_command_passes_its_options(tmp_path, main, monkeypatch):
     rc, out, err = main("reproduce", "noniid", "--steps", "4", "--seeds", "0,1", "--output",
                         str(rep), "--no-progress")
     assert rc == 0, err
-    assert "| nce | noniid |" in out and "| nwj | iid |" in out
+    assert "| infonce | noniid |" in out and "| nwj | iid |" in out
     for name in ("noniid.json", "noniid.csv", "noniid.png"):
         assert (rep / name).is_file(), name
     saved = json.loads((rep / "noniid.json").read_text())

@@ -250,13 +250,13 @@ def test_user_and_internal_errors_and_threads_after_the_command(monkeypatch, cap
     def broken(cfg):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr("contrastive.train.fit", broken)
+    monkeypatch.setattr("contrastive.app.train.fit", broken)
     with pytest.raises(ValueError, match="an internal bug"):
         cli.main(["train", "--steps", "2", "--threads", "1"])
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert cli.default_threads() == 1
     r = subprocess.run([sys.executable, "-c", "import sys; from contrastive.cli import main; "
-                        "import contrastive.train as t; t.fit = lambda c: 1 / 0; "
+                        "import contrastive.app.train as t; t.fit = lambda c: 1 / 0; "
                         "sys.exit(main(['train']))"], env=_env(), cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" in r.stderr and "ZeroDivisionError" in r.stderr

@@ -12,7 +12,7 @@ from sklearn.metrics import adjusted_mutual_info_score
 
 from evaluation.clustering import clustering_metrics, kmeans_assign
 
-knn_mod = importlib.import_module("evaluation.search")
+backends_mod = importlib.import_module("evaluation.backends")
 clustering_mod = importlib.import_module("evaluation.clustering")
 
 
@@ -108,7 +108,7 @@ def test_deterministic_for_a_seed_and_labels_may_be_any_integers():
 
 def test_falls_back_to_sklearn_without_faiss(monkeypatch):
     x, y = blobs([30, 30, 30], seed=6)
-    monkeypatch.setattr(knn_mod, "_import_faiss", lambda: None)
+    monkeypatch.setattr(backends_mod, "_import_faiss", lambda: None)
     monkeypatch.setattr(clustering_mod, "_import_faiss", lambda: None)
     assert clustering_metrics(x, y)["nmi"] == pytest.approx(1.0)
     with pytest.raises(ImportError, match="faiss"):

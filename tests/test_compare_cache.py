@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-import contrastive.train as train_mod
-from contrastive.compare import CompareConfig, compare
+import contrastive.app.train as train_mod
+from contrastive.app.compare import CompareConfig, compare
 
 
 def test_a_failing_cell_is_reported_and_retried_alone(tmp_path, monkeypatch, capsys):
@@ -41,3 +41,15 @@ def test_a_failing_cell_is_reported_and_retried_alone(tmp_path, monkeypatch, cap
     assert cells[0].stat().st_mtime_ns == stamp
     assert [r["status"] for r in again["records"]] == ["ok", "ok"]
     assert again["records"][0]["metrics"] == res["records"][0]["metrics"]
+
+
+def test_train_overrides_change_one_cell_only():
+    from contrastive.app.compare import cell_key, train_config_for
+
+    cfg = CompareConfig.from_dict({"losses": "infonce,triplet", "seeds": "0", "steps": 2,
+                                   "output": "unused", "progress": False})
+    plain = train_config_for(cfg, "infonce", 0)
+    assert train_config_for(cfg, "infonce", 0, train_overrides={}).output == plain.output
+    tuned = train_config_for(cfg, "infonce", 0, train_overrides={"lr": 3e-3})
+    assert tuned.lr == 3e-3 and plain.lr == 1e-3
+    assert cell_key(tuned) != cell_key(plain) and tuned.output != plain.output

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from contrastive.compare import CompareConfig, cell_key, resolved_cell_config, train_config_for
-from contrastive.config import ConfigError, TrainConfig, UserError, load_mapping
+from contrastive.app.compare import CompareConfig, cell_key, resolved_cell_config, train_config_for
+from contrastive.app.config import ConfigError, TrainConfig, UserError, load_mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from contrastive.config import TrainConfig
+from contrastive.app.config import TrainConfig
 
 pytestmark = [
     pytest.mark.cuda,
@@ -26,7 +26,7 @@ COMMON = dict(dataset="digits", backbone="mlp", dim=16, batch_size=32, m_per_cla
 def test_cuda_fit_autocast_trains_like_the_cpu(tmp_path):
     """The trainer on CUDA (bf16 autocast, evaluation through embed on the GPU) follows the
     float32 CPU run: the same losses to bf16 accuracy, and close final metrics."""
-    from contrastive.train import fit
+    from contrastive.app.train import fit
 
     torch.cuda.reset_peak_memory_stats()
     gpu = fit(TrainConfig.from_dict(dict(COMMON, output=str(tmp_path / "gpu"), device="cuda")))

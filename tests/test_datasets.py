@@ -406,3 +406,39 @@ def test_cifar10_malformed(tmp_path):
         pickle.dump({"data": np.zeros((2, 10), np.uint8), "labels": [0, 1]}, f)
     with pytest.raises(ValueError, match="3072"):
         get_dataset("cifar10", root=tmp_path, split="test", verify_md5=False)
+
+
+# -- class-disjoint split names (contrastive.splits) --------------------------------------------
+
+
+def test_class_split_names_on_benchmarks_and_sets_without_one(tmp_path):
+    from contrastive.app.protocol import class_disjoint
+
+    make_cub(tmp_path / "cub")
+    own_tr = get_dataset("cub200", root=tmp_path / "cub", split="train")
+    tr = get_dataset("cub200", root=tmp_path / "cub", split="train_classes")
+    te = get_dataset("cub200", root=tmp_path / "cub", split="test_classes")
+    assert tr.paths == own_tr.paths and tr.classes == [1, 2, 100]  # the benchmark's own split
+    assert te.classes == [101, 150, 200] and class_disjoint(tr, te)
+    fold = get_dataset("cub200", root=tmp_path / "cub", split="fold0of3-val")
+    assert len(fold.classes) == 1 and set(fold.classes) <= set(tr.classes)
+
+    data = make_mnist(tmp_path / "m")
+    mtr = get_dataset("mnist", root=tmp_path / "m", split="train_classes")
+    mte = get_dataset("mnist", root=tmp_path / "m", split="test_classes")
+    train_labels, test_labels = data["train"][1], data["t10k"][1]
+    assert sorted(np.asarray(mtr.classes)[mtr.labels]) == sorted(v for v in train_labels
+                                                                 if v < 5)
+    assert sorted(np.asarray(mte.classes)[mte.labels]) == sorted(v for v in test_labels if v >= 5)
+    assert class_disjoint(mtr, mte)
+
+    for c, n in (("a", 2), ("b", 1), ("c", 2), ("d", 1)):
+        for i in range(n):
+            write_image(tmp_path / "f" / c / f"{i}.png", (i, 0, 0))
+    ftr = get_dataset("folder", root=tmp_path / "f", split="train_classes")
+    fte = get_dataset("folder", root=tmp_path / "f", split="test_classes")
+    assert ftr.classes == ["a", "b"] and fte.classes == ["c", "d"]
+    assert ftr.labels.tolist() == [0, 0, 1] and len(fte) == 3
+
+    with pytest.raises(ValueError, match="no test_classes split"):
+        get_dataset("inshop", root=tmp_path, split="test_classes")

@@ -126,8 +126,8 @@ def evaluation_results(model, test, plain, train, counter=None) -> dict:
     """What both the workers and the single-process reference compute."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from contrastive.embedders import embed_distributed
-    from contrastive.train import evaluate_embedder
+    from contrastive.app.protocol import evaluate_embedder
+    from contrastive.inference import embed_distributed
 
     out: dict = {}
     z, y = embed_distributed(model, test, batch_size=8, device="cpu", progress=False)
@@ -213,7 +213,7 @@ def _worker(out_dir: Path) -> None:
     res["eval"] = evaluation_results(eval_model, test, plain, train, counter)
     shuffled = torch.utils.data.DataLoader(plain, batch_size=8, shuffle=True)
     try:
-        from contrastive.embedders import embed_distributed
+        from contrastive.inference import embed_distributed
 
         embed_distributed(eval_model, shuffled, progress=False)
         res["shuffled_error"] = None
@@ -440,7 +440,7 @@ def test_distributed_evaluation_equals_single_process(ddp):
 
 
 def test_shard_bounds_cover_the_rows_once():
-    from contrastive.embedders import shard_bounds
+    from contrastive.inference import shard_bounds
 
     for n in (1, 2, 5, 61, 100):
         for world in (1, 2, 3, 8):

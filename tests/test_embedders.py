@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from contrastive.embedders import (
     Embedder,
     MLPEncoder,
-    embed,
     extract_state_dict,
     infer_feature_dim,
 )
+from contrastive.inference import embed
 
 # small inputs keep the timm models fast; test_vit needs img_size to match its patch grid
 TIMM_CASES = [
@@ -508,7 +508,7 @@ class ViewBackbone(nn.Module):
 
 
 def test_channels_last_default_only_for_known_modules():
-    from contrastive.embedders import channels_last_safe
+    from contrastive.inference import channels_last_safe
 
     assert channels_last_safe(Embedder("test_resnet", dim=4))
     assert channels_last_safe(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
@@ -524,7 +524,7 @@ def test_channels_last_default_only_for_known_modules():
 def test_amp_dtype_uses_fp16_where_bf16_is_emulated(monkeypatch):
     import contextlib
 
-    from contrastive.embedders import amp_dtype
+    from contrastive.inference import amp_dtype
 
     assert amp_dtype("cpu") == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "device", lambda i: contextlib.nullcontext())
@@ -552,7 +552,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 def test_cuda_embed_defaults_autocast_channels_last_and_restore():
     """The CUDA defaults: autocast to amp_dtype, channels_last for a torch.nn model, outputs
     through the pinned stager in order (23 rows in batches of 5), model restored to the CPU."""
-    from contrastive.embedders import amp_dtype
+    from contrastive.inference import amp_dtype
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),

@@ -13,7 +13,8 @@ from evaluation.search import find_duplicates, knn, resolve_backend
 
 # the package exports a function named `knn`, which shadows the submodule attribute
 knn_mod = importlib.import_module("evaluation.search")
-BACKENDS = ["faiss", "torch"]
+backends_mod = importlib.import_module("evaluation.backends")
+BACKENDS = ["faiss", "torch", "blocks"]
 
 
 def brute_force(q, r, k, metric, exclude_self=False):
@@ -118,10 +119,10 @@ def test_torch_reference_chunking(monkeypatch, device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     budget = "_GPU_BLOCK_BYTES" if device == "cuda" else "_CPU_BLOCK_BYTES"
-    monkeypatch.setattr(knn_mod, budget, 64 * 40 * 4)  # 64 query rows x 40 reference rows
+    monkeypatch.setattr(backends_mod, budget, 64 * 40 * 4)  # 64 query rows x 40 reference rows
     widths = []
-    real = knn_mod.block_keys
-    monkeypatch.setattr(knn_mod, "block_keys",
+    real = backends_mod.block_keys
+    monkeypatch.setattr(backends_mod, "block_keys",
                         lambda q, r, *a, **kw: widths.append((r.shape[0], r.device.type))
                         or real(q, r, *a, **kw))
     q = integer_data(70, 3, seed=6)
@@ -184,7 +185,7 @@ def test_accepts_torch_tensors_and_float64():
 
 
 def test_torch_fallback_when_faiss_missing(monkeypatch):
-    monkeypatch.setattr(knn_mod, "_import_faiss", lambda: None)
+    monkeypatch.setattr(backends_mod, "_import_faiss", lambda: None)
     assert resolve_backend("auto", "cpu").kind == "torch"
     with pytest.raises(ImportError, match="faiss"):
         resolve_backend("faiss", "cpu")
@@ -312,7 +313,7 @@ class _FakeFaiss:
 def test_resolve_backend_on_a_cuda_machine(monkeypatch, gpus, backend, k, kind):
     """The backend choice on a (simulated) CUDA machine; no search runs here."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(knn_mod, "_import_faiss", lambda: _FakeFaiss(gpus))
+    monkeypatch.setattr(backends_mod, "_import_faiss", lambda: _FakeFaiss(gpus))
     plan = resolve_backend(backend, None, k)
     assert plan.kind == kind
     assert plan.device.type == ("cpu" if kind == "faiss-cpu" else "cuda")
@@ -405,7 +406,7 @@ def test_large_k_blocks_only_when_asked(monkeypatch):
     windows = []
     real = knn_mod._cpu_block_search
     monkeypatch.setattr(knn_mod, "_cpu_block_search",
-                        lambda *a: windows.append(a[3]) or real(*a))
+                        lambda *a: windows.append(a[0].window) or real(*a))
     assert knn_mod.BLOCK_SELECT_MIN_K <= 258
     list(knn_mod.search_blocks(x, x, 250, "ip", None, "auto", "cpu", large_k_blocks=True))
     assert windows == [250 + knn_mod.TIE_MARGIN]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from contrastive import mi_benchmark as mb
+from contrastive.app import mi_benchmark as mb
 from contrastive.critics import Bilinear, Concat, Separable
 from contrastive.pairs import diagonal_masks
 from losses import functional as LF
@@ -126,7 +126,7 @@ def test_resolve_estimators():
     custom = {"mine": (LF.dv, LF.dv_bound)}
     assert mb.resolve_estimators(custom) == custom
     with pytest.raises(ValueError, match="unknown estimator"):
-        mb.resolve_estimators(("tuba",))
+        mb.resolve_estimators(("bogus",))
     with pytest.raises(TypeError, match="loss_fn, bound_fn"):
         mb.resolve_estimators({"x": LF.dv})
     with pytest.raises(ValueError, match="empty"):
@@ -239,3 +239,14 @@ def test_run_custom_estimator_and_nonfinite_steps_are_skipped():
 def test_run_bad_arguments(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         mb.run(**{"steps_per_level": 1, "progress": False, **kwargs})
+
+
+def test_run_config_records_data_and_per_estimator_critics():
+    res = mb.run(estimators=("infonce",), critic="bilinear", dim=3, batch_size=8, levels=(1,),
+                 steps_per_level=2, progress=False)
+    assert res["config"]["transform"] is None and res["config"]["estimator_critics"] == {}
+    res = mb.run(estimators=mb.family_estimators(("tuba", "l1out")), critic="bilinear", dim=3,
+                 batch_size=8, levels=(1,), steps_per_level=2, progress=False,
+                 estimator_critics={"l1out": mb.gaussian_conditional})
+    assert res["config"]["estimator_critics"] == {"l1out": "gaussian_conditional"}
+    assert np.isfinite(res["estimates"]["l1out"]).all()

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from contrastive.report import (
+from contrastive.app.compare_plots import _mean_curve, _spearman
+from contrastive.app.compare_report import (
     FIELDS,
     METRICS,
-    _mean_curve,
-    _spearman,
     aggregate,
     format_table,
     write_report,
@@ -311,3 +310,63 @@ def test_a_failed_cell_without_a_critic_joins_its_loss_row():
     assert [(r["loss"], r["critic"]) for r in rows] == [("dv", "cosine"), *LOSSES]
     assert rows[0]["n_seeds"] == 1 and rows[0]["n_failed"] == 1
     assert rows[0]["map_at_r_mean"] == 0.5
+
+
+# -- the tuned report (compare --tune) ------------------------------------------------------------
+
+
+def test_aggregate_ci_matches_scipy_t_interval():
+    from contrastive.app.compare_report import aggregate_ci
+
+    records = make_records(seeds=(0, 1, 2, 3))
+    for row in aggregate_ci(records):
+        for f in ("map_at_r", "linear_probe", "readout_infonce"):
+            x = values(records, row["loss"], f)
+            lo, hi = stats.t.interval(0.95, x.size - 1, loc=x.mean(), scale=stats.sem(x))
+            assert row[f"{f}_ci_low"] == pytest.approx(lo, rel=1e-12)
+            assert row[f"{f}_ci_high"] == pytest.approx(hi, rel=1e-12)
+            assert row[f"{f}_ci95"] == pytest.approx((hi - lo) / 2, rel=1e-12)
+            assert row[f"{f}_std"] == pytest.approx(x.std(ddof=1), rel=1e-12)
+
+
+def test_significance_is_the_paired_test_on_common_seeds():
+    from contrastive.app.compare_report import significance
+
+    records = make_records(seeds=(0, 1, 2, 3))
+    res = significance(records, "map_at_r")
+    means = {loss: values(records, loss, "map_at_r").mean() for loss, _ in LOSSES}
+    assert res["best"] == max(means, key=means.get)
+    for loss, _ in LOSSES:
+        if loss == res["best"]:
+            continue
+        ref = stats.ttest_rel(values(records, res["best"], "map_at_r"),
+                              values(records, loss, "map_at_r")).pvalue
+        assert res["p_values"][loss] == pytest.approx(ref, rel=1e-10)
+
+
+def test_write_tuned_report(tmp_path):
+    from contrastive.app.compare_report import write_tuned_report
+
+    records = make_records(seeds=(0, 1, 2))
+    tuning = {loss: {"best_value": 0.5 + i / 10, "n_trials": 3,
+                     "best_params": {"lr": 1e-3 * (i + 1), "temperature": 0.1},
+                     "history": [{"number": n, "value": 0.4 + n / 20} for n in range(3)]}
+              for i, (loss, _) in enumerate(LOSSES)}
+    paths = write_tuned_report(records, tuning, tmp_path, meta={"budget": "3 trials"})
+    for kind in ("json", "csv", "markdown", "map_probe", "tuning_history", "mi_vs_accuracy",
+                 "curves"):
+        assert paths[kind].stat().st_size > 0
+    for kind in ("map_probe", "tuning_history", "mi_vs_accuracy", "curves"):
+        assert paths[kind].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    payload = json.loads(paths["json"].read_text())
+    assert set(payload["tuning"]) == {loss for loss, _ in LOSSES}
+    rows = list(csv.DictReader(paths["csv"].open()))
+    x = values(records, "infonce", "map_at_r")
+    lo, _ = stats.t.interval(0.95, x.size - 1, loc=x.mean(), scale=stats.sem(x))
+    assert float(rows[0]["map_at_r_ci_low"]) == pytest.approx(lo, rel=1e-12)
+    assert json.loads(rows[0]["best_params"]) == {"lr": 1e-3, "temperature": 0.1}
+    md = paths["markdown"].read_text()
+    half = (x.mean() - lo) * 100
+    assert f"{100 * x.mean():.1f} ± {half:.1f}" in md  # mean ± half width of the interval
+    assert "Budget, the same for every loss: 3 trials." in md
+    assert "paired t-test" in md and "lr=0.001, temperature=0.1" in md

@@ -13,8 +13,8 @@ import torch
 from scipy.stats import multivariate_normal
 from sklearn.datasets import load_digits
 
-from contrastive.reproduce import EXPERIMENTS, run
-from contrastive.reproduce.data import (
+from contrastive.app.reproduce import EXPERIMENTS, run
+from contrastive.app.reproduce.data import (
     MARGINAL_COV,
     NEGATIVE_PAIR_COV,
     TRUE_MI,
@@ -25,10 +25,10 @@ from contrastive.reproduce.data import (
     sample_noniid,
     split_halves,
 )
-from contrastive.reproduce.encoders import ConvEncoder, conv_out_size, mlp_encoder
-from contrastive.reproduce.experiments import estimate, make_config, summarise
-from contrastive.reproduce.flows import Flow
-from contrastive.reproduce.report import verdict, write_report
+from contrastive.app.reproduce.encoders import ConvEncoder, conv_out_size, mlp_encoder
+from contrastive.app.reproduce.experiments import estimate, make_config, summarise
+from contrastive.app.reproduce.flows import Flow
+from contrastive.app.reproduce.paper_report import verdict, write_report
 
 # --------------------------------------------------------------------------- flows
 
@@ -226,10 +226,11 @@ def test_estimate_matches_numpy_formulas():
     nce = math.log(7) + np.mean(np.diag(a) - lse)
     off = a[~np.eye(7, dtype=bool)]
     nwj = np.mean(np.diag(a)) - np.exp(-1) * np.mean(np.exp(off))
-    assert float(estimate(s, "nce")) == pytest.approx(nce, abs=1e-10)
+    assert float(estimate(s, "infonce")) == pytest.approx(nce, abs=1e-10)
+    assert float(estimate(s, "nce")) == pytest.approx(nce, abs=1e-10)  # the registry's alias
     assert float(estimate(s, "nwj")) == pytest.approx(nwj, abs=1e-10)
     with pytest.raises(ValueError, match="estimator"):
-        estimate(s, "dv")
+        estimate(s, "foo")
 
 
 def test_summarise_against_numpy():
@@ -310,7 +311,7 @@ def test_tiny_results_are_sane(tiny_results, one_thread):
     assert len(raw["values"]) == 2 and 0.1 < raw["mean"] <= 1.0
     assert r["adversarial"]["runs"][0]["recon_error_f64"] < 1e-9
     assert {(x["critic"], x["estimator"]) for x in r["critics"]["summary"]} == {
-        (c, e) for c in ("bilinear", "separable", "concat") for e in ("nce", "nwj")
+        (c, e) for c in ("bilinear", "separable", "concat") for e in ("infonce", "nwj")
     }
     assert r["noniid"]["baseline"]["true_mi"] == pytest.approx(TRUE_MI)
     # a whole noniid run is deterministic given the seed

@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
+from contrastive.app.config import TrainConfig, UserError
+from contrastive.app.factory import load_embedder
+from contrastive.app.train import fit
 from contrastive.checkpoint import FolderInUse, folder_lock, load_checkpoint
-from contrastive.config import TrainConfig, UserError
-from contrastive.train import fit, load_embedder
 
 
 def _cfg(tmp_path, **kw):

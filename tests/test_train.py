@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from contrastive.config import TrainConfig, load_mapping
-from contrastive.train import build_embedder, build_loss, evaluate_embedder, fit, load_embedder
+from contrastive.app.config import TrainConfig, load_mapping
+from contrastive.app.factory import build_embedder, build_loss, load_embedder
+from contrastive.app.protocol import evaluate_embedder
+from contrastive.app.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,8 +107,8 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, json
     import torch
-    from contrastive.config import TrainConfig
-    from contrastive.train import fit
+    from contrastive.app.config import TrainConfig
+    from contrastive.app.train import fit
 
     torch.set_num_threads(1)
     cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
@@ -239,7 +241,7 @@ def test_eval_steps_are_logged_even_between_log_steps(tmp_path):
 
 
 def test_lr_schedules():
-    from contrastive.train import _lr_lambda
+    from contrastive.app.factory import lr_lambda as _lr_lambda
 
     step = _lr_lambda(TrainConfig(schedule="step", steps=90), 90)
     assert [step(s) for s in (0, 59, 60, 80, 81)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from contrastive.config import TrainConfig
+from contrastive.app.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     """
     import json, sys
-    from contrastive.config import TrainConfig
-    from contrastive.train import fit
+    from contrastive.app.config import TrainConfig
+    from contrastive.app.train import fit
     fit(TrainConfig.from_dict(json.loads(sys.argv[1])))
     """
 )

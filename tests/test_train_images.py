@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 from test_datasets import make_cub, make_inshop
 
-from contrastive.config import TrainConfig
-from contrastive.train import class_disjoint, eval_sets, fit
+from contrastive.app.config import TrainConfig
+from contrastive.app.protocol import class_disjoint, eval_sets
+from contrastive.app.train import fit
 
 
 def test_fit_on_fake_cub_with_timm_backbone(tmp_path):

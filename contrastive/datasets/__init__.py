@@ -21,6 +21,27 @@ name                data                                                       s
 ``digits`` ships with scikit-learn; every other set is read from a local copy under ``root`` and
 never downloaded -- a missing or malformed copy raises ``FileNotFoundError``/``ValueError`` saying
 what was expected where. Layout details: :mod:`.dml`, :mod:`.torchvision_sets`.
+
+Class-disjoint splits (:mod:`contrastive.splits`). Every set also reads the split names
+``"train_classes"`` / ``"test_classes"`` (train on some classes, retrieve among unseen ones) and
+the folds of its training classes ``"fold{k}of{K}-train"`` / ``"fold{k}of{K}-val"`` (seed 0;
+``"fold{k}of{K}s{seed}-..."`` for another), labels renumbered within the split and ``.classes``
+keeping the original ids:
+
+==================  ==========================================================================
+name                ``train_classes`` / ``test_classes``
+==================  ==========================================================================
+``digits``,         all 1797 items: digits 0-5 (1083 items) / digits 6-9 (714 items), a fixed
+``digits_image``    partition (the i.i.d. ``train`` / ``test`` stay available by name)
+``cub200``,         the benchmark's own ``train`` / ``test`` (already class-disjoint)
+``cars196``,
+``sop``
+``inshop``          ``train`` / -- (evaluate on ``test``: its query set against its gallery)
+``mnist``,          ``train`` items of classes 0-4 / ``test`` items of classes 5-9
+``cifar10``
+``folder``          ``all`` (root/<class>/<image>): the first half of the sorted classes / the
+                    second half
+==================  ==========================================================================
 """
 
 from __future__ import annotations
@@ -29,18 +50,24 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from ..registry import Registry
+from ..splits import class_disjoint_folds, parse_split_name
 from .base import (
     ImageArrayDataset,
     ImageFileDataset,
     LabeledDataset,
     TensorDataset,
     remap_labels,
+    subset,
 )
 from .digits import digits, digits_image
 from .dml import cars196, cub200, folder, inshop, sop
 from .torchvision_sets import cifar10, mnist
 
 __all__ = [
+    "DATASETS",
     "get_dataset",
     "available_datasets",
     "register_dataset",
@@ -49,6 +76,8 @@ __all__ = [
     "ImageArrayDataset",
     "ImageFileDataset",
     "remap_labels",
+    "subset",
+    "class_split_sources",
     "digits",
     "digits_image",
     "folder",
@@ -60,35 +89,54 @@ __all__ = [
     "cifar10",
 ]
 
-_REGISTRY: dict[str, Callable[..., LabeledDataset]] = {
-    "digits": digits,
-    "digits_image": digits_image,
-    "folder": folder,
-    "cub200": cub200,
-    "cars196": cars196,
-    "sop": sop,
-    "inshop": inshop,
-    "mnist": mnist,
-    "cifar10": cifar10,
-}
-_ALIASES = {"cub": "cub200", "cars": "cars196", "in_shop": "inshop", "imagefolder": "folder"}
+#: The data sets by name. ``meta``: ``kind`` (``"vector"`` / ``"image"``), ``splits`` (the
+#: reader's own), ``class_disjoint`` (train and test share no class: the DML benchmarks'
+#: protocol), ``embedded`` (ships with the library's dependencies; every other set needs
+#: ``root``) and ``class_split``: how ``"train_classes"`` / ``"test_classes"`` are read --
+#: ``{"train": split, "test": split}`` (the reader's splits, items kept by class) and
+#: ``"test_classes"`` (the held-out class ids; default the second half of the sorted classes).
+DATASETS: Registry[LabeledDataset] = Registry("data set")
+_DIGITS_SPLIT = {"train": "all", "test": "all", "test_classes": (6, 7, 8, 9)}
+_OWN_SPLIT = {"train": "train", "test": "test"}
+for _name, _factory, _aliases, _meta in (
+    ("digits", digits, (), {"kind": "vector", "splits": ("train", "test", "all"),
+                            "class_disjoint": False, "embedded": True,
+                            "class_split": _DIGITS_SPLIT}),
+    ("digits_image", digits_image, (), {"kind": "image", "splits": ("train", "test", "all"),
+                                        "class_disjoint": False, "embedded": True,
+                                        "class_split": _DIGITS_SPLIT}),
+    ("folder", folder, ("imagefolder",), {"kind": "image", "splits": None,
+                                          "class_disjoint": None, "embedded": False,
+                                          "class_split": {"train": "all", "test": "all"}}),
+    ("cub200", cub200, ("cub",), {"kind": "image", "splits": ("train", "test"),
+                                  "class_disjoint": True, "embedded": False,
+                                  "class_split": _OWN_SPLIT}),
+    ("cars196", cars196, ("cars",), {"kind": "image", "splits": ("train", "test"),
+                                     "class_disjoint": True, "embedded": False,
+                                     "class_split": _OWN_SPLIT}),
+    ("sop", sop, (), {"kind": "image", "splits": ("train", "test"), "class_disjoint": True,
+                      "embedded": False, "class_split": _OWN_SPLIT}),
+    ("inshop", inshop, ("in_shop",), {"kind": "image", "splits": ("train", "query", "gallery"),
+                                      "class_disjoint": True, "embedded": False,
+                                      "class_split": {"train": "train", "test": None}}),
+    ("mnist", mnist, (), {"kind": "image", "splits": ("train", "test"), "class_disjoint": False,
+                          "embedded": False, "class_split": _OWN_SPLIT}),
+    ("cifar10", cifar10, (), {"kind": "image", "splits": ("train", "test"),
+                              "class_disjoint": False, "embedded": False,
+                              "class_split": _OWN_SPLIT}),
+):
+    DATASETS.register(_name, _factory, aliases=_aliases, meta=_meta)
 
 
 def available_datasets() -> list[str]:
     """Registered data set names (sorted; aliases not listed)."""
-    return sorted(_REGISTRY)
+    return DATASETS.available()
 
 
-def register_dataset(name: str, factory: Callable[..., LabeledDataset]) -> None:
+def register_dataset(name: str, factory: Callable[..., LabeledDataset],
+                     meta: dict[str, Any] | None = None) -> None:
     """Add ``factory(root, split, transform, **kw)`` under ``name`` (overwriting is refused)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string, got {name!r}")
-    if not callable(factory):
-        raise TypeError(f"factory must be callable, got {type(factory).__name__}")
-    key = name.lower()
-    if key in _REGISTRY or key in _ALIASES:
-        raise ValueError(f"a data set named {name!r} is already registered")
-    _REGISTRY[key] = factory
+    DATASETS.register(name, factory, meta=meta)
 
 
 def get_dataset(
@@ -102,7 +150,49 @@ def get_dataset(
     reader (e.g. ``size=32`` for ``digits_image``, ``verify_md5=False`` for ``cifar10``)."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a string, got {type(name).__name__}")
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in _REGISTRY:
+    if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; available: {', '.join(available_datasets())}")
-    return _REGISTRY[key](root, split=split, transform=transform, **kw)
+    spec = parse_split_name(split)
+    entry = DATASETS.get(name)
+    if spec is None:
+        return entry.factory(root, split=split, transform=transform, **kw)
+    if spec.kind == "test_classes":
+        return _class_side(name, root, "test", transform, kw)
+    train = _class_side(name, root, "train", None, kw)
+    if spec.kind == "train_classes":
+        return subset(train, range(len(train)), transform, f"{name}[{split}]")
+    tr, va = class_disjoint_folds(train.labels, spec.n_folds, seed=spec.seed)[spec.fold]
+    return subset(train, tr if spec.part == "train" else va, transform, f"{name}[{split}]")
+
+
+def class_split_sources(name: str) -> dict[str, Any]:
+    """How ``name`` reads ``"train_classes"`` / ``"test_classes"``: ``{"train": split, "test":
+    split, "test_classes": ids or None}`` (see the module table)."""
+    meta = DATASETS.get(name).meta
+    out = dict(meta.get("class_split") or {"train": "all", "test": "all"})
+    out.setdefault("test_classes", None)
+    return out
+
+
+def _class_side(name: str, root, side: str, transform, kw: dict[str, Any]) -> LabeledDataset:
+    """The training (``side="train"``) or test classes of ``name``."""
+    entry = DATASETS.get(name)
+    src = class_split_sources(name)
+    split = src[side]
+    if split is None:
+        raise ValueError(f"{name!r} has no {side}_classes split; evaluate on its 'test' split "
+                         "(class-disjoint already)")
+    ds = entry.factory(root, split=split, transform=None, **kw)
+    if entry.meta.get("class_disjoint"):  # the benchmark's own splits are class-disjoint
+        return subset(ds, range(len(ds)), transform, f"{name}[{side}_classes]")
+    # classes are judged by their original ids, so the partition is the same on both sides
+    all_ids = [str(c) for c in ds.classes]  # every reader lists its classes sorted
+    test_ids = src["test_classes"]
+    if test_ids is None:  # the second half of the classes (the CUB / Cars convention)
+        test_ids = all_ids[len(all_ids) - len(all_ids) // 2:]
+    held_out = {str(c) for c in test_ids}
+    is_test = np.asarray([str(c) in held_out for c in ds.classes], dtype=bool)[ds.labels]
+    keep = np.flatnonzero(is_test if side == "test" else ~is_test)
+    if keep.size == 0:
+        raise ValueError(f"{name!r} split {split!r} holds no item of the {side} classes")
+    return subset(ds, keep, transform, f"{name}[{side}_classes]")

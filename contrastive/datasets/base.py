@@ -28,6 +28,7 @@ __all__ = [
     "check_split",
     "require_root",
     "find_first",
+    "subset",
 ]
 
 KINDS = ("vector", "image")
@@ -186,3 +187,34 @@ class ImageFileDataset(LabeledDataset):
                 f"image {path!r} of {self.name or 'the dataset'} (item {index}) is missing; "
                 "is the copy complete?"
             ) from exc
+
+
+def subset(ds: LabeledDataset, indices, transform: Callable | None = None,
+           name: str = "") -> LabeledDataset:
+    """The items ``indices`` of ``ds`` as a data set of the same kind, its labels renumbered
+    ``0..C'-1`` over the classes that remain and ``.classes`` keeping their original names / ids
+    (so :func:`contrastive.app.protocol.class_disjoint` can compare two subsets). The data are
+    shared or sliced, never copied from disk; ``transform`` replaces ``ds.transform``."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    kept = np.unique(ds.labels[idx])
+    labels = np.searchsorted(kept, ds.labels[idx]).astype(np.int64)
+    classes = [ds.classes[int(c)] for c in kept]
+    name = name or f"{ds.name}[subset]"
+    if isinstance(ds, TensorDataset):
+        return TensorDataset(ds.data[idx], labels, classes, ds.kind, transform, name)
+    if isinstance(ds, ImageArrayDataset):
+        return ImageArrayDataset(ds.images[idx], labels, classes, transform, name)
+    if isinstance(ds, ImageFileDataset):
+        return ImageFileDataset([ds.paths[i] for i in idx], labels, classes, transform, name)
+    return _Subset(ds, idx, labels, classes, transform, name)
+
+
+class _Subset(LabeledDataset):
+    """Items of another :class:`LabeledDataset`, loaded through it (its transform not applied)."""
+
+    def __init__(self, base: LabeledDataset, idx: np.ndarray, labels, classes, transform, name):
+        super().__init__(labels, classes, base.kind, transform, name)
+        self.base, self.idx = base, idx
+
+    def load(self, index: int) -> Any:
+        return self.base.load(int(self.idx[index]))

@@ -11,7 +11,7 @@ import numpy as np
 __all__ = ["plot", "mean_curve"]
 
 _COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
-_NAMES = {"nce": "I_NCE", "nwj": "I_NWJ", "conv": "ConvNet", "mlp": "MLP"}
+_NAMES = {"infonce": "I_NCE", "nce": "I_NCE", "nwj": "I_NWJ", "conv": "ConvNet", "mlp": "MLP"}
 
 
 def mean_curve(curves: list[dict], metric: str, **match) -> tuple[np.ndarray, ...]:

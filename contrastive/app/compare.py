@@ -2,8 +2,8 @@
 evaluation, reported in one table.
 
 Every (loss, seed) cell trains the same encoder on the same data with the same optimiser, batch
-composition and step budget (:class:`~contrastive.config.TrainConfig`); only the loss (and its
-standard hyper-parameters, :data:`LOSS_DEFAULTS`) changes.
+composition and step budget (:class:`~contrastive.app.config.TrainConfig`); only the loss (and its
+standard hyper-parameters, :func:`loss_defaults`) changes.
 
 A finished cell is reused only when everything that decides its result is the same. Each cell is
 keyed by :func:`cell_key`, a hash of its resolved config (the loss and its keywords completed
@@ -17,7 +17,7 @@ numbers. The output folder is locked while a comparison runs in it
 
 Problems that are the same for every cell (an unknown loss or keyword, ``pml:`` with a critic,
 a batch that cannot hold ``m_per_class`` items of two or more classes, a missing data path) are
-one :class:`~contrastive.config.UserError` before anything trains. A cell that fails while it
+one :class:`~contrastive.app.config.UserError` before anything trains. A cell that fails while it
 trains is reported (on stderr as it happens, in the table and in ``results.json``) and the
 others go on; the result's ``failed`` list names it.
 """
@@ -35,7 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
+from ..errors import UserError, as_user_error
+from ..jsonsafe import to_jsonable
 from .config import (
     Bool,
     ConfigError,
@@ -43,8 +45,6 @@ from .config import (
     PosInt,
     TextList,
     TrainConfig,
-    UserError,
-    as_user_error,
     closest,
     load_mapping,
     resolved_kwargs,
@@ -54,19 +54,17 @@ from .config import (
 #: The embedded default comparison: MI bounds and metric-learning losses.
 DEFAULT_LOSSES = ("infonce", "nwj", "js", "dv", "triplet", "npair", "contrastive")
 
-#: Hyper-parameters each loss gets unless the user overrides them: the usual published values
-#: (NT-Xent/SupCon temperature 0.1; FaceNet-style margin 0.2 on normalised embeddings; Hadsell
-#: margins 0 / 1 on normalised embeddings; plain dot-product N-pair with Sohn's small L2
-#: penalty). MI bounds share InfoNCE's cosine critic so the comparison isolates the objective.
-LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "infonce": {"temperature": 0.1},
-    "nwj": {"temperature": 0.1},
-    "js": {"temperature": 0.1},
-    "dv": {"temperature": 0.1},
-    "triplet": {"margin": 0.2, "mining": "all"},
-    "npair": {"l2_reg": 0.002},
-    "contrastive": {"pos_margin": 0.0, "neg_margin": 1.0},
-}
+def loss_defaults(loss: str, critic: bool = False) -> dict[str, Any]:
+    """The keywords a cell of ``loss`` starts from: the defaults registered with the loss
+    (:mod:`losses.registry`, looked up through its aliases; the usual published values, and the
+    MI bounds share InfoNCE's cosine critic at t = 0.1 so the comparison isolates the objective);
+    none for a ``pml:`` loss. With a ``critic`` the temperature is the critic's, not the loss's."""
+    from losses.registry import LOSSES, defaults
+
+    if loss.startswith("pml:") or loss not in LOSSES:  # an unknown name fails in its check
+        return {}
+    return defaults(loss, critic=critic)
+
 
 #: TrainConfig fields that do not change a cell's result (where it is written, how it is shown).
 NOT_IN_KEY = frozenset({"output", "progress", "resume", "overwrite", "num_workers"})
@@ -75,8 +73,8 @@ NOT_IN_KEY = frozenset({"output", "progress", "resume", "overwrite", "num_worker
 @dataclass
 class CompareConfig:
     """What ``contrastive compare`` runs. ``train`` holds any further
-    :class:`~contrastive.config.TrainConfig` fields shared by every cell (e.g. ``lr``);
-    ``loss_kwargs`` maps a loss name to keywords that replace its :data:`LOSS_DEFAULTS`.
+    :class:`~contrastive.app.config.TrainConfig` fields shared by every cell (e.g. ``lr``);
+    ``loss_kwargs`` maps a loss name to keywords that replace its :func:`loss_defaults`.
     ``losses`` and ``seeds`` take a list or a comma string."""
 
     __pydantic_config__ = TrainConfig.__pydantic_config__
@@ -145,12 +143,12 @@ def describe_critic(loss_module) -> str:
 
 
 def train_config_for(cfg: CompareConfig, loss: str, seed: int,
-                     output: str | None = None) -> TrainConfig:
+                     output: str | None = None,
+                     train_overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The :class:`TrainConfig` of one cell (``output``: its run folder; by default the
-    key-named one under ``cfg.output``)."""
-    kwargs = dict(LOSS_DEFAULTS.get(loss, {}))
-    if cfg.critic is not None:
-        kwargs.pop("temperature", None)
+    key-named one under ``cfg.output``); ``train_overrides`` replace fields for this cell only
+    (the tuned comparison's per-loss learning rate)."""
+    kwargs = loss_defaults(loss, critic=cfg.critic is not None)
     kwargs.update(cfg.loss_kwargs.get(loss, {}))
     base = {
         "dataset": cfg.dataset, "data_dir": cfg.data_dir, "backbone": cfg.backbone,
@@ -161,6 +159,7 @@ def train_config_for(cfg: CompareConfig, loss: str, seed: int,
         "eval_every": max(cfg.steps // 5, 1), "checkpoint_every": max(cfg.steps // 5, 1),
     }
     base.update(cfg.train)
+    base.update(train_overrides or {})
     tcfg = TrainConfig.from_dict(base)
     if output is None:
         tcfg.output = str(Path(cfg.output) / "runs" / f"{cell_name(loss, seed)}__"
@@ -173,18 +172,18 @@ def resolved_cell_config(tcfg: TrainConfig) -> dict[str, Any]:
     :data:`NOT_IN_KEY`, the loss's and critic's keywords completed with their constructors'
     defaults (a sized critic's ``dim`` / ``in_dim`` as the trainer fills it in), and the
     library version."""
-    from . import __version__
+    from .. import __version__
     from .config import _critic_factory, _loss_factory
 
     out = {k: v for k, v in tcfg.to_dict().items() if k not in NOT_IN_KEY}
     out["loss_kwargs"] = resolved_kwargs(_loss_factory(tcfg.loss), tcfg.loss_kwargs)
     if tcfg.critic is not None:
+        from ..critics import CRITICS
+
         ckw = dict(tcfg.critic_kwargs)
-        key = tcfg.critic.lower()
-        if key == "bilinear":
-            ckw.setdefault("dim", tcfg.dim)
-        elif key in ("separable", "concat", "mlp"):
-            ckw.setdefault("in_dim", tcfg.dim)
+        size = CRITICS.get(tcfg.critic).meta.get("size")
+        if size is not None:
+            ckw.setdefault(size, tcfg.dim)
         out["critic_kwargs"] = resolved_kwargs(_critic_factory(tcfg.critic), ckw)
     out["library_version"] = __version__
     return out
@@ -204,9 +203,10 @@ def run_cell(cfg: CompareConfig, loss: str, seed: int,
              tcfg: TrainConfig | None = None) -> dict[str, Any]:
     """Train and evaluate one (loss, seed) cell. A failure is recorded (``status: failed``,
     ``error``, ``traceback``) and printed on stderr, not raised; an interrupt (SIGINT/SIGTERM,
-    :class:`~contrastive.train.TrainingInterrupted`) is raised after its checkpoint is
+    :class:`~contrastive.app.train.TrainingInterrupted`) is raised after its checkpoint is
     written."""
-    from .train import build_loss, fit
+    from .factory import build_loss
+    from .train import fit
 
     tcfg = tcfg or train_config_for(cfg, loss, seed)
     record: dict[str, Any] = {"loss": loss, "seed": seed, "key": cell_key(tcfg),
@@ -239,9 +239,10 @@ def preflight(cfg: CompareConfig) -> dict[tuple[str, int], TrainConfig]:
     config: the configs themselves (loss names and keywords, critic, ``train`` fields), the
     data (train and evaluation splits), the batch composition on the training labels, and each
     loss's construction. Raises :class:`UserError` on the first problem."""
-    from .datasets import get_dataset
-    from .samplers import MPerClassSampler
-    from .train import build_loss, eval_sets
+    from ..datasets import get_dataset
+    from ..samplers import MPerClassSampler
+    from .factory import build_loss
+    from .protocol import eval_sets
 
     configs = {(loss, seed): train_config_for(cfg, loss, seed)
                for loss in cfg.losses for seed in cfg.seeds}
@@ -273,7 +274,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     "failed"}``; ``failed`` lists the ``(loss, seed, error)`` of the cells that failed."""
     from tqdm.auto import tqdm
 
-    from . import report
+    from . import compare_report as report
 
     cfg = cfg.validated()
     configs = preflight(cfg)
@@ -301,7 +302,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
             records.append(record)
         bar.close()
         wall = time.perf_counter() - t0
-        meta = {"config": _jsonable(cfg.__dict__), "wall_time_s": wall,
+        meta = {"config": to_jsonable(cfg.__dict__, nan_to_none=False), "wall_time_s": wall,
                 "versions": _versions()}
         files = report.write_report(records, out, meta=meta, title=f"compare on {cfg.dataset}")
     rows = report.aggregate(records)
@@ -311,15 +312,11 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
             "table": report.format_table(rows), "wall_time_s": wall}
 
 
-def _jsonable(d: dict) -> dict:
-    return json.loads(json.dumps(d, default=str))
-
-
 def _versions() -> dict[str, str]:
     import numpy
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     out = {"contrastive": __version__, "python": platform.python_version(),
            "torch": torch.__version__, "numpy": numpy.__version__,

@@ -1,21 +1,21 @@
 """Reproduction of Tschannen, Djolonga, Rubenstein, Gelly, Lucic, "On Mutual Information
 Maximization for Representation Learning" (ICLR 2020) on 8x8 digits (default) or MNIST.
 
-    from contrastive.reproduce import run, EXPERIMENTS
+    from contrastive.app.reproduce import run, EXPERIMENTS
     result = run("bijective", "runs/reproduce")          # writes bijective.{json,csv,png} ...
     run("critics", "runs/mnist", dataset="mnist", data_dir="~/data", paper_size=True)
 
 Each experiment writes ``NAME.json`` (everything), ``NAME.csv`` (mean and std over seeds of the
 final metrics), ``NAME_runs.csv`` (one row per seed and variant), ``NAME_curves.csv`` (every
 evaluation during training) and ``NAME.png`` (the figure) into ``output``;
-:func:`contrastive.reproduce.report.write_report` turns them into ``docs/reproduction.md``.
+:func:`~contrastive.app.reproduce.paper_report.write_report` turns them into
+``docs/reproduction.md``.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import platform
 import time
 from collections.abc import Iterable
@@ -24,38 +24,12 @@ from typing import Any
 
 import torch
 
+from ...devices import resolve_device
+from ...jsonsafe import to_jsonable
 from .data import load_halves
-from .experiments import DEFAULTS, PAPER, RUNNERS, make_config, run_experiment
+from .experiments import DEFAULTS, EXPERIMENTS, PAPER, make_config, run_experiment
 
 __all__ = ["run", "EXPERIMENTS", "DEFAULTS", "PAPER"]
-
-EXPERIMENTS: dict[str, str] = {
-    "bijective": "RealNVP (bijective) encoders trained with I_NCE / I_NWJ and a bilinear critic: "
-    "the bound and the linear probe improve although MI is maximal throughout",
-    "adversarial": "an MI-maximising bijective encoder trained so that a linear classifier fails: "
-    "probe accuracy falls below raw pixels",
-    "critics": "MLP encoders with bilinear, separable and concat critics under I_NCE and I_NWJ: "
-    "a tighter bound need not give a better probe",
-    "encoders": "ConvNet vs MLP encoders trained to the same bound value (|I_EST - t|, t = 2, 4): "
-    "equal bounds, different probe accuracy",
-    "noniid": "2-D Gaussian with a shared component per batch: non-i.i.d. negatives push the "
-    "estimates above the true MI (0.0204 nats), i.i.d. ones stay below",
-}
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe copy: NaN/Inf -> None, tuples -> lists, numpy/torch scalars -> floats."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, bool) or x is None or isinstance(x, (int, str)):
-        return x
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return str(x)
-    return f if math.isfinite(f) else None
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -67,12 +41,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def run(
@@ -118,8 +86,8 @@ def run(
     if not seeds:
         raise ValueError("seeds is empty; pass at least one seed, e.g. seeds=(0,)")
     cfg = make_config(name, bool(paper_size), steps, sizes)
-    dev = _device(device)
-    _, needs_data = RUNNERS[name]
+    dev = resolve_device(device)
+    needs_data = EXPERIMENTS.meta(name)["needs_data"]
     data = None
     if needs_data:
         data = load_halves(dataset, data_dir).subset(cfg.n_train, cfg.n_test).to(dev)
@@ -127,7 +95,7 @@ def run(
     res = run_experiment(name, data, cfg, seeds, dev, progress)
     res.update(
         experiment=name,
-        description=EXPERIMENTS[name],
+        description=EXPERIMENTS.meta(name)["description"],
         dataset=dataset if needs_data else "gaussian-2d",
         data_shape={"half": list(data.half_shape), "n_train": int(data.x_train.shape[0]),
                     "n_test": int(data.x_test.shape[0])} if data is not None else None,
@@ -149,7 +117,7 @@ def run(
         "figure": out / f"{name}.png",
     }
     res["files"] = {k: str(v) for k, v in files.items()}
-    res = _clean(res)
+    res = to_jsonable(res)  # NaN / Inf -> None: strict JSON, empty CSV cells
     _write_csv(files["summary_csv"], res["summary"])
     _write_csv(files["runs_csv"], res["runs"])
     _write_csv(files["curves_csv"], res["curves"])

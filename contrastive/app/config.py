@@ -29,6 +29,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from torch import nn
 
+from ..errors import UserError
+
 __all__ = [
     "UserError",
     "ConfigError",
@@ -39,24 +41,6 @@ __all__ = [
     "resolved_kwargs",
     "closest",
 ]
-
-
-class UserError(ValueError):
-    """A mistake in what the user asked for (a value, a name, a path, a folder in use). The
-    command line prints it as one ``error:`` line and exits with status 2. It is a
-    ``ValueError`` so that Python callers can catch bad input the usual way."""
-
-
-def as_user_error(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn(*args, **kwargs)`` on what the user gave: its ``ValueError`` or missing file is
-    the user's mistake and is raised as a :class:`UserError` prefixed with ``what`` (which input).
-    Used only where user input is being checked, so internal errors keep their traceback."""
-    try:
-        return fn(*args, **kwargs)
-    except UserError:
-        raise
-    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
-        raise UserError(f"{what}: {exc}") from exc
 
 
 class ConfigError(UserError):
@@ -135,10 +119,8 @@ def _number_list(value: Any) -> Any:
     return value
 
 
-Int = Annotated[int, BeforeValidator(_number)]
 PosInt = Annotated[int, BeforeValidator(_number), Field(gt=0)]
 NonNegInt = Annotated[int, BeforeValidator(_number), Field(ge=0)]
-Float = Annotated[float, BeforeValidator(_number)]
 PosFloat = Annotated[float, BeforeValidator(_number), Field(gt=0)]
 Bool = Annotated[bool, BeforeValidator(_boolean)]
 TextList = Annotated[tuple[str, ...], BeforeValidator(_text_list)]
@@ -149,7 +131,7 @@ _PYDANTIC = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
 @dataclass
 class TrainConfig:
-    """Everything :func:`contrastive.train.fit` needs.
+    """Everything :func:`contrastive.app.train.fit` needs.
 
     Data: ``dataset`` (a name from ``contrastive.datasets.available_datasets()``), ``data_dir``
     (local root for the real data sets), ``views`` (0: supervised batches of ``batch_size //
@@ -166,7 +148,9 @@ class TrainConfig:
     ``critic_kwargs`` (a name from ``contrastive.critics.available()``) to override the loss's
     default critic.
 
-    Optimisation: ``optimizer`` ("adamw", "adam" or "sgd"), ``lr``, ``weight_decay``,
+    Optimisation: ``optimizer`` ("adamw", "adam" or "sgd"), ``lr``, ``proxy_lr`` (the
+    learning rate of a loss's proxies or learnable margin, ``losses.proxies``; ``None``: 100 x
+    ``lr``, Kim et al. 2020's ratio), ``weight_decay``,
     ``momentum``, ``schedule`` ("cosine", "constant" or "step"), ``warmup_steps``, ``steps`` (or
     ``epochs``), ``grad_clip`` (max global norm, ``None`` for off), ``amp`` (``None``: bf16
     autocast on CUDA only), ``seed``.
@@ -204,6 +188,7 @@ class TrainConfig:
     epochs: PosInt | None = None
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: PosFloat = 1e-3
+    proxy_lr: PosFloat | None = None
     weight_decay: Annotated[float, BeforeValidator(_number), Field(ge=0)] = 1e-4
     momentum: Annotated[float, BeforeValidator(_number), Field(ge=0, lt=1)] = 0.9
     schedule: Literal["cosine", "constant", "step"] = "cosine"
@@ -367,27 +352,25 @@ def _loss_factory(name: str, field_name: str = "loss", source: str | None = None
             raise ConfigError(field_name, name, "a pytorch-metric-learning loss class",
                               ("pml:" + c) if (c := closest(name[4:], pml_names())) else None,
                               source=source) from None
-    import losses
-    from losses import registry
+    from losses.registry import LOSSES
 
     try:
-        key = registry.canonical(name)
+        return LOSSES.get(name).factory
     except ValueError:
-        names = losses.available() + sorted(getattr(registry, "_ALIASES", {}))
-        raise ConfigError(field_name, name, f"one of {losses.available()} or pml:<ClassName>",
+        names = LOSSES.available() + sorted(LOSSES.aliases())
+        raise ConfigError(field_name, name, f"one of {LOSSES.available()} or pml:<ClassName>",
                           closest(name.strip().lower(), names), source=source) from None
-    return registry._REGISTRY[key]
 
 
 def _critic_factory(name: str, source: str | None = None):
-    from . import critics
+    from .. import critics
 
-    key = str(name).lower().replace("-", "_")
-    table = getattr(critics, "_REGISTRY", {})
-    if key not in table:
+    try:
+        return critics.CRITICS.get(str(name)).factory
+    except ValueError:
         raise ConfigError("critic", name, f"one of {critics.available()}",
-                          closest(key, critics.available()), source=source)
-    return table[key]
+                          closest(str(name).lower(), critics.available()),
+                          source=source) from None
 
 
 def _check_kwargs(factory: Any, kwargs: Any, field_name: str, what: str,

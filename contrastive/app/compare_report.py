@@ -39,9 +39,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .checkpoint import atomic_write_bytes, atomic_write_text
+from ..checkpoint import atomic_write_bytes, atomic_write_text
+from ..jsonsafe import to_jsonable
+from .compare_plots import (
+    _as_float,
+    _png,
+    _status,
+    plot_curves,
+    plot_map_probe,
+    plot_mi_vs_accuracy,
+    plot_tuning_history,
+)
+from .results import format_mean_std, markdown_table, mean_std
 
 __all__ = [
     "METRICS",
@@ -53,6 +62,11 @@ __all__ = [
     "plot_map_probe",
     "plot_mi_vs_accuracy",
     "plot_curves",
+    "aggregate_ci",
+    "significance",
+    "format_tuned_table",
+    "write_tuned_report",
+    "plot_tuning_history",
 ]
 
 # Retrieval / clustering / classification metrics, all fractions in [0, 1].
@@ -104,17 +118,6 @@ FILES = {
 # --------------------------------------------------------------------------- statistics
 
 
-def _as_float(x: Any) -> float:
-    """A finite float, or NaN for anything missing, non-numeric or non-finite."""
-    if x is None or isinstance(x, bool):
-        return math.nan
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return math.nan
-    return v if math.isfinite(v) else math.nan
-
-
 def _field_values(record: Mapping[str, Any]) -> dict[str, float]:
     """The aggregated fields of one record, NaN where absent."""
     metrics = record.get("metrics") or {}
@@ -123,22 +126,6 @@ def _field_values(record: Mapping[str, Any]) -> dict[str, float]:
     out.update({f"readout_{r}": _as_float(readout.get(r)) for r in READOUTS})
     out["train_time_s"] = _as_float(record.get("train_time_s"))
     return out
-
-
-def mean_std(values: Sequence[float], ddof: int = 1) -> tuple[float, float, int]:
-    """``(mean, std, n)`` over the finite entries of ``values``; ``std = np.std(x, ddof=ddof)``,
-    NaN when ``n <= ddof``; both NaN when there is no finite value."""
-    x = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
-    n = int(x.size)
-    if n == 0:
-        return math.nan, math.nan, 0
-    mean = float(x.mean())
-    std = float(x.std(ddof=ddof)) if n > ddof else math.nan
-    return mean, std, n
-
-
-def _status(record: Mapping[str, Any]) -> str:
-    return str(record.get("status", "ok"))
 
 
 def _check_records(records: Any) -> list[Mapping[str, Any]]:
@@ -228,13 +215,8 @@ def aggregate(records: Iterable[Mapping[str, Any]], ddof: int = 1) -> list[dict[
 
 
 def _fmt(mean: float, std: float, kind: str) -> str:
-    if not math.isfinite(mean):
-        return "—"
     scale, digits = {"pct": (100.0, 1), "nats": (1.0, 2), "sec": (1.0, 1)}[kind]
-    text = f"{mean * scale:.{digits}f}"
-    if math.isfinite(std):
-        text += f" ± {std * scale:.{digits}f}"
-    return text
+    return format_mean_std(mean, std, f".{digits}f", scale=scale, missing="—")
 
 
 def _footnote(rows: Sequence[Mapping[str, Any]], ddof: int) -> list[str]:
@@ -292,49 +274,13 @@ def format_table(
                 for _, f, k in _TABLE_COLUMNS
             ]
         body.append(cells)
-    widths = [max(len(c) for c in col) for col in zip(header, *body)]
-
-    def line(cells: Sequence[str]) -> str:
-        out = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
-        return "| " + " | ".join(out) + " |"
-
-    rule = "|" + "|".join(
-        ("-" * (w + 2)) if i < 2 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)
-    ) + "|"
-    text = "\n".join([line(header), rule] + [line(b) for b in body])
+    text = markdown_table(header, body, align="ll" + "r" * len(_TABLE_COLUMNS), pad=True)
     if footnote and rows:
         text += "\n\n" + "\n\n".join(_footnote(rows, ddof))
     return text
 
 
 # --------------------------------------------------------------------------- files
-
-
-def _jsonable(x: Any) -> Any:
-    """Plain JSON: NaN / Inf become ``null``, numpy and torch scalars Python numbers, paths
-    strings, tuples and sets lists."""
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, bool) or x is None or isinstance(x, str):
-        return x
-    if isinstance(x, int):
-        return x
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, os.PathLike):
-        return os.fspath(x)
-    if hasattr(x, "item") and callable(x.item):  # torch / numpy 0-d
-        try:
-            return _jsonable(x.item())
-        except (TypeError, ValueError, RuntimeError):
-            pass
-    return str(x)
 
 
 def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -427,7 +373,7 @@ def write_report(
         "records": records,
     }
     atomic_write_text(
-        paths["json"], json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n"
+        paths["json"], json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n"
     )
     atomic_write_text(paths["csv"], _csv_text(rows))
     plot_files = [paths[k].name for k in ("map_probe", "mi_vs_accuracy", "curves") if k in paths]
@@ -435,231 +381,206 @@ def write_report(
     return paths
 
 
-# --------------------------------------------------------------------------- plots
+# --------------------------------------------------------------------------- the tuned report
+
+TUNED_FILES = {**FILES, "tuning_history": "tuning_history.png"}
+
+# (header, field) of the tuned table; every value in % with its 95% t-interval half width.
+_TUNED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("MAP@R", "map_at_r"),
+    ("R@1", "recall_at_1"),
+    ("R-Prec", "r_precision"),
+    ("NMI", "nmi"),
+    ("Linear probe", "linear_probe"),
+    ("k-NN", "knn_top1"),
+)
+#: The metrics whose indistinguishable-from-best set is reported.
+SIGNIFICANCE_METRICS = ("map_at_r", "linear_probe")
 
 
-def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
-    """A figure on the Agg canvas, without pyplot's global state (safe in any backend), with an
-    ``nrows x ncols`` array of axes (none when ``ncols=0``)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def aggregate_ci(records: Iterable[Mapping[str, Any]], confidence: float = 0.95
+                 ) -> list[dict[str, Any]]:
+    """:func:`aggregate`'s rows with, for every field ``f``, ``f_ci95`` (the half width of the
+    Student-t interval over the successful seeds, :func:`contrastive.app.statistics.t_interval`),
+    ``f_ci_low`` and ``f_ci_high``."""
+    from .statistics import t_interval
 
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False) if ncols else None
-    return fig, axes
+    records = _check_records(records)
+    rows = aggregate(records)
+    for row in rows:
+        ok = [r for r in records if _status(r) == "ok" and str(r["loss"]) == row["loss"]
+              and str(r.get("critic", "")) == row["critic"]]
+        values = [_field_values(r) for r in ok]
+        for f in FIELDS:
+            iv = t_interval([v[f] for v in values], confidence)
+            row[f"{f}_ci95"], row[f"{f}_ci_low"], row[f"{f}_ci_high"] = (iv.half_width, iv.low,
+                                                                         iv.high)
+    return rows
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+def significance(records: Iterable[Mapping[str, Any]], metric: str, alpha: float = 0.05
+                 ) -> dict[str, Any]:
+    """:func:`contrastive.app.statistics.indistinguishable_from_best` of ``metric`` over the
+    seeds of each loss (successful cells only)."""
+    from .statistics import indistinguishable_from_best
+
+    per_seed: dict[str, dict[int, float]] = {}
+    for r in _check_records(records):
+        per_seed.setdefault(str(r["loss"]), {})
+        if _status(r) == "ok":
+            v = _field_values(r)[metric]
+            if math.isfinite(v):
+                per_seed[str(r["loss"])][r["seed"]] = v
+    return indistinguishable_from_best(per_seed, alpha=alpha)
+
+
+def _ci_cell(row: Mapping[str, Any], f: str) -> str:
+    return format_mean_std(row.get(f"{f}_mean", math.nan), row.get(f"{f}_ci95", math.nan),
+                           ".1f", scale=100.0, missing="—")
+
+
+def _params_text(params: Mapping[str, Any]) -> str:
+    parts = []
+    for k, v in params.items():
+        parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(parts)
+
+
+def format_tuned_table(rows: Sequence[Mapping[str, Any]],
+                       tuning: Mapping[str, Mapping[str, Any]],
+                       sig: Mapping[str, Mapping[str, Any]] | None = None,
+                       baseline: Mapping[str, float] | None = None) -> str:
+    """The tuned comparison as a Markdown table: per loss the best validation MAP@R of its
+    search, test-class metrics as ``mean ± half width of the 95% t-interval`` (%), ``*`` on the
+    losses indistinguishable from the best MAP@R (``sig["map_at_r"]``), the I_NCE readout and
+    the chosen hyper-parameters; ``baseline`` (retrieval metrics of the raw input) adds a last
+    row ``(raw input)``."""
+    best_set = set((sig or {}).get("map_at_r", {}).get("indistinguishable", []))
+    header = (["Loss", "Val MAP@R"] + [h for h, _ in _TUNED_COLUMNS]
+              + ["I_NCE (nats)", "Chosen (lr, loss keywords)"])
+    body = []
+    for r in rows:
+        t = tuning.get(r["loss"], {})
+        name = str(r["loss"]) + (" *" if r["loss"] in best_set else "")
+        if int(r.get("n_seeds", 0)) == 0:
+            cells = [name, "—"] + ["failed"] + ["—"] * (len(_TUNED_COLUMNS) - 1) + ["—", "—"]
+        else:
+            val = t.get("best_value")
+            cells = [name, f"{100 * val:.1f}" if val is not None else "—"]
+            cells += [_ci_cell(r, f) for _, f in _TUNED_COLUMNS]
+            cells.append(format_mean_std(r.get("readout_infonce_mean"),
+                                         r.get("readout_infonce_ci95"), ".2f"))
+            cells.append(_params_text(t.get("best_params", {})))
+        body.append(cells)
+    if baseline:
+        body.append(["(raw input)", "—"] + [
+            f"{100 * baseline[f]:.1f}" if f in baseline else "—" for _, f in _TUNED_COLUMNS]
+            + ["—", "no training"])
+    return markdown_table(header, body, align="l" + "r" * (len(_TUNED_COLUMNS) + 2) + "l",
+                          pad=True)
+
+
+def _tuned_footnote(rows, tuning, sig, meta) -> list[str]:
+    ns = sorted({int(r["n_seeds"]) for r in rows if int(r["n_seeds"]) > 0})
+    seeds = f"{ns[0]} seeds" if len(ns) == 1 else "seeds: " + ", ".join(
+        f"{r['loss']} {r['n_seeds']}" for r in rows)
+    lines = [
+        f"Test classes never seen in training or tuning. Mean ± half width of the 95% Student-t "
+        f"interval over {seeds} (t_(0.975, n-1) · s / √n), in %. Val MAP@R: the best trial's "
+        "mean MAP@R over the class-disjoint validation folds of the training classes. "
+        "Linear probe and k-NN: trained on a stratified half of the test classes, scored on the "
+        "other half. I_NCE: final readout on a training batch, nats.",
+    ]
+    if meta.get("budget"):
+        lines.append(f"Budget, the same for every loss: {meta['budget']}.")
+    if meta.get("baseline"):
+        lines.append("(raw input): the same retrieval on the flattened input itself, no model "
+                     "-- the floor a learned embedding has to clear.")
+    for metric, res in (sig or {}).items():
+        if res.get("best") is None:
+            continue
+        ps = ", ".join(f"{k} p={v:.3g}" for k, v in res["p_values"].items() if k != res["best"])
+        lines.append(
+            f"{metric}: best {res['best']}; indistinguishable from it (two-sided paired t-test "
+            f"over seeds, Holm-corrected, α = {res['alpha']}): "
+            f"{', '.join(res['indistinguishable'])}" + (f" ({ps})." if ps else ".")
+            + (" `*` in the table." if metric == "map_at_r" else ""))
+    return lines
+
+
+def _tuned_csv(rows, tuning) -> str:
+    columns = ["loss", "critic", "n_seeds", "n_failed", "val_map_at_r", "n_trials",
+               "best_params"]
+    for f in FIELDS:
+        columns += [f"{f}_mean", f"{f}_std", f"{f}_ci95", f"{f}_ci_low", f"{f}_ci_high"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        t = tuning.get(r["loss"], {})
+        extra = {"val_map_at_r": t.get("best_value"), "n_trials": t.get("n_trials"),
+                 "best_params": json.dumps(t.get("best_params", {}), sort_keys=True)}
+        w.writerow([repr(float(v)) if isinstance(v := {**r, **extra}[c], float) else v
+                    for c in columns])
     return buf.getvalue()
 
 
-def _colors(n: int) -> list:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
-
-
-def _label(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
-    """The loss name, plus the critic when one loss appears with several critics."""
-    dup = sum(r["loss"] == row["loss"] for r in rows) > 1
-    return f"{row['loss']} [{row['critic']}]" if dup else str(row["loss"])
-
-
-def _no_data(ax, text: str = "no successful runs") -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def _err(std: float) -> float:
-    return std if math.isfinite(std) else 0.0
-
-
-def plot_map_probe(rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping] = ()):
-    """Grouped bars: MAP@R and linear-probe accuracy (%) per loss, mean ± std over seeds."""
-    rows = [r for r in rows if r["n_seeds"] > 0]
-    fig, axes = _figure(max(6.0, 1.05 * len(rows) + 2.5), 4.2)
-    ax = axes[0, 0]
-    if not rows:
-        _no_data(ax)
-        return fig
-    x = np.arange(len(rows))
-    width = 0.38
-    series = (("map_at_r", "MAP@R", "#4C72B0"), ("linear_probe", "linear-probe accuracy",
-                                                 "#DD8452"))
-    for j, (f, name, color) in enumerate(series):
-        m = np.array([r[f"{f}_mean"] for r in rows]) * 100
-        s = np.array([_err(r[f"{f}_std"]) for r in rows]) * 100
-        pos = x + (j - 0.5) * width
-        bars = ax.bar(pos, np.nan_to_num(m), width, yerr=s, capsize=3, color=color, label=name,
-                      error_kw={"elinewidth": 1, "ecolor": "0.2"})
-        for b, v, e in zip(bars, m, s):
-            if math.isfinite(v):
-                ax.text(b.get_x() + b.get_width() / 2, v + e + 1, f"{v:.1f}", ha="center",
-                        va="bottom", fontsize=7)
-    ax.set_xticks(x, [_label(r, rows) for r in rows], rotation=20 if len(rows) > 5 else 0,
-                  ha="right" if len(rows) > 5 else "center")
-    ax.set_ylim(0, 112)
-    ax.set_ylabel("%")
-    ax.set_title("Retrieval (MAP@R) and linear-probe accuracy per loss (mean ± std over seeds)",
-                 fontsize=10)
-    ax.legend(loc="upper left", ncols=2, fontsize=8, frameon=False)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    return fig
-
-
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN for fewer than 3 points."""
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if x.size < 3:
-        return math.nan
-
-    def ranks(v: np.ndarray) -> np.ndarray:
-        order = np.argsort(v, kind="mergesort")
-        r = np.empty(v.size)
-        r[order] = np.arange(v.size, dtype=float)
-        for u in np.unique(v):  # average ties
-            r[v == u] = r[v == u].mean()
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return math.nan
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def plot_mi_vs_accuracy(rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping] = ()):
-    """Two panels: final I_NCE (left) and I_NWJ (right) readout against linear-probe accuracy,
-    one labelled point per loss with std error bars on both axes, Spearman's rho in the title."""
-    all_rows = list(rows)
-    colors = dict(zip([id(r) for r in all_rows], _colors(len(all_rows))))
-    rows = [r for r in all_rows if r["n_seeds"] > 0]
-    fig, axes = _figure(11.0, 4.6, ncols=2)
-    for ax, (field, name) in zip(axes[0], (("readout_infonce", "I_NCE"),
-                                           ("readout_nwj", "I_NWJ"))):
-        pts = [r for r in rows if math.isfinite(r[f"{field}_mean"])
-               and math.isfinite(r["linear_probe_mean"])]
-        if not pts:
-            _no_data(ax, f"no finite {name} readout and probe accuracy")
-            ax.set_title(f"final {name} readout vs linear-probe accuracy", fontsize=10)
-            continue
-        xs = np.array([r[f"{field}_mean"] for r in pts])
-        ys = np.array([r["linear_probe_mean"] for r in pts]) * 100
-        for r, x, y in zip(pts, xs, ys):
-            ax.errorbar(x, y, xerr=_err(r[f"{field}_std"]), yerr=_err(r["linear_probe_std"]) * 100,
-                        fmt="o", ms=7, capsize=3, color=colors[id(r)], ecolor="0.5")
-            ax.annotate(_label(r, rows), (x, y), xytext=(6, 5), textcoords="offset points",
-                        fontsize=8)
-        rho = _spearman(xs, ys)
-        rho_txt = (f"\nSpearman ρ = {rho:+.2f} over {len(pts)} losses" if math.isfinite(rho)
-                   else "")
-        ax.set_title(f"final {name} readout vs linear-probe accuracy{rho_txt}", fontsize=10)
-        ax.set_xlabel(f"{name} readout (nats, training batch)")
-        ax.set_ylabel("linear-probe accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.margins(x=0.18, y=0.15)
-    fig.suptitle("A higher MI readout does not mean a better representation "
-                 "(mean ± std over seeds)", fontsize=11)
-    return fig
-
-
-def _mean_curve(histories: Sequence[Sequence[Mapping[str, Any]]], key: str):
-    """``(steps, mean over seeds)`` of ``key`` at every step where some seed has a finite value."""
-    by_step: dict[float, list[float]] = {}
-    for h in histories:
-        for e in h or ():
-            if not isinstance(e, Mapping) or "step" not in e:
-                continue
-            v = _as_float(e.get(key))
-            if math.isfinite(v):
-                by_step.setdefault(float(e["step"]), []).append(v)
-    steps = np.array(sorted(by_step))
-    return steps, np.array([np.mean(by_step[s]) for s in steps])
-
-
-def _smooth(y: np.ndarray, points: int = 60) -> tuple[np.ndarray, int]:
-    """Trailing moving average with a window of ``len(y) // points`` (1 = no smoothing)."""
-    w = max(1, y.size // points)
-    if w == 1:
-        return y, 1
-    c = np.cumsum(np.insert(y, 0, 0.0))
-    out = np.empty_like(y)
-    out[w - 1:] = (c[w:] - c[:-w]) / w
-    out[: w - 1] = c[1:w] / np.arange(1, w)
-    return out, w
-
-
-def plot_curves(rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, Any]]):
-    """Training curves, mean over the successful seeds of each loss: the I_NCE readout and
-    Recall@1 (evaluation steps, when logged) of all losses on shared axes in the top row, then
-    one small panel per loss for its own training loss (the losses live on different scales)."""
-    all_rows = list(rows)
-    color_of = dict(zip([(r["loss"], r["critic"]) for r in all_rows], _colors(len(all_rows))))
-    hist: dict[tuple[str, str], list] = {}
-    for rec in records:
-        if _status(rec) == "ok" and rec.get("history"):
-            hist.setdefault((str(rec["loss"]), str(rec.get("critic", ""))), []).append(
-                rec["history"])
-    series = [(r, hist[(r["loss"], r["critic"])]) for r in all_rows
-              if (r["loss"], r["critic"]) in hist]
-    n = len(series)
-    ncols = 4 if n > 6 else max(2, min(3, n))
-    loss_rows = max(1, math.ceil(n / ncols))
-    fig, _ = _figure(3.3 * ncols, 3.0 * (1 + loss_rows), ncols=0)
-    if not series:
-        fig.set_size_inches(5.0, 3.0)
-        _no_data(fig.add_subplot(), "no training history")
-        return fig
-    gs = fig.add_gridspec(1 + loss_rows, ncols)
-
-    top = [("infonce", "I_NCE readout (nats)"), ("recall_at_1", "Recall@1 (eval, %)")]
-    half = max(1, ncols // 2)
-    shared = [fig.add_subplot(gs[0, :half]), fig.add_subplot(gs[0, half:])]
-    for ax, (key, name) in zip(shared, top):
-        drawn, window = False, 1
-        for r, hs in series:
-            steps, y = _mean_curve(hs, key)
-            if steps.size == 0:
-                continue
-            color = color_of[(r["loss"], r["critic"])]
-            if key == "recall_at_1":
-                ax.plot(steps, y * 100, "o-", ms=3, lw=1.4, color=color, label=_label(r, all_rows))
-            else:
-                ys, window = _smooth(y)
-                ax.plot(steps, ys, lw=1.4, color=color, label=_label(r, all_rows))
-            drawn = True
-        if not drawn:
-            _no_data(ax, f"no {name} logged")
-            ax.set_title(name, fontsize=10)
-            continue
-        suffix = f" — moving avg of {window} steps" if window > 1 else ""
-        ax.set_title(name + suffix, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    handles, labels = shared[0].get_legend_handles_labels()
-    if not handles:
-        handles, labels = shared[1].get_legend_handles_labels()
-    if handles:
-        shared[1].legend(handles, labels, fontsize=7, frameon=False, loc="center left",
-                         bbox_to_anchor=(1.01, 0.5))
-
-    for i, (r, hs) in enumerate(series):
-        ax = fig.add_subplot(gs[1 + i // ncols, i % ncols])
-        steps, y = _mean_curve(hs, "loss")
-        if steps.size == 0:
-            _no_data(ax, "no loss logged")
-        else:
-            ys, window = _smooth(y)
-            ax.plot(steps, ys, lw=1.3, color=color_of[(r["loss"], r["critic"])])
-            ax.grid(alpha=0.3)
-            ax.set_xlabel("step", fontsize=8)
-            ax.tick_params(labelsize=7)
-        ax.set_title(f"{_label(r, all_rows)}: training loss", fontsize=9)
-    fig.suptitle(f"Training curves, mean over seeds ({n} losses)", fontsize=11)
-    return fig
+def write_tuned_report(
+    records: Iterable[Mapping[str, Any]],
+    tuning: Mapping[str, Mapping[str, Any]],
+    output_dir: str | os.PathLike,
+    title: str | None = None,
+    *,
+    meta: Mapping[str, Any] | None = None,
+    plots: bool = True,
+) -> dict[str, Path]:
+    """The report of ``contrastive compare --tune``: ``results.json`` (records, the rows with
+    their intervals, the tuning of each loss, the significance sets, ``meta``), ``results.csv``
+    (``*_mean``, ``*_std``, ``*_ci95``, ``*_ci_low``, ``*_ci_high`` per field, the validation
+    MAP@R and the chosen hyper-parameters), ``results.md`` (:func:`format_tuned_table` and its
+    footnote) and the plots ``map_probe.png`` (95% interval bars), ``mi_vs_accuracy.png``,
+    ``curves.png`` and ``tuning_history.png``. ``tuning`` maps a loss to
+    :func:`contrastive.app.tuning.tune_loss`'s summary."""
+    records = _check_records(records)
+    if not records:
+        raise ValueError("records is empty: there is nothing to report; run at least one cell")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = title or "Tuned comparison"
+    meta = dict(meta or {})
+    rows = aggregate_ci(records)
+    sig = {m: significance(records, m) for m in SIGNIFICANCE_METRICS}
+    paths = {k: out / v for k, v in TUNED_FILES.items()}
+    if plots:
+        atomic_write_bytes(paths["map_probe"], _png(plot_map_probe(rows, records, err="ci95")))
+        atomic_write_bytes(paths["mi_vs_accuracy"],
+                           _png(plot_mi_vs_accuracy(rows, records, err="ci95")))
+        atomic_write_bytes(paths["curves"], _png(plot_curves(rows, records)))
+        atomic_write_bytes(paths["tuning_history"], _png(plot_tuning_history(tuning)))
+    else:
+        for kind in ("map_probe", "mi_vs_accuracy", "curves", "tuning_history"):
+            paths.pop(kind)
+    payload = {"title": title, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ddof": 1,
+               "confidence": 0.95, "meta": meta, "aggregate": rows, "significance": sig,
+               "tuning": tuning, "records": records}
+    atomic_write_text(paths["json"],
+                      json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(paths["csv"], _tuned_csv(rows, tuning))
+    parts = [f"# {title}", "", format_tuned_table(rows, tuning, sig, meta.get("baseline")), "",
+             "\n\n".join(_tuned_footnote(rows, tuning, sig, meta))]
+    failed = [r for r in records if _status(r) != "ok"]
+    if failed:
+        parts += ["", "## Failed cells", ""]
+        parts += [f"- `{r['loss']}` seed {r['seed']}: "
+                  f"{' '.join(str(r.get('error') or 'no error message').split())[:300]}"
+                  for r in failed]
+    plot_names = [paths[k].name for k in ("map_probe", "tuning_history", "mi_vs_accuracy",
+                                          "curves") if k in paths]
+    if plot_names:
+        captions = {"map_probe.png": "MAP@R and linear-probe accuracy, 95% intervals",
+                    "tuning_history.png": "best-so-far validation MAP@R per trial",
+                    "mi_vs_accuracy.png": "final MI readout vs linear-probe accuracy",
+                    "curves.png": "training curves of the final cells"}
+        parts += ["", "## Plots", ""] + [f"![{captions[p]}]({p})" for p in plot_names]
+    atomic_write_text(paths["markdown"], "\n".join(parts) + "\n")
+    return paths

@@ -1,0 +1,105 @@
+"""What every report of the application shares: the Markdown table, the mean and standard
+deviation over seeds, and the ``mean ± std`` cell.
+
+The comparison (:mod:`.compare_report`), the known-MI benchmark (:mod:`.mi_benchmark`), the
+reproduction (:mod:`.reproduce`) and the command line write their tables and statistics with
+these, each formatting its own cells. JSON cleaning is :func:`contrastive.jsonsafe.to_jsonable`
+(core, since checkpoints need it too).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["markdown_table", "mean_std", "format_mean_std"]
+
+
+def markdown_table(
+    header: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    *,
+    align: str | None = None,
+    pad: bool = False,
+) -> str:
+    """A pipe table (no trailing newline) of ``header`` and ``rows`` of already formatted cells.
+
+    ``align``: one letter per column, ``"l"`` (the default alignment, rule ``---``) or ``"r"``
+    (right, rule ``---:``); ``None`` leaves every column at the default. ``pad=True`` pads each
+    column to its widest cell (left-aligned columns with ``ljust``, right-aligned with
+    ``rjust``) so that the table also reads in a terminal; the rule then spans the column.
+    """
+    header = [str(h) for h in header]
+    body = [[str(c) for c in r] for r in rows]
+    ncol = len(header)
+    align = "l" * ncol if align is None else align
+    if len(align) != ncol or set(align) - {"l", "r"}:
+        raise ValueError(f"align must be one letter 'l' or 'r' per column ({ncol}), got {align!r}")
+    for i, r in enumerate(body):
+        if len(r) != ncol:
+            raise ValueError(f"rows[{i}] has {len(r)} cells, the header {ncol}")
+    if not pad:
+        lines = ["| " + " | ".join(header) + " |",
+                 "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(lines)
+    widths = [max(len(c) for c in col) for col in zip(header, *body)]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(cells, widths, align)]
+        return "| " + " | ".join(out) + " |"
+
+    rule = "|" + "|".join(
+        "-" * (w + 1) + ":" if a == "r" else "-" * (w + 2) for w, a in zip(widths, align)
+    ) + "|"
+    return "\n".join([line(header), rule] + [line(r) for r in body])
+
+
+def mean_std(
+    values: Iterable[float], ddof: int = 1, *, skip_nonfinite: bool = True
+) -> tuple[float, float, int]:
+    """``(mean, std, n)`` of ``values`` as float64: ``mean = sum(x) / n`` (``np.mean``) and
+    ``std = sqrt(sum((x - mean)^2) / (n - ddof))`` (``np.std(x, ddof=ddof)``; ``ddof=1`` the sample
+    standard deviation, ``ddof=0`` the population one).
+
+    ``n`` counts the values used: the finite ones when ``skip_nonfinite`` (default), else all
+    (a NaN then makes both statistics NaN). ``std`` is NaN when ``n <= ddof``; both are NaN when
+    ``n == 0``.
+    """
+    x = np.asarray([float(v) for v in values], dtype=np.float64)
+    if skip_nonfinite:
+        x = x[np.isfinite(x)]
+    n = int(x.size)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = float(x.mean())
+    std = float(x.std(ddof=ddof)) if n > ddof else math.nan
+    return mean, std, n
+
+
+def format_mean_std(
+    mean: float | None,
+    std: float | None,
+    fmt: str | Callable[[float], str] = ".3f",
+    std_fmt: str | Callable[[float], str] | None = None,
+    *,
+    scale: float = 1.0,
+    missing: str = "—",
+) -> str:
+    """The cell ``"<mean> ± <std>"``, both multiplied by ``scale`` and written with ``fmt`` (a
+    format spec such as ``".1f"``, or a function of the number) and ``std_fmt`` (default
+    ``fmt``); the mean alone when ``std`` is ``None`` or not finite (a single seed); ``missing``
+    when ``mean`` is ``None`` or not finite."""
+
+    def text(v: float, f: str | Callable[[float], str]) -> str:
+        v = v * scale if scale != 1.0 else v  # an int stays an int for a callable ``fmt``
+        return f(v) if callable(f) else format(v, f)
+
+    if mean is None or not math.isfinite(mean):
+        return missing
+    out = text(mean, fmt)
+    if std is not None and math.isfinite(std):
+        out += " ± " + text(std, fmt if std_fmt is None else std_fmt)
+    return out

@@ -1,0 +1,358 @@
+"""The trainer: turns a loss into a trained embedding model.
+
+``fit(config)`` builds the data set, the sampler, the embedder and the loss from a
+:class:`~contrastive.app.config.TrainConfig`, trains for a step budget and evaluates on the held-out
+split with the ``evaluation`` package. It
+
+* runs on CUDA with bf16 autocast when present (the losses compute in float32 regardless), on CPU
+  otherwise, and under ``torchrun`` with DDP: each rank embeds its share of one global
+  ``P x m`` batch and the loss sees the whole batch through an all-gather that passes gradients
+  back (:func:`contrastive.distributed.all_gather_with_grad`);
+* writes an atomic checkpoint (model, loss/critic, optimizer, scheduler, sampler position, RNG
+  states) every ``checkpoint_every`` steps; ``resume=True`` continues from the last one and ends
+  bit-for-bit where an uninterrupted run would (on CPU, ``num_workers=0``);
+* logs every ``log_every`` steps to ``log.jsonl`` and ``log.csv`` (loss, learning rate, and the
+  I_NCE / I_NWJ readouts of the loss's own score matrix on the training batch), evaluates
+  retrieval every ``eval_every`` steps, and at the end adds clustering, a linear probe and a
+  weighted k-NN classifier; the result goes to ``result.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import check_own_packages
+from .. import checkpoint as ckpt
+from .. import distributed as dist_utils
+from ..errors import UserError, as_user_error
+from .config import TrainConfig
+from .factory import (
+    build_embedder,
+    build_loss,
+    eval_transform,
+    lr_lambda,
+    make_optimizer,
+    train_transform,
+)
+from .protocol import eval_sets, evaluate_embedder
+from .run_folder import RunLog, StopOnSignal, TrainingInterrupted, prepare_output
+
+check_own_packages()  # a user's own losses.py / evaluation/ would shadow ours: say so now
+
+__all__ = ["fit", "TrainingInterrupted", "DivergedError"]
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+class _SkippingBatches:
+    """A batch sampler that skips the first ``skip`` batches of the next epoch (resume)."""
+
+    def __init__(self, sampler, skip: int = 0):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(self.sampler):
+            if i >= skip:
+                yield batch
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def _readout(loss_fn: nn.Module, emb: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """I_NCE / I_NWJ of the batch under the loss's own critic (a cosine critic, t = 0.1, for
+    pytorch-metric-learning losses, which have none)."""
+    from losses import InfoNCE
+
+    reader = loss_fn if hasattr(loss_fn, "readout") else InfoNCE(temperature=0.1)
+    try:
+        return reader.readout(emb.detach(), labels)
+    except ValueError:
+        return {"infonce": float("nan"), "nwj": float("nan")}
+
+
+def _call_loss(loss_fn: nn.Module, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if loss_fn.__class__.__module__.startswith("pytorch_metric_learning"):
+        # pml losses do not force float32 under autocast; do it for them.
+        with torch.autocast(device_type=emb.device.type, enabled=False):
+            return loss_fn(emb.float(), labels)
+    return loss_fn(emb, labels)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+class DivergedError(UserError, FloatingPointError):
+    """The loss or the embeddings became non-finite: a setting (usually the learning rate) is
+    too aggressive. A user-facing error (one ``error:`` line on the command line)."""
+
+
+def fit(config: TrainConfig | dict) -> dict[str, Any]:
+    """Train an embedder with a loss as ``config`` says; return the result dict (also written to
+    ``<output>/result.json``): ``metrics`` (final evaluation), ``readout`` (mean I_NCE / I_NWJ of
+    the last logged training batches), ``history`` (the log rows), ``train_time_s``, ``steps``.
+
+    The run folder is locked while the run lasts (a second run into it stops with a
+    :class:`UserError`); a folder holding a run needs ``resume`` or ``overwrite`` (see
+    :class:`~contrastive.app.config.TrainConfig`). SIGINT / SIGTERM write a checkpoint at the
+    current step and raise :class:`TrainingInterrupted`. A custom ``nn.Module`` backbone trains
+    and checkpoints its weights; resuming needs the same module passed again.
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    cfg = cfg.validated()
+    owns_group = not dist_utils.is_distributed()  # then fit destroys the group it makes
+    rank, world, _local, device = dist_utils.setup(device=cfg.device)
+    main = rank == 0
+    out = Path(cfg.output)
+    with contextlib.ExitStack() as stack:
+        if owns_group:
+            stack.callback(dist_utils.cleanup)
+        if main:
+            stack.enter_context(ckpt.folder_lock(out, "contrastive train"))
+        state = prepare_output(cfg, out, main)
+        stop = stack.enter_context(StopOnSignal())
+        return _fit(cfg, state, stop, rank, world, device)
+
+
+def _check_finite_weights(model: nn.Module, step: int, cfg: TrainConfig,
+                          x: torch.Tensor | None = None) -> None:
+    """:class:`DivergedError` when the weights, or the embeddings of the batch ``x`` under them
+    (in eval mode: no state changes), are no longer finite -- before an evaluation would fail
+    on them with a less telling message."""
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if finite and x is not None:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            finite = bool(torch.isfinite(model(x)).all())
+        model.train(was_training)
+    if not finite:
+        raise DivergedError(
+            f"the weights became non-finite by step {step}: training diverged; lower lr "
+            f"({cfg.lr:g}) or set grad_clip"
+        )
+
+
+
+
+def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, world: int,
+         device) -> dict[str, Any]:
+    main = rank == 0
+    out = Path(cfg.output)
+    ckpt_dir = out / "checkpoints"
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    import random as _random
+
+    _random.seed(cfg.seed)
+
+    # Data and model. The embedder is built before the data transforms that depend on it.
+    from ..datasets import get_dataset
+    from ..samplers import MPerClassSampler
+    from ..views import MultiView, collate_views
+
+    def split(name: str, transform=None):
+        return as_user_error(f"data set {cfg.dataset!r}", get_dataset, cfg.dataset,
+                             root=cfg.data_dir, split=name, transform=transform)
+
+    base = split(cfg.train_split)  # untransformed: sizes the model and picks the transforms
+    model = as_user_error("backbone", build_embedder, cfg, base).to(device)
+    eval_tf = eval_transform(model, base)
+    train_tf = train_transform(cfg, base, model)
+    if cfg.views >= 2:
+        train_ds = MultiView(base, train_tf, n_views=cfg.views)
+        sampler_labels = np.arange(len(base))
+        m, collate = 1, collate_views
+    else:
+        train_ds = split(cfg.train_split, train_tf)
+        sampler_labels = np.asarray(train_ds.labels)
+        m, collate = cfg.m_per_class, None
+    train_eval_ds = split(cfg.train_split, eval_tf)
+    test_ds, ref_ds = as_user_error(f"data set {cfg.dataset!r}", eval_sets, cfg.dataset,
+                                     cfg.data_dir, cfg.eval_split, eval_tf)
+    sampler = as_user_error(f"batches of {cfg.dataset!r} (batch_size, m_per_class)",
+                            MPerClassSampler, sampler_labels, m=m, batch_size=cfg.batch_size,
+                            seed=cfg.seed, num_replicas=world, rank=rank)
+    steps_per_epoch = len(sampler)
+    total_steps = cfg.epochs * steps_per_epoch if cfg.epochs is not None else cfg.steps
+
+    loss_fn = as_user_error(f"loss {cfg.loss!r}", build_loss, cfg.loss, cfg.loss_kwargs,
+                            cfg.critic, cfg.critic_kwargs,
+                            embedding_dim=getattr(model, "dim", cfg.dim),
+                            num_classes=int(np.max(sampler_labels)) + 1).to(device)
+    if main:  # only once the data, the batches, the model and the loss are known to be good
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    optimizer = make_optimizer(cfg, list(model.parameters()) + list(loss_fn.parameters()),
+                               loss_fn)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    amp = (device.type == "cuda") if cfg.amp is None else bool(cfg.amp)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    custom = isinstance(cfg.backbone, nn.Module)
+
+    # Resume.
+    step, epoch, batch_in_epoch = 0, 0, 0
+    history: list[dict] = []
+    train_time = 0.0
+    last = ckpt_dir / "last.pt"
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            loss_fn.load_state_dict(state["loss"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise UserError(
+                f"cannot resume from {last}: its weights do not fit the model these settings "
+                f"build ({first[1].strip() if len(first) > 1 else first[0]}); pass the same "
+                "backbone (the same nn.Module for a custom one), or --overwrite"
+            ) from exc
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        history = state.get("history", [])
+        train_time = state.get("train_time_s", 0.0)
+        ckpt.restore_rng_state(state["rng"])
+        del state
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    logger = RunLog(out, main, step)
+
+    def loader_for(skip: int):
+        sampler.set_epoch(epoch)
+        return torch.utils.data.DataLoader(
+            train_ds, batch_sampler=_SkippingBatches(sampler, skip), collate_fn=collate,
+            num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+            # A private generator: creating the loader iterator must not draw from the global
+            # RNG, or a resumed run would see different augmentations than an uninterrupted one.
+            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
+        )
+
+    def save(name: str = "last.pt") -> None:
+        if not main:
+            return
+        inner = _unwrap(model)
+        ckpt.atomic_save({
+            "model": inner.state_dict(),
+            # a custom nn.Module cannot be rebuilt from a dict: its weights are kept, and
+            # resuming or reloading needs the same module passed again
+            "embedder_config": None if custom else inner.config(),
+            "custom_backbone": type(cfg.backbone).__qualname__ if custom else None,
+            "loss": loss_fn.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+            "rng": ckpt.capture_rng_state(),
+            "history": history, "train_time_s": train_time,
+            "config": cfg.to_dict(),
+        }, ckpt_dir / name)
+
+    bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and main),
+               desc=f"{cfg.loss}", dynamic_ncols=True)
+    model.train()
+    recent: list[dict] = []
+    from ..inference import channels_last_safe
+
+    to_channels_last = device.type == "cuda" and channels_last_safe(model)  # no custom .view()
+    x = None  # the last training batch (none when a finished run is resumed)
+    while step < total_steps:
+        loader = loader_for(batch_in_epoch)
+        t0 = time.perf_counter()
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            y = torch.as_tensor(y).to(device, non_blocking=True)
+            if x.dim() == 4 and to_channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            ctx = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp
+                   else contextlib.nullcontext())
+            with ctx:
+                emb = ddp_model(x)
+            emb_all, y_all = dist_utils.gather_embeddings(emb, y)
+            if not bool(torch.isfinite(emb_all).all()):
+                raise DivergedError(
+                    f"the embeddings became non-finite at step {step}: training diverged; lower "
+                    f"lr ({cfg.lr:g}) or set grad_clip"
+                )
+            loss = _call_loss(loss_fn, emb_all, y_all)
+            if not torch.isfinite(loss):
+                raise DivergedError(
+                    f"the loss became {loss.item()} at step {step}: training diverged; lower lr "
+                    f"({cfg.lr:g}) or set grad_clip"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            dist_utils.average_gradients(loss_fn.parameters())  # DDP averages only the model's
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(
+                    list(model.parameters()) + list(loss_fn.parameters()), cfg.grad_clip
+                )
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            batch_in_epoch += 1
+            bar.update(1)
+            eval_due = bool(cfg.eval_every) and step % cfg.eval_every == 0 and step != total_steps
+            if step % cfg.log_every == 0 or step == total_steps or eval_due:
+                row = {"step": step, "epoch": epoch, "loss": float(loss.detach()),
+                       "lr": optimizer.param_groups[0]["lr"]}
+                row.update(_readout(loss_fn, emb_all.float(), y_all))
+                recent = (recent + [row])[-5:]
+                bar.set_postfix(loss=f"{row['loss']:.4f}", nce=f"{row['infonce']:.2f}")
+                if eval_due:  # on every rank: each embeds its share of the test set
+                    _check_finite_weights(_unwrap(model), step, cfg, x)
+                    row.update(evaluate_embedder(_unwrap(model), test_ds, reference=ref_ds,
+                                                 device=device, seed=cfg.seed,
+                                                 num_workers=cfg.num_workers))
+                    model.train()
+                history.append(row)
+                logger.log(row)
+            if batch_in_epoch >= steps_per_epoch:
+                epoch, batch_in_epoch = epoch + 1, 0
+            due = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
+            if due or stop.received:
+                train_time += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save()
+            if stop.received:
+                bar.close()
+                raise TrainingInterrupted(step, last if main else None, stop.received)
+            if step >= total_steps or batch_in_epoch == 0:
+                break
+        train_time += time.perf_counter() - t0
+    bar.close()
+    _check_finite_weights(_unwrap(model), step, cfg, x)
+
+    result: dict[str, Any] = {"steps": step, "train_time_s": train_time, "history": history}
+    save("last.pt")  # on rank 0
+    metrics, backend = evaluate_embedder(_unwrap(model), test_ds, train_eval_ds,
+                                         reference=ref_ds, return_backend=True,
+                                         probe=cfg.final_probe, device=device, seed=cfg.seed,
+                                         progress=cfg.progress and main,
+                                         num_workers=cfg.num_workers)
+    if main:
+        result["metrics"] = metrics
+        result["eval_backend"] = backend
+        result["readout"] = {
+            k: float(np.nanmean([r[k] for r in recent])) if recent else float("nan")
+            for k in ("infonce", "nwj")
+        }
+        result["config"] = cfg.to_dict()
+        ckpt.atomic_write_json(out / "result.json", result)
+    dist_utils.barrier()
+    return result

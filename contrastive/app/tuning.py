@@ -1,0 +1,496 @@
+"""The tuned comparison (``contrastive compare --tune``): every loss gets the same
+hyper-parameter search budget, judged on class-disjoint cross-validation folds of the training
+classes, then its best configuration is retrained on all training classes with several seeds and
+evaluated on classes never seen while training or tuning (Musgrave, Belongie & Lim, "A Metric
+Learning Reality Check", ECCV 2020).
+
+The protocol, the same for every loss:
+
+* Search: per loss, one Optuna study (TPE, ``TPESampler(seed=tune_seed, n_startup_trials=4,
+  constant_liar=True)``) over the loss's registered space (``losses.registry`` meta
+  ``search_space``; ``search_spaces`` in the config for ``pml:`` losses or to override) plus the
+  learning rate (:data:`LR_SPACE`, the same range for every loss). A trial trains on fold ``k``'s
+  training classes and scores MAP@R on its validation classes, for every fold
+  (:func:`contrastive.splits.class_disjoint_folds`); its value is the mean over folds. A trial
+  that diverges scores 0. Same backbone, embedding size, optimiser, batch composition, step
+  budget, trial seed and number of trials for every loss.
+* Storage: Optuna's RDB storage, a SQLite file ``<output>/tuning.db`` by default or any
+  SQLAlchemy URL (``storage``). The study name is the loss and a hash of every setting that
+  decides a trial's value (not the number of trials: asking for more trials extends the study).
+  :func:`run_trials` counts the finished trials and runs only the remainder, so a killed run
+  resumes where it stopped and several processes (or machines on a shared database) can work on
+  one study: a trial runs only when fewer than ``n_trials`` finished or running trials precede it
+  (trial numbers are handed out by the database), so workers neither lose nor repeat trials; a
+  trial left ``RUNNING`` by a process that died on this machine is marked failed and redone.
+* Final: the best configuration of each loss is retrained on all training classes
+  (``"train_classes"``) with every seed and evaluated on the test classes (``"test_classes"``);
+  those cells are cached like ``contrastive compare``'s (:func:`~.compare.cell_key`). The report
+  (:func:`~.compare_report.write_tuned_report`) gives mean and 95% t-interval per metric, the
+  chosen hyper-parameters and the losses indistinguishable from the best
+  (:mod:`.statistics`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import checkpoint as ckpt
+from ..errors import UserError
+from ..jsonsafe import to_jsonable
+from ..splits import fold_split_name
+from .compare import (
+    DEFAULT_LOSSES,
+    CompareConfig,
+    cell_key,
+    cell_name,
+    loss_defaults,
+    preflight,
+    run_cell,
+    train_config_for,
+)
+from .config import Bool, ConfigError, IntList, NonNegInt, PosInt, TextList, TrainConfig
+
+__all__ = ["TuneConfig", "LR_SPACE", "N_STARTUP", "search_space", "study_name", "storage_url",
+           "open_study", "run_trials", "trial_config", "tune_loss", "tune", "finished_trials"]
+
+#: The learning-rate dimension every loss is searched over (AdamW, log-uniform).
+LR_SPACE: dict[str, Any] = {"low": 1e-5, "high": 1e-2, "log": True}
+#: Random trials before TPE models the results (fixed, so the study does not depend on N).
+N_STARTUP = 4
+#: Splits of the final retraining and evaluation.
+FINAL_SPLITS = {"train_split": "train_classes", "eval_split": "test_classes"}
+
+
+@dataclass
+class TuneConfig:
+    """What ``contrastive compare --tune`` runs. ``steps``, ``batch_size``, ``m_per_class`` are
+    the budget of every trial and of every final cell; ``trials`` per loss, ``folds`` of the
+    training classes (seeded by ``fold_seed``), ``tune_seed`` seeds the sampler and the trials'
+    training; ``seeds`` are the final retraining seeds. ``search_spaces`` maps a loss to a space
+    that replaces its registered one (needed for ``pml:`` losses); ``loss_kwargs`` fixes keywords
+    that are not searched; ``train`` holds further :class:`TrainConfig` fields for every run."""
+
+    __pydantic_config__ = TrainConfig.__pydantic_config__
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    losses: TextList = DEFAULT_LOSSES
+    backbone: str = "mlp"
+    steps: PosInt = 400
+    seeds: IntList = (0, 1, 2)
+    batch_size: PosInt = 48
+    m_per_class: PosInt = 16
+    trials: PosInt = 8
+    folds: PosInt = 2
+    fold_seed: NonNegInt = 0
+    tune_seed: NonNegInt = 0
+    storage: str | None = None
+    search_spaces: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    loss_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    output: str = "runs/compare-tuned"
+    train: dict[str, Any] = field(default_factory=dict)
+    progress: Bool = True
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> TuneConfig:
+        from .config import validate_fields
+
+        cfg = validate_fields(cls, dict(data), source=source)
+        if not cfg.losses:
+            raise UserError("config field 'losses': got an empty list, expected loss names")
+        if not cfg.seeds:
+            raise UserError("config field 'seeds': got an empty list, expected seeds")
+        if cfg.folds < 2:
+            raise ConfigError("folds", cfg.folds, "an int >= 2", source=source)
+        for key in ("output", "resume", "overwrite", "progress", "loss", "seed", "lr",
+                    "train_split", "eval_split", "m_per_class", "batch_size", "steps"):
+            if key in cfg.train:
+                raise ConfigError(f"train.{key}", cfg.train[key],
+                                  "no value: --tune sets it (lr is searched; use the top-level "
+                                  "fields for the rest)", source=source)
+        for what in ("search_spaces", "loss_kwargs"):
+            for name in getattr(cfg, what):
+                if name not in cfg.losses:
+                    raise ConfigError(f"{what}.{name}", getattr(cfg, what)[name],
+                                      f"a loss of losses ({', '.join(cfg.losses)})",
+                                      source=source)
+        return cfg
+
+    def validated(self) -> TuneConfig:
+        return self.from_dict(dict(self.__dict__))
+
+
+# ------------------------------------------------------------------------------ the search
+
+
+def search_space(loss: str, override: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The space searched for ``loss``: ``override`` or the registered ``search_space`` of the
+    loss, plus ``"lr"`` (:data:`LR_SPACE`). A ``pml:`` loss without ``override`` has only the
+    learning rate."""
+    from losses.registry import LOSSES
+
+    if override is not None:
+        space = dict(override)
+    elif loss.startswith("pml:") or loss not in LOSSES:
+        space = {}
+    else:
+        space = dict(LOSSES.get(loss).meta.get("search_space") or {})
+    for name, spec in space.items():
+        if not isinstance(spec, Mapping) or not ("choices" in spec or
+                                                 ("low" in spec and "high" in spec)):
+            raise ConfigError(f"search_spaces.{loss}.{name}", spec,
+                              "{low, high, log} or {choices: [...]}")
+    if "lr" in space:
+        raise ConfigError(f"search_spaces.{loss}.lr", space["lr"],
+                          "no 'lr': the learning rate is searched for every loss alike")
+    space["lr"] = dict(LR_SPACE)
+    return space
+
+
+def suggest(trial, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """One point of ``space`` from an Optuna trial (``suggest_categorical`` / ``suggest_float``,
+    in the space's order)."""
+    out = {}
+    for name, spec in space.items():
+        if "choices" in spec:
+            out[name] = trial.suggest_categorical(name, list(spec["choices"]))
+        else:
+            out[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]),
+                                            log=bool(spec.get("log", False)))
+    return out
+
+
+def _settings(cfg: TuneConfig, loss: str) -> dict[str, Any]:
+    """Everything that decides a trial's value (the study's identity)."""
+    from .. import __version__
+
+    return {"loss": loss, "dataset": cfg.dataset, "data_dir": cfg.data_dir,
+            "backbone": cfg.backbone, "steps": cfg.steps, "batch_size": cfg.batch_size,
+            "m_per_class": cfg.m_per_class, "folds": cfg.folds, "fold_seed": cfg.fold_seed,
+            "tune_seed": cfg.tune_seed, "n_startup": N_STARTUP,
+            "space": search_space(loss, cfg.search_spaces.get(loss)),
+            "fixed": cfg.loss_kwargs.get(loss, {}), "train": cfg.train,
+            "library_version": __version__}
+
+
+def study_name(cfg: TuneConfig, loss: str) -> str:
+    """``<loss>-<12 hex digits of the settings' SHA-256>``."""
+    text = json.dumps(_settings(cfg, loss), sort_keys=True, default=repr)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{cell_name(loss, 0).rsplit('__', 1)[0]}-{digest}"
+
+
+def storage_url(cfg: TuneConfig) -> str:
+    """``cfg.storage`` or ``sqlite:///<output>/tuning.db``."""
+    if cfg.storage:
+        return cfg.storage
+    path = Path(cfg.output).resolve() / "tuning.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def open_study(storage: str, name: str, seed: int):
+    """Create or load the study ``name`` (maximise) in ``storage`` with the seeded TPE sampler.
+    SQLite waits up to 60 s for a lock held by another worker."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
+    rdb = optuna.storages.RDBStorage(storage, engine_kwargs=kwargs)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=N_STARTUP,
+                                         constant_liar=True)
+    return optuna.create_study(study_name=name, storage=rdb, sampler=sampler,
+                               direction="maximize", load_if_exists=True)
+
+
+def finished_trials(study) -> list:
+    """The study's completed trials, by number."""
+    from optuna.trial import TrialState
+
+    return sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                  key=lambda t: t.number)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fail_dead_local_trials(study) -> int:
+    """Mark failed the RUNNING trials started by a process of this machine that no longer
+    exists (a killed run); returns how many."""
+    from optuna.trial import TrialState
+
+    host, n = socket.gethostname(), 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker") or {}
+        if worker.get("host") == host and worker.get("pid") != os.getpid() \
+                and not _alive(int(worker.get("pid", -1))):
+            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            n += 1
+    return n
+
+
+def run_trials(study, n_trials: int, objective: Callable[[Any], float],
+               on_trial: Callable[[Any, float], None] | None = None) -> int:
+    """Run trials of ``study`` until it holds ``n_trials`` completed ones; returns how many this
+    process completed. Before each trial the finished ones are counted, so a resumed run does
+    only the remainder; a trial asked for runs only when fewer than ``n_trials`` completed or
+    running trials have a lower number (else it is marked failed, ``surplus``), so concurrent
+    workers stop at exactly ``n_trials``. An exception in ``objective`` marks its trial failed
+    and propagates."""
+    from optuna.trial import TrialState
+
+    _fail_dead_local_trials(study)
+    done = 0
+    while len(finished_trials(study)) < n_trials:
+        trial = study.ask()
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        ahead = [t for t in study.get_trials(deepcopy=False,
+                                             states=(TrialState.COMPLETE, TrialState.RUNNING))
+                 if t.number < trial.number]
+        if len(ahead) >= n_trials:
+            trial.set_user_attr("surplus", True)
+            study.tell(trial, state=TrialState.FAIL)
+            break
+        try:
+            value = float(objective(trial))
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        study.tell(trial, value)
+        done += 1
+        if on_trial is not None:
+            on_trial(trial, value)
+    return done
+
+
+def trial_config(cfg: TuneConfig, loss: str, params: Mapping[str, Any], fold: int,
+                 output: str) -> TrainConfig:
+    """The :class:`TrainConfig` of one fold of one trial: ``params`` (``lr`` and the loss's
+    keywords) over the loss's defaults and ``cfg.loss_kwargs``; trains on the fold's training
+    classes and evaluates retrieval on its validation classes, no probe, no checkpoints."""
+    params = dict(params)
+    kwargs = loss_defaults(loss)
+    kwargs.update(cfg.loss_kwargs.get(loss, {}))
+    kwargs.update({k: v for k, v in params.items() if k != "lr"})
+    base = {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "backbone": cfg.backbone,
+            "loss": loss, "loss_kwargs": kwargs, "steps": cfg.steps,
+            "batch_size": cfg.batch_size, "m_per_class": cfg.m_per_class,
+            "lr": params.get("lr", LR_SPACE["low"]), "seed": cfg.tune_seed,
+            "train_split": fold_split_name(fold, cfg.folds, "train", cfg.fold_seed),
+            "eval_split": fold_split_name(fold, cfg.folds, "val", cfg.fold_seed),
+            "final_probe": False, "eval_every": 0, "checkpoint_every": 0,
+            "log_every": max(cfg.steps // 10, 1), "progress": False, "output": output}
+    base.update(cfg.train)
+    return TrainConfig.from_dict(base)
+
+
+def _objective(cfg: TuneConfig, loss: str, space: Mapping[str, Any], scratch: Path):
+    from .train import DivergedError, fit
+
+    def objective(trial) -> float:
+        params = suggest(trial, space)
+        scores = []
+        for k in range(cfg.folds):
+            with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+                try:
+                    res = fit(trial_config(cfg, loss, params, k, tmp))
+                    value = float(res["metrics"]["map_at_r"])
+                except DivergedError as exc:
+                    trial.set_user_attr("diverged", str(exc).splitlines()[0])
+                    value = 0.0
+            scores.append(value if value == value else 0.0)  # NaN scores as 0
+        trial.set_user_attr("fold_map_at_r", scores)
+        return sum(scores) / len(scores)
+
+    return objective
+
+
+def tune_loss(cfg: TuneConfig, loss: str, log: Callable[[str], None] | None = None
+              ) -> dict[str, Any]:
+    """Run (or resume) the study of ``loss`` up to ``cfg.trials`` completed trials; returns
+    ``{"loss", "study", "storage", "space", "n_trials", "ran_now", "best_params", "best_value",
+    "history": [{"number", "value", "params"}]}`` (history over the completed trials, by
+    number)."""
+    storage = storage_url(cfg)
+    name = study_name(cfg, loss)
+    study = open_study(storage, name, cfg.tune_seed)
+    space = search_space(loss, cfg.search_spaces.get(loss))
+    scratch = Path(cfg.output) / "tuning" / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+
+    def said(trial, value):
+        if log is not None:
+            n = len(finished_trials(study))
+            best = study.best_value
+            log(f"tune {loss}: trial {trial.number} val MAP@R {value:.4f} (best {best:.4f}, "
+                f"{n}/{cfg.trials} done)")
+
+    ran = run_trials(study, cfg.trials, _objective(cfg, loss, space, scratch), said)
+    trials = finished_trials(study)[: cfg.trials]
+    best = max(trials, key=lambda t: (t.value, -t.number))
+    return {"loss": loss, "study": name, "storage": _public_url(storage), "space": space,
+            "n_trials": len(trials), "ran_now": ran, "best_params": dict(best.params),
+            "best_value": float(best.value), "best_trial": best.number,
+            "history": [{"number": t.number, "value": float(t.value), "params": dict(t.params),
+                         "fold_map_at_r": t.user_attrs.get("fold_map_at_r"),
+                         "diverged": t.user_attrs.get("diverged")} for t in trials]}
+
+
+def _public_url(url: str) -> str:
+    """The storage URL without a password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+# ------------------------------------------------------------------------------ the whole run
+
+
+def final_compare_config(cfg: TuneConfig, best: Mapping[str, Mapping[str, Any]] | None = None
+                         ) -> CompareConfig:
+    """The :class:`CompareConfig` of the final cells: every loss with its best keywords
+    (``best[loss]``, ``lr`` left out: see :func:`final_train_config`), on the training classes,
+    evaluated on the test classes."""
+    kwargs = {}
+    for loss in cfg.losses:
+        kw = dict(cfg.loss_kwargs.get(loss, {}))
+        kw.update({k: v for k, v in (best or {}).get(loss, {}).items() if k != "lr"})
+        if kw:
+            kwargs[loss] = kw
+    return CompareConfig.from_dict({
+        "dataset": cfg.dataset, "data_dir": cfg.data_dir, "losses": cfg.losses,
+        "loss_kwargs": kwargs, "backbone": cfg.backbone, "steps": cfg.steps,
+        "seeds": cfg.seeds, "batch_size": cfg.batch_size, "output": cfg.output,
+        "train": {**cfg.train, **FINAL_SPLITS, "m_per_class": cfg.m_per_class},
+        "progress": False})
+
+
+def final_train_config(ccfg: CompareConfig, loss: str, seed: int, lr: float | None
+                       ) -> TrainConfig:
+    """One final cell: :func:`~.compare.train_config_for` with the tuned learning rate."""
+    return train_config_for(ccfg, loss, seed, train_overrides=None if lr is None else {"lr": lr})
+
+
+def _preflight(cfg: TuneConfig) -> None:
+    """Every check that is the same for all runs, before anything trains: the fold and final
+    splits, the batch composition on them, each loss with its default keywords and with one
+    point of its search space."""
+    for k in range(cfg.folds):
+        fold = CompareConfig.from_dict({
+            "dataset": cfg.dataset, "data_dir": cfg.data_dir, "losses": cfg.losses,
+            "backbone": cfg.backbone, "steps": cfg.steps, "seeds": [cfg.tune_seed],
+            "batch_size": cfg.batch_size, "output": cfg.output, "progress": False,
+            "train": {**cfg.train, "m_per_class": cfg.m_per_class,
+                      "train_split": fold_split_name(k, cfg.folds, "train", cfg.fold_seed),
+                      "eval_split": fold_split_name(k, cfg.folds, "val", cfg.fold_seed)}})
+        preflight(fold)
+    preflight(final_compare_config(cfg))
+    for loss in cfg.losses:
+        space = search_space(loss, cfg.search_spaces.get(loss))
+        point = {n: (s["choices"][0] if "choices" in s else s["low"]) for n, s in space.items()}
+        trial_config(cfg, loss, point, 0, str(Path(cfg.output) / "tuning" / "check"))
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def tune(cfg: TuneConfig) -> dict[str, Any]:
+    """Tune every loss (resuming its study), retrain the best configurations with every seed
+    on the training classes, evaluate on the test classes and write the report. Returns
+    ``{"records", "rows", "tuning", "files", "table", "wall_time_s", "tune_time_s",
+    "failed"}``."""
+    from . import compare_report as report
+    from .compare import _versions
+
+    cfg = cfg.validated()
+    _preflight(cfg)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    log = _say if cfg.progress else None
+    tuning = {loss: tune_loss(cfg, loss, log) for loss in cfg.losses}
+    tune_time = time.perf_counter() - t0
+    shutil.rmtree(out / "tuning" / "scratch", ignore_errors=True)
+    ccfg = final_compare_config(cfg, {k: v["best_params"] for k, v in tuning.items()})
+    with ckpt.folder_lock(out, "contrastive compare --tune"):
+        cells = out / "cells"
+        cells.mkdir(parents=True, exist_ok=True)
+        records = []
+        for loss in cfg.losses:
+            for seed in cfg.seeds:
+                tcfg = final_train_config(ccfg, loss, seed, tuning[loss]["best_params"].get("lr"))
+                key = cell_key(tcfg)
+                path = cells / f"{cell_name(loss, seed)}__{key}.json"
+                if path.exists():
+                    saved = json.loads(path.read_text())
+                    if saved.get("key") == key and saved.get("status") == "ok":
+                        records.append(saved)
+                        continue
+                if log:
+                    log(f"final {loss} seed {seed}")
+                record = run_cell(ccfg, loss, seed, tcfg)
+                if record.get("status") == "ok":
+                    ckpt.atomic_write_json(path, record)
+                records.append(record)
+        wall = time.perf_counter() - t0
+        meta = {"config": to_jsonable(cfg.__dict__, nan_to_none=False), "wall_time_s": wall,
+                "tune_time_s": tune_time, "versions": _versions(),
+                "budget": budget_text(cfg), "baseline": raw_input_baseline(cfg)}
+        files = report.write_tuned_report(records, tuning, out, meta=meta,
+                                          title=f"tuned compare on {cfg.dataset} "
+                                                "(class-disjoint)")
+    rows = report.aggregate_ci(records)
+    failed = [(r["loss"], r["seed"], r.get("error", "")) for r in records
+              if r.get("status") != "ok"]
+    sig = {m: report.significance(records, m) for m in report.SIGNIFICANCE_METRICS}
+    return {"records": records, "rows": rows, "tuning": tuning, "files": files,
+            "failed": failed, "wall_time_s": wall, "tune_time_s": tune_time,
+            "significance": sig,
+            "table": report.format_tuned_table(rows, tuning, sig, meta["baseline"])}
+
+
+def raw_input_baseline(cfg: TuneConfig) -> dict[str, float] | None:
+    """Retrieval metrics of the raw input itself (flattened, no model) on the test classes:
+    the floor a trained embedding has to beat. None for a data set read from image files."""
+    import torch
+
+    from evaluation import retrieval_metrics
+
+    from ..datasets import TensorDataset, get_dataset
+
+    ds = get_dataset(cfg.dataset, root=cfg.data_dir, split=FINAL_SPLITS["eval_split"])
+    if not isinstance(ds, TensorDataset) or ds.transform is not None:
+        return None
+    x = ds.data.reshape(len(ds), -1).float()
+    r = retrieval_metrics(x, torch.as_tensor(ds.labels), ks=(1,))
+    return {k: float(r[k]) for k in ("map_at_r", "recall_at_1", "r_precision")}
+
+
+def budget_text(cfg: TuneConfig) -> str:
+    """The budget every loss got, in one sentence."""
+    return (f"per loss: {cfg.trials} TPE trials (seed {cfg.tune_seed}, {N_STARTUP} random "
+            f"first) x {cfg.folds} class-disjoint folds of the training classes, each "
+            f"{cfg.steps} steps of batch {cfg.batch_size} ({cfg.batch_size // cfg.m_per_class} "
+            f"classes x {cfg.m_per_class}) with {cfg.backbone}; then {len(cfg.seeds)} seeds on "
+            f"all training classes, evaluated on the test classes")

@@ -1,0 +1,619 @@
+"""Pair-based metric-learning losses on the one interface: multi-similarity (with its pair
+mining), Circle, generalized lifted structure, the margin loss with a learnable boundary and NCA.
+
+Each is a pure function of the score matrix ``S [N, M]`` (higher = more similar, any critic) and
+the boolean masks ``P`` (positives) and ``Q`` (negatives), with ``reduction=`` and ``check=`` as
+in :mod:`losses.functional` (whose module docstring states the conventions), and a thin module
+subclassing :class:`losses.modules.PairLoss`, called like the pytorch-metric-learning (PML) loss
+of the same name (``loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)``). The
+modules' default critics and hyper-parameters are PML's, so that ``MultiSimilarity()(x, y)``
+equals ``MultiSimilarityLoss()(x, y)``.
+
+Cost: every function does a few elementwise passes over ``S`` (masked log-sum-exps, hinges) and
+nothing of size ``N x M x M``; the margin loss over all triplets, which PML evaluates on a list
+of the ``sum_a |P_a| |Q_a|`` triplets, is a weighted sum over pairs (each positive pair of an
+anchor occurs in ``|Q_a|`` triplets, each negative pair in ``|P_a|``).
+
+Margins and boundaries are in score units; for a distance critic (``is_distance``, ``S = -d``)
+the modules convert PML's distance margins, as :class:`losses.modules.Contrastive` does.
+
+References: Wang et al. 2019 (multi-similarity); Sun et al. 2020 (Circle); Oh Song et al. 2016
+and Hermans et al. 2017 (generalized lifted structure); Wu et al. 2017 (margin loss);
+Goldberger et al. 2005 and Movshovitz-Attias et al. 2017 (NCA).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from contrastive.critics import Cosine, NegativeL2
+from contrastive.pairs import (
+    NoPairsError,
+    any_true,
+    mined_masks,
+    mined_triplets,
+    require_positives,
+    require_triplet,
+    rows_any,
+)
+
+from .functional import (
+    _NONZERO,
+    _check_reduction,
+    _count_rows,
+    _counts_or_none,
+    _masked_lse,
+    _padded_positives,
+    _PosIndex,
+    _prepare,
+    _reduce,
+    _softplus,
+)
+from .modules import PairLoss
+
+__all__ = [
+    "multi_similarity",
+    "multi_similarity_pairs",
+    "circle",
+    "lifted_structure",
+    "margin",
+    "nca",
+    "MultiSimilarity",
+    "Circle",
+    "LiftedStructure",
+    "Margin",
+    "NCA",
+]
+
+_NEG_INF = float("-inf")
+_POS_INF = float("inf")
+
+
+def _lse_or_zero(x: Tensor, keep: Tensor) -> Tensor:
+    """``logsumexp_{keep} x`` per row, 0 for a row without a kept entry."""
+    lse = _masked_lse(x, keep, 1)
+    return torch.where(rows_any(keep), lse, torch.zeros_like(lse))
+
+
+def _positive_lse(fn, scores: Tensor, positives: Tensor, check: bool) -> Tensor:
+    """``logsumexp_{j in P_i} fn(S_ij)`` per row (-inf for a row without a positive). With
+    ``check`` from the positives' indices (``[N, k]``, k = the most positives of a row; one
+    sync): an anchor has few positives, and a masked ``[N, M]`` exponential of mostly ``-inf``
+    entries costs several times more on CPU. Without ``check``, masked (static shapes)."""
+    if not check:
+        return _masked_lse(fn(scores), positives, 1)
+    rows, cols = positives.nonzero(as_tuple=True)
+    count = torch.bincount(rows, minlength=positives.shape[0])
+    idx, valid = _padded_positives(_PosIndex(rows, cols, count))
+    return torch.logsumexp(fn(scores.gather(1, idx)).masked_fill(~valid, _NEG_INF), dim=1)
+
+
+def _require_any_pair(positives: Tensor, negatives: Tensor, what: str) -> None:
+    if not any_true(positives) and not any_true(negatives):
+        raise NoPairsError(f"the batch has no pair at all, which {what} needs: pass at least two "
+                           "items")
+
+
+# --------------------------------------------------------------------------- multi-similarity
+
+
+def multi_similarity_pairs(scores: Tensor, positives: Tensor, negatives: Tensor,
+                           epsilon: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Multi-similarity's pair mining (Wang et al. 2019, eq. 7-8; PML's
+    ``MultiSimilarityMiner``): keep a positive pair if it is less similar than the anchor's most
+    similar negative plus ``epsilon``, and a negative pair if it is more similar than the
+    anchor's least similar positive minus ``epsilon``::
+
+        P'_ij = P_ij and S_ij - eps < max_{k in Q_i} S_ik
+        Q'_ij = Q_ij and S_ij + eps > min_{k in P_i} S_ik
+
+    On the detached scores (mining selects pairs; it has no gradient). Masks in, masks out."""
+    sd = scores.detach()
+    hardest_neg = sd.masked_fill(~negatives, _NEG_INF).amax(1, keepdim=True)
+    easiest_pos = sd.masked_fill(~positives, _POS_INF).amin(1, keepdim=True)
+    pos = torch.lt(sd - epsilon, hardest_neg)
+    pos &= positives
+    neg = torch.gt(sd + epsilon, easiest_pos)
+    neg &= negatives
+    return pos, neg
+
+
+def multi_similarity(
+    scores: Tensor,
+    positives: Tensor,
+    negatives: Tensor | None = None,
+    alpha: float = 2.0,
+    beta: float = 50.0,
+    base: float = 0.5,
+    epsilon: float | None = None,
+    reduction: str = "mean",
+    check: bool = True,
+) -> Tensor:
+    """Multi-similarity loss (Wang et al. 2019, eq. 11; PML's ``MultiSimilarityLoss``)::
+
+        l_i = (1/alpha) log(1 + sum_{j in P_i} exp(-alpha (S_ij - base)))
+            + (1/beta)  log(1 + sum_{k in Q_i} exp( beta  (S_ik - base)))
+
+    ``epsilon``: first restrict ``(P, Q)`` to the pairs of :func:`multi_similarity_pairs` (the
+    paper's mining; PML's ``MultiSimilarityMiner(epsilon)``); None: all pairs (PML's loss
+    without a miner). One term per anchor (``[N]``; 0 for an anchor without pairs); ``"mean"``
+    averages over all N anchors, as PML. With ``check``, a batch without any pair raises
+    :class:`~contrastive.pairs.NoPairsError` (a mining that keeps none gives 0).
+    """
+    _check_reduction(reduction)
+    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    if check:
+        _require_any_pair(positives, negatives, "the multi-similarity loss")
+    if epsilon is not None:
+        positives, negatives = multi_similarity_pairs(scores, positives, negatives, epsilon)
+    pos = _softplus(_positive_lse(lambda v: (base - v) * alpha, scores, positives, check))
+    neg = _softplus(_masked_lse((scores - base) * beta, negatives, 1))
+    pos, neg = pos / alpha, neg / beta
+    return _reduce(pos + neg, reduction)
+
+
+# --------------------------------------------------------------------------- Circle
+
+
+def circle(
+    scores: Tensor,
+    positives: Tensor,
+    negatives: Tensor | None = None,
+    m: float = 0.4,
+    gamma: float = 80.0,
+    reduction: str = "nonzero",
+    check: bool = True,
+) -> Tensor:
+    """Circle loss (Sun et al. 2020, eq. 4 with the pair-wise labels; PML's ``CircleLoss``),
+    for cosine scores::
+
+        l_i = softplus( logsumexp_{j in P_i} -gamma a_ij (S_ij - (1 - m))
+                      + logsumexp_{k in Q_i}  gamma b_ik (S_ik - m) )
+        a_ij = relu(1 + m - S_ij),  b_ik = relu(S_ik + m)   (weights, no gradient)
+
+    One term per anchor (``[N]``), 0 for an anchor without a positive or a negative.
+    ``"nonzero"`` (default) averages the terms > 0 (PML's ``AvgNonZeroReducer``), ``"mean"``
+    over the anchors with both. With ``check``, no anchor with both raises.
+    """
+    _check_reduction(reduction, _NONZERO)
+    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    if check:
+        require_triplet(positives, negatives, "the Circle loss")
+    def pos(v: Tensor) -> Tensor:  # -gamma relu(1 + m - S) (S - (1 - m)), weight detached
+        return (v.detach() - (1.0 + m)).clamp_max_(0.0).mul_(gamma) * (v - (1.0 - m))
+
+    neg = (scores.detach() + m).clamp_min_(0.0).mul_(gamma) * (scores - m)
+    ok = rows_any(positives) & rows_any(negatives)
+    z = _positive_lse(pos, scores, positives, check) + _masked_lse(neg, negatives, 1)
+    terms = torch.where(ok, _softplus(torch.where(ok, z, torch.zeros_like(z))), 0.0)
+    return _reduce(terms, reduction, ok.sum())
+
+
+# --------------------------------------------------------------------------- lifted structure
+
+
+def lifted_structure(
+    scores: Tensor,
+    positives: Tensor,
+    negatives: Tensor | None = None,
+    pos_threshold: float = 0.0,
+    neg_threshold: float = -1.0,
+    reduction: str = "mean",
+    check: bool = True,
+) -> Tensor:
+    """Generalized lifted structure loss (Oh Song et al. 2016, as generalised by Hermans et al.
+    2017, eq. 5; PML's ``GeneralizedLiftedStructureLoss``) in score form::
+
+        l_i = relu( logsumexp_{j in P_i} (t_pos - S_ij) + logsumexp_{k in Q_i} (S_ik - t_neg) )
+
+    (an empty set's log-sum-exp is 0). With ``S = -d`` and ``t_pos = -m_pos``,
+    ``t_neg = -m_neg`` this is ``relu(lse_P (d - m_pos) + lse_Q (m_neg - d))``;
+    :class:`LiftedStructure` converts distance margins. One term per anchor (``[N]``);
+    ``"mean"`` averages over all N anchors, as PML. With ``check``, no pair at all raises.
+    """
+    _check_reduction(reduction)
+    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    if check:
+        _require_any_pair(positives, negatives, "the lifted structure loss")
+    pos = _positive_lse(lambda v: pos_threshold - v, scores, positives, check)
+    pos = torch.where(rows_any(positives), pos, torch.zeros_like(pos))
+    neg = _lse_or_zero(scores - neg_threshold, negatives)
+    return _reduce(F.relu(pos + neg), reduction)
+
+
+# --------------------------------------------------------------------------- margin
+
+
+def _triplet_weights(positives: Tensor, negatives: Tensor, dtype) -> tuple[Tensor, Tensor]:
+    """How many triplets each pair is in: a positive pair ``(a, p)`` in ``|Q_a|``, a negative
+    pair ``(a, n)`` in ``|P_a|`` (integer count masks weigh each occurrence, as PML's
+    conversion of mined pairs to triplets)."""
+    wp = positives.to(dtype)
+    wq = negatives.to(dtype)
+    return wp * wq.sum(1, keepdim=True), wq * wp.sum(1, keepdim=True)
+
+
+def _margin_all(scores: Tensor, positives: Tensor, negatives: Tensor, b: Tensor, beta: Tensor,
+                m: float, per_anchor: bool):
+    """Sum, active half-terms, triplets and the per-anchor boundary's triplet sum of the margin
+    loss over all triplets, for boolean masks. The hinges are piecewise linear: with the active
+    pairs found without gradient, the sum is ``dot(S, coef)`` plus terms in ``b`` only, where
+    ``coef = |P_a|`` on active negatives and ``-|Q_a|`` on active positives (one ``[N, M]``
+    matrix; autograd then gives exactly the hinges' gradient, to ``S`` and to ``b``)."""
+    n_pos = _count_rows(positives).to(scores.dtype)
+    n_neg = _count_rows(negatives).to(scores.dtype)
+    bcol = b[:, None] if per_anchor else b
+    with torch.no_grad():
+        sd = scores.detach()
+        act_p = torch.lt(sd, (bcol + m).detach())  # m + b - S_ap > 0
+        act_p &= positives
+        act_n = torch.gt(sd, (bcol - m).detach())  # m + S_an - b > 0
+        act_n &= negatives
+        a_p = _count_rows(act_p).to(scores.dtype)
+        a_n = _count_rows(act_n).to(scores.dtype)
+        coef = torch.where(act_n, n_pos[:, None], torch.where(act_p, -n_neg[:, None], 0.0))
+    w_p, w_n = n_neg * a_p, n_pos * a_n  # active positive / negative half-terms per anchor
+    total = torch.dot(scores.reshape(-1), coef.reshape(-1)) + (w_p * (m + b)).sum() + (
+        w_n * (m - b)).sum()
+    n_anchor = n_pos * n_neg
+    reg_sum = (n_anchor * beta).sum() if per_anchor else None
+    return total, (w_p + w_n).sum(), n_anchor.sum(), reg_sum
+
+
+def margin(
+    scores: Tensor,
+    positives: Tensor,
+    negatives: Tensor | None = None,
+    beta: float | Tensor = 1.2,
+    margin: float = 0.2,
+    nu: float = 0.0,
+    distance: bool = False,
+    reduction: str = "nonzero",
+    check: bool = True,
+    triplets: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Margin loss (Wu et al. 2017, eq. 3-4; PML's ``MarginLoss`` over all triplets) in score
+    form, with the boundary ``b`` in score units::
+
+        l_apn = relu(margin + b_a - S_ap) + relu(margin + S_an - b_a)
+
+    summed over every valid triplet ``(a, p, n)``, computed as a weighted sum over pairs (a
+    positive pair is in ``|Q_a|`` triplets, a negative pair in ``|P_a|``): ``O(N M)``, no
+    triplet list. ``distance=True``: the scores are ``S = -d`` and ``beta`` a distance, so
+    ``b = -beta`` (then ``l = relu(d_ap - beta + m) + relu(beta - d_an + m)``, the paper's
+    form). ``beta``: a number, a 0-d tensor or one value per anchor ``[N]`` (a learnable
+    per-class boundary gathered by label); gradients reach it. ``nu``: Wu et al.'s boundary
+    regulariser, ``+ nu * beta`` for one boundary, ``+ nu * sum_triplets beta_a / divisor``
+    for one per anchor (as PML).
+
+    ``"nonzero"`` (default): the sum over the number of active half-terms (positive hinges > 0
+    plus negative hinges > 0, each counted once per triplet), PML's ``DivisorReducer``;
+    ``"mean"``: over the number of triplets; ``"sum"``; ``"none"``: ``[N, M]``, each pair's
+    hinge times its number of triplets (their sum is ``"sum"``; no regulariser).
+    ``positives`` / ``negatives`` may be integer counts (mined pairs with repeats);
+    ``triplets=(a, p, n)`` uses the given triplets (a miner's; ``"none"`` then gives ``[T]``).
+    With ``check``, a batch without a triplet raises.
+    """
+    _check_reduction(reduction, _NONZERO)
+    p_count, q_count = _counts_or_none(positives), _counts_or_none(negatives)
+    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    m = float(margin)
+    beta = beta if isinstance(beta, Tensor) else torch.tensor(float(beta), dtype=torch.float64)
+    beta = beta.to(device=scores.device, dtype=scores.dtype)
+    per_anchor = beta.numel() > 1
+    beta = beta.reshape(-1) if per_anchor else beta.reshape(())
+    b = -beta if distance else beta
+    if triplets is not None:
+        a, p, n = triplets
+        ba = b[a] if per_anchor else b
+        hp = F.relu(m + ba - scores[a, p])
+        hn = F.relu(m + scores[a, n] - ba)
+        if reduction == "none":
+            return hp + hn
+        total = (hp + hn).sum()
+        active = (hp > 0).sum() + (hn > 0).sum()
+        n_trip = a.numel()
+        reg_sum = beta[a].sum() if per_anchor else None
+    elif p_count is None and q_count is None and reduction != "none":
+        if check:
+            require_triplet(positives, negatives, "the margin loss")
+        total, active, n_trip, reg_sum = _margin_all(scores, positives, negatives, b, beta, m,
+                                                     per_anchor)
+    else:
+        if check:
+            require_triplet(positives, negatives, "the margin loss")
+        wp, wn = _triplet_weights(positives if p_count is None else p_count,
+                                  negatives if q_count is None else q_count, scores.dtype)
+        bcol = b[:, None] if per_anchor else b
+        hp = F.relu(m + bcol - scores)
+        hn = F.relu(m + scores - bcol)
+        if reduction == "none":
+            return wp * hp + wn * hn
+        total = (wp * hp).sum() + (wn * hn).sum()
+        active = (wp * (hp > 0)).sum() + (wn * (hn > 0)).sum()
+        n_anchor = wp.sum(1)  # |P_a| |Q_a|: the anchor's number of triplets
+        n_trip = n_anchor.sum()
+        reg_sum = (n_anchor * beta).sum() if per_anchor else None
+    divisor = {"sum": 1, "mean": n_trip, "nonzero": active}[reduction]
+    value = _reduce(total, "mean", divisor) if reduction != "sum" else total
+    if nu:
+        if per_anchor:
+            value = value + nu * (reg_sum if reduction == "sum"
+                                  else _reduce(reg_sum, "mean", divisor))
+        else:
+            value = value + nu * beta
+    return value
+
+
+# --------------------------------------------------------------------------- NCA
+
+
+def nca(
+    scores: Tensor,
+    positives: Tensor,
+    negatives: Tensor | None = None,
+    scale: float = 1.0,
+    reduction: str = "mean",
+    check: bool = True,
+    weights: Tensor | None = None,
+) -> Tensor:
+    """Neighbourhood components analysis (Goldberger et al. 2005; Movshovitz-Attias et al. 2017;
+    PML's ``NCALoss``): the negative log of the probability that an anchor picks a positive
+    under a softmax over its candidates::
+
+        l_i = logsumexp_{k in P_i u Q_i} (s S_ik) - logsumexp_{j in P_i} (s S_ij)
+
+    with ``S = -||a - b||^2`` (PML's default critic) and ``s`` the softmax scale. One term per
+    anchor (``[N]``, 0 for an anchor without a positive); ``"mean"`` averages over the anchors
+    with a positive, as PML. ``weights [N]`` multiply the terms (PML's weights of a miner's
+    ``indices_tuple``; the mean still counts anchors). With ``check``, no positive raises.
+    """
+    _check_reduction(reduction)
+    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    if check:
+        require_positives(positives, "NCA")
+    x = scores * scale if scale != 1.0 else scores
+    has = _count_rows(positives) > 0
+    lse_all = _masked_lse(x, positives | negatives, 1)
+    lse_pos = _positive_lse(lambda v: v, x, positives, check)
+    terms = torch.where(has, lse_all - torch.where(has, lse_pos, torch.zeros_like(lse_pos)), 0.0)
+    if weights is not None:
+        terms = terms * weights.to(terms.dtype)
+    return _reduce(terms, reduction, has.sum())
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def _distance_sign(critic: nn.Module) -> float:
+    """-1 for a distance critic (margins in distance units), +1 for a similarity."""
+    return -1.0 if getattr(critic, "is_distance", False) else 1.0
+
+
+class MultiSimilarity(PairLoss):
+    """Multi-similarity loss (:func:`multi_similarity`), PML's ``MultiSimilarityLoss(alpha=2,
+    beta=50, base=0.5)`` with its default critic ``Cosine(1.0)`` (cosine similarity).
+    ``epsilon``: the paper's pair mining (:func:`multi_similarity_pairs`, PML's
+    ``MultiSimilarityMiner(epsilon)``) on this loss's own scores; None (default, as PML's loss
+    alone) uses every pair; the registry's ``"multi_similarity"`` mines with 0.1. A miner's
+    ``indices_tuple`` restricts the pairs first (a pair mined twice counts once, as PML)."""
+
+    what = "the multi-similarity loss"
+
+    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
+                 epsilon: float | None = None, critic: nn.Module | None = None,
+                 strict: bool = False, reduction: str = "mean", check: bool = True):
+        super().__init__(critic, strict, _check_reduction(reduction), check)
+        self.alpha, self.beta, self.base = float(alpha), float(beta), float(base)
+        self.epsilon = None if epsilon is None else float(epsilon)
+
+    def default_critic(self) -> nn.Module:
+        return Cosine(1.0)
+
+    def has_terms(self, positives, negatives):
+        return any_true(positives) or any_true(negatives)
+
+    def require_terms(self, positives, negatives):
+        _require_any_pair(positives, negatives, self.what)
+
+    def compute(self, scores, positives, negatives, *, triplets=None, check=True):
+        return multi_similarity(scores, positives, negatives, self.alpha, self.beta, self.base,
+                                self.epsilon, self.reduction, check)
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, beta={self.beta}, base={self.base}, "
+                f"epsilon={self.epsilon}, reduction={self.reduction!r}")
+
+
+class Circle(PairLoss):
+    """Circle loss (:func:`circle`), PML's ``CircleLoss(m=0.4, gamma=80)`` with its critic
+    ``Cosine(1.0)``; ``reduction="nonzero"`` (default) is PML's ``AvgNonZeroReducer``. The
+    paper's settings: m = 0.25, gamma = 256 (faces), 128 (re-id); m = 0.4, gamma = 80
+    (fine-grained retrieval)."""
+
+    what = "the Circle loss"
+
+    def __init__(self, m: float = 0.4, gamma: float = 80.0, critic: nn.Module | None = None,
+                 strict: bool = False, reduction: str = "nonzero", check: bool = True):
+        super().__init__(critic, strict, _check_reduction(reduction, _NONZERO), check)
+        self.m, self.gamma = float(m), float(gamma)
+
+    def default_critic(self) -> nn.Module:
+        return Cosine(1.0)
+
+    def has_terms(self, positives, negatives):
+        return any_true(rows_any(positives) & rows_any(negatives))
+
+    def require_terms(self, positives, negatives):
+        require_triplet(positives, negatives, self.what)
+
+    def compute(self, scores, positives, negatives, *, triplets=None, check=True):
+        return circle(scores, positives, negatives, self.m, self.gamma, self.reduction, check)
+
+    def extra_repr(self) -> str:
+        return f"m={self.m}, gamma={self.gamma}, reduction={self.reduction!r}"
+
+
+class LiftedStructure(PairLoss):
+    """Generalized lifted structure loss (:func:`lifted_structure`), PML's
+    ``GeneralizedLiftedStructureLoss(neg_margin=1, pos_margin=0)`` with its default critic
+    ``NegativeL2(normalize=True)``. Margins as :class:`losses.modules.Contrastive`'s: distances
+    for a distance critic, similarities (``relu(pos_margin - s)``-style) otherwise."""
+
+    what = "the lifted structure loss"
+
+    def __init__(self, neg_margin: float = 1.0, pos_margin: float = 0.0,
+                 critic: nn.Module | None = None, strict: bool = False,
+                 reduction: str = "mean", check: bool = True):
+        super().__init__(critic, strict, _check_reduction(reduction), check)
+        self.neg_margin, self.pos_margin = float(neg_margin), float(pos_margin)
+        sign = _distance_sign(self.critic)
+        self._t_pos, self._t_neg = sign * self.pos_margin, sign * self.neg_margin
+
+    def default_critic(self) -> nn.Module:
+        return NegativeL2(normalize=True)
+
+    def has_terms(self, positives, negatives):
+        return any_true(positives) or any_true(negatives)
+
+    def require_terms(self, positives, negatives):
+        _require_any_pair(positives, negatives, self.what)
+
+    def compute(self, scores, positives, negatives, *, triplets=None, check=True):
+        return lifted_structure(scores, positives, negatives, self._t_pos, self._t_neg,
+                                self.reduction, check)
+
+    def extra_repr(self) -> str:
+        return (f"neg_margin={self.neg_margin}, pos_margin={self.pos_margin}, "
+                f"reduction={self.reduction!r}")
+
+
+class Margin(PairLoss):
+    """Margin loss (:func:`margin`), PML's ``MarginLoss(margin=0.2, nu=0, beta=1.2,
+    triplets_per_anchor="all")`` with its default critic ``NegativeL2(normalize=True)``
+    (``beta`` and ``margin`` in distance units for a distance critic).
+
+    ``learn_beta=True`` makes the boundary an ``nn.Parameter`` (one, or one per class with
+    ``num_classes``, gathered by the anchors' labels, which must then be class indices);
+    ``nu`` weighs Wu et al.'s regulariser ``nu * beta`` (applied only when learning beta, as
+    PML). The boundary is in :meth:`proxy_parameters` so that a trainer can give it its own
+    learning rate. A miner's pairs become triplets by anchor (each repeat counts, as PML); a
+    triplet tuple is used as given."""
+
+    what = "the margin loss"
+    counts_repeats = True
+
+    def __init__(self, margin: float = 0.2, nu: float = 0.0, beta: float = 1.2,
+                 learn_beta: bool = False, num_classes: int | None = None,
+                 critic: nn.Module | None = None, strict: bool = False,
+                 reduction: str = "nonzero", check: bool = True):
+        super().__init__(critic, strict, _check_reduction(reduction, _NONZERO), check)
+        self.margin, self.nu, self.learn_beta = float(margin), float(nu), bool(learn_beta)
+        init = torch.full((int(num_classes) if num_classes else 1,), float(beta))
+        if self.learn_beta:
+            self.beta = nn.Parameter(init)
+        else:
+            self.register_buffer("beta", init)
+        self._labels: Tensor | None = None
+
+    def default_critic(self) -> nn.Module:
+        return NegativeL2(normalize=True)
+
+    def proxy_parameters(self) -> list[nn.Parameter]:
+        """The learnable boundary (empty unless ``learn_beta``)."""
+        return [self.beta] if self.learn_beta else []
+
+    def pairs(self, embeddings, labels=None, ref_emb=None, ref_labels=None, paired=False,
+              indices_tuple=None):
+        self._labels = labels  # for a per-class boundary
+        return super().pairs(embeddings, labels, ref_emb, ref_labels, paired, indices_tuple)
+
+    def has_terms(self, positives, negatives):
+        return any_true(rows_any(positives) & rows_any(negatives))
+
+    def require_terms(self, positives, negatives):
+        require_triplet(positives, negatives, self.what)
+
+    def mined(self, indices_tuple, positives, negatives):
+        pos, neg = mined_masks(indices_tuple, positives, negatives, counts=True,
+                               check=self.check)
+        if len(indices_tuple) != 3:
+            return pos, neg, None
+        return pos, neg, mined_triplets(indices_tuple, positives, negatives, self.check)
+
+    def _boundary(self) -> Tensor:
+        beta = self.beta
+        if beta.numel() > 1:
+            if self._labels is None:
+                raise ValueError("a per-class boundary (num_classes) needs class labels")
+            beta = beta[torch.as_tensor(self._labels, device=beta.device).long()]
+        return beta
+
+    def compute(self, scores, positives, negatives, *, triplets=None, check=True):
+        return margin(scores, positives, negatives, self._boundary(), self.margin,
+                      self.nu if self.learn_beta else 0.0,
+                      bool(getattr(self.critic, "is_distance", False)), self.reduction, check,
+                      triplets)
+
+    def extra_repr(self) -> str:
+        return (f"margin={self.margin}, nu={self.nu}, learn_beta={self.learn_beta}, "
+                f"classes={self.beta.numel()}, reduction={self.reduction!r}")
+
+
+class NCA(PairLoss):
+    """NCA (:func:`nca`), PML's ``NCALoss(softmax_scale=1)`` with its default critic
+    ``NegativeL2(squared=True, normalize=True)`` (squared Euclidean distance of normalised
+    embeddings). A miner's ``indices_tuple`` weighs the anchors by how often they occur in it
+    (over the most frequent), as PML; it does not restrict the pairs."""
+
+    what = "NCA"
+    mines_in_pairs = True  # the tuple gives weights, not a pair restriction
+
+    def __init__(self, softmax_scale: float = 1.0, critic: nn.Module | None = None,
+                 strict: bool = False, reduction: str = "mean", check: bool = True):
+        super().__init__(critic, strict, _check_reduction(reduction), check)
+        self.softmax_scale = float(softmax_scale)
+        self._weights: Tensor | None = None
+
+    def default_critic(self) -> nn.Module:
+        return NegativeL2(squared=True, normalize=True)
+
+    def pairs(self, embeddings, labels=None, ref_emb=None, ref_labels=None, paired=False,
+              indices_tuple=None):
+        p = super().pairs(embeddings, labels, ref_emb, ref_labels, paired, indices_tuple)
+        self._weights = None
+        if indices_tuple is not None:
+            self._weights = miner_weights(indices_tuple, p.anchors.shape[0],
+                                          anchors_only=not p.self_reference,
+                                          device=p.anchors.device)
+        return p
+
+    def has_terms(self, positives, negatives):
+        return any_true(positives)
+
+    def require_terms(self, positives, negatives):
+        require_positives(positives, self.what)
+
+    def compute(self, scores, positives, negatives, *, triplets=None, check=True):
+        return nca(scores, positives, negatives, self.softmax_scale, self.reduction, check,
+                   self._weights)
+
+    def extra_repr(self) -> str:
+        return f"softmax_scale={self.softmax_scale}, reduction={self.reduction!r}"
+
+
+def miner_weights(indices_tuple, n: int, anchors_only: bool = False,
+                  device=None) -> Tensor:
+    """PML's per-element weights of a miner's ``indices_tuple``: how often each of the ``n``
+    batch items occurs in it (only as an anchor with ``anchors_only``, i.e. against a separate
+    reference set) over the largest such count; all ones for an empty tuple."""
+    idx = [torch.as_tensor(t, device=device).long().flatten() for t in indices_tuple]
+    if all(t.numel() == 0 for t in idx):
+        return torch.ones(n, device=device, dtype=torch.float64)
+    if anchors_only:
+        idx = [idx[0]] if len(idx) == 3 else [idx[0], idx[2]]
+    counts = torch.bincount(torch.cat(idx), minlength=n)[:n].double()
+    return counts / counts.max()
+

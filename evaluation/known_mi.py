@@ -79,14 +79,9 @@ def sample_gaussian(
     return x, rho * x + math.sqrt(1.0 - rho * rho) * e
 
 
-def optimal_critic(x: Tensor, y: Tensor, rho: float) -> Tensor:
-    """The log density ratio on all pairs, ``S_ij = log p(y_j | x_i) / p(y_j)``::
-
-        S_ij = -(d/2) log(1 - rho^2) - ||y_j - rho x_i||^2 / (2 (1 - rho^2)) + ||y_j||^2 / 2
-
-    (``p(y | x) = N(rho x, (1 - rho^2) I)``, ``p(y) = N(0, I)``). Its mean over the diagonal is
-    the MI; InfoNCE, DV and JS are tight at it up to their own limits, NWJ at ``S + 1``.
-    """
+def _gaussian_terms(x: Tensor, y: Tensor, rho: float) -> tuple[float, int, Tensor, Tensor]:
+    """``(1 - rho^2, d, ||y_j - rho x_i||^2 [N, M], ||y_j||^2 [M])`` after checking the input:
+    the pieces of the conditional ``p(y | x) = N(rho x, (1 - rho^2) I)``."""
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(
             f"x and y must be 2-D with the same dimension, got {tuple(x.shape)} and "
@@ -96,10 +91,21 @@ def optimal_critic(x: Tensor, y: Tensor, rho: float) -> Tensor:
     if not -1.0 < rho < 1.0:
         raise ValueError(f"rho must be in (-1, 1), got {rho!r}")
     var = 1.0 - rho * rho
-    d = x.shape[1]
     yy = (y * y).sum(1)
     xx = (x * x).sum(1)
     sq = yy[None, :] - 2.0 * rho * (x @ y.T) + (rho * rho) * xx[:, None]  # ||y_j - rho x_i||^2
+    return var, x.shape[1], sq, yy
+
+
+def optimal_critic(x: Tensor, y: Tensor, rho: float) -> Tensor:
+    """The log density ratio on all pairs, ``S_ij = log p(y_j | x_i) / p(y_j)``::
+
+        S_ij = -(d/2) log(1 - rho^2) - ||y_j - rho x_i||^2 / (2 (1 - rho^2)) + ||y_j||^2 / 2
+
+    (``p(y | x) = N(rho x, (1 - rho^2) I)``, ``p(y) = N(0, I)``). Its mean over the diagonal is
+    the MI; InfoNCE, DV and JS are tight at it up to their own limits, NWJ at ``S + 1``.
+    """
+    var, d, sq, yy = _gaussian_terms(x, y, rho)
     return -0.5 * d * math.log(var) - sq / (2.0 * var) + 0.5 * yy[None, :]
 
 
@@ -119,18 +125,7 @@ def conditional_log_density(x: Tensor, y: Tensor, rho: float) -> Tensor:
     """``L_ij = log p(y_j | x_i)`` with ``p(y | x) = N(rho x, (1 - rho^2) I)``: the true
     conditional, at which the leave-one-out and CLUB upper bounds hold. Equals
     :func:`optimal_critic` ``+ log p(y_j)``."""
-    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(
-            f"x and y must be 2-D with the same dimension, got {tuple(x.shape)} and "
-            f"{tuple(y.shape)}"
-        )
-    rho = float(rho)
-    if not -1.0 < rho < 1.0:
-        raise ValueError(f"rho must be in (-1, 1), got {rho!r}")
-    var = 1.0 - rho * rho
-    d = x.shape[1]
-    sq = ((y * y).sum(1)[None, :] - 2.0 * rho * (x @ y.T)
-          + (rho * rho) * (x * x).sum(1)[:, None])  # ||y_j - rho x_i||^2
+    var, d, sq, _ = _gaussian_terms(x, y, rho)
     return -0.5 * d * math.log(2.0 * math.pi * var) - sq / (2.0 * var)
 
 

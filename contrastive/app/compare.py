@@ -214,7 +214,7 @@ def run_cell(cfg: CompareConfig, loss: str, seed: int,
     try:
         record["critic"] = describe_critic(
             build_loss(tcfg.loss, tcfg.loss_kwargs, tcfg.critic, tcfg.critic_kwargs,
-                       embedding_dim=tcfg.dim)
+                       embedding_dim=tcfg.dim, num_classes=1)  # only its critic is read
         )
         res = fit(tcfg)
     except Exception as exc:  # one cell's failure must not stop the others; it is reported
@@ -239,6 +239,8 @@ def preflight(cfg: CompareConfig) -> dict[tuple[str, int], TrainConfig]:
     config: the configs themselves (loss names and keywords, critic, ``train`` fields), the
     data (train and evaluation splits), the batch composition on the training labels, and each
     loss's construction. Raises :class:`UserError` on the first problem."""
+    import numpy as np
+
     from ..datasets import get_dataset
     from ..samplers import MPerClassSampler
     from .factory import build_loss
@@ -255,15 +257,13 @@ def preflight(cfg: CompareConfig) -> dict[tuple[str, int], TrainConfig]:
     user(f"data set {first.dataset!r}", eval_sets, first.dataset, first.data_dir,
          first.eval_split)
     if first.views < 2:
-        import numpy as np
-
         user(f"batch_size {first.batch_size} with m_per_class {first.m_per_class} on "
              f"{first.dataset!r}", MPerClassSampler, np.asarray(ds.labels), m=first.m_per_class,
              batch_size=first.batch_size, seed=0, num_replicas=1, rank=0)
     for loss in cfg.losses:
         t = configs[(loss, cfg.seeds[0])]
         user(f"loss {loss!r}", build_loss, t.loss, t.loss_kwargs, t.critic, t.critic_kwargs,
-             embedding_dim=t.dim)
+             embedding_dim=t.dim, num_classes=int(np.max(ds.labels)) + 1)
     return configs
 
 

@@ -346,8 +346,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mi_bench_family(args: argparse.Namespace, mi_benchmark) -> int:
+def _mi_bench_family(args: argparse.Namespace) -> int:
     """``mi-bench --family`` / ``--quick``: every estimator x critic x data set."""
+    from .app import mi_family
     kwargs: dict[str, Any] = {"budget": "quick" if args.quick else "default",
                               "output": args.output, "progress": not args.no_progress,
                               "critics": tuple(_csv_list(args.critic or
@@ -366,10 +367,10 @@ def _mi_bench_family(args: argparse.Namespace, mi_benchmark) -> int:
             raise UserError(f"--levels expects comma-separated numbers of nats, got "
                             f"{args.levels!r}") from None
     try:  # run_family checks every run's arguments before anything trains
-        res = mi_benchmark.run_family(**kwargs)
+        res = mi_family.run_family(**kwargs)
     except (ValueError, TypeError) as exc:
         raise UserError(str(exc)) from exc
-    print(mi_benchmark.family_table(res))
+    print(mi_family.family_table(res))
     print(f"{res['seconds']:.0f} s; written under {args.output}" if args.output else
           f"{res['seconds']:.0f} s")
     if res["diverged"]:  # a finding of the family benchmark (an estimator's failure mode)
@@ -383,7 +384,7 @@ def cmd_mi_bench(args: argparse.Namespace) -> int:
     from .app import mi_benchmark
 
     if args.family or args.quick:
-        return _mi_bench_family(args, mi_benchmark)
+        return _mi_bench_family(args)
     kwargs: dict[str, Any] = {"critic": args.critic or "separable", "output": args.output,
                               "progress": not args.no_progress}
     if args.data:

@@ -15,6 +15,7 @@ module                 owns
 ``compare_report``     the comparison's tables (mean +- std, 95% CI), JSON / CSV / Markdown
 ``compare_plots``      its PNG plots
 ``mi_benchmark``       the known-MI benchmark run (critics trained on a staircase of MI)
+``mi_family``          the same for the whole estimator family (``mi-bench --family``)
 ``reproduce``          the experiments of Tschannen et al. (2020) and their page
 ``results``            the helpers every report shares: Markdown tables, mean +- std cells
 =====================  ========================================================================

@@ -193,17 +193,23 @@ def _tune_compare(args: argparse.Namespace) -> int:
         print(f"interrupted by {exc.signal_name}: finished trials and cells are kept; run the "
               f"same command again to continue:\n  {_resume_hint(None)}", file=sys.stderr)
         return 130
+    return _report_cells(res, f" (tuning {res['tune_time_s']:.1f} s)", "final cells failed")
+
+
+def _report_cells(res: dict[str, Any], wall_extra: str, failed_what: str) -> int:
+    """Print a comparison's table, wall time and files; a failed cell is one stderr line and
+    makes the exit status 3."""
     print()
     print(res["table"])
     print()
-    print(f"wall time: {res['wall_time_s']:.1f} s (tuning {res['tune_time_s']:.1f} s)")
+    print(f"wall time: {res['wall_time_s']:.1f} s{wall_extra}")
     for kind, path in res["files"].items():
         print(f"{kind}: {path}")
     if res["failed"]:
         for loss, seed, error in res["failed"]:
             first = error.strip().splitlines()[0] if error.strip() else "no message"
             print(f"failed: {loss} seed {seed}: {first}", file=sys.stderr)
-        print(f"error: {len(res['failed'])} of {len(res['records'])} final cells failed",
+        print(f"error: {len(res['failed'])} of {len(res['records'])} {failed_what}",
               file=sys.stderr)
         return 3
     return 0
@@ -240,20 +246,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
               f"{exc.step}; run the same command again to continue:\n  {_resume_hint(None)}",
               file=sys.stderr)
         return 130
-    print()
-    print(res["table"])
-    print()
-    print(f"wall time: {res['wall_time_s']:.1f} s")
-    for kind, path in res["files"].items():
-        print(f"{kind}: {path}")
-    if res["failed"]:
-        for loss, seed, error in res["failed"]:
-            first = error.strip().splitlines()[0] if error.strip() else "no message"
-            print(f"failed: {loss} seed {seed}: {first}", file=sys.stderr)
-        print(f"error: {len(res['failed'])} of {len(res['records'])} cells failed (reasons "
-              f"above and in {res['files']['markdown']})", file=sys.stderr)
-        return 3
-    return 0
+    return _report_cells(res, "", f"cells failed (reasons above and in "
+                                  f"{res['files']['markdown']})")
 
 
 _ARGV: list[str] = []  # the command line being run (for the resume hint)

@@ -82,8 +82,24 @@ def test_search_space_and_study_name(tmp_path):
 
 
 CHILD = textwrap.dedent("""
-    import sys
+    import sys, time
+    from pathlib import Path
+    import contrastive.app.train as train
     from contrastive.app.tuning import TuneConfig, tune_loss
+
+    # Trial 0 trains its 2 folds; the first fold of trial 1 announces itself in a marker file
+    # and hangs there, so the parent kills the process at a known point: one trial finished,
+    # one running.
+    real_fit, calls = train.fit, []
+
+    def fit(config):
+        calls.append(1)
+        if len(calls) == 3:
+            Path(sys.argv[3]).write_text("in trial 1")
+            time.sleep(600)
+        return real_fit(config)
+
+    train.fit = fit
     cfg = TuneConfig.from_dict({"losses": "infonce", "steps": 3, "trials": int(sys.argv[2]),
                                 "folds": 2, "batch_size": 24, "m_per_class": 8,
                                 "output": sys.argv[1], "progress": False,
@@ -92,10 +108,10 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _child(out, trials):
+def _child(out, trials, marker):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(out), str(trials)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(out), str(trials), str(marker)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def test_sigkilled_tuning_resumes_without_repeating_trials(tmp_path):
@@ -104,26 +120,22 @@ def test_sigkilled_tuning_resumes_without_repeating_trials(tmp_path):
                                 "output": str(tmp_path), "progress": False,
                                 "train": {"dim": 8}})
     storage, name = f"sqlite:///{tmp_path / 'tuning.db'}", study_name(cfg, "infonce")
-    proc = _child(tmp_path, 3)
+    marker = tmp_path / "in_trial_1"
+    proc = _child(tmp_path, 3, marker)
     deadline = time.monotonic() + 120
-    done_before = []
-    while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-        try:
-            study = optuna.load_study(study_name=name, storage=storage)
-        except KeyError:
-            continue
-        done_before = finished_trials(study)
-        if len(done_before) >= 1:
-            proc.send_signal(signal.SIGKILL)
-            break
+    while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
+        time.sleep(0.1)
+    assert marker.exists(), proc.stdout.read().decode()[-2000:] if proc.poll() is not None else ""
+    proc.send_signal(signal.SIGKILL)
     proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()[-2000:]
+    assert proc.returncode == -signal.SIGKILL
     study = optuna.load_study(study_name=name, storage=storage)
     before = {t.number: (t.params, t.value) for t in finished_trials(study)}
-    assert 1 <= len(before) < 3
+    assert list(before) == [0]  # killed inside trial 1: trial 0 finished, nothing after it
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [TrialState.COMPLETE, TrialState.RUNNING]  # left running by the kill
 
-    assert tune_loss(cfg, "infonce")["ran_now"] == 3 - len(before)  # rerun: the remainder
+    assert tune_loss(cfg, "infonce")["ran_now"] == 2  # rerun: the remainder
     study = optuna.load_study(study_name=name, storage=storage)
     done = finished_trials(study)
     assert len(done) == 3  # exactly the budget: the remainder ran, nothing twice

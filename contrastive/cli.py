@@ -31,8 +31,8 @@ EPILOG_COMPARE = """examples:
   contrastive compare --dataset cub200 --data-dir ~/data --backbone resnet18 --steps 2000
   contrastive compare --critic bilinear --output runs/bilinear
   contrastive compare --config examples/configs/compare.yaml --set train.lr=3e-4
-  contrastive compare --protocol class-disjoint          # untuned, unseen test classes
-  contrastive compare --tune                            # tuned, equal budget, 95% intervals
+  contrastive compare --protocol class-disjoint          # untuned, unseen test classes (digits)
+  contrastive compare --tune                            # latent_classes by class, tuned, 95% CIs
   contrastive compare --tune --trials 20 --storage postgresql://user@host/db   # shared study
 """
 
@@ -183,8 +183,7 @@ def _tune_compare(args: argparse.Namespace) -> int:
                               "output", "losses", "seeds", "trials", "folds", "storage")))
     if args.no_progress:
         data["progress"] = False
-    if data.get("dataset", "digits") not in ("digits",) and "backbone" not in data:
-        data["backbone"] = "resnet18"
+    _default_backbone(data, TuneConfig.dataset)
     _apply_sets(data, args.set)
     cfg = TuneConfig.from_dict(data, source=_source(args))
     try:
@@ -194,6 +193,17 @@ def _tune_compare(args: argparse.Namespace) -> int:
               f"same command again to continue:\n  {_resume_hint(None)}", file=sys.stderr)
         return 130
     return _report_cells(res, f" (tuning {res['tune_time_s']:.1f} s)", "final cells failed")
+
+
+def _default_backbone(data: dict[str, Any], default_dataset: str) -> None:
+    """Without ``--backbone``: the MLP for vector data (digits, latent_classes), ResNet-18 for
+    images."""
+    from .datasets import DATASETS
+
+    name = data.get("dataset", default_dataset)
+    if "backbone" not in data and isinstance(name, str) and name in DATASETS:
+        data["backbone"] = "mlp" if DATASETS.get(name).meta.get("kind") == "vector" \
+            else "resnet18"
 
 
 def _report_cells(res: dict[str, Any], wall_extra: str, failed_what: str) -> int:
@@ -229,14 +239,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
                               "batch_size", "output", "losses", "seeds")))
     if args.no_progress:
         data["progress"] = False
-    if data.get("dataset", "digits") != "digits" and "backbone" not in data:
-        data["backbone"] = "resnet18"
+    _default_backbone(data, CompareConfig.dataset)
     if args.protocol == "class-disjoint":  # train on some classes, retrieve among the others
+        from .app.tuning import class_disjoint_batch
+
         train = data.setdefault("train", {})
         train.update({"train_split": "train_classes", "eval_split": "test_classes"})
-        if data.get("dataset", "digits") in ("digits", "digits_image"):  # 6 training classes
-            data.setdefault("batch_size", 48)
-            train.setdefault("m_per_class", 16)
+        batch = class_disjoint_batch(data.get("dataset", CompareConfig.dataset))
+        if "batch_size" in batch:
+            data.setdefault("batch_size", batch["batch_size"])
+        if "m_per_class" in batch:
+            train.setdefault("m_per_class", batch["m_per_class"])
     _apply_sets(data, args.set)
     cfg = CompareConfig.from_dict(data, source=_source(args))
     try:
@@ -550,14 +563,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "cell in --output is reused only when every setting that decides its "
                        "result is the same (cells are keyed by a hash of their resolved "
                        "config); one run at a time per --output.")
-    c.add_argument("--dataset", help="data set name (default digits; see `contrastive list`)")
+    c.add_argument("--dataset", help="data set name (default digits; with --tune "
+                   "latent_classes; see `contrastive list`)")
     c.add_argument("--data-dir", help="local root of the data set")
     c.add_argument("--losses", help="comma-separated loss names, ours or pml:ClassName")
-    c.add_argument("--backbone", help="timm model name or 'mlp' (default mlp for digits)")
+    c.add_argument("--backbone", help="timm model name or 'mlp' (default mlp for vector data "
+                   "such as digits and latent_classes, resnet18 for images)")
     c.add_argument("--critic", help="critic for every loss that takes one (default: per loss)")
     c.add_argument("--steps", help="training steps per cell (default 1000)")
     c.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
-    c.add_argument("--batch-size", help="batch size (default 64)")
+    c.add_argument("--batch-size", help="batch size (default 64; digits split by class: 48 of "
+                   "3 classes x 16)")
     c.add_argument("--output", help="output directory (default runs/compare)")
     c.add_argument("--config", help="YAML/TOML/JSON file with CompareConfig fields")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -573,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "and lr, MAP@R on class-disjoint folds of the training classes), then "
                    "retrain the best with every seed; report 95%% intervals and which losses "
                    "are indistinguishable from the best (default output runs/compare-tuned)")
-    c.add_argument("--trials", help="--tune: trials per loss (default 8)")
+    c.add_argument("--trials", help="--tune: trials per loss (default 10)")
     c.add_argument("--folds", help="--tune: class-disjoint folds of the training classes "
                    "(default 2)")
     c.add_argument("--storage", help="--tune: Optuna storage URL shared by workers (default "

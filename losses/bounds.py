@@ -3,10 +3,16 @@
 
 Same interface as :mod:`losses.functional`: ``(scores, positives, negatives)`` with boolean masks
 ``P`` (positive pairs: the diagonal for paired samples, or from labels) and ``Q`` (negatives;
-``~P`` when omitted). Each ``*_bound`` returns the estimate in nats (a 0-d tensor, the batch mean:
-these estimators are batch-level quantities, so there is no per-anchor ``reduction``), and the
-loss of a lower bound is its negation unless its docstring says otherwise. All compute in float32
-(float64 stays float64).
+``~P`` when omitted). Each ``*_bound`` returns the estimate in nats, and the loss of a lower
+bound is its negation unless its docstring says otherwise. All compute in float32 (float64 stays
+float64).
+
+``reduction`` (``"mean"``, default; ``"sum"``; ``"none"``), as in :mod:`losses.functional`:
+``"none"`` gives one term per anchor ``t_i`` whose mean over the ``N`` anchors is the
+``"mean"`` value, ``"sum"`` their sum. A mean over pairs becomes ``(N / n) sum`` of the anchor's
+own pairs (``n`` the number of pairs), and a batch-level term (a log-mean-exp over all negatives)
+appears in every anchor's term, as :func:`losses.functional.dv_bound` does. ``"mean"`` runs the
+batch-level code, so its numbers are those of the per-anchor terms' mean up to rounding.
 
 Notation: ``mean_P x`` is the mean of ``x_ij`` over the positive pairs, ``mean_Q`` over the
 negative pairs, ``logmeanexp_Q x = log mean_Q exp(x)``; ``Q_i`` the negatives of anchor ``i`` and
@@ -22,7 +28,8 @@ Lower bounds (a critic's scores):
 * :func:`interpolated_bound` -- alpha-InfoNCE, the interpolation between InfoNCE (``alpha = 1``)
   and TUBA (``alpha = 0``) of Poole et al. 2019, eq. 12, with its leave-one-out baseline;
 * :func:`flo_bound` -- FLO (Guo et al. 2022), which needs a second network output (the "shadow"
-  ``u(x, y)``) next to the scores.
+  ``u(x, y)``) next to the scores (the loss :class:`losses.estimator_modules.FLO` owns a shadow
+  head).
 
 Upper bounds (a conditional log-density matrix, e.g. of
 :class:`contrastive.conditional.GaussianConditional`):
@@ -30,6 +37,9 @@ Upper bounds (a conditional log-density matrix, e.g. of
 * :func:`l1out_bound` -- the leave-one-out upper bound (Poole et al. 2019, eq. 13);
 * :func:`club_bound` -- CLUB (Cheng et al. 2020);
 * :func:`conditional_nll` -- the loss that fits ``q`` (negative log-likelihood of the positives).
+
+As training losses (:class:`losses.estimator_modules.L1Out`, ``CLUB``) ``q`` is fitted by the NLL
+and the encoder maximises the bound in the same step, each with its own gradient.
 """
 
 from __future__ import annotations
@@ -126,11 +136,43 @@ def _dv_value(scores: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
     return _mean(scores, positives) - _logmeanexp(scores, negatives)
 
 
+def _reduce(terms: Tensor, reduction: str) -> Tensor:
+    """``"none"``: the per-anchor terms; ``"sum"``: their sum; ``"mean"``: their mean."""
+    if reduction == "none":
+        return terms
+    return terms.sum() if reduction == "sum" else terms.mean()
+
+
+def _check_reduction(reduction: str) -> str:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be one of 'mean', 'sum', 'none', got {reduction!r}")
+    return reduction
+
+
+def _mask_terms(x: Tensor, mask: Tensor) -> Tensor:
+    """``t_i = (N / |mask|) sum_{j: mask_ij} x_ij``: per-anchor terms whose mean over the ``N``
+    anchors is ``mean_mask x``."""
+    return torch.where(mask, x, 0.0).sum(1) * (x.shape[0] / mask.sum().to(x.dtype))
+
+
+def _exp_mask_terms(x: Tensor, mask: Tensor) -> Tensor:
+    """:func:`_mask_terms` of ``exp(x)``, from a per-row log-sum-exp (no overflow in a row whose
+    sum is finite)."""
+    row = torch.where(mask, x, _FILL).logsumexp(1)
+    return torch.exp(row + math.log(x.shape[0]) - mask.sum().to(x.dtype).log())
+
+
+def _pair_terms(values: Tensor, rows: Tensor, n: int) -> Tensor:
+    """Per-anchor terms of a mean over a list of pairs (``values[k]`` belongs to anchor
+    ``rows[k]``): ``t_i = (N / n_pairs) sum_{k: rows_k = i} values_k``."""
+    return values.new_zeros(n).index_add(0, rows, values) * (n / values.numel())
+
+
 # --------------------------------------------------------------------------- TUBA
 
 
 def tuba_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
-               log_baseline: float | Tensor = 0.0) -> Tensor:
+               log_baseline: float | Tensor = 0.0, reduction: str = "mean") -> Tensor:
     """TUBA, the tractable unnormalised Barber-Agakov bound (Poole et al. 2019, eq. 8), with
     log-baseline ``b = log a`` (a number; per anchor, ``[N]`` / ``[N, 1]``; or per candidate,
     ``[1, M]``, Poole's ``a(y)``)::
@@ -138,25 +180,33 @@ def tuba_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = Non
         I_TUBA = 1 + mean_P (S - b) - mean_Q exp(S - b)
 
     Valid for any baseline that depends on one side of the pair only; tight at
-    ``S - b = log p(y|x)/p(y)``. ``b = 1`` is NWJ (:func:`losses.functional.nwj_bound`). A
-    learned baseline is the same bound on the shifted critic ``S - b``.
+    ``S - b = log p(y|x)/p(y)``; for a given critic the best baseline is
+    ``a(y) = E_{p(x)} e^{S(x, y)}`` (per candidate). ``b = 1`` is NWJ
+    (:func:`losses.functional.nwj_bound`). A learned baseline is the same bound on the shifted
+    critic ``S - b`` (:class:`losses.estimator_modules.TUBA` with ``baseline="learned"``).
+    Terms per anchor: ``t_i = 1 + (N/n_P) sum_{P_i} (S - b) - (N/n_Q) sum_{Q_i} exp(S - b)``.
     """
+    _check_reduction(reduction)
     scores, positives, negatives = _prepare(scores, positives, negatives)
     shifted = scores - _baseline_matrix(log_baseline, scores)
+    if reduction != "mean":
+        return _reduce(1.0 + _mask_terms(shifted, positives)
+                       - _exp_mask_terms(shifted, negatives), reduction)
     return 1.0 + _mean(shifted, positives) - torch.exp(_logmeanexp(shifted, negatives))
 
 
 def tuba(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
-         log_baseline: float | Tensor = 0.0) -> Tensor:
-    """TUBA loss ``-I_TUBA`` (:func:`tuba_bound`)."""
-    return -tuba_bound(scores, positives, negatives, log_baseline)
+         log_baseline: float | Tensor = 0.0, reduction: str = "mean") -> Tensor:
+    """TUBA loss ``-I_TUBA`` (:func:`tuba_bound`; its terms negated)."""
+    return -tuba_bound(scores, positives, negatives, log_baseline, reduction)
 
 
 # --------------------------------------------------------------------------- MINE
 
 
 def mine(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
-         log_average: Tensor | None = None, momentum: float = 0.01) -> tuple[Tensor, Tensor]:
+         log_average: Tensor | None = None, momentum: float = 0.01,
+         reduction: str = "mean") -> tuple[Tensor, Tensor]:
     """MINE (Belghazi et al. 2018, sec. 3.2): the DV loss with the bias of its mini-batch
     gradient corrected by a moving average of the partition term. Returns
     ``(loss, new_log_average)``.
@@ -170,9 +220,17 @@ def mine(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
 
     The plain DV gradient divides by the batch's own ``Z`` instead, a biased estimate of the
     gradient of ``log E_Q exp(S)``. ``momentum = 1`` gives it back. The new average is detached.
+
+    ``reduction="none"``: one term per anchor, valued as DV's,
+    ``t_i = -(N/n_P) sum_{P_i} S + log Z`` (the batch's ``log Z`` in every term), whose gradient
+    is the anchor's share of the corrected gradient: the partition part of ``t_i`` is
+    ``(N/n_Q) sum_{Q_i} exp(S_ik) grad S_ik / avg'``, so the mean of the terms has exactly the
+    corrected gradient above (a single term's gradient is not a DV gradient of that anchor
+    alone: it divides by the batch-wide average). ``"sum"``: their sum (``N`` times the mean).
     """
     if not 0.0 < float(momentum) <= 1.0:
         raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
+    _check_reduction(reduction)
     scores, positives, negatives = _prepare(scores, positives, negatives)
     log_z = _logmeanexp(scores, negatives)
     log_z0 = log_z.detach()
@@ -184,14 +242,25 @@ def mine(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
                                 log_z0 + math.log(float(momentum)))
         new = torch.where(torch.isnan(old), log_z0, mixed)
     weight = torch.exp(log_z0 - new)  # Z / avg'
+    if reduction != "mean":
+        # exp(S_ik) / (n_Q avg') = weight * p_ik, p the softmax over all negatives (sums to 1);
+        # the term p (S - sg S) is 0 in value and carries that weight in its gradient
+        p = torch.where(negatives, torch.exp(scores.detach() - log_z0), 0.0) / negatives.sum()
+        share = (p * (scores - scores.detach())).sum(1) * (weight * scores.shape[0])
+        return _reduce(-_mask_terms(scores, positives) + log_z0 + share, reduction), new
     loss = -_mean(scores, positives) + log_z0 + weight * (log_z - log_z0)
     return loss, new
 
 
-def mine_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None) -> Tensor:
+def mine_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
+               reduction: str = "mean") -> Tensor:
     """MINE's estimate: the DV bound ``mean_P S - logmeanexp_Q S`` (the moving average only
-    changes the gradient)."""
+    changes the gradient). Terms per anchor: ``t_i = (N/n_P) sum_{P_i} S - logmeanexp_Q S``."""
+    _check_reduction(reduction)
     scores, positives, negatives = _prepare(scores, positives, negatives)
+    if reduction != "mean":
+        return _reduce(_mask_terms(scores, positives) - _logmeanexp(scores, negatives),
+                       reduction)
     return _dv_value(scores, positives, negatives)
 
 
@@ -199,34 +268,46 @@ def mine_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = Non
 
 
 def smile_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
-                tau: float = 5.0) -> Tensor:
+                tau: float = 5.0, reduction: str = "mean") -> Tensor:
     """SMILE (Song & Ermon 2020, eq. 17): DV with the scores of the partition term clipped::
 
         I_SMILE = mean_P S - logmeanexp_Q clip(S, -tau, tau)
 
     Clipping bounds the variance of the partition term (by ``e^{2 tau}``-ish) at the price of
-    a bias; ``tau = inf`` is the DV bound. Not a bound for finite ``tau``.
+    a bias; ``tau = inf`` is the DV bound. Not a bound for finite ``tau``. Terms per anchor:
+    ``t_i = (N/n_P) sum_{P_i} S - logmeanexp_Q clip(S, -tau, tau)``.
     """
     tau = float(tau)
     if not tau > 0:
         raise ValueError(f"tau must be > 0 (math.inf: no clipping), got {tau!r}")
+    _check_reduction(reduction)
     scores, positives, negatives = _prepare(scores, positives, negatives)
+    if reduction != "mean":
+        return _reduce(_mask_terms(scores, positives)
+                       - _logmeanexp(scores.clamp(-tau, tau), negatives), reduction)
     return _mean(scores, positives) - _logmeanexp(scores.clamp(-tau, tau), negatives)
 
 
 def smile(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
-          tau: float = 5.0, gradient: str = "js") -> Tensor:
+          tau: float = 5.0, gradient: str = "js", reduction: str = "mean") -> Tensor:
     """SMILE loss, valued ``-I_SMILE`` (:func:`smile_bound`). ``gradient="js"`` (Song & Ermon's
     training): the critic follows the Jensen-Shannon loss
     ``mean_P softplus(-S) + mean_Q softplus(S)`` (whose optimum is the log density ratio, where
-    SMILE is read); ``gradient="dv"``: the gradient of ``-I_SMILE`` itself."""
-    value = -smile_bound(scores, positives, negatives, tau)
+    SMILE is read); ``gradient="dv"``: the gradient of ``-I_SMILE`` itself. With
+    ``reduction="none"`` each anchor's term has the value of ``-t_i`` (:func:`smile_bound`) and
+    the gradient of its JS term ``(N/n_P) sum_{P_i} softplus(-S) + (N/n_Q) sum_{Q_i}
+    softplus(S)`` (:func:`losses.functional.js`'s terms)."""
+    value = -smile_bound(scores, positives, negatives, tau, reduction)
     if gradient == "dv":
         return value
     if gradient != "js":
         raise ValueError(f"gradient must be 'js' or 'dv', got {gradient!r}")
     scores, positives, negatives = _prepare(scores, positives, negatives)
-    js = _mean(F.softplus(-scores), positives) + _mean(F.softplus(scores), negatives)
+    if reduction != "mean":
+        js = _reduce(_mask_terms(F.softplus(-scores), positives)
+                     + _mask_terms(F.softplus(scores), negatives), reduction)
+    else:
+        js = _mean(F.softplus(-scores), positives) + _mean(F.softplus(scores), negatives)
     return js + (value - js).detach()
 
 
@@ -253,7 +334,8 @@ def _leave_one_out_lse(x: Tensor, keep: Tensor) -> Tensor:
 
 
 def interpolated_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
-                       alpha: float = 0.5, log_baseline: float | Tensor = 0.0) -> Tensor:
+                       alpha: float = 0.5, log_baseline: float | Tensor = 0.0,
+                       reduction: str = "mean") -> Tensor:
     """alpha-InfoNCE, the interpolated bound of Poole et al. 2019 (eq. 12), normalised per anchor
     over its candidates, with the leave-one-out form of their code so that it is a bound at every
     ``alpha``.
@@ -270,11 +352,13 @@ def interpolated_bound(scores: Tensor, positives: Tensor, negatives: Tensor | No
     ``alpha = 0`` is TUBA (:func:`tuba_bound` with per-anchor ``b``; NWJ at ``b = 1``);
     ``alpha = 1`` is InfoNCE on ``n_i`` candidates (the marginal term is exactly 1), averaged
     over the left-out negative: ``<= log n_i``. In between, the baseline trades InfoNCE's
-    ``log K`` cap against TUBA's variance.
+    ``log K`` cap against TUBA's variance. Terms per anchor: ``1``, plus ``(N / n_pairs)`` times
+    the sum of the anchor's positive-pair terms, minus ``(N/n_Q) sum_{Q_i} exp(S_ik) / d(Q_i)``.
     """
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    _check_reduction(reduction)
     scores, positives, negatives = _prepare(scores, positives, negatives)
     b = _row_baseline(log_baseline, scores).expand(scores.shape[0], 1)
     n = negatives.sum(1)
@@ -292,20 +376,24 @@ def interpolated_bound(scores: Tensor, positives: Tensor, negatives: Tensor | No
     log_d = _log_interpolate(log_m, b[rows], alpha)
     keep = negatives[rows]
     per_pair = torch.where(keep, s_pos - log_d, 0.0).sum(1) / n[rows].to(scores.dtype)
+    if reduction != "mean":
+        return _reduce(1.0 + _pair_terms(per_pair, rows, scores.shape[0])
+                       - _exp_mask_terms(scores - log_d_q, negatives), reduction)
     return 1.0 + per_pair.mean() - marginal
 
 
 def interpolated(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
-                 alpha: float = 0.5, log_baseline: float | Tensor = 0.0) -> Tensor:
-    """alpha-InfoNCE loss ``-I_alpha`` (:func:`interpolated_bound`)."""
-    return -interpolated_bound(scores, positives, negatives, alpha, log_baseline)
+                 alpha: float = 0.5, log_baseline: float | Tensor = 0.0,
+                 reduction: str = "mean") -> Tensor:
+    """alpha-InfoNCE loss ``-I_alpha`` (:func:`interpolated_bound`; its terms negated)."""
+    return -interpolated_bound(scores, positives, negatives, alpha, log_baseline, reduction)
 
 
 # --------------------------------------------------------------------------- FLO
 
 
 def flo_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
-              shadow: Tensor | None = None) -> Tensor:
+              shadow: Tensor | None = None, reduction: str = "mean") -> Tensor:
     """FLO, the Fenchel-Legendre optimisation bound (Guo et al. 2022, eq. 9) with the shadow
     ``u`` (a second output of the critic, one value per positive pair: a matrix ``[N, M]`` read
     at ``P``, or ``[N]`` per anchor with one positive each)::
@@ -316,7 +404,13 @@ def flo_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None
     expectation (``u = -S_ip`` at the log density ratio). ``shadow=None`` plugs in the batch's
     own ``u`` (detached): then ``I_FLO = mean_P [S_ip - logmeanexp_{Q_i} S]``, which is no longer
     a bound (the estimate of ``u`` shares the negatives).
+
+    The shadow is a second network output next to the scores, so the estimator registry (pure
+    functions of ``(S, P, Q)``) and the known-MI benchmark do not carry FLO; the loss
+    :class:`losses.estimator_modules.FLO` (registered as ``flo``) owns a shadow head over the
+    positive pairs. Terms per anchor: ``(N / n_pairs)`` times the sum of its pairs' terms.
     """
+    _check_reduction(reduction)
     scores, positives, negatives = _prepare(scores, positives, negatives)
     lme = _logmeanexp(scores, negatives, 1)  # [N]
     rows, cols = (positives & negatives.any(1)[:, None]).nonzero(as_tuple=True)
@@ -333,20 +427,24 @@ def flo_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None
     else:
         raise ValueError(f"shadow must be [N, M] (read at the positives) or [N], got shape "
                          f"{tuple(shadow.shape)}")
-    return (1.0 - u - torch.exp(inner - u)).mean()
+    terms = 1.0 - u - torch.exp(inner - u)
+    if reduction != "mean":
+        return _reduce(_pair_terms(terms, rows, scores.shape[0]), reduction)
+    return terms.mean()
 
 
 def flo(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
-        shadow: Tensor | None = None) -> Tensor:
-    """FLO loss ``-I_FLO`` (:func:`flo_bound`); trains the critic and the shadow together."""
-    return -flo_bound(scores, positives, negatives, shadow)
+        shadow: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """FLO loss ``-I_FLO`` (:func:`flo_bound`; its terms negated); trains the critic and the
+    shadow together."""
+    return -flo_bound(scores, positives, negatives, shadow, reduction)
 
 
 # --------------------------------------------------------------------------- upper bounds
 
 
 def l1out_bound(log_density: Tensor, positives: Tensor,
-                negatives: Tensor | None = None) -> Tensor:
+                negatives: Tensor | None = None, reduction: str = "mean") -> Tensor:
     """The leave-one-out upper bound (Poole et al. 2019, eq. 13) on a conditional log-density
     matrix ``L_ij = log q(y_j | x_i)``::
 
@@ -354,33 +452,49 @@ def l1out_bound(log_density: Tensor, positives: Tensor,
 
     (for paired samples ``mean_i [log q(y_i|x_i) - log mean_{k != i} q(y_i|x_k)]``): the
     marginal ``p(y_p)`` is estimated by the mixture of the other anchors' conditionals. An upper
-    bound when ``q`` is the true conditional; with a fitted ``q`` it is an estimate.
+    bound when ``q`` is the true conditional; with a fitted ``q`` it is an estimate. Terms per
+    anchor: ``(N / n_pairs)`` times the sum of its pairs' terms.
     """
+    _check_reduction(reduction)
     log_density, positives, negatives = _prepare(log_density, positives, negatives)
     col = _logmeanexp(log_density, negatives, 0)  # [M]: log mean over the other anchors
     rows, cols = (positives & negatives.any(0)[None, :]).nonzero(as_tuple=True)
     if rows.numel() == 0:
         raise ValueError("no positive candidate is a negative of another anchor")
-    return (log_density[rows, cols] - col[cols]).mean()
+    terms = log_density[rows, cols] - col[cols]
+    if reduction != "mean":
+        return _reduce(_pair_terms(terms, rows, log_density.shape[0]), reduction)
+    return terms.mean()
 
 
 def club_bound(log_density: Tensor, positives: Tensor,
-               negatives: Tensor | None = None) -> Tensor:
+               negatives: Tensor | None = None, reduction: str = "mean") -> Tensor:
     """CLUB, the contrastive log-ratio upper bound (Cheng et al. 2020, eq. 3)::
 
         I_CLUB = mean_P L - mean_Q L,   L_ij = log q(y_j | x_i)
 
     ``E_{p(x,y)} log q(y|x) - E_{p(x)p(y)} log q(y|x)``: an upper bound when ``q`` is the true
     conditional (and, for a fitted ``q``, when it is closer to the joint than to the product of
-    marginals in KL, Cheng et al. thm. 3.2).
+    marginals in KL, Cheng et al. thm. 3.2). Terms per anchor:
+    ``t_i = (N/n_P) sum_{P_i} L - (N/n_Q) sum_{Q_i} L``.
     """
+    _check_reduction(reduction)
     log_density, positives, negatives = _prepare(log_density, positives, negatives)
+    if reduction != "mean":
+        return _reduce(_mask_terms(log_density, positives)
+                       - _mask_terms(log_density, negatives), reduction)
     return _mean(log_density, positives) - _mean(log_density, negatives)
 
 
 def conditional_nll(log_density: Tensor, positives: Tensor,
-                    negatives: Tensor | None = None) -> Tensor:
+                    negatives: Tensor | None = None, reduction: str = "mean") -> Tensor:
     """``-mean_P L``: the negative log-likelihood that fits the conditional ``q(y|x)`` behind
-    :func:`l1out_bound` and :func:`club_bound` (the upper bounds are read, not optimised)."""
+    :func:`l1out_bound` and :func:`club_bound` (Cheng et al. 2020, alg. 1: ``q`` is fitted by
+    maximum likelihood on the positive pairs, the bound is then read or, for the encoder,
+    optimised; :class:`losses.estimator_modules.CLUB`). Terms per anchor:
+    ``t_i = -(N/n_P) sum_{P_i} L``."""
+    _check_reduction(reduction)
     log_density, positives, negatives = _prepare(log_density, positives, negatives)
+    if reduction != "mean":
+        return _reduce(-_mask_terms(log_density, positives), reduction)
     return -_mean(log_density, positives)

@@ -11,8 +11,11 @@ Each registered loss carries, once:
 * ``meta`` -- what the application reads: ``family`` (``"mi"`` or ``"metric"``), ``supervision``
   (the positives it can learn from: class ``"labels"``, augmented ``"views"``), ``critic``
   (whether ``critic=`` replaces its score function; ``"temperature"`` is then dropped from the
-  defaults) and ``search_space`` (the hyper-parameters worth tuning: ``{name: {"low", "high",
-  "log"}}`` for numbers, ``{name: {"choices": [...]}}`` for categories).
+  defaults), ``search_space`` (the hyper-parameters worth tuning: ``{name: {"low", "high",
+  "log"}}`` for numbers, ``{name: {"choices": [...]}}`` for categories) and, where the loss has
+  parameters sized to the data, ``needs`` (the sizes :func:`contrastive.app.factory.build_loss`
+  fills in: ``num_classes``, ``embedding_size``). The upper bounds (``l1out``, ``club``) carry
+  ``kind: "upper"``.
 
 MI estimators (:data:`ESTIMATORS`) map a name to ``(loss_fn, bound_fn)`` of
 :mod:`losses.functional`: the objective a critic minimises and the bound in nats it reports.
@@ -246,9 +249,12 @@ register("moco_queue", _moco_queue, aliases=("negative_queue",),
                "search_space": {"size": {"choices": [4096, 16384, 65536]}}})
 
 # the rest of the MI estimator family as losses (losses.bounds, losses.estimator_modules)
+# TUBA's learned baseline a(y), FLO's shadow head and the conditional q(y|x) of the upper bounds
+# are sized to the embedding: meta["needs"] has the trainer fill it in (as for the proxies)
+_EMB = {"needs": ("embedding_size",)}
 register("tuba", EM.TUBA, defaults={"temperature": 0.1, "log_baseline": 0.0},
-         meta={**_MI, "search_space": {**_temperature(),
-                                       **_space(log_baseline=(-2.0, 2.0, False))}})
+         meta={**_MI, **_EMB, "search_space": {**_temperature(),
+                                               **_space(log_baseline=(-2.0, 2.0, False))}})
 register("mine_ma", EM.MINE, aliases=("mine_corrected",),
          defaults={"temperature": 0.1, "momentum": 0.01},
          meta={**_MI, "search_space": {**_temperature(), **_space(momentum=(1e-3, 0.5, True))}})
@@ -257,6 +263,17 @@ register("smile", EM.SMILE, defaults={"temperature": 0.1, "tau": 5.0},
 register("alpha_infonce", EM.AlphaInfoNCE, aliases=("interpolated_nce",),
          defaults={"temperature": 0.1, "alpha": 0.5},
          meta={**_MI, "search_space": {**_temperature(), **_space(alpha=(0.0, 1.0, False))}})
+register("flo", EM.FLO, defaults={"temperature": 0.1},
+         meta={**_MI, **_EMB, "search_space": {**_temperature(),
+                                               "shadow_hidden": {"choices": [32, 64, 128]}}})
+# the upper bounds: their critic is the conditional (no score critic replaces it), trained in
+# the same step (losses.estimator_modules._ConditionalBound)
+_UPPER = {"family": "mi", "supervision": _BOTH, "critic": False, "kind": "upper", **_EMB,
+          "search_space": {"hidden_dim": {"choices": [64, 128, 256]},
+                           "layers": {"choices": [1, 2]}}}
+register("l1out", EM.L1Out, aliases=("leave_one_out",), defaults={"hidden_dim": 128, "layers": 1},
+         meta=_UPPER)
+register("club", EM.CLUB, defaults={"hidden_dim": 128, "layers": 1}, meta=_UPPER)
 
 ESTIMATORS.register("infonce", lambda: (LF.infonce, LF.infonce_bound), aliases=("nce", "cpc"),
                     meta={"bound": "I_NCE <= log(batch)", "paper": "van den Oord et al. 2018"})

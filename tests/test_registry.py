@@ -97,9 +97,12 @@ def test_every_loss_carries_the_metadata_the_application_needs():
             "margin", "nca", "proxy_nca", "proxy_anchor", "normalized_softmax", "cosface",
             "arcface"} <= set(metric)
     assert set(mi) | set(metric) == set(losses.available())
-    # proxy losses say which sizes the trainer fills in, and the builder fills them
+    # proxy losses (and the MI losses with networks sized to the embedding: TUBA's learned
+    # baseline, FLO's shadow, the conditional of the upper bounds) say which sizes the trainer
+    # fills in, and the builder fills them
     assert losses.available(lambda e: "needs" in e.meta) == [
-        "arcface", "cosface", "normalized_softmax", "proxy_anchor", "proxy_nca"]
+        "arcface", "club", "cosface", "flo", "l1out", "normalized_softmax", "proxy_anchor",
+        "proxy_nca", "tuba"]
     loss = build_loss("proxy_anchor", embedding_dim=16, num_classes=5)
     assert tuple(loss.proxies.shape) == (5, 16)
     with pytest.raises(ValueError, match="needs num_classes"):
@@ -142,7 +145,7 @@ def test_estimators_have_one_name_and_their_aliases():
 def test_data_sets_and_experiments_are_registered_with_their_metadata():
     assert DATASETS.canonical("CUB") == "cub200" and DATASETS.canonical("in-shop") == "inshop"
     assert DATASETS.available({"class_disjoint": True}) == ["cars196", "cub200", "inshop", "sop"]
-    assert DATASETS.available({"embedded": True}) == ["digits", "digits_image"]
+    assert DATASETS.available({"embedded": True}) == ["digits", "digits_image", "latent_classes"]
     assert len(get_dataset("Digits", split="test")) > 0
     assert EXPERIMENTS.available() == ["adversarial", "bijective", "critics", "encoders",
                                        "noniid"]
@@ -184,4 +187,5 @@ def test_readout_reports_any_registered_lower_bound():
     # every lower bound of the family is registered, and the upper bounds say so
     assert {"tuba", "mine_ma", "smile", "alpha_infonce", "l1out", "club"} <= set(ESTIMATORS)
     assert ESTIMATORS.available({"kind": "upper"}) == ["club", "l1out"]
-    assert {"tuba", "mine_ma", "smile", "alpha_infonce"} <= set(losses.available({"family": "mi"}))
+    assert {"tuba", "mine_ma", "smile", "alpha_infonce", "flo", "l1out", "club"} <= set(
+        losses.available({"family": "mi"}))

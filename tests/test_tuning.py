@@ -45,6 +45,28 @@ def tiny(tmp_path, **kw):
     return TuneConfig.from_dict(data)
 
 
+def test_default_is_the_generated_benchmark_and_digits_bring_their_batch():
+    cfg = TuneConfig.from_dict({})
+    assert (cfg.dataset, cfg.backbone, cfg.batch_size, cfg.m_per_class, cfg.trials) == (
+        "latent_classes", "mlp", 64, 4, 10)
+    digits = TuneConfig.from_dict({"dataset": "digits"})
+    assert (digits.batch_size, digits.m_per_class) == (48, 16)  # 3 of a fold's 3 classes
+    mine = TuneConfig.from_dict({"dataset": "digits", "batch_size": 32})
+    assert (mine.batch_size, mine.m_per_class) == (32, 16)  # what the user set wins
+
+
+def test_reference_rows_are_the_raw_input_and_the_known_answer(tmp_path):
+    from contrastive.app.tuning import reference_rows
+
+    rows = reference_rows(TuneConfig.from_dict({"output": str(tmp_path)}))
+    assert rows["(raw input)"]["map_at_r"] == pytest.approx(0.032, abs=0.001)
+    assert rows["(true latent)"]["map_at_r"] == pytest.approx(0.722, abs=0.001)
+    digits = reference_rows(TuneConfig.from_dict({"dataset": "digits",
+                                                  "output": str(tmp_path)}))
+    assert list(digits) == ["(raw input)"]  # no known answer for real data
+    assert digits["(raw input)"]["map_at_r"] == pytest.approx(0.666, abs=0.001)
+
+
 def quadratic(trial):
     x = trial.suggest_float("x", -2.0, 2.0)
     m = trial.suggest_categorical("m", ["a", "b"])
@@ -146,6 +168,27 @@ def test_sigkilled_tuning_resumes_without_repeating_trials(tmp_path):
         assert (kept.params, kept.value) == (params, value)
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert TrialState.RUNNING not in states  # the killed trial was marked failed
+
+
+def test_a_worker_that_died_on_another_machine_is_failed_after_its_grace_period(tmp_path):
+    """A RUNNING trial of a remote worker (another host, so its process cannot be looked up)
+    stops beating; once the grace period passes without a heartbeat, the next worker marks it
+    failed and the study still reaches exactly its budget. A live trial with a recent
+    heartbeat is left alone."""
+    storage = f"sqlite:///{tmp_path / 'hb.db'}"
+    study = open_study(storage, "hb", seed=0, heartbeat_s=1, grace_s=2)
+    dead = study.ask()
+    dead.set_user_attr("worker", {"host": "another-machine", "pid": 1})
+    study._storage.record_heartbeat(dead._trial_id)
+    time.sleep(0.5)
+    assert run_trials(study, 0, quadratic) == 0  # inside its grace period: left running
+    assert study._storage.get_trial(dead._trial_id).state == TrialState.RUNNING
+    time.sleep(2.5)
+    assert run_trials(study, 3, quadratic) == 3
+    assert study._storage.get_trial(dead._trial_id).state == TrialState.FAIL
+    assert len(finished_trials(study)) == 3
+    stale = study._storage._get_stale_trial_ids(study._study_id)
+    assert stale == []  # every trial this worker ran beat and finished
 
 
 WORKER = textwrap.dedent("""

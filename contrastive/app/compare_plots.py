@@ -71,9 +71,12 @@ def _err(std: float) -> float:
 
 
 def plot_map_probe(rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping] = (),
-                   err: str = "std"):
+                   err: str = "std",
+                   references: Mapping[str, Mapping[str, float]] | None = None):
     """Grouped bars: MAP@R and linear-probe accuracy (%) per loss, mean ± std over seeds
-    (``err="ci95"``: ± the half width of the 95% t-interval, rows of :func:`aggregate_ci`)."""
+    (``err="ci95"``: ± the half width of the 95% t-interval, rows of :func:`aggregate_ci`);
+    ``references`` (row name -> metrics of an untrained embedding, e.g. ``(raw input)``, ``(true
+    latent)``) draws each one's MAP@R as a dashed horizontal line."""
     rows = [r for r in rows if r["n_seeds"] > 0]
     fig, axes = _figure(max(6.0, 1.05 * len(rows) + 2.5), 4.2)
     ax = axes[0, 0]
@@ -94,6 +97,10 @@ def plot_map_probe(rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping]
             if math.isfinite(v):
                 ax.text(b.get_x() + b.get_width() / 2, v + e + 1, f"{v:.1f}", ha="center",
                         va="bottom", fontsize=7)
+    for (name, ref), style in zip((references or {}).items(), ("--", ":", "-.")):
+        if "map_at_r" in ref:
+            ax.axhline(100 * ref["map_at_r"], color="0.35", lw=1, ls=style,
+                       label=f"MAP@R {name} {100 * ref['map_at_r']:.1f}")
     ax.set_xticks(x, [_label(r, rows) for r in rows], rotation=20 if len(rows) > 5 else 0,
                   ha="right" if len(rows) > 5 else "center")
     ax.set_ylim(0, 112)

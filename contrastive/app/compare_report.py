@@ -449,12 +449,12 @@ def _params_text(params: Mapping[str, Any]) -> str:
 def format_tuned_table(rows: Sequence[Mapping[str, Any]],
                        tuning: Mapping[str, Mapping[str, Any]],
                        sig: Mapping[str, Mapping[str, Any]] | None = None,
-                       baseline: Mapping[str, float] | None = None) -> str:
+                       references: Mapping[str, Mapping[str, float]] | None = None) -> str:
     """The tuned comparison as a Markdown table: per loss the best validation MAP@R of its
     search, test-class metrics as ``mean ± half width of the 95% t-interval`` (%), ``*`` on the
     losses indistinguishable from the best MAP@R (``sig["map_at_r"]``), the I_NCE readout and
-    the chosen hyper-parameters; ``baseline`` (retrieval metrics of the raw input) adds a last
-    row ``(raw input)``."""
+    the chosen hyper-parameters; ``references`` (row name -> retrieval metrics of an untrained
+    embedding, e.g. ``(raw input)`` and ``(true latent)``) adds one last row each."""
     best_set = set((sig or {}).get("map_at_r", {}).get("indistinguishable", []))
     header = (["Loss", "Val MAP@R"] + [h for h, _ in _TUNED_COLUMNS]
               + ["I_NCE (nats)", "Chosen (lr, loss keywords)"])
@@ -472,9 +472,9 @@ def format_tuned_table(rows: Sequence[Mapping[str, Any]],
                                          r.get("readout_infonce_ci95"), ".2f"))
             cells.append(_params_text(t.get("best_params", {})))
         body.append(cells)
-    if baseline:
-        body.append(["(raw input)", "—"] + [
-            f"{100 * baseline[f]:.1f}" if f in baseline else "—" for _, f in _TUNED_COLUMNS]
+    for row, ref in (references or {}).items():
+        body.append([row, "—"] + [
+            f"{100 * ref[f]:.1f}" if f in ref else "—" for _, f in _TUNED_COLUMNS]
             + ["—", "no training"])
     return markdown_table(header, body, align="l" + "r" * (len(_TUNED_COLUMNS) + 2) + "l",
                           pad=True)
@@ -493,9 +493,14 @@ def _tuned_footnote(rows, tuning, sig, meta) -> list[str]:
     ]
     if meta.get("budget"):
         lines.append(f"Budget, the same for every loss: {meta['budget']}.")
-    if meta.get("baseline"):
+    refs = meta.get("references") or {}
+    if "(raw input)" in refs:
         lines.append("(raw input): the same retrieval on the flattened input itself, no model "
                      "-- the floor a learned embedding has to clear.")
+    if "(true latent)" in refs:
+        lines.append("(true latent): the same retrieval on the signal the data were generated "
+                     "from (the data set's known answer) -- the ceiling of an encoder that "
+                     "recovers it.")
     for metric, res in (sig or {}).items():
         if res.get("best") is None:
             continue
@@ -552,7 +557,8 @@ def write_tuned_report(
     sig = {m: significance(records, m) for m in SIGNIFICANCE_METRICS}
     paths = {k: out / v for k, v in TUNED_FILES.items()}
     if plots:
-        atomic_write_bytes(paths["map_probe"], _png(plot_map_probe(rows, records, err="ci95")))
+        atomic_write_bytes(paths["map_probe"], _png(plot_map_probe(rows, records, err="ci95",
+                                                         references=meta.get("references"))))
         atomic_write_bytes(paths["mi_vs_accuracy"],
                            _png(plot_mi_vs_accuracy(rows, records, err="ci95")))
         atomic_write_bytes(paths["curves"], _png(plot_curves(rows, records)))
@@ -566,7 +572,7 @@ def write_tuned_report(
     atomic_write_text(paths["json"],
                       json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n")
     atomic_write_text(paths["csv"], _tuned_csv(rows, tuning))
-    parts = [f"# {title}", "", format_tuned_table(rows, tuning, sig, meta.get("baseline")), "",
+    parts = [f"# {title}", "", format_tuned_table(rows, tuning, sig, meta.get("references")), "",
              "\n\n".join(_tuned_footnote(rows, tuning, sig, meta))]
     failed = [r for r in records if _status(r) != "ok"]
     if failed:

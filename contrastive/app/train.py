@@ -101,8 +101,9 @@ class DivergedError(UserError, FloatingPointError):
 
 def fit(config: TrainConfig | dict) -> dict[str, Any]:
     """Train an embedder with a loss as ``config`` says; return the result dict (also written to
-    ``<output>/result.json``): ``metrics`` (final evaluation), ``readout`` (mean I_NCE / I_NWJ of
-    the last logged training batches), ``history`` (the log rows), ``train_time_s``, ``steps``.
+    ``<output>/result.json``): ``metrics`` (final evaluation), ``readout`` (mean I_NCE / I_NWJ, and
+    any further estimator the loss reads out, e.g. an upper bound's own, of the last logged
+    training batches), ``history`` (the log rows), ``train_time_s``, ``steps``.
 
     The run folder is locked while the run lasts (a second run into it stops with a
     :class:`UserError`); a folder holding a run needs ``resume`` or ``overwrite`` (see
@@ -267,6 +268,7 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
                desc=f"{cfg.loss}", dynamic_ncols=True)
     model.train()
     recent: list[dict] = []
+    readout_keys: dict[str, None] = {}  # the readout's estimators, in their order
     from ..inference import channels_last_safe
 
     to_channels_last = device.type == "cuda" and channels_last_safe(model)  # no custom .view()
@@ -311,7 +313,9 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
             if step % cfg.log_every == 0 or step == total_steps or eval_due:
                 row = {"step": step, "epoch": epoch, "loss": float(loss.detach()),
                        "lr": optimizer.param_groups[0]["lr"]}
-                row.update(_readout(loss_fn, emb_all.float(), y_all))
+                read = _readout(loss_fn, emb_all.float(), y_all)
+                readout_keys.update(dict.fromkeys(read))
+                row.update(read)
                 recent = (recent + [row])[-5:]
                 bar.set_postfix(loss=f"{row['loss']:.4f}", nce=f"{row['infonce']:.2f}")
                 if eval_due:  # on every rank: each embeds its share of the test set
@@ -348,9 +352,9 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
     if main:
         result["metrics"] = metrics
         result["eval_backend"] = backend
-        result["readout"] = {
-            k: float(np.nanmean([r[k] for r in recent])) if recent else float("nan")
-            for k in ("infonce", "nwj")
+        result["readout"] = {  # every estimator the loss reads out (an upper bound's own)
+            k: float(np.nanmean([r.get(k, np.nan) for r in recent])) if recent else float("nan")
+            for k in {"infonce": None, "nwj": None, **readout_keys}
         }
         result["config"] = cfg.to_dict()
         ckpt.atomic_write_json(out / "result.json", result)

@@ -21,7 +21,8 @@ The protocol, the same for every loss:
   resumes where it stopped and several processes (or machines on a shared database) can work on
   one study: a trial runs only when fewer than ``n_trials`` finished or running trials precede it
   (trial numbers are handed out by the database), so workers neither lose nor repeat trials; a
-  trial left ``RUNNING`` by a process that died on this machine is marked failed and redone.
+  trial left ``RUNNING`` by a process that died is marked failed and redone: at once on this
+  machine, after :data:`GRACE_S` without a heartbeat for a worker on another machine.
 * Final: the best configuration of each loss is retrained on all training classes
   (``"train_classes"``) with every seed and evaluated on the test classes (``"test_classes"``);
   those cells are cached like ``contrastive compare``'s (:func:`~.compare.cell_key`). The report
@@ -32,6 +33,7 @@ The protocol, the same for every loss:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,6 +42,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,15 +86,15 @@ class TuneConfig:
 
     __pydantic_config__ = TrainConfig.__pydantic_config__
 
-    dataset: str = "digits"
+    dataset: str = "latent_classes"
     data_dir: str | None = None
     losses: TextList = DEFAULT_LOSSES
     backbone: str = "mlp"
     steps: PosInt = 400
     seeds: IntList = (0, 1, 2)
-    batch_size: PosInt = 48
-    m_per_class: PosInt = 16
-    trials: PosInt = 8
+    batch_size: PosInt = 64
+    m_per_class: PosInt = 4
+    trials: PosInt = 10
     folds: PosInt = 2
     fold_seed: NonNegInt = 0
     tune_seed: NonNegInt = 0
@@ -104,9 +107,15 @@ class TuneConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> TuneConfig:
+        """Build from a mapping, checked against the field types; a data set with few classes
+        (digits) brings its own batch composition (``class_disjoint_batch`` in
+        :data:`contrastive.datasets.DATASETS`) for the keys the mapping does not set."""
         from .config import validate_fields
 
-        cfg = validate_fields(cls, dict(data), source=source)
+        data = dict(data)
+        for key, value in class_disjoint_batch(data.get("dataset", cls.dataset)).items():
+            data.setdefault(key, value)
+        cfg = validate_fields(cls, data, source=source)
         if not cfg.losses:
             raise UserError("config field 'losses': got an empty list, expected loss names")
         if not cfg.seeds:
@@ -129,6 +138,17 @@ class TuneConfig:
 
     def validated(self) -> TuneConfig:
         return self.from_dict(dict(self.__dict__))
+
+
+def class_disjoint_batch(dataset: Any) -> dict[str, int]:
+    """The ``batch_size`` / ``m_per_class`` a class-disjoint run on ``dataset`` starts from
+    (registry meta ``class_disjoint_batch``; empty when the data set has none or is unknown:
+    the config's defaults apply and an unknown name fails in its own check)."""
+    from ..datasets import DATASETS
+
+    if not isinstance(dataset, str) or dataset not in DATASETS:
+        return {}
+    return dict(DATASETS.get(dataset).meta.get("class_disjoint_batch") or {})
 
 
 # ------------------------------------------------------------------------------ the search
@@ -200,14 +220,36 @@ def storage_url(cfg: TuneConfig) -> str:
     return f"sqlite:///{path}"
 
 
-def open_study(storage: str, name: str, seed: int):
+@contextlib.contextmanager
+def _quiet_optuna():
+    """Optuna warns that its heartbeat is experimental and meant for ``Study.optimize``; the
+    ask-and-tell loop of :func:`run_trials` records the heartbeats itself (:class:`_Heartbeat`)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        yield
+
+
+#: Seconds between a running trial's heartbeats in the study's storage, and how long a trial
+#: may go without one before any worker marks it failed (a worker that died on another machine).
+HEARTBEAT_S, GRACE_S = 30, 120
+
+
+def open_study(storage: str, name: str, seed: int, heartbeat_s: int = HEARTBEAT_S,
+               grace_s: int = GRACE_S):
     """Create or load the study ``name`` (maximise) in ``storage`` with the seeded TPE sampler.
-    SQLite waits up to 60 s for a lock held by another worker."""
+    SQLite waits up to 60 s for a lock held by another worker. Running trials record a heartbeat
+    every ``heartbeat_s`` (Optuna's RDB heartbeat), so a trial whose worker died anywhere is
+    failed and redone once ``grace_s`` pass without one."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
-    rdb = optuna.storages.RDBStorage(storage, engine_kwargs=kwargs)
+    with _quiet_optuna():
+        rdb = optuna.storages.RDBStorage(storage, engine_kwargs=kwargs,
+                                         heartbeat_interval=heartbeat_s, grace_period=grace_s)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=N_STARTUP,
                                          constant_liar=True)
     return optuna.create_study(study_name=name, storage=rdb, sampler=sampler,
@@ -232,19 +274,55 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fail_dead_local_trials(study) -> int:
-    """Mark failed the RUNNING trials started by a process of this machine that no longer
-    exists (a killed run); returns how many."""
+def _fail_dead_trials(study) -> int:
+    """Mark failed the RUNNING trials whose worker is gone: at once for a process of this
+    machine that no longer exists (a killed run), and for any worker after the storage's grace
+    period without a heartbeat (``optuna.storages.fail_stale_trials``: a worker that died on
+    another machine); returns how many."""
+    import optuna
     from optuna.trial import TrialState
 
-    host, n = socket.gethostname(), 0
+    def running() -> int:
+        return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+    before = running()
+    with _quiet_optuna():
+        optuna.storages.fail_stale_trials(study)
+    host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker") or {}
         if worker.get("host") == host and worker.get("pid") != os.getpid() \
                 and not _alive(int(worker.get("pid", -1))):
             study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-            n += 1
-    return n
+    return before - running()
+
+
+class _Heartbeat:
+    """Records ``trial``'s heartbeat in the study's storage now and every interval until the
+    ``with`` block ends (what ``Study.optimize`` does for its own trials)."""
+
+    def __init__(self, study, trial) -> None:
+        import threading
+
+        self.storage, self.trial_id = study._storage, trial._trial_id
+        self.interval = self.storage.get_heartbeat_interval()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.storage.record_heartbeat(self.trial_id)
+
+    def __enter__(self):
+        if self.interval:
+            self.storage.record_heartbeat(self.trial_id)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
 
 
 def run_trials(study, n_trials: int, objective: Callable[[Any], float],
@@ -257,10 +335,11 @@ def run_trials(study, n_trials: int, objective: Callable[[Any], float],
     and propagates."""
     from optuna.trial import TrialState
 
-    _fail_dead_local_trials(study)
+    _fail_dead_trials(study)
     done = 0
     while len(finished_trials(study)) < n_trials:
-        trial = study.ask()
+        with _quiet_optuna():
+            trial = study.ask()
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         ahead = [t for t in study.get_trials(deepcopy=False,
                                              states=(TrialState.COMPLETE, TrialState.RUNNING))
@@ -270,7 +349,8 @@ def run_trials(study, n_trials: int, objective: Callable[[Any], float],
             study.tell(trial, state=TrialState.FAIL)
             break
         try:
-            value = float(objective(trial))
+            with _Heartbeat(study, trial):
+                value = float(objective(trial))
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
@@ -456,7 +536,7 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
         wall = time.perf_counter() - t0
         meta = {"config": to_jsonable(cfg.__dict__, nan_to_none=False), "wall_time_s": wall,
                 "tune_time_s": tune_time, "versions": _versions(),
-                "budget": budget_text(cfg), "baseline": raw_input_baseline(cfg)}
+                "budget": budget_text(cfg), "references": reference_rows(cfg)}
         files = report.write_tuned_report(records, tuning, out, meta=meta,
                                           title=f"tuned compare on {cfg.dataset} "
                                                 "(class-disjoint)")
@@ -467,24 +547,33 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     return {"records": records, "rows": rows, "tuning": tuning, "files": files,
             "failed": failed, "wall_time_s": wall, "tune_time_s": tune_time,
             "significance": sig,
-            "table": report.format_tuned_table(rows, tuning, sig, meta["baseline"])}
+            "table": report.format_tuned_table(rows, tuning, sig, meta["references"])}
 
 
-def raw_input_baseline(cfg: TuneConfig) -> dict[str, float] | None:
-    """Retrieval metrics of the raw input itself (flattened, no model) on the test classes:
-    the floor a trained embedding has to beat. None for a data set read from image files."""
+def reference_rows(cfg: TuneConfig) -> dict[str, dict[str, float]]:
+    """Retrieval metrics on the test classes of embeddings nobody trained: ``"(raw input)"``,
+    the flattened input itself (the floor a trained embedding has to clear; not for data read
+    from image files), and ``"(true latent)"`` where the data set knows the answer (registry
+    meta ``known_answer``, e.g. ``latent_classes``' class signal: the ceiling)."""
     import torch
 
     from evaluation import retrieval_metrics
 
-    from ..datasets import TensorDataset, get_dataset
+    from ..datasets import DATASETS, TensorDataset, get_dataset
 
-    ds = get_dataset(cfg.dataset, root=cfg.data_dir, split=FINAL_SPLITS["eval_split"])
-    if not isinstance(ds, TensorDataset) or ds.transform is not None:
-        return None
-    x = ds.data.reshape(len(ds), -1).float()
-    r = retrieval_metrics(x, torch.as_tensor(ds.labels), ks=(1,))
-    return {k: float(r[k]) for k in ("map_at_r", "recall_at_1", "r_precision")}
+    known = DATASETS.get(cfg.dataset).meta.get("known_answer") if cfg.dataset in DATASETS \
+        else None
+    out: dict[str, dict[str, float]] = {}
+    for row, kw in (("(raw input)", {}), ("(true latent)", known)):
+        if kw is None:
+            continue
+        ds = get_dataset(cfg.dataset, root=cfg.data_dir, split=FINAL_SPLITS["eval_split"], **kw)
+        if not isinstance(ds, TensorDataset) or ds.transform is not None:
+            continue
+        x = ds.data.reshape(len(ds), -1).float()
+        r = retrieval_metrics(x, torch.as_tensor(ds.labels), ks=(1,))
+        out[row] = {k: float(r[k]) for k in ("map_at_r", "recall_at_1", "r_precision")}
+    return out
 
 
 def budget_text(cfg: TuneConfig) -> str:

@@ -9,6 +9,9 @@ name                data                                                       s
 ==================  =========================================================  ===================
 ``digits``          scikit-learn 8x8 digits as float32 vectors of 64 in [0,1]  train/test/all
 ``digits_image``    the same as ``[1, s, s]`` tensors (``size=``) or PIL       train/test/all
+``latent_classes``  synthetic: 200 classes seen through a random nonlinear     train/test/all
+                    mixing with nuisance factors, with a known answer
+                    (:mod:`.latent`)
 ``folder``          ``ImageFolder`` layout                                     a sub-folder / all
 ``cub200``          CUB-200-2011, classes 1-100 / 101-200                      train/test
 ``cars196``         Stanford Cars, classes 1-98 / 99-196                       train/test
@@ -18,9 +21,10 @@ name                data                                                       s
 ``cifar10``         local CIFAR-10 python batches (``verify_md5=``)            train/test
 ==================  =========================================================  ===================
 
-``digits`` ships with scikit-learn; every other set is read from a local copy under ``root`` and
-never downloaded -- a missing or malformed copy raises ``FileNotFoundError``/``ValueError`` saying
-what was expected where. Layout details: :mod:`.dml`, :mod:`.torchvision_sets`.
+``digits`` ships with scikit-learn and ``latent_classes`` is generated; every other set is read
+from a local copy under ``root`` and never downloaded -- a missing or malformed copy raises
+``FileNotFoundError``/``ValueError`` saying what was expected where. Layout details:
+:mod:`.dml`, :mod:`.torchvision_sets`, :mod:`.latent`.
 
 Class-disjoint splits (:mod:`contrastive.splits`). Every set also reads the split names
 ``"train_classes"`` / ``"test_classes"`` (train on some classes, retrieve among unseen ones) and
@@ -33,6 +37,7 @@ name                ``train_classes`` / ``test_classes``
 ==================  ==========================================================================
 ``digits``,         all 1797 items: digits 0-5 (1083 items) / digits 6-9 (714 items), a fixed
 ``digits_image``    partition (the i.i.d. ``train`` / ``test`` stay available by name)
+``latent_classes``  all 3200 items: classes 0-99 / 100-199 (the default of ``compare --tune``)
 ``cub200``,         the benchmark's own ``train`` / ``test`` (already class-disjoint)
 ``cars196``,
 ``sop``
@@ -64,6 +69,7 @@ from .base import (
 )
 from .digits import digits, digits_image
 from .dml import cars196, cub200, folder, inshop, sop
+from .latent import latent_classes
 from .torchvision_sets import cifar10, mnist
 
 __all__ = [
@@ -80,6 +86,7 @@ __all__ = [
     "class_split_sources",
     "digits",
     "digits_image",
+    "latent_classes",
     "folder",
     "cub200",
     "cars196",
@@ -95,16 +102,30 @@ __all__ = [
 #: ``root``) and ``class_split``: how ``"train_classes"`` / ``"test_classes"`` are read --
 #: ``{"train": split, "test": split}`` (the reader's splits, items kept by class) and
 #: ``"test_classes"`` (the held-out class ids; default the second half of the sorted classes).
+#: Optional: ``class_disjoint_batch`` (``batch_size`` / ``m_per_class`` a class-disjoint run
+#: starts from when the user sets none) and ``known_answer`` (reader keywords that give, item
+#: for item, the embedding a perfect encoder would recover: a reference row of the reports).
 DATASETS: Registry[LabeledDataset] = Registry("data set")
 _DIGITS_SPLIT = {"train": "all", "test": "all", "test_classes": (6, 7, 8, 9)}
+#: digits keep 6 training classes (3 per tuning fold): 3 classes x 16 items per batch; sets
+#: with many classes use the DML convention of 4 items per class
+_FEW_CLASSES_BATCH = {"batch_size": 48, "m_per_class": 16}
+_MANY_CLASSES_BATCH = {"batch_size": 64, "m_per_class": 4}
 _OWN_SPLIT = {"train": "train", "test": "test"}
 for _name, _factory, _aliases, _meta in (
     ("digits", digits, (), {"kind": "vector", "splits": ("train", "test", "all"),
                             "class_disjoint": False, "embedded": True,
-                            "class_split": _DIGITS_SPLIT}),
+                            "class_split": _DIGITS_SPLIT,
+                            "class_disjoint_batch": _FEW_CLASSES_BATCH}),
     ("digits_image", digits_image, (), {"kind": "image", "splits": ("train", "test", "all"),
                                         "class_disjoint": False, "embedded": True,
-                                        "class_split": _DIGITS_SPLIT}),
+                                        "class_split": _DIGITS_SPLIT,
+                                        "class_disjoint_batch": _FEW_CLASSES_BATCH}),
+    ("latent_classes", latent_classes, (), {"kind": "vector", "splits": ("train", "test", "all"),
+                                            "class_disjoint": False, "embedded": True,
+                                            "class_split": {"train": "all", "test": "all"},
+                                            "class_disjoint_batch": _MANY_CLASSES_BATCH,
+                                            "known_answer": {"view": "latent"}}),
     ("folder", folder, ("imagefolder",), {"kind": "image", "splits": None,
                                           "class_disjoint": None, "embedded": False,
                                           "class_split": {"train": "all", "test": "all"}}),

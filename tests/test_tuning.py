@@ -20,13 +20,10 @@ optuna = pytest.importorskip("optuna")
 
 from optuna.trial import TrialState  # noqa: E402
 
+from contrastive.app.study import N_STARTUP, finished_trials, open_study, run_trials  # noqa: E402
 from contrastive.app.tuning import (  # noqa: E402
     LR_SPACE,
-    N_STARTUP,
     TuneConfig,
-    finished_trials,
-    open_study,
-    run_trials,
     search_space,
     study_name,
     trial_config,
@@ -193,7 +190,7 @@ def test_a_worker_that_died_on_another_machine_is_failed_after_its_grace_period(
 
 WORKER = textwrap.dedent("""
     import sys, time
-    from contrastive.app.tuning import open_study, run_trials
+    from contrastive.app.study import open_study, run_trials
     study = open_study(sys.argv[1], "shared", seed=int(sys.argv[2]))
     def objective(trial):
         x = trial.suggest_float("x", 0.0, 1.0)

@@ -8,11 +8,13 @@ Usage::
 
     python benchmarks/losses.py                 # B = 128 .. 2048 (+ 4096: InfoNCE, new losses)
     python benchmarks/losses.py --quick         # B = 128, 512, few repeats
+    python benchmarks/losses.py --small         # B = 128: the fixed per-call overhead
     python benchmarks/losses.py --sizes 1024 --cases infonce triplet
 
-Time: median of ``--repeats`` forward+backward passes after one warm-up pass (wall clock,
-``torch.get_num_threads()`` threads; ours, PML and the floor interleaved, ours and the floor each
-right after an untimed pass of their own). Peak memory: the
+Time: median of ``--repeats`` timed samples after one warm-up pass, a sample being one
+forward+backward pass or, for passes under ``MIN_SAMPLE_S``, the mean of a block of them (wall
+clock, ``torch.get_num_threads()`` threads; ours, PML and the floor interleaved, ours and the
+floor each right after an untimed pass of their own). Peak memory: the
 highest level of torch's CPU allocations above the start of one pass, from torch.profiler's memory
 events (``profile_memory=True``); on CUDA ``torch.cuda.max_memory_allocated``.
 
@@ -304,14 +306,21 @@ def _sync(device):
 CLOCK = time.perf_counter
 
 
-def run_once(fn, x, labels, device) -> float:
-    x.grad = None
+def run_once(fn, x, labels, device, passes: int = 1) -> float:
+    """Seconds per pass of ``passes`` consecutive forward+backward passes."""
     _sync(device)
     t0 = CLOCK()
-    loss = fn(x, labels)
-    loss.backward()
+    for _ in range(passes):
+        x.grad = None
+        loss = fn(x, labels)
+        loss.backward()
     _sync(device)
-    return CLOCK() - t0
+    return (CLOCK() - t0) / passes
+
+
+#: a timed sample lasts at least this long: passes shorter than it are timed in blocks (the
+#: mean of a block), so that millisecond passes at B = 128 are not single clock readings
+MIN_SAMPLE_S = 0.02
 
 
 @dataclass
@@ -326,12 +335,13 @@ def measure_interleaved(fns: dict, x, labels, device, repeats: int, budget_s: fl
     round-robin (ours, floor, PML, ours, ...) so that load from other processes hits all of
     them alike; the median per function. Ours and the floor each run one untimed pass before
     every timed one, so neither is timed on the caches a large PML pass just flushed."""
-    out = {}
+    out, passes = {}, {}
     for key, fn in fns.items():
         run_once(fn, x, labels, device)  # warm-up: first-touch, lazy init
         with PeakMemory(device) as pm:
             one = run_once(fn, x, labels, device)
         out[key] = (pm.peak / 2**20, [one])
+        passes[key] = max(1, min(50, int(MIN_SAMPLE_S / max(one, 1e-6))))
     for _ in range(repeats - 1):
         for key, fn in fns.items():
             mb, times = out[key]
@@ -340,7 +350,7 @@ def measure_interleaved(fns: dict, x, labels, device, repeats: int, budget_s: fl
                     # an untimed pass first: a B^3 PML pass just before evicts the caches, which
                     # would otherwise charge whichever of ours / floor runs after it
                     run_once(fn, x, labels, device)
-                times.append(run_once(fn, x, labels, device))
+                times.append(run_once(fn, x, labels, device, passes[key]))
     return {k: Result(ms=1e3 * statistics.median(t), mb=mb) for k, (mb, t) in out.items()}
 
 
@@ -373,7 +383,10 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=20.0, help="per PML pass, seconds")
     p.add_argument("--budget-gb", type=float, default=6.0, help="per PML pass, GB")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help="B = 128, 512; 3 repeats")
+    p.add_argument("--quick", action="store_true", help="B = 128, 512; 5 repeats")
+    p.add_argument("--small", action="store_true",
+                   help="B = 128 only, 15 repeats: the fixed per-call overhead (ours / floor "
+                        "and the PML speed-up per case, summarised at the end)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads (0: leave torch's default)")
@@ -390,6 +403,8 @@ def main(argv=None):
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.quick:
         args.sizes, args.repeats, args.extra_infonce_sizes = [128, 512], 5, []
+    if args.small:
+        args.sizes, args.repeats, args.extra_infonce_sizes = [128], 15, []
 
     all_cases = cases()
     chosen = args.cases or list(all_cases)
@@ -409,6 +424,7 @@ def main(argv=None):
     print(head)
     print("-" * len(head))
     prev_ref: dict[str, tuple[int, Result]] = {}
+    smallest: dict[str, tuple[int, float, float | None]] = {}  # the overhead summary
     sizes = [(b, False) for b in args.sizes] + [(b, True) for b in args.extra_infonce_sizes]
     for b, infonce_only in sizes:
         gen = torch.Generator().manual_seed(args.seed + b)
@@ -445,11 +461,29 @@ def main(argv=None):
             if ref.skipped and c.ref is not None:
                 line += f"  PML {ref.skipped}"
             print(line, flush=True)
+            if key not in smallest or b < smallest[key][0]:
+                smallest[key] = (b, ours.ms / fl.ms, speed)
             del fns, res
             gc.collect()
         del x
         gc.collect()
+    print_overhead_summary(smallest, all_cases)
     return 0
+
+
+def print_overhead_summary(smallest: dict, all_cases: dict, target: float = 1.5) -> None:
+    """One line per case at its smallest B: ours / floor (the fixed per-call overhead; target
+    ``<= target``) and the speed-up over PML (target ``>= 1``)."""
+    if not smallest:
+        return
+    print(f"# overhead at the smallest B: ours/floor (target <= {target:g}) and PML speed-up "
+          "(target >= 1)")
+    for key, (b, ratio, speed) in smallest.items():
+        flags = [f"> {target:g}x floor"] if ratio > target else []
+        if speed is not None and speed < 1.0:
+            flags.append("slower than PML")
+        print(f"#   {all_cases[key].name:<18} B={b:<5} ours/floor {ratio:5.2f}  "
+              f"PML speed-up {fmt(speed, '5.2f')}  {'; '.join(flags) or 'ok'}")
 
 
 if __name__ == "__main__":

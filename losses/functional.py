@@ -31,7 +31,12 @@ Cost: every function does a few elementwise passes over ``S`` and nothing of siz
 (usually few per anchor) are handled as indices; the log-sum-exp over the denominator is a fused
 autograd function with one work buffer (double backward supported); triplet mining compares each
 anchor's j-th positive with its negatives, one ``[N, M]`` pass per j < k, or sorts the negatives
-once per anchor when k is large (always with ``check=False``, where k is not read).
+once per anchor when k is large (always with ``check=False``, where k is not read). Small
+batches: at B = 128 a loss's time is mostly the fixed cost per operation and per autograd node,
+so the pair and proxy losses (:mod:`losses.pair_based`, :mod:`losses.proxies`) take a fused
+path below :data:`FUSED_MAX_ENTRIES` score entries (``check=True``, a reduced loss): value and
+gradient ``dL/dS`` from one pass of plain tensor code, the backward pass one multiplication
+(:class:`_FusedLoss`; the same values, double backward by recomputation).
 
 References: van den Oord et al. 2018 (CPC/InfoNCE); Nguyen, Wainwright, Jordan 2010 (NWJ);
 Nowozin et al. 2016 (f-GAN, JS); Donsker & Varadhan 1983, Belghazi et al. 2018 (DV/MINE);
@@ -42,6 +47,7 @@ Tschannen et al. 2020 (InfoNCE with a separable critic is the multi-class N-pair
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -147,7 +153,7 @@ def _prepare(scores: Tensor, positives: Tensor, negatives: Tensor | None, check:
         scores = scores.float()
     # one reduction instead of an elementwise isfinite: NaN/Inf propagate into the sum; an
     # overflowing sum of finite scores is told apart by the exact check
-    if check and not bool(torch.isfinite(scores.detach().sum())) and not bool(
+    if check and not math.isfinite(float(scores.detach().sum())) and not bool(
         torch.isfinite(scores.detach()).all()
     ):
         raise ValueError(
@@ -242,6 +248,94 @@ def _masked_lse(x: Tensor, keep: Tensor | None, dim: int | None) -> Tensor:
     if x.numel() == 0:  # no entry: -inf (of the reduced shape), still in the graph
         return (x.sum() if dim is None else x.sum(dim)) + _NEG_INF
     return _MaskedLogSumExp.apply(x, keep, dim)
+
+
+class _FusedLoss(torch.autograd.Function):
+    """A loss whose value and gradient ``dL/dS`` come from one pass without autograd
+    (``kernel(scores, *args, need_grad) -> (value, dS)``, plain tensor code under no_grad): the
+    backward pass is then one multiplication, ``g * dS``, instead of one autograd node per
+    elementwise operation -- at small batches that per-node cost, not the arithmetic, is most
+    of a loss's time. Double backward (``create_graph=True``) recomputes the gradient from
+    ``slow(scores, *args)``, the same loss written with differentiable operations."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, kernel, slow, args: tuple):
+        value, grad = kernel(scores, *args, True)
+        ctx.grad, ctx.slow, ctx.args = grad, slow, args
+        ctx.save_for_backward(scores)
+        return value
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
+            (s,) = ctx.saved_tensors
+            (gs,) = torch.autograd.grad(ctx.slow(s, *ctx.args), s, g, create_graph=True)
+            return gs, None, None, None
+        return ctx.grad * g, None, None, None
+
+
+#: the largest score matrix (entries) the losses send through :class:`_FusedLoss`: below it
+#: the fixed cost per operation and per autograd node is most of a loss's time (B = 128:
+#: 2-3x the score-matrix floor); above it the fused kernels' stacked ``[2, N, M]`` passes
+#: (positives over the whole matrix, not by index) cost more than they save (measured on CPU,
+#: B = 2048: Circle 1.14x -> 1.56x the floor, NCA 1.20x -> 1.57x), so the autograd forms run
+FUSED_MAX_ENTRIES = 1 << 16
+
+
+def _fusable(scores: Tensor, positives: Tensor, negatives: Tensor | None, check: bool,
+             reduction: str) -> bool:
+    """Whether a loss takes its fused small-batch path: checked eager call (``check``), a
+    reduced loss, boolean masks and a score matrix of at most :data:`FUSED_MAX_ENTRIES`."""
+    return (check and reduction != "none" and 0 < scores.numel() <= FUSED_MAX_ENTRIES
+            and _plain_masks(positives, negatives))
+
+
+def _fused(kernel, slow, scores: Tensor, *args) -> Tensor:
+    """``kernel``'s loss of ``scores`` through :class:`_FusedLoss` (its gradient only computed
+    when ``scores`` needs one)."""
+    if scores.requires_grad and torch.is_grad_enabled():
+        return _FusedLoss.apply(scores, kernel, slow, args)
+    with torch.no_grad():
+        return kernel(scores, *args, False)[0]
+
+
+#: the exponent floor of :func:`_stacked_lse`, just above ``log(finfo.tiny)``: ``exp`` of a
+#: more negative number is a denormal, which x86 CPUs compute ~30x slower (measured: 32k
+#: denormal results 880 us, normal ones 28 us; large scales -- multi-similarity's beta = 50,
+#: Circle's gamma = 80 on its positives -- reach that range on spread-out scores), and a term
+#: below ``exp(-87)`` of the row maximum changes no sum
+_EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
+
+
+def _stacked_lse(x: Tensor, keep: Tensor, dim: int = -1):
+    """``log sum_{keep} exp(x)`` along ``dim``, without autograd (``x`` may be any tensor that
+    broadcasts with ``keep``). Returns ``(lse, e, m, z)``: ``m`` the kept entries' maximum,
+    ``e = exp(max(x - m, floor))`` in a new buffer (``floor`` = :data:`_EXP_FLOOR`, the
+    smallest normal number's exponent, so no denormal is computed; the dropped entries hold
+    that ``exp(floor)``, not 0, which changes no sum of a row with a kept entry) and
+    ``z = sum e``: a row has a kept entry exactly when ``z >= 1`` (its maximum gives
+    ``exp(0)``), the softmax is ``e / z`` and ``d softplus(lse) / dx = e / (exp(-m) + z)``. A
+    row without a kept entry has ``m = finfo.min``: its ``lse`` is huge and negative but
+    finite, its softplus and softplus gradient ``1 / (exp(-m) + z)`` exactly 0."""
+    w = torch.where(keep, x, _NEG_INF)
+    m = w.amax(dim, keepdim=True).clamp_min_(torch.finfo(w.dtype).min)
+    e = w.sub_(m).clamp_min_(_EXP_FLOOR.get(w.dtype, -87.0)).exp_()
+    z = e.sum(dim, keepdim=True)
+    return (m + z.log()).squeeze(dim), e, m, z
+
+
+@functools.lru_cache(maxsize=256)
+def _const(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor, made once per (values, dtype, device): building one per call
+    costs as much as an elementwise pass at small batches. Read only; never an inference
+    tensor, so one made under ``torch.inference_mode`` serves training too."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _plain_masks(positives: Tensor, negatives: Tensor | None) -> bool:
+    """Whether ``(P, Q)`` are plain boolean masks (not a miner's integer counts)."""
+    return positives.dtype == torch.bool and (negatives is None or negatives.dtype == torch.bool)
 
 
 def logmeanexp(x: Tensor, mask: Tensor, check: bool = True) -> Tensor:

@@ -12,7 +12,11 @@ equals ``MultiSimilarityLoss()(x, y)``.
 Cost: every function does a few elementwise passes over ``S`` (masked log-sum-exps, hinges) and
 nothing of size ``N x M x M``; the margin loss over all triplets, which PML evaluates on a list
 of the ``sum_a |P_a| |Q_a|`` triplets, is a weighted sum over pairs (each positive pair of an
-anchor occurs in ``|Q_a|`` triplets, each negative pair in ``|P_a|``).
+anchor occurs in ``|Q_a|`` triplets, each negative pair in ``|P_a|``). Below
+:data:`losses.functional.FUSED_MAX_ENTRIES` score entries each loss computes its value and
+``dL/dS`` in one pass without autograd (a ``_..._kernel`` function here; the positive and
+negative log-sum-exps stacked into one ``[2, N, M]`` pass), which removes most of the fixed
+per-call cost at small batches; above it, the autograd forms (positives by index) run.
 
 Margins and boundaries are in score units; for a distance critic (``is_distance``, ``S = -d``)
 the modules convert PML's distance margins, as :class:`losses.modules.Contrastive` does.
@@ -42,14 +46,18 @@ from contrastive.pairs import (
 from .functional import (
     _NONZERO,
     _check_reduction,
+    _const,
     _count_rows,
     _counts_or_none,
+    _fusable,
+    _fused,
     _masked_lse,
     _padded_positives,
     _PosIndex,
     _prepare,
     _reduce,
     _softplus,
+    _stacked_lse,
 )
 from .modules import PairLoss
 
@@ -111,8 +119,8 @@ def multi_similarity_pairs(scores: Tensor, positives: Tensor, negatives: Tensor,
 
     On the detached scores (mining selects pairs; it has no gradient). Masks in, masks out."""
     sd = scores.detach()
-    hardest_neg = sd.masked_fill(~negatives, _NEG_INF).amax(1, keepdim=True)
-    easiest_pos = sd.masked_fill(~positives, _POS_INF).amin(1, keepdim=True)
+    hardest_neg = torch.where(negatives, sd, _NEG_INF).amax(1, keepdim=True)
+    easiest_pos = torch.where(positives, sd, _POS_INF).amin(1, keepdim=True)
     pos = torch.lt(sd - epsilon, hardest_neg)
     pos &= positives
     neg = torch.gt(sd + epsilon, easiest_pos)
@@ -143,15 +151,42 @@ def multi_similarity(
     :class:`~contrastive.pairs.NoPairsError` (a mining that keeps none gives 0).
     """
     _check_reduction(reduction)
+    fused = _fusable(scores, positives, negatives, check, reduction)
     scores, positives, negatives = _prepare(scores, positives, negatives, check)
     if check:
         _require_any_pair(positives, negatives, "the multi-similarity loss")
     if epsilon is not None:
         positives, negatives = multi_similarity_pairs(scores, positives, negatives, epsilon)
+    if fused:
+        return _fused(_multi_similarity_kernel, _multi_similarity_slow, scores, positives,
+                      negatives, alpha, beta, base, reduction)
     pos = _softplus(_positive_lse(lambda v: (base - v) * alpha, scores, positives, check))
     neg = _softplus(_masked_lse((scores - base) * beta, negatives, 1))
     pos, neg = pos / alpha, neg / beta
     return _reduce(pos + neg, reduction)
+
+
+def _multi_similarity_slow(scores, positives, negatives, alpha, beta, base, reduction):
+    return multi_similarity(scores, positives, negatives, alpha, beta, base, None, reduction,
+                            check=False)
+
+
+def _multi_similarity_kernel(scores, positives, negatives, alpha, beta, base, reduction,
+                             need_grad):
+    """:func:`multi_similarity`'s value and ``dL/dS`` in one pass (:func:`_fused`): both
+    log-sum-exps as one stacked ``[2, N, M]`` pass, ``x = (S - base) * (-alpha, beta)``; the
+    gradient of ``softplus(lse_i) / a`` is ``sign * e_ij / (exp(-m_i) + z_i)``."""
+    n = max(scores.shape[0], 1)
+    w = 1.0 if reduction == "sum" else 1.0 / n
+    c = _const((-alpha, beta, alpha, beta, -w, w), scores.dtype, scores.device)
+    x = (scores - base).unsqueeze(0) * c[:2, None, None]
+    lse, e, m, z = _stacked_lse(x, torch.stack((positives, negatives)))
+    terms = _softplus(lse).div_(c[2:4, None]).sum(0)
+    value = terms.sum() if reduction == "sum" else terms.sum() / n
+    if not need_grad:
+        return value, None
+    coef = m.neg_().exp_().add_(z).reciprocal_().mul_(c[4:, None, None])
+    return value, e.mul_(coef).sum(0)
 
 
 # --------------------------------------------------------------------------- Circle
@@ -178,9 +213,14 @@ def circle(
     over the anchors with both. With ``check``, no anchor with both raises.
     """
     _check_reduction(reduction, _NONZERO)
+    fused = _fusable(scores, positives, negatives, check, reduction)
     scores, positives, negatives = _prepare(scores, positives, negatives, check)
     if check:
         require_triplet(positives, negatives, "the Circle loss")
+    if fused:
+        return _fused(_circle_kernel, _circle_slow, scores, positives, negatives, m, gamma,
+                      reduction)
+
     def pos(v: Tensor) -> Tensor:  # -gamma relu(1 + m - S) (S - (1 - m)), weight detached
         return (v.detach() - (1.0 + m)).clamp_max_(0.0).mul_(gamma) * (v - (1.0 - m))
 
@@ -189,6 +229,39 @@ def circle(
     z = _positive_lse(pos, scores, positives, check) + _masked_lse(neg, negatives, 1)
     terms = torch.where(ok, _softplus(torch.where(ok, z, torch.zeros_like(z))), 0.0)
     return _reduce(terms, reduction, ok.sum())
+
+
+def _circle_slow(scores, positives, negatives, m, gamma, reduction):
+    return circle(scores, positives, negatives, m, gamma, reduction, check=False)
+
+
+def _circle_kernel(scores, positives, negatives, m, gamma, reduction, need_grad):
+    """:func:`circle`'s value and ``dL/dS`` in one pass (:func:`_fused`), both log-sum-exps
+    stacked: ``x = W * (S - (1 - m, m))`` with the (constant) weights
+    ``W = (-gamma relu(1 + m - S), gamma relu(S + m))``, so ``dx/dS = W`` and
+    ``dL/dS = sum_k w sigmoid(z_i) e_k / z_k * W_k``."""
+    c = _const((-1.0, 1.0, 1.0 + m, m, -gamma, gamma, 1.0 - m, m), scores.dtype,
+               scores.device)[:, None, None]
+    wts = torch.addcmul(c[2:4], scores, c[:2]).clamp_min_(0.0).mul_(c[4:6])
+    x = (scores - c[6:]).mul_(wts)
+    lse, e, _, z = _stacked_lse(x, torch.stack((positives, negatives)))
+    ok = (z >= 1.0).all(0).squeeze(-1)
+    zi = lse.sum(0)
+    terms = torch.where(ok, _softplus(torch.where(ok, zi, torch.zeros_like(zi))), 0.0)
+    total = terms.sum()
+    if reduction == "sum":
+        value, w = total, None
+    else:
+        count = (terms > 0).sum() if reduction == "nonzero" else ok.sum()
+        value = total / count.clamp_min(1)
+        w = count.clamp_min(1).to(scores.dtype).reciprocal()
+    if not need_grad:
+        return value, None
+    coef = torch.where(ok, torch.sigmoid(zi), 0.0)
+    if w is not None:
+        coef = coef * w
+    coef = coef / z.squeeze(-1)
+    return value, e.mul_(coef[..., None]).mul_(wts).sum(0)
 
 
 # --------------------------------------------------------------------------- lifted structure
@@ -214,13 +287,44 @@ def lifted_structure(
     ``"mean"`` averages over all N anchors, as PML. With ``check``, no pair at all raises.
     """
     _check_reduction(reduction)
+    fused = _fusable(scores, positives, negatives, check, reduction)
     scores, positives, negatives = _prepare(scores, positives, negatives, check)
     if check:
         _require_any_pair(positives, negatives, "the lifted structure loss")
+    if fused:
+        return _fused(_lifted_kernel, _lifted_slow, scores, positives, negatives,
+                      pos_threshold, neg_threshold, reduction)
     pos = _positive_lse(lambda v: pos_threshold - v, scores, positives, check)
     pos = torch.where(rows_any(positives), pos, torch.zeros_like(pos))
     neg = _lse_or_zero(scores - neg_threshold, negatives)
     return _reduce(F.relu(pos + neg), reduction)
+
+
+def _lifted_slow(scores, positives, negatives, pos_threshold, neg_threshold, reduction):
+    return lifted_structure(scores, positives, negatives, pos_threshold, neg_threshold,
+                            reduction, check=False)
+
+
+def _lifted_kernel(scores, positives, negatives, pos_threshold, neg_threshold, reduction,
+                   need_grad):
+    """:func:`lifted_structure`'s value and ``dL/dS`` in one pass (:func:`_fused`), both
+    log-sum-exps stacked, ``x = (t_pos - S, S - t_neg)``; an active row's gradient is
+    ``w (e_neg / z_neg - e_pos / z_pos)``."""
+    c = _const((-1.0, 1.0, pos_threshold, -neg_threshold), scores.dtype,
+               scores.device)[:, None, None]
+    x = torch.addcmul(c[2:], scores, c[:2])
+    lse, e, _, z = _stacked_lse(x, torch.stack((positives, negatives)))
+    has = (z >= 1.0).squeeze(-1)
+    lse = torch.where(has, lse, torch.zeros_like(lse))
+    hinge = lse.sum(0)
+    terms = F.relu(hinge)
+    n = max(scores.shape[0], 1)
+    value = terms.sum() if reduction == "sum" else terms.sum() / n
+    if not need_grad:
+        return value, None
+    w = 1.0 if reduction == "sum" else 1.0 / n
+    coef = torch.where(has & (hinge > 0), w / z.squeeze(-1), 0.0).mul_(c[:2, :, 0])
+    return value, e.mul_(coef[..., None]).sum(0)
 
 
 # --------------------------------------------------------------------------- margin
@@ -259,7 +363,45 @@ def _margin_all(scores: Tensor, positives: Tensor, negatives: Tensor, b: Tensor,
         w_n * (m - b)).sum()
     n_anchor = n_pos * n_neg
     reg_sum = (n_anchor * beta).sum() if per_anchor else None
-    return total, (w_p + w_n).sum(), n_anchor.sum(), reg_sum
+    return total, (w_p + w_n).sum(), n_anchor.sum(), reg_sum, coef
+
+
+def _margin_value(total: Tensor, active, n_trip, reg_sum, beta: Tensor, nu: float,
+                  per_anchor: bool, reduction: str):
+    """The margin loss from its sum, counts and regulariser (see :func:`margin`); also the
+    divisor of the sum (None for ``"sum"``)."""
+    divisor = {"sum": None, "mean": n_trip, "nonzero": active}[reduction]
+    value = total if divisor is None else _reduce(total, "mean", divisor)
+    if nu:
+        if per_anchor:
+            value = value + nu * (reg_sum if divisor is None
+                                  else _reduce(reg_sum, "mean", divisor))
+        else:
+            value = value + nu * beta
+    return value, divisor
+
+
+def _margin_slow(scores, positives, negatives, beta, m, nu, distance, reduction):
+    return margin(scores, positives, negatives, beta, m, nu, distance, reduction, check=False)
+
+
+def _margin_kernel(scores, positives, negatives, beta, m, nu, distance, reduction, need_grad):
+    """:func:`margin` over all triplets (boolean masks, a boundary without gradient) in one
+    pass (:func:`_fused`): the loss is linear in ``S`` on the active pairs, so ``dL/dS`` is
+    :func:`_margin_all`'s coefficient matrix over the divisor."""
+    per_anchor = beta.numel() > 1
+    b = -beta if distance else beta
+    total, active, n_trip, reg_sum, coef = _margin_all(scores, positives, negatives, b, beta,
+                                                       m, per_anchor)
+    value, divisor = _margin_value(total, active, n_trip, reg_sum, beta, nu, per_anchor,
+                                   reduction)
+    if not need_grad:
+        return value, None
+    if divisor is None:
+        return value, coef
+    if not isinstance(divisor, Tensor):
+        return value, coef / max(int(divisor), 1)
+    return value, coef / divisor.clamp_min(1).to(coef.dtype)
 
 
 def margin(
@@ -298,6 +440,7 @@ def margin(
     """
     _check_reduction(reduction, _NONZERO)
     p_count, q_count = _counts_or_none(positives), _counts_or_none(negatives)
+    fused = _fusable(scores, positives, negatives, check, reduction)
     scores, positives, negatives = _prepare(scores, positives, negatives, check)
     m = float(margin)
     beta = beta if isinstance(beta, Tensor) else torch.tensor(float(beta), dtype=torch.float64)
@@ -319,8 +462,11 @@ def margin(
     elif p_count is None and q_count is None and reduction != "none":
         if check:
             require_triplet(positives, negatives, "the margin loss")
-        total, active, n_trip, reg_sum = _margin_all(scores, positives, negatives, b, beta, m,
-                                                     per_anchor)
+            if fused and not beta.requires_grad:  # a constant boundary: one fused pass
+                return _fused(_margin_kernel, _margin_slow, scores, positives, negatives,
+                              beta, m, nu, distance, reduction)
+        total, active, n_trip, reg_sum, _ = _margin_all(scores, positives, negatives, b, beta,
+                                                        m, per_anchor)
     else:
         if check:
             require_triplet(positives, negatives, "the margin loss")
@@ -336,15 +482,7 @@ def margin(
         n_anchor = wp.sum(1)  # |P_a| |Q_a|: the anchor's number of triplets
         n_trip = n_anchor.sum()
         reg_sum = (n_anchor * beta).sum() if per_anchor else None
-    divisor = {"sum": 1, "mean": n_trip, "nonzero": active}[reduction]
-    value = _reduce(total, "mean", divisor) if reduction != "sum" else total
-    if nu:
-        if per_anchor:
-            value = value + nu * (reg_sum if reduction == "sum"
-                                  else _reduce(reg_sum, "mean", divisor))
-        else:
-            value = value + nu * beta
-    return value
+    return _margin_value(total, active, n_trip, reg_sum, beta, nu, per_anchor, reduction)[0]
 
 
 # --------------------------------------------------------------------------- NCA
@@ -371,9 +509,12 @@ def nca(
     ``indices_tuple``; the mean still counts anchors). With ``check``, no positive raises.
     """
     _check_reduction(reduction)
+    fused = _fusable(scores, positives, negatives, check, reduction)
     scores, positives, negatives = _prepare(scores, positives, negatives, check)
     if check:
         require_positives(positives, "NCA")
+    if fused and weights is None:
+        return _fused(_nca_kernel, _nca_slow, scores, positives, negatives, scale, reduction)
     x = scores * scale if scale != 1.0 else scores
     has = _count_rows(positives) > 0
     lse_all = _masked_lse(x, positives | negatives, 1)
@@ -382,6 +523,30 @@ def nca(
     if weights is not None:
         terms = terms * weights.to(terms.dtype)
     return _reduce(terms, reduction, has.sum())
+
+
+def _nca_slow(scores, positives, negatives, scale, reduction):
+    return nca(scores, positives, negatives, scale, reduction, check=False)
+
+
+def _nca_kernel(scores, positives, negatives, scale, reduction, need_grad):
+    """:func:`nca`'s value and ``dL/dS`` in one pass (:func:`_fused`): the log-sum-exps over
+    ``P u Q`` and over ``P`` stacked; a row's gradient is ``s w (softmax_all - softmax_P)``."""
+    x = scores * scale if scale != 1.0 else scores
+    lse, e, _, z = _stacked_lse(x, torch.stack((positives | negatives, positives)))
+    has = (z[1] >= 1.0).squeeze(-1)
+    terms = torch.where(has, lse[0] - torch.where(has, lse[1], torch.zeros_like(lse[1])), 0.0)
+    total = terms.sum()
+    if reduction == "sum":
+        value, w = total, scale
+    else:
+        count = has.sum().clamp_min(1)
+        value = total / count
+        w = count.to(scores.dtype).reciprocal() * scale
+    if not need_grad:
+        return value, None
+    coef = torch.where(has, w / z.squeeze(-1), 0.0)
+    return value, e[0].mul_(coef[0, :, None]).sub_(e[1].mul_(coef[1, :, None]))
 
 
 # --------------------------------------------------------------------------- modules

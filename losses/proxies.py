@@ -20,6 +20,11 @@ embedding by how often it occurs in the tuple over the most frequent (:func:`min
 the softmax losses multiply the per-embedding terms, Proxy-Anchor adds ``w - 1`` inside its
 exponents. The modules do the same.
 
+Small batches: Proxy-Anchor computes its value and ``dL/dS`` in one pass without autograd below
+:data:`losses.functional.FUSED_MAX_ENTRIES` score entries; the softmax losses, when every row
+has its class and every proxy is in the denominator, are one call of torch's fused
+cross-entropy against the class.
+
 References: Movshovitz-Attias et al. 2017 (ProxyNCA); Kim et al. 2020 (Proxy-Anchor); Zhai & Wu
 2019 (normalized softmax); Wang et al. 2018 (CosFace); Deng et al. 2019 (ArcFace).
 """
@@ -37,7 +42,18 @@ from contrastive.critics import Cosine, NegativeL2
 from contrastive.pairs import Pairs, check_call, require_positives
 from contrastive.validation import check_temperature
 
-from .functional import _check_reduction, _count_rows, _masked_lse, _prepare, _reduce
+from .functional import (
+    FUSED_MAX_ENTRIES,
+    _check_reduction,
+    _const,
+    _count_rows,
+    _fusable,
+    _fused,
+    _masked_lse,
+    _prepare,
+    _reduce,
+    _stacked_lse,
+)
 from .modules import PairLoss
 from .pair_based import miner_weights, nca
 
@@ -93,9 +109,13 @@ def proxy_anchor(scores: Tensor, positives: Tensor, negatives: Tensor | None = N
     ``check``, no positive raises.
     """
     _check_reduction(reduction)
+    fused = _fusable(scores, positives, negatives, check, reduction)
     scores, positives, negatives = _prepare(scores, positives, negatives, check)
     if check:
         require_positives(positives, "Proxy-Anchor")
+    if fused and weights is None:
+        return _fused(_proxy_anchor_kernel, _proxy_anchor_slow, scores, positives, negatives,
+                      alpha, margin, reduction)
     pos_x = (margin - scores) * alpha
     neg_x = (scores + margin) * alpha
     if weights is not None:
@@ -110,6 +130,34 @@ def proxy_anchor(scores: Tensor, positives: Tensor, negatives: Tensor | None = N
         return pos.sum() + neg.sum()
     with_pos = _count_rows(positives.T) > 0
     return _reduce(pos, "mean", with_pos.sum()) + neg.sum() / scores.shape[1]
+
+
+def _proxy_anchor_slow(scores, positives, negatives, alpha, margin, reduction):
+    return proxy_anchor(scores, positives, negatives, alpha, margin, reduction, check=False)
+
+
+def _proxy_anchor_kernel(scores, positives, negatives, alpha, margin, reduction, need_grad):
+    """:func:`proxy_anchor`'s value and ``dL/dS`` in one pass (:func:`_fused`): both column
+    log-sum-exps stacked, ``x = alpha (margin - S, S + margin)``; the gradient of
+    ``softplus(lse_c)`` is ``e_ic / (exp(-m_c) + z_c)`` (``e_ic / z_c`` where ``lse_c > 20``,
+    as torch's softplus), times ``-alpha`` / ``alpha``."""
+    c = _const((-1.0, 1.0, margin, margin), scores.dtype, scores.device)[:, None, None]
+    x = torch.addcmul(c[2:], scores, c[:2]).mul_(alpha)
+    lse, e, m, z = _stacked_lse(x, torch.stack((positives, negatives)), dim=-2)
+    sp = F.softplus(lse)
+    if reduction == "sum":
+        value, w_pos, w_neg = sp[0].sum() + sp[1].sum(), 1.0, 1.0
+    else:
+        with_pos = (z[0] >= 1.0).sum().clamp_min(1)
+        value = sp[0].sum() / with_pos + sp[1].sum() / scores.shape[1]
+        w_pos, w_neg = with_pos.to(scores.dtype).reciprocal(), 1.0 / scores.shape[1]
+    if not need_grad:
+        return value, None
+    # softplus' = sigmoid(lse), and 1 above torch's threshold of 20 (F.softplus's backward)
+    coef = torch.where(lse.unsqueeze(-2) > 20.0, z, m.neg_().exp_().add_(z)).reciprocal_()
+    coef[0].mul_(-alpha * w_pos)
+    coef[1].mul_(alpha * w_neg)
+    return value, e.mul_(coef).sum(0)
 
 
 def _target_softmax(scores: Tensor, positives: Tensor, negatives: Tensor, target_fn, scale: float,
@@ -127,11 +175,14 @@ def _target_softmax(scores: Tensor, positives: Tensor, negatives: Tensor, target
     scores, positives, negatives = _prepare(scores, positives, negatives, check)
     count = _count_rows(positives)
     if check and count.numel():
-        most = int(count.max())
+        least, most = torch.stack(count.aminmax()).tolist()  # one sync
         if most == 0:
             require_positives(positives, what)
         if most > 1:
             raise ValueError(f"{what} takes one class (one positive proxy) per embedding")
+        if least == 1 and every_pair and weights is None and reduction != "none":
+            # every row has its class and every column counts: no row mask to apply
+            return _class_cross_entropy(scores, positives, target_fn, scale, reduction)
     has = count > 0
     keep = None if every_pair else positives | negatives
     target = positives.view(torch.uint8).argmax(1, keepdim=True)
@@ -150,6 +201,53 @@ def _target_softmax(scores: Tensor, positives: Tensor, negatives: Tensor, target
     return _reduce(terms, reduction, has.sum())
 
 
+def _class_cross_entropy(scores: Tensor, positives: Tensor, target_fn, scale: float,
+                         reduction: str) -> Tensor:
+    """:func:`_target_softmax` when every row has exactly one positive and every column is in
+    the denominator: torch's fused cross-entropy against the class, the same terms and the
+    same sum, without the row masks. Below :data:`~losses.functional.FUSED_MAX_ENTRIES` score
+    entries (and a ``target_fn`` that gives its ``derivative``), in one pass without autograd
+    (:func:`_class_cross_entropy_kernel`)."""
+    target = positives.view(torch.uint8).argmax(1, keepdim=True)
+    if (0 < scores.numel() <= FUSED_MAX_ENTRIES
+            and (target_fn is None or hasattr(target_fn, "derivative"))):
+        return _fused(_class_cross_entropy_kernel, _class_cross_entropy_slow, scores, target,
+                      target_fn, scale, reduction)
+    return _class_cross_entropy_slow(scores, target, target_fn, scale, reduction)
+
+
+def _class_cross_entropy_slow(scores: Tensor, target: Tensor, target_fn, scale: float,
+                              reduction: str) -> Tensor:
+    z = scores
+    if target_fn is not None:
+        z = scores.scatter(1, target, target_fn(scores.gather(1, target)))
+    logits = z * scale if scale != 1.0 else z
+    total = F.cross_entropy(logits, target.squeeze(1), reduction="none").sum()
+    return total if reduction == "sum" else total / scores.shape[0]
+
+
+def _class_cross_entropy_kernel(scores: Tensor, target: Tensor, target_fn, scale: float,
+                                reduction: str, need_grad: bool):
+    """:func:`_class_cross_entropy_slow`'s value (the same operations) and ``dL/dS``: the
+    softmax minus the one-hot class, times ``w * scale`` (``w = 1/N`` for ``"mean"``), the
+    class's column times ``target_fn.derivative`` (the margin's chain rule)."""
+    st = scores.gather(1, target) if target_fn is not None else None
+    z = scores if target_fn is None else scores.scatter(1, target, target_fn(st))
+    logits = z * scale if scale != 1.0 else z
+    logp = torch.log_softmax(logits, 1)
+    total = logp.gather(1, target).neg_().sum()  # cross_entropy's "none" terms, summed
+    n = scores.shape[0]
+    value = total if reduction == "sum" else total / n
+    if not need_grad:
+        return value, None
+    w = scale if reduction == "sum" else scale / n
+    grad = logp.exp_()
+    grad.scatter_(1, target, grad.gather(1, target) - 1.0).mul_(w)
+    if target_fn is not None:
+        grad.scatter_(1, target, grad.gather(1, target) * target_fn.derivative(st))
+    return value, grad
+
+
 def normalized_softmax(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
                        reduction: str = "mean", check: bool = True,
                        weights: Tensor | None = None) -> Tensor:
@@ -166,8 +264,12 @@ def cosface(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
     """CosFace / large-margin cosine loss (Wang et al. 2018, eq. 4; PML's ``CosFaceLoss``) on
     cosine scores: the cross-entropy of ``scale * S`` with the target's cosine lowered by the
     margin, ``z_iy = S_iy - margin``."""
-    return _target_softmax(scores, positives, negatives, lambda c: c - margin, scale,
-                           reduction, check, weights, "the CosFace loss")
+    def target(c: Tensor) -> Tensor:
+        return c - margin
+
+    target.derivative = torch.ones_like
+    return _target_softmax(scores, positives, negatives, target, scale, reduction, check,
+                           weights, "the CosFace loss")
 
 
 def arcface(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
@@ -184,6 +286,18 @@ def arcface(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
         return torch.where(theta <= math.pi - margin, torch.cos(theta + margin),
                            torch.cos(theta) - margin * math.sin(margin))
 
+    def derivative(c: Tensor) -> Tensor:
+        """``d target / dc`` as autograd takes it through ``target``: ``-sin(theta + m)`` (or
+        ``-sin(theta)``) times ``acos' = -1 / sqrt(1 - c^2)``, 0 where the clamp holds ``c``
+        (torch's clamp passes no gradient at its bounds either)."""
+        cc = c.clamp(-1.0, 1.0)
+        theta = torch.acos(cc)
+        dcos = torch.where(theta <= math.pi - margin, -torch.sin(theta + margin),
+                           -torch.sin(theta))
+        dacos = -(1.0 - cc * cc).rsqrt()
+        return torch.where((c > -1.0) & (c < 1.0), dcos * dacos, 0.0)
+
+    target.derivative = derivative
     return _target_softmax(scores, positives, negatives, target, scale, reduction, check,
                            weights, "the ArcFace loss")
 
@@ -234,12 +348,16 @@ class ProxyLoss(PairLoss):
             raise ValueError(f"{type(self).__name__} needs class labels in [0, num_classes)")
         c = check_call(embeddings, labels, check=self.check)
         y = c.labels.long()
-        if self.check and y.numel() and not (0 <= int(y.min()) <= int(y.max())
-                                             < self.num_classes):
+        lowest, highest = torch.stack(y.aminmax()).tolist() if self.check and y.numel() else (0, 0)
+        if lowest < 0 or highest >= self.num_classes:
             raise ValueError(f"labels must be class indices in [0, {self.num_classes}) for "
                              f"{type(self).__name__}(num_classes={self.num_classes})")
-        classes = torch.arange(self.num_classes, device=y.device)
-        pos = y[:, None] == classes[None, :]
+        if self.check:  # labels checked in range: a one-hot scatter (cheaper than a compare)
+            pos = torch.zeros(y.numel(), self.num_classes, dtype=torch.bool, device=y.device)
+            pos.scatter_(1, y[:, None], True)
+        else:  # unchecked labels: a compare (an index outside [0, C) just matches nothing)
+            classes = torch.arange(self.num_classes, device=y.device)
+            pos = y[:, None] == classes[None, :]
         self._weights = None
         if indices_tuple is not None:
             self._weights = miner_weights(indices_tuple, y.numel(), self.weights_anchors_only,

@@ -1,7 +1,7 @@
 """Mutation check: does the test suite notice when the loss and metric cores are broken?
 
-Each mutation below is a small, plausible bug in ``losses/functional.py`` or ``evaluation/``: a
-flipped sign, a dropped term, a detached gradient, an off-by-one. For each one the script copies
+Each mutation below is a small, plausible bug in ``losses/functional.py``, ``losses/kernels.py``
+or ``evaluation/``: a flipped sign, a dropped term, a detached gradient, an off-by-one. For each one the script copies
 the repository into a temporary folder, applies the mutation to the copy (the working tree is
 never touched), runs the tests that cover that file and records whether they failed ("caught")
 or passed ("survived"). The caught fraction is the suite's mutation score on these cores;
@@ -37,6 +37,7 @@ LOSS_TESTS = ("tests/test_losses_reference.py", "tests/test_losses_properties.py
               "tests/test_losses_errors.py", "tests/test_reductions.py")
 TESTS = {
     "losses/functional.py": LOSS_TESTS,
+    "losses/kernels.py": LOSS_TESTS,
     "evaluation/retrieval.py": ("tests/test_retrieval.py",),
     "evaluation/clustering.py": ("tests/test_clustering.py",),
     "evaluation/weighted_knn.py": ("tests/test_knn_classifier.py",),
@@ -60,27 +61,27 @@ class Mutation:
         return TESTS[self.path]
 
 
-F, R = "losses/functional.py", "evaluation/retrieval.py"
+F, K, R = "losses/functional.py", "losses/kernels.py", "evaluation/retrieval.py"
 MUTATIONS: tuple[Mutation, ...] = (
     # ---------------------------------------------------------------- losses.functional
     Mutation("infonce-sign", F, "sign", "lse - psum / n_pos", "lse + psum / n_pos"),
     Mutation("infonce-mean-over-positives", F, "term", "lse - psum / n_pos", "lse - psum"),
-    Mutation("positive-sum-index", F, "index",
+    Mutation("positive-sum-index", K, "index",
              "index_add(0, pi.rows, scores[pi.rows, pi.cols])",
              "index_add(0, pi.cols % scores.shape[0], scores[pi.rows, pi.cols])"),
-    Mutation("lse-backward-detached", F, "detach",
+    Mutation("lse-backward-detached", K, "detach",
              "return ctx.w * coef, None, None", "return ctx.w * coef * 0.0, None, None"),
-    Mutation("lse-max-shift-dropped", F, "term",
+    Mutation("lse-max-shift-dropped", K, "term",
              "out = m + z.log()", "out = z.log()"),
     Mutation("logmeanexp-count-off-by-one", F, "off-by-one",
-             "_masked_lse(x, mask, None) - math.log(int(_count(mask)))",
-             "_masked_lse(x, mask, None) - math.log(int(_count(mask)) + 1)"),
+             "K.masked_lse(x, mask, None) - math.log(int(K.count(mask)))",
+             "K.masked_lse(x, mask, None) - math.log(int(K.count(mask)) + 1)"),
     Mutation("infonce-bound-log-k-off-by-one", F, "off-by-one",
-             "log_k = _count_rows(valid).clamp_min(1)",
-             "log_k = (_count_rows(valid) - 1).clamp_min(1)"),
+             "log_k = K.count_rows(valid).clamp_min(1)",
+             "log_k = (K.count_rows(valid) - 1).clamp_min(1)"),
     Mutation("supcon-mean-over-all-anchors", F, "term",
-             "return _reduce(rows, reduction, used.sum())",
-             "return _reduce(rows, reduction, rows.numel())"),
+             "return K.reduce_terms(rows, reduction, used.sum())",
+             "return K.reduce_terms(rows, reduction, rows.numel())"),
     Mutation("ntxent-positive-detached", F, "detach",
              "z = lse_neg[pi.rows] - scores[pi.rows, pi.cols]",
              "z = lse_neg[pi.rows] - scores.detach()[pi.rows, pi.cols]"),
@@ -91,9 +92,9 @@ MUTATIONS: tuple[Mutation, ...] = (
              "value = pos - _logmeanexp_negatives(scores, negatives, what, check)",
              "value = pos + _logmeanexp_negatives(scores, negatives, what, check)"),
     Mutation("js-negative-count-off-by-one", F, "off-by-one",
-             "neg_term = _masked_softplus_sum(scores, negatives) / n",
-             "neg_term = _masked_softplus_sum(scores, negatives) / (n + 1)"),
-    Mutation("softplus-backward-sign", F, "sign",
+             "neg_term = K.masked_softplus_sum(scores, negatives) / n",
+             "neg_term = K.masked_softplus_sum(scores, negatives) / (n + 1)"),
+    Mutation("softplus-backward-sign", K, "sign",
              "return torch.sigmoid(x).masked_fill_(~keep, 0.0).mul_(grad), None",
              "return torch.sigmoid(-x).masked_fill_(~keep, 0.0).mul_(grad), None"),
     Mutation("triplet-dense-margin-sign", F, "sign",
@@ -101,27 +102,27 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("triplet-sorted-prefix-off-by-one", F, "off-by-one",
              "top = prefix.gather(1, count)", "top = prefix.gather(1, (count - 1).clamp_min(0))"),
     Mutation("triplet-hard-negative-is-easiest", F, "sign",
-             "n_col = sd.masked_fill(~negatives, _NEG_INF).argmax(1, keepdim=True)",
-             "n_col = sd.masked_fill(~negatives, _POS_INF).argmin(1, keepdim=True)"),
-    Mutation("triplet-nonzero-reducer-counts-all", F, "term",
+             "n_col = sd.masked_fill(~negatives, K.NEG_INF).argmax(1, keepdim=True)",
+             "n_col = sd.masked_fill(~negatives, K.POS_INF).argmin(1, keepdim=True)"),
+    Mutation("triplet-nonzero-reducer-counts-all", K, "term",
              "return total / (terms.detach() > 0).sum().clamp_min(1)",
              "return total / terms.numel()"),
     # the mask path (check=False: static shapes, for torch.compile) and the reductions
     Mutation("masked-positive-sum-over-all-pairs", F, "term",
-             "psum = _masked_row_sum(scores, positives)", "psum = _masked_row_sum(scores, valid)"),
+             "psum = K.masked_row_sum(scores, positives)", "psum = K.masked_row_sum(scores, valid)"),
     Mutation("masked-ntxent-anchor-without-negative-counts", F, "term",
              "torch.where(positives & has_neg[:, None], terms,",
              "torch.where(positives, terms,"),
     Mutation("masked-triplet-slots-not-positives", F, "index",
              "_triplet_all_sorted(scores, negatives, None, positives, margin)",
              "_triplet_all_sorted(scores, negatives, None, positives | negatives, margin)"),
-    Mutation("no-term-gate-dropped", F, "term",
+    Mutation("no-term-gate-dropped", K, "term",
              "return torch.where(ok, x, torch.zeros_like(x))", "return x"),
-    Mutation("reduction-sum-is-mean", F, "term",
+    Mutation("reduction-sum-is-mean", K, "term",
              'if reduction == "sum":\n        return total\n    if reduction == "nonzero"',
              'if reduction == "sum":\n        return terms.mean()\n    if reduction == "nonzero"'),
     Mutation("bound-terms-not-scaled-by-anchors", F, "term",
-             "_masked_row_sum(f_pos, positives) * (n / n_p)", "_masked_row_sum(f_pos, positives)"),
+             "K.masked_row_sum(f_pos, positives) * (n / n_p)", "K.masked_row_sum(f_pos, positives)"),
     Mutation("contrastive-negative-threshold-dropped", F, "term",
              "- neg_threshold * n_active", ""),
     Mutation("contrastive-positive-hinge-sign", F, "sign",

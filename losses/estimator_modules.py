@@ -35,7 +35,7 @@ from contrastive.pairs import Pairs, any_true
 from contrastive.validation import check_positive_int
 
 from . import bounds as LB
-from . import functional as LF
+from . import kernels as K
 from .modules import PairLoss, _critic_or_temperature, _full_precision, _NoAutocast
 
 __all__ = ["TUBA", "MINE", "SMILE", "AlphaInfoNCE", "FLO", "L1Out", "CLUB"]
@@ -52,7 +52,7 @@ class _Estimator(PairLoss):
     def __init__(self, temperature: float | None = None, critic: nn.Module | None = None,
                  strict: bool = False, reduction: str = "mean", check: bool = True):
         super().__init__(_critic_or_temperature(critic, temperature, 0.1), strict,
-                         LF._check_reduction(reduction), check)
+                         K.check_reduction(reduction), check)
 
     def loss(self, scores: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
         raise NotImplementedError
@@ -333,7 +333,7 @@ class _ConditionalBound(_WithEmbeddings):
                              f"log-density log q(y|x): pass a conditional such as "
                              f"GaussianConditional as critic=, not the score critic "
                              f"{type(critic).__name__}")
-        PairLoss.__init__(self, critic, strict, LF._check_reduction(reduction), check)
+        PairLoss.__init__(self, critic, strict, K.check_reduction(reduction), check)
 
     def _score(self, p: Pairs) -> Tensor:
         """``L_enc``: the conditional with detached parameters (and buffers)."""

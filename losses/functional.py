@@ -34,9 +34,11 @@ anchor's j-th positive with its negatives, one ``[N, M]`` pass per j < k, or sor
 once per anchor when k is large (always with ``check=False``, where k is not read). Small
 batches: at B = 128 a loss's time is mostly the fixed cost per operation and per autograd node,
 so the pair and proxy losses (:mod:`losses.pair_based`, :mod:`losses.proxies`) take a fused
-path below :data:`FUSED_MAX_ENTRIES` score entries (``check=True``, a reduced loss): value and
-gradient ``dL/dS`` from one pass of plain tensor code, the backward pass one multiplication
-(:class:`_FusedLoss`; the same values, double backward by recomputation).
+path below :data:`~losses.kernels.FUSED_MAX_ENTRIES` score entries (``check=True``, a reduced
+loss): value and gradient ``dL/dS`` from one pass of plain tensor code, the backward pass one
+multiplication (:class:`~losses.kernels.FusedLoss`; the same values, double backward by
+recomputation). The building blocks (validation, reductions, masked log-sum-exps, the fused
+path) are :mod:`losses.kernels`.
 
 References: van den Oord et al. 2018 (CPC/InfoNCE); Nguyen, Wainwright, Jordan 2010 (NWJ);
 Nowozin et al. 2016 (f-GAN, JS); Donsker & Varadhan 1983, Belghazi et al. 2018 (DV/MINE);
@@ -47,15 +49,16 @@ Tschannen et al. 2020 (InfoNCE with a separable critic is the multi-class N-pair
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from contrastive.pairs import NoPairsError, require_negatives, require_positives, require_triplet
+
+from . import kernels as K
+from .kernels import REDUCTIONS
 
 __all__ = [
     "infonce",
@@ -75,331 +78,29 @@ __all__ = [
     "REDUCTIONS",
 ]
 
-_NEG_INF = float("-inf")
-_POS_INF = float("inf")
-
-#: the reductions every function takes; the triplet and contrastive losses also take "nonzero"
-REDUCTIONS = ("mean", "sum", "none")
-_NONZERO = ("nonzero", *REDUCTIONS)
-
-
-def _count_rows(mask: Tensor) -> Tensor:
-    """``mask.sum(1)`` for a boolean ``[N, M]`` mask, as int32 (summing the bytes in int32 is
-    ~15x faster on CPU than torch's bool -> int64 reduction)."""
-    return mask.view(torch.uint8).sum(1, dtype=torch.int32)
-
-
-def _count(mask: Tensor) -> Tensor:
-    """The number of entries of a boolean mask, as a 0-d tensor (no sync)."""
-    return _count_rows(mask).sum()
-
-
-def _check_reduction(reduction: str, allowed: tuple[str, ...] = REDUCTIONS) -> str:
-    if reduction not in allowed:
-        raise ValueError(
-            f"reduction must be one of {', '.join(repr(r) for r in allowed)} (as torch's losses; "
-            f"'nonzero' is the mean over the terms > 0), got {reduction!r}"
-        )
-    return reduction
-
-
-def _reduce(terms: Tensor, reduction: str, count: Tensor | int | None = None) -> Tensor:
-    """``"none"``: ``terms``; ``"sum"``: their sum; ``"mean"``: the sum over ``count`` (the number
-    of terms that exist, at least 1; ``terms.numel()`` when None); ``"nonzero"``: the sum over
-    the number of terms > 0 (0 when none), pytorch-metric-learning's ``AvgNonZeroReducer``."""
-    if reduction == "none":
-        return terms
-    total = terms.sum()
-    if reduction == "sum":
-        return total
-    if reduction == "nonzero":
-        return total / (terms.detach() > 0).sum().clamp_min(1)
-    if count is None:
-        count = terms.numel()
-    if isinstance(count, Tensor):
-        return total / count.clamp_min(1)
-    return total / max(int(count), 1)
-
-
-def _gate(x: Tensor, ok: Tensor) -> Tensor:
-    """``x`` where ``ok`` (a 0-d or broadcastable bool tensor), else 0: the masked form of
-    "no term, zero loss" (no branch on tensor data)."""
-    return torch.where(ok, x, torch.zeros_like(x))
-
-
-def _prepare(scores: Tensor, positives: Tensor, negatives: Tensor | None, check: bool = True):
-    """Validate ``(S, P, Q)``; return S in float32 (float64 stays) and boolean masks. Shapes are
-    always checked (static); finiteness only with ``check`` (it reads a value)."""
-    if not isinstance(scores, Tensor) or scores.dim() != 2:
-        raise ValueError(
-            f"scores must be a 2-D tensor [N, M], got {getattr(scores, 'shape', type(scores))}"
-        )
-    if positives.shape != scores.shape:
-        raise ValueError(
-            f"positives has shape {tuple(positives.shape)} but scores {tuple(scores.shape)}; "
-            "the masks must match the score matrix"
-        )
-    positives = positives if positives.dtype == torch.bool else positives.bool()
-    if negatives is None:
-        negatives = ~positives
-    elif negatives.dtype != torch.bool:
-        negatives = negatives.bool()
-    if negatives.shape != scores.shape:
-        raise ValueError(
-            f"negatives has shape {tuple(negatives.shape)} but scores {tuple(scores.shape)}; "
-            "the masks must match the score matrix"
-        )
-    if scores.dtype != torch.float64 and scores.dtype != torch.float32:
-        scores = scores.float()
-    # one reduction instead of an elementwise isfinite: NaN/Inf propagate into the sum; an
-    # overflowing sum of finite scores is told apart by the exact check
-    if check and not math.isfinite(float(scores.detach().sum())) and not bool(
-        torch.isfinite(scores.detach()).all()
-    ):
-        raise ValueError(
-            "scores contain NaN or Inf; check the embeddings and the critic "
-            "(temperature too small?)"
-        )
-    return scores, positives, negatives
-
-
-class _PosIndex(NamedTuple):
-    """Positive pairs as indices: ``rows[t], cols[t]`` for t < #positives (row-major), and
-    ``count[i] = |P_i|``."""
-
-    rows: Tensor
-    cols: Tensor
-    count: Tensor
-
-
-def _positive_index(positives: Tensor, what: str) -> _PosIndex:
-    rows, cols = positives.nonzero(as_tuple=True)
-    if rows.numel() == 0:
-        require_positives(positives, what)  # raises with the sampler hint
-    count = torch.bincount(rows, minlength=positives.shape[0])
-    return _PosIndex(rows, cols, count)
-
-
-def _padded_positives(pi: _PosIndex) -> tuple[Tensor, Tensor]:
-    """``idx [N, k]`` (k = max |P_i|) holding each anchor's positive columns, left-aligned, and
-    ``valid [N, k]`` marking the real ones (padding points at column 0)."""
-    n = pi.count.shape[0]
-    k = int(pi.count.max())
-    starts = torch.cumsum(pi.count, 0) - pi.count
-    slot = torch.arange(pi.rows.numel(), device=pi.rows.device) - starts[pi.rows]
-    idx = torch.zeros(n, k, dtype=torch.long, device=pi.rows.device)
-    idx[pi.rows, slot] = pi.cols
-    valid = torch.arange(k, device=idx.device)[None, :] < pi.count[:, None]
-    return idx, valid
-
-
-def _positive_sum(scores: Tensor, pi: _PosIndex) -> Tensor:
-    """``sum_{j in P_i} S_ij`` per anchor, from the positives' indices (no [N, M] temporary
-    in the forward pass)."""
-    return scores.new_zeros(scores.shape[0]).index_add(0, pi.rows, scores[pi.rows, pi.cols])
-
-
-def _masked_row_sum(x: Tensor, mask: Tensor) -> Tensor:
-    """``sum_{j : mask_ij} x_ij`` per row, from the mask (static shapes)."""
-    return torch.where(mask, x, torch.zeros_like(x)).sum(1)
-
-
-class _MaskedLogSumExp(torch.autograd.Function):
-    """``log sum_{keep} exp(x)`` along ``dim`` (rows) or over all entries (``dim=None``).
-
-    One ``[N, M]`` work buffer: filled with the masked scores, shifted and exponentiated in
-    place, and kept for the backward pass, whose gradient ``g * exp(x - lse)`` is then one
-    multiplication. Double backward recomputes with differentiable operations.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, keep: Tensor | None, dim: int | None):
-        w = x.clone() if keep is None else x.masked_fill(~keep, _NEG_INF)
-        if dim is None:
-            m = w.max()
-        else:
-            m = w.amax(dim=dim, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        w.sub_(m).exp_()
-        z = w.sum() if dim is None else w.sum(dim=dim, keepdim=True)
-        out = m + z.log()
-        out = out if dim is None else out.squeeze(dim)
-        ctx.dim, ctx.keep, ctx.w, ctx.z = dim, keep, w, z
-        ctx.save_for_backward(x, out)  # an output, so double backward sees its graph
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        dim = ctx.dim
-        g = grad if dim is None else grad.unsqueeze(dim)
-        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
-            x, out = ctx.saved_tensors
-            out = out.masked_fill(~torch.isfinite(out.detach()), 0.0)  # empty rows: -inf
-            p = torch.exp(x - (out if dim is None else out.unsqueeze(dim)))
-            if ctx.keep is not None:
-                p = p.masked_fill(~ctx.keep, 0.0)
-            return p * g, None, None
-        z = ctx.z
-        coef = torch.where(z > 0, g / torch.where(z > 0, z, torch.ones_like(z)), 0.0)
-        return ctx.w * coef, None, None
-
-
-def _masked_lse(x: Tensor, keep: Tensor | None, dim: int | None) -> Tensor:
-    if x.numel() == 0:  # no entry: -inf (of the reduced shape), still in the graph
-        return (x.sum() if dim is None else x.sum(dim)) + _NEG_INF
-    return _MaskedLogSumExp.apply(x, keep, dim)
-
-
-class _FusedLoss(torch.autograd.Function):
-    """A loss whose value and gradient ``dL/dS`` come from one pass without autograd
-    (``kernel(scores, *args, need_grad) -> (value, dS)``, plain tensor code under no_grad): the
-    backward pass is then one multiplication, ``g * dS``, instead of one autograd node per
-    elementwise operation -- at small batches that per-node cost, not the arithmetic, is most
-    of a loss's time. Double backward (``create_graph=True``) recomputes the gradient from
-    ``slow(scores, *args)``, the same loss written with differentiable operations."""
-
-    @staticmethod
-    def forward(ctx, scores: Tensor, kernel, slow, args: tuple):
-        value, grad = kernel(scores, *args, True)
-        ctx.grad, ctx.slow, ctx.args = grad, slow, args
-        ctx.save_for_backward(scores)
-        return value
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
-            (s,) = ctx.saved_tensors
-            (gs,) = torch.autograd.grad(ctx.slow(s, *ctx.args), s, g, create_graph=True)
-            return gs, None, None, None
-        return ctx.grad * g, None, None, None
-
-
-#: the largest score matrix (entries) the losses send through :class:`_FusedLoss`: below it
-#: the fixed cost per operation and per autograd node is most of a loss's time (B = 128:
-#: 2-3x the score-matrix floor); above it the fused kernels' stacked ``[2, N, M]`` passes
-#: (positives over the whole matrix, not by index) cost more than they save (measured on CPU,
-#: B = 2048: Circle 1.14x -> 1.56x the floor, NCA 1.20x -> 1.57x), so the autograd forms run
-FUSED_MAX_ENTRIES = 1 << 16
-
-
-def _fusable(scores: Tensor, positives: Tensor, negatives: Tensor | None, check: bool,
-             reduction: str) -> bool:
-    """Whether a loss takes its fused small-batch path: checked eager call (``check``), a
-    reduced loss, boolean masks and a score matrix of at most :data:`FUSED_MAX_ENTRIES`."""
-    return (check and reduction != "none" and 0 < scores.numel() <= FUSED_MAX_ENTRIES
-            and _plain_masks(positives, negatives))
-
-
-def _fused(kernel, slow, scores: Tensor, *args) -> Tensor:
-    """``kernel``'s loss of ``scores`` through :class:`_FusedLoss` (its gradient only computed
-    when ``scores`` needs one)."""
-    if scores.requires_grad and torch.is_grad_enabled():
-        return _FusedLoss.apply(scores, kernel, slow, args)
-    with torch.no_grad():
-        return kernel(scores, *args, False)[0]
-
-
-#: the exponent floor of :func:`_stacked_lse`, just above ``log(finfo.tiny)``: ``exp`` of a
-#: more negative number is a denormal, which x86 CPUs compute ~30x slower (measured: 32k
-#: denormal results 880 us, normal ones 28 us; large scales -- multi-similarity's beta = 50,
-#: Circle's gamma = 80 on its positives -- reach that range on spread-out scores), and a term
-#: below ``exp(-87)`` of the row maximum changes no sum
-_EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
-
-
-def _stacked_lse(x: Tensor, keep: Tensor, dim: int = -1):
-    """``log sum_{keep} exp(x)`` along ``dim``, without autograd (``x`` may be any tensor that
-    broadcasts with ``keep``). Returns ``(lse, e, m, z)``: ``m`` the kept entries' maximum,
-    ``e = exp(max(x - m, floor))`` in a new buffer (``floor`` = :data:`_EXP_FLOOR`, the
-    smallest normal number's exponent, so no denormal is computed; the dropped entries hold
-    that ``exp(floor)``, not 0, which changes no sum of a row with a kept entry) and
-    ``z = sum e``: a row has a kept entry exactly when ``z >= 1`` (its maximum gives
-    ``exp(0)``), the softmax is ``e / z`` and ``d softplus(lse) / dx = e / (exp(-m) + z)``. A
-    row without a kept entry has ``m = finfo.min``: its ``lse`` is huge and negative but
-    finite, its softplus and softplus gradient ``1 / (exp(-m) + z)`` exactly 0."""
-    w = torch.where(keep, x, _NEG_INF)
-    m = w.amax(dim, keepdim=True).clamp_min_(torch.finfo(w.dtype).min)
-    e = w.sub_(m).clamp_min_(_EXP_FLOOR.get(w.dtype, -87.0)).exp_()
-    z = e.sum(dim, keepdim=True)
-    return (m + z.log()).squeeze(dim), e, m, z
-
-
-@functools.lru_cache(maxsize=256)
-def _const(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small constant tensor, made once per (values, dtype, device): building one per call
-    costs as much as an elementwise pass at small batches. Read only; never an inference
-    tensor, so one made under ``torch.inference_mode`` serves training too."""
-    with torch.inference_mode(False):
-        return torch.tensor(values, dtype=dtype, device=device)
-
-
-def _plain_masks(positives: Tensor, negatives: Tensor | None) -> bool:
-    """Whether ``(P, Q)`` are plain boolean masks (not a miner's integer counts)."""
-    return positives.dtype == torch.bool and (negatives is None or negatives.dtype == torch.bool)
-
-
 def logmeanexp(x: Tensor, mask: Tensor, check: bool = True) -> Tensor:
     """``log( mean_{mask} exp(x) )`` over all masked entries, computed stably (``-inf`` for an
     empty mask with ``check=False``)."""
     mask = mask if mask.dtype == torch.bool else mask.bool()
     if check:
-        return _masked_lse(x, mask, None) - math.log(int(_count(mask)))
-    return _masked_lse(x, mask, None) - _count(mask).clamp_min(1).to(x.dtype).log()
-
-
-class _MaskedSoftplusSum(torch.autograd.Function):
-    """``sum_{keep} softplus(x)``. The forward pass uses ``max(x, 0) + log(1 + exp(-|x|))``
-    in place (torch's CPU softplus and log1p are ~5x slower than this; the absolute error is
-    below one float ulp of 1); the backward pass is ``g * sigmoid(x)`` on the kept entries."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, keep: Tensor):
-        t = x.abs().neg_().exp_().add_(1.0).log_()
-        t.add_(x.clamp_min(0.0))
-        t.masked_fill_(~keep, 0.0)
-        ctx.save_for_backward(x, keep)
-        return t.sum()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, keep = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: differentiable
-            return torch.sigmoid(x).masked_fill(~keep, 0.0) * grad, None
-        return torch.sigmoid(x).masked_fill_(~keep, 0.0).mul_(grad), None
-
-
-def _masked_softplus_sum(x: Tensor, keep: Tensor) -> Tensor:
-    return _MaskedSoftplusSum.apply(x, keep)
-
-
-def _valid(positives: Tensor, negatives: Tensor) -> Tensor:
-    return torch.logical_or(positives, negatives)
-
-
-def _softplus(z: Tensor) -> Tensor:
-    """softplus without torch's linear cut-off above 20 (which is off by ~2e-9 there)."""
-    return z.clamp_min(0.0) + torch.log1p(torch.exp(-z.abs()))
-
-
-def _any_pair(positives: Tensor, negatives: Tensor) -> Tensor:
-    """0-d bool: a positive and a negative somewhere in the batch (no sync)."""
-    return positives.any() & negatives.any()
+        return K.masked_lse(x, mask, None) - math.log(int(K.count(mask)))
+    return K.masked_lse(x, mask, None) - K.count(mask).clamp_min(1).to(x.dtype).log()
 
 
 # --------------------------------------------------------------------------- InfoNCE
 
 
-def _infonce_rows(scores: Tensor, positives: Tensor, negatives: Tensor, pi: _PosIndex | None):
+def _infonce_rows(scores: Tensor, positives: Tensor, negatives: Tensor, pi: K.PosIndex | None):
     """Per-anchor InfoNCE terms (0 for anchors without a positive), ``|P_i|`` and the mask of
     pairs in the denominator; positives by index (``pi``) or, when None, by mask."""
-    valid = _valid(positives, negatives)
-    lse = _masked_lse(scores, valid, 1)
+    valid = K.valid(positives, negatives)
+    lse = K.masked_lse(scores, valid, 1)
     if pi is None:
-        count = _count_rows(positives)
-        psum = _masked_row_sum(scores, positives)
+        count = K.count_rows(positives)
+        psum = K.masked_row_sum(scores, positives)
     else:
         count = pi.count
-        psum = _positive_sum(scores, pi)
+        psum = K.positive_sum(scores, pi)
     n_pos = count.clamp_min(1).to(scores.dtype)
     rows = torch.where(count > 0, lse - psum / n_pos, 0.0)
     return rows, count, valid
@@ -438,16 +139,16 @@ def supcon(
     out); ``"mean"`` is ``l.sum() / #anchors used``, the mean of ``"none"`` when every anchor
     has a positive and a negative.
     """
-    _check_reduction(reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    K.check_reduction(reduction)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     if check:
         _require_both(positives, negatives, "InfoNCE")
-    pi = _positive_index(positives, "InfoNCE") if check else None
+    pi = K.positive_index(positives, "InfoNCE") if check else None
     rows, count, valid = _infonce_rows(scores, positives, negatives, pi)
-    used = (count > 0) & (_count_rows(valid) > 1)
+    used = (count > 0) & (K.count_rows(valid) > 1)
     if not check:
-        rows = _gate(rows, _any_pair(positives, negatives))
-    return _reduce(rows, reduction, used.sum())
+        rows = K.gate(rows, K.any_pair(positives, negatives))
+    return K.reduce_terms(rows, reduction, used.sum())
 
 
 def ntxent(
@@ -478,35 +179,35 @@ def ntxent(
     positive pairs (with counts: one term per distinct pair, unweighted); ``"mean"`` is the mean
     of ``l[P]`` (count-weighted with counts).
     """
-    _check_reduction(reduction)
+    K.check_reduction(reduction)
     p_count = _counts_or_none(positives)
     q_count = _counts_or_none(negatives)
-    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     if check:
         _require_both(positives, negatives, "NT-Xent")
-    has_neg = _count_rows(negatives) > 0
+    has_neg = K.count_rows(negatives) > 0
     logits = scores if q_count is None else scores + q_count.clamp_min(1).to(scores.dtype).log()
-    lse_neg = _masked_lse(logits, negatives, 1)
+    lse_neg = K.masked_lse(logits, negatives, 1)
     lse_neg = torch.where(has_neg, lse_neg, torch.zeros_like(lse_neg))  # -inf -> 0, masked below
     if check:  # one term per positive pair, gathered by index
-        pi = _positive_index(positives, "NT-Xent")
+        pi = K.positive_index(positives, "NT-Xent")
         z = lse_neg[pi.rows] - scores[pi.rows, pi.cols]
-        terms = _softplus(z)
+        terms = K.softplus(z)
         terms = torch.where(has_neg[pi.rows], terms, torch.zeros_like(terms))
         if reduction == "none":
             return scores.new_zeros(scores.shape).index_put((pi.rows, pi.cols), terms)
         n = pi.rows.numel()
         w = None if p_count is None else p_count[pi.rows, pi.cols].to(scores.dtype)
     else:  # the same terms as an [N, M] matrix, 0 off the positive pairs
-        terms = _softplus(lse_neg[:, None] - scores)
+        terms = K.softplus(lse_neg[:, None] - scores)
         terms = torch.where(positives & has_neg[:, None], terms, torch.zeros_like(terms))
         if reduction == "none":
             return terms
-        n = _count(positives)
+        n = K.count(positives)
         w = None if p_count is None else p_count.to(scores.dtype)
     if w is None:
-        return _reduce(terms, reduction, n)
-    return _reduce(terms * w, reduction, w.sum())
+        return K.reduce_terms(terms, reduction, n)
+    return K.reduce_terms(terms * w, reduction, w.sum())
 
 
 def infonce(
@@ -543,13 +244,13 @@ def infonce_bound(
     ``log K + mean_i (S_ii - logsumexp_j S_ij) <= log K``. One term per anchor (``[N]``, 0 for
     anchors without a positive); ``"mean"`` averages over the anchors with a positive.
     """
-    _check_reduction(reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives, check)
-    pi = _positive_index(positives, "the InfoNCE bound") if check else None
+    K.check_reduction(reduction)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
+    pi = K.positive_index(positives, "the InfoNCE bound") if check else None
     rows, count, valid = _infonce_rows(scores, positives, negatives, pi)
     has = count > 0
-    log_k = _count_rows(valid).clamp_min(1).to(scores.dtype).log()
-    return _reduce(torch.where(has, log_k - rows, 0.0), reduction, has.sum())
+    log_k = K.count_rows(valid).clamp_min(1).to(scores.dtype).log()
+    return K.reduce_terms(torch.where(has, log_k - rows, 0.0), reduction, has.sum())
 
 
 # --------------------------------------------------------------------------- NWJ / JS / DV
@@ -564,7 +265,7 @@ def infonce_bound(
 
 
 def _negative_count(negatives: Tensor, what: str) -> int:
-    n = int(_count(negatives))
+    n = int(K.count(negatives))
     if n == 0:
         require_negatives(negatives, what)  # raises with the sampler hint
     return n
@@ -572,7 +273,7 @@ def _negative_count(negatives: Tensor, what: str) -> int:
 
 def _positive_scores(scores: Tensor, positives: Tensor, what: str) -> Tensor:
     """The scores of all positive pairs, as a vector."""
-    pi = _positive_index(positives, what)
+    pi = K.positive_index(positives, what)
     return scores[pi.rows, pi.cols]
 
 
@@ -580,13 +281,13 @@ def _positive_mean(scores: Tensor, positives: Tensor, what: str, check: bool) ->
     """``mean_P S`` (0 without positives when not ``check``)."""
     if check:
         return _positive_scores(scores, positives, what).mean()
-    return _masked_row_sum(scores, positives).sum() / _count(positives).clamp_min(1)
+    return K.masked_row_sum(scores, positives).sum() / K.count(positives).clamp_min(1)
 
 
 def _logmeanexp_negatives(scores: Tensor, negatives: Tensor, what: str, check: bool = True):
     if check:
         n = _negative_count(negatives, what)
-        return _masked_lse(scores, negatives, None) - math.log(n)
+        return K.masked_lse(scores, negatives, None) - math.log(n)
     return logmeanexp(scores, negatives, check=False)
 
 
@@ -596,10 +297,10 @@ def _anchor_terms(scores: Tensor, positives: Tensor, negatives: Tensor, f_pos: T
     n = scores.shape[0]
     t = scores.new_zeros(n)
     if f_pos is not None:
-        n_p = _count(positives).clamp_min(1).to(scores.dtype)
-        t = t + _masked_row_sum(f_pos, positives) * (n / n_p)
+        n_p = K.count(positives).clamp_min(1).to(scores.dtype)
+        t = t + K.masked_row_sum(f_pos, positives) * (n / n_p)
     if row_neg is not None:
-        n_q = _count(negatives).clamp_min(1).to(scores.dtype)
+        n_q = K.count(negatives).clamp_min(1).to(scores.dtype)
         t = t + row_neg * (n / n_q)
     return t
 
@@ -610,7 +311,7 @@ def _bound_terms(scores, positives, negatives, what, check, terms):
         require_positives(positives, what)
         require_negatives(negatives, what)
         return terms
-    return _gate(terms, _any_pair(positives, negatives))
+    return K.gate(terms, K.any_pair(positives, negatives))
 
 
 def nwj_bound(
@@ -628,16 +329,16 @@ def nwj_bound(
     section): ``t_i = (N/n_P) sum_{P_i} S_ij - (N/n_Q) sum_{Q_i} exp(S_ik - 1)``, whose mean
     over the N anchors is ``I_NWJ``.
     """
-    _check_reduction(reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    K.check_reduction(reduction)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     what = "the NWJ bound"
     if reduction != "mean":
-        neg = torch.exp(_masked_lse(scores, negatives, 1) - 1.0)
+        neg = torch.exp(K.masked_lse(scores, negatives, 1) - 1.0)
         t = _anchor_terms(scores, positives, negatives, scores, -neg)
-        return _reduce(_bound_terms(scores, positives, negatives, what, check, t), reduction)
+        return K.reduce_terms(_bound_terms(scores, positives, negatives, what, check, t), reduction)
     pos = _positive_mean(scores, positives, what, check)
     value = pos - torch.exp(_logmeanexp_negatives(scores, negatives, what, check) - 1.0)
-    return value if check else _gate(value, _any_pair(positives, negatives))
+    return value if check else K.gate(value, K.any_pair(positives, negatives))
 
 
 def nwj(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
@@ -662,22 +363,22 @@ def js(
     anchor: ``t_i = (N/n_P) sum_{P_i} softplus(-S_ij) + (N/n_Q) sum_{Q_i} softplus(S_ik)``, whose
     mean over the N anchors is the loss.
     """
-    _check_reduction(reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    K.check_reduction(reduction)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     what = "the JS loss"
     if reduction != "mean":
-        neg = _masked_row_sum(_softplus(scores), negatives)
-        t = _anchor_terms(scores, positives, negatives, _softplus(-scores), neg)
-        return _reduce(_bound_terms(scores, positives, negatives, what, check, t), reduction)
+        neg = K.masked_row_sum(K.softplus(scores), negatives)
+        t = _anchor_terms(scores, positives, negatives, K.softplus(-scores), neg)
+        return K.reduce_terms(_bound_terms(scores, positives, negatives, what, check, t), reduction)
     if check:
         pos_term = -F.softplus(-_positive_scores(scores, positives, what)).mean()
         n = _negative_count(negatives, what)
     else:
-        pos_term = -_positive_mean(_softplus(-scores), positives, what, False)
-        n = _count(negatives).clamp_min(1)
-    neg_term = _masked_softplus_sum(scores, negatives) / n
+        pos_term = -_positive_mean(K.softplus(-scores), positives, what, False)
+        n = K.count(negatives).clamp_min(1)
+    neg_term = K.masked_softplus_sum(scores, negatives) / n
     value = -(pos_term - neg_term)
-    return value if check else _gate(value, _any_pair(positives, negatives))
+    return value if check else K.gate(value, K.any_pair(positives, negatives))
 
 
 def js_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
@@ -706,16 +407,16 @@ def dv_bound(
     independent terms. Terms per anchor: ``t_i = (N/n_P) sum_{P_i} S_ij - logmeanexp_Q S``
     (the batch-wide log-mean-exp in every anchor's term), so that their mean is ``I_DV``.
     """
-    _check_reduction(reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    K.check_reduction(reduction)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     what = "the DV bound"
     if reduction != "mean":
         t = _anchor_terms(scores, positives, negatives, scores, None)
         t = t - _logmeanexp_negatives(scores, negatives, what, False)
-        return _reduce(_bound_terms(scores, positives, negatives, what, check, t), reduction)
+        return K.reduce_terms(_bound_terms(scores, positives, negatives, what, check, t), reduction)
     pos = _positive_mean(scores, positives, what, check)
     value = pos - _logmeanexp_negatives(scores, negatives, what, check)
-    return value if check else _gate(value, _any_pair(positives, negatives))
+    return value if check else K.gate(value, K.any_pair(positives, negatives))
 
 
 def dv(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
@@ -745,8 +446,8 @@ def multiclass_npair(
     anchors with a positive (all of them on paired rows, where it is the mean of ``"none"``).
     ``check`` also verifies that no anchor has two positives.
     """
-    _check_reduction(reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    K.check_reduction(reduction)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     if check and reduction != "nonzero" and bool((positives ^ negatives).all()) \
             and bool((positives.sum(1) == 1).all()):
         # every anchor has one positive and all its other candidates are negatives (the
@@ -754,14 +455,14 @@ def multiclass_npair(
         # torch's fused kernel, which is what the loss computed before it had this core
         target = positives.to(torch.uint8).argmax(1)
         return F.cross_entropy(scores, target, reduction=reduction)
-    pi = _positive_index(positives, "the multi-class N-pair loss") if check else None
+    pi = K.positive_index(positives, "the multi-class N-pair loss") if check else None
     rows, count, _ = _infonce_rows(scores, positives, negatives, pi)
     if check and int(count.max()) > 1:
         raise ValueError(
             "the multi-class N-pair loss takes exactly one positive per anchor; use "
             "losses.MultiClassNPair on labels (it picks one pair per class) or InfoNCE"
         )
-    return _reduce(rows, reduction, (count > 0).sum())
+    return K.reduce_terms(rows, reduction, (count > 0).sum())
 
 
 # --------------------------------------------------------------------------- triplet
@@ -779,7 +480,7 @@ def _triplet_all_dense(scores, negatives, idx, valid, margin):
     the counts, ``sum_{a,p} c_ap (m - S_ap) + sum_{a,n} c_an S_an``, whose autograd gradient is
     exactly the hinge's (it is piecewise linear), so only O(N M) is kept for backward."""
     s_ap = scores.gather(1, idx)
-    thr = (s_ap.detach() - margin).masked_fill(~valid, _POS_INF)
+    thr = (s_ap.detach() - margin).masked_fill(~valid, K.POS_INF)
     sd = scores.detach()
     k = idx.shape[1]
     c_ap = torch.empty(idx.shape, dtype=torch.long, device=idx.device)
@@ -788,7 +489,7 @@ def _triplet_all_dense(scores, negatives, idx, valid, margin):
     for j in range(k):
         act = torch.gt(sd, thr[:, j, None])
         act &= negatives
-        c_ap[:, j] = _count_rows(act)
+        c_ap[:, j] = K.count_rows(act)
         c_an += act.view(torch.uint8)
     c_an = c_an.to(scores.dtype)
     total = (c_ap.to(scores.dtype) * (margin - s_ap)).sum() + torch.dot(
@@ -800,7 +501,7 @@ def _triplet_all_dense(scores, negatives, idx, valid, margin):
 def _sorted_negatives(scores: Tensor, negatives: Tensor):
     """Per anchor: the negatives' scores sorted descending, as differentiable values (0 past
     the last negative) and as ascending search keys ``-S`` (+inf past the last negative)."""
-    keyed = scores.detach().masked_fill(~negatives, _NEG_INF)
+    keyed = scores.detach().masked_fill(~negatives, K.NEG_INF)
     sorted_keyed, order = keyed.sort(dim=1, descending=True)
     keys = sorted_keyed.neg_()
     vals = scores.gather(1, order).masked_fill(torch.isinf(keys), 0.0)
@@ -816,7 +517,7 @@ def _triplet_all_sorted(scores, negatives, idx, valid, margin):
     prefix = F.pad(vals.cumsum(dim=1), (1, 0))  # prefix[:, c] = sum of the c largest
     s_ap = scores if idx is None else scores.gather(1, idx)
     # S_an > S_ap - m  <=>  -S_an < m - S_ap ; padding queries -inf count nothing
-    thr = (margin - s_ap.detach()).masked_fill(~valid, _NEG_INF).contiguous()
+    thr = (margin - s_ap.detach()).masked_fill(~valid, K.NEG_INF).contiguous()
     count = torch.searchsorted(keys, thr, right=False)
     top = prefix.gather(1, count)
     total = (count.to(scores.dtype) * (margin - s_ap) + top).masked_fill(~valid, 0.0).sum()
@@ -829,8 +530,8 @@ def _triplet_all(scores, positives, negatives, margin, method: str = "auto", pi=
     ``"sorted"`` with every column a slot (no sync, static shapes)."""
     if method == "masked":
         return _triplet_all_sorted(scores, negatives, None, positives, margin)
-    pi = _positive_index(positives, "the triplet loss") if pi is None else pi
-    idx, valid = _padded_positives(pi)
+    pi = K.positive_index(positives, "the triplet loss") if pi is None else pi
+    idx, valid = K.padded_positives(pi)
     if method == "auto":
         method = "dense" if _use_dense(idx.shape[1], scores.shape[1]) else "sorted"
     fn = _triplet_all_dense if method == "dense" else _triplet_all_sorted
@@ -840,7 +541,7 @@ def _triplet_all(scores, positives, negatives, margin, method: str = "auto", pi=
 def _triplet_terms(scores, positives, negatives, margin: float, soft: bool) -> Tensor:
     """Every triplet's term ``[N, M, M]`` (anchor, positive, negative), 0 off the valid ones."""
     d = scores[:, None, :] - scores[:, :, None] + margin
-    t = _softplus(d) if soft else F.relu(d)
+    t = K.softplus(d) if soft else F.relu(d)
     keep = positives[:, :, None] & negatives[:, None, :]
     return torch.where(keep, t, torch.zeros_like(t))
 
@@ -861,14 +562,14 @@ def _triplet_soft_masked(scores, positives, negatives, margin: float) -> Tensor:
 def _triplet_soft_all(scores, positives, negatives, margin: float = 0.0, pi=None):
     """Sum and count of ``softplus(m + S_an - S_ap)`` over all valid triplets, one ``[N, M]``
     pass per positive slot j < k (softplus does not decompose, so this is O(N k M))."""
-    pi = _positive_index(positives, "the triplet loss") if pi is None else pi
-    idx, valid = _padded_positives(pi)
+    pi = K.positive_index(positives, "the triplet loss") if pi is None else pi
+    idx, valid = K.padded_positives(pi)
     s_ap = scores.gather(1, idx) - margin
     total = scores.new_zeros(())
     for j in range(idx.shape[1]):
         keep = negatives & valid[:, j, None]
-        total = total + _masked_softplus_sum(scores - s_ap[:, j, None], keep)
-    count = (pi.count * _count_rows(negatives)).sum()
+        total = total + K.masked_softplus_sum(scores - s_ap[:, j, None], keep)
+    count = (pi.count * K.count_rows(negatives)).sum()
     return total, count
 
 
@@ -879,7 +580,7 @@ def _semihard_negative(scores, negatives, idx, valid, has_neg, method: str = "au
     s_ap = sd if idx is None else sd.gather(1, idx)
     if idx is None:
         method = "sorted"
-    easiest = sd.masked_fill(~negatives, _POS_INF).argmin(1, keepdim=True)
+    easiest = sd.masked_fill(~negatives, K.POS_INF).argmin(1, keepdim=True)
     if method == "auto":
         method = "dense" if _use_dense(idx.shape[1], scores.shape[1]) else "sorted"
     if method == "dense":
@@ -891,16 +592,16 @@ def _semihard_negative(scores, negatives, idx, valid, has_neg, method: str = "au
         for j in range(idx.shape[1]):
             below = torch.lt(sd, s_ap[:, j, None])
             below &= negatives
-            has_semi[:, j] = _count_rows(below) > 0
+            has_semi[:, j] = K.count_rows(below) > 0
             cand = below.to(sd.dtype).sub_(1.0).mul_(big).add_(sd)  # sd, or sd - big
             arg[:, j] = cand.argmax(1)
     else:
-        keyed = sd.masked_fill(~negatives, _NEG_INF)
+        keyed = sd.masked_fill(~negatives, K.NEG_INF)
         sorted_keyed, order = keyed.sort(dim=1, descending=True)
         keys = sorted_keyed.neg_()
         # keys ascending (= -S_an descending): first index with -S_an > -S_ap is S_an < S_ap
         pos_in_sorted = torch.searchsorted(keys, (-s_ap).contiguous(), right=True)
-        n_neg = _count_rows(negatives)[:, None]
+        n_neg = K.count_rows(negatives)[:, None]
         has_semi = pos_in_sorted < n_neg
         arg = order.gather(1, pos_in_sorted.clamp_max(order.shape[1] - 1))
     return torch.where(has_semi, arg, easiest)
@@ -914,7 +615,7 @@ def _check_triplet_args(mining: str, reduction: str | None) -> str:
         raise ValueError(f"mining must be 'all', 'hard' or 'semihard', got {mining!r}")
     if reduction is None:
         return "nonzero" if mining == "all" else "mean"
-    if reduction not in _NONZERO:
+    if reduction not in K.NONZERO:
         raise ValueError(
             f"reduction must be 'nonzero' (mean over non-zero terms, PML's AvgNonZeroReducer), "
             f"'mean' (over all terms), 'sum', 'none' (the terms) or None (the mining's "
@@ -971,29 +672,29 @@ def triplet(
     ``check``, no anchor with both a positive and a negative raises
     :class:`~contrastive.pairs.NoPairsError`.
     """
-    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     margin = float(margin)
     if triplets is not None:
         reduction = _check_triplet_args("all", reduction)
         a, p, n = triplets
         terms = _hinge(scores[a, n] - scores[a, p] + margin, soft)
-        return _reduce(terms, reduction, terms.numel())
+        return K.reduce_terms(terms, reduction, terms.numel())
     reduction = _check_triplet_args(mining, reduction)
     if check:
         require_triplet(positives, negatives, "the triplet loss")
-    n_pos, n_neg = _count_rows(positives), _count_rows(negatives)
+    n_pos, n_neg = K.count_rows(positives), K.count_rows(negatives)
     has_neg = n_neg > 0
     if reduction == "none" and mining == "all":
         return _triplet_terms(scores, positives, negatives, margin, soft)
     if mining == "hard":  # per anchor, from the masks: no index of the positives needed
         sd = scores.detach()
-        p_col = sd.masked_fill(~positives, _POS_INF).argmin(1, keepdim=True)
-        n_col = sd.masked_fill(~negatives, _NEG_INF).argmax(1, keepdim=True)
+        p_col = sd.masked_fill(~positives, K.POS_INF).argmin(1, keepdim=True)
+        n_col = sd.masked_fill(~negatives, K.NEG_INF).argmax(1, keepdim=True)
         ok = (n_pos > 0) & has_neg
         diff = (scores.gather(1, n_col) - scores.gather(1, p_col)).squeeze(1)
         terms = torch.where(ok, _hinge(diff + margin, soft), 0.0)
-        return _reduce(terms, reduction, ok.sum())
-    pi = _positive_index(positives, "the triplet loss") if check else None
+        return K.reduce_terms(terms, reduction, ok.sum())
+    pi = K.positive_index(positives, "the triplet loss") if check else None
     if mining == "all":
         n_triplets = (n_pos * n_neg).sum()
         if soft:
@@ -1012,7 +713,7 @@ def triplet(
     # semihard: per (anchor, positive slot); slots are the padded positives with check, else
     # every column (static shapes)
     if check:
-        idx, valid = _padded_positives(pi)
+        idx, valid = K.padded_positives(pi)
         s_ap = scores.gather(1, idx)
     else:
         idx, valid, s_ap = None, positives, scores
@@ -1021,7 +722,7 @@ def triplet(
     terms = torch.where(ok, _hinge(scores.gather(1, n_col) - s_ap + margin, soft), 0.0)
     if reduction == "none" and idx is not None:  # slots back to columns
         return scores.new_zeros(scores.shape).scatter_add(1, idx, terms)
-    return _reduce(terms, reduction, ok.sum())
+    return K.reduce_terms(terms, reduction, ok.sum())
 
 
 # --------------------------------------------------------------------------- contrastive
@@ -1053,10 +754,10 @@ def contrastive(
     the formula above, ``"mean"`` the same with the means over all pairs of each part, ``"sum"``
     the (count-weighted) sum of all terms.
     """
-    _check_reduction(reduction, _NONZERO)
+    K.check_reduction(reduction, K.NONZERO)
     p_count = _counts_or_none(positives)
     q_count = _counts_or_none(negatives)
-    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     if check and not bool(positives.any()) and not bool(negatives.any()):
         raise NoPairsError(
             "the batch has no pair at all, which the contrastive loss needs: pass at least two "
@@ -1075,7 +776,7 @@ def contrastive(
     else:  # the same hinges as an [N, M] matrix, 0 off the positives
         h = torch.where(positives, F.relu(pos_threshold - scores), torch.zeros_like(scores))
         c = None if p_count is None else p_count.to(scores.dtype)
-        n_pairs = _count(positives) if c is None else c.sum()
+        n_pairs = K.count(positives) if c is None else c.sum()
     if p_count is None:
         pos_sum, pos_nz = h.sum(), (h > 0).sum()
     else:  # mined pairs with repeats: each occurrence is a term, as in PML
@@ -1093,8 +794,8 @@ def contrastive(
     if reduction == "sum":
         return pos_sum + total
     if reduction == "mean":
-        n_neg = _count(negatives) if q_count is None else q_count.sum()
-        return _reduce(pos_sum, "mean", n_pairs) + _reduce(total, "mean", n_neg)
+        n_neg = K.count(negatives) if q_count is None else q_count.sum()
+        return K.reduce_terms(pos_sum, "mean", n_pairs) + K.reduce_terms(total, "mean", n_neg)
     pos = pos_sum / pos_nz.clamp_min(1)
     neg = total / n_active.clamp_min(1)
     return pos + neg

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from contrastive import distributed as D
 from contrastive.pairs import Pairs
 
-from . import functional as LF
+from . import kernels as K
 from .modules import InfoNCE, PairLoss
 
 __all__ = ["Memory", "CrossBatchMemory", "NegativeQueue", "drop_self_pairs", "queue_scores",
@@ -416,7 +416,7 @@ def queue_scores(critic: nn.Module, query: Tensor, key: Tensor, queue: Tensor,
         return pos
     neg = critic(query, queue)
     if pooled:
-        return torch.cat([pos, LF._masked_lse(neg, None, 1)[:, None]], 1)
+        return torch.cat([pos, K.masked_lse(neg, None, 1)[:, None]], 1)
     return torch.cat([pos, neg], 1)
 
 

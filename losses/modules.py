@@ -57,6 +57,7 @@ from contrastive.pairs import (
 from contrastive.validation import check_temperature
 
 from . import functional as LF
+from . import kernels as K
 
 __all__ = ["PairLoss", "InfoNCE", "NWJ", "JS", "DV", "MultiClassNPair", "Triplet", "Contrastive",
            "first_pair_per_class"]
@@ -309,7 +310,7 @@ class InfoNCE(PairLoss):
                 f"(NT-Xent: one term per positive pair), got {positives!r}"
             )
         super().__init__(_critic_or_temperature(critic, temperature, 0.1), strict,
-                         LF._check_reduction(reduction), check)
+                         K.check_reduction(reduction), check)
         self.positives = positives
         self.counts_repeats = positives == "pair"  # NT-Xent is pair-based in PML
 
@@ -329,7 +330,7 @@ class _Bound(PairLoss):
     def __init__(self, temperature: float | None = None, critic: nn.Module | None = None,
                  strict: bool = False, reduction: str = "mean", check: bool = True):
         super().__init__(_critic_or_temperature(critic, temperature, 0.1), strict,
-                         LF._check_reduction(reduction), check)
+                         K.check_reduction(reduction), check)
 
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return self.fn(scores, positives, negatives, self.reduction, check)
@@ -378,7 +379,7 @@ class MultiClassNPair(PairLoss):
 
     def __init__(self, critic: nn.Module | None = None, l2_reg: float = 0.0,
                  strict: bool = False, reduction: str = "mean", check: bool = True):
-        super().__init__(critic, strict, LF._check_reduction(reduction), check)
+        super().__init__(critic, strict, K.check_reduction(reduction), check)
         self.l2_reg = float(l2_reg)
 
     def default_critic(self) -> nn.Module:
@@ -508,7 +509,7 @@ class Contrastive(PairLoss):
         reduction: str = "nonzero",
         check: bool = True,
     ):
-        super().__init__(critic, strict, LF._check_reduction(reduction, LF._NONZERO), check)
+        super().__init__(critic, strict, K.check_reduction(reduction, K.NONZERO), check)
         dist = bool(getattr(self.critic, "is_distance", False))
         self.pos_margin = float((0.0 if dist else 1.0) if pos_margin is None else pos_margin)
         self.neg_margin = float((1.0 if dist else 0.0) if neg_margin is None else neg_margin)

@@ -13,7 +13,7 @@ Cost: every function does a few elementwise passes over ``S`` (masked log-sum-ex
 nothing of size ``N x M x M``; the margin loss over all triplets, which PML evaluates on a list
 of the ``sum_a |P_a| |Q_a|`` triplets, is a weighted sum over pairs (each positive pair of an
 anchor occurs in ``|Q_a|`` triplets, each negative pair in ``|P_a|``). Below
-:data:`losses.functional.FUSED_MAX_ENTRIES` score entries each loss computes its value and
+:data:`losses.K.FUSED_MAX_ENTRIES` score entries each loss computes its value and
 ``dL/dS`` in one pass without autograd (a ``_..._kernel`` function here; the positive and
 negative log-sum-exps stacked into one ``[2, N, M]`` pass), which removes most of the fixed
 per-call cost at small batches; above it, the autograd forms (positives by index) run.
@@ -43,22 +43,8 @@ from contrastive.pairs import (
     rows_any,
 )
 
-from .functional import (
-    _NONZERO,
-    _check_reduction,
-    _const,
-    _count_rows,
-    _counts_or_none,
-    _fusable,
-    _fused,
-    _masked_lse,
-    _padded_positives,
-    _PosIndex,
-    _prepare,
-    _reduce,
-    _softplus,
-    _stacked_lse,
-)
+from . import kernels as K
+from .functional import _counts_or_none
 from .modules import PairLoss
 
 __all__ = [
@@ -81,7 +67,7 @@ _POS_INF = float("inf")
 
 def _lse_or_zero(x: Tensor, keep: Tensor) -> Tensor:
     """``logsumexp_{keep} x`` per row, 0 for a row without a kept entry."""
-    lse = _masked_lse(x, keep, 1)
+    lse = K.masked_lse(x, keep, 1)
     return torch.where(rows_any(keep), lse, torch.zeros_like(lse))
 
 
@@ -91,10 +77,10 @@ def _positive_lse(fn, scores: Tensor, positives: Tensor, check: bool) -> Tensor:
     sync): an anchor has few positives, and a masked ``[N, M]`` exponential of mostly ``-inf``
     entries costs several times more on CPU. Without ``check``, masked (static shapes)."""
     if not check:
-        return _masked_lse(fn(scores), positives, 1)
+        return K.masked_lse(fn(scores), positives, 1)
     rows, cols = positives.nonzero(as_tuple=True)
     count = torch.bincount(rows, minlength=positives.shape[0])
-    idx, valid = _padded_positives(_PosIndex(rows, cols, count))
+    idx, valid = K.padded_positives(K.PosIndex(rows, cols, count))
     return torch.logsumexp(fn(scores.gather(1, idx)).masked_fill(~valid, _NEG_INF), dim=1)
 
 
@@ -150,20 +136,20 @@ def multi_similarity(
     averages over all N anchors, as PML. With ``check``, a batch without any pair raises
     :class:`~contrastive.pairs.NoPairsError` (a mining that keeps none gives 0).
     """
-    _check_reduction(reduction)
-    fused = _fusable(scores, positives, negatives, check, reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    K.check_reduction(reduction)
+    fused = K.fusable(scores, positives, negatives, check, reduction)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     if check:
         _require_any_pair(positives, negatives, "the multi-similarity loss")
     if epsilon is not None:
         positives, negatives = multi_similarity_pairs(scores, positives, negatives, epsilon)
     if fused:
-        return _fused(_multi_similarity_kernel, _multi_similarity_slow, scores, positives,
+        return K.fused(_multi_similarity_kernel, _multi_similarity_slow, scores, positives,
                       negatives, alpha, beta, base, reduction)
-    pos = _softplus(_positive_lse(lambda v: (base - v) * alpha, scores, positives, check))
-    neg = _softplus(_masked_lse((scores - base) * beta, negatives, 1))
+    pos = K.softplus(_positive_lse(lambda v: (base - v) * alpha, scores, positives, check))
+    neg = K.softplus(K.masked_lse((scores - base) * beta, negatives, 1))
     pos, neg = pos / alpha, neg / beta
-    return _reduce(pos + neg, reduction)
+    return K.reduce_terms(pos + neg, reduction)
 
 
 def _multi_similarity_slow(scores, positives, negatives, alpha, beta, base, reduction):
@@ -173,15 +159,15 @@ def _multi_similarity_slow(scores, positives, negatives, alpha, beta, base, redu
 
 def _multi_similarity_kernel(scores, positives, negatives, alpha, beta, base, reduction,
                              need_grad):
-    """:func:`multi_similarity`'s value and ``dL/dS`` in one pass (:func:`_fused`): both
+    """:func:`multi_similarity`'s value and ``dL/dS`` in one pass (``kernels.fused``): both
     log-sum-exps as one stacked ``[2, N, M]`` pass, ``x = (S - base) * (-alpha, beta)``; the
     gradient of ``softplus(lse_i) / a`` is ``sign * e_ij / (exp(-m_i) + z_i)``."""
     n = max(scores.shape[0], 1)
     w = 1.0 if reduction == "sum" else 1.0 / n
-    c = _const((-alpha, beta, alpha, beta, -w, w), scores.dtype, scores.device)
+    c = K.const((-alpha, beta, alpha, beta, -w, w), scores.dtype, scores.device)
     x = (scores - base).unsqueeze(0) * c[:2, None, None]
-    lse, e, m, z = _stacked_lse(x, torch.stack((positives, negatives)))
-    terms = _softplus(lse).div_(c[2:4, None]).sum(0)
+    lse, e, m, z = K.stacked_lse(x, torch.stack((positives, negatives)))
+    terms = K.softplus(lse).div_(c[2:4, None]).sum(0)
     value = terms.sum() if reduction == "sum" else terms.sum() / n
     if not need_grad:
         return value, None
@@ -212,13 +198,13 @@ def circle(
     ``"nonzero"`` (default) averages the terms > 0 (PML's ``AvgNonZeroReducer``), ``"mean"``
     over the anchors with both. With ``check``, no anchor with both raises.
     """
-    _check_reduction(reduction, _NONZERO)
-    fused = _fusable(scores, positives, negatives, check, reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    K.check_reduction(reduction, K.NONZERO)
+    fused = K.fusable(scores, positives, negatives, check, reduction)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     if check:
         require_triplet(positives, negatives, "the Circle loss")
     if fused:
-        return _fused(_circle_kernel, _circle_slow, scores, positives, negatives, m, gamma,
+        return K.fused(_circle_kernel, _circle_slow, scores, positives, negatives, m, gamma,
                       reduction)
 
     def pos(v: Tensor) -> Tensor:  # -gamma relu(1 + m - S) (S - (1 - m)), weight detached
@@ -226,9 +212,9 @@ def circle(
 
     neg = (scores.detach() + m).clamp_min_(0.0).mul_(gamma) * (scores - m)
     ok = rows_any(positives) & rows_any(negatives)
-    z = _positive_lse(pos, scores, positives, check) + _masked_lse(neg, negatives, 1)
-    terms = torch.where(ok, _softplus(torch.where(ok, z, torch.zeros_like(z))), 0.0)
-    return _reduce(terms, reduction, ok.sum())
+    z = _positive_lse(pos, scores, positives, check) + K.masked_lse(neg, negatives, 1)
+    terms = torch.where(ok, K.softplus(torch.where(ok, z, torch.zeros_like(z))), 0.0)
+    return K.reduce_terms(terms, reduction, ok.sum())
 
 
 def _circle_slow(scores, positives, negatives, m, gamma, reduction):
@@ -236,18 +222,18 @@ def _circle_slow(scores, positives, negatives, m, gamma, reduction):
 
 
 def _circle_kernel(scores, positives, negatives, m, gamma, reduction, need_grad):
-    """:func:`circle`'s value and ``dL/dS`` in one pass (:func:`_fused`), both log-sum-exps
+    """:func:`circle`'s value and ``dL/dS`` in one pass (``kernels.fused``), both log-sum-exps
     stacked: ``x = W * (S - (1 - m, m))`` with the (constant) weights
     ``W = (-gamma relu(1 + m - S), gamma relu(S + m))``, so ``dx/dS = W`` and
     ``dL/dS = sum_k w sigmoid(z_i) e_k / z_k * W_k``."""
-    c = _const((-1.0, 1.0, 1.0 + m, m, -gamma, gamma, 1.0 - m, m), scores.dtype,
+    c = K.const((-1.0, 1.0, 1.0 + m, m, -gamma, gamma, 1.0 - m, m), scores.dtype,
                scores.device)[:, None, None]
     wts = torch.addcmul(c[2:4], scores, c[:2]).clamp_min_(0.0).mul_(c[4:6])
     x = (scores - c[6:]).mul_(wts)
-    lse, e, _, z = _stacked_lse(x, torch.stack((positives, negatives)))
+    lse, e, _, z = K.stacked_lse(x, torch.stack((positives, negatives)))
     ok = (z >= 1.0).all(0).squeeze(-1)
     zi = lse.sum(0)
-    terms = torch.where(ok, _softplus(torch.where(ok, zi, torch.zeros_like(zi))), 0.0)
+    terms = torch.where(ok, K.softplus(torch.where(ok, zi, torch.zeros_like(zi))), 0.0)
     total = terms.sum()
     if reduction == "sum":
         value, w = total, None
@@ -286,18 +272,18 @@ def lifted_structure(
     :class:`LiftedStructure` converts distance margins. One term per anchor (``[N]``);
     ``"mean"`` averages over all N anchors, as PML. With ``check``, no pair at all raises.
     """
-    _check_reduction(reduction)
-    fused = _fusable(scores, positives, negatives, check, reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    K.check_reduction(reduction)
+    fused = K.fusable(scores, positives, negatives, check, reduction)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     if check:
         _require_any_pair(positives, negatives, "the lifted structure loss")
     if fused:
-        return _fused(_lifted_kernel, _lifted_slow, scores, positives, negatives,
+        return K.fused(_lifted_kernel, _lifted_slow, scores, positives, negatives,
                       pos_threshold, neg_threshold, reduction)
     pos = _positive_lse(lambda v: pos_threshold - v, scores, positives, check)
     pos = torch.where(rows_any(positives), pos, torch.zeros_like(pos))
     neg = _lse_or_zero(scores - neg_threshold, negatives)
-    return _reduce(F.relu(pos + neg), reduction)
+    return K.reduce_terms(F.relu(pos + neg), reduction)
 
 
 def _lifted_slow(scores, positives, negatives, pos_threshold, neg_threshold, reduction):
@@ -307,13 +293,13 @@ def _lifted_slow(scores, positives, negatives, pos_threshold, neg_threshold, red
 
 def _lifted_kernel(scores, positives, negatives, pos_threshold, neg_threshold, reduction,
                    need_grad):
-    """:func:`lifted_structure`'s value and ``dL/dS`` in one pass (:func:`_fused`), both
+    """:func:`lifted_structure`'s value and ``dL/dS`` in one pass (``kernels.fused``), both
     log-sum-exps stacked, ``x = (t_pos - S, S - t_neg)``; an active row's gradient is
     ``w (e_neg / z_neg - e_pos / z_pos)``."""
-    c = _const((-1.0, 1.0, pos_threshold, -neg_threshold), scores.dtype,
+    c = K.const((-1.0, 1.0, pos_threshold, -neg_threshold), scores.dtype,
                scores.device)[:, None, None]
     x = torch.addcmul(c[2:], scores, c[:2])
-    lse, e, _, z = _stacked_lse(x, torch.stack((positives, negatives)))
+    lse, e, _, z = K.stacked_lse(x, torch.stack((positives, negatives)))
     has = (z >= 1.0).squeeze(-1)
     lse = torch.where(has, lse, torch.zeros_like(lse))
     hinge = lse.sum(0)
@@ -346,8 +332,8 @@ def _margin_all(scores: Tensor, positives: Tensor, negatives: Tensor, b: Tensor,
     pairs found without gradient, the sum is ``dot(S, coef)`` plus terms in ``b`` only, where
     ``coef = |P_a|`` on active negatives and ``-|Q_a|`` on active positives (one ``[N, M]``
     matrix; autograd then gives exactly the hinges' gradient, to ``S`` and to ``b``)."""
-    n_pos = _count_rows(positives).to(scores.dtype)
-    n_neg = _count_rows(negatives).to(scores.dtype)
+    n_pos = K.count_rows(positives).to(scores.dtype)
+    n_neg = K.count_rows(negatives).to(scores.dtype)
     bcol = b[:, None] if per_anchor else b
     with torch.no_grad():
         sd = scores.detach()
@@ -355,8 +341,8 @@ def _margin_all(scores: Tensor, positives: Tensor, negatives: Tensor, b: Tensor,
         act_p &= positives
         act_n = torch.gt(sd, (bcol - m).detach())  # m + S_an - b > 0
         act_n &= negatives
-        a_p = _count_rows(act_p).to(scores.dtype)
-        a_n = _count_rows(act_n).to(scores.dtype)
+        a_p = K.count_rows(act_p).to(scores.dtype)
+        a_n = K.count_rows(act_n).to(scores.dtype)
         coef = torch.where(act_n, n_pos[:, None], torch.where(act_p, -n_neg[:, None], 0.0))
     w_p, w_n = n_neg * a_p, n_pos * a_n  # active positive / negative half-terms per anchor
     total = torch.dot(scores.reshape(-1), coef.reshape(-1)) + (w_p * (m + b)).sum() + (
@@ -371,11 +357,11 @@ def _margin_value(total: Tensor, active, n_trip, reg_sum, beta: Tensor, nu: floa
     """The margin loss from its sum, counts and regulariser (see :func:`margin`); also the
     divisor of the sum (None for ``"sum"``)."""
     divisor = {"sum": None, "mean": n_trip, "nonzero": active}[reduction]
-    value = total if divisor is None else _reduce(total, "mean", divisor)
+    value = total if divisor is None else K.reduce_terms(total, "mean", divisor)
     if nu:
         if per_anchor:
             value = value + nu * (reg_sum if divisor is None
-                                  else _reduce(reg_sum, "mean", divisor))
+                                  else K.reduce_terms(reg_sum, "mean", divisor))
         else:
             value = value + nu * beta
     return value, divisor
@@ -387,7 +373,7 @@ def _margin_slow(scores, positives, negatives, beta, m, nu, distance, reduction)
 
 def _margin_kernel(scores, positives, negatives, beta, m, nu, distance, reduction, need_grad):
     """:func:`margin` over all triplets (boolean masks, a boundary without gradient) in one
-    pass (:func:`_fused`): the loss is linear in ``S`` on the active pairs, so ``dL/dS`` is
+    pass (``kernels.fused``): the loss is linear in ``S`` on the active pairs, so ``dL/dS`` is
     :func:`_margin_all`'s coefficient matrix over the divisor."""
     per_anchor = beta.numel() > 1
     b = -beta if distance else beta
@@ -438,10 +424,10 @@ def margin(
     ``triplets=(a, p, n)`` uses the given triplets (a miner's; ``"none"`` then gives ``[T]``).
     With ``check``, a batch without a triplet raises.
     """
-    _check_reduction(reduction, _NONZERO)
+    K.check_reduction(reduction, K.NONZERO)
     p_count, q_count = _counts_or_none(positives), _counts_or_none(negatives)
-    fused = _fusable(scores, positives, negatives, check, reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    fused = K.fusable(scores, positives, negatives, check, reduction)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     m = float(margin)
     beta = beta if isinstance(beta, Tensor) else torch.tensor(float(beta), dtype=torch.float64)
     beta = beta.to(device=scores.device, dtype=scores.dtype)
@@ -463,7 +449,7 @@ def margin(
         if check:
             require_triplet(positives, negatives, "the margin loss")
             if fused and not beta.requires_grad:  # a constant boundary: one fused pass
-                return _fused(_margin_kernel, _margin_slow, scores, positives, negatives,
+                return K.fused(_margin_kernel, _margin_slow, scores, positives, negatives,
                               beta, m, nu, distance, reduction)
         total, active, n_trip, reg_sum, _ = _margin_all(scores, positives, negatives, b, beta,
                                                         m, per_anchor)
@@ -508,21 +494,21 @@ def nca(
     with a positive, as PML. ``weights [N]`` multiply the terms (PML's weights of a miner's
     ``indices_tuple``; the mean still counts anchors). With ``check``, no positive raises.
     """
-    _check_reduction(reduction)
-    fused = _fusable(scores, positives, negatives, check, reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    K.check_reduction(reduction)
+    fused = K.fusable(scores, positives, negatives, check, reduction)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     if check:
         require_positives(positives, "NCA")
     if fused and weights is None:
-        return _fused(_nca_kernel, _nca_slow, scores, positives, negatives, scale, reduction)
+        return K.fused(_nca_kernel, _nca_slow, scores, positives, negatives, scale, reduction)
     x = scores * scale if scale != 1.0 else scores
-    has = _count_rows(positives) > 0
-    lse_all = _masked_lse(x, positives | negatives, 1)
+    has = K.count_rows(positives) > 0
+    lse_all = K.masked_lse(x, positives | negatives, 1)
     lse_pos = _positive_lse(lambda v: v, x, positives, check)
     terms = torch.where(has, lse_all - torch.where(has, lse_pos, torch.zeros_like(lse_pos)), 0.0)
     if weights is not None:
         terms = terms * weights.to(terms.dtype)
-    return _reduce(terms, reduction, has.sum())
+    return K.reduce_terms(terms, reduction, has.sum())
 
 
 def _nca_slow(scores, positives, negatives, scale, reduction):
@@ -530,10 +516,10 @@ def _nca_slow(scores, positives, negatives, scale, reduction):
 
 
 def _nca_kernel(scores, positives, negatives, scale, reduction, need_grad):
-    """:func:`nca`'s value and ``dL/dS`` in one pass (:func:`_fused`): the log-sum-exps over
+    """:func:`nca`'s value and ``dL/dS`` in one pass (``kernels.fused``): the log-sum-exps over
     ``P u Q`` and over ``P`` stacked; a row's gradient is ``s w (softmax_all - softmax_P)``."""
     x = scores * scale if scale != 1.0 else scores
-    lse, e, _, z = _stacked_lse(x, torch.stack((positives | negatives, positives)))
+    lse, e, _, z = K.stacked_lse(x, torch.stack((positives | negatives, positives)))
     has = (z[1] >= 1.0).squeeze(-1)
     terms = torch.where(has, lse[0] - torch.where(has, lse[1], torch.zeros_like(lse[1])), 0.0)
     total = terms.sum()
@@ -570,7 +556,7 @@ class MultiSimilarity(PairLoss):
     def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
                  epsilon: float | None = None, critic: nn.Module | None = None,
                  strict: bool = False, reduction: str = "mean", check: bool = True):
-        super().__init__(critic, strict, _check_reduction(reduction), check)
+        super().__init__(critic, strict, K.check_reduction(reduction), check)
         self.alpha, self.beta, self.base = float(alpha), float(beta), float(base)
         self.epsilon = None if epsilon is None else float(epsilon)
 
@@ -602,7 +588,7 @@ class Circle(PairLoss):
 
     def __init__(self, m: float = 0.4, gamma: float = 80.0, critic: nn.Module | None = None,
                  strict: bool = False, reduction: str = "nonzero", check: bool = True):
-        super().__init__(critic, strict, _check_reduction(reduction, _NONZERO), check)
+        super().__init__(critic, strict, K.check_reduction(reduction, K.NONZERO), check)
         self.m, self.gamma = float(m), float(gamma)
 
     def default_critic(self) -> nn.Module:
@@ -632,7 +618,7 @@ class LiftedStructure(PairLoss):
     def __init__(self, neg_margin: float = 1.0, pos_margin: float = 0.0,
                  critic: nn.Module | None = None, strict: bool = False,
                  reduction: str = "mean", check: bool = True):
-        super().__init__(critic, strict, _check_reduction(reduction), check)
+        super().__init__(critic, strict, K.check_reduction(reduction), check)
         self.neg_margin, self.pos_margin = float(neg_margin), float(pos_margin)
         sign = _distance_sign(self.critic)
         self._t_pos, self._t_neg = sign * self.pos_margin, sign * self.neg_margin
@@ -674,7 +660,7 @@ class Margin(PairLoss):
                  learn_beta: bool = False, num_classes: int | None = None,
                  critic: nn.Module | None = None, strict: bool = False,
                  reduction: str = "nonzero", check: bool = True):
-        super().__init__(critic, strict, _check_reduction(reduction, _NONZERO), check)
+        super().__init__(critic, strict, K.check_reduction(reduction, K.NONZERO), check)
         self.margin, self.nu, self.learn_beta = float(margin), float(nu), bool(learn_beta)
         init = torch.full((int(num_classes) if num_classes else 1,), float(beta))
         if self.learn_beta:
@@ -738,7 +724,7 @@ class NCA(PairLoss):
 
     def __init__(self, softmax_scale: float = 1.0, critic: nn.Module | None = None,
                  strict: bool = False, reduction: str = "mean", check: bool = True):
-        super().__init__(critic, strict, _check_reduction(reduction), check)
+        super().__init__(critic, strict, K.check_reduction(reduction), check)
         self.softmax_scale = float(softmax_scale)
         self._weights: Tensor | None = None
 

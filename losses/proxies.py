@@ -21,7 +21,7 @@ the softmax losses multiply the per-embedding terms, Proxy-Anchor adds ``w - 1``
 exponents. The modules do the same.
 
 Small batches: Proxy-Anchor computes its value and ``dL/dS`` in one pass without autograd below
-:data:`losses.functional.FUSED_MAX_ENTRIES` score entries; the softmax losses, when every row
+:data:`losses.K.FUSED_MAX_ENTRIES` score entries; the softmax losses, when every row
 has its class and every proxy is in the denominator, are one call of torch's fused
 cross-entropy against the class.
 
@@ -42,18 +42,7 @@ from contrastive.critics import Cosine, NegativeL2
 from contrastive.pairs import Pairs, check_call, require_positives
 from contrastive.validation import check_temperature
 
-from .functional import (
-    FUSED_MAX_ENTRIES,
-    _check_reduction,
-    _const,
-    _count_rows,
-    _fusable,
-    _fused,
-    _masked_lse,
-    _prepare,
-    _reduce,
-    _stacked_lse,
-)
+from . import kernels as K
 from .modules import PairLoss
 from .pair_based import miner_weights, nca
 
@@ -87,7 +76,7 @@ def proxy_nca(scores: Tensor, positives: Tensor, negatives: Tensor | None = None
     ``"mean"`` over the embeddings with a class. Several positive proxies per row: NCA's
     form (:func:`losses.pair_based.nca`)."""
     positives = positives if positives.dtype == torch.bool else positives.bool()
-    if check and positives.numel() and int(_count_rows(positives).max()) > 1:
+    if check and positives.numel() and int(K.count_rows(positives).max()) > 1:
         return nca(scores, positives, negatives, scale, reduction, check, weights)
     return _target_softmax(scores, positives, negatives, None, scale, reduction, check, weights,
                            "ProxyNCA")
@@ -108,13 +97,13 @@ def proxy_anchor(scores: Tensor, positives: Tensor, negatives: Tensor | None = N
     ``"mean"`` is the loss above (two divisors), ``"sum"`` the sum of the terms. With
     ``check``, no positive raises.
     """
-    _check_reduction(reduction)
-    fused = _fusable(scores, positives, negatives, check, reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives, check)
+    K.check_reduction(reduction)
+    fused = K.fusable(scores, positives, negatives, check, reduction)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     if check:
         require_positives(positives, "Proxy-Anchor")
     if fused and weights is None:
-        return _fused(_proxy_anchor_kernel, _proxy_anchor_slow, scores, positives, negatives,
+        return K.fused(_proxy_anchor_kernel, _proxy_anchor_slow, scores, positives, negatives,
                       alpha, margin, reduction)
     pos_x = (margin - scores) * alpha
     neg_x = (scores + margin) * alpha
@@ -122,14 +111,14 @@ def proxy_anchor(scores: Tensor, positives: Tensor, negatives: Tensor | None = N
         shift = (weights.to(scores.dtype) - 1.0)[:, None]
         pos_x, neg_x = pos_x + shift, neg_x + shift
     # log(1 + sum exp) = softplus(logsumexp); an empty column gives softplus(-inf) = 0
-    pos = torch.nn.functional.softplus(_masked_lse(pos_x, positives, 0))
-    neg = torch.nn.functional.softplus(_masked_lse(neg_x, negatives, 0))
+    pos = torch.nn.functional.softplus(K.masked_lse(pos_x, positives, 0))
+    neg = torch.nn.functional.softplus(K.masked_lse(neg_x, negatives, 0))
     if reduction == "none":
         return pos + neg
     if reduction == "sum":
         return pos.sum() + neg.sum()
-    with_pos = _count_rows(positives.T) > 0
-    return _reduce(pos, "mean", with_pos.sum()) + neg.sum() / scores.shape[1]
+    with_pos = K.count_rows(positives.T) > 0
+    return K.reduce_terms(pos, "mean", with_pos.sum()) + neg.sum() / scores.shape[1]
 
 
 def _proxy_anchor_slow(scores, positives, negatives, alpha, margin, reduction):
@@ -137,13 +126,13 @@ def _proxy_anchor_slow(scores, positives, negatives, alpha, margin, reduction):
 
 
 def _proxy_anchor_kernel(scores, positives, negatives, alpha, margin, reduction, need_grad):
-    """:func:`proxy_anchor`'s value and ``dL/dS`` in one pass (:func:`_fused`): both column
+    """:func:`proxy_anchor`'s value and ``dL/dS`` in one pass (``kernels.fused``): both column
     log-sum-exps stacked, ``x = alpha (margin - S, S + margin)``; the gradient of
     ``softplus(lse_c)`` is ``e_ic / (exp(-m_c) + z_c)`` (``e_ic / z_c`` where ``lse_c > 20``,
     as torch's softplus), times ``-alpha`` / ``alpha``."""
-    c = _const((-1.0, 1.0, margin, margin), scores.dtype, scores.device)[:, None, None]
+    c = K.const((-1.0, 1.0, margin, margin), scores.dtype, scores.device)[:, None, None]
     x = torch.addcmul(c[2:], scores, c[:2]).mul_(alpha)
-    lse, e, m, z = _stacked_lse(x, torch.stack((positives, negatives)), dim=-2)
+    lse, e, m, z = K.stacked_lse(x, torch.stack((positives, negatives)), dim=-2)
     sp = F.softplus(lse)
     if reduction == "sum":
         value, w_pos, w_neg = sp[0].sum() + sp[1].sum(), 1.0, 1.0
@@ -170,10 +159,10 @@ def _target_softmax(scores: Tensor, positives: Tensor, negatives: Tensor, target
     One positive (target) per row, taken as ``P``'s first column (static shapes); rows without
     one give 0 and are not counted by ``"mean"``. ``negatives=None`` (``Q = ~P``, as the proxy
     modules pass) uses torch's fused cross-entropy."""
-    _check_reduction(reduction)
+    K.check_reduction(reduction)
     every_pair = negatives is None  # Q = ~P: every column is in the denominator
-    scores, positives, negatives = _prepare(scores, positives, negatives, check)
-    count = _count_rows(positives)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
+    count = K.count_rows(positives)
     if check and count.numel():
         least, most = torch.stack(count.aminmax()).tolist()  # one sync
         if most == 0:
@@ -194,24 +183,24 @@ def _target_softmax(scores: Tensor, positives: Tensor, negatives: Tensor, target
         terms = torch.where(has, F.cross_entropy(logits, target.squeeze(1), reduction="none"),
                             0.0)
     else:
-        lse = _masked_lse(logits, keep, 1)
+        lse = K.masked_lse(logits, keep, 1)
         terms = torch.where(has, lse - logits.gather(1, target).squeeze(1), 0.0)
     if weights is not None:
         terms = terms * weights.to(terms.dtype)
-    return _reduce(terms, reduction, has.sum())
+    return K.reduce_terms(terms, reduction, has.sum())
 
 
 def _class_cross_entropy(scores: Tensor, positives: Tensor, target_fn, scale: float,
                          reduction: str) -> Tensor:
     """:func:`_target_softmax` when every row has exactly one positive and every column is in
     the denominator: torch's fused cross-entropy against the class, the same terms and the
-    same sum, without the row masks. Below :data:`~losses.functional.FUSED_MAX_ENTRIES` score
+    same sum, without the row masks. Below :data:`~losses.K.FUSED_MAX_ENTRIES` score
     entries (and a ``target_fn`` that gives its ``derivative``), in one pass without autograd
     (:func:`_class_cross_entropy_kernel`)."""
     target = positives.view(torch.uint8).argmax(1, keepdim=True)
-    if (0 < scores.numel() <= FUSED_MAX_ENTRIES
+    if (0 < scores.numel() <= K.FUSED_MAX_ENTRIES
             and (target_fn is None or hasattr(target_fn, "derivative"))):
-        return _fused(_class_cross_entropy_kernel, _class_cross_entropy_slow, scores, target,
+        return K.fused(_class_cross_entropy_kernel, _class_cross_entropy_slow, scores, target,
                       target_fn, scale, reduction)
     return _class_cross_entropy_slow(scores, target, target_fn, scale, reduction)
 
@@ -321,7 +310,7 @@ class ProxyLoss(PairLoss):
     def __init__(self, num_classes: int, embedding_size: int, critic: nn.Module | None = None,
                  strict: bool = False, reduction: str = "mean", check: bool = True,
                  proxy_init: str = "normal"):
-        super().__init__(critic, strict, _check_reduction(reduction), check)
+        super().__init__(critic, strict, K.check_reduction(reduction), check)
         if int(num_classes) < 1 or int(embedding_size) < 1:
             raise ValueError(f"num_classes and embedding_size must be >= 1, got {num_classes} "
                              f"and {embedding_size}")

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from contrastive.pairs import label_masks
 
 from . import functional as LF
+from . import kernels as K
 from .modules import InfoNCE, PairLoss, _critic_or_temperature
 
 __all__ = ["views_batch", "simclr", "dcl", "dclw", "vmf_weights", "SimCLR", "DCL", "DCLW"]
@@ -111,8 +112,8 @@ def vmf_weights(scores: Tensor, positives: Tensor, scale: float = 1.0) -> Tensor
     s = scores.detach()
     s = s if s.dtype in (torch.float32, torch.float64) else s.float()
     logits = s * scale
-    lse = LF._masked_lse(logits, positives, None)
-    n = LF._count(positives).clamp_min(1).to(s.dtype)
+    lse = K.masked_lse(logits, positives, None)
+    n = K.count(positives).clamp_min(1).to(s.dtype)
     w = 2.0 - n * torch.exp(logits - lse)
     return torch.where(positives, w, torch.zeros_like(w))
 
@@ -138,27 +139,27 @@ def dcl(
     One term is one pair: ``reduction="none"`` gives ``l [N, M]``, 0 off ``P``; ``"mean"`` is
     the mean of ``l[P]``.
     """
-    LF._check_reduction(reduction)
-    scores, positives, negatives = LF._prepare(scores, positives, negatives, check)
+    K.check_reduction(reduction)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     if check:
         LF._require_both(positives, negatives, "DCL")
-    has_neg = LF._count_rows(negatives) > 0
-    lse_neg = LF._masked_lse(scores, negatives, 1)
+    has_neg = K.count_rows(negatives) > 0
+    lse_neg = K.masked_lse(scores, negatives, 1)
     lse_neg = torch.where(has_neg, lse_neg, torch.zeros_like(lse_neg))
     pos_s = scores if weights is None else scores * weights.to(scores.dtype)
     if check:  # one term per positive pair, gathered by index
-        pi = LF._positive_index(positives, "DCL")
+        pi = K.positive_index(positives, "DCL")
         terms = lse_neg[pi.rows] - pos_s[pi.rows, pi.cols]
         terms = torch.where(has_neg[pi.rows], terms, torch.zeros_like(terms))
         if reduction == "none":
             return scores.new_zeros(scores.shape).index_put((pi.rows, pi.cols), terms)
-        return LF._reduce(terms, reduction, pi.rows.numel())
+        return K.reduce_terms(terms, reduction, pi.rows.numel())
     terms = lse_neg[:, None] - pos_s
     terms = torch.where(positives & has_neg[:, None], terms, torch.zeros_like(terms))
     if reduction == "none":
         return terms
-    terms = LF._gate(terms, LF._any_pair(positives, negatives))
-    return LF._reduce(terms, reduction, LF._count(positives))
+    terms = K.gate(terms, K.any_pair(positives, negatives))
+    return K.reduce_terms(terms, reduction, K.count(positives))
 
 
 def dclw(
@@ -175,7 +176,7 @@ def dclw(
     temperature`` (the cosine critic); lightly's ``DCLWLoss(temperature, sigma)``."""
     if not float(sigma) > 0:
         raise ValueError(f"sigma must be > 0, got {sigma!r}")
-    s, p, _ = LF._prepare(scores, positives, negatives, False)
+    s, p, _ = K.prepare(scores, positives, negatives, False)
     w = vmf_weights(s, p, float(temperature) / float(sigma))
     return dcl(scores, positives, negatives, w, reduction, check)
 
@@ -228,7 +229,7 @@ class DCL(_TwoViews, PairLoss):
     def __init__(self, temperature: float | None = None, critic: nn.Module | None = None,
                  strict: bool = False, reduction: str = "mean", check: bool = True):
         super().__init__(_critic_or_temperature(critic, temperature, 0.1), strict,
-                         LF._check_reduction(reduction), check)
+                         K.check_reduction(reduction), check)
 
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return dcl(scores, positives, negatives, None, self.reduction, check)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from contrastive.critics import Cosine, NegativeL2
 from contrastive.pairs import diagonal_masks, label_masks
 from losses import functional as LF
+from losses import kernels as K
 from losses.modules import DV, JS, NWJ, Contrastive, InfoNCE, MultiClassNPair, Triplet
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
@@ -151,8 +152,8 @@ def test_semihard_dense_and_sorted_pick_the_same_negative(data):
     s, pos, neg = data
     if not pos.any() or not neg.any():
         return
-    pi = LF._positive_index(pos, "test")
-    idx, valid = LF._padded_positives(pi)
+    pi = K.positive_index(pos, "test")
+    idx, valid = K.padded_positives(pi)
     has_neg = neg.any(1)
     a = LF._semihard_negative(s, neg, idx, valid, has_neg, method="dense")
     b = LF._semihard_negative(s, neg, idx, valid, has_neg, method="sorted")

@@ -1,4 +1,4 @@
-"""The small-batch fast paths of the pair and proxy losses (``losses.functional._FusedLoss``:
+"""The small-batch fast paths of the pair and proxy losses (``losses.K.FusedLoss``:
 value and ``dL/dS`` in one pass without autograd, below ``FUSED_MAX_ENTRIES`` score entries;
 the proxy softmax losses' plain cross-entropy) against the autograd forms they replace: the
 same values, the same gradients, double backward, and every check of the module boundary still
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from contrastive.pairs import NoPairsWarning, label_masks
-from losses import functional as LF
+from losses import kernels as K
 from losses import pair_based as PB
 from losses import proxies as PX
 
@@ -66,7 +66,7 @@ def _run(fn, s, p, q, reduction, check, threshold=None, monkeypatch=None):
     global c_
     c_ = check
     if threshold is not None:
-        monkeypatch.setattr(LF, "FUSED_MAX_ENTRIES", threshold)
+        monkeypatch.setattr(K, "FUSED_MAX_ENTRIES", threshold)
     t = s.clone().requires_grad_(True)
     v = fn(t, p, q, reduction)
     v.backward()
@@ -114,11 +114,11 @@ def test_fast_path_double_backward(name):
 def test_fast_path_is_taken_below_the_threshold_only():
     s, p, q = _pair_batch(torch.float32)
     t = s.clone().requires_grad_(True)
-    assert type(PB.circle(t, p, q).grad_fn).__name__ == "_FusedLossBackward"
+    assert type(PB.circle(t, p, q).grad_fn).__name__ == "FusedLossBackward"
     big = torch.rand(300, 300).requires_grad_(True)  # 90,000 entries > FUSED_MAX_ENTRIES
     bp, bq = label_masks(torch.arange(300) // 4)
-    assert big.numel() > LF.FUSED_MAX_ENTRIES
-    assert type(PB.circle(big, bp, bq).grad_fn).__name__ != "_FusedLossBackward"
+    assert big.numel() > K.FUSED_MAX_ENTRIES
+    assert type(PB.circle(big, bp, bq).grad_fn).__name__ != "FusedLossBackward"
 
 
 def test_fast_path_without_grad_gives_the_same_value():
@@ -150,7 +150,7 @@ def test_stacked_lse_matches_logsumexp():
     x = torch.randn(2, 6, 8, generator=g, dtype=torch.float64) * 40
     keep = torch.rand(2, 6, 8, generator=g) < 0.5
     keep[0, 1] = False  # an empty row
-    lse, e, m, z = LF._stacked_lse(x.clone(), keep)
+    lse, e, m, z = K.stacked_lse(x.clone(), keep)
     ref = torch.logsumexp(x.masked_fill(~keep, -math.inf), -1)
     ok = keep.any(-1)
     torch.testing.assert_close(lse[ok], ref[ok], rtol=1e-13, atol=1e-13)

@@ -16,6 +16,7 @@ import torch
 import losses
 from contrastive.pairs import diagonal_masks, label_masks
 from losses import functional as LF
+from losses import kernels as K
 
 
 def batch(seed=0, n=10, classes=3, dtype=torch.float64):
@@ -260,10 +261,10 @@ def test_module_reduction_none_gives_the_terms(name):
     torch.testing.assert_close(make("sum")(x, y), terms.sum())
     _, pos, neg = make("none").scores(x, y)
     if name == "contrastive":  # a sum of two non-zero means, one per mask
-        ref = sum(LF._reduce(terms[m], "nonzero") for m in (pos, neg))
+        ref = sum(K.reduce_terms(terms[m], "nonzero") for m in (pos, neg))
     else:
         count = None if default == "nonzero" else _term_count(name, pos, neg)
-        ref = LF._reduce(terms, default, count)
+        ref = K.reduce_terms(terms, default, count)
     assert float(make(default)(x, y)) == pytest.approx(float(ref), rel=1e-12)
     if name == "triplet":
         assert float(make(None)(x, y)) == float(make("nonzero")(x, y))

@@ -1,0 +1,326 @@
+"""The building blocks every loss of :mod:`losses` computes with, over a score matrix
+``S [N, M]`` and boolean masks ``P`` (positives) and ``Q`` (negatives): input validation
+(:func:`prepare`), the reductions (:func:`reduce_terms`, :data:`REDUCTIONS`), positives as
+indices (:func:`positive_index`, :func:`padded_positives`), masked log-sum-exps with one work
+buffer (:class:`MaskedLogSumExp`, :func:`stacked_lse`), the masked softplus sum of the JS bound
+and the fused small-batch path (:class:`FusedLoss`, :func:`fused`): a loss's value and
+``dL/dS`` from one pass of plain tensor code, the backward pass one multiplication.
+
+They are public so that a new loss -- here or in a user's project -- is written with the same
+pieces as the shipped ones (:mod:`losses.functional`, :mod:`losses.pair_based`,
+:mod:`losses.proxies`, :mod:`losses.bounds`); their semantics are the functional core's
+(``docs/architecture.md``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from contrastive.pairs import require_positives
+
+NEG_INF = float("-inf")
+POS_INF = float("inf")
+
+#: the reductions every function takes; the triplet and contrastive losses also take "nonzero"
+REDUCTIONS = ("mean", "sum", "none")
+NONZERO = ("nonzero", *REDUCTIONS)
+
+
+def count_rows(mask: Tensor) -> Tensor:
+    """``mask.sum(1)`` for a boolean ``[N, M]`` mask, as int32 (summing the bytes in int32 is
+    ~15x faster on CPU than torch's bool -> int64 reduction)."""
+    return mask.view(torch.uint8).sum(1, dtype=torch.int32)
+
+
+def count(mask: Tensor) -> Tensor:
+    """The number of entries of a boolean mask, as a 0-d tensor (no sync)."""
+    return count_rows(mask).sum()
+
+
+def check_reduction(reduction: str, allowed: tuple[str, ...] = REDUCTIONS) -> str:
+    """``reduction`` if it is one of ``allowed``, else a ``ValueError`` naming them."""
+    if reduction not in allowed:
+        raise ValueError(
+            f"reduction must be one of {', '.join(repr(r) for r in allowed)} (as torch's losses; "
+            f"'nonzero' is the mean over the terms > 0), got {reduction!r}"
+        )
+    return reduction
+
+
+def reduce_terms(terms: Tensor, reduction: str, count: Tensor | int | None = None) -> Tensor:
+    """``"none"``: ``terms``; ``"sum"``: their sum; ``"mean"``: the sum over ``count`` (the number
+    of terms that exist, at least 1; ``terms.numel()`` when None); ``"nonzero"``: the sum over
+    the number of terms > 0 (0 when none), pytorch-metric-learning's ``AvgNonZeroReducer``."""
+    if reduction == "none":
+        return terms
+    total = terms.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "nonzero":
+        return total / (terms.detach() > 0).sum().clamp_min(1)
+    if count is None:
+        count = terms.numel()
+    if isinstance(count, Tensor):
+        return total / count.clamp_min(1)
+    return total / max(int(count), 1)
+
+
+def gate(x: Tensor, ok: Tensor) -> Tensor:
+    """``x`` where ``ok`` (a 0-d or broadcastable bool tensor), else 0: the masked form of
+    "no term, zero loss" (no branch on tensor data)."""
+    return torch.where(ok, x, torch.zeros_like(x))
+
+
+def prepare(scores: Tensor, positives: Tensor, negatives: Tensor | None, check: bool = True):
+    """Validate ``(S, P, Q)``; return S in float32 (float64 stays) and boolean masks. Shapes are
+    always checked (static); finiteness only with ``check`` (it reads a value)."""
+    if not isinstance(scores, Tensor) or scores.dim() != 2:
+        raise ValueError(
+            f"scores must be a 2-D tensor [N, M], got {getattr(scores, 'shape', type(scores))}"
+        )
+    if positives.shape != scores.shape:
+        raise ValueError(
+            f"positives has shape {tuple(positives.shape)} but scores {tuple(scores.shape)}; "
+            "the masks must match the score matrix"
+        )
+    positives = positives if positives.dtype == torch.bool else positives.bool()
+    if negatives is None:
+        negatives = ~positives
+    elif negatives.dtype != torch.bool:
+        negatives = negatives.bool()
+    if negatives.shape != scores.shape:
+        raise ValueError(
+            f"negatives has shape {tuple(negatives.shape)} but scores {tuple(scores.shape)}; "
+            "the masks must match the score matrix"
+        )
+    if scores.dtype != torch.float64 and scores.dtype != torch.float32:
+        scores = scores.float()
+    # one reduction instead of an elementwise isfinite: NaN/Inf propagate into the sum; an
+    # overflowing sum of finite scores is told apart by the exact check
+    if check and not math.isfinite(float(scores.detach().sum())) and not bool(
+        torch.isfinite(scores.detach()).all()
+    ):
+        raise ValueError(
+            "scores contain NaN or Inf; check the embeddings and the critic "
+            "(temperature too small?)"
+        )
+    return scores, positives, negatives
+
+
+class PosIndex(NamedTuple):
+    """Positive pairs as indices: ``rows[t], cols[t]`` for t < #positives (row-major), and
+    ``count[i] = |P_i|``."""
+
+    rows: Tensor
+    cols: Tensor
+    count: Tensor
+
+
+def positive_index(positives: Tensor, what: str) -> PosIndex:
+    rows, cols = positives.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        require_positives(positives, what)  # raises with the sampler hint
+    count = torch.bincount(rows, minlength=positives.shape[0])
+    return PosIndex(rows, cols, count)
+
+
+def padded_positives(pi: PosIndex) -> tuple[Tensor, Tensor]:
+    """``idx [N, k]`` (k = max |P_i|) holding each anchor's positive columns, left-aligned, and
+    ``valid [N, k]`` marking the real ones (padding points at column 0)."""
+    n = pi.count.shape[0]
+    k = int(pi.count.max())
+    starts = torch.cumsum(pi.count, 0) - pi.count
+    slot = torch.arange(pi.rows.numel(), device=pi.rows.device) - starts[pi.rows]
+    idx = torch.zeros(n, k, dtype=torch.long, device=pi.rows.device)
+    idx[pi.rows, slot] = pi.cols
+    valid = torch.arange(k, device=idx.device)[None, :] < pi.count[:, None]
+    return idx, valid
+
+
+def positive_sum(scores: Tensor, pi: PosIndex) -> Tensor:
+    """``sum_{j in P_i} S_ij`` per anchor, from the positives' indices (no [N, M] temporary
+    in the forward pass)."""
+    return scores.new_zeros(scores.shape[0]).index_add(0, pi.rows, scores[pi.rows, pi.cols])
+
+
+def masked_row_sum(x: Tensor, mask: Tensor) -> Tensor:
+    """``sum_{j : mask_ij} x_ij`` per row, from the mask (static shapes)."""
+    return torch.where(mask, x, torch.zeros_like(x)).sum(1)
+
+
+class MaskedLogSumExp(torch.autograd.Function):
+    """``log sum_{keep} exp(x)`` along ``dim`` (rows) or over all entries (``dim=None``).
+
+    One ``[N, M]`` work buffer: filled with the masked scores, shifted and exponentiated in
+    place, and kept for the backward pass, whose gradient ``g * exp(x - lse)`` is then one
+    multiplication. Double backward recomputes with differentiable operations.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor | None, dim: int | None):
+        w = x.clone() if keep is None else x.masked_fill(~keep, NEG_INF)
+        if dim is None:
+            m = w.max()
+        else:
+            m = w.amax(dim=dim, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        w.sub_(m).exp_()
+        z = w.sum() if dim is None else w.sum(dim=dim, keepdim=True)
+        out = m + z.log()
+        out = out if dim is None else out.squeeze(dim)
+        ctx.dim, ctx.keep, ctx.w, ctx.z = dim, keep, w, z
+        ctx.save_for_backward(x, out)  # an output, so double backward sees its graph
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        dim = ctx.dim
+        g = grad if dim is None else grad.unsqueeze(dim)
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
+            x, out = ctx.saved_tensors
+            out = out.masked_fill(~torch.isfinite(out.detach()), 0.0)  # empty rows: -inf
+            p = torch.exp(x - (out if dim is None else out.unsqueeze(dim)))
+            if ctx.keep is not None:
+                p = p.masked_fill(~ctx.keep, 0.0)
+            return p * g, None, None
+        z = ctx.z
+        coef = torch.where(z > 0, g / torch.where(z > 0, z, torch.ones_like(z)), 0.0)
+        return ctx.w * coef, None, None
+
+
+def masked_lse(x: Tensor, keep: Tensor | None, dim: int | None) -> Tensor:
+    if x.numel() == 0:  # no entry: -inf (of the reduced shape), still in the graph
+        return (x.sum() if dim is None else x.sum(dim)) + NEG_INF
+    return MaskedLogSumExp.apply(x, keep, dim)
+
+
+class FusedLoss(torch.autograd.Function):
+    """A loss whose value and gradient ``dL/dS`` come from one pass without autograd
+    (``kernel(scores, *args, need_grad) -> (value, dS)``, plain tensor code under no_grad): the
+    backward pass is then one multiplication, ``g * dS``, instead of one autograd node per
+    elementwise operation -- at small batches that per-node cost, not the arithmetic, is most
+    of a loss's time. Double backward (``create_graph=True``) recomputes the gradient from
+    ``slow(scores, *args)``, the same loss written with differentiable operations."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, kernel, slow, args: tuple):
+        value, grad = kernel(scores, *args, True)
+        ctx.grad, ctx.slow, ctx.args = grad, slow, args
+        ctx.save_for_backward(scores)
+        return value
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
+            (s,) = ctx.saved_tensors
+            (gs,) = torch.autograd.grad(ctx.slow(s, *ctx.args), s, g, create_graph=True)
+            return gs, None, None, None
+        return ctx.grad * g, None, None, None
+
+
+#: the largest score matrix (entries) the losses send through :class:`FusedLoss`: below it
+#: the fixed cost per operation and per autograd node is most of a loss's time (B = 128:
+#: 2-3x the score-matrix floor); above it the fused kernels' stacked ``[2, N, M]`` passes
+#: (positives over the whole matrix, not by index) cost more than they save (measured on CPU,
+#: B = 2048: Circle 1.14x -> 1.56x the floor, NCA 1.20x -> 1.57x), so the autograd forms run
+FUSED_MAX_ENTRIES = 1 << 16
+
+
+def fusable(scores: Tensor, positives: Tensor, negatives: Tensor | None, check: bool,
+             reduction: str) -> bool:
+    """Whether a loss takes its fused small-batch path: checked eager call (``check``), a
+    reduced loss, boolean masks and a score matrix of at most :data:`FUSED_MAX_ENTRIES`."""
+    return (check and reduction != "none" and 0 < scores.numel() <= FUSED_MAX_ENTRIES
+            and plain_masks(positives, negatives))
+
+
+def fused(kernel, slow, scores: Tensor, *args) -> Tensor:
+    """``kernel``'s loss of ``scores`` through :class:`FusedLoss` (its gradient only computed
+    when ``scores`` needs one)."""
+    if scores.requires_grad and torch.is_grad_enabled():
+        return FusedLoss.apply(scores, kernel, slow, args)
+    with torch.no_grad():
+        return kernel(scores, *args, False)[0]
+
+
+#: the exponent floor of :func:`stacked_lse`, just above ``log(finfo.tiny)``: ``exp`` of a
+#: more negative number is a denormal, which x86 CPUs compute ~30x slower (measured: 32k
+#: denormal results 880 us, normal ones 28 us; large scales -- multi-similarity's beta = 50,
+#: Circle's gamma = 80 on its positives -- reach that range on spread-out scores), and a term
+#: below ``exp(-87)`` of the row maximum changes no sum
+EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
+
+
+def stacked_lse(x: Tensor, keep: Tensor, dim: int = -1):
+    """``log sum_{keep} exp(x)`` along ``dim``, without autograd (``x`` may be any tensor that
+    broadcasts with ``keep``). Returns ``(lse, e, m, z)``: ``m`` the kept entries' maximum,
+    ``e = exp(max(x - m, floor))`` in a new buffer (``floor`` = :data:`EXP_FLOOR`, the
+    smallest normal number's exponent, so no denormal is computed; the dropped entries hold
+    that ``exp(floor)``, not 0, which changes no sum of a row with a kept entry) and
+    ``z = sum e``: a row has a kept entry exactly when ``z >= 1`` (its maximum gives
+    ``exp(0)``), the softmax is ``e / z`` and ``d softplus(lse) / dx = e / (exp(-m) + z)``. A
+    row without a kept entry has ``m = finfo.min``: its ``lse`` is huge and negative but
+    finite, its softplus and softplus gradient ``1 / (exp(-m) + z)`` exactly 0."""
+    w = torch.where(keep, x, NEG_INF)
+    m = w.amax(dim, keepdim=True).clamp_min_(torch.finfo(w.dtype).min)
+    e = w.sub_(m).clamp_min_(EXP_FLOOR.get(w.dtype, -87.0)).exp_()
+    z = e.sum(dim, keepdim=True)
+    return (m + z.log()).squeeze(dim), e, m, z
+
+
+@functools.lru_cache(maxsize=256)
+def const(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor, made once per (values, dtype, device): building one per call
+    costs as much as an elementwise pass at small batches. Read only; never an inference
+    tensor, so one made under ``torch.inference_mode`` serves training too."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+
+def plain_masks(positives: Tensor, negatives: Tensor | None) -> bool:
+    """Whether ``(P, Q)`` are plain boolean masks (not a miner's integer counts)."""
+    return positives.dtype == torch.bool and (negatives is None or negatives.dtype == torch.bool)
+
+
+class MaskedSoftplusSum(torch.autograd.Function):
+    """``sum_{keep} softplus(x)``. The forward pass uses ``max(x, 0) + log(1 + exp(-|x|))``
+    in place (torch's CPU softplus and log1p are ~5x slower than this; the absolute error is
+    below one float ulp of 1); the backward pass is ``g * sigmoid(x)`` on the kept entries."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor):
+        t = x.abs().neg_().exp_().add_(1.0).log_()
+        t.add_(x.clamp_min(0.0))
+        t.masked_fill_(~keep, 0.0)
+        ctx.save_for_backward(x, keep)
+        return t.sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, keep = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable
+            return torch.sigmoid(x).masked_fill(~keep, 0.0) * grad, None
+        return torch.sigmoid(x).masked_fill_(~keep, 0.0).mul_(grad), None
+
+
+def masked_softplus_sum(x: Tensor, keep: Tensor) -> Tensor:
+    return MaskedSoftplusSum.apply(x, keep)
+
+
+def valid(positives: Tensor, negatives: Tensor) -> Tensor:
+    return torch.logical_or(positives, negatives)
+
+
+def softplus(z: Tensor) -> Tensor:
+    """softplus without torch's linear cut-off above 20 (which is off by ~2e-9 there)."""
+    return z.clamp_min(0.0) + torch.log1p(torch.exp(-z.abs()))
+
+
+def any_pair(positives: Tensor, negatives: Tensor) -> Tensor:
+    """0-d bool: a positive and a negative somewhere in the batch (no sync)."""
+    return positives.any() & negatives.any()

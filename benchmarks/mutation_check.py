@@ -1,11 +1,11 @@
 """Mutation check: does the test suite notice when the loss and metric cores are broken?
 
 Each mutation below is a small, plausible bug in ``losses/functional.py``, ``losses/kernels.py``
-or ``evaluation/``: a flipped sign, a dropped term, a detached gradient, an off-by-one. For each one the script copies
-the repository into a temporary folder, applies the mutation to the copy (the working tree is
-never touched), runs the tests that cover that file and records whether they failed ("caught")
-or passed ("survived"). The caught fraction is the suite's mutation score on these cores;
-a surviving mutation names a promise no test checks.
+or ``evaluation/``: a flipped sign, a dropped term, a detached gradient, an off-by-one. For each
+one the script copies the repository into a temporary folder, applies the mutation to the copy
+(the working tree is never touched), runs the tests that cover that file and records whether
+they failed ("caught") or passed ("survived"). The caught fraction is the suite's mutation score
+on these cores; a surviving mutation names a promise no test checks.
 
     python benchmarks/mutation_check.py                 # all mutations (make mutation)
     python benchmarks/mutation_check.py --only nwj,map  # those whose id contains a word
@@ -109,7 +109,8 @@ MUTATIONS: tuple[Mutation, ...] = (
              "return total / terms.numel()"),
     # the mask path (check=False: static shapes, for torch.compile) and the reductions
     Mutation("masked-positive-sum-over-all-pairs", F, "term",
-             "psum = K.masked_row_sum(scores, positives)", "psum = K.masked_row_sum(scores, valid)"),
+             "psum = K.masked_row_sum(scores, positives)",
+             "psum = K.masked_row_sum(scores, valid)"),
     Mutation("masked-ntxent-anchor-without-negative-counts", F, "term",
              "torch.where(positives & has_neg[:, None], terms,",
              "torch.where(positives, terms,"),
@@ -122,7 +123,8 @@ MUTATIONS: tuple[Mutation, ...] = (
              'if reduction == "sum":\n        return total\n    if reduction == "nonzero"',
              'if reduction == "sum":\n        return terms.mean()\n    if reduction == "nonzero"'),
     Mutation("bound-terms-not-scaled-by-anchors", F, "term",
-             "K.masked_row_sum(f_pos, positives) * (n / n_p)", "K.masked_row_sum(f_pos, positives)"),
+             "K.masked_row_sum(f_pos, positives) * (n / n_p)",
+             "K.masked_row_sum(f_pos, positives)"),
     Mutation("contrastive-negative-threshold-dropped", F, "term",
              "- neg_threshold * n_active", ""),
     Mutation("contrastive-positive-hinge-sign", F, "sign",

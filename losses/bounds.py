@@ -406,9 +406,11 @@ def flo_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None
     a bound (the estimate of ``u`` shares the negatives).
 
     The shadow is a second network output next to the scores, so the estimator registry (pure
-    functions of ``(S, P, Q)``) and the known-MI benchmark do not carry FLO; the loss
+    functions of ``(S, P, Q)``) does not carry FLO; the loss
     :class:`losses.estimator_modules.FLO` (registered as ``flo``) owns a shadow head over the
-    positive pairs. Terms per anchor: ``(N / n_pairs)`` times the sum of its pairs' terms.
+    positive pairs, and the known-MI benchmark wraps each critic with that head
+    (``contrastive.app.mi_benchmark.ShadowCritic``). Terms per anchor: ``(N / n_pairs)`` times
+    the sum of its pairs' terms.
     """
     _check_reduction(reduction)
     scores, positives, negatives = _prepare(scores, positives, negatives)

@@ -45,8 +45,28 @@ def test_family_estimators_resolve_with_fresh_state():
     p = torch.eye(5, dtype=torch.bool)
     smile_loss, smile_bound = mb.family_estimators("smile_1")["smile_1"]
     assert float(smile_bound(s, p, ~p)) == float(LB.smile_bound(s, p, ~p, 1.0))
-    with pytest.raises(ValueError, match="unknown estimator 'flo'"):
-        mb.family_estimators("flo")
+    assert mb.family_estimators("flo")["flo"] == (LB.flo, LB.flo_bound)
+    with pytest.raises(ValueError, match="unknown estimator 'flow'"):
+        mb.family_estimators("flow")
+
+
+def test_flo_runs_with_its_shadow_head_and_starts_as_tuba():
+    """FLO's critic is wrapped with its shadow head (``u = h([x; y; S_ii]) - S_ii``, ``h``'s last
+    layer zero at the start, so ``u = -S_ii``): its first estimate is then exactly TUBA's
+    (``b = 0``) on the same critic initialisation and batch; afterwards the two differ."""
+    res = mb.run(mb.family_estimators(("tuba", "flo")), "bilinear", dim=4, batch_size=16,
+                 levels=(1.0,), steps_per_level=5, lr=1e-2, progress=False)
+    tuba, flo = res["estimates"]["tuba"], res["estimates"]["flo"]
+    assert np.isfinite(flo).all()
+    assert flo[0] == pytest.approx(tuba[0], rel=1e-5)  # float32: e^{S_ij - S_ii} e^{S_ii}
+    assert flo[-1] != pytest.approx(tuba[-1], rel=1e-3)
+    wrapped = mb.ShadowCritic(Bilinear(4), 4)
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    s, u = wrapped(x, y)
+    eye = torch.eye(8, dtype=torch.bool)
+    assert torch.allclose(u[eye], -s.diagonal())  # the zero-started head: u = -S_ii
+    assert float(LB.flo_bound(s, eye, ~eye, u)) == pytest.approx(
+        float(LB.tuba_bound(s, eye, ~eye)), rel=1e-5)
 
 
 class _Recorder(nn.Module):

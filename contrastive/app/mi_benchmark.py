@@ -20,8 +20,8 @@ positives. Pass your own pairs in ``run(estimators={...})``; the default names `
 
 The estimator family (:func:`.mi_family.run_family`, ``contrastive mi-bench --family``, run by
 :mod:`.mi_family`): every lower bound (InfoNCE, NWJ, JS, DV, TUBA, MINE, SMILE at two clippings,
-alpha-InfoNCE; :mod:`losses.bounds`) with the separable, bilinear and concat critics, and the
-upper bounds (leave-one-out, CLUB) with a Gaussian conditional critic
+alpha-InfoNCE, FLO with its shadow head; :mod:`losses.bounds`) with the separable, bilinear and
+concat critics, and the upper bounds (leave-one-out, CLUB) with a Gaussian conditional critic
 (:mod:`contrastive.conditional`), on the Gaussian staircase and on its cubic transform ``y ->
 y^3`` (same MI, a non-quadratic log density ratio); per estimator, critic, data and level the
 bias, variance and MSE, a table and one Poole-style figure per data set (a panel per estimator, a
@@ -55,7 +55,7 @@ from evaluation.known_mi import (
     staircase,
 )
 from losses import bounds as LB
-from losses.estimator_modules import MINE
+from losses.estimator_modules import FLO, MINE
 from losses.registry import ESTIMATORS
 
 from .. import critics as _critics
@@ -86,6 +86,8 @@ __all__ = [
     "TRANSFORMS",
     "FAMILY",
     "UPPER_BOUNDS",
+    "SHADOW_ESTIMATORS",
+    "ShadowCritic",
     "family_estimators",
     "is_upper_bound",
     "gaussian_conditional",
@@ -181,6 +183,24 @@ TRANSFORMS: dict[str | None, Callable[[Tensor], Tensor]] = {
 
 #: Estimators whose critic is a conditional density (scores ``log q(y_j | x_i)``).
 UPPER_BOUNDS = frozenset({"l1out", "club"})
+#: Estimators that also read a shadow ``u(x, y)`` next to the scores: their critic is wrapped in
+#: :class:`ShadowCritic`, and their ``(loss_fn, bound_fn)`` take it as a fourth argument.
+SHADOW_ESTIMATORS = frozenset({"flo"})
+
+
+class ShadowCritic(nn.Module):
+    """A critic and FLO's shadow head (Guo et al. 2022; the head of
+    :class:`losses.estimator_modules.FLO`, ``u_ii = h([x_i; y_i; S_ii]) - S_ii`` on the paired
+    diagonal): ``forward(x, y) -> (S, U)``, trained together by the FLO loss."""
+
+    def __init__(self, critic: nn.Module, dim: int, hidden_dim: int = 64) -> None:
+        super().__init__()
+        self.flo = FLO(critic=critic, embedding_size=dim, shadow_hidden=hidden_dim)
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        scores = self.flo.critic(x, y)
+        paired = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
+        return scores, self.flo.shadow(x, y, scores, paired)
 
 
 def is_upper_bound(name: str) -> bool:
@@ -231,19 +251,20 @@ NEW_ESTIMATORS: dict[str, Callable[[], Estimator]] = {
     "smile_5": lambda: (_partial(LB.smile, tau=5.0), _partial(LB.smile_bound, tau=5.0)),
     "alpha_infonce": lambda: (_partial(LB.interpolated, alpha=0.5),
                               _partial(LB.interpolated_bound, alpha=0.5)),
+    "flo": lambda: (LB.flo, LB.flo_bound),
     "l1out": lambda: (LB.conditional_nll, LB.l1out_bound),
     "club": lambda: (LB.conditional_nll, LB.club_bound),
 }
 
 #: Every estimator of the family benchmark, lower bounds first.
 FAMILY = ("infonce", "nwj", "js", "dv", "tuba", "mine_ma", "smile_1", "smile_5",
-          "alpha_infonce", "l1out", "club")
+          "alpha_infonce", "flo", "l1out", "club")
 
 
 def family_estimators(names: Iterable[str] | str = FAMILY) -> dict[str, Estimator]:
     """``{name: (loss_fn, bound_fn)}`` for names of :data:`losses.registry.ESTIMATORS` (and
     aliases) or of :data:`NEW_ESTIMATORS` (``tuba``, ``mine_ma``, ``smile_1``, ``smile_5``,
-    ``alpha_infonce``, ``l1out``, ``club``), fresh state each call."""
+    ``alpha_infonce``, ``flo``, ``l1out``, ``club``), fresh state each call."""
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
     out: dict[str, Estimator] = {}
@@ -376,7 +397,10 @@ def run(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = (make_critic(own[name], dim) if name in own
-                     else make_critic(critic, dim, **kw)).to(dev)
+                     else make_critic(critic, dim, **kw))
+            if name in SHADOW_ESTIMATORS:
+                model = ShadowCritic(model, dim)
+            model = model.to(dev)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(
@@ -403,12 +427,13 @@ def run(
         for name, (loss_fn, bound_fn) in est.items():
             model, opt = models[name], opts[name]
             opt.zero_grad(set_to_none=True)
-            scores = model(x, y)
+            out = model(x, y)  # the scores, or (scores, shadow) for SHADOW_ESTIMATORS
+            scores, extra = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
             if not bool(torch.isfinite(scores).all()):
                 estimates[name].append(math.nan)
                 skipped[name] += 1
                 continue
-            loss = loss_fn(scores, pos, neg)
+            loss = loss_fn(scores, pos, neg, *extra)
             if not bool(torch.isfinite(loss)):
                 estimates[name].append(math.nan)
                 skipped[name] += 1
@@ -416,7 +441,8 @@ def run(
             loss.backward()
             opt.step()
             with torch.no_grad():
-                value = float(bound_fn(scores.detach(), pos, neg))
+                value = float(bound_fn(scores.detach(), pos, neg,
+                                       *(e.detach() for e in extra)))
             estimates[name].append(value)
             if math.isfinite(value):
                 s = smooth[name]

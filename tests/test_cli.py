@@ -82,6 +82,31 @@ def test_compare_end_to_end_and_resume(tmp_path):
     assert [c.stat().st_mtime_ns for c in cells] == stamps
 
 
+@pytest.mark.parametrize("dataset, batch, m", [("digits", 48, 16), ("latent_classes", 64, 4)])
+def test_compare_class_disjoint_protocol(tmp_path, main, dataset, batch, m):
+    """``--protocol class-disjoint`` trains on the training classes and evaluates on the test
+    classes, with the data set's batch composition (digits: 3 classes x 16, since a tuning fold
+    keeps 3 of its 6 training classes; many classes: 16 x 4) and the MLP for vector data; an
+    explicit ``--batch-size`` wins, and ``--tune`` refuses ``--protocol iid``."""
+    out = tmp_path / dataset
+    rc, _, err = main("compare", "--protocol", "class-disjoint", "--dataset", dataset,
+                      "--losses", "infonce", "--seeds", "0", "--steps", "2", "--no-progress",
+                      "--set", "train.final_probe=false", "--output", str(out))
+    assert rc == 0, err
+    config = json.loads((out / "results.json").read_text())["records"][0]["config"]
+    assert (config["train_split"], config["eval_split"]) == ("train_classes", "test_classes")
+    assert (config["batch_size"], config["m_per_class"], config["backbone"]) == (batch, m, "mlp")
+    rc, _, err = main("compare", "--protocol", "class-disjoint", "--dataset", dataset,
+                      "--losses", "infonce", "--seeds", "0", "--steps", "2", "--no-progress",
+                      "--batch-size", "32", "--set", "train.final_probe=false",
+                      "--output", str(tmp_path / "mine"))
+    assert rc == 0, err
+    mine = json.loads((tmp_path / "mine" / "results.json").read_text())["records"][0]["config"]
+    assert (mine["batch_size"], mine["m_per_class"]) == (32, m)
+    rc, _, err = main("compare", "--tune", "--protocol", "iid")
+    assert rc == 2 and "class-disjoint protocol only" in err
+
+
 def test_train_then_eval_reproduces_the_runs_own_metrics(tmp_path, main):
     """``eval`` of the checkpoint gives the numbers the training run reported for it: every
     retrieval, clustering, probe and k-NN metric (same model, data, seed)."""

@@ -13,7 +13,7 @@ Cost: every function does a few elementwise passes over ``S`` (masked log-sum-ex
 nothing of size ``N x M x M``; the margin loss over all triplets, which PML evaluates on a list
 of the ``sum_a |P_a| |Q_a|`` triplets, is a weighted sum over pairs (each positive pair of an
 anchor occurs in ``|Q_a|`` triplets, each negative pair in ``|P_a|``). Below
-:data:`losses.K.FUSED_MAX_ENTRIES` score entries each loss computes its value and
+:data:`losses.kernels.FUSED_MAX_ENTRIES` score entries each loss computes its value and
 ``dL/dS`` in one pass without autograd (a ``_..._kernel`` function here; the positive and
 negative log-sum-exps stacked into one ``[2, N, M]`` pass), which removes most of the fixed
 per-call cost at small batches; above it, the autograd forms (positives by index) run.

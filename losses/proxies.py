@@ -21,7 +21,7 @@ the softmax losses multiply the per-embedding terms, Proxy-Anchor adds ``w - 1``
 exponents. The modules do the same.
 
 Small batches: Proxy-Anchor computes its value and ``dL/dS`` in one pass without autograd below
-:data:`losses.K.FUSED_MAX_ENTRIES` score entries; the softmax losses, when every row
+:data:`losses.kernels.FUSED_MAX_ENTRIES` score entries; the softmax losses, when every row
 has its class and every proxy is in the denominator, are one call of torch's fused
 cross-entropy against the class.
 
@@ -194,7 +194,7 @@ def _class_cross_entropy(scores: Tensor, positives: Tensor, target_fn, scale: fl
                          reduction: str) -> Tensor:
     """:func:`_target_softmax` when every row has exactly one positive and every column is in
     the denominator: torch's fused cross-entropy against the class, the same terms and the
-    same sum, without the row masks. Below :data:`~losses.K.FUSED_MAX_ENTRIES` score
+    same sum, without the row masks. Below :data:`~losses.kernels.FUSED_MAX_ENTRIES` score
     entries (and a ``target_fn`` that gives its ``derivative``), in one pass without autograd
     (:func:`_class_cross_entropy_kernel`)."""
     target = positives.view(torch.uint8).argmax(1, keepdim=True)

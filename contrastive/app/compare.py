@@ -31,6 +31,7 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,25 @@ def run_cell(cfg: CompareConfig, loss: str, seed: int,
     return record
 
 
+def cached_cell(cfg: CompareConfig, loss: str, seed: int, tcfg: TrainConfig, cells: Path,
+                log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The record of one cell: the finished one saved under ``cells`` with the same
+    :func:`cell_key`, else :func:`run_cell`'s (saved atomically when it succeeded; ``log`` is
+    told before a cell trains)."""
+    key = cell_key(tcfg)
+    path = cells / f"{cell_name(loss, seed)}__{key}.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key and saved.get("status") == "ok":
+            return saved
+    if log:
+        log(f"training {loss} seed {seed}")
+    record = run_cell(cfg, loss, seed, tcfg)
+    if record.get("status") == "ok":
+        ckpt.atomic_write_json(path, record)
+    return record
+
+
 def preflight(cfg: CompareConfig) -> dict[tuple[str, int], TrainConfig]:
     """Check what is the same for every cell before anything trains, and return each cell's
     config: the configs themselves (loss names and keywords, critic, ``train`` fields), the
@@ -288,18 +308,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         bar = tqdm(todo, desc="compare", disable=not cfg.progress, dynamic_ncols=True)
         for loss, seed in bar:
             bar.set_postfix(loss=loss, seed=seed)
-            tcfg = configs[(loss, seed)]
-            key = cell_key(tcfg)
-            path = cells / f"{cell_name(loss, seed)}__{key}.json"
-            if path.exists():
-                saved = json.loads(path.read_text())
-                if saved.get("key") == key and saved.get("status") == "ok":
-                    records.append(saved)
-                    continue
-            record = run_cell(cfg, loss, seed, tcfg)
-            if record.get("status") == "ok":
-                ckpt.atomic_write_json(path, record)
-            records.append(record)
+            records.append(cached_cell(cfg, loss, seed, configs[(loss, seed)], cells))
         bar.close()
         wall = time.perf_counter() - t0
         meta = {"config": to_jsonable(cfg.__dict__, nan_to_none=False), "wall_time_s": wall,

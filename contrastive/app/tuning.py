@@ -49,11 +49,10 @@ from ..splits import fold_split_name
 from .compare import (
     DEFAULT_LOSSES,
     CompareConfig,
-    cell_key,
+    cached_cell,
     cell_name,
     loss_defaults,
     preflight,
-    run_cell,
     train_config_for,
 )
 from .config import Bool, ConfigError, IntList, NonNegInt, PosInt, TextList, TrainConfig
@@ -372,19 +371,7 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
         for loss in cfg.losses:
             for seed in cfg.seeds:
                 tcfg = final_train_config(ccfg, loss, seed, tuning[loss]["best_params"].get("lr"))
-                key = cell_key(tcfg)
-                path = cells / f"{cell_name(loss, seed)}__{key}.json"
-                if path.exists():
-                    saved = json.loads(path.read_text())
-                    if saved.get("key") == key and saved.get("status") == "ok":
-                        records.append(saved)
-                        continue
-                if log:
-                    log(f"final {loss} seed {seed}")
-                record = run_cell(ccfg, loss, seed, tcfg)
-                if record.get("status") == "ok":
-                    ckpt.atomic_write_json(path, record)
-                records.append(record)
+                records.append(cached_cell(ccfg, loss, seed, tcfg, cells, log))
         wall = time.perf_counter() - t0
         meta = {"config": to_jsonable(cfg.__dict__, nan_to_none=False), "wall_time_s": wall,
                 "tune_time_s": tune_time, "versions": _versions(),

@@ -74,6 +74,111 @@ class Dot(Critic):
         return a @ b.T
 
 
+#: ``F.normalize``'s default floor on the norm
+NORM_EPS = 1e-12
+
+
+class _UnitRows(torch.autograd.Function):
+    """``F.normalize(x, dim=1)``, ``y = x / max(||x||, eps)`` (the same operations), with the
+    backward pass in one step::
+
+        dL/dx = (g - y (g . y)) / max(||x||, eps)
+
+    (no projection on rows whose norm is below ``eps``, where the clamp passes ``g / eps``):
+    autograd's chain through ``F.normalize`` runs about ten operations for it, most of the
+    normalisation's cost at small batches. Double backward recomputes through ``F.normalize``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor):
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        n = norm.clamp_min(NORM_EPS)
+        y = x / n
+        ctx.save_for_backward(x, y, n, norm < NORM_EPS)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, y, n, small = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
+            (gx,) = torch.autograd.grad(F.normalize(x, dim=1), x, g, create_graph=True)
+            return gx
+        dot = torch.bmm(g.unsqueeze(1), y.unsqueeze(2)).squeeze(2).masked_fill_(small, 0.0)
+        return torch.addcmul(g, y, dot, value=-1.0).div_(n)
+
+
+class _UnitGram(torch.autograd.Function):
+    """A critic's self-scores, ``S = f(G)`` with ``G = Y Y^T`` and ``Y = unit_rows(X)``, in one
+    node whose backward pass uses that ``G`` is symmetric::
+
+        dL/dY = (H + H^T) Y,   H = f'(G) * dL/dS,
+        dL/dX = (dL/dY - Y (dL/dY . Y)) / max(||X||, eps)
+
+    one matrix product instead of two, and no autograd chain through the normalisation. ``f``:
+    ``"cosine"``, ``S = (s Y) Y^T`` (a fixed 0-d scale ``s = 1/t``); ``"l2"``,
+    ``S = -sqrt(max(2 - 2G, 0))`` (gradient 0 where the distance is 0); ``"l2sq"``,
+    ``S = -(2 - 2G)``. The forward operations are the plain critics', so the values are theirs.
+    Double backward recomputes through the plain operations."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor | None, kind: str):
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        n = norm.clamp_min(NORM_EPS)
+        y = x / n
+        if kind == "cosine":
+            s = (y * scale) @ y.T
+        else:
+            s = (y @ y.T).mul_(-2.0).add_(2.0).clamp_(min=0.0)
+            if kind == "l2":
+                s.sqrt_()
+            s.neg_()
+        ctx.kind = kind
+        ctx.save_for_backward(x, scale, y, n, norm < NORM_EPS, None if kind == "cosine" else s)
+        return s
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, scale, y, n, small, s = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
+            (gx,) = torch.autograd.grad(_unit_gram_plain(x, scale, ctx.kind), x, g,
+                                        create_graph=True)
+            return gx, None, None
+        if ctx.kind == "cosine":
+            gy = torch.mm(g + g.T, y).mul_(scale)
+        else:  # dS/dG = -1/S ("l2", 0 at S = 0) or 2 ("l2sq")
+            h = g.div(s).neg_().masked_fill_(s == 0, 0.0) if ctx.kind == "l2" else g * 2.0
+            gy = torch.mm(h + h.T, y)
+        dot = torch.bmm(gy.unsqueeze(1), y.unsqueeze(2)).squeeze(2).masked_fill_(small, 0.0)
+        return gy.addcmul_(y, dot, value=-1.0).div_(n), None, None
+
+
+def _unit_gram_plain(x: Tensor, scale: Tensor | None, kind: str) -> Tensor:
+    """:class:`_UnitGram` as plain differentiable operations."""
+    y = F.normalize(x, dim=1)
+    if kind == "cosine":
+        return (y * scale) @ y.T
+    return _negative_l2_plain(y, y, kind == "l2sq", True)
+
+
+def unit_gram(x: Tensor, kind: str, scale: Tensor | None = None) -> Tensor:
+    """A normalising critic's scores of a batch against itself (see :class:`_UnitGram`):
+    ``"cosine"`` (``scale`` a fixed 0-d tensor), ``"l2"`` or ``"l2sq"``. Plain operations
+    under ``torch.compile``, without a gradient, or when ``scale`` needs a gradient itself."""
+    if (_compiling() or x.dim() != 2 or not (x.requires_grad and torch.is_grad_enabled())
+            or (scale is not None and scale.requires_grad)):
+        return _unit_gram_plain(x, scale, kind)
+    return _UnitGram.apply(x, scale, kind)
+
+
+def unit_rows(x: Tensor) -> Tensor:
+    """Rows scaled to unit L2 norm, ``F.normalize(x, dim=1)`` with a one-step backward pass
+    (:class:`_UnitRows`); plain ``F.normalize`` under ``torch.compile`` and for inputs without
+    a gradient."""
+    if _compiling() or not (x.requires_grad and torch.is_grad_enabled()) or x.dim() != 2:
+        return F.normalize(x, dim=1)
+    return _UnitRows.apply(x)
+
+
 class Cosine(Critic):
     """``S_ij = cos(a_i, b_j) / t``: the critic of NT-Xent (Chen et al., 2020) and SupCon
     (Khosla et al., 2020). ``learnable=True`` learns ``log(1/t)`` as in CLIP.
@@ -96,8 +201,9 @@ class Cosine(Critic):
         return float(torch.exp(-self.log_inv_t.detach()))
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        an = F.normalize(a, dim=1)
-        bn = an if b is a else F.normalize(b, dim=1)
+        if b is a:
+            return unit_gram(a, "cosine", self.log_inv_t.exp().to(a.dtype))
+        an, bn = unit_rows(a), unit_rows(b)
         return (an * self.log_inv_t.exp().to(an.dtype)) @ bn.T
 
     def extra_repr(self) -> str:
@@ -171,9 +277,11 @@ class NegativeL2(Critic):
         self.normalize = normalize
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.normalize and b is a:
+            return unit_gram(a, "l2sq" if self.squared else "l2")
         if self.normalize:
-            an = F.normalize(a, dim=1)
-            a, b = an, (an if b is a else F.normalize(b, dim=1))
+            an = unit_rows(a)
+            a, b = an, (an if b is a else unit_rows(b))
         if _compiling():  # the fused Function breaks the graph when given one tensor twice
             return _negative_l2_plain(a, b, self.squared, self.normalize)
         return _NegativeL2Scores.apply(a, b, self.squared, self.normalize)

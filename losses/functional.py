@@ -140,15 +140,46 @@ def supcon(
     has a positive and a negative.
     """
     K.check_reduction(reduction)
+    fused = K.fusable(scores, positives, negatives, check, reduction)
     scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     if check:
         _require_both(positives, negatives, "InfoNCE")
+    if fused:
+        return K.fused(_supcon_kernel, _supcon_slow, scores, positives, negatives, reduction)
     pi = K.positive_index(positives, "InfoNCE") if check else None
     rows, count, valid = _infonce_rows(scores, positives, negatives, pi)
     used = (count > 0) & (K.count_rows(valid) > 1)
     if not check:
         rows = K.gate(rows, K.any_pair(positives, negatives))
     return K.reduce_terms(rows, reduction, used.sum())
+
+
+def _supcon_slow(scores, positives, negatives, reduction):
+    return supcon(scores, positives, negatives, reduction, check=False)
+
+
+def _supcon_kernel(scores, positives, negatives, reduction, need_grad):
+    """:func:`supcon`'s value and ``dL/dS`` in one pass (``kernels.fused``): with ``V = P u Q``
+    and ``w`` the reduction's weight, row i's gradient is
+    ``w (softmax_V(S_i.) - P_i. / |P_i|)`` for an anchor with a positive, 0 otherwise."""
+    valid = positives | negatives
+    lse, e, _, z = K.stacked_lse(scores, valid)
+    pf = K.as_float(positives, scores.dtype)
+    count = pf.sum(1)
+    has = count > 0
+    rows = torch.where(has, lse - (scores * pf).sum(1) / count, 0.0)
+    total = rows.sum()
+    if reduction == "sum":
+        value, w = total, 1.0
+    else:
+        used = (has & (K.count_rows(valid) > 1)).sum().clamp_min(1)
+        value = total / used
+        w = used.to(scores.dtype).reciprocal()
+    if not need_grad:
+        return value, None
+    soft = torch.where(has, w / z.squeeze(1), 0.0)[:, None]
+    pull = torch.where(has, w / count, 0.0)[:, None]
+    return value, e.mul_(K.as_float(valid, scores.dtype)).mul_(soft).addcmul_(pf, pull, value=-1)
 
 
 def ntxent(
@@ -180,11 +211,14 @@ def ntxent(
     of ``l[P]`` (count-weighted with counts).
     """
     K.check_reduction(reduction)
+    fused = K.fusable(scores, positives, negatives, check, reduction)
     p_count = _counts_or_none(positives)
     q_count = _counts_or_none(negatives)
     scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     if check:
         _require_both(positives, negatives, "NT-Xent")
+    if fused:
+        return K.fused(_ntxent_kernel, _ntxent_slow, scores, positives, negatives, reduction)
     has_neg = K.count_rows(negatives) > 0
     logits = scores if q_count is None else scores + q_count.clamp_min(1).to(scores.dtype).log()
     lse_neg = K.masked_lse(logits, negatives, 1)
@@ -208,6 +242,35 @@ def ntxent(
     if w is None:
         return K.reduce_terms(terms, reduction, n)
     return K.reduce_terms(terms * w, reduction, w.sum())
+
+
+def _ntxent_slow(scores, positives, negatives, reduction):
+    return ntxent(scores, positives, negatives, reduction, check=False)
+
+
+def _ntxent_kernel(scores, positives, negatives, reduction, need_grad):
+    """:func:`ntxent`'s value and ``dL/dS`` in one pass (``kernels.fused``), without gathering
+    the positive pairs. With ``m_i`` the row maximum over ``P u Q``, ``e = exp(S - m)`` and
+    ``z_i = sum_{Q_i} e``, a pair's term is ``log(e_ij + z_i) - (S_ij - m_i)`` (the softplus
+    without ``log1p``, which is not vectorised on CPU; the absolute error is below one float
+    ulp of the term's ``log``), its gradient ``-z_i / (e_ij + z_i)`` at the positive and
+    ``e_ik / (e_ij + z_i)`` at each negative k, times the reduction's weight."""
+    _, e, m, _ = K.stacked_lse(scores, positives | negatives)
+    qf = K.as_float(negatives, scores.dtype)
+    z = (e * qf).sum(1, keepdim=True)
+    pairs = K.as_float(positives & (K.count_rows(negatives) > 0)[:, None], scores.dtype)
+    ez = e + z
+    total = torch.dot(ez.log().sub_(scores).add_(m).reshape(-1), pairs.reshape(-1))
+    if reduction == "sum":
+        value, w = total, 1.0
+    else:
+        n = K.count(positives)
+        value = total / n
+        w = n.to(scores.dtype).reciprocal()
+    if not need_grad:
+        return value, None
+    inv = ez.reciprocal_().mul_(pairs).mul_(w)
+    return value, e.mul_(qf).mul_(inv.sum(1, keepdim=True)).sub_(inv.mul_(z))
 
 
 def infonce(
@@ -345,7 +408,57 @@ def nwj(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
         reduction: str = "mean", check: bool = True) -> Tensor:
     """NWJ loss ``-I_NWJ`` (see :func:`nwj_bound`; its terms negated): unbiased, high
     variance."""
-    return -nwj_bound(scores, positives, negatives, reduction, check)
+    fused = _fused_bound(_nwj_kernel, nwj, "the NWJ bound", scores, positives, negatives,
+                         reduction, check)
+    return -nwj_bound(scores, positives, negatives, reduction, check) if fused is None else fused
+
+
+def _fused_bound(kernel, loss, what: str, scores, positives, negatives, reduction: str,
+                 check: bool) -> Tensor | None:
+    """The NWJ / JS / DV loss through its fused small-batch kernel (``kernels.fused``), or None
+    where the autograd form runs (see :func:`kernels.fusable`). The kernels compute the
+    ``"mean"`` value ``v`` (a mean over P plus a term over Q); ``"sum"`` of the per-anchor terms
+    (see the note above the NWJ section) is ``N v``."""
+    K.check_reduction(reduction)
+    if not K.fusable(scores, positives, negatives, check, reduction):
+        return None
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
+    require_positives(positives, what)
+    require_negatives(negatives, what)
+    scale = float(scores.shape[0]) if reduction == "sum" else 1.0
+    return K.fused(kernel, _slow_bound(loss), scores, positives, negatives, scale)
+
+
+def _slow_bound(loss):
+    return lambda s, p, q, scale: loss(s, p, q, "sum" if scale != 1.0 else "mean", check=False)
+
+
+def _pair_means(scores: Tensor, positives: Tensor, negatives: Tensor):
+    """``1 / n_P``, ``1 / n_Q`` (as 0-d tensors), ``mean_P S`` and ``P`` as 0/1 values."""
+    pf = K.as_float(positives, scores.dtype)
+    inv_p = pf.sum().reciprocal()
+    inv_q = K.count(negatives).to(scores.dtype).reciprocal()
+    return inv_p, inv_q, torch.dot(scores.reshape(-1), pf.reshape(-1)) * inv_p, pf
+
+
+def _global_lse(scores: Tensor, keep: Tensor):
+    """``log sum_{keep} exp(S)`` over the whole matrix: ``(lse, e [N, M], z)`` as
+    :func:`kernels.stacked_lse`, with ``e`` 0 off ``keep``."""
+    lse, e, _, z = K.stacked_lse(scores.reshape(1, -1), keep.reshape(1, -1))
+    return lse.squeeze(0), e.view(scores.shape).mul_(K.as_float(keep, scores.dtype)), z.squeeze(0)
+
+
+def _nwj_kernel(scores, positives, negatives, scale, need_grad):
+    """:func:`nwj`'s value ``e^{-1} mean_Q exp(S) - mean_P S`` and ``dL/dS`` in one pass
+    (``kernels.fused``): ``exp(S_ik - 1) / n_Q`` on the negatives, ``-1 / n_P`` on the
+    positives (times ``scale``)."""
+    inv_p, inv_q, pos, pf = _pair_means(scores, positives, negatives)
+    lse, e, z = _global_lse(scores, negatives)
+    neg = torch.exp(lse + inv_q.log() - 1.0)  # mean_Q exp(S - 1), without overflowing the sum
+    value = (neg - pos) * scale
+    if not need_grad:
+        return value, None
+    return value, e.mul_(neg / z * scale).sub_(pf.mul_(inv_p * scale))
 
 
 def js(
@@ -363,7 +476,10 @@ def js(
     anchor: ``t_i = (N/n_P) sum_{P_i} softplus(-S_ij) + (N/n_Q) sum_{Q_i} softplus(S_ik)``, whose
     mean over the N anchors is the loss.
     """
-    K.check_reduction(reduction)
+    fused = _fused_bound(_js_kernel, js, "the JS loss", scores, positives, negatives, reduction,
+                         check)
+    if fused is not None:
+        return fused
     scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     what = "the JS loss"
     if reduction != "mean":
@@ -379,6 +495,23 @@ def js(
     neg_term = K.masked_softplus_sum(scores, negatives) / n
     value = -(pos_term - neg_term)
     return value if check else K.gate(value, K.any_pair(positives, negatives))
+
+
+def _js_kernel(scores, positives, negatives, scale, need_grad):
+    """:func:`js`'s value ``mean_P softplus(-S) + mean_Q softplus(S)`` and ``dL/dS`` in one pass
+    (``kernels.fused``): ``softplus(S) = max(S, 0) + log(1 + exp(-|S|))`` (no ``log1p``, which
+    is not vectorised on CPU), ``softplus(-S) = softplus(S) - S`` (absolute errors below one
+    float ulp of ``max(|S|, 1)``), and the gradient ``sigmoid(S) / n_Q`` on Q,
+    ``-(1 - sigmoid(S)) / n_P`` on P (times ``scale``)."""
+    pf, qf = K.as_float(positives, scores.dtype), K.as_float(negatives, scores.dtype)
+    inv_p, inv_q = pf.sum().reciprocal() * scale, qf.sum().reciprocal() * scale
+    sp = scores.abs().neg_().exp_().add_(1.0).log_().add_(scores.clamp_min(0.0))
+    value = (torch.dot(sp.view(-1), qf.view(-1)) * inv_q
+             + torch.dot(sp.sub_(scores).view(-1), pf.view(-1)) * inv_p)
+    if not need_grad:
+        return value, None
+    sig = torch.sigmoid(scores)
+    return value, (sig * qf).mul_(inv_q).sub_(sig.neg_().add_(1.0).mul_(pf).mul_(inv_p))
 
 
 def js_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
@@ -423,7 +556,21 @@ def dv(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
        reduction: str = "mean", check: bool = True) -> Tensor:
     """DV loss ``-I_DV`` (its terms negated; plain mini-batch gradient; MINE's moving-average
     correction is not applied)."""
-    return -dv_bound(scores, positives, negatives, reduction, check)
+    fused = _fused_bound(_dv_kernel, dv, "the DV bound", scores, positives, negatives,
+                         reduction, check)
+    return -dv_bound(scores, positives, negatives, reduction, check) if fused is None else fused
+
+
+def _dv_kernel(scores, positives, negatives, scale, need_grad):
+    """:func:`dv`'s value ``logmeanexp_Q S - mean_P S`` and ``dL/dS`` in one pass
+    (``kernels.fused``): the softmax over all negatives, ``-1 / n_P`` on the positives (times
+    ``scale``)."""
+    inv_p, inv_q, pos, pf = _pair_means(scores, positives, negatives)
+    lse, e, z = _global_lse(scores, negatives)
+    value = (lse + inv_q.log() - pos) * scale
+    if not need_grad:
+        return value, None
+    return value, e.mul_(scale / z).sub_(pf.mul_(inv_p * scale))
 
 
 # --------------------------------------------------------------------------- N-pair
@@ -474,16 +621,13 @@ def _use_dense(k: int, m: int) -> bool:
     return k <= max(8, 7 * math.log2(max(m, 2)))
 
 
-def _triplet_all_dense(scores, negatives, idx, valid, margin):
-    """Sum and count of active triplets (``S_an > S_ap - m``) by comparing every anchor's j-th
-    positive with all its negatives, one ``[N, M]`` pass per j < k. The value is rebuilt from
-    the counts, ``sum_{a,p} c_ap (m - S_ap) + sum_{a,n} c_an S_an``, whose autograd gradient is
-    exactly the hinge's (it is piecewise linear), so only O(N M) is kept for backward."""
-    s_ap = scores.gather(1, idx)
-    thr = (s_ap.detach() - margin).masked_fill(~valid, K.POS_INF)
-    sd = scores.detach()
-    k = idx.shape[1]
-    c_ap = torch.empty(idx.shape, dtype=torch.long, device=idx.device)
+def _triplet_counts(sd: Tensor, negatives: Tensor, s_ap: Tensor, valid: Tensor, margin: float):
+    """For every anchor's padded positive slot j: ``c_ap [N, k]``, how many of its negatives
+    are active (``S_an > S_ap - m``), and ``c_an [N, M]``, for how many of its positives each
+    negative is active; one ``[N, M]`` comparison per slot (``sd`` the detached scores)."""
+    thr = (s_ap - margin).masked_fill(~valid, K.POS_INF)
+    k = s_ap.shape[1]
+    c_ap = torch.empty(s_ap.shape, dtype=torch.int32, device=sd.device)
     # c_an <= k: count in bytes (bool viewed as uint8 adds without a conversion pass)
     c_an = torch.zeros(sd.shape, dtype=torch.uint8 if k < 256 else torch.int32, device=sd.device)
     for j in range(k):
@@ -491,11 +635,86 @@ def _triplet_all_dense(scores, negatives, idx, valid, margin):
         act &= negatives
         c_ap[:, j] = K.count_rows(act)
         c_an += act.view(torch.uint8)
+    return c_ap, c_an
+
+
+def _triplet_all_dense(scores, negatives, idx, valid, margin):
+    """Sum and count of active triplets (``S_an > S_ap - m``) by comparing every anchor's j-th
+    positive with all its negatives, one ``[N, M]`` pass per j < k. The value is rebuilt from
+    the counts, ``sum_{a,p} c_ap (m - S_ap) + sum_{a,n} c_an S_an``, whose autograd gradient is
+    exactly the hinge's (it is piecewise linear), so only O(N M) is kept for backward."""
+    s_ap = scores.gather(1, idx)
+    c_ap, c_an = _triplet_counts(scores.detach(), negatives, s_ap.detach(), valid, margin)
     c_an = c_an.to(scores.dtype)
     total = (c_ap.to(scores.dtype) * (margin - s_ap)).sum() + torch.dot(
         c_an.reshape(-1), scores.reshape(-1)
     )
     return total, c_ap.sum()
+
+
+def _triplet_all_kernel(scores, positives, negatives, idx, valid, margin, reduction, n_triplets,
+                        need_grad):
+    """:func:`triplet`'s all-triplets hinge loss and ``dL/dS`` in one pass (``kernels.fused``).
+    The active triplets (``S_an > S_ap - m``) of several positive slots at once, as 0/1 values
+    ``[j, N, M]`` (float comparisons are several times faster than boolean masks on CPU); from
+    their counts ``c_ap`` (per anchor and positive) and ``c_an`` (per anchor and negative) the
+    value is ``sum c_ap (m - S_ap) + sum c_an S_an`` and, the loss being linear in ``S`` on the
+    active triplets, ``dL/dS = w (c_an - c_ap)`` (``c_ap`` placed at the positives' columns),
+    ``w`` one over the reduction's count."""
+    s_ap = scores.gather(1, idx)
+    thr = (s_ap - margin).masked_fill_(~valid, K.POS_INF).T.contiguous()  # [k, N]
+    qf = K.as_float(negatives, scores.dtype)
+    k, (n, m) = thr.shape[0], scores.shape
+    step = max(1, (1 << 20) // max(n * m, 1))  # slots per pass: at most ~1M entries
+    c_an = torch.zeros_like(scores)
+    c_ap = torch.empty_like(thr)
+    for j in range(0, k, step):
+        act = (scores - thr[j:j + step, :, None]).gt_(0.0).mul_(qf)
+        c_an += act.sum(0)
+        c_ap[j:j + step] = act.sum(2)
+    c_ap = c_ap.T
+    total = torch.dot(c_ap.reshape(-1), (margin - s_ap).view(-1)) + torch.dot(
+        c_an.view(-1), scores.reshape(-1))
+    if reduction == "sum":
+        w = torch.ones((), dtype=scores.dtype, device=scores.device)
+    else:
+        w = (c_ap.sum() if reduction == "nonzero" else n_triplets.to(scores.dtype))
+        w = w.clamp_min(1).reciprocal()
+    value = total * w
+    if not need_grad:
+        return value, None
+    return value, c_an.scatter_add_(1, idx, c_ap.neg()).mul_(w)
+
+
+def _triplet_all_slow(scores, positives, negatives, idx, valid, margin, reduction, n_triplets):
+    return triplet(scores, positives, negatives, margin, "all", False, reduction, check=False)
+
+
+def _triplet_hard_kernel(scores, positives, negatives, margin, reduction, need_grad):
+    """:func:`triplet`'s batch-hard hinge loss and ``dL/dS`` in one pass (``kernels.fused``):
+    per anchor with both, ``+w`` at its hardest negative's column and ``-w`` at its hardest
+    positive's where the hinge is active."""
+    p_col = torch.where(positives, scores, K.POS_INF).argmin(1, keepdim=True)
+    n_col = torch.where(negatives, scores, K.NEG_INF).argmax(1, keepdim=True)
+    ok = K.count_rows(positives).gt_(0) & K.count_rows(negatives).gt_(0)
+    diff = (scores.gather(1, n_col) - scores.gather(1, p_col)).squeeze(1).add_(margin)
+    terms = diff.clamp_min_(0.0).mul_(ok)
+    active = terms > 0
+    if reduction == "sum":
+        w = torch.ones((), dtype=scores.dtype, device=scores.device)
+    else:
+        w = (active if reduction == "nonzero" else ok).sum().clamp_min(1).to(scores.dtype)
+        w = w.reciprocal()
+    value = terms.sum() * w
+    if not need_grad:
+        return value, None
+    coef = (active.to(scores.dtype) * w)[:, None]
+    grad = torch.zeros_like(scores).scatter_add_(1, n_col, coef)
+    return value, grad.scatter_add_(1, p_col, coef.neg_())
+
+
+def _triplet_hard_slow(scores, positives, negatives, margin, reduction):
+    return triplet(scores, positives, negatives, margin, "hard", False, reduction, check=False)
 
 
 def _sorted_negatives(scores: Tensor, negatives: Tensor):
@@ -680,13 +899,17 @@ def triplet(
         terms = _hinge(scores[a, n] - scores[a, p] + margin, soft)
         return K.reduce_terms(terms, reduction, terms.numel())
     reduction = _check_triplet_args(mining, reduction)
-    if check:
-        require_triplet(positives, negatives, "the triplet loss")
     n_pos, n_neg = K.count_rows(positives), K.count_rows(negatives)
     has_neg = n_neg > 0
+    if check and not bool(((n_pos > 0) & has_neg).any()):
+        require_triplet(positives, negatives, "the triplet loss")  # raises, saying why
     if reduction == "none" and mining == "all":
         return _triplet_terms(scores, positives, negatives, margin, soft)
+    fused = not soft and K.fusable(scores, positives, negatives, check, reduction)
     if mining == "hard":  # per anchor, from the masks: no index of the positives needed
+        if fused:
+            return K.fused(_triplet_hard_kernel, _triplet_hard_slow, scores, positives,
+                           negatives, margin, reduction)
         sd = scores.detach()
         p_col = sd.masked_fill(~positives, K.POS_INF).argmin(1, keepdim=True)
         n_col = sd.masked_fill(~negatives, K.NEG_INF).argmax(1, keepdim=True)
@@ -704,6 +927,11 @@ def triplet(
                 total = _triplet_soft_masked(scores, positives, negatives, margin)
             return total if reduction == "sum" else total / n_triplets.clamp_min(1)
         method = "auto" if check else "masked"
+        if fused:
+            idx, valid = K.padded_positives(pi)
+            if _use_dense(idx.shape[1], scores.shape[1]):
+                return K.fused(_triplet_all_kernel, _triplet_all_slow, scores, positives,
+                               negatives, idx, valid, margin, reduction, n_triplets)
         total, count = _triplet_all(scores, positives, negatives, margin, method, pi)
         if reduction == "sum":
             return total
@@ -763,6 +991,10 @@ def contrastive(
             "the batch has no pair at all, which the contrastive loss needs: pass at least two "
             "items"
         )
+    if p_count is None and q_count is None and K.fusable(scores, positives, negatives, check,
+                                                         reduction):
+        return K.fused(_contrastive_kernel, _contrastive_slow, scores, positives, negatives,
+                       pos_threshold, neg_threshold, reduction)
     if reduction == "none":
         pos_h = F.relu(pos_threshold - scores)
         neg_h = F.relu(scores - neg_threshold)
@@ -799,3 +1031,30 @@ def contrastive(
     pos = pos_sum / pos_nz.clamp_min(1)
     neg = total / n_active.clamp_min(1)
     return pos + neg
+
+
+def _contrastive_slow(scores, positives, negatives, pos_threshold, neg_threshold, reduction):
+    return contrastive(scores, positives, negatives, pos_threshold, neg_threshold, reduction,
+                       check=False)
+
+
+def _contrastive_kernel(scores, positives, negatives, pos_threshold, neg_threshold, reduction,
+                        need_grad):
+    """:func:`contrastive`'s value and ``dL/dS`` in one pass (``kernels.fused``): both hinges are
+    linear where active, so ``dL/dS`` is ``-w_P`` on the active positives and ``w_Q`` on the
+    active negatives, ``w`` one over each part's count (non-zero terms, pairs, or 1)."""
+    dtype = scores.dtype
+    pf, qf = K.as_float(positives, dtype), K.as_float(negatives, dtype)
+    hp = (pos_threshold - scores).clamp_min_(0.0).mul_(pf)
+    hn = (scores - neg_threshold).clamp_min_(0.0).mul_(qf)
+    ap, an = K.as_float(hp > 0, dtype), K.as_float(hn > 0, dtype)
+    if reduction == "sum":
+        wp = wn = torch.ones((), dtype=dtype, device=scores.device)
+    elif reduction == "mean":
+        wp, wn = pf.sum().clamp_min(1).reciprocal(), qf.sum().clamp_min(1).reciprocal()
+    else:
+        wp, wn = ap.sum().clamp_min(1).reciprocal(), an.sum().clamp_min(1).reciprocal()
+    value = hp.sum() * wp + hn.sum() * wn
+    if not need_grad:
+        return value, None
+    return value, an.mul_(wn).sub_(ap.mul_(wp))

@@ -25,6 +25,14 @@ Small batches: Proxy-Anchor computes its value and ``dL/dS`` in one pass without
 has its class and every proxy is in the denominator, are one call of torch's fused
 cross-entropy against the class.
 
+The softmax modules' fast lane (ProxyNCA, normalized softmax, CosFace, ArcFace): a checked
+eager call without a miner's tuple and with a reduced loss runs critic, margin and
+cross-entropy as one autograd node from the embeddings and the proxies (:class:`_ProxySoftmax`),
+the labels (checked in ``[0, C)``) being the classes: no mask is built or searched, the scale
+multiplies the ``[C, d]`` proxies instead of the ``[N, C]`` logits, and the normalisation's
+gradient is one in-place pass. The same values up to float rounding; the functions keep the
+``(S, P, Q)`` interface, and every other call takes the general path.
+
 References: Movshovitz-Attias et al. 2017 (ProxyNCA); Kim et al. 2020 (Proxy-Anchor); Zhai & Wu
 2019 (normalized softmax); Wang et al. 2018 (CosFace); Deng et al. 2019 (ArcFace).
 """
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +52,7 @@ from contrastive.pairs import Pairs, check_call, require_positives
 from contrastive.validation import check_temperature
 
 from . import kernels as K
-from .modules import PairLoss
+from .modules import PairLoss, _full_precision, _NoAutocast
 from .pair_based import miner_weights, nca
 
 __all__ = [
@@ -253,12 +262,18 @@ def cosface(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
     """CosFace / large-margin cosine loss (Wang et al. 2018, eq. 4; PML's ``CosFaceLoss``) on
     cosine scores: the cross-entropy of ``scale * S`` with the target's cosine lowered by the
     margin, ``z_iy = S_iy - margin``."""
+    return _target_softmax(scores, positives, negatives, _cosface_target(margin), scale,
+                           reduction, check, weights, "the CosFace loss")
+
+
+def _cosface_target(margin: float):
+    """CosFace's target cosine ``c - margin``, with its ``derivative`` (1)."""
+
     def target(c: Tensor) -> Tensor:
         return c - margin
 
     target.derivative = torch.ones_like
-    return _target_softmax(scores, positives, negatives, target, scale, reduction, check,
-                           weights, "the CosFace loss")
+    return target
 
 
 def arcface(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
@@ -269,6 +284,13 @@ def arcface(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
     by the margin, ``z_iy = cos(theta_iy + m)`` with ``theta = acos(S)``, and where
     ``theta > pi - m`` (where that would no longer decrease) ``z_iy = S_iy - m sin m``; the
     cross-entropy of ``scale * z``."""
+    return _target_softmax(scores, positives, negatives, _arcface_target(margin), scale,
+                           reduction, check, weights, "the ArcFace loss")
+
+
+def _arcface_target(margin: float):
+    """ArcFace's target cosine ``cos(acos(c) + margin)`` (``c - margin sin margin`` past
+    ``pi - margin``), with its ``derivative``."""
 
     def target(c: Tensor) -> Tensor:
         theta = torch.acos(c.clamp(-1.0, 1.0))
@@ -287,8 +309,120 @@ def arcface(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
         return torch.where((c > -1.0) & (c < 1.0), dcos * dacos, 0.0)
 
     target.derivative = derivative
-    return _target_softmax(scores, positives, negatives, target, scale, reduction, check,
-                           weights, "the ArcFace loss")
+    return target
+
+
+# --------------------------------------------------------------------------- module fast lane
+
+
+class _Lane(NamedTuple):
+    """How a softmax proxy module's logits come from the unit rows ``x_i``, ``p_c``: the
+    critic's scores ``c = fold * x_i . p_c`` (``fold`` multiplies the ``[C, d]`` unit proxies,
+    not the ``[N, C]`` scores: the same numbers up to float rounding), the target's score
+    ``c_iy - shift`` (CosFace, whose ``scale`` is then folded too) or ``target_fn(c_iy)``
+    (ArcFace), and the logits ``scale * z``."""
+
+    fold: float | Tensor
+    shift: float = 0.0
+    target_fn: object = None
+    scale: float = 1.0
+
+
+#: F.normalize's default floor on the norm
+_NORM_EPS = 1e-12
+
+
+def _row_norms(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``F.normalize(x, dim=1)``'s divisor ``n = max(||x_i||, eps)`` ``[N, 1]``, and
+    ``small``, the rows whose norm is below ``eps`` (where the clamp holds it)."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return norm.clamp_min(_NORM_EPS), norm < _NORM_EPS
+
+
+def _unit_rows_backward(h: Tensor, x: Tensor, n: Tensor, small: Tensor) -> Tensor:
+    """``dL/dx`` of ``xn = x / n`` (:func:`_row_norms`) from ``h = (dL/dxn) / n``, in place on
+    ``h``::
+
+        dL/dx = (dL/dxn - xn (dL/dxn . xn)) / n = h - x (h . x) / n^2
+
+    without the projection on the rows whose norm is below ``eps`` (the clamp passes no
+    gradient there). No ``[N, d]`` buffer besides ``h``, where autograd's chain through
+    ``F.normalize`` allocates five."""
+    dot = torch.bmm(h.unsqueeze(1), x.unsqueeze(2)).squeeze(2).div_(n).div_(n)
+    return h.addcmul_(x, dot.masked_fill_(small, 0.0), value=-1.0)
+
+
+class _ProxySoftmax(torch.autograd.Function):
+    """The softmax proxy modules' loss from the embeddings and the proxies in one node::
+
+        l_i = logsumexp_c z_ic - z_iy,   z = lane(cos(x_i, p_c))   (:class:`_Lane`)
+
+    the same terms as the module's general path (critic, masks, :func:`_target_softmax`), in
+    fewer passes over ``[N, C]`` and ``[N, d]``: the normalisation's gradient is one in-place
+    pass (:func:`_unit_rows_backward`), the scale sits on the ``[C, d]`` proxies where the
+    logits are linear in the cosine, the class comes as an index (the labels) instead of a
+    mask to search, and the forward pass leaves ``dL/dz = softmax - onehot`` in the logits'
+    buffer (the exponent floored at :data:`losses.kernels.EXP_FLOOR`, no denormals), so
+    backward is two matrix products. Double backward recomputes through ``slow(x, proxies)``,
+    the general path."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, proxies: Tensor, target: Tensor, lane: _Lane, reduction: str,
+                slow):
+        nx, small_x = _row_norms(x)
+        npx, small_p = _row_norms(proxies)
+        y = target[:, None]
+        w = (proxies / npx).mul_(lane.fold)
+        z = (x @ w.T).div_(nx)  # (x / n) @ w.T without the [N, d] quotient
+        cy = z.gather(1, y)
+        zy = cy
+        if lane.target_fn is not None:  # ArcFace's margin on the cosine
+            zy = lane.target_fn(cy)
+        elif lane.shift:  # CosFace: scale (c - m) = (scale c) - scale m
+            zy = cy - lane.shift
+        if lane.scale != 1.0:
+            z.mul_(lane.scale)
+            zy = zy * lane.scale
+        if zy is not cy:
+            z.scatter_(1, y, zy)
+        m = z.amax(1, keepdim=True)
+        e = z.sub_(m).clamp_min_(K.EXP_FLOOR.get(z.dtype, -87.0)).exp_()
+        total = e.sum(1, keepdim=True)
+        value = (total.log() + m - zy).sum()
+        if reduction == "mean":
+            value = value / x.shape[0]
+        ctx.lane, ctx.reduction, ctx.slow = lane, reduction, slow
+        if not any(ctx.needs_input_grad[:2]):
+            return value
+        grad = e.div_(total)  # softmax, minus the one-hot class
+        grad.scatter_(1, y, grad.gather(1, y) - 1.0)
+        if lane.target_fn is not None:  # the margin's chain rule on the class's column
+            grad.scatter_(1, y, grad.gather(1, y) * lane.target_fn.derivative(cy))
+        grad.div_(nx)  # dL/dz / n: the backward's products then take x, not x / n
+        ctx.save_for_backward(x, proxies, target, nx, small_x, npx, small_p, w, grad)
+        return value
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, proxies, target, nx, small_x, npx, small_p, w, grad = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
+            wrt = [t for t, need in zip((x, proxies), ctx.needs_input_grad[:2], strict=True)
+                   if need]
+            grads = iter(torch.autograd.grad(ctx.slow(x, proxies, target), wrt, g,
+                                             create_graph=True))
+            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:2]),
+                    None, None, None, None)
+        lane = ctx.lane
+        coef = g if ctx.reduction == "sum" else g / x.shape[0]
+        if lane.scale != 1.0:  # dL/dc = scale dL/dz
+            coef = coef * lane.scale
+        gx = gp = None
+        if ctx.needs_input_grad[0]:  # grad holds dL/dz / n_x
+            gx = _unit_rows_backward(grad @ (w * coef), x, nx, small_x)
+        if ctx.needs_input_grad[1]:  # w = fold * p / n_p
+            h = (grad.T @ x).mul_(coef * lane.fold).div_(npx)
+            gp = _unit_rows_backward(h, proxies, npx, small_p)
+        return gx, gp, None, None, None, None
 
 
 # --------------------------------------------------------------------------- modules
@@ -328,8 +462,9 @@ class ProxyLoss(PairLoss):
         """The proxies, for their own learning rate (:func:`param_groups`)."""
         return [self.proxies]
 
-    def pairs(self, embeddings, labels=None, ref_emb=None, ref_labels=None, paired=False,
-              indices_tuple=None) -> Pairs:
+    def _checked(self, embeddings, labels, ref_emb=None, ref_labels=None, paired=False):
+        """The call checked (:func:`~contrastive.pairs.check_call`, labels in ``[0, C)`` with
+        ``check``): ``(embeddings, class indices, proxies in the embeddings' float type)``."""
         if ref_emb is not None or ref_labels is not None or paired:
             raise ValueError(f"{type(self).__name__} scores the batch against its own proxies; "
                              "it takes no ref_emb, ref_labels or paired views")
@@ -341,9 +476,22 @@ class ProxyLoss(PairLoss):
         if lowest < 0 or highest >= self.num_classes:
             raise ValueError(f"labels must be class indices in [0, {self.num_classes}) for "
                              f"{type(self).__name__}(num_classes={self.num_classes})")
-        if self.check:  # labels checked in range: a one-hot scatter (cheaper than a compare)
-            pos = torch.zeros(y.numel(), self.num_classes, dtype=torch.bool, device=y.device)
-            pos.scatter_(1, y[:, None], True)
+        dtype = c.embeddings.dtype
+        dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        proxies = self.proxies.to(device=c.embeddings.device, dtype=dtype)  # PML casts too
+        return c.embeddings, y, proxies
+
+    def _one_hot(self, y: Tensor) -> Tensor:
+        """``P_ic = (y_i == c)`` of labels checked in ``[0, C)``: a one-hot scatter (cheaper
+        than a compare)."""
+        pos = torch.zeros(y.numel(), self.num_classes, dtype=torch.bool, device=y.device)
+        return pos.scatter_(1, y[:, None], True)
+
+    def pairs(self, embeddings, labels=None, ref_emb=None, ref_labels=None, paired=False,
+              indices_tuple=None) -> Pairs:
+        x, y, proxies = self._checked(embeddings, labels, ref_emb, ref_labels, paired)
+        if self.check:
+            pos = self._one_hot(y)
         else:  # unchecked labels: a compare (an index outside [0, C) just matches nothing)
             classes = torch.arange(self.num_classes, device=y.device)
             pos = y[:, None] == classes[None, :]
@@ -351,10 +499,51 @@ class ProxyLoss(PairLoss):
         if indices_tuple is not None:
             self._weights = miner_weights(indices_tuple, y.numel(), self.weights_anchors_only,
                                           y.device)
-        dtype = c.embeddings.dtype
-        dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        proxies = self.proxies.to(device=c.embeddings.device, dtype=dtype)  # PML casts too
-        return Pairs(c.embeddings, proxies, pos, ~pos, False)
+        return Pairs(x, proxies, pos, ~pos, False)
+
+    def _lane(self) -> _Lane | None:
+        """The fast lane's logits (:class:`_Lane`) for this module and critic; None (the
+        general path) by default."""
+        return None
+
+    def _cosine_fold(self) -> Tensor | None:
+        """The scale ``1/t`` of a fixed-temperature :class:`~contrastive.critics.Cosine`
+        critic (the only critic the fast lane folds), else None."""
+        critic = self.critic
+        if type(critic) is Cosine and not critic.log_inv_t.requires_grad:
+            return critic.log_inv_t.exp()
+        return None
+
+    def forward(self, embeddings: Tensor, labels: Tensor | None = None,
+                indices_tuple: tuple[Tensor, ...] | None = None, ref_emb: Tensor | None = None,
+                ref_labels: Tensor | None = None, *, paired: bool = False) -> Tensor:
+        """:meth:`losses.modules.PairLoss.forward`. The softmax losses' plain call (eager,
+        ``check=True``, no miner's tuple, a reduced loss, the module's own critic) takes a
+        fast lane with the same value: the labels, checked in ``[0, C)``, are the classes, so
+        no mask is built or searched, and the critic, the margin and the cross-entropy are
+        one autograd node (:class:`_ProxySoftmax`). Scores that are not finite go the general
+        way, which raises."""
+        lane = None
+        if (indices_tuple is None and ref_emb is None and ref_labels is None and not paired
+                and self.check and self.reduction != "none"
+                and not torch.compiler.is_compiling()):
+            lane = self._lane()
+        if lane is not None:
+            x, y, proxies = self._checked(embeddings, labels)
+            if y.numel():
+                self._weights = None
+                with _NoAutocast(x.device.type):
+                    value = _ProxySoftmax.apply(_full_precision(x), proxies, y, lane,
+                                                self.reduction, self._general)
+                if math.isfinite(float(value.detach())):  # finite iff the scores are
+                    return value
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                               paired=paired)
+
+    def _general(self, x: Tensor, proxies: Tensor, y: Tensor) -> Tensor:
+        """The general path's loss of checked inputs (the fast lane's double backward)."""
+        pos = self._one_hot(y)
+        return self.compute(self.critic(x, proxies), pos, ~pos, check=False)
 
     def has_terms(self, positives, negatives):
         return positives.shape[0] > 0  # labels in [0, C) were checked: one positive per row
@@ -383,6 +572,13 @@ class ProxyNCA(ProxyLoss):
 
     def default_critic(self) -> nn.Module:
         return NegativeL2(squared=True, normalize=True)
+
+    def _lane(self) -> _Lane | None:
+        # -||x - p||^2 = 2 x.p - 2 on unit rows; the softmax drops the constant
+        critic = self.critic
+        if type(critic) is NegativeL2 and critic.squared and critic.normalize:
+            return _Lane(2.0 * self.softmax_scale)
+        return None
 
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return proxy_nca(scores, positives, None, self.softmax_scale, self.reduction, check,
@@ -424,6 +620,10 @@ class NormalizedSoftmax(ProxyLoss):
         super().__init__(num_classes, embedding_size, Cosine(check_temperature(temperature)),
                          strict, reduction, check, proxy_init)
 
+    def _lane(self) -> _Lane | None:
+        fold = self._cosine_fold()
+        return None if fold is None else _Lane(fold)
+
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return normalized_softmax(scores, positives, None, self.reduction, check,
                                   self._weights)
@@ -441,6 +641,10 @@ class CosFace(ProxyLoss):
         super().__init__(num_classes, embedding_size, Cosine(1.0), strict, reduction, check,
                          proxy_init)
         self.margin, self.scale = float(margin), float(scale)
+
+    def _lane(self) -> _Lane | None:
+        fold = self._cosine_fold()
+        return None if fold is None else _Lane(fold * self.scale, self.scale * self.margin)
 
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return cosface(scores, positives, None, self.margin, self.scale, self.reduction,
@@ -460,6 +664,13 @@ class ArcFace(ProxyLoss):
         super().__init__(num_classes, embedding_size, Cosine(1.0), strict, reduction, check,
                          proxy_init)
         self.margin, self.scale = float(margin), float(scale)
+
+    def _lane(self) -> _Lane | None:
+        fold = self._cosine_fold()
+        if fold is None:
+            return None
+        return _Lane(fold, target_fn=_arcface_target(math.radians(self.margin)),
+                     scale=self.scale)
 
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return arcface(scores, positives, None, math.radians(self.margin), self.scale,

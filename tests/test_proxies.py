@@ -1,8 +1,10 @@
 """Proxy losses (losses/proxies.py) against pytorch-metric-learning 2.9: value and gradient
 (embeddings and proxies) of ProxyNCALoss, ProxyAnchorLoss, NormalizedSoftmaxLoss, CosFaceLoss
 and ArcFaceLoss in float32 and float64, our proxies copied from PML's, over the hyper-parameter
-ranges users set, with and without a PML miner's ``indices_tuple``; and the optimiser's
-parameter groups."""
+ranges users set, with and without a PML miner's ``indices_tuple``, and at a batch above
+``kernels.FUSED_MAX_ENTRIES``; the modules' fast lane (one autograd node from the embeddings
+and the proxies) against plain autograd (critic, masks, functional core), double backward
+included; and the optimiser's parameter groups."""
 
 from __future__ import annotations
 
@@ -157,3 +159,129 @@ def test_param_groups_and_errors():
         loss(x, torch.full((x.shape[0],), C))
     with pytest.raises(ValueError, match="ref_emb"):
         loss(x, y, None, x, y)
+
+
+# ------------------------------------------------------------------ the modules' fast lane
+
+LANE_MODULES = {
+    "ProxyNCA": lambda **kw: PX.ProxyNCA(C, D, softmax_scale=3.0, **kw),
+    "NormalizedSoftmax": lambda **kw: PX.NormalizedSoftmax(C, D, 0.1, **kw),
+    "CosFace": lambda **kw: PX.CosFace(C, D, margin=0.3, scale=16.0, **kw),
+    "ArcFace": lambda **kw: PX.ArcFace(C, D, margin=60.0, scale=16.0, **kw),
+    "ProxyAnchor": lambda **kw: PX.ProxyAnchor(C, D, margin=0.2, alpha=16.0, **kw),
+}
+
+
+def plain(loss, x, y):
+    """The module's loss in plain torch autograd: its critic called directly (F.normalize,
+    matmul), the one-hot masks, and the functional core without checks."""
+    pos = y[:, None] == torch.arange(C)[None, :]
+    xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return loss.compute(loss.critic(xs, loss.proxies.to(xs.dtype)), pos, ~pos, check=False)
+
+
+def lane_module(name, reduction="mean", dtype=torch.float64):
+    torch.manual_seed(0)
+    return LANE_MODULES[name](reduction=reduction).to(dtype)
+
+
+@pytest.mark.parametrize("name", list(LANE_MODULES))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fast_lane_equals_plain_autograd(name, reduction):
+    """Value and gradients (embeddings, proxies) of the module (the softmax losses' fast lane,
+    Proxy-Anchor's general path) against plain autograd, with a zero embedding (F.normalize's
+    eps floor) and, for ArcFace, proxies opposite their class (the theta > pi - m branch)."""
+    loss = lane_module(name, reduction)
+    x, y = batch(torch.float64, 8, n=40)
+    x[5] = 0.0
+    if name == "ArcFace":
+        with torch.no_grad():
+            loss.proxies[1] = -x[y == 1].mean(0)
+    outs = []
+    for fn in (loss, lambda e, y: plain(loss, e, y)):
+        e = x.clone().requires_grad_(True)
+        v = fn(e, y)
+        outs.append((v.detach(), *torch.autograd.grad(v, [e, loss.proxies])))
+    for got, want in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(LANE_MODULES))
+def test_fast_lane_double_backward_and_retained_graph(name):
+    loss = lane_module(name)
+    x, y = batch(torch.float64, 9)
+    outs = []
+    for fn in (loss, lambda e, y: plain(loss, e, y)):
+        e = x.clone().requires_grad_(True)
+        v = fn(e, y)
+        g, gp = torch.autograd.grad(v, [e, loss.proxies], create_graph=True)
+        gg, ggp = torch.autograd.grad(g.square().sum() + gp.square().sum(), [e, loss.proxies])
+        outs.append((g.detach(), gp.detach(), gg, ggp))
+    for got, want in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    e = x.clone().requires_grad_(True)
+    v = loss(e, y)
+    v.backward(retain_graph=True)
+    first = e.grad.clone()
+    v.backward()  # the saved dL/dz is not consumed
+    torch.testing.assert_close(e.grad, 2 * first)
+
+
+@pytest.mark.parametrize("name", list(LANE_MODULES))
+def test_fast_lane_half_inputs_and_no_grad(name):
+    """float16 embeddings run in float32 on both paths; under no_grad, the value alone."""
+    loss = lane_module(name, dtype=torch.float32)
+    x, y = batch(torch.float32, 10)
+    x = x.half()
+    got, want = loss(x, y), plain(loss, x, y)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(loss(x, y), want.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["norm_softmax", "cosface", "arcface", "proxy_nca",
+                                  "proxy_anchor"])
+def test_large_batch_equals_pml(case):
+    """B x C above ``kernels.FUSED_MAX_ENTRIES`` (the benchmark's sizes): PML's value and
+    gradients in float64."""
+    ours_cls, ref_cls, transpose = {
+        "norm_softmax": (PX.NormalizedSoftmax, pml.NormalizedSoftmaxLoss, True),
+        "cosface": (PX.CosFace, pml.CosFaceLoss, True),
+        "arcface": (PX.ArcFace, pml.ArcFaceLoss, True),
+        "proxy_nca": (PX.ProxyNCA, pml.ProxyNCALoss, False),
+        "proxy_anchor": (PX.ProxyAnchor, pml.ProxyAnchorLoss, False),
+    }[case]
+    torch.manual_seed(0)
+    c, d, n = 100, 16, 700
+    ref = ref_cls(num_classes=c, embedding_size=d).double()
+    ours = ours_cls(c, d).double()
+    with torch.no_grad():
+        ours.proxies.copy_(ref.W.data.T if transpose else ref.proxies.data)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.arange(n) % c
+    outs = []
+    for loss, param in ((ours, ours.proxies), (ref, ref.W if transpose else ref.proxies)):
+        e = x.clone().requires_grad_(True)
+        v = loss(e, y)
+        ge, gp = torch.autograd.grad(v, [e, param])
+        outs.append((v.detach(), ge, gp.T if transpose and loss is ref else gp))
+    for got, want in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(got, want, **tol(torch.float64))
+
+
+def test_fast_lane_is_taken_by_plain_calls_only(monkeypatch):
+    """The plain checked call takes the lane; a miner's tuple, ``reduction="none"`` and
+    ``check=False`` take the general path (which the PML tests above compare too)."""
+    calls = []
+    apply = PX._ProxySoftmax.apply
+    monkeypatch.setattr(PX._ProxySoftmax, "apply", lambda *a: calls.append(1) or apply(*a))
+    x, y = batch(torch.float32, 12)
+    loss = PX.CosFace(C, D)
+    loss(x, y)
+    assert calls == [1]
+    loss(x, y, pml_miners.TripletMarginMiner(margin=0.2)(x, y))
+    terms = PX.CosFace(C, D, reduction="none")(x, y)
+    PX.CosFace(C, D, check=False)(x, y)
+    assert calls == [1] and terms.shape == (x.shape[0],)

@@ -78,6 +78,14 @@ class Dot(Critic):
 NORM_EPS = 1e-12
 
 
+def row_norms(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``F.normalize(x, dim=1)``'s divisor ``n = max(||x_i||, eps)`` ``[N, 1]`` and ``small``,
+    the rows whose norm is below ``eps`` (where the clamp holds it, so its gradient passes
+    no projection)."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return norm.clamp_min(NORM_EPS), norm < NORM_EPS
+
+
 class _UnitRows(torch.autograd.Function):
     """``F.normalize(x, dim=1)``, ``y = x / max(||x||, eps)`` (the same operations), with the
     backward pass in one step::
@@ -91,10 +99,9 @@ class _UnitRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor):
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-        n = norm.clamp_min(NORM_EPS)
+        n, small = row_norms(x)
         y = x / n
-        ctx.save_for_backward(x, y, n, norm < NORM_EPS)
+        ctx.save_for_backward(x, y, n, small)
         return y
 
     @staticmethod
@@ -122,8 +129,7 @@ class _UnitGram(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor | None, kind: str):
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-        n = norm.clamp_min(NORM_EPS)
+        n, small = row_norms(x)
         y = x / n
         if kind == "cosine":
             s = (y * scale) @ y.T
@@ -133,7 +139,7 @@ class _UnitGram(torch.autograd.Function):
                 s.sqrt_()
             s.neg_()
         ctx.kind = kind
-        ctx.save_for_backward(x, scale, y, n, norm < NORM_EPS, None if kind == "cosine" else s)
+        ctx.save_for_backward(x, scale, y, n, small, None if kind == "cosine" else s)
         return s
 
     @staticmethod

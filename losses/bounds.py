@@ -47,8 +47,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from . import functional as LF
 
 __all__ = [
     "tuba_bound",
@@ -296,18 +297,15 @@ def smile(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
     SMILE is read); ``gradient="dv"``: the gradient of ``-I_SMILE`` itself. With
     ``reduction="none"`` each anchor's term has the value of ``-t_i`` (:func:`smile_bound`) and
     the gradient of its JS term ``(N/n_P) sum_{P_i} softplus(-S) + (N/n_Q) sum_{Q_i}
-    softplus(S)`` (:func:`losses.functional.js`'s terms)."""
+    softplus(S)`` (:func:`losses.functional.js`'s terms). The JS gradient is
+    :func:`losses.functional.js`'s own (its fused path included), so SMILE and JS trained from
+    the same start on the same batches train the same critic."""
     value = -smile_bound(scores, positives, negatives, tau, reduction)
     if gradient == "dv":
         return value
     if gradient != "js":
         raise ValueError(f"gradient must be 'js' or 'dv', got {gradient!r}")
-    scores, positives, negatives = _prepare(scores, positives, negatives)
-    if reduction != "mean":
-        js = _reduce(_mask_terms(F.softplus(-scores), positives)
-                     + _mask_terms(F.softplus(scores), negatives), reduction)
-    else:
-        js = _mean(F.softplus(-scores), positives) + _mean(F.softplus(scores), negatives)
+    js = LF.js(scores, positives, negatives, reduction)
     return js + (value - js).detach()
 
 

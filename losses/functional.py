@@ -33,12 +33,15 @@ autograd function with one work buffer (double backward supported); triplet mini
 anchor's j-th positive with its negatives, one ``[N, M]`` pass per j < k, or sorts the negatives
 once per anchor when k is large (always with ``check=False``, where k is not read). Small
 batches: at B = 128 a loss's time is mostly the fixed cost per operation and per autograd node,
-so the pair and proxy losses (:mod:`losses.pair_based`, :mod:`losses.proxies`) take a fused
-path below :data:`~losses.kernels.FUSED_MAX_ENTRIES` score entries (``check=True``, a reduced
-loss): value and gradient ``dL/dS`` from one pass of plain tensor code, the backward pass one
-multiplication (:class:`~losses.kernels.FusedLoss`; the same values, double backward by
-recomputation). The building blocks (validation, reductions, masked log-sum-exps, the fused
-path) are :mod:`losses.kernels`.
+so below :data:`~losses.kernels.FUSED_MAX_ENTRIES` score entries (``check=True``, a reduced
+loss, boolean masks) InfoNCE in both forms, NWJ, JS, DV, the triplet loss (all triplets with
+few positives per anchor, batch-hard; the hinge) and the contrastive loss take a fused path, as
+the pair and proxy losses (:mod:`losses.pair_based`, :mod:`losses.proxies`) do: value and
+gradient ``dL/dS`` from one pass of plain tensor code (masks as 0/1 values, which multiply
+several times faster than ``torch.where`` selects on CPU), the backward pass one multiplication
+(:class:`~losses.kernels.FusedLoss`; the same values, gradients equal to rounding, double
+backward by recomputation; ``tests/test_fused_core.py``). The building blocks (validation,
+reductions, masked log-sum-exps, the fused path) are :mod:`losses.kernels`.
 
 References: van den Oord et al. 2018 (CPC/InfoNCE); Nguyen, Wainwright, Jordan 2010 (NWJ);
 Nowozin et al. 2016 (f-GAN, JS); Donsker & Varadhan 1983, Belghazi et al. 2018 (DV/MINE);
@@ -163,7 +166,8 @@ def _supcon_kernel(scores, positives, negatives, reduction, need_grad):
     and ``w`` the reduction's weight, row i's gradient is
     ``w (softmax_V(S_i.) - P_i. / |P_i|)`` for an anchor with a positive, 0 otherwise."""
     valid = positives | negatives
-    lse, e, _, z = K.stacked_lse(scores, valid)
+    lse, e, _, z = K.stacked_lse(scores, K.as_float(valid, scores.dtype))
+    lse = lse.squeeze(1)
     pf = K.as_float(positives, scores.dtype)
     count = pf.sum(1)
     has = count > 0
@@ -179,7 +183,7 @@ def _supcon_kernel(scores, positives, negatives, reduction, need_grad):
         return value, None
     soft = torch.where(has, w / z.squeeze(1), 0.0)[:, None]
     pull = torch.where(has, w / count, 0.0)[:, None]
-    return value, e.mul_(K.as_float(valid, scores.dtype)).mul_(soft).addcmul_(pf, pull, value=-1)
+    return value, e.mul_(soft).addcmul_(pf, pull, value=-1)
 
 
 def ntxent(
@@ -255,11 +259,13 @@ def _ntxent_kernel(scores, positives, negatives, reduction, need_grad):
     without ``log1p``, which is not vectorised on CPU; the absolute error is below one float
     ulp of the term's ``log``), its gradient ``-z_i / (e_ij + z_i)`` at the positive and
     ``e_ik / (e_ij + z_i)`` at each negative k, times the reduction's weight."""
-    _, e, m, _ = K.stacked_lse(scores, positives | negatives)
+    _, e, m, _ = K.stacked_lse(scores, K.as_float(positives | negatives, scores.dtype))
     qf = K.as_float(negatives, scores.dtype)
     z = (e * qf).sum(1, keepdim=True)
     pairs = K.as_float(positives & (K.count_rows(negatives) > 0)[:, None], scores.dtype)
-    ez = e + z
+    # off P u Q e is 0: the floor keeps log and 1/x finite there (the pairs' mask drops them);
+    # on P, e >= exp(EXP_FLOOR) > tiny, so it changes nothing
+    ez = (e + z).clamp_min_(torch.finfo(scores.dtype).tiny)
     total = torch.dot(ez.log().sub_(scores).add_(m).reshape(-1), pairs.reshape(-1))
     if reduction == "sum":
         value, w = total, 1.0
@@ -444,8 +450,9 @@ def _pair_means(scores: Tensor, positives: Tensor, negatives: Tensor):
 def _global_lse(scores: Tensor, keep: Tensor):
     """``log sum_{keep} exp(S)`` over the whole matrix: ``(lse, e [N, M], z)`` as
     :func:`kernels.stacked_lse`, with ``e`` 0 off ``keep``."""
-    lse, e, _, z = K.stacked_lse(scores.reshape(1, -1), keep.reshape(1, -1))
-    return lse.squeeze(0), e.view(scores.shape).mul_(K.as_float(keep, scores.dtype)), z.squeeze(0)
+    lse, e, _, z = K.stacked_lse(scores.reshape(1, -1),
+                                 K.as_float(keep, scores.dtype).reshape(1, -1))
+    return lse.view(()), e.view(scores.shape), z.view(())
 
 
 def _nwj_kernel(scores, positives, negatives, scale, need_grad):

@@ -2,7 +2,8 @@
 ``S [N, M]`` and boolean masks ``P`` (positives) and ``Q`` (negatives): input validation
 (:func:`prepare`), the reductions (:func:`reduce_terms`, :data:`REDUCTIONS`), positives as
 indices (:func:`positive_index`, :func:`padded_positives`), masked log-sum-exps with one work
-buffer (:class:`MaskedLogSumExp`, :func:`stacked_lse`), the masked softplus sum of the JS bound
+buffer (:class:`MaskedLogSumExp`; :func:`stacked_lse` for several at once on 0/1 masks), the
+masked softplus sum of the JS bound
 and the fused small-batch path (:class:`FusedLoss`, :func:`fused`): a loss's value and
 ``dL/dS`` from one pass of plain tensor code, the backward pass one multiplication.
 
@@ -263,30 +264,45 @@ def fused(kernel, slow, scores: Tensor, *args) -> Tensor:
 EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
 
 
-def stacked_lse(x: Tensor, keep: Tensor, dim: int = -1):
-    """``log sum_{keep} exp(x)`` along ``dim``, without autograd (``x`` may be any tensor that
-    broadcasts with ``keep``). Returns ``(lse, e, m, z)``: ``m`` the kept entries' maximum,
-    ``e = exp(max(x - m, floor))`` in a new buffer (``floor`` = :data:`EXP_FLOOR`, the
-    smallest normal number's exponent, so no denormal is computed; the dropped entries hold
-    that ``exp(floor)``, not 0, which changes no sum of a row with a kept entry) and
-    ``z = sum e``: a row has a kept entry exactly when ``z >= 1`` (its maximum gives
-    ``exp(0)``), the softmax is ``e / z`` and ``d softplus(lse) / dx = e / (exp(-m) + z)``. A
-    row without a kept entry has ``m = finfo.min``: its ``lse`` is huge and negative but
-    finite, its softplus and softplus gradient ``1 / (exp(-m) + z)`` exactly 0."""
-    w = torch.where(keep, x, NEG_INF)
-    m = w.amax(dim, keepdim=True).clamp_min_(torch.finfo(w.dtype).min)
+def stacked_lse(x: Tensor, keep: Tensor, dim: int = -1, overwrite: bool = False):
+    """``log sum_{keep} exp(x)`` along ``dim``, without autograd, the mask as 0/1 values
+    ``keep`` (:func:`as_float`, :func:`stack_as_float`; ``x`` broadcasts to its shape). The
+    dropped entries become ``x - finfo.max`` (one addition: a ``torch.where`` on a boolean mask
+    costs several times more on CPU), the exponents are floored at :data:`EXP_FLOOR` (no
+    denormal is computed). Returns ``(lse, e, m, z)``, all keeping the reduced dimension: ``m``
+    the kept entries' maximum, ``e = exp(max(x - m, floor))`` on the kept entries and exactly 0
+    on the dropped ones (a new buffer, or ``x`` itself with ``overwrite=True`` when it has
+    ``keep``'s shape), ``z = sum e`` (taken before the zeroing: the dropped entries add
+    ``exp(floor)`` each, which changes no sum of a row with a kept entry). A row has a kept
+    entry exactly when ``z >= 1`` (its maximum gives ``exp(0)``); the softmax is ``e / z`` and
+    ``d softplus(lse) / dx = e / (exp(-m) + z)``. A row without a kept entry has
+    ``m = finfo.min / 2``, ``0 < z < 1`` and a hugely negative, finite ``lse``, whose softplus
+    and sigmoid are exactly 0. For scores of magnitude below ``finfo.max / 2``."""
+    big = torch.finfo(x.dtype).max
+    off = keep - 1.0
+    w = x.add_(off, alpha=big) if overwrite and x.shape == off.shape else off.mul_(big).add_(x)
+    m = w.amax(dim, keepdim=True).clamp_min_(-0.5 * big)
     e = w.sub_(m).clamp_min_(EXP_FLOOR.get(w.dtype, -87.0)).exp_()
     z = e.sum(dim, keepdim=True)
-    return (m + z.log()).squeeze(dim), e, m, z
+    return m + z.log(), e.mul_(keep), m, z
+
+
+def stack_as_float(masks: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+    """Boolean masks stacked as ``[len(masks), N, M]`` 0/1 values (:func:`stacked_lse`'s
+    ``keep`` for several log-sum-exps in one pass)."""
+    return as_float(torch.stack(masks), dtype)
 
 
 @functools.lru_cache(maxsize=256)
-def const(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small constant tensor, made once per (values, dtype, device): building one per call
-    costs as much as an elementwise pass at small batches. Read only; never an inference
-    tensor, so one made under ``torch.inference_mode`` serves training too."""
+def const(values: tuple[float, ...], dtype: torch.dtype, device: torch.device,
+          shape: tuple[int, ...] | None = None) -> Tensor:
+    """A small constant tensor (viewed as ``shape``, e.g. ``(2, 1, 1)`` to broadcast over a
+    stacked pass), made once per (values, dtype, device, shape): building one per call costs as
+    much as an elementwise pass at small batches. Read only; never an inference tensor, so one
+    made under ``torch.inference_mode`` serves training too."""
     with torch.inference_mode(False):
-        return torch.tensor(values, dtype=dtype, device=device)
+        t = torch.tensor(values, dtype=dtype, device=device)
+    return t if shape is None else t.view(shape)
 
 
 def plain_masks(positives: Tensor, negatives: Tensor | None) -> bool:

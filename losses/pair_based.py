@@ -84,10 +84,28 @@ def _positive_lse(fn, scores: Tensor, positives: Tensor, check: bool) -> Tensor:
     return torch.logsumexp(fn(scores.gather(1, idx)).masked_fill(~valid, _NEG_INF), dim=1)
 
 
+def _some_row_has_both(positives: Tensor, negatives: Tensor) -> bool:
+    """Whether some anchor has a positive and a negative (a triplet): for boolean masks the
+    product of the two row maxima over their bytes (fewer operations than ``rows_any``
+    twice, ``&`` and ``any_true``)."""
+    if (positives.dtype == torch.bool and negatives.dtype == torch.bool
+            and positives.numel() > 0 and negatives.numel() > 0):
+        rows = positives.view(torch.uint8).amax(1)
+        return bool(rows.mul_(negatives.view(torch.uint8).amax(1)).max())
+    return any_true(rows_any(positives) & rows_any(negatives))
+
+
 def _require_any_pair(positives: Tensor, negatives: Tensor, what: str) -> None:
     if not any_true(positives) and not any_true(negatives):
         raise NoPairsError(f"the batch has no pair at all, which {what} needs: pass at least two "
                            "items")
+
+
+# --------------------------------------------------------------------------- fused-path pieces
+# The small-batch kernels below (``kernels.fused``) do a few elementwise passes over a stacked
+# ``[2, N, M]`` buffer; at B = 128 each operation's fixed cost is most of its time, so they keep
+# the operations few and avoid the slow ones on CPU (``torch.where`` / comparisons on boolean
+# masks, ``addcmul`` with broadcasting: each several times a multiplication).
 
 
 # --------------------------------------------------------------------------- multi-similarity
@@ -141,38 +159,74 @@ def multi_similarity(
     scores, positives, negatives = K.prepare(scores, positives, negatives, check)
     if check:
         _require_any_pair(positives, negatives, "the multi-similarity loss")
+    if fused:
+        if epsilon is None:
+            keep, extrema = K.stack_as_float((positives, negatives), scores.dtype), None
+        else:
+            keep, extrema = _mined_keep(scores.detach(), positives, negatives, epsilon)
+        return K.fused(_multi_similarity_kernel, _multi_similarity_slow, scores, keep, extrema,
+                      alpha, beta, base, reduction)
     if epsilon is not None:
         positives, negatives = multi_similarity_pairs(scores, positives, negatives, epsilon)
-    if fused:
-        return K.fused(_multi_similarity_kernel, _multi_similarity_slow, scores, positives,
-                      negatives, alpha, beta, base, reduction)
     pos = K.softplus(_positive_lse(lambda v: (base - v) * alpha, scores, positives, check))
     neg = K.softplus(K.masked_lse((scores - base) * beta, negatives, 1))
     pos, neg = pos / alpha, neg / beta
     return K.reduce_terms(pos + neg, reduction)
 
 
-def _multi_similarity_slow(scores, positives, negatives, alpha, beta, base, reduction):
-    return multi_similarity(scores, positives, negatives, alpha, beta, base, None, reduction,
-                            check=False)
+def _mined_keep(scores: Tensor, positives: Tensor, negatives: Tensor,
+                epsilon: float) -> tuple[Tensor, Tensor]:
+    """:func:`multi_similarity_pairs` as :func:`kernels.stack_as_float` of the mined
+    ``(P', Q')``, without boolean operations, and the row maxima ``r = (-min_P S, max_Q S)``
+    (``[2, N, 1]``; about ``finfo.min`` for a row without P / Q) of ``y = (-S, S)`` masked by
+    ``(P, Q)``: ``u = -epsilon - y = (S - eps, -(S + eps))`` is below ``r`` flipped exactly
+    where the pair is mined (``S - eps < max_Q S`` on P, ``S + eps > min_P S`` on Q: a difference of
+    floats is negative exactly when the first is smaller, so these are the same comparisons),
+    and the masking makes ``u`` about ``finfo.max`` off ``(P, Q)``."""
+    y = scores * K.const((-1.0, 1.0), scores.dtype, scores.device, (2, 1, 1))
+    y.add_(K.stack_as_float((positives, negatives), scores.dtype).sub_(1.0),
+           alpha=torch.finfo(y.dtype).max)
+    r = y.amax(-1, keepdim=True)
+    return torch.rsub(y, -epsilon).sub_(r.flip(0)).lt_(0.0), r
 
 
-def _multi_similarity_kernel(scores, positives, negatives, alpha, beta, base, reduction,
-                             need_grad):
-    """:func:`multi_similarity`'s value and ``dL/dS`` in one pass (``kernels.fused``): both
-    log-sum-exps as one stacked ``[2, N, M]`` pass, ``x = (S - base) * (-alpha, beta)``; the
-    gradient of ``softplus(lse_i) / a`` is ``sign * e_ij / (exp(-m_i) + z_i)``."""
+def _multi_similarity_slow(scores, keep, extrema, alpha, beta, base, reduction):
+    return multi_similarity(scores, keep[0] > 0, keep[1] > 0, alpha, beta, base, None,
+                            reduction, check=False)
+
+
+def _multi_similarity_kernel(scores, keep, extrema, alpha, beta, base, reduction, need_grad):
+    """:func:`multi_similarity`'s value and ``dL/dS`` in one pass (``kernels.fused``), the
+    masks as :func:`kernels.stack_as_float`: both log-sum-exps as one stacked ``[2, N, M]``
+    pass,
+    ``x = (S - base) * (-alpha, beta)``; the gradient of ``softplus(lse_i) / a`` is
+    ``sign * e_ij / (exp(-m_i) + z_i)``. ``extrema``: :func:`_mined_keep`'s row maxima
+    ``(-min_P S, max_Q S)``, which give the mined pairs' maxima of ``x`` without a masked
+    maximum (a row with a mined pair keeps its extreme one, and ``x`` is monotone in ``S``);
+    the dropped entries are then zeroed after the exponential (a row without a mined pair:
+    ``z = 0``, ``lse = -inf``, a term and a gradient of 0)."""
     n = max(scores.shape[0], 1)
-    w = 1.0 if reduction == "sum" else 1.0 / n
-    c = K.const((-alpha, beta, alpha, beta, -w, w), scores.dtype, scores.device)
-    x = (scores - base).unsqueeze(0) * c[:2, None, None]
-    lse, e, m, z = K.stacked_lse(x, torch.stack((positives, negatives)))
-    terms = K.softplus(lse).div_(c[2:4, None]).sum(0)
-    value = terms.sum() if reduction == "sum" else terms.sum() / n
+    dtype, device = scores.dtype, scores.device
+    scale = K.const((-alpha, beta), dtype, device, (2, 1, 1))
+    x = (scores - base).unsqueeze(0) * scale
+    if extrema is None:
+        lse, e, m, z = K.stacked_lse(x, keep, overwrite=True)
+    else:
+        m = (extrema * K.const((-1.0, 1.0), dtype, device, (2, 1, 1))).sub_(base).mul_(scale)
+        e = x.sub_(m).clamp_(K.EXP_FLOOR.get(dtype, -87.0), 0.0).exp_().mul_(keep)
+        z = e.sum(-1, keepdim=True)
+        lse = m + z.log()
+    total = K.softplus(lse).div_(K.const((alpha, beta), dtype, device, (2, 1, 1))).sum(0).sum()
+    value = total if reduction == "sum" else total / n
     if not need_grad:
         return value, None
-    coef = m.neg_().exp_().add_(z).reciprocal_().mul_(c[4:, None, None])
-    return value, e.mul_(coef).sum(0)
+    w = 1.0 if reduction == "sum" else 1.0 / n
+    # a row without a mined pair has z = 0 and e = 0 (with float32 scores large enough for
+    # exp(-m) to underflow, 0 / 0): the floor keeps its coefficient finite; a row with one has
+    # z >= 1, which the floor leaves alone
+    denom = m.neg_().exp_().add_(z).clamp_min_(torch.finfo(dtype).tiny)
+    e.mul_(torch.div(K.const((-w, w), dtype, device, (2, 1, 1)), denom))
+    return value, torch.add(e[0], e[1])
 
 
 # --------------------------------------------------------------------------- Circle
@@ -201,11 +255,11 @@ def circle(
     K.check_reduction(reduction, K.NONZERO)
     fused = K.fusable(scores, positives, negatives, check, reduction)
     scores, positives, negatives = K.prepare(scores, positives, negatives, check)
-    if check:
-        require_triplet(positives, negatives, "the Circle loss")
-    if fused:
+    if fused:  # the kernel checks for a triplet
         return K.fused(_circle_kernel, _circle_slow, scores, positives, negatives, m, gamma,
                       reduction)
+    if check:
+        require_triplet(positives, negatives, "the Circle loss")
 
     def pos(v: Tensor) -> Tensor:  # -gamma relu(1 + m - S) (S - (1 - m)), weight detached
         return (v.detach() - (1.0 + m)).clamp_max_(0.0).mul_(gamma) * (v - (1.0 - m))
@@ -225,29 +279,33 @@ def _circle_kernel(scores, positives, negatives, m, gamma, reduction, need_grad)
     """:func:`circle`'s value and ``dL/dS`` in one pass (``kernels.fused``), both log-sum-exps
     stacked: ``x = W * (S - (1 - m, m))`` with the (constant) weights
     ``W = (-gamma relu(1 + m - S), gamma relu(S + m))``, so ``dx/dS = W`` and
-    ``dL/dS = sum_k w sigmoid(z_i) e_k / z_k * W_k``."""
-    c = K.const((-1.0, 1.0, 1.0 + m, m, -gamma, gamma, 1.0 - m, m), scores.dtype,
-               scores.device)[:, None, None]
-    wts = torch.addcmul(c[2:4], scores, c[:2]).clamp_min_(0.0).mul_(c[4:6])
-    x = (scores - c[6:]).mul_(wts)
-    lse, e, _, z = K.stacked_lse(x, torch.stack((positives, negatives)))
-    ok = (z >= 1.0).all(0).squeeze(-1)
+    ``dL/dS = sum_k w sigmoid(z_i) e_k / z_k * W_k``. An anchor without a positive or a
+    negative has a hugely negative ``z_i`` (:func:`kernels.stacked_lse`), so its term and its
+    ``sigmoid`` are exactly 0; a loss of exactly 0 checks for a triplet
+    (``require_triplet`` raises without one)."""
+    dtype, device = scores.dtype, scores.device
+    wts = (scores * K.const((-1.0, 1.0), dtype, device, (2, 1, 1))).add_(
+        K.const((1.0 + m, m), dtype, device, (2, 1, 1))).clamp_min_(0.0).mul_(
+        K.const((-gamma, gamma), dtype, device, (2, 1, 1)))
+    x = (scores - K.const((1.0 - m, m), dtype, device, (2, 1, 1))).mul_(wts)
+    lse, e, _, z = K.stacked_lse(x, K.stack_as_float((positives, negatives), dtype),
+                                  overwrite=True)
     zi = lse.sum(0)
-    terms = torch.where(ok, K.softplus(torch.where(ok, zi, torch.zeros_like(zi))), 0.0)
+    terms = K.softplus(zi)
     total = terms.sum()
+    if not bool(total):
+        require_triplet(positives, negatives, "the Circle loss")
     if reduction == "sum":
-        value, w = total, None
+        value, coef = total, torch.sigmoid(zi)
     else:
-        count = (terms > 0).sum() if reduction == "nonzero" else ok.sum()
-        value = total / count.clamp_min(1)
-        w = count.clamp_min(1).to(scores.dtype).reciprocal()
+        count = (torch.count_nonzero(terms) if reduction == "nonzero"
+                 else (z >= 1.0).all(0).sum()).clamp_min(1)
+        value = total / count
+        coef = torch.sigmoid(zi).div_(count)
     if not need_grad:
         return value, None
-    coef = torch.where(ok, torch.sigmoid(zi), 0.0)
-    if w is not None:
-        coef = coef * w
-    coef = coef / z.squeeze(-1)
-    return value, e.mul_(coef[..., None]).mul_(wts).sum(0)
+    e.mul_(coef.div(z)).mul_(wts)
+    return value, torch.add(e[0], e[1])
 
 
 # --------------------------------------------------------------------------- lifted structure
@@ -295,22 +353,22 @@ def _lifted_kernel(scores, positives, negatives, pos_threshold, neg_threshold, r
                    need_grad):
     """:func:`lifted_structure`'s value and ``dL/dS`` in one pass (``kernels.fused``), both
     log-sum-exps stacked, ``x = (t_pos - S, S - t_neg)``; an active row's gradient is
-    ``w (e_neg / z_neg - e_pos / z_pos)``."""
-    c = K.const((-1.0, 1.0, pos_threshold, -neg_threshold), scores.dtype,
-               scores.device)[:, None, None]
-    x = torch.addcmul(c[2:], scores, c[:2])
-    lse, e, _, z = K.stacked_lse(x, torch.stack((positives, negatives)))
-    has = (z >= 1.0).squeeze(-1)
-    lse = torch.where(has, lse, torch.zeros_like(lse))
-    hinge = lse.sum(0)
-    terms = F.relu(hinge)
+    ``w (e_neg / z_neg - e_pos / z_pos)`` (``e`` is 0 off the masks, so an empty part's
+    coefficient, finite since ``z > 0``, multiplies only zeros)."""
+    dtype, device = scores.dtype, scores.device
     n = max(scores.shape[0], 1)
-    value = terms.sum() if reduction == "sum" else terms.sum() / n
+    x = (scores * K.const((-1.0, 1.0), dtype, device, (2, 1, 1))).add_(
+        K.const((pos_threshold, -neg_threshold), dtype, device, (2, 1, 1)))
+    lse, e, _, z = K.stacked_lse(x, K.stack_as_float((positives, negatives), dtype),
+                                  overwrite=True)
+    hinge = torch.where(z >= 1.0, lse, 0.0).sum(0)  # an empty part's log-sum-exp is 0
+    total = hinge.clamp_min(0.0).sum()
+    value = total if reduction == "sum" else total / n
     if not need_grad:
         return value, None
     w = 1.0 if reduction == "sum" else 1.0 / n
-    coef = torch.where(has & (hinge > 0), w / z.squeeze(-1), 0.0).mul_(c[:2, :, 0])
-    return value, e.mul_(coef[..., None]).sum(0)
+    e.mul_(torch.where(hinge > 0, K.const((-w, w), dtype, device, (2, 1, 1)) / z, 0.0))
+    return value, torch.add(e[0], e[1])
 
 
 # --------------------------------------------------------------------------- margin
@@ -373,21 +431,39 @@ def _margin_slow(scores, positives, negatives, beta, m, nu, distance, reduction)
 
 def _margin_kernel(scores, positives, negatives, beta, m, nu, distance, reduction, need_grad):
     """:func:`margin` over all triplets (boolean masks, a boundary without gradient) in one
-    pass (``kernels.fused``): the loss is linear in ``S`` on the active pairs, so ``dL/dS`` is
-    :func:`_margin_all`'s coefficient matrix over the divisor."""
-    per_anchor = beta.numel() > 1
+    pass (``kernels.fused``), with the masks as 0/1 values. The active positive pairs are
+    ``P (b + m - S > 0)``, the active negatives ``Q (S - (b - m) > 0)`` (the comparisons of
+    :func:`_margin_all`, exactly); weighing each by its number of triplets (``|Q_a|``,
+    ``|P_a|``) gives the coefficient matrix ``coef = |P_a| on active negatives, -|Q_a| on
+    active positives``, the sum ``dot(S - b, coef) + m * active`` and ``dL/dS = coef`` over
+    the divisor. Raises (``require_triplet``) when the batch has no triplet."""
     b = -beta if distance else beta
-    total, active, n_trip, reg_sum, coef = _margin_all(scores, positives, negatives, b, beta,
-                                                       m, per_anchor)
-    value, divisor = _margin_value(total, active, n_trip, reg_sum, beta, nu, per_anchor,
-                                   reduction)
+    per_anchor = beta.numel() > 1
+    if per_anchor:  # one boundary per anchor
+        b, beta = b.view(-1, 1), beta.view(-1, 1)
+    pf, qf = K.as_float(positives, scores.dtype), K.as_float(negatives, scores.dtype)
+    n_pos, n_neg = pf.sum(1, keepdim=True), qf.sum(1, keepdim=True)
+    n_anchor = n_pos * n_neg
+    n_trip = n_anchor.sum()
+    if not bool(n_trip):
+        require_triplet(positives, negatives, "the margin loss")
+    pos = torch.sub(b + m, scores).gt_(0.0).mul_(pf).mul_(n_neg)  # m + b - S_ap > 0
+    neg = torch.sub(scores, b - m).gt_(0.0).mul_(qf).mul_(n_pos)  # m + S_an - b > 0
+    active = pos.sum() + neg.sum()
+    coef = neg.sub_(pos)
+    value = torch.dot((scores - b).view(-1), coef.view(-1)) + m * active
+    divisor = None if reduction == "sum" else (
+        n_trip if reduction == "mean" else active).clamp_min(1)
+    if divisor is not None:
+        value = value / divisor
+    if nu and per_anchor:
+        reg = (n_anchor * beta).sum()
+        value = value + nu * (reg if divisor is None else reg / divisor)
+    elif nu:
+        value = value + nu * beta
     if not need_grad:
         return value, None
-    if divisor is None:
-        return value, coef
-    if not isinstance(divisor, Tensor):
-        return value, coef / max(int(divisor), 1)
-    return value, coef / divisor.clamp_min(1).to(coef.dtype)
+    return value, coef if divisor is None else coef.div_(divisor)
 
 
 def margin(
@@ -433,6 +509,10 @@ def margin(
     beta = beta.to(device=scores.device, dtype=scores.dtype)
     per_anchor = beta.numel() > 1
     beta = beta.reshape(-1) if per_anchor else beta.reshape(())
+    if (fused and triplets is None and p_count is None and q_count is None
+            and not beta.requires_grad):  # a constant boundary: one fused pass
+        return K.fused(_margin_kernel, _margin_slow, scores, positives, negatives, beta, m,
+                      nu, distance, reduction)  # checks for a triplet
     b = -beta if distance else beta
     if triplets is not None:
         a, p, n = triplets
@@ -448,9 +528,6 @@ def margin(
     elif p_count is None and q_count is None and reduction != "none":
         if check:
             require_triplet(positives, negatives, "the margin loss")
-            if fused and not beta.requires_grad:  # a constant boundary: one fused pass
-                return K.fused(_margin_kernel, _margin_slow, scores, positives, negatives,
-                              beta, m, nu, distance, reduction)
         total, active, n_trip, reg_sum, _ = _margin_all(scores, positives, negatives, b, beta,
                                                         m, per_anchor)
     else:
@@ -518,21 +595,23 @@ def _nca_slow(scores, positives, negatives, scale, reduction):
 def _nca_kernel(scores, positives, negatives, scale, reduction, need_grad):
     """:func:`nca`'s value and ``dL/dS`` in one pass (``kernels.fused``): the log-sum-exps over
     ``P u Q`` and over ``P`` stacked; a row's gradient is ``s w (softmax_all - softmax_P)``."""
+    dtype, device = scores.dtype, scores.device
     x = scores * scale if scale != 1.0 else scores
-    lse, e, _, z = K.stacked_lse(x, torch.stack((positives | negatives, positives)))
-    has = (z[1] >= 1.0).squeeze(-1)
-    terms = torch.where(has, lse[0] - torch.where(has, lse[1], torch.zeros_like(lse[1])), 0.0)
+    lse, e, _, z = K.stacked_lse(x, K.stack_as_float((positives | negatives, positives), dtype))
+    has = z[1] >= 1.0
+    terms = torch.where(has, lse.mul_(K.const((1.0, -1.0), dtype, device, (2, 1, 1))).sum(0),
+                        0.0)
     total = terms.sum()
     if reduction == "sum":
         value, w = total, scale
     else:
-        count = has.sum().clamp_min(1)
+        count = has.sum(dtype=dtype).clamp_min_(1.0)
         value = total / count
-        w = count.to(scores.dtype).reciprocal() * scale
+        w = scale / count
     if not need_grad:
         return value, None
-    coef = torch.where(has, w / z.squeeze(-1), 0.0)
-    return value, e[0].mul_(coef[0, :, None]).sub_(e[1].mul_(coef[1, :, None]))
+    e.mul_(torch.where(has, w / z, 0.0))
+    return value, e[0].sub_(e[1])
 
 
 # --------------------------------------------------------------------------- modules
@@ -595,7 +674,7 @@ class Circle(PairLoss):
         return Cosine(1.0)
 
     def has_terms(self, positives, negatives):
-        return any_true(rows_any(positives) & rows_any(negatives))
+        return _some_row_has_both(positives, negatives)
 
     def require_terms(self, positives, negatives):
         require_triplet(positives, negatives, self.what)
@@ -682,7 +761,7 @@ class Margin(PairLoss):
         return super().pairs(embeddings, labels, ref_emb, ref_labels, paired, indices_tuple)
 
     def has_terms(self, positives, negatives):
-        return any_true(rows_any(positives) & rows_any(negatives))
+        return _some_row_has_both(positives, negatives)
 
     def require_terms(self, positives, negatives):
         require_triplet(positives, negatives, self.what)

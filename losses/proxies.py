@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from contrastive.critics import Cosine, NegativeL2
+from contrastive.critics import Cosine, NegativeL2, row_norms
 from contrastive.pairs import Pairs, check_call, require_positives
 from contrastive.validation import check_temperature
 
@@ -136,26 +136,29 @@ def _proxy_anchor_slow(scores, positives, negatives, alpha, margin, reduction):
 
 def _proxy_anchor_kernel(scores, positives, negatives, alpha, margin, reduction, need_grad):
     """:func:`proxy_anchor`'s value and ``dL/dS`` in one pass (``kernels.fused``): both column
-    log-sum-exps stacked, ``x = alpha (margin - S, S + margin)``; the gradient of
+    log-sum-exps stacked (:func:`losses.kernels.stacked_lse`), ``x = alpha (margin - S,
+    S + margin)`` computed as ``(-alpha, alpha) S + alpha margin``; the gradient of
     ``softplus(lse_c)`` is ``e_ic / (exp(-m_c) + z_c)`` (``e_ic / z_c`` where ``lse_c > 20``,
-    as torch's softplus), times ``-alpha`` / ``alpha``."""
-    c = K.const((-1.0, 1.0, margin, margin), scores.dtype, scores.device)[:, None, None]
-    x = torch.addcmul(c[2:], scores, c[:2]).mul_(alpha)
-    lse, e, m, z = K.stacked_lse(x, torch.stack((positives, negatives)), dim=-2)
-    sp = F.softplus(lse)
+    as torch's softplus), times ``-alpha`` / ``alpha`` over the divisors (``"mean"``: the
+    proxies with a positive, at least 1, and all ``C``)."""
+    dtype, device = scores.dtype, scores.device
+    x = (scores * K.const((-alpha, alpha), dtype, device, (2, 1, 1))).add_(alpha * margin)
+    lse, e, m, z = K.stacked_lse(x, K.stack_as_float((positives, negatives), dtype), dim=-2,
+                               overwrite=True)
+    total = F.softplus(lse).sum(-1, keepdim=True)
+    scale = K.const((-alpha, alpha), dtype, device, (2, 1, 1))
     if reduction == "sum":
-        value, w_pos, w_neg = sp[0].sum() + sp[1].sum(), 1.0, 1.0
-    else:
-        with_pos = (z[0] >= 1.0).sum().clamp_min(1)
-        value = sp[0].sum() / with_pos + sp[1].sum() / scores.shape[1]
-        w_pos, w_neg = with_pos.to(scores.dtype).reciprocal(), 1.0 / scores.shape[1]
+        value = total.sum()
+    else:  # the divisors: the proxies with a positive (at least 1), all C proxies
+        div = torch.maximum((z >= 1.0).sum(-1, keepdim=True),
+                            K.const((1.0, float(scores.shape[1])), dtype, device, (2, 1, 1)))
+        value = total.div_(div).sum()
+        scale = scale / div
     if not need_grad:
         return value, None
     # softplus' = sigmoid(lse), and 1 above torch's threshold of 20 (F.softplus's backward)
-    coef = torch.where(lse.unsqueeze(-2) > 20.0, z, m.neg_().exp_().add_(z)).reciprocal_()
-    coef[0].mul_(-alpha * w_pos)
-    coef[1].mul_(alpha * w_neg)
-    return value, e.mul_(coef).sum(0)
+    e.mul_(torch.div(scale, torch.where(lse > 20.0, z, m.neg_().exp_().add_(z))))
+    return value, torch.add(e[0], e[1])
 
 
 def _target_softmax(scores: Tensor, positives: Tensor, negatives: Tensor, target_fn, scale: float,
@@ -328,20 +331,9 @@ class _Lane(NamedTuple):
     scale: float = 1.0
 
 
-#: F.normalize's default floor on the norm
-_NORM_EPS = 1e-12
-
-
-def _row_norms(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``F.normalize(x, dim=1)``'s divisor ``n = max(||x_i||, eps)`` ``[N, 1]``, and
-    ``small``, the rows whose norm is below ``eps`` (where the clamp holds it)."""
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    return norm.clamp_min(_NORM_EPS), norm < _NORM_EPS
-
-
 def _unit_rows_backward(h: Tensor, x: Tensor, n: Tensor, small: Tensor) -> Tensor:
-    """``dL/dx`` of ``xn = x / n`` (:func:`_row_norms`) from ``h = (dL/dxn) / n``, in place on
-    ``h``::
+    """``dL/dx`` of ``xn = x / n`` (:func:`contrastive.critics.row_norms`) from
+    ``h = (dL/dxn) / n``, in place on ``h``::
 
         dL/dx = (dL/dxn - xn (dL/dxn . xn)) / n = h - x (h . x) / n^2
 
@@ -369,8 +361,8 @@ class _ProxySoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, proxies: Tensor, target: Tensor, lane: _Lane, reduction: str,
                 slow):
-        nx, small_x = _row_norms(x)
-        npx, small_p = _row_norms(proxies)
+        nx, small_x = row_norms(x)
+        npx, small_p = row_norms(proxies)
         y = target[:, None]
         w = (proxies / npx).mul_(lane.fold)
         z = (x @ w.T).div_(nx)  # (x / n) @ w.T without the [N, d] quotient

@@ -68,35 +68,31 @@ def _close(a, b, dtype):
     torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(float(b.abs().max()), 1.0))
 
 
-@pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_equals_both_autograd_forms(name, reduction, dtype, monkeypatch):
+def _fused_matches_autograd(fn, s, p, q, reduction, dtype, monkeypatch):
     """Fused (check=True, small) against the masked autograd form (check=False) and the indexed
-    one (check=True with the fused path switched off)."""
-    s, p, q = _batch(dtype)
-    fast, g_fast, node = _run(CASES[name], s, p, q, reduction, True)
+    one (check=True with the fused path switched off): equal values and gradients."""
+    fast, g_fast, node = _run(fn, s, p, q, reduction, True)
     assert node == "FusedLossBackward"
     for check, thr in ((False, None), (True, 0)):
-        v, g, other = _run(CASES[name], s, p, q, reduction, check, monkeypatch, thr)
+        v, g, other = _run(fn, s, p, q, reduction, check, monkeypatch, thr)
         assert other != "FusedLossBackward"
         _close(fast, v, dtype)
         _close(g_fast, g, dtype)
     assert float(fast) != 0.0 and float(g_fast.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_equals_both_autograd_forms(name, reduction, dtype, monkeypatch):
+    _fused_matches_autograd(CASES[name], *_batch(dtype), reduction, dtype, monkeypatch)
 
 
 @pytest.mark.parametrize("name", list(MARGIN_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_hinge_losses_equal_both_autograd_forms(name, dtype, monkeypatch):
-    s, p, q = _batch(dtype, spread=1.0)
-    fast, g_fast, node = _run(MARGIN_CASES[name], s, p, q, None, True)
-    assert node == "FusedLossBackward"
-    for check, thr in ((False, None), (True, 0)):
-        v, g, other = _run(MARGIN_CASES[name], s, p, q, None, check, monkeypatch, thr)
-        assert other != "FusedLossBackward"
-        _close(fast, v, dtype)
-        _close(g_fast, g, dtype)
-    assert float(fast) != 0.0 and float(g_fast.abs().sum()) > 0
+    _fused_matches_autograd(MARGIN_CASES[name], *_batch(dtype, spread=1.0), None, dtype,
+                            monkeypatch)
 
 
 def _hinge_closed_forms(s, p, q, m=0.3):
@@ -301,3 +297,20 @@ def test_modules_on_the_fused_paths_equal_the_plain_pipeline(make, monkeypatch):
     plain.backward()
     torch.testing.assert_close(fused.detach(), plain.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_smile_trains_by_exactly_the_js_gradient(reduction):
+    """SMILE's JS-gradient training is functional.js's own gradient, bit for bit (fused path
+    included), so the mi-bench JS and SMILE rows train the same critic."""
+    from losses import bounds as LB
+
+    s, p, q = _batch(torch.float32)
+    a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    sm = LB.smile(a, p, q, tau=1.0, reduction=reduction)
+    js = LF.js(b, p, q, reduction)
+    up = torch.ones_like(sm)
+    sm.backward(up)
+    js.backward(up)
+    assert torch.equal(a.grad, b.grad)
+    assert not torch.equal(sm.detach(), js.detach())  # valued as -I_SMILE, not as JS

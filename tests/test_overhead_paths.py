@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from contrastive.pairs import NoPairsWarning, label_masks
+from contrastive.pairs import NoPairsError, NoPairsWarning, label_masks
 from losses import kernels as K
 from losses import pair_based as PB
 from losses import proxies as PX
@@ -145,17 +145,123 @@ def test_exponent_floor_changes_no_value():
     assert float((x - x.max()).min()) < -87.0  # the floor was in play
 
 
-def test_stacked_lse_matches_logsumexp():
+def _every_kind_of_row(dtype, n=12, m=10, seed=4):
+    """Scores and disjoint masks with every kind of row: both parts, no negative, no
+    positive, neither (and columns without a positive or without a negative)."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.rand(n, m, generator=g, dtype=dtype) * 2 - 1
+    pos = torch.rand(n, m, generator=g) < 0.3
+    neg = ~pos & (torch.rand(n, m, generator=g) < 0.8)
+    pos[0], neg[0] = False, True  # no positive
+    pos[1, :3], neg[1] = True, False  # no negative
+    pos[2], neg[2] = False, False  # nothing
+    pos[:, 0], neg[:, 0] = True, False  # a column without a negative
+    pos[:, 1] = False  # a column without a positive
+    pos[0, 0] = pos[2, 0] = False
+    return s, pos, neg
+
+
+@pytest.mark.parametrize("name", [*PAIR_CASES, "proxy_anchor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_path_rows_without_a_part(name, dtype):
+    """The fused kernels' empty rows (a masked log-sum-exp without a kept entry: a hugely
+    negative, finite value, exactly 0 in every term and gradient) against the autograd form,
+    for every reduction."""
+    fn = PAIR_CASES[name] if name in PAIR_CASES else PROXY_CASES[name]
+    s, p, q = _every_kind_of_row(dtype)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    for reduction in REDUCTIONS.get(name, ("mean", "sum")):
+        fast, g_fast = _run(fn, s, p, q, reduction, True)
+        masked, g_masked = _run(fn, s, p, q, reduction, False)
+        torch.testing.assert_close(fast, masked, rtol=rtol, atol=rtol * float(masked.abs()))
+        torch.testing.assert_close(g_fast, g_masked, rtol=rtol,
+                                   atol=rtol * float(g_masked.abs().max()))
+        assert bool(torch.isfinite(g_fast).all())
+        assert float(g_fast[~(p | q)].abs().max()) == 0.0  # exactly 0 off the masks
+
+
+@pytest.mark.parametrize("dim", [-1, -2])
+def test_stacked_lse_matches_logsumexp(dim):
+    """``kernels.stacked_lse`` on 0/1 masks against torch's logsumexp of the masked entries:
+    exact on rows with a kept entry, ``e`` exactly 0 off the mask, ``z >= 1`` exactly on the
+    rows with a kept entry, empty rows finite with a softplus and a sigmoid of 0; ``x`` is
+    left alone unless ``overwrite=True``, and may broadcast against the mask."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 6, 8, generator=g, dtype=torch.float64) * 40
     keep = torch.rand(2, 6, 8, generator=g) < 0.5
-    keep[0, 1] = False  # an empty row
-    lse, e, m, z = K.stacked_lse(x.clone(), keep)
-    ref = torch.logsumexp(x.masked_fill(~keep, -math.inf), -1)
-    ok = keep.any(-1)
+    keep[0, 1], keep[1, :, 2] = False, False  # an empty row and an empty column
+    kf = K.as_float(keep, x.dtype)
+    before = x.clone()
+    lse, e, m, z = K.stacked_lse(x, kf, dim)
+    assert torch.equal(x, before)  # not overwritten by default
+    ref = torch.logsumexp(x.masked_fill(~keep, -math.inf), dim, keepdim=True)
+    ok = keep.any(dim, keepdim=True)
     torch.testing.assert_close(lse[ok], ref[ok], rtol=1e-13, atol=1e-13)
-    assert bool(((z.squeeze(-1) >= 1) == ok).all())
-    assert float(torch.nn.functional.softplus(lse[0, 1])) == 0.0
+    torch.testing.assert_close(e[keep], torch.exp(x - m)[keep], rtol=1e-13, atol=0)
+    assert float(e[~keep].abs().max()) == 0.0
+    assert bool(((z >= 1) == ok).all()) and bool((z > 0).all())
+    assert bool(torch.isfinite(lse).all())
+    assert float(K.softplus(lse[~ok]).max()) == 0.0
+    assert float(torch.sigmoid(lse[~ok]).max()) == 0.0
+    same = K.stacked_lse(x.clone(), kf, dim, overwrite=True)
+    assert all(torch.equal(u, v) for u, v in zip(same, (lse, e, m, z)))
+    # x broadcast against the mask
+    lse_b = K.stacked_lse(x[0], kf, dim)[0]
+    ref_b = K.stacked_lse(x[0].expand(2, 6, 8).clone(), kf, dim)[0]
+    assert torch.equal(lse_b, ref_b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mined_keep_is_multi_similarity_pairs(dtype):
+    """The mining as 0/1 values equals the boolean one, ties included (scores on a grid of
+    1/8, epsilon 1/4: S - eps equals the hardest negative exactly)."""
+    s, p, q = _every_kind_of_row(dtype)
+    s = (s * 8).round() / 8
+    for row in (3, 4):  # S - eps == max_Q S at a positive, S + eps == min_P S at a negative
+        j, k = int(p[row].nonzero()[0]), int(q[row].nonzero()[0])
+        s[row, j] = s[row][q[row]].max() + 0.25
+        s[row, k] = s[row][p[row]].min() - 0.25
+    hardest_neg = torch.where(q, s, -math.inf).amax(1, keepdim=True)
+    easiest_pos = torch.where(p, s, math.inf).amin(1, keepdim=True)
+    assert bool(((s - 0.25 == hardest_neg) & p).any())
+    assert bool(((s + 0.25 == easiest_pos) & q).any())
+    pos, neg = PB.multi_similarity_pairs(s, p, q, 0.25)
+    keep, extrema = PB._mined_keep(s, p, q, 0.25)
+    assert torch.equal(keep[0] > 0, pos) and torch.equal(keep[1] > 0, neg)
+    assert set(keep.unique().tolist()) <= {0.0, 1.0}
+    lo = torch.finfo(dtype).min / 2
+    assert torch.equal(extrema[0][p.any(1)], -easiest_pos[p.any(1)])  # -min_P S
+    assert torch.equal(extrema[1][q.any(1)], hardest_neg[q.any(1)])
+    assert bool((extrema[0][~p.any(1)] < lo).all()) and bool((extrema[1][~q.any(1)] < lo).all())
+
+
+def test_some_row_has_both():
+    s, p, q = _every_kind_of_row(torch.float32)
+    for a, b in ((p, q), (p, torch.zeros_like(q)), (p[:3], q[:3]), (p[1:3], q[1:3]),
+                 (p[:, :0], q[:, :0]), (p.int(), q.int() * 2)):
+        ref = bool((a.bool().any(1) & b.bool().any(1)).any()) if a.numel() else False
+        assert PB._some_row_has_both(a, b) == ref
+
+
+@pytest.mark.parametrize("name", ["circle", "margin"])
+def test_fast_path_raises_without_a_triplet(name, monkeypatch):
+    """Circle and the margin loss check for a triplet inside their fused kernels: the same
+    errors as the autograd form, with and without a gradient."""
+    fn = PAIR_CASES[name]
+    s = torch.rand(6, 6, dtype=torch.float64)
+    p = torch.zeros(6, 6, dtype=torch.bool)
+    q = torch.zeros(6, 6, dtype=torch.bool)
+    p[:2, :3], q[2:, 3:] = True, True  # positives and negatives, never in one row
+    for masks, match in (((p, q), "no anchor has both"), ((q & p, q), "no positive pair"),
+                         ((p, p & q), "no negative pair")):
+        for threshold in (None, 0):  # fused, then the autograd form
+            if threshold is not None:
+                monkeypatch.setattr(K, "FUSED_MAX_ENTRIES", threshold)
+            with pytest.raises(NoPairsError, match=match):
+                fn(s.clone().requires_grad_(True), *masks, "mean")
+            with torch.no_grad(), pytest.raises(NoPairsError, match=match):
+                fn(s.clone().requires_grad_(True), *masks, "mean")
+        monkeypatch.undo()
 
 
 # ------------------------------------------------------------------ the module boundary
@@ -231,3 +337,18 @@ def test_arcface_fast_path_at_the_clamp_bounds():
     assert float(fast) == float(ref)
     assert bool(torch.isfinite(g_fast).all())
     torch.testing.assert_close(g_fast, g_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("epsilon", [None, 0.1])
+def test_multi_similarity_fast_path_is_finite_for_anchors_without_mined_pairs(epsilon):
+    """float32 scores up to 3 (a non-cosine critic): beta (S - base) passes 103, where
+    exp(-m) underflows; an anchor without a positive (so without mined pairs) must still get a
+    zero gradient, not 0 / 0."""
+    s, p, q = _pair_batch(torch.float32, seed=1, spread=3.0)
+    fn = lambda t, p, q, r: PB.multi_similarity(t, p, q, epsilon=epsilon, reduction=r,  # noqa: E731
+                                                check=c_)
+    fast, g_fast = _run(fn, s, p, q, "mean", True)
+    slow, g_slow = _run(fn, s, p, q, "mean", False)
+    assert bool(torch.isfinite(g_fast).all())
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_fast, g_slow, rtol=1e-5, atol=1e-5 * float(g_slow.abs().max()))

@@ -1,11 +1,12 @@
 """Mutation check: does the test suite notice when the loss and metric cores are broken?
 
-Each mutation below is a small, plausible bug in ``losses/functional.py``, ``losses/kernels.py``
-or ``evaluation/``: a flipped sign, a dropped term, a detached gradient, an off-by-one. For each
-one the script copies the repository into a temporary folder, applies the mutation to the copy
-(the working tree is never touched), runs the tests that cover that file and records whether
-they failed ("caught") or passed ("survived"). The caught fraction is the suite's mutation score
-on these cores; a surviving mutation names a promise no test checks.
+Each mutation below is a small, plausible bug in ``losses/functional.py``, ``losses/kernels.py``,
+``contrastive/critics.py`` or ``evaluation/``: a flipped sign, a dropped term, a detached
+gradient, an off-by-one. For each one the script copies the repository into a temporary folder,
+applies the mutation to the copy (the working tree is never touched), runs the tests that cover
+that file and records whether they failed ("caught") or passed ("survived"). The caught
+fraction is the suite's mutation score on these cores; a surviving mutation names a promise no
+test checks.
 
     python benchmarks/mutation_check.py                 # all mutations (make mutation)
     python benchmarks/mutation_check.py --only nwj,map  # those whose id contains a word
@@ -34,10 +35,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LOSS_TESTS = ("tests/test_losses_reference.py", "tests/test_losses_properties.py",
-              "tests/test_losses_errors.py", "tests/test_reductions.py")
+              "tests/test_losses_errors.py", "tests/test_reductions.py",
+              "tests/test_fused_core.py")
 TESTS = {
     "losses/functional.py": LOSS_TESTS,
     "losses/kernels.py": LOSS_TESTS,
+    "contrastive/critics.py": ("tests/test_critics.py", "tests/test_fused_core.py"),
     "evaluation/retrieval.py": ("tests/test_retrieval.py",),
     "evaluation/clustering.py": ("tests/test_clustering.py",),
     "evaluation/weighted_knn.py": ("tests/test_knn_classifier.py",),
@@ -62,6 +65,7 @@ class Mutation:
 
 
 F, K, R = "losses/functional.py", "losses/kernels.py", "evaluation/retrieval.py"
+C = "contrastive/critics.py"
 MUTATIONS: tuple[Mutation, ...] = (
     # ---------------------------------------------------------------- losses.functional
     Mutation("infonce-sign", F, "sign", "lse - psum / n_pos", "lse + psum / n_pos"),
@@ -129,6 +133,28 @@ MUTATIONS: tuple[Mutation, ...] = (
              "- neg_threshold * n_active", ""),
     Mutation("contrastive-positive-hinge-sign", F, "sign",
              "h = F.relu(pos_threshold - scores[pi])", "h = F.relu(scores[pi] - pos_threshold)"),
+    # the fused small-batch kernels (value and dL/dS in one pass) and the one-node critic
+    Mutation("fused-supcon-pull-sign", F, "sign", "e.mul_(soft).addcmul_(pf, pull, value=-1)",
+             "e.mul_(soft).addcmul_(pf, pull, value=1)"),
+    Mutation("fused-ntxent-shift-dropped", F, "term",
+             "ez.log().sub_(scores).add_(m)", "ez.log().sub_(scores)"),
+    Mutation("fused-js-positive-sigmoid-side", F, "sign",
+             "sig.neg_().add_(1.0).mul_(pf).mul_(inv_p)", "sig.mul_(pf).mul_(inv_p)"),
+    Mutation("fused-nwj-minus-one-dropped", F, "term",
+             "torch.exp(lse + inv_q.log() - 1.0)", "torch.exp(lse + inv_q.log())"),
+    Mutation("fused-dv-count-dropped", F, "term",
+             "value = (lse + inv_q.log() - pos) * scale", "value = (lse - pos) * scale"),
+    Mutation("fused-triplet-margin-sign", F, "sign",
+             "thr = (s_ap - margin).masked_fill_(~valid, K.POS_INF)",
+             "thr = (s_ap + margin).masked_fill_(~valid, K.POS_INF)"),
+    Mutation("fused-contrastive-weights-swapped", F, "index",
+             "an.mul_(wn).sub_(ap.mul_(wp))", "an.mul_(wp).sub_(ap.mul_(wn))"),
+    Mutation("stacked-lse-shift-dropped", K, "term",
+             "return m + z.log(), e.mul_(keep), m, z", "return z.log(), e.mul_(keep), m, z"),
+    Mutation("unit-gram-one-sided", C, "term",
+             "gy = torch.mm(g + g.T, y).mul_(scale)", "gy = torch.mm(g, y).mul_(scale)"),
+    Mutation("unit-gram-distance-one-sided", C, "term",
+             "gy = torch.mm(h + h.T, y)", "gy = torch.mm(h, y)"),
     # ---------------------------------------------------------------- evaluation
     Mutation("relevance-counts-self", R, "off-by-one",
              "return r - 1 if same_set else r", "return r"),

@@ -86,6 +86,16 @@ def row_norms(x: Tensor) -> tuple[Tensor, Tensor]:
     return norm.clamp_min(NORM_EPS), norm < NORM_EPS
 
 
+def _unit_rows_backward(g: Tensor, y: Tensor, n: Tensor, small: Tensor,
+                        inplace: bool = False) -> Tensor:
+    """``dL/dx = (g - y (g . y)) / n`` of ``y = x / n`` (:func:`row_norms`) from ``g = dL/dy``,
+    without the projection on the ``small`` rows (the clamp passes ``g / eps`` there); in
+    place on ``g`` when it is a buffer of the caller's."""
+    dot = torch.bmm(g.unsqueeze(1), y.unsqueeze(2)).squeeze(2).masked_fill_(small, 0.0)
+    out = g.addcmul_(y, dot, value=-1.0) if inplace else torch.addcmul(g, y, dot, value=-1.0)
+    return out.div_(n)
+
+
 class _UnitRows(torch.autograd.Function):
     """``F.normalize(x, dim=1)``, ``y = x / max(||x||, eps)`` (the same operations), with the
     backward pass in one step::
@@ -110,8 +120,7 @@ class _UnitRows(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
             (gx,) = torch.autograd.grad(F.normalize(x, dim=1), x, g, create_graph=True)
             return gx
-        dot = torch.bmm(g.unsqueeze(1), y.unsqueeze(2)).squeeze(2).masked_fill_(small, 0.0)
-        return torch.addcmul(g, y, dot, value=-1.0).div_(n)
+        return _unit_rows_backward(g, y, n, small)
 
 
 class _UnitGram(torch.autograd.Function):
@@ -154,8 +163,7 @@ class _UnitGram(torch.autograd.Function):
         else:  # dS/dG = -1/S ("l2", 0 at S = 0) or 2 ("l2sq")
             h = g.div(s).neg_().masked_fill_(s == 0, 0.0) if ctx.kind == "l2" else g * 2.0
             gy = torch.mm(h + h.T, y)
-        dot = torch.bmm(gy.unsqueeze(1), y.unsqueeze(2)).squeeze(2).masked_fill_(small, 0.0)
-        return gy.addcmul_(y, dot, value=-1.0).div_(n), None, None
+        return _unit_rows_backward(gy, y, n, small, inplace=True), None, None
 
 
 def _unit_gram_plain(x: Tensor, scale: Tensor | None, kind: str) -> Tensor:

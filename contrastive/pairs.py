@@ -198,6 +198,17 @@ def rows_any(mask: Tensor) -> Tensor:
     return mask.any(1)
 
 
+def any_triplet(positives: Tensor, negatives: Tensor) -> bool:
+    """Whether some anchor has both a positive and a negative (a triplet): for boolean masks
+    the product of the two row maxima over their bytes (fewer operations than ``rows_any``
+    twice, ``&`` and :func:`any_true`)."""
+    if (positives.dtype == torch.bool and negatives.dtype == torch.bool
+            and positives.numel() > 0 and negatives.numel() > 0):
+        rows = positives.view(torch.uint8).amax(1)
+        return bool(rows.mul_(negatives.view(torch.uint8).amax(1)).max())
+    return any_true(rows_any(positives) & rows_any(negatives))
+
+
 def require_positives(positives: Tensor, what: str = "this loss") -> None:
     """Raise :class:`NoPairsError` (a ``ValueError``) when no anchor has a positive."""
     if not any_true(positives):
@@ -221,7 +232,7 @@ def require_triplet(positives: Tensor, negatives: Tensor, what: str = "the tripl
     """Raise :class:`NoPairsError` when no anchor has both a positive and a negative."""
     require_positives(positives, what)
     require_negatives(negatives, what)
-    if not any_true(rows_any(positives) & rows_any(negatives)):
+    if not any_triplet(positives, negatives):
         raise NoPairsError(
             f"no anchor has both a positive and a negative, so {what} has no triplet: check the "
             "batch labels (sample several classes with several items each, e.g. MPerClassSampler)"

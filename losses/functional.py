@@ -750,14 +750,18 @@ def _triplet_all_sorted(scores, negatives, idx, valid, margin):
     return total, count.sum()
 
 
-def _triplet_all(scores, positives, negatives, margin, method: str = "auto", pi=None):
+def _triplet_all(scores, positives, negatives, margin, method: str = "auto", pi=None,
+                 padded=None):
     """Exact sum and count of non-zero ``relu(m - S_ap + S_an)`` over all valid triplets without
     B^3 memory: ``"dense"`` (few positives per anchor) or ``"sorted"`` (many); ``"masked"`` is
-    ``"sorted"`` with every column a slot (no sync, static shapes)."""
+    ``"sorted"`` with every column a slot (no sync, static shapes). ``pi`` / ``padded``: the
+    positives' index and its padded ``(idx, valid)`` form when the caller has them."""
     if method == "masked":
         return _triplet_all_sorted(scores, negatives, None, positives, margin)
-    pi = K.positive_index(positives, "the triplet loss") if pi is None else pi
-    idx, valid = K.padded_positives(pi)
+    if padded is None:
+        pi = K.positive_index(positives, "the triplet loss") if pi is None else pi
+        padded = K.padded_positives(pi)
+    idx, valid = padded
     if method == "auto":
         method = "dense" if _use_dense(idx.shape[1], scores.shape[1]) else "sorted"
     fn = _triplet_all_dense if method == "dense" else _triplet_all_sorted
@@ -933,13 +937,13 @@ def triplet(
             else:
                 total = _triplet_soft_masked(scores, positives, negatives, margin)
             return total if reduction == "sum" else total / n_triplets.clamp_min(1)
-        method = "auto" if check else "masked"
+        method, padded = ("auto" if check else "masked"), None
         if fused:
-            idx, valid = K.padded_positives(pi)
+            padded = idx, valid = K.padded_positives(pi)
             if _use_dense(idx.shape[1], scores.shape[1]):
                 return K.fused(_triplet_all_kernel, _triplet_all_slow, scores, positives,
                                negatives, idx, valid, margin, reduction, n_triplets)
-        total, count = _triplet_all(scores, positives, negatives, margin, method, pi)
+        total, count = _triplet_all(scores, positives, negatives, margin, method, pi, padded)
         if reduction == "sum":
             return total
         if reduction == "mean":

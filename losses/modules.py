@@ -41,6 +41,7 @@ from contrastive.pairs import (
     NoPairsError,
     NoPairsWarning,
     Pairs,
+    any_triplet,
     any_true,
     check_call,
     diagonal_masks,
@@ -52,7 +53,6 @@ from contrastive.pairs import (
     require_positives,
     require_triplet,
     resolve_pairs,
-    rows_any,
 )
 from contrastive.validation import check_temperature
 
@@ -466,7 +466,7 @@ class Triplet(PairLoss):
         return NegativeL2(normalize=True)
 
     def has_terms(self, positives, negatives):
-        return any_true(rows_any(positives) & rows_any(negatives))
+        return any_triplet(positives, negatives)
 
     def require_terms(self, positives, negatives):
         require_triplet(positives, negatives, self.what)

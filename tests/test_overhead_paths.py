@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from contrastive.pairs import NoPairsError, NoPairsWarning, label_masks
+from contrastive.pairs import NoPairsError, NoPairsWarning, any_triplet, label_masks
 from losses import kernels as K
 from losses import pair_based as PB
 from losses import proxies as PX
@@ -235,12 +235,12 @@ def test_mined_keep_is_multi_similarity_pairs(dtype):
     assert bool((extrema[0][~p.any(1)] < lo).all()) and bool((extrema[1][~q.any(1)] < lo).all())
 
 
-def test_some_row_has_both():
+def test_any_triplet():
     s, p, q = _every_kind_of_row(torch.float32)
     for a, b in ((p, q), (p, torch.zeros_like(q)), (p[:3], q[:3]), (p[1:3], q[1:3]),
                  (p[:, :0], q[:, :0]), (p.int(), q.int() * 2)):
         ref = bool((a.bool().any(1) & b.bool().any(1)).any()) if a.numel() else False
-        assert PB._some_row_has_both(a, b) == ref
+        assert any_triplet(a, b) == ref
 
 
 @pytest.mark.parametrize("name", ["circle", "margin"])

@@ -30,6 +30,7 @@ NTXentLoss and for TripletMarginLoss while it builds its B^3 mask, i.e. B^3 < 2^
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -54,6 +55,23 @@ PROXY_CLASSES = 100
 # --------------------------------------------------------------------------- memory
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Point file descriptor 2 at ``os.devnull`` while the block runs: Kineto (torch.profiler's
+    backend) writes log lines (``USDT: ... profiler_start``, ``ERROR: gpuGetDeviceCount
+    failed``) straight to it on every profile, whatever ``KINETO_LOG_LEVEL`` says, which would
+    interleave with the printed table. Only the profiler's own start and stop run inside."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class PeakMemory:
     """Peak bytes allocated by torch above the starting level while the ``with`` block runs.
 
@@ -72,7 +90,8 @@ class PeakMemory:
             self._prof = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
             )
-            self._prof.__enter__()
+            with native_stderr_silenced():
+                self._prof.__enter__()
         else:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -81,12 +100,13 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if self.device == "cpu":
-            self._prof.__exit__(*exc)
-            events = [
-                (e.start_ns(), e.nbytes())
-                for e in self._prof.profiler.kineto_results.events()
-                if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
-            ]
+            with native_stderr_silenced():
+                self._prof.__exit__(*exc)
+                events = [
+                    (e.start_ns(), e.nbytes())
+                    for e in self._prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+                ]
             level = peak = 0
             for _, nbytes in sorted(events):
                 level += nbytes
@@ -338,6 +358,7 @@ def measure_interleaved(fns: dict, x, labels, device, repeats: int, budget_s: fl
     out, passes = {}, {}
     for key, fn in fns.items():
         run_once(fn, x, labels, device)  # warm-up: first-touch, lazy init
+        x.grad = None  # freed before the profile starts (its free inside would be unmatched)
         with PeakMemory(device) as pm:
             one = run_once(fn, x, labels, device)
         out[key] = (pm.peak / 2**20, [one])

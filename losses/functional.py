@@ -697,13 +697,12 @@ def _triplet_all_slow(scores, positives, negatives, idx, valid, margin, reductio
     return triplet(scores, positives, negatives, margin, "all", False, reduction, check=False)
 
 
-def _triplet_hard_kernel(scores, positives, negatives, margin, reduction, need_grad):
+def _triplet_hard_kernel(scores, positives, negatives, ok, margin, reduction, need_grad):
     """:func:`triplet`'s batch-hard hinge loss and ``dL/dS`` in one pass (``kernels.fused``):
-    per anchor with both, ``+w`` at its hardest negative's column and ``-w`` at its hardest
-    positive's where the hinge is active."""
+    per anchor with both (``ok``), ``+w`` at its hardest negative's column and ``-w`` at its
+    hardest positive's where the hinge is active."""
     p_col = torch.where(positives, scores, K.POS_INF).argmin(1, keepdim=True)
     n_col = torch.where(negatives, scores, K.NEG_INF).argmax(1, keepdim=True)
-    ok = K.count_rows(positives).gt_(0) & K.count_rows(negatives).gt_(0)
     diff = (scores.gather(1, n_col) - scores.gather(1, p_col)).squeeze(1).add_(margin)
     terms = diff.clamp_min_(0.0).mul_(ok)
     active = terms > 0
@@ -720,8 +719,48 @@ def _triplet_hard_kernel(scores, positives, negatives, margin, reduction, need_g
     return value, grad.scatter_add_(1, p_col, coef.neg_())
 
 
-def _triplet_hard_slow(scores, positives, negatives, margin, reduction):
+def _triplet_hard_slow(scores, positives, negatives, _ok, margin, reduction):
     return triplet(scores, positives, negatives, margin, "hard", False, reduction, check=False)
+
+
+def _triplet_semihard_kernel(scores, positives, negatives, idx, valid, has_neg, margin,
+                             reduction, need_grad):
+    """:func:`triplet`'s semi-hard hinge loss and ``dL/dS`` in one pass (``kernels.fused``):
+    each padded (anchor, positive) slot's semi-hard negative (for few positives per anchor, all
+    slots at once as ``[N, k, M]`` 0/1 values), then ``+w`` at that negative's column and
+    ``-w`` at the positive's where the hinge is active, scattered as autograd's two ``gather``
+    backward passes would (the same gradient, bit for bit)."""
+    s_ap = scores.gather(1, idx)
+    if _use_dense(idx.shape[1], scores.shape[1]):
+        qf = K.as_float(negatives, scores.dtype)
+        # below[a, j, n]: S_an < S_ap(j) for a negative n; the semi-hard one is the largest such
+        below = (s_ap[:, :, None] - scores[:, None, :]).gt_(0.0).mul_(qf[:, None, :])
+        has_semi = below.amax(2) > 0
+        big = float(scores.max() - scores.min()) + 1.0  # as _semihard_negative's dense method
+        arg = below.sub_(1.0).mul_(big).add_(scores[:, None, :]).argmax(2)
+        easiest = scores.masked_fill(~negatives, K.POS_INF).argmin(1, keepdim=True)
+        n_col = torch.where(has_semi, arg, easiest)
+    else:
+        n_col = _semihard_negative(scores, negatives, idx, valid, has_neg)
+    ok = valid & has_neg[:, None]
+    x = scores.gather(1, n_col).sub_(s_ap).add_(margin)
+    active = (x > 0) & ok
+    value = x.clamp_min_(0.0).mul_(ok).sum()
+    if reduction != "sum":
+        count = (active if reduction == "nonzero" else ok).sum().clamp_min(1)
+        value = value / count
+    if not need_grad:
+        return value, None
+    w = (torch.ones((), dtype=scores.dtype, device=scores.device) if reduction == "sum"
+         else count.to(scores.dtype).reciprocal())
+    coef = torch.where(active, w, 0.0)
+    grad = torch.zeros_like(scores).scatter_add_(1, n_col, coef)
+    return value, grad.add_(torch.zeros_like(scores).scatter_add_(1, idx, coef.neg_()))
+
+
+def _triplet_semihard_slow(scores, positives, negatives, idx, valid, has_neg, margin, reduction):
+    return triplet(scores, positives, negatives, margin, "semihard", False, reduction,
+                   check=False)
 
 
 def _sorted_negatives(scores: Tensor, negatives: Tensor):
@@ -912,7 +951,14 @@ def triplet(
     reduction = _check_triplet_args(mining, reduction)
     n_pos, n_neg = K.count_rows(positives), K.count_rows(negatives)
     has_neg = n_neg > 0
-    if check and not bool(((n_pos > 0) & has_neg).any()):
+    # int64: a row's |P_i| |Q_i| passes int32 beyond ~92k reference items
+    if mining == "all":
+        n_triplets = (n_pos.to(torch.int64) * n_neg).sum()
+        found = n_triplets
+    else:
+        ok = (n_pos > 0) & has_neg
+        found = ok.any()
+    if check and not bool(found):
         require_triplet(positives, negatives, "the triplet loss")  # raises, saying why
     if reduction == "none" and mining == "all":
         return _triplet_terms(scores, positives, negatives, margin, soft)
@@ -920,17 +966,15 @@ def triplet(
     if mining == "hard":  # per anchor, from the masks: no index of the positives needed
         if fused:
             return K.fused(_triplet_hard_kernel, _triplet_hard_slow, scores, positives,
-                           negatives, margin, reduction)
+                           negatives, ok, margin, reduction)
         sd = scores.detach()
         p_col = sd.masked_fill(~positives, K.POS_INF).argmin(1, keepdim=True)
         n_col = sd.masked_fill(~negatives, K.NEG_INF).argmax(1, keepdim=True)
-        ok = (n_pos > 0) & has_neg
         diff = (scores.gather(1, n_col) - scores.gather(1, p_col)).squeeze(1)
         terms = torch.where(ok, _hinge(diff + margin, soft), 0.0)
         return K.reduce_terms(terms, reduction, ok.sum())
     pi = K.positive_index(positives, "the triplet loss") if check else None
     if mining == "all":
-        n_triplets = (n_pos * n_neg).sum()
         if soft:
             if check:
                 total, _ = _triplet_soft_all(scores, positives, negatives, margin, pi)
@@ -953,6 +997,9 @@ def triplet(
     # every column (static shapes)
     if check:
         idx, valid = K.padded_positives(pi)
+        if fused:
+            return K.fused(_triplet_semihard_kernel, _triplet_semihard_slow, scores, positives,
+                           negatives, idx, valid, has_neg, margin, reduction)
         s_ap = scores.gather(1, idx)
     else:
         idx, valid, s_ap = None, positives, scores

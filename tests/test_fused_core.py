@@ -1,9 +1,9 @@
 """The small-batch fused paths of the functional core's losses (InfoNCE in both forms, NWJ, JS,
-DV, triplet, contrastive: ``kernels.FusedLoss`` below ``FUSED_MAX_ENTRIES``) and of the
-normalising critics (``critics.unit_rows``, ``critics.unit_gram``), against the autograd forms
-they replace and against independent closed forms: the same values and gradients in float32 and
-float64, double backward, masks that overlap or leave anchors out, and the checks that must
-still raise."""
+DV, triplet with each mining, contrastive: ``kernels.FusedLoss`` below ``FUSED_MAX_ENTRIES``)
+and of the normalising critics (``critics.unit_rows``, ``critics.unit_gram``), against the
+autograd forms they replace and against independent closed forms: the same values and
+gradients in float32 and float64, double backward, masks that overlap or leave anchors out,
+and the checks that must still raise."""
 
 import math
 
@@ -47,7 +47,7 @@ def _contrastive_case(reduction: str):
 
 MARGIN_CASES = {  # the hinge losses, with each reduction they take
     **{f"triplet_{mining}_{r}": _triplet_case(mining, r)
-       for mining in ("all", "hard") for r in ("nonzero", "mean", "sum")},
+       for mining in ("all", "hard", "semihard") for r in ("nonzero", "mean", "sum")},
     **{f"contrastive_{r}": _contrastive_case(r) for r in ("nonzero", "mean", "sum")},
 }
 
@@ -107,13 +107,43 @@ def _hinge_closed_forms(s, p, q, m=0.3):
     ok = p.any(1) & q.any(1)
     rows = torch.arange(s.shape[0])
     hard = torch.relu(s[rows, hn] - s[rows, hp] + m)[ok]
+    semi = []  # FaceNet: per (a, p), the largest S_an below S_ap, else the smallest S_an
+    for a, j in p.nonzero().tolist():
+        if not q[a].any():
+            continue
+        below = [k for k in range(s.shape[1]) if q[a, k] and sd[a, k] < sd[a, j]]
+        pool = below or [k for k in range(s.shape[1]) if q[a, k]]
+        k = max(pool, key=lambda k: sd[a, k]) if below else min(pool, key=lambda k: sd[a, k])
+        semi.append(torch.relu(s[a, k] - s[a, j] + m))
+    semi = torch.stack(semi)
     pos, neg = torch.relu(0.5 - s[p]), torch.relu(s[q] + 0.5)
-    return {"triplet_all_nonzero": all_nz, "triplet_all_mean": t.mean(),
+    return {"triplet_semihard_mean": semi.mean(), "triplet_semihard_sum": semi.sum(),
+            "triplet_semihard_nonzero": semi.sum() / (semi > 0).sum(),
+            "triplet_all_nonzero": all_nz, "triplet_all_mean": t.mean(),
             "triplet_all_sum": t.sum(), "triplet_hard_mean": hard.mean(),
             "triplet_hard_nonzero": hard.sum() / (hard > 0).sum(),
             "triplet_hard_sum": hard.sum(),
             "contrastive_nonzero": pos.sum() / (pos > 0).sum() + neg.sum() / (neg > 0).sum(),
             "contrastive_mean": pos.mean() + neg.mean(), "contrastive_sum": pos.sum() + neg.sum()}
+
+
+@pytest.mark.parametrize("reduction", ["nonzero", "mean", "sum"])
+@pytest.mark.parametrize("classes", [5, 2])  # few positives per anchor (dense) and many (sorted)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_semihard_is_the_autograd_form_bit_for_bit(reduction, classes, dtype, monkeypatch):
+    """The fused semi-hard kernel picks the same negatives and scatters its gradient as
+    autograd's two gather backward passes do: values and gradients identical, not just close
+    (published tables trained with the autograd form stay valid)."""
+    n = 24 if classes == 5 else 200  # 200 rows of 2 classes: ~100 positives, sorted search
+    s, p, q = _batch(dtype, n=n, classes=classes, spread=1.0)
+    q[3] = False  # an anchor without negatives
+    fn = _triplet_case("semihard", reduction)
+    fast, g_fast, node = _run(fn, s, p, q, None, True)
+    assert node == "FusedLossBackward"
+    slow, g_slow, other = _run(fn, s, p, q, None, True, monkeypatch, 0)
+    assert other != "FusedLossBackward"
+    assert torch.equal(fast, slow) and torch.equal(g_fast, g_slow)
+    assert float(fast) > 0
 
 
 def _fused_matches_closed_form(fused, closed, s, reduction, grad_rtol=1e-12):
@@ -281,7 +311,8 @@ def test_critics_take_the_one_node_path_only_on_self_scores():
 
 @pytest.mark.parametrize("make", [lambda: M.InfoNCE(), lambda: M.InfoNCE(positives="pair"),
                                   M.NWJ, M.JS, M.DV, M.Triplet, M.Contrastive,
-                                  lambda: M.Triplet(mining="hard", reduction="nonzero")])
+                                  lambda: M.Triplet(mining="hard", reduction="nonzero"),
+                                  lambda: M.Triplet(mining="semihard")])
 def test_modules_on_the_fused_paths_equal_the_plain_pipeline(make, monkeypatch):
     """The whole module (critic + loss) with every fused path against the same module with
     them switched off (plain autograd critic, autograd loss): same value, same gradient."""

@@ -329,3 +329,17 @@ def test_check_false_gives_the_zero_of_a_batch_without_a_term(name, case):
             continue  # the bound keeps its terms (log 1 - l_i over the positives alone)
         assert float(v.detach().abs().sum()) == 0.0, reduction
         assert float(g.abs().sum()) == 0.0 and bool(torch.isfinite(g).all())
+
+
+def test_triplet_mean_counts_more_triplets_than_int32_holds():
+    """One anchor with 50,000 positives and 50,000 negatives has 2.5e9 triplets, past int32:
+    the mean's count must not wrap around (every term is the margin here, so the mean is it)."""
+    m = 100_000
+    p = torch.zeros(1, m, dtype=torch.bool)
+    p[0, : m // 2] = True
+    s = torch.zeros(1, m, requires_grad=True)
+    loss = LF.triplet(s, p, ~p, margin=0.05, mining="all", reduction="mean")
+    assert float(loss.detach()) == pytest.approx(0.05, rel=1e-6)
+    loss.backward()
+    # d mean / d S_ap = -|Q| / T, d / d S_an = |P| / T with T = |P| |Q|
+    assert float(s.grad[0, 0]) == pytest.approx(-1 / (m // 2), rel=1e-5)

@@ -5,6 +5,9 @@ PIP := $(VENV)/bin/pip
 $(VENV)/.installed: pyproject.toml setup.py evaluation/_scan.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q -e '.[dev]'
+	# the reference of the lightly parity tests; its loss modules need only torch and timm (the
+	# full install pulls pytorch-lightning and hydra)
+	$(PIP) install -q --no-deps 'lightly==1.6.0'
 	touch $@
 
 .PHONY: venv test lint demo bench clean gpu-check gpu-wheels mutation

@@ -142,6 +142,9 @@ def padded_positives(pi: PosIndex) -> tuple[Tensor, Tensor]:
     ``valid [N, k]`` marking the real ones (padding points at column 0)."""
     n = pi.count.shape[0]
     k = int(pi.count.max())
+    if pi.rows.numel() == n * k:  # every row has k positives (M per class): no padding, and the
+        # row-major columns of ``nonzero`` are the index as they stand
+        return pi.cols.view(n, k), torch.ones(n, k, dtype=torch.bool, device=pi.cols.device)
     starts = torch.cumsum(pi.count, 0) - pi.count
     slot = torch.arange(pi.rows.numel(), device=pi.rows.device) - starts[pi.rows]
     idx = torch.zeros(n, k, dtype=torch.long, device=pi.rows.device)

@@ -147,6 +147,30 @@ def test_triplet_all_gradient_equals_brute_force(data):
 
 
 @SETTINGS
+@given(n=st.integers(1, 9), m=st.integers(1, 9), k=st.integers(0, 9), seed=st.integers(0, 99),
+       ragged=st.booleans())
+def test_padded_positives_list_each_rows_positive_columns(n, m, k, seed, ragged):
+    """``idx[i, :|P_i|]`` are row i's positive columns in order, the padding points at column
+    0 and is marked invalid; with the same count in every row (an M-per-class batch) the index
+    is ``nonzero``'s columns as they stand, nothing padded."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(k, m)
+    mask = torch.zeros(n, m, dtype=torch.bool)
+    for i in range(n):  # k positives per row, or a random number with ``ragged``
+        c = int(torch.randint(0, m + 1, (1,), generator=g)) if ragged else k
+        mask[i, torch.randperm(m, generator=g)[:c]] = True
+    if not mask.any():
+        return
+    idx, valid = K.padded_positives(K.positive_index(mask, "test"))
+    counts = mask.sum(1)
+    assert idx.shape == valid.shape == (n, int(counts.max()))
+    for i in range(n):
+        assert idx[i][valid[i]].tolist() == mask[i].nonzero().flatten().tolist()
+        assert int(valid[i].sum()) == int(counts[i])
+    assert not idx[~valid].any()
+
+
+@SETTINGS
 @given(data=labelled_scores(max_n=12, ref=True))
 def test_semihard_dense_and_sorted_pick_the_same_negative(data):
     s, pos, neg = data

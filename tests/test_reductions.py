@@ -333,7 +333,8 @@ def test_check_false_gives_the_zero_of_a_batch_without_a_term(name, case):
 
 def test_triplet_mean_counts_more_triplets_than_int32_holds():
     """One anchor with 50,000 positives and 50,000 negatives has 2.5e9 triplets, past int32:
-    the mean's count must not wrap around (every term is the margin here, so the mean is it)."""
+    the mean's count must not wrap around (every term is the margin here, so the mean is it;
+    the wrapped count was clamped to 1 and gave the sum, 1.25e8)."""
     m = 100_000
     p = torch.zeros(1, m, dtype=torch.bool)
     p[0, : m // 2] = True
@@ -343,3 +344,6 @@ def test_triplet_mean_counts_more_triplets_than_int32_holds():
     loss.backward()
     # d mean / d S_ap = -|Q| / T, d / d S_an = |P| / T with T = |P| |Q|
     assert float(s.grad[0, 0]) == pytest.approx(-1 / (m // 2), rel=1e-5)
+    # the soft margin averages over the same count (float32 sums of 2.5e9 terms: 1e-3)
+    soft = LF.triplet(s.detach(), p, ~p, margin=0.05, mining="all", soft=True)
+    assert float(soft) == pytest.approx(math.log1p(math.exp(0.05)), rel=1e-3)

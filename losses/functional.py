@@ -628,12 +628,32 @@ def _use_dense(k: int, m: int) -> bool:
     return k <= max(8, 7 * math.log2(max(m, 2)))
 
 
+#: entries of one float pass over several positive slots ``[j, N, M]`` (triplet counts, the
+#: semi-hard search); a matrix too large for two slots per pass takes one boolean ``[N, M]``
+#: pass per slot instead, a quarter of the memory traffic (measured on CPU: B = 512 as fast or
+#: faster in float, B = 1024 about 1.4x slower)
+SLOT_PASS_ENTRIES = 1 << 20
+
+
 def _triplet_counts(sd: Tensor, negatives: Tensor, s_ap: Tensor, valid: Tensor, margin: float):
     """For every anchor's padded positive slot j: ``c_ap [N, k]``, how many of its negatives
     are active (``S_an > S_ap - m``), and ``c_an [N, M]``, for how many of its positives each
-    negative is active; one ``[N, M]`` comparison per slot (``sd`` the detached scores)."""
+    negative is active, as counts in ``sd``'s dtype (``sd`` the detached scores); several slots
+    per pass as 0/1 values (float arithmetic is several times faster than boolean masks on
+    CPU), or one boolean pass per slot (:data:`SLOT_PASS_ENTRIES`)."""
     thr = (s_ap - margin).masked_fill(~valid, K.POS_INF)
-    k = s_ap.shape[1]
+    (n, m), k = sd.shape, s_ap.shape[1]
+    step = SLOT_PASS_ENTRIES // max(n * m, 1)  # slots per pass
+    if step >= 2:
+        thr = thr.T.contiguous()[:, :, None]  # [k, N, 1]
+        qf = K.as_float(negatives, sd.dtype)
+        c_an = torch.zeros_like(sd)
+        c_ap = torch.empty(k, n, dtype=sd.dtype, device=sd.device)
+        for j in range(0, k, step):
+            act = (sd - thr[j:j + step]).gt_(0.0).mul_(qf)
+            c_an += act.sum(0)
+            c_ap[j:j + step] = act.sum(2)
+        return c_ap.T.contiguous(), c_an
     c_ap = torch.empty(s_ap.shape, dtype=torch.int32, device=sd.device)
     # c_an <= k: count in bytes (bool viewed as uint8 adds without a conversion pass)
     c_an = torch.zeros(sd.shape, dtype=torch.uint8 if k < 256 else torch.int32, device=sd.device)
@@ -642,44 +662,31 @@ def _triplet_counts(sd: Tensor, negatives: Tensor, s_ap: Tensor, valid: Tensor, 
         act &= negatives
         c_ap[:, j] = K.count_rows(act)
         c_an += act.view(torch.uint8)
-    return c_ap, c_an
+    return c_ap.to(sd.dtype), c_an.to(sd.dtype)
 
 
 def _triplet_all_dense(scores, negatives, idx, valid, margin):
     """Sum and count of active triplets (``S_an > S_ap - m``) by comparing every anchor's j-th
-    positive with all its negatives, one ``[N, M]`` pass per j < k. The value is rebuilt from
-    the counts, ``sum_{a,p} c_ap (m - S_ap) + sum_{a,n} c_an S_an``, whose autograd gradient is
-    exactly the hinge's (it is piecewise linear), so only O(N M) is kept for backward."""
+    positive with all its negatives (:func:`_triplet_counts`, O(k N M)). The value is rebuilt
+    from the counts, ``sum_{a,p} c_ap (m - S_ap) + sum_{a,n} c_an S_an``, whose autograd
+    gradient is exactly the hinge's (it is piecewise linear), so only O(N M) is kept for
+    backward."""
     s_ap = scores.gather(1, idx)
     c_ap, c_an = _triplet_counts(scores.detach(), negatives, s_ap.detach(), valid, margin)
-    c_an = c_an.to(scores.dtype)
-    total = (c_ap.to(scores.dtype) * (margin - s_ap)).sum() + torch.dot(
-        c_an.reshape(-1), scores.reshape(-1)
-    )
-    return total, c_ap.sum()
+    total = (c_ap * (margin - s_ap)).sum() + torch.dot(c_an.reshape(-1), scores.reshape(-1))
+    return total, c_ap.sum(dtype=torch.int64)
 
 
 def _triplet_all_kernel(scores, positives, negatives, idx, valid, margin, reduction, n_triplets,
                         need_grad):
-    """:func:`triplet`'s all-triplets hinge loss and ``dL/dS`` in one pass (``kernels.fused``).
-    The active triplets (``S_an > S_ap - m``) of several positive slots at once, as 0/1 values
-    ``[j, N, M]`` (float comparisons are several times faster than boolean masks on CPU); from
-    their counts ``c_ap`` (per anchor and positive) and ``c_an`` (per anchor and negative) the
-    value is ``sum c_ap (m - S_ap) + sum c_an S_an`` and, the loss being linear in ``S`` on the
-    active triplets, ``dL/dS = w (c_an - c_ap)`` (``c_ap`` placed at the positives' columns),
-    ``w`` one over the reduction's count."""
+    """:func:`triplet`'s all-triplets hinge loss and ``dL/dS`` in one pass (``kernels.fused``):
+    from the counts of active triplets (:func:`_triplet_counts`), ``c_ap`` per anchor and
+    positive and ``c_an`` per anchor and negative, the value is
+    ``sum c_ap (m - S_ap) + sum c_an S_an`` and, the loss being linear in ``S`` on the active
+    triplets, ``dL/dS = w (c_an - c_ap)`` (``c_ap`` placed at the positives' columns), ``w``
+    one over the reduction's count."""
     s_ap = scores.gather(1, idx)
-    thr = (s_ap - margin).masked_fill_(~valid, K.POS_INF).T.contiguous()  # [k, N]
-    qf = K.as_float(negatives, scores.dtype)
-    k, (n, m) = thr.shape[0], scores.shape
-    step = max(1, (1 << 20) // max(n * m, 1))  # slots per pass: at most ~1M entries
-    c_an = torch.zeros_like(scores)
-    c_ap = torch.empty_like(thr)
-    for j in range(0, k, step):
-        act = (scores - thr[j:j + step, :, None]).gt_(0.0).mul_(qf)
-        c_an += act.sum(0)
-        c_ap[j:j + step] = act.sum(2)
-    c_ap = c_ap.T
+    c_ap, c_an = _triplet_counts(scores, negatives, s_ap, valid, margin)
     total = torch.dot(c_ap.reshape(-1), (margin - s_ap).view(-1)) + torch.dot(
         c_an.view(-1), scores.reshape(-1))
     if reduction == "sum":
@@ -726,22 +733,12 @@ def _triplet_hard_slow(scores, positives, negatives, _ok, margin, reduction):
 def _triplet_semihard_kernel(scores, positives, negatives, idx, valid, has_neg, margin,
                              reduction, need_grad):
     """:func:`triplet`'s semi-hard hinge loss and ``dL/dS`` in one pass (``kernels.fused``):
-    each padded (anchor, positive) slot's semi-hard negative (for few positives per anchor, all
-    slots at once as ``[N, k, M]`` 0/1 values), then ``+w`` at that negative's column and
-    ``-w`` at the positive's where the hinge is active, scattered as autograd's two ``gather``
-    backward passes would (the same gradient, bit for bit)."""
+    each padded (anchor, positive) slot's semi-hard negative (:func:`_semihard_negative`), then
+    ``+w`` at that negative's column and ``-w`` at the positive's where the hinge is active,
+    scattered as autograd's two ``gather`` backward passes would (the same gradient, bit for
+    bit)."""
     s_ap = scores.gather(1, idx)
-    if _use_dense(idx.shape[1], scores.shape[1]):
-        qf = K.as_float(negatives, scores.dtype)
-        # below[a, j, n]: S_an < S_ap(j) for a negative n; the semi-hard one is the largest such
-        below = (s_ap[:, :, None] - scores[:, None, :]).gt_(0.0).mul_(qf[:, None, :])
-        has_semi = below.amax(2) > 0
-        big = float(scores.max() - scores.min()) + 1.0  # as _semihard_negative's dense method
-        arg = below.sub_(1.0).mul_(big).add_(scores[:, None, :]).argmax(2)
-        easiest = scores.masked_fill(~negatives, K.POS_INF).argmin(1, keepdim=True)
-        n_col = torch.where(has_semi, arg, easiest)
-    else:
-        n_col = _semihard_negative(scores, negatives, idx, valid, has_neg)
+    n_col = _semihard_negative(scores, negatives, idx, valid, has_neg)
     ok = valid & has_neg[:, None]
     x = scores.gather(1, n_col).sub_(s_ap).add_(margin)
     active = (x > 0) & ok
@@ -854,16 +851,26 @@ def _semihard_negative(scores, negatives, idx, valid, has_neg, method: str = "au
         method = "dense" if _use_dense(idx.shape[1], scores.shape[1]) else "sorted"
     if method == "dense":
         arg = torch.empty(idx.shape, dtype=torch.long, device=sd.device)
+        has_semi = torch.empty(idx.shape, dtype=torch.bool, device=sd.device)
         # excluded entries are pushed below every score by subtracting the score range + 1
         # (arithmetic: masked_fill with a data-dependent mask is ~5x slower on CPU)
         big = float(sd.max() - sd.min()) + 1.0
-        has_semi = torch.empty(idx.shape, dtype=torch.bool, device=sd.device)
-        for j in range(idx.shape[1]):
-            below = torch.lt(sd, s_ap[:, j, None])
-            below &= negatives
-            has_semi[:, j] = K.count_rows(below) > 0
-            cand = below.to(sd.dtype).sub_(1.0).mul_(big).add_(sd)  # sd, or sd - big
-            arg[:, j] = cand.argmax(1)
+        (n, m), k = sd.shape, idx.shape[1]
+        step = SLOT_PASS_ENTRIES // max(n * m, 1)  # slots per pass
+        if step >= 2:
+            # below[a, j, c]: S_ac < S_ap(j) for a negative c, as 0/1 values
+            qf = K.as_float(negatives, sd.dtype)[:, None, :]
+            for j in range(0, k, step):
+                below = (s_ap[:, j:j + step, None] - sd[:, None, :]).gt_(0.0).mul_(qf)
+                has_semi[:, j:j + step] = below.amax(2) > 0
+                arg[:, j:j + step] = below.sub_(1.0).mul_(big).add_(sd[:, None, :]).argmax(2)
+        else:  # one boolean [N, M] pass per slot (SLOT_PASS_ENTRIES)
+            for j in range(k):
+                below = torch.lt(sd, s_ap[:, j, None])
+                below &= negatives
+                has_semi[:, j] = K.count_rows(below) > 0
+                cand = below.to(sd.dtype).sub_(1.0).mul_(big).add_(sd)  # sd, or sd - big
+                arg[:, j] = cand.argmax(1)
     else:
         keyed = sd.masked_fill(~negatives, K.NEG_INF)
         sorted_keyed, order = keyed.sort(dim=1, descending=True)

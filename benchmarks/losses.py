@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -123,6 +124,59 @@ def memory_method(device) -> str:
         return ("peak of torch's CPU allocations during one pass (torch.profiler, "
                 "profile_memory=True; running sum of alloc/free sizes)")
     return "torch.cuda.max_memory_allocated"
+
+
+# --------------------------------------------------------------------------- host reads
+
+#: operators that read a tensor value or a data-dependent size on the host: each is a device
+#: sync on a GPU (``item`` / ``bool`` / ``float`` go through ``_local_scalar_dense``)
+SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "bincount", "_unique2", "unique_dim",
+                      "unique_consecutive", "masked_select", "repeat_interleave"})
+#: of those, the ones counted only on a GPU: the losses call ``bincount`` on the CPU alone
+#: (``kernels.positive_index``), where it reads nothing, and row sums on a GPU
+GPU_ONLY_SYNC_OPS = frozenset({"bincount"})
+
+
+class HostReads(TorchDispatchMode):
+    """Counts a block's host reads of tensor values (:data:`SYNC_OPS`, and ``Tensor.tolist``,
+    which does not dispatch on the CPU): deterministic, unlike a time, and each one a device
+    sync on a GPU, where a loss at B = 128 waits on every one of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+        self._tolist = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in SYNC_OPS and (name not in GPU_ONLY_SYNC_OPS or any(
+                isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)):
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._tolist = original = torch.Tensor.tolist
+
+        def tolist(t):
+            self.reads += 1
+            return original(t)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+def host_reads(fn, x, labels) -> int:
+    """Host reads of one forward+backward pass of ``fn`` (after an uncounted one)."""
+    run_once(fn, x, labels, x.device)
+    x.grad = None
+    with HostReads() as counter:
+        run_once(fn, x, labels, x.device)
+    x.grad = None
+    return counter.reads
 
 
 # --------------------------------------------------------------------------- cases
@@ -483,7 +537,9 @@ def main(argv=None):
                 line += f"  PML {ref.skipped}"
             print(line, flush=True)
             if key not in smallest or b < smallest[key][0]:
-                smallest[key] = (b, ours.ms / fl.ms, speed)
+                reads = (host_reads(fns["ours"], x, labels),
+                         host_reads(fns["ref"], x, labels) if "ref" in fns else None)
+                smallest[key] = (b, ours.ms / fl.ms, speed, reads)
             del fns, res
             gc.collect()
         del x
@@ -497,14 +553,16 @@ def print_overhead_summary(smallest: dict, all_cases: dict, target: float = 1.5)
     ``<= target``) and the speed-up over PML (target ``>= 1``)."""
     if not smallest:
         return
-    print(f"# overhead at the smallest B: ours/floor (target <= {target:g}) and PML speed-up "
-          "(target >= 1)")
-    for key, (b, ratio, speed) in smallest.items():
+    print(f"# overhead at the smallest B: ours/floor (target <= {target:g}), PML speed-up "
+          "(target >= 1) and host reads per forward+backward, ours and PML's (each a device "
+          "sync on a GPU)")
+    for key, (b, ratio, speed, (reads, ref_reads)) in smallest.items():
         flags = [f"> {target:g}x floor"] if ratio > target else []
         if speed is not None and speed < 1.0:
             flags.append("slower than PML")
         print(f"#   {all_cases[key].name:<18} B={b:<5} ours/floor {ratio:5.2f}  "
-              f"PML speed-up {fmt(speed, '5.2f')}  {'; '.join(flags) or 'ok'}")
+              f"PML speed-up {fmt(speed, '5.2f')}  reads {reads:>2} (PML {fmt(ref_reads, '>2')})"
+              f"  {'; '.join(flags) or 'ok'}")
 
 
 if __name__ == "__main__":

@@ -183,12 +183,17 @@ def resolve_pairs(
     return Pairs(c.embeddings, c.ref_emb, pos, neg, False)
 
 
-def any_true(mask: Tensor) -> bool:
-    """``bool(mask.any())``, faster for boolean masks: torch's CPU ``any`` on bool is several
-    times slower than a ``max`` over the same bytes viewed as uint8."""
+def any_flag(mask: Tensor) -> Tensor:
+    """``mask.any()`` as a 0-d tensor, read by nobody yet (no host sync): for boolean masks the
+    maximum of their bytes (torch's CPU ``any`` on bool is several times slower)."""
     if mask.dtype == torch.bool and mask.numel() > 0:
-        return bool(mask.view(torch.uint8).max())
-    return bool(mask.any())
+        return mask.view(torch.uint8).max()
+    return mask.any()
+
+
+def any_true(mask: Tensor) -> bool:
+    """``bool(mask.any())`` (:func:`any_flag`, read)."""
+    return bool(any_flag(mask))
 
 
 def rows_any(mask: Tensor) -> Tensor:
@@ -198,15 +203,60 @@ def rows_any(mask: Tensor) -> Tensor:
     return mask.any(1)
 
 
-def any_triplet(positives: Tensor, negatives: Tensor) -> bool:
-    """Whether some anchor has both a positive and a negative (a triplet): for boolean masks
-    the product of the two row maxima over their bytes (fewer operations than ``rows_any``
-    twice, ``&`` and :func:`any_true`)."""
+def triplet_flag(positives: Tensor, negatives: Tensor) -> Tensor:
+    """Whether some anchor has both a positive and a negative (a triplet), as a 0-d tensor (no
+    sync): for boolean masks the product of the two row maxima over their bytes (fewer
+    operations than ``rows_any`` twice and ``&``)."""
     if (positives.dtype == torch.bool and negatives.dtype == torch.bool
             and positives.numel() > 0 and negatives.numel() > 0):
         rows = positives.view(torch.uint8).amax(1)
-        return bool(rows.mul_(negatives.view(torch.uint8).amax(1)).max())
-    return any_true(rows_any(positives) & rows_any(negatives))
+        return rows.mul_(negatives.view(torch.uint8).amax(1)).max()
+    return any_flag(rows_any(positives) & rows_any(negatives))
+
+
+def any_triplet(positives: Tensor, negatives: Tensor) -> bool:
+    """``bool(triplet_flag(positives, negatives))``."""
+    return bool(triplet_flag(positives, negatives))
+
+
+#: what a loss needs for a term, by name (:func:`terms_flag`, :func:`require_terms`):
+#: a positive pair, a negative pair, both, either, or an anchor with both (a triplet)
+TERMS = ("positives", "negatives", "both", "any", "triplet")
+
+
+def terms_flag(terms: str, positives: Tensor, negatives: Tensor) -> Tensor:
+    """Whether the masks give a loss that needs ``terms`` (one of :data:`TERMS`) a term, as a
+    0-d tensor: one host read decides it, with other values read in the same sync
+    (:func:`losses.kernels.prepare`)."""
+    if terms == "positives":
+        return any_flag(positives)
+    if terms == "negatives":
+        return any_flag(negatives)
+    if terms == "both":
+        return any_flag(positives) & any_flag(negatives)
+    if terms == "any":
+        return any_flag(positives) | any_flag(negatives)
+    if terms == "triplet":
+        return triplet_flag(positives, negatives)
+    raise ValueError(f"terms must be one of {', '.join(map(repr, TERMS))}, got {terms!r}")
+
+
+def require_terms(terms: str, positives: Tensor, negatives: Tensor, what: str) -> None:
+    """Raise :class:`NoPairsError`, saying what is missing, when the masks give a loss that
+    needs ``terms`` (:data:`TERMS`) no term."""
+    if terms == "positives":
+        require_positives(positives, what)
+    elif terms == "negatives":
+        require_negatives(negatives, what)
+    elif terms == "both":
+        require_positives(positives, what)
+        require_negatives(negatives, what)
+    elif terms == "any":
+        require_any_pair(positives, negatives, what)
+    elif terms == "triplet":
+        require_triplet(positives, negatives, what)
+    else:
+        raise ValueError(f"terms must be one of {', '.join(map(repr, TERMS))}, got {terms!r}")
 
 
 def require_positives(positives: Tensor, what: str = "this loss") -> None:
@@ -226,6 +276,14 @@ def require_negatives(negatives: Tensor, what: str = "this loss") -> None:
             f"the batch has no negative pair, which {what} needs: all items share one label. "
             "Sample at least two classes per batch"
         )
+
+
+def require_any_pair(positives: Tensor, negatives: Tensor, what: str = "this loss") -> None:
+    """Raise :class:`NoPairsError` when the masks hold no pair at all (neither a positive nor a
+    negative)."""
+    if not any_true(positives) and not any_true(negatives):
+        raise NoPairsError(f"the batch has no pair at all, which {what} needs: pass at least two "
+                           "items")
 
 
 def require_triplet(positives: Tensor, negatives: Tensor, what: str = "the triplet loss") -> None:

@@ -11,13 +11,16 @@ the pairs), per triplet ``[N, M, M]``; ``"mean"`` divides the sum of the terms b
 terms that exist (anchors with a term, pairs in the mask), as ``cross_entropy(...,
 ignore_index=...)`` does, so it equals ``terms.mean()`` exactly when every slot holds a term.
 
-Checks. ``check=True`` (default) validates the input with device-to-host syncs: finite scores,
-and a batch that leaves a loss nothing to average (no positive pair, no negative, no triplet)
-raises :class:`contrastive.pairs.NoPairsError` (a ``ValueError``); the modules in
+Checks. ``check=True`` (default) validates the input with one device-to-host read
+(:func:`losses.kernels.prepare`, one sync on a GPU): finite scores, and a batch that leaves a
+loss nothing to average (no positive pair, no negative, no triplet) raises
+:class:`contrastive.pairs.NoPairsError` (a ``ValueError``); the modules in
 :mod:`losses.modules` turn that case into pytorch-metric-learning's zero loss (or keep the error
-with ``strict=True``). ``check=False`` reads no tensor value on the host and branches on no tensor
-data: every shape is static (positives as masks, not indices), and a batch without a term gives
-0 through masks and clamped counts. That is the form for ``torch.compile`` and CUDA graphs
+with ``strict=True``), letting this check stand for their own, so a module call reads the host
+twice in all: once for finite embeddings, once here (``tests/test_host_reads.py``).
+``check=False`` reads no tensor value on the host and branches on no tensor data: every shape
+is static (positives as masks, not indices), and a batch without a term gives 0 through masks
+and clamped counts. That is the form for ``torch.compile`` and CUDA graphs
 (``tests/test_compile.py``). With ``check=True`` positives are gathered by index (``nonzero``,
 one sync; the fastest form in eager mode when anchors have few positives); both forms give the
 same values.
@@ -58,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from contrastive.pairs import NoPairsError, require_negatives, require_positives, require_triplet
+from contrastive.pairs import require_negatives, require_positives
 
 from . import kernels as K
 from .kernels import REDUCTIONS
@@ -116,11 +119,6 @@ def _counts_or_none(mask: Tensor | None) -> Tensor | None:
     return mask
 
 
-def _require_both(positives: Tensor, negatives: Tensor, what: str) -> None:
-    require_positives(positives, what)
-    require_negatives(negatives, what)
-
-
 def supcon(
     scores: Tensor,
     positives: Tensor,
@@ -144,9 +142,8 @@ def supcon(
     """
     K.check_reduction(reduction)
     fused = K.fusable(scores, positives, negatives, check, reduction)
-    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
-    if check:
-        _require_both(positives, negatives, "InfoNCE")
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check, "both",
+                                             "InfoNCE")
     if fused:
         return K.fused(_supcon_kernel, _supcon_slow, scores, positives, negatives, reduction)
     pi = K.positive_index(positives, "InfoNCE") if check else None
@@ -218,9 +215,8 @@ def ntxent(
     fused = K.fusable(scores, positives, negatives, check, reduction)
     p_count = _counts_or_none(positives)
     q_count = _counts_or_none(negatives)
-    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
-    if check:
-        _require_both(positives, negatives, "NT-Xent")
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check, "both",
+                                             "NT-Xent")
     if fused:
         return K.fused(_ntxent_kernel, _ntxent_slow, scores, positives, negatives, reduction)
     has_neg = K.count_rows(negatives) > 0
@@ -428,9 +424,7 @@ def _fused_bound(kernel, loss, what: str, scores, positives, negatives, reductio
     K.check_reduction(reduction)
     if not K.fusable(scores, positives, negatives, check, reduction):
         return None
-    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
-    require_positives(positives, what)
-    require_negatives(negatives, what)
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check, "both", what)
     scale = float(scores.shape[0]) if reduction == "sum" else 1.0
     return K.fused(kernel, _slow_bound(loss), scores, positives, negatives, scale)
 
@@ -601,9 +595,9 @@ def multiclass_npair(
     ``check`` also verifies that no anchor has two positives.
     """
     K.check_reduction(reduction)
-    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
-    if check and reduction != "nonzero" and bool((positives ^ negatives).all()) \
-            and bool((positives.sum(1) == 1).all()):
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check, "positives",
+                                             "the multi-class N-pair loss")
+    if check and bool((positives ^ negatives).all() & (K.count_rows(positives) == 1).all()):
         # every anchor has one positive and all its other candidates are negatives (the
         # paired rows the module builds): the cross-entropy against the positive's column,
         # torch's fused kernel, which is what the loss computed before it had this core
@@ -948,25 +942,25 @@ def triplet(
     ``check``, no anchor with both a positive and a negative raises
     :class:`~contrastive.pairs.NoPairsError`.
     """
-    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
+    if triplets is None:
+        reduction = _check_triplet_args(mining, reduction)
+    # given triplets need none in the masks (none given: 0); else an anchor with both is needed
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check,
+                                             "triplet" if triplets is None else None,
+                                             "the triplet loss")
     margin = float(margin)
     if triplets is not None:
         reduction = _check_triplet_args("all", reduction)
         a, p, n = triplets
         terms = _hinge(scores[a, n] - scores[a, p] + margin, soft)
         return K.reduce_terms(terms, reduction, terms.numel())
-    reduction = _check_triplet_args(mining, reduction)
     n_pos, n_neg = K.count_rows(positives), K.count_rows(negatives)
     has_neg = n_neg > 0
     # int64: a row's |P_i| |Q_i| passes int32 beyond ~92k reference items
     if mining == "all":
         n_triplets = (n_pos.to(torch.int64) * n_neg).sum()
-        found = n_triplets
     else:
         ok = (n_pos > 0) & has_neg
-        found = ok.any()
-    if check and not bool(found):
-        require_triplet(positives, negatives, "the triplet loss")  # raises, saying why
     if reduction == "none" and mining == "all":
         return _triplet_terms(scores, positives, negatives, margin, soft)
     fused = not soft and K.fusable(scores, positives, negatives, check, reduction)
@@ -1050,12 +1044,8 @@ def contrastive(
     K.check_reduction(reduction, K.NONZERO)
     p_count = _counts_or_none(positives)
     q_count = _counts_or_none(negatives)
-    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
-    if check and not bool(positives.any()) and not bool(negatives.any()):
-        raise NoPairsError(
-            "the batch has no pair at all, which the contrastive loss needs: pass at least two "
-            "items"
-        )
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check, "any",
+                                             "the contrastive loss")
     if p_count is None and q_count is None and K.fusable(scores, positives, negatives, check,
                                                          reduction):
         return K.fused(_contrastive_kernel, _contrastive_slow, scores, positives, negatives,

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from contrastive.pairs import require_positives
+from contrastive.pairs import require_positives, require_terms, terms_flag
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")
@@ -84,9 +84,13 @@ def gate(x: Tensor, ok: Tensor) -> Tensor:
     return torch.where(ok, x, torch.zeros_like(x))
 
 
-def prepare(scores: Tensor, positives: Tensor, negatives: Tensor | None, check: bool = True):
+def prepare(scores: Tensor, positives: Tensor, negatives: Tensor | None, check: bool = True,
+            terms: str | None = None, what: str = "this loss"):
     """Validate ``(S, P, Q)``; return S in float32 (float64 stays) and boolean masks. Shapes are
-    always checked (static); finiteness only with ``check`` (it reads a value)."""
+    always checked (static); with ``check`` also that the scores are finite and, when ``terms``
+    names what the loss needs (:data:`contrastive.pairs.TERMS`), that the masks give ``what``
+    a term (:class:`~contrastive.pairs.NoPairsError` otherwise). Both are one host read (one
+    device sync on a GPU), not one per check."""
     if not isinstance(scores, Tensor) or scores.dim() != 2:
         raise ValueError(
             f"scores must be a 2-D tensor [N, M], got {getattr(scores, 'shape', type(scores))}"
@@ -108,16 +112,28 @@ def prepare(scores: Tensor, positives: Tensor, negatives: Tensor | None, check: 
         )
     if scores.dtype != torch.float64 and scores.dtype != torch.float32:
         scores = scores.float()
-    # one reduction instead of an elementwise isfinite: NaN/Inf propagate into the sum; an
-    # overflowing sum of finite scores is told apart by the exact check
-    if check and not math.isfinite(float(scores.detach().sum())) and not bool(
-        torch.isfinite(scores.detach()).all()
-    ):
+    if check:
+        _check_values(scores, positives, negatives, terms, what)
+    return scores, positives, negatives
+
+
+def _check_values(scores: Tensor, positives: Tensor, negatives: Tensor, terms: str | None,
+                  what: str) -> None:
+    """:func:`prepare`'s checks in one host read: the scores' sum (one reduction instead of an
+    elementwise ``isfinite``: NaN/Inf propagate into it; an overflowing sum of finite scores
+    is told apart by the exact check) and, with ``terms``, whether there is a term."""
+    total = scores.detach().sum()
+    if terms is None:
+        value, present = float(total), True
+    else:
+        value, present = torch.stack((total, terms_flag(terms, positives, negatives))).tolist()
+    if not math.isfinite(value) and not bool(torch.isfinite(scores.detach()).all()):
         raise ValueError(
             "scores contain NaN or Inf; check the embeddings and the critic "
             "(temperature too small?)"
         )
-    return scores, positives, negatives
+    if not present:
+        require_terms(terms, positives, negatives, what)  # raises, saying what is missing
 
 
 class PosIndex(NamedTuple):
@@ -133,7 +149,11 @@ def positive_index(positives: Tensor, what: str) -> PosIndex:
     rows, cols = positives.nonzero(as_tuple=True)
     if rows.numel() == 0:
         require_positives(positives, what)  # raises with the sampler hint
-    count = torch.bincount(rows, minlength=positives.shape[0])
+    if positives.is_cuda and positives.dtype == torch.bool:
+        # a row sum: no sync (bincount sizes its output from a maximum it reads on the host)
+        count = count_rows(positives).to(torch.int64)
+    else:  # on the CPU bincount reads nothing it would not anyway, and is the cheaper pass
+        count = torch.bincount(rows, minlength=positives.shape[0])
     return PosIndex(rows, cols, count)
 
 

@@ -101,6 +101,12 @@ class PairLoss(nn.Module):
     counts_repeats = False
     #: whether :meth:`pairs` consumes the miner's tuple itself (the N-pair loss picks its rows)
     mines_in_pairs = False
+    #: whether :meth:`compute` with ``check=True`` raises :class:`NoPairsError` exactly when
+    #: :meth:`has_terms` is False (the shipped losses, each tested for it): the module then
+    #: lets the functional core's check, read in the same host sync as the finite scores
+    #: (:func:`losses.kernels.prepare`), stand for its own. False (a subclass's default-safe
+    #: choice): :meth:`has_terms` is read first, as before
+    core_checks_terms = False
 
     def __init__(self, critic: Critic | nn.Module | None = None, strict: bool = False,
                  reduction: str | None = "mean", check: bool = True):
@@ -217,11 +223,17 @@ class PairLoss(nn.Module):
                 if self.check and not self.has_terms(pos, neg):
                     return self.no_terms(s, pos, neg)
                 pos, neg, triplets = self.mined(indices_tuple, pos, neg)
-            if self.check and not self.has_terms(pos, neg):
-                if mined:  # the miner kept nothing: PML's zero, no warning
-                    return self.compute(s, pos, neg, triplets=triplets, check=False)
-                return self.no_terms(s, pos, neg)
-            loss = self.compute(s, pos, neg, triplets=triplets, check=self.check)
+            if self.check and not mined and self.core_checks_terms:
+                try:  # one host read: finite scores and a term (see core_checks_terms)
+                    loss = self.compute(s, pos, neg, check=True)
+                except NoPairsError:
+                    return self.no_terms(s, pos, neg)
+            else:
+                if self.check and not self.has_terms(pos, neg):
+                    if mined:  # the miner kept nothing: PML's zero, no warning
+                        return self.compute(s, pos, neg, triplets=triplets, check=False)
+                    return self.no_terms(s, pos, neg)
+                loss = self.compute(s, pos, neg, triplets=triplets, check=self.check)
             reg = self.penalty(p)
         return loss if reg is None else loss + reg
 
@@ -293,6 +305,8 @@ class InfoNCE(PairLoss):
     Default critic: ``Cosine(temperature)`` with ``temperature=0.1``.
     """
 
+    core_checks_terms = True
+
     what = "InfoNCE"
 
     def __init__(
@@ -324,6 +338,8 @@ class InfoNCE(PairLoss):
 class _Bound(PairLoss):
     """NWJ, JS and DV: a critic (default ``Cosine(0.1)``, the same as InfoNCE, so comparisons
     isolate the objective) and one function of the functional core."""
+
+    core_checks_terms = True
 
     fn = staticmethod(LF.nwj)
 
@@ -373,6 +389,8 @@ class MultiClassNPair(PairLoss):
     Unlike PML it also takes a reference set (anchors from the batch, positives from
     ``ref_emb``).
     """
+
+    core_checks_terms = True
 
     what = "the multi-class N-pair loss"
     mines_in_pairs = True
@@ -444,6 +462,8 @@ class Triplet(PairLoss):
     the masks and ``mining`` then picks triplets among them.
     """
 
+    core_checks_terms = True
+
     what = "the triplet loss"
 
     def __init__(
@@ -496,6 +516,8 @@ class Contrastive(PairLoss):
     without positives (or negatives) keeps the other part, as in PML; only a batch with no pair
     at all has no term. ``reduction="nonzero"`` (default) is PML's ``AvgNonZeroReducer``.
     """
+
+    core_checks_terms = True
 
     what = "the contrastive loss"
     counts_repeats = True

@@ -146,9 +146,8 @@ def multi_similarity(
     """
     K.check_reduction(reduction)
     fused = K.fusable(scores, positives, negatives, check, reduction)
-    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
-    if check:
-        _require_any_pair(positives, negatives, "the multi-similarity loss")
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check, "any",
+                                             "the multi-similarity loss")
     if fused:
         if epsilon is None:
             keep, extrema = K.stack_as_float((positives, negatives), scores.dtype), None
@@ -244,12 +243,11 @@ def circle(
     """
     K.check_reduction(reduction, K.NONZERO)
     fused = K.fusable(scores, positives, negatives, check, reduction)
-    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
-    if fused:  # the kernel checks for a triplet
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check, "triplet",
+                                             "the Circle loss")
+    if fused:
         return K.fused(_circle_kernel, _circle_slow, scores, positives, negatives, m, gamma,
                       reduction)
-    if check:
-        require_triplet(positives, negatives, "the Circle loss")
 
     def pos(v: Tensor) -> Tensor:  # -gamma relu(1 + m - S) (S - (1 - m)), weight detached
         return (v.detach() - (1.0 + m)).clamp_max_(0.0).mul_(gamma) * (v - (1.0 - m))
@@ -271,8 +269,8 @@ def _circle_kernel(scores, positives, negatives, m, gamma, reduction, need_grad)
     ``W = (-gamma relu(1 + m - S), gamma relu(S + m))``, so ``dx/dS = W`` and
     ``dL/dS = sum_k w sigmoid(z_i) e_k / z_k * W_k``. An anchor without a positive or a
     negative has a hugely negative ``z_i`` (:func:`kernels.stacked_lse`), so its term and its
-    ``sigmoid`` are exactly 0; a loss of exactly 0 checks for a triplet
-    (``require_triplet`` raises without one)."""
+    ``sigmoid`` are exactly 0. The caller has checked that there is a triplet
+    (:func:`kernels.prepare`)."""
     dtype, device = scores.dtype, scores.device
     wts = (scores * K.const((-1.0, 1.0), dtype, device, (2, 1, 1))).add_(
         K.const((1.0 + m, m), dtype, device, (2, 1, 1))).clamp_min_(0.0).mul_(
@@ -283,8 +281,6 @@ def _circle_kernel(scores, positives, negatives, m, gamma, reduction, need_grad)
     zi = lse.sum(0)
     terms = K.softplus(zi)
     total = terms.sum()
-    if not bool(total):
-        require_triplet(positives, negatives, "the Circle loss")
     if reduction == "sum":
         value, coef = total, torch.sigmoid(zi)
     else:
@@ -322,9 +318,8 @@ def lifted_structure(
     """
     K.check_reduction(reduction)
     fused = K.fusable(scores, positives, negatives, check, reduction)
-    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
-    if check:
-        _require_any_pair(positives, negatives, "the lifted structure loss")
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check, "any",
+                                             "the lifted structure loss")
     if fused:
         return K.fused(_lifted_kernel, _lifted_slow, scores, positives, negatives,
                       pos_threshold, neg_threshold, reduction)
@@ -426,7 +421,7 @@ def _margin_kernel(scores, positives, negatives, beta, m, nu, distance, reductio
     :func:`_margin_all`, exactly); weighing each by its number of triplets (``|Q_a|``,
     ``|P_a|``) gives the coefficient matrix ``coef = |P_a| on active negatives, -|Q_a| on
     active positives``, the sum ``dot(S - b, coef) + m * active`` and ``dL/dS = coef`` over
-    the divisor. Raises (``require_triplet``) when the batch has no triplet."""
+    the divisor. The caller has checked that there is a triplet (:func:`kernels.prepare`)."""
     b = -beta if distance else beta
     per_anchor = beta.numel() > 1
     if per_anchor:  # one boundary per anchor
@@ -435,8 +430,6 @@ def _margin_kernel(scores, positives, negatives, beta, m, nu, distance, reductio
     n_pos, n_neg = pf.sum(1, keepdim=True), qf.sum(1, keepdim=True)
     n_anchor = n_pos * n_neg
     n_trip = n_anchor.sum()
-    if not bool(n_trip):
-        require_triplet(positives, negatives, "the margin loss")
     pos = torch.sub(b + m, scores).gt_(0.0).mul_(pf).mul_(n_neg)  # m + b - S_ap > 0
     neg = torch.sub(scores, b - m).gt_(0.0).mul_(qf).mul_(n_pos)  # m + S_an - b > 0
     active = pos.sum() + neg.sum()
@@ -493,7 +486,10 @@ def margin(
     K.check_reduction(reduction, K.NONZERO)
     p_count, q_count = _counts_or_none(positives), _counts_or_none(negatives)
     fused = K.fusable(scores, positives, negatives, check, reduction)
-    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
+    # given triplets need none in the masks; else an anchor with a positive and a negative
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check,
+                                             "triplet" if triplets is None else None,
+                                             "the margin loss")
     m = float(margin)
     beta = beta if isinstance(beta, Tensor) else torch.tensor(float(beta), dtype=torch.float64)
     beta = beta.to(device=scores.device, dtype=scores.dtype)
@@ -502,7 +498,7 @@ def margin(
     if (fused and triplets is None and p_count is None and q_count is None
             and not beta.requires_grad):  # a constant boundary: one fused pass
         return K.fused(_margin_kernel, _margin_slow, scores, positives, negatives, beta, m,
-                      nu, distance, reduction)  # checks for a triplet
+                      nu, distance, reduction)
     b = -beta if distance else beta
     if triplets is not None:
         a, p, n = triplets
@@ -516,13 +512,9 @@ def margin(
         n_trip = a.numel()
         reg_sum = beta[a].sum() if per_anchor else None
     elif p_count is None and q_count is None and reduction != "none":
-        if check:
-            require_triplet(positives, negatives, "the margin loss")
         total, active, n_trip, reg_sum, _ = _margin_all(scores, positives, negatives, b, beta,
                                                         m, per_anchor)
     else:
-        if check:
-            require_triplet(positives, negatives, "the margin loss")
         wp, wn = _triplet_weights(positives if p_count is None else p_count,
                                   negatives if q_count is None else q_count, scores.dtype)
         bcol = b[:, None] if per_anchor else b
@@ -563,9 +555,8 @@ def nca(
     """
     K.check_reduction(reduction)
     fused = K.fusable(scores, positives, negatives, check, reduction)
-    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
-    if check:
-        require_positives(positives, "NCA")
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check, "positives",
+                                             "NCA")
     if fused and weights is None:
         return K.fused(_nca_kernel, _nca_slow, scores, positives, negatives, scale, reduction)
     x = scores * scale if scale != 1.0 else scores
@@ -620,6 +611,8 @@ class MultiSimilarity(PairLoss):
     alone) uses every pair; the registry's ``"multi_similarity"`` mines with 0.1. A miner's
     ``indices_tuple`` restricts the pairs first (a pair mined twice counts once, as PML)."""
 
+    core_checks_terms = True
+
     what = "the multi-similarity loss"
 
     def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
@@ -653,6 +646,8 @@ class Circle(PairLoss):
     paper's settings: m = 0.25, gamma = 256 (faces), 128 (re-id); m = 0.4, gamma = 80
     (fine-grained retrieval)."""
 
+    core_checks_terms = True
+
     what = "the Circle loss"
 
     def __init__(self, m: float = 0.4, gamma: float = 80.0, critic: nn.Module | None = None,
@@ -681,6 +676,8 @@ class LiftedStructure(PairLoss):
     ``GeneralizedLiftedStructureLoss(neg_margin=1, pos_margin=0)`` with its default critic
     ``NegativeL2(normalize=True)``. Margins as :class:`losses.modules.Contrastive`'s: distances
     for a distance critic, similarities (``relu(pos_margin - s)``-style) otherwise."""
+
+    core_checks_terms = True
 
     what = "the lifted structure loss"
 
@@ -721,6 +718,8 @@ class Margin(PairLoss):
     PML). The boundary is in :meth:`proxy_parameters` so that a trainer can give it its own
     learning rate. A miner's pairs become triplets by anchor (each repeat counts, as PML); a
     triplet tuple is used as given."""
+
+    core_checks_terms = True
 
     what = "the margin loss"
     counts_repeats = True
@@ -787,6 +786,8 @@ class NCA(PairLoss):
     ``NegativeL2(squared=True, normalize=True)`` (squared Euclidean distance of normalised
     embeddings). A miner's ``indices_tuple`` weighs the anchors by how often they occur in it
     (over the most frequent), as PML; it does not restrict the pairs."""
+
+    core_checks_terms = True
 
     what = "NCA"
     mines_in_pairs = True  # the tuple gives weights, not a pair restriction

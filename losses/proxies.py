@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from contrastive.critics import Cosine, NegativeL2, row_norms
 from contrastive.pairs import Pairs, check_call, require_positives
-from contrastive.validation import check_temperature
+from contrastive.validation import check_embeddings, check_temperature
 
 from . import kernels as K
 from .modules import PairLoss, _full_precision, _NoAutocast
@@ -108,9 +108,8 @@ def proxy_anchor(scores: Tensor, positives: Tensor, negatives: Tensor | None = N
     """
     K.check_reduction(reduction)
     fused = K.fusable(scores, positives, negatives, check, reduction)
-    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
-    if check:
-        require_positives(positives, "Proxy-Anchor")
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check, "positives",
+                                             "Proxy-Anchor")
     if fused and weights is None:
         return K.fused(_proxy_anchor_kernel, _proxy_anchor_slow, scores, positives, negatives,
                       alpha, margin, reduction)
@@ -429,6 +428,8 @@ class ProxyLoss(PairLoss):
     ``proxy_init``: ``"normal"`` (PML's default) or ``"kaiming"`` (``kaiming_normal_`` with
     ``mode="fan_out"``, PML's for Proxy-Anchor)."""
 
+    core_checks_terms = True
+
     mines_in_pairs = True
     #: whether a miner's weights count only the anchors (PML's ProxyNCA: query is not reference)
     weights_anchors_only = False
@@ -462,9 +463,17 @@ class ProxyLoss(PairLoss):
                              "it takes no ref_emb, ref_labels or paired views")
         if labels is None:
             raise ValueError(f"{type(self).__name__} needs class labels in [0, num_classes)")
-        c = check_call(embeddings, labels, check=self.check)
+        # the values are read once: the embeddings' sum (finite) with the labels' range; float
+        # labels (integral?) keep check_call's own reads
+        float_labels = torch.as_tensor(labels).is_floating_point() if self.check else False
+        c = check_call(embeddings, labels, check=float_labels)
         y = c.labels.long()
-        lowest, highest = torch.stack(y.aminmax()).tolist() if self.check and y.numel() else (0, 0)
+        lowest, highest = 0, 0
+        if self.check:
+            total = c.embeddings.detach().sum().to(torch.float64)
+            total, lowest, highest = torch.stack((total, *y.aminmax())).tolist()
+            if not math.isfinite(total):  # NaN / Inf, or a sum of finite values that overflows
+                check_embeddings(c.embeddings, "embeddings")  # raises in the first case
         if lowest < 0 or highest >= self.num_classes:
             raise ValueError(f"labels must be class indices in [0, {self.num_classes}) for "
                              f"{type(self).__name__}(num_classes={self.num_classes})")

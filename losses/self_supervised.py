@@ -140,9 +140,7 @@ def dcl(
     the mean of ``l[P]``.
     """
     K.check_reduction(reduction)
-    scores, positives, negatives = K.prepare(scores, positives, negatives, check)
-    if check:
-        LF._require_both(positives, negatives, "DCL")
+    scores, positives, negatives = K.prepare(scores, positives, negatives, check, "both", "DCL")
     has_neg = K.count_rows(negatives) > 0
     lse_neg = K.masked_lse(scores, negatives, 1)
     lse_neg = torch.where(has_neg, lse_neg, torch.zeros_like(lse_neg))
@@ -223,6 +221,8 @@ class DCL(_TwoViews, PairLoss):
     denominator. Default critic ``Cosine(temperature)``, ``temperature=0.1`` (lightly's
     ``DCLLoss``). ``DCL(t)(out0, out1)`` equals lightly's ``DCLLoss(t)(out0, out1)``;
     ``DCL(t)(emb, labels)`` takes class labels or instance ids as every loss of the library."""
+
+    core_checks_terms = True
 
     what = "DCL"
 

@@ -8,12 +8,14 @@ MoCo-style queue of negatives, both on one FIFO of embeddings (and labels) kept 
   rank holds the same memory.
 * :class:`CrossBatchMemory` (Wang et al., "Cross-Batch Memory for Embedding Learning", CVPR
   2020): pytorch-metric-learning's ``CrossBatchMemory(loss, embedding_size, memory_size,
-  miner)``. Each call first enqueues the batch, then scores the batch (anchors) against the
+  miner)``. Each call first validates and enqueues the batch (a batch the loss's checks reject
+  leaves the memory as it was), then scores the batch (anchors) against the
   whole memory (candidates, no gradient), ``P_ij = y_i == m_j``, ``Q_ij = y_i != m_j``, with
   the pair of an embedding and its own just-enqueued copy removed from ``P`` -- exactly PML's
   pairs, as masks rather than index lists. A miner (``miner(emb, labels, mem, mem_labels)``)
   restricts them as PML's does; ``enqueue_mask`` splits the batch into rows that only go into
-  the memory and rows that are anchors (PML's MoCo-style use). The wrapped loss is any
+  the memory and rows that are anchors (PML's MoCo-style use; a mask that sends every row to
+  the memory is a fill-only step, a zero loss in the graph). The wrapped loss is any
   :class:`~losses.modules.PairLoss`.
 * :class:`NegativeQueue` (He et al., "Momentum Contrast", CVPR 2020; lightly's
   ``NTXentLoss(memory_bank_size=(K, d))``): ``loss(query, key)`` with ``query [B, d]`` anchors,
@@ -30,12 +32,14 @@ MoCo-style queue of negatives, both on one FIFO of embeddings (and labels) kept 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor, nn
 
 from contrastive import distributed as D
-from contrastive.pairs import Pairs
+from contrastive.pairs import NoPairsError, Pairs
+from contrastive.validation import check_embeddings, check_labels
 
 from . import kernels as K
 from .modules import InfoNCE, PairLoss
@@ -51,8 +55,15 @@ class Memory(nn.Module):
     ``init="random"``: the ring starts full of L2-normalised Gaussian rows (lightly's and MoCo's
     memory bank), all of which are read from the first call. ``embedding_size=None`` allocates
     the ring on the first :meth:`enqueue` (and :meth:`load_state_dict` takes the size it finds).
-    The ring is float32 (float64 once a float64 batch arrives). The pointer and the fill count
-    are mirrored as Python ints, so enqueueing never waits on the device.
+
+    The ring keeps the most precise dtype it has been given: float32, float64 once a float64
+    batch arrives (or ``.double()``, or a float64 checkpoint, whose dtype :meth:`load_state_dict`
+    adopts, so a round trip is bit-exact); a float32 batch is written into a float64 ring
+    exactly. Readers cast what they read to the batch's dtype (the wrappers do, as PML casts its
+    memory), so a float32 batch after a float64 one is scored in float32. The buffers follow the
+    batch's device on :meth:`enqueue` (:meth:`follow`; PML moves its memory on use too). The
+    pointer and the fill count are mirrored as Python ints, so enqueueing never waits on the
+    device.
     """
 
     def __init__(self, size: int, embedding_size: int | None = None, init: str = "empty",
@@ -73,6 +84,7 @@ class Memory(nn.Module):
             self._allocate(d, dtype, self.embeddings.device)
 
     def _allocate(self, d: int, dtype: torch.dtype, device) -> None:
+        self.follow(device)  # the labels (and the pointer) live where the embeddings will
         if self.init == "random":
             g = torch.randn(self.size, d, dtype=dtype, device=device)
             self.embeddings = nn.functional.normalize(g, dim=1)
@@ -95,6 +107,14 @@ class Memory(nn.Module):
     def __len__(self) -> int:
         return self._filled
 
+    def follow(self, device) -> None:
+        """Move every buffer to ``device`` (a batch's) when it is elsewhere."""
+        device = torch.device(device)
+        for name in ("embeddings", "labels", "ptr", "filled"):
+            buf = getattr(self, name)
+            if buf.device != device:
+                setattr(self, name, buf.to(device))
+
     @torch.no_grad()
     def enqueue(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
         """Write ``embeddings [n, d]`` (detached) and ``labels [n]`` at the pointer, wrapping
@@ -105,15 +125,18 @@ class Memory(nn.Module):
                 f"cannot enqueue {n} rows into a memory of {self.size}; use a memory at least "
                 "as large as the (global) batch"
             )
+        self.follow(embeddings.device)
+        # never less precise than the batch: float64 batches keep their precision
+        dtype = torch.promote_types(self.embeddings.dtype, _full(embeddings).dtype)
         if self.embeddings.numel() == 0:
-            self._allocate(embeddings.shape[1], self.embeddings.dtype, embeddings.device)
+            self._allocate(embeddings.shape[1], dtype, embeddings.device)
         if embeddings.shape[1] != self.embeddings.shape[1]:
             raise ValueError(
                 f"the memory holds {self.embeddings.shape[1]}-d embeddings, got "
                 f"{embeddings.shape[1]}-d"
             )
-        if embeddings.dtype == torch.float64 and self.embeddings.dtype != torch.float64:
-            self.embeddings = self.embeddings.double()  # float64 batches keep their precision
+        if self.embeddings.dtype != dtype:
+            self.embeddings = self.embeddings.to(dtype)
         mem, lab = self.embeddings, self.labels
         e = embeddings.detach().to(mem.dtype)
         lb = None if labels is None else labels.detach().to(lab.device, lab.dtype)
@@ -132,7 +155,9 @@ class Memory(nn.Module):
 
     def read(self) -> tuple[Tensor, Tensor]:
         """The rows in use, ``(embeddings [K, d], labels [K])`` (views of the buffers, in slot
-        order; all ``size`` rows once the ring has wrapped around)."""
+        order; all ``size`` rows once the ring has wrapped around). The next :meth:`enqueue`
+        writes into them in place: a reader that keeps them past it (for a backward pass) takes
+        a copy."""
         k = self._filled
         if k == self.size:
             return self.embeddings, self.labels
@@ -232,20 +257,41 @@ class CrossBatchMemory(nn.Module):
             )
         if indices_tuple is not None and enqueue_mask is not None:
             raise ValueError("indices_tuple and enqueue_mask are mutually exclusive (as PML)")
-        labels = torch.as_tensor(labels, device=embeddings.device)
+        # the batch is validated before any row of it is enqueued: a rejected batch leaves the
+        # memory as it was (the loss would reject it only after it had been written)
+        check = self.loss.check
+        batch = check_embeddings(embeddings, "embeddings", check=False)  # type and shape
+        labels = check_labels(labels, batch.shape[0], check=check).to(batch.device)
         if enqueue_mask is not None:
-            enqueue_mask = torch.as_tensor(enqueue_mask, device=embeddings.device).bool()
+            enqueue_mask = torch.as_tensor(enqueue_mask, device=batch.device).bool()
             if enqueue_mask.shape != labels.shape:
                 raise ValueError("enqueue_mask needs one entry per embedding row")
-            q_emb, q_lab = embeddings[enqueue_mask], labels[enqueue_mask]
-            embeddings, labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
+            q_emb, q_lab = batch[enqueue_mask], labels[enqueue_mask]
+            embeddings, labels = batch[~enqueue_mask], labels[~enqueue_mask]
         else:
-            q_emb, q_lab = embeddings, labels
-        all_emb, all_lab, offset = _gathered(q_emb.detach(), q_lab, self.gather)
+            q_emb, q_lab = batch, labels
+        q_emb = q_emb.detach()
+        all_emb, all_lab, offset = _gathered(q_emb, q_lab, self.gather)
+        if check:  # after the gather, so that under DDP every rank raises, none enqueues
+            check_embeddings(batch, "embeddings")
+            if all_emb is not q_emb:
+                check_embeddings(all_emb, "the gathered embeddings (every rank's batch)")
         slots = self.memory.enqueue(all_emb, all_lab)
         own = None if enqueue_mask is not None else slots[offset:offset + embeddings.shape[0]]
         ref, ref_labels = self.memory.read()
+        ref = ref.to(_full(embeddings).dtype)  # a float64 ring scores a float32 batch in float32
+        if embeddings.shape[0] == 0:  # enqueue_mask sent every row to the memory
+            return self._fill_step(embeddings, ref)
         return self._loss(embeddings, labels, ref, ref_labels, own, indices_tuple)
+
+    def _fill_step(self, emb: Tensor, ref: Tensor) -> Tensor:
+        """The loss of a step without anchors (a fill-only step): the functional core's zero
+        on the ``[0, K]`` scores (PML's zero), in the graph, with the loss's reduction's shape;
+        no warning (the step asked for it)."""
+        with _no_autocast(emb.device.type):
+            s = self.loss.critic(_full(emb), ref)
+            none = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
+            return self.loss.compute(s, none, none, check=False)
 
     def _loss(self, emb, labels, ref, ref_labels, own, indices_tuple) -> Tensor:
         loss = self.loss
@@ -309,17 +355,47 @@ def _full(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def _aliases(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` share memory (``.to()`` returned a view, not a copy)."""
+    return a.device == b.device and (
+        a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+
+
+def _check_finite(*named) -> None:
+    """``check_embeddings`` on each ``(tensor, name)`` pair, with one host read when all are
+    finite (the sum of their sums; a finite sum that overflows is told apart exactly)."""
+    tensors, names = named[0::2], named[1::2]
+    total = torch.stack([t.detach().sum().float() for t in tensors]).sum()
+    if not math.isfinite(float(total)):
+        for t, name in zip(tensors, names):
+            check_embeddings(t, name)
+
+
 class NegativeQueue(nn.Module):
-    """A MoCo-style FIFO of negatives around a multi-view loss (see the module docstring):
+    """A MoCo-style FIFO of negatives around a multi-view loss (see the module docstring).
+
     ``loss(query, key)`` equals lightly's ``NTXentLoss(t, memory_bank_size=(size, d))(query,
     key)`` call by call, given the same starting queue (``init="random"``, lightly's and MoCo's;
-    ``"empty"`` reads only the keys queued so far). ``loss`` is any
+    ``"empty"`` reads only the keys queued so far), as long as no batch of keys crosses the end
+    of the queue: every wrap-around lands exactly on the last slot, which holds whenever the
+    (global) batch size stays the same and divides ``size``. A batch that crosses the end is
+    wrapped around to the front here, whereas lightly writes only the rows up to the end, drops
+    the rest and restarts at slot 0; from then on the two queues hold different keys. ``loss`` is
+    any
     :class:`~losses.modules.PairLoss` (default :class:`~losses.self_supervised.SimCLR` at
     ``temperature``, 0.5); its critic scores each query against its own key and the queue
     (:func:`queue_scores`). ``gather``: as
     :class:`CrossBatchMemory` (under DDP the gathered keys are queued). ``update=None``
     (default) queues the keys when ``query`` requires a gradient (lightly's rule), so an
     evaluation pass leaves the queue as it is.
+
+    With the loss's ``check`` on, ``query`` and ``key`` are checked to be finite (the error names
+    the argument) before anything is scored or queued. When this call queues its keys and
+    autograd records, the critic scores a copy of the queue (the keys are written into the ring
+    in place, before the caller's backward pass, and a critic such as ``Dot`` keeps the queue for
+    its gradient). ``strict=True`` on an empty queue (``init="empty"``) raises
+    :class:`~contrastive.pairs.NoPairsError` after queuing the batch's keys, so the next call
+    has negatives.
     """
 
     def __init__(self, loss: PairLoss | None = None, size: int = 4096,
@@ -348,21 +424,55 @@ class NegativeQueue(nn.Module):
                 f"query and key must be [B, d] of the same shape, got {tuple(query.shape)} and "
                 f"{tuple(key.shape)}"
             )
+        loss = self.loss
+        check_embeddings(query, "query", check=False)  # type and shape (no value read)
+        check_embeddings(key, "key", check=False)
+        update = query.requires_grad if update is None else bool(update)
+        local_key = key.detach()
+        # gathered before the checks, so that under DDP every rank raises on a bad key
+        all_key = _gathered(local_key, None, self.gather)[0] if update else local_key
+        if loss.check:  # before the scores: the error names the argument
+            _check_finite(query, "query", key, "key")
+            if all_key is not local_key:
+                check_embeddings(all_key, "the gathered keys (every rank's batch)")
+        self.memory.follow(key.device)
         if self.memory.embeddings.numel() == 0:
             self.memory._allocate(key.shape[1], torch.float32, key.device)
-        bank, _ = self.memory.read()
-        loss = self.loss
+        q, k = _full(query), _full(key)
+        ring = self.memory.read()[0]
+        bank = ring.to(q.dtype)
+        if update and torch.is_grad_enabled() and bank.numel() and _aliases(bank, ring):
+            # the keys are enqueued in place below, before the caller's backward pass: a critic
+            # that keeps the bank for its gradient (Dot, NegativeL2) needs the rows of now
+            bank = bank.clone()
         pooled = self.pooled and bank.shape[0] > 0
-        with _no_autocast(query.device.type):
-            q, k = _full(query), _full(key)
-            s = queue_scores(loss.critic, q, k, bank.to(q.dtype), pooled)
-            pos, neg = self._masks(s.shape[0], s.shape[1] - 1, s.device)
-            if loss.check and not loss.has_terms(pos, neg):
-                out = loss.no_terms(s, pos, neg)
-            else:
-                out = loss.compute(s, pos, neg, check=loss.check)
-        if query.requires_grad if update is None else update:
-            all_key, _, _ = _gathered(key.detach(), None, self.gather)
+        try:
+            with _no_autocast(query.device.type):
+                s = queue_scores(loss.critic, q, k, bank, pooled)
+                pos, neg = self._masks(s.shape[0], s.shape[1] - 1, s.device)
+                if loss.check and not loss.has_terms(pos, neg):
+                    out = loss.no_terms(s, pos, neg)
+                else:
+                    out = loss.compute(s, pos, neg, check=loss.check)
+        except NoPairsError as exc:  # strict=True on an empty queue (init="empty")
+            if bank.shape[0]:
+                raise
+            name = type(loss).__name__
+            if not update:
+                raise NoPairsError(
+                    f"{name}: the queue is still empty (init='empty'), so this batch has no "
+                    "negative, and this call queues no key (update=False, or a query without "
+                    "gradient). Queue keys first (update=True), pass a loss with strict=False "
+                    "for a zero loss on such a batch, or use init='random'"
+                ) from exc
+            self.memory.enqueue(all_key)  # the next call has negatives
+            raise NoPairsError(
+                f"{name}: the queue is still empty (init='empty'), so this batch has no "
+                f"negative; its {all_key.shape[0]} keys have been queued, so the next call has "
+                "negatives. Pass a loss with strict=False for a zero loss on such a batch, or "
+                "use init='random'"
+            ) from exc
+        if update:
             self.memory.enqueue(all_key)
         return out
 

@@ -23,8 +23,9 @@ one with ``ref_includes_query``; ``None`` = every reference item; an int) and
   first K neighbours; the full AP with ``k=None``);
 * ``mean_reciprocal_rank = 1 / (rank of the first relevant neighbour)``, 0 when none is
   within K (Voorhees, TREC-8 QA, 1999);
-* ``NMI`` / ``AMI``: k-means of the query embeddings with one cluster per query label, scored
-  by scikit-learn's normalized / adjusted mutual information (see :mod:`evaluation.clustering`).
+* ``NMI`` / ``AMI``: k-means of the raw query embeddings (squared L2, whatever ``metric``)
+  with one cluster per query label, scored by scikit-learn's normalized / adjusted mutual
+  information (see :mod:`evaluation.clustering`).
 
 Queries whose label has no other item in the reference set ("lone") are left out. Each metric is
 the mean over the remaining queries, or with ``avg_of_avgs`` the mean of the per-class means,
@@ -34,8 +35,13 @@ Differences from PML: labels are integer class ids (one per row; PML also takes
 multi-dimensional labels and a ``label_comparison_fn``, not supported here); the distance is
 chosen with ``metric="l2" | "ip" | "cosine"`` rather than a ``knn_func`` object; subclasses
 cannot add ``calculate_*`` metrics. ``k`` larger than the reference set is an error (PML's
-FAISS call pads with index -1). NMI/AMI use FAISS k-means with PML's seed and iteration count,
-so on the CPU they match PML's default clustering; with a ``kmeans_func`` both use that.
+FAISS call pads with index -1). NMI/AMI use FAISS k-means with PML's seed and iteration count
+on the raw embeddings, so on the CPU they match PML's default clustering (PML's ``FaissKMeans``
+does not depend on ``knn_func``: ``metric="cosine"`` here, like ``CustomKNN(CosineSimilarity())``
+there, changes the neighbours, not the clustering); with a ``kmeans_func`` both use that.
+:func:`evaluation.clustering.clustering_metrics` (the ``nmi`` / ``ami`` of
+``evaluate_embedder`` and the comparison tables) is a different protocol: spherical k-means on
+L2-normalised rows by default.
 
 Equality with PML holds for the same neighbour order. Exact ties are ordered by reference index
 in both (PML's FAISS flat index keeps index order for equal distances). Distinct neighbours
@@ -58,6 +64,8 @@ from ._inputs import as_float_matrix, as_labels, check_metric, check_same_dim
 from .backends import (
     _CPU_BLOCK_BYTES,
     _GPU_BLOCK_BYTES,
+    BACKENDS,
+    KnnBackend,
     _resolve_device,
     block_keys,
     normalize_rows,
@@ -231,11 +239,16 @@ class AccuracyCalculator:
             as integer class ids; choose the distance with ``metric``).
         device: where to search (default: CUDA when torch sees a GPU, else the CPU).
         kmeans_func: ``f(query [N, d] float32 tensor, n_clusters) -> cluster ids [N]`` for
-            NMI/AMI; default FAISS k-means (20 iterations, seed 1234, as PML's FaissKMeans;
-            scikit-learn's k-means without FAISS).
+            NMI/AMI; default FAISS k-means on the raw embeddings (20 iterations, seed 1234, as
+            PML's FaissKMeans; scikit-learn's k-means without FAISS).
         metric: "l2" (squared Euclidean on the raw embeddings, PML's default), "ip" (inner
-            product) or "cosine".
-        backend, block_size: passed to :func:`evaluation.search.search_blocks`.
+            product) or "cosine": the distance of the neighbour search only; NMI/AMI cluster the
+            raw embeddings whatever the metric, as PML does whatever its ``knn_func``.
+        backend, block_size: passed to :func:`evaluation.search.search_blocks`; ``backend`` is
+            one of ``"auto"``, ``"faiss"``, ``"torch"``, ``"blocks"`` (checked here) or a
+            :class:`~evaluation.backends.KnnBackend` object. When MAP or MRR must rank past the
+            largest class (e.g. the default ``k=None``) every score row is computed by torch on
+            ``device`` (exact, the same order) whatever ``backend``.
     """
 
     def __init__(
@@ -251,7 +264,7 @@ class AccuracyCalculator:
         kmeans_func: Callable | None = None,
         *,
         metric: str = "l2",
-        backend: str = "auto",
+        backend: str | KnnBackend = "auto",
         block_size: int | None = None,
     ) -> None:
         self._check_names(include, "include")
@@ -274,6 +287,11 @@ class AccuracyCalculator:
             )
         if kmeans_func is not None and not callable(kmeans_func):
             raise TypeError("kmeans_func must be callable: f(embeddings, n_clusters) -> ids")
+        if (isinstance(backend, str) or not isinstance(backend, KnnBackend)) and \
+                backend not in BACKENDS:
+            raise ValueError(
+                f"backend must be one of {BACKENDS} (or a KnnBackend object), got {backend!r}"
+            )
         self.metric = check_metric(metric)
         self.include = tuple(include)
         self.exclude = tuple(exclude)
@@ -488,8 +506,8 @@ class AccuracyCalculator:
             assign = self.kmeans_func(torch.from_numpy(q), n_clusters)
             assign = as_labels(assign, q.shape[0], "kmeans_func's cluster ids")
         else:
-            assign = kmeans_assign(q, n_clusters, seed=KMEANS_SEED, niter=20,
-                                   metric="cosine" if self.metric == "cosine" else "l2")
+            # PML's default FaissKMeans: plain k-means on the raw rows, whatever the distance
+            assign = kmeans_assign(q, n_clusters, seed=KMEANS_SEED, niter=20, metric="l2")
         out = {}
         if "NMI" in names:
             out["NMI"] = float(normalized_mutual_info_score(yq, assign))

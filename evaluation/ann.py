@@ -34,7 +34,11 @@ cells hold about 4 W rows; at most ``nlist``); ``pq_m`` = the largest divisor of
 ``d / 8`` (one byte per 8 dimensions: 32x smaller than float32), ``pq_bits = 8`` (fewer when
 ``N`` is too small to train 256 centroids), sub-quantisers trained by 10 k-means iterations on
 at most 64 points per centroid, ``refine = 4``; ``hnsw_m = 32``, ``ef_construction = 80``,
-``ef_search = max(64, 2 W)``. Any of them can be set with ``index_options={...}``.
+``ef_search = max(64, 2 W)``. Any of them can be set with ``index_options={...}``. IVF-PQ
+trains on its ``train_size`` sample, which must hold at least ``2**pq_bits`` rows (one per
+sub-quantiser centroid); the defaults always do, and a ``train_size`` below that (given, or
+``64 nlist`` from a given ``nlist``) is a ``ValueError`` naming the fixes rather than silently
+enlarged, so the options that ran are the options that were asked for.
 
 Result format: the same as exact search (``key`` higher = nearer, sorted by (key desc, index
 asc), the query's own row excluded by index). What cannot hold: ties at the k-th place are broken
@@ -192,6 +196,7 @@ def resolve_index(
             f"index_options {unknown} do not apply to index={kind!r}; it takes "
             f"{list(OPTIONS[kind])}"
         )
+    asked = set(opts)  # what the caller set (nprobe / train_size may follow from nlist below)
     for name, value in opts.items():
         if name == "refine" or name == "seed":
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
@@ -230,6 +235,22 @@ def resolve_index(
             )
         if params.pq_bits > 16:
             raise ValueError(f"index_options pq_bits={params.pq_bits} must be <= 16 (8 is usual)")
+        centroids = 1 << params.pq_bits
+        if params.train_size < centroids:  # FAISS's PQ k-means needs a point per centroid
+            from_nlist = "nlist" in asked and "train_size" not in asked
+            fixes = []
+            if n_reference >= centroids:
+                fixes.append(f"train_size >= {centroids}")
+                if from_nlist:
+                    fixes.append(f"nlist >= {-(-centroids // 64)}")
+            fixes.append(f"pq_bits <= {params.train_size.bit_length() - 1}")
+            raise ValueError(
+                f"index_options train_size={params.train_size}"
+                + (f" (64 * nlist, the default for nlist={params.nlist})" if from_nlist else "")
+                + f" is fewer than the 2**pq_bits = {centroids} centroids each PQ "
+                f"sub-quantiser trains (pq_bits={params.pq_bits}); pass index_options with "
+                + " or ".join(fixes)
+            )
     return params
 
 

@@ -33,6 +33,9 @@ def kmeans_assign(
 ) -> np.ndarray:
     """Cluster ids ``[N]`` (int64) from k-means with ``n_clusters`` centroids.
 
+    ``metric``: "cosine" (the default) L2-normalises the rows and runs spherical k-means
+    (FAISS; plain k-means on the normalised rows with scikit-learn); "l2" runs plain k-means on
+    the rows as given (what :class:`evaluation.AccuracyCalculator` uses, as PML does).
     ``backend``: "auto" (FAISS if importable, else scikit-learn), "faiss" or "sklearn".
     Deterministic for a given ``seed`` and backend.
     """
@@ -75,7 +78,13 @@ def clustering_metrics(
     niter: int = 20,
     backend: str = "auto",
 ) -> dict[str, float]:
-    """``{"nmi", "ami"}`` of a k-means clustering (one cluster per label) against ``labels``."""
+    """``{"nmi", "ami"}`` of a k-means clustering (one cluster per label) against ``labels``.
+
+    With the default ``metric="cosine"`` the k-means is spherical on L2-normalised rows (see
+    :func:`kmeans_assign`); this is the NMI of ``evaluate_embedder`` and of the ``compare``
+    tables. It differs from :class:`evaluation.AccuracyCalculator`'s ``NMI`` / ``AMI``, which
+    follow PML and cluster the raw embeddings (``metric="l2"`` here) whatever their distance.
+    """
     x = as_float_matrix(embeddings, "embeddings")
     y = as_labels(labels, x.shape[0], "labels")
     n_clusters = int(np.unique(y).size)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._inputs import check_metric
+from ._inputs import as_float_matrix, check_k, check_metric, check_same_dim
 from .backends import KnnBackend
 
 __all__ = ["KnnFunc", "PmlBackend"]
@@ -48,12 +48,28 @@ class KnnFunc:
 
     def __call__(self, query: Tensor, k: int, reference: Tensor | None = None,
                  ref_includes_query: bool = False) -> tuple[Tensor, Tensor]:
+        """``(distances or similarities [Nq, k], indices [Nq, k])`` on ``query``'s device.
+
+        Inputs are checked as everywhere in :mod:`evaluation` (finite 2-D embeddings of one
+        dimension, ``1 <= k <=`` the candidates per query); a ``ValueError`` names the argument.
+        """
         from .search import search_all  # lazy: evaluation.search is the layer above
 
-        out_dev = query.device
-        ref = query if reference is None else reference
-        q = query.detach().float().cpu().numpy()
-        r = q if ref is query else ref.detach().float().cpu().numpy()
+        out_dev = query.device if isinstance(query, Tensor) else torch.device("cpu")
+        q = as_float_matrix(query, "query")
+        if reference is None or reference is query:
+            r = q
+        else:
+            r = as_float_matrix(reference, "reference")
+            check_same_dim(q, r, "query", "reference")
+        if ref_includes_query and r.shape[0] < q.shape[0]:
+            raise ValueError(
+                f"ref_includes_query=True needs the queries to be the first rows of reference, "
+                f"but reference has {r.shape[0]} rows and query {q.shape[0]}"
+            )
+        avail = r.shape[0] - int(bool(ref_includes_query))
+        k = check_k(k, "k", upper=avail, upper_what="the number of reference rows"
+                    + (" other than the query itself" if ref_includes_query else ""))
         self_index = np.arange(q.shape[0], dtype=np.int64) if ref_includes_query else None
         device = self.device if self.device is not None else out_dev
         scores, indices = search_all(q, r, k, self.metric, self_index, self.backend, device)

@@ -237,14 +237,25 @@ def search_blocks(
     run single-threaded there, or numpy).
 
     ``index``/``index_options``: "exact", or an approximate FAISS index chosen as in
-    :mod:`evaluation.ann` (which then runs the search). ``info``: a dict that receives
-    ``info["backend"]``, the name of the search that ran (:func:`describe_plan`, or
-    :meth:`evaluation.ann.AnnParams.describe`).
+    :mod:`evaluation.ann` (which then runs the search). A backend object always searches
+    exactly: ``index="auto"`` means exact for it, and an approximate ``index`` or any
+    ``index_options`` with it is a ``ValueError`` (never silently ignored). ``info``: a dict
+    that receives ``info["backend"]``, the name of the search that ran (:func:`describe_plan`,
+    or :meth:`evaluation.ann.AnnParams.describe`).
     """
     from .ann import ann_search_blocks, resolve_index  # lazy: evaluation.ann imports this module
 
     nq = query.shape[0]
     has_self = self_index is not None
+    if not isinstance(backend, str) and (index not in ("auto", "exact") or index_options):
+        raise ValueError(
+            f"backend={getattr(backend, 'name', type(backend).__name__)!r} is a backend object, "
+            f"which runs its own exact search, so index={index!r}"
+            + (f" and index_options={index_options!r}" if index_options else "")
+            + " cannot apply to it; pass index='exact' (or 'auto') without index_options to "
+            "search with the object, or a backend name ('auto' or 'faiss') for an approximate "
+            "FAISS index"
+        )
     if isinstance(backend, str):
         ann = resolve_index(index, reference.shape[0], reference.shape[1], k + int(has_self),
                             backend, device, index_options)
@@ -329,7 +340,8 @@ def knn(
             device or without FAISS; IVF-Flat otherwise) | "exact" | "ivf" | "ivfpq" | "hnsw"
             (approximate FAISS-CPU indexes, see :mod:`evaluation.ann`).
         index_options: settings of the approximate index, e.g. ``{"nlist": 4000, "nprobe": 32}``
-            (defaults by N in :mod:`evaluation.ann`).
+            (defaults by N in :mod:`evaluation.ann`). With a backend object (always exact)
+            ``index`` must be "auto" or "exact" and ``index_options`` empty, else ``ValueError``.
         return_backend: also return the name of the search that ran, e.g.
             ``"faiss-cpu IndexFlat exact"`` or ``"faiss-cpu IVF-Flat(nlist=4000, nprobe=16)
             approximate"``.

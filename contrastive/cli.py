@@ -104,12 +104,16 @@ def _int_list(text: str | None) -> list[int] | None:
 
 
 def _parse_value(text: str) -> Any:
-    """A ``--set`` value as YAML reads it (``0.05``, ``true``, ``[a, b]``); left as text when it
-    is not valid YAML (the config check then says what was expected)."""
+    """A ``--set`` value as YAML reads it (``0.05``, ``true``, ``[a, b]``), with YAML 1.2's
+    booleans (``yes`` / ``no`` / ``on`` / ``off`` are refused by :func:`_apply_sets`, not read as
+    booleans: :func:`~contrastive.app.config.yaml_load`); left as text when it is not valid YAML
+    (the config check then says what was expected)."""
     import yaml
 
+    from .app.config import yaml_load
+
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text)
     except yaml.YAMLError:
         return text
 
@@ -150,7 +154,10 @@ def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _apply_sets(data: dict, sets: list[str]) -> dict:
-    """``--set a.b=value`` overrides (values parsed as YAML scalars)."""
+    """``--set a.b=value`` overrides (values parsed as YAML scalars; ``yes`` / ``no`` / ``on`` /
+    ``off`` are a :class:`~contrastive.app.config.ConfigError`: booleans are true / false)."""
+    from .app.config import refuse_yaml_bool_words
+
     for item in sets or []:
         if "=" not in item:
             raise UserError(f"--set expects key=value, got {item!r}")
@@ -162,6 +169,7 @@ def _apply_sets(data: dict, sets: list[str]) -> dict:
             if not isinstance(target, dict):
                 raise UserError(f"--set {key}: {p} is not a mapping")
         target[parts[-1]] = _parse_value(value)
+        refuse_yaml_bool_words(target[parts[-1]], key.strip(), source="--set")
     return data
 
 
@@ -310,7 +318,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .app.factory import eval_transform, load_embedder
     from .app.protocol import eval_sets, evaluate_embedder
-    from .checkpoint import atomic_write_json, atomic_write_text
+    from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
     from .datasets import get_dataset
     from .devices import resolve_device
 
@@ -320,22 +328,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     model = as_user_error(f"checkpoint {path}", load_embedder, path)
-    ds_name = args.dataset
-    data_dir = args.data_dir
-    if ds_name is None:
-        from .checkpoint import load_checkpoint
-
-        cfg = load_checkpoint(path).get("config", {})
-        ds_name = cfg.get("dataset", "digits")
-        data_dir = data_dir or cfg.get("data_dir")
+    # The run's own settings are the defaults: on its data set, its splits and its seed (the
+    # clustering's and the probe's), so eval reproduces the metrics the run reported.
+    run = load_checkpoint(path).get("config") or {}
+    own_data = args.dataset is None or args.dataset == run.get("dataset")
+    ds_name = args.dataset or run.get("dataset", "digits")
+    data_dir = args.data_dir or (run.get("data_dir") if own_data else None)
+    split = args.split or (run.get("eval_split") if own_data else None) or "test"
+    train_split = args.train_split or (run.get("train_split") if own_data else None) or "train"
+    seed = args.seed if args.seed is not None else int(run.get("seed") or 0)
     what = f"data set {ds_name!r}"
-    probe_ds = as_user_error(what, get_dataset, ds_name, root=data_dir, split=args.train_split)
+    probe_ds = as_user_error(what, get_dataset, ds_name, root=data_dir, split=train_split)
     tf = eval_transform(model, probe_ds)
-    test, reference = as_user_error(what, eval_sets, ds_name, data_dir, args.split, tf)
-    train = as_user_error(what, get_dataset, ds_name, root=data_dir, split=args.train_split,
+    test, reference = as_user_error(what, eval_sets, ds_name, data_dir, split, tf)
+    train = as_user_error(what, get_dataset, ds_name, root=data_dir, split=train_split,
                           transform=tf)
     metrics, backend = evaluate_embedder(model, test, train, reference=reference, probe=True,
-                                         return_backend=True, device=args.device,
+                                         return_backend=True, device=args.device, seed=seed,
                                          progress=not args.no_progress)
     _print_metrics(metrics)
     print(f"  {'k-NN search':<18} {backend}")
@@ -343,7 +352,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "eval.json", {"checkpoint": str(path), "dataset": ds_name,
-                                              "metrics": metrics,
+                                              "split": split, "train_split": train_split,
+                                              "seed": seed, "metrics": metrics,
                                               "backend": backend})
         keys = list(metrics)
         atomic_write_text(out / "eval.csv", ",".join(keys) + "\n"
@@ -633,8 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a checkpoint written by contrastive train")
     e.add_argument("--dataset", help="default: the one the checkpoint was trained on")
     e.add_argument("--data-dir")
-    e.add_argument("--split", default="test", help="evaluation split (default test)")
-    e.add_argument("--train-split", default="train", help="split for probe/k-NN training")
+    e.add_argument("--split", help="evaluation split (default: the run's eval_split on its "
+                   "data set, else test)")
+    e.add_argument("--train-split", help="split for probe/k-NN training (default: the run's "
+                   "train_split on its data set, else train)")
+    e.add_argument("--seed", type=int, help="seed of the clustering and the probe (default: "
+                   "the run's seed)")
     e.add_argument("--device")
     e.add_argument("--output", help="directory for eval.json/.csv/.md")
     e.add_argument("--no-progress", action="store_true")

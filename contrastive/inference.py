@@ -185,8 +185,12 @@ def _batches(data: Dataset | DataLoader | Iterable, batch_size: int, num_workers
     if isinstance(data, TensorDataset) and len(data.tensors) == 2 and num_workers == 0:
         return _tensor_batches(data, batch_size, pin), len(data)
     if isinstance(data, Dataset):
+        # A private generator: starting the loader draws its workers' base seed from it, which
+        # from the global RNG would shift the random numbers of whatever runs next (a trainer's
+        # augmentations after a periodic evaluation).
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            pin_memory=pin, persistent_workers=False)
+                            pin_memory=pin, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(0))
         n = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
         return loader, n
     raise TypeError(f"data must be a torch Dataset of (x, y) pairs or a DataLoader, "
@@ -350,7 +354,8 @@ def _shard(data: Dataset | DataLoader, start: int, stop: int) -> Dataset | DataL
         return DataLoader(_shard(data.dataset, start, stop), batch_size=data.batch_size,
                           shuffle=False, num_workers=data.num_workers,
                           collate_fn=data.collate_fn, pin_memory=data.pin_memory,
-                          drop_last=False)
+                          drop_last=False,  # its own generator, or a private one (see _batches)
+                          generator=data.generator or torch.Generator().manual_seed(0))
     if isinstance(data, TensorDataset):
         return TensorDataset(*(t[start:stop] for t in data.tensors))
     if isinstance(data, Dataset) and hasattr(data, "__len__"):

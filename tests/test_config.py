@@ -87,7 +87,7 @@ def test_compare_config_errors():
     with pytest.raises(ConfigError, match=r"'train.output'.*compare sets it for each cell"):
         CompareConfig.from_dict({"train": {"output": "x"}})
     cfg = CompareConfig.from_dict({"losses": "infonce", "train": {"lr": "oops"}})
-    with pytest.raises(ConfigError, match=r"'lr'.*'oops'"):
+    with pytest.raises(ConfigError, match=r"'train.lr'.*'oops'"):  # the key as written
         train_config_for(cfg, "infonce", 0)
 
 

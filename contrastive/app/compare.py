@@ -32,12 +32,12 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .. import checkpoint as ckpt
-from ..errors import UserError, as_user_error
+from ..errors import UserError, as_user_error, keywords_as_user_error
 from ..jsonsafe import to_jsonable
 from .config import (
     Bool,
@@ -112,6 +112,7 @@ class CompareConfig:
                 raise ConfigError(f"loss_kwargs.{name}", kwargs,
                                   f"a loss of losses ({', '.join(cfg.losses)})",
                                   closest(name, cfg.losses), source=source)
+        cfg._source = source  # not a field: named by the errors of the cells' configs
         return cfg
 
     @classmethod
@@ -122,7 +123,11 @@ class CompareConfig:
         return cls.from_dict(data, source=str(path))
 
     def validated(self) -> CompareConfig:
-        return self.from_dict(dict(self.__dict__))
+        return self.from_dict(self.fields_dict(), source=getattr(self, "_source", None))
+
+    def fields_dict(self) -> dict[str, Any]:
+        """The fields and their values."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def cell_name(loss: str, seed: int) -> str:
@@ -161,11 +166,32 @@ def train_config_for(cfg: CompareConfig, loss: str, seed: int,
     }
     base.update(cfg.train)
     base.update(train_overrides or {})
-    tcfg = TrainConfig.from_dict(base)
+    try:
+        tcfg = TrainConfig.from_dict(base)
+    except ConfigError as exc:
+        raise _as_compare_key(exc, cfg, loss) from None
     if output is None:
         tcfg.output = str(Path(cfg.output) / "runs" / f"{cell_name(loss, seed)}__"
                           f"{cell_key(tcfg)}")
     return tcfg
+
+
+def _as_compare_key(exc: ConfigError, cfg: CompareConfig, loss: str) -> ConfigError:
+    """``exc`` (an error of a cell's :class:`TrainConfig`) with the key the user wrote in the
+    comparison's config: ``train.<field>`` for a value of the ``train`` mapping,
+    ``loss_kwargs.<loss>.<keyword>`` for one of the loss's keywords; and the config's source."""
+    key, rest = exc.field.split(".", 1) if "." in exc.field else (exc.field, None)
+    if key in cfg.train:
+        field_name = f"train.{exc.field}"
+    elif key == "loss_kwargs" and rest is not None and rest in cfg.loss_kwargs.get(loss, {}):
+        field_name = f"loss_kwargs.{loss}.{rest}"
+    else:
+        field_name = exc.field
+    source = exc.source or getattr(cfg, "_source", None)
+    if field_name == exc.field and source == exc.source:
+        return exc
+    return ConfigError(field_name, exc.value, exc.expected, exc.suggestion,
+                       unknown=exc.unknown, source=source)
 
 
 def resolved_cell_config(tcfg: TrainConfig) -> dict[str, Any]:
@@ -282,8 +308,10 @@ def preflight(cfg: CompareConfig) -> dict[tuple[str, int], TrainConfig]:
              batch_size=first.batch_size, seed=0, num_replicas=1, rank=0)
     for loss in cfg.losses:
         t = configs[(loss, cfg.seeds[0])]
-        user(f"loss {loss!r}", build_loss, t.loss, t.loss_kwargs, t.critic, t.critic_kwargs,
-             embedding_dim=t.dim, num_classes=int(np.max(ds.labels)) + 1)
+        keywords_as_user_error(f"loss {loss!r}", {f"loss_kwargs.{loss}": t.loss_kwargs,
+                                                  "critic_kwargs": t.critic_kwargs},
+                               build_loss, t.loss, t.loss_kwargs, t.critic, t.critic_kwargs,
+                               embedding_dim=t.dim, num_classes=int(np.max(ds.labels)) + 1)
     return configs
 
 
@@ -311,7 +339,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
             records.append(cached_cell(cfg, loss, seed, configs[(loss, seed)], cells))
         bar.close()
         wall = time.perf_counter() - t0
-        meta = {"config": to_jsonable(cfg.__dict__, nan_to_none=False), "wall_time_s": wall,
+        meta = {"config": to_jsonable(cfg.fields_dict(), nan_to_none=False), "wall_time_s": wall,
                 "versions": _versions()}
         files = report.write_report(records, out, meta=meta, title=f"compare on {cfg.dataset}")
     rows = report.aggregate(records)

@@ -5,9 +5,11 @@ Every field has a default that trains the embedded default (digits, an MLP encod
 two CPU cores in seconds; a config file only names what differs.
 
 Values are read the way people write them: numbers in any usual spelling (``1e-3``, ``"3e-4"``,
-``1_000``, ``1e3`` for an integer field) become numbers; booleans are ``true``/``false`` only
-(``"false"`` is false, ``"yes"`` or ``1`` are errors); a list field takes a YAML list or a comma
-string (``infonce,triplet``). A wrong type, an unknown key or a misspelled keyword inside
+``1_000``, ``1e3`` for an integer field) become numbers, and ``true``/``false`` are not numbers;
+booleans are ``true``/``false`` only (``"false"`` is false, ``"yes"`` or ``1`` are errors; in a
+YAML file or a ``--set`` value the YAML 1.1 words ``yes``/``no``/``on``/``off`` are errors too
+(:func:`yaml_load`), not booleans); a list field takes a YAML list or a comma string
+(``infonce,triplet``). A wrong type, an unknown key or a misspelled keyword inside
 ``loss_kwargs`` / ``critic_kwargs`` (checked against the loss's or critic's constructor) raises
 :class:`ConfigError`: one line naming the field, the value, what was expected and the closest
 valid name. :class:`UserError` is the base of every mistake in what a user asked for; the command
@@ -21,6 +23,7 @@ import difflib
 import inspect
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,6 +39,8 @@ __all__ = [
     "ConfigError",
     "TrainConfig",
     "load_mapping",
+    "yaml_load",
+    "refuse_yaml_bool_words",
     "validate_fields",
     "check_loss",
     "resolved_kwargs",
@@ -50,7 +55,7 @@ class ConfigError(UserError):
     def __init__(self, field: str, value: Any, expected: str, suggestion: str | None = None,
                  *, unknown: bool = False, source: str | None = None) -> None:
         self.field, self.value, self.expected = field, value, expected
-        self.suggestion, self.source = suggestion, source
+        self.suggestion, self.source, self.unknown = suggestion, source, unknown
         where = f" in {source}" if source else ""
         if unknown:
             text = (f"unknown config key '{field}'{where} (value {_short(value)}); "
@@ -78,7 +83,10 @@ def closest(name: str, choices: Iterable[str]) -> str | None:
 
 def _number(value: Any) -> Any:
     """Numbers as people write them: ``"1e-3"`` (PyYAML reads ``1e-3`` as a string), ``"1_000"``,
-    ``1e3`` for an integer field. Anything else goes on unchanged for pydantic to judge."""
+    ``1e3`` for an integer field. A boolean is refused (pydantic would read ``true`` as 1).
+    Anything else goes on unchanged for pydantic to judge."""
+    if isinstance(value, bool):
+        raise ValueError("a number, not a boolean (write the number itself, e.g. 1 or 0)")
     if isinstance(value, str):
         text = value.strip().replace("_", "")
         try:
@@ -102,6 +110,8 @@ def _boolean(value: Any) -> Any:
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
+    if isinstance(value, str) and value.strip().lower() in _YAML11_BOOLS:
+        raise ValueError(f"true or false ({value.strip()!r} is not a boolean here)")
     raise ValueError("true or false")
 
 
@@ -434,6 +444,70 @@ def _plain(v: Any) -> Any:
 
 # ------------------------------------------------------------------------------ files
 
+#: The words YAML 1.1 (PyYAML) reads as booleans besides true / false.
+_YAML11_BOOLS = frozenset({"yes", "no", "on", "off"})
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+class YamlBoolWord(str):
+    """A YAML 1.1 boolean word (``yes``, ``no``, ``on``, ``off``, unquoted) as :func:`yaml_load`
+    returns it: kept as text, so :func:`refuse_yaml_bool_words` can name the key it stands at."""
+
+
+def _yaml_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """PyYAML's safe loader with the YAML 1.2 booleans: only true / false (any case);
+        yes / no / on / off come back as :class:`YamlBoolWord`; and YAML 1.2's floats without
+        a dot (``3e-4``)."""
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    # YAML 1.2's floats without a dot (3e-4, 1E5): YAML 1.1, which PyYAML reads, leaves
+    # them text, so a loss keyword written so would reach the loss as a string
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    Loader.add_implicit_resolver("!yaml11bool",
+                                 re.compile(r"^(?:yes|Yes|YES|no|No|NO|on|On|ON|off|Off|OFF)$"),
+                                 list("yYnNoO"))
+    Loader.add_constructor("!yaml11bool",
+                           lambda loader, node: YamlBoolWord(loader.construct_scalar(node)))
+    return Loader
+
+
+_LOADER: list = []
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2's booleans: ``true`` / ``false`` are booleans; the YAML
+    1.1 words ``yes`` / ``no`` / ``on`` / ``off`` are not read as ``True`` / ``False`` (a config
+    documents them as errors) but come back as :class:`YamlBoolWord` text, which
+    :func:`refuse_yaml_bool_words` refuses; quoted (``"on"``) they are plain text."""
+    import yaml
+
+    if not _LOADER:
+        _LOADER.append(_yaml_loader())
+    return yaml.load(text, Loader=_LOADER[0])  # noqa: S506 - a SafeLoader subclass
+
+
+def refuse_yaml_bool_words(value: Any, key: str, source: str | None = None) -> None:
+    """:class:`ConfigError` naming the key (dotted) of the first :class:`YamlBoolWord` in
+    ``value`` (mappings and lists are searched)."""
+    if isinstance(value, YamlBoolWord):
+        raise ConfigError(key, str(value), f"true or false for a boolean (YAML's {str(value)!r} "
+                          "is not read as one here); quote it for the text", source=source)
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            refuse_yaml_bool_words(v, f"{key}.{k}" if key else str(k), source)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            refuse_yaml_bool_words(v, key, source)
+
 
 def load_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML, TOML or JSON file into a dict (by extension). A missing file, a syntax
@@ -449,7 +523,7 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
             import yaml
 
             try:
-                data = yaml.safe_load(text)
+                data = yaml_load(text)
             except yaml.YAMLError as exc:
                 mark = getattr(exc, "problem_mark", None)
                 where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -475,4 +549,5 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"config file {p} must hold a mapping of field: value, got "
                         f"{type(data).__name__}")
+    refuse_yaml_bool_words(data, "", source=str(p))
     return data

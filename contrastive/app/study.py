@@ -5,7 +5,11 @@ stopped and several workers -- processes or machines sharing one database -- nei
 repeat trials.
 
 * A trial runs only when fewer than ``n_trials`` completed or running trials precede it (trial
-  numbers are handed out by the database), so workers stop at exactly ``n_trials``.
+  numbers are handed out by the database), so workers stop at exactly ``n_trials``. A worker
+  whose remaining budget is held by other workers' running trials waits until they finish (or
+  are failed as below, and then runs them again itself), so it returns only when ``n_trials``
+  trials are complete; it gives up with :class:`TrialsPending` after :data:`WAIT_S` without
+  progress.
 * Running trials record Optuna's RDB heartbeat; a trial whose worker died is failed and redone:
   at once for a process of this machine that no longer exists, after :data:`GRACE_S` without a
   heartbeat for a worker anywhere (``optuna.storages.fail_stale_trials``).
@@ -16,11 +20,15 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["N_STARTUP", "HEARTBEAT_S", "GRACE_S", "open_study", "finished_trials", "run_trials"]
+from ..errors import UserError
+
+__all__ = ["N_STARTUP", "HEARTBEAT_S", "GRACE_S", "POLL_S", "WAIT_S", "TrialsPending",
+           "open_study", "finished_trials", "run_trials"]
 
 #: Random trials before TPE models the results (fixed, so the study does not depend on N).
 N_STARTUP = 4
@@ -41,6 +49,16 @@ def _quiet_optuna():
 #: Seconds between a running trial's heartbeats in the study's storage, and how long a trial
 #: may go without one before any worker marks it failed (a worker that died on another machine).
 HEARTBEAT_S, GRACE_S = 30, 120
+
+#: Seconds between two looks at the study while other workers' trials hold the rest of the
+#: budget, and the longest wait without progress (no trial finished, started or failed) before
+#: :func:`run_trials` gives up with :class:`TrialsPending`.
+POLL_S, WAIT_S = 2.0, 6 * 3600.0
+
+
+class TrialsPending(UserError):
+    """Other workers' trials still run after :data:`WAIT_S` without progress: the study holds
+    fewer completed trials than its budget, and none is picked from an incomplete budget."""
 
 
 def open_study(storage: str, name: str, seed: int, heartbeat_s: int = HEARTBEAT_S,
@@ -131,29 +149,65 @@ class _Heartbeat:
             self.thread.join()
 
 
+def _pending_text(study, running: list, n_trials: int, complete: int, waited: float) -> str:
+    names = ", ".join(
+        f"#{t.number} (worker {w.get('host', '?')}:{w.get('pid', '?')})"
+        for t in running for w in [t.user_attrs.get("worker") or {}])
+    grace = getattr(study._storage, "grace_period", None) or GRACE_S
+    return (f"study {study.study_name!r}: {complete} of {n_trials} trials complete; waited "
+            f"{waited:.0f} s for other workers' running trial(s) {names}; a trial whose worker "
+            f"died is failed {grace} s after its last heartbeat and redone; run the command "
+            "again once they finish")
+
+
 def run_trials(study, n_trials: int, objective: Callable[[Any], float],
-               on_trial: Callable[[Any, float], None] | None = None) -> int:
+               on_trial: Callable[[Any, float], None] | None = None, *,
+               log: Callable[[str], None] | None = None, poll_s: float = POLL_S,
+               wait_s: float = WAIT_S) -> int:
     """Run trials of ``study`` until it holds ``n_trials`` completed ones; returns how many this
     process completed. Before each trial the finished ones are counted, so a resumed run does
     only the remainder; a trial asked for runs only when fewer than ``n_trials`` completed or
     running trials have a lower number (else it is marked failed, ``surplus``), so concurrent
-    workers stop at exactly ``n_trials``. An exception in ``objective`` marks its trial failed
-    and propagates."""
+    workers stop at exactly ``n_trials``. While the rest of the budget is held by other
+    workers' running trials it waits for them (looking every ``poll_s`` seconds, failing those
+    whose worker died: :func:`_fail_dead_trials`, and running their replacements itself), so
+    on return the study holds ``n_trials`` completed trials; :class:`TrialsPending` after
+    ``wait_s`` seconds without progress (``log`` is told when it starts waiting). An exception
+    in ``objective`` marks its trial failed and propagates."""
     from optuna.trial import TrialState
 
-    _fail_dead_trials(study)
     done = 0
-    while len(finished_trials(study)) < n_trials:
+    seen, since = None, 0.0  # what the wait last saw (complete, running), and since when
+    while True:
+        _fail_dead_trials(study)
+        complete = len(finished_trials(study))
+        if complete >= n_trials:
+            return done
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if complete + len(running) >= n_trials:  # the rest is other workers' trials: wait
+            now = time.monotonic()
+            state = (complete, tuple(t.number for t in running))
+            if state != seen:
+                if seen is None and log is not None:
+                    log(f"{study.study_name}: {complete}/{n_trials} trials complete; waiting "
+                        f"for trial(s) {', '.join(str(n) for n in state[1])} of other workers")
+                seen, since = state, now
+            elif now - since > wait_s:
+                raise TrialsPending(_pending_text(study, running, n_trials, complete,
+                                                  now - since))
+            time.sleep(poll_s)
+            continue
+        seen = None
         with _quiet_optuna():
             trial = study.ask()
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         ahead = [t for t in study.get_trials(deepcopy=False,
                                              states=(TrialState.COMPLETE, TrialState.RUNNING))
                  if t.number < trial.number]
-        if len(ahead) >= n_trials:
+        if len(ahead) >= n_trials:  # another worker asked first: wait for the others' trials
             trial.set_user_attr("surplus", True)
             study.tell(trial, state=TrialState.FAIL)
-            break
+            continue
         try:
             with _Heartbeat(study, trial):
                 value = float(objective(trial))
@@ -164,4 +218,3 @@ def run_trials(study, n_trials: int, objective: Callable[[Any], float],
         done += 1
         if on_trial is not None:
             on_trial(trial, value)
-    return done

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .. import check_own_packages
 from .. import checkpoint as ckpt
 from .. import distributed as dist_utils
-from ..errors import UserError, as_user_error
+from ..errors import UserError, as_user_error, keywords_as_user_error
 from .config import TrainConfig
 from .factory import (
     build_embedder,
@@ -82,6 +82,35 @@ def _readout(loss_fn: nn.Module, emb: torch.Tensor, labels: torch.Tensor) -> dic
         return {"infonce": float("nan"), "nwj": float("nan")}
 
 
+_LOG_KEYS = ("step", "epoch", "loss", "lr")
+
+
+def _readout_keys_of(history: list[dict]) -> list[str]:
+    """The readout's estimators in the rows of a checkpoint that did not store them (an older
+    one): the keys after the log's own of the rows without an evaluation."""
+    keys: dict[str, None] = {}
+    for row in history:
+        if "map_at_r" not in row:
+            keys.update(dict.fromkeys(k for k in row if k not in _LOG_KEYS))
+    return list(keys)
+
+
+@contextlib.contextmanager
+def _rng_untouched():
+    """Restore the global RNGs (Python, NumPy, torch, CUDA) on leaving: whatever the block draws,
+    training goes on with the random numbers it would have had without it."""
+    state = ckpt.capture_rng_state()
+    try:
+        yield
+    finally:
+        ckpt.restore_rng_state(state)
+
+
+def _name(backbone) -> str:
+    return f"<module {type(backbone).__name__}>" if isinstance(backbone, nn.Module) \
+        else repr(backbone)
+
+
 def _call_loss(loss_fn: nn.Module, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if loss_fn.__class__.__module__.startswith("pytorch_metric_learning"):
         # pml losses do not force float32 under autocast; do it for them.
@@ -114,7 +143,10 @@ def fit(config: TrainConfig | dict) -> dict[str, Any]:
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     cfg = cfg.validated()
     owns_group = not dist_utils.is_distributed()  # then fit destroys the group it makes
-    rank, world, _local, device = dist_utils.setup(device=cfg.device)
+    # a device that is not one (device=foo) or absent (cuda without a GPU), or a torchrun
+    # environment that does not add up: the user's mistake, one line
+    rank, world, _local, device = as_user_error("device / process group", dist_utils.setup,
+                                                device=cfg.device)
     main = rank == 0
     out = Path(cfg.output)
     with contextlib.ExitStack() as stack:
@@ -170,7 +202,9 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
                              root=cfg.data_dir, split=name, transform=transform)
 
     base = split(cfg.train_split)  # untransformed: sizes the model and picks the transforms
-    model = as_user_error("backbone", build_embedder, cfg, base).to(device)
+    model = keywords_as_user_error(f"backbone {_name(cfg.backbone)}",
+                                   {"backbone_kwargs": cfg.backbone_kwargs}, build_embedder,
+                                   cfg, base).to(device)
     eval_tf = eval_transform(model, base)
     train_tf = train_transform(cfg, base, model)
     if cfg.views >= 2:
@@ -190,10 +224,11 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
     steps_per_epoch = len(sampler)
     total_steps = cfg.epochs * steps_per_epoch if cfg.epochs is not None else cfg.steps
 
-    loss_fn = as_user_error(f"loss {cfg.loss!r}", build_loss, cfg.loss, cfg.loss_kwargs,
-                            cfg.critic, cfg.critic_kwargs,
-                            embedding_dim=getattr(model, "dim", cfg.dim),
-                            num_classes=int(np.max(sampler_labels)) + 1).to(device)
+    loss_fn = keywords_as_user_error(
+        f"loss {cfg.loss!r}", {"loss_kwargs": cfg.loss_kwargs, "critic_kwargs": cfg.critic_kwargs},
+        build_loss, cfg.loss, cfg.loss_kwargs, cfg.critic, cfg.critic_kwargs,
+        embedding_dim=getattr(model, "dim", cfg.dim),
+        num_classes=int(np.max(sampler_labels)) + 1).to(device)
     if main:  # only once the data, the batches, the model and the loss are known to be good
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(cfg, list(model.parameters()) + list(loss_fn.parameters()),
@@ -207,6 +242,7 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
     # Resume.
     step, epoch, batch_in_epoch = 0, 0, 0
     history: list[dict] = []
+    readout_keys: dict[str, None] = {}  # the readout's estimators, in their order
     train_time = 0.0
     last = ckpt_dir / "last.pt"
     if state is not None:
@@ -224,6 +260,9 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         history = state.get("history", [])
+        # the readout of result.json averages the last logged rows, the restored ones included
+        readout_keys = dict.fromkeys(state["readout_keys"] if "readout_keys" in state
+                                     else _readout_keys_of(history))
         train_time = state.get("train_time_s", 0.0)
         ckpt.restore_rng_state(state["rng"])
         del state
@@ -260,15 +299,13 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
             "scheduler": scheduler.state_dict(),
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
             "rng": ckpt.capture_rng_state(),
-            "history": history, "train_time_s": train_time,
+            "history": history, "readout_keys": list(readout_keys), "train_time_s": train_time,
             "config": cfg.to_dict(),
         }, ckpt_dir / name)
 
     bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and main),
                desc=f"{cfg.loss}", dynamic_ncols=True)
     model.train()
-    recent: list[dict] = []
-    readout_keys: dict[str, None] = {}  # the readout's estimators, in their order
     from ..inference import channels_last_safe
 
     to_channels_last = device.type == "cuda" and channels_last_safe(model)  # no custom .view()
@@ -316,13 +353,13 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
                 read = _readout(loss_fn, emb_all.float(), y_all)
                 readout_keys.update(dict.fromkeys(read))
                 row.update(read)
-                recent = (recent + [row])[-5:]
                 bar.set_postfix(loss=f"{row['loss']:.4f}", nce=f"{row['infonce']:.2f}")
                 if eval_due:  # on every rank: each embeds its share of the test set
                     _check_finite_weights(_unwrap(model), step, cfg, x)
-                    row.update(evaluate_embedder(_unwrap(model), test_ds, reference=ref_ds,
-                                                 device=device, seed=cfg.seed,
-                                                 num_workers=cfg.num_workers))
+                    with _rng_untouched():  # eval_every must not change the trained model
+                        row.update(evaluate_embedder(_unwrap(model), test_ds, reference=ref_ds,
+                                                     device=device, seed=cfg.seed,
+                                                     num_workers=cfg.num_workers))
                     model.train()
                 history.append(row)
                 logger.log(row)
@@ -344,14 +381,20 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
 
     result: dict[str, Any] = {"steps": step, "train_time_s": train_time, "history": history}
     save("last.pt")  # on rank 0
+    if stop.received:  # a signal while the checkpoint was written: stop before the evaluation
+        raise TrainingInterrupted(step, last if main else None, stop.received)
     metrics, backend = evaluate_embedder(_unwrap(model), test_ds, train_eval_ds,
                                          reference=ref_ds, return_backend=True,
                                          probe=cfg.final_probe, device=device, seed=cfg.seed,
                                          progress=cfg.progress and main,
                                          num_workers=cfg.num_workers)
+    if stop.received:  # SIGINT / SIGTERM during the final evaluation: not a finished run; the
+        # checkpoint of the last step is written, resuming it repeats only the evaluation
+        raise TrainingInterrupted(step, last if main else None, stop.received)
     if main:
         result["metrics"] = metrics
         result["eval_backend"] = backend
+        recent = history[-5:]  # the last logged rows (a resumed run's restored ones too)
         result["readout"] = {  # every estimator the loss reads out (an upper bound's own)
             k: float(np.nanmean([r.get(k, np.nan) for r in recent])) if recent else float("nan")
             for k in {"infonce": None, "nwj": None, **readout_keys}

@@ -256,7 +256,9 @@ def _objective(cfg: TuneConfig, loss: str, space: Mapping[str, Any], scratch: Pa
 
 def tune_loss(cfg: TuneConfig, loss: str, log: Callable[[str], None] | None = None
               ) -> dict[str, Any]:
-    """Run (or resume) the study of ``loss`` up to ``cfg.trials`` completed trials; returns
+    """Run (or resume) the study of ``loss`` up to ``cfg.trials`` completed trials (waiting for
+    other workers' running trials when they hold the rest of the budget: the best is picked
+    from exactly ``cfg.trials`` trials, :func:`~.study.run_trials`); returns
     ``{"loss", "study", "storage", "space", "n_trials", "ran_now", "best_params", "best_value",
     "history": [{"number", "value", "params"}]}`` (history over the completed trials, by
     number)."""
@@ -274,8 +276,12 @@ def tune_loss(cfg: TuneConfig, loss: str, log: Callable[[str], None] | None = No
             log(f"tune {loss}: trial {trial.number} val MAP@R {value:.4f} (best {best:.4f}, "
                 f"{n}/{cfg.trials} done)")
 
-    ran = run_trials(study, cfg.trials, _objective(cfg, loss, space, scratch), said)
+    ran = run_trials(study, cfg.trials, _objective(cfg, loss, space, scratch), said,
+                     log=None if log is None else (lambda text: log(f"tune {loss}: {text}")))
     trials = finished_trials(study)[: cfg.trials]
+    if len(trials) < cfg.trials:  # run_trials returns with the whole budget complete
+        raise RuntimeError(f"tune {loss}: {len(trials)} of {cfg.trials} trials complete in "
+                           f"study {name!r}; the best is picked from the whole budget only")
     best = max(trials, key=lambda t: (t.value, -t.number))
     return {"loss": loss, "study": name, "storage": _public_url(storage), "space": space,
             "n_trials": len(trials), "ran_now": ran, "best_params": dict(best.params),

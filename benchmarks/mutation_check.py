@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LOSS_TESTS = ("tests/test_losses_reference.py", "tests/test_losses_properties.py",
               "tests/test_losses_errors.py", "tests/test_reductions.py",
-              "tests/test_fused_core.py")
+              "tests/test_fused_core.py", "tests/test_mined.py")
 TESTS = {
     "losses/functional.py": LOSS_TESTS,
     "losses/kernels.py": LOSS_TESTS,
@@ -178,6 +178,9 @@ MUTATIONS: tuple[Mutation, ...] = (
              "\"r_precision\": (counts * inv_r[0]).sum()"),
     Mutation("recall-at-k-off-by-one", R, "off-by-one",
              "match[:, :k].any(dim=1).sum()", "match[:, : max(k - 1, 1)].any(dim=1).sum()"),
+    Mutation("triplet-counted-repeats-ignored", F, "term",
+             "w = wp[:, j:j + step, None] * wq[:, None, :]",
+             "w = wp[:, j:j + step, None].clamp(max=1) * wq[:, None, :]"),
     Mutation("knn-vote-temperature-inverted", "evaluation/weighted_knn.py", "sign",
              "z = key.double() / temperature", "z = key.double() * temperature"),
     Mutation("clustering-k-off-by-one", "evaluation/clustering.py", "off-by-one",

@@ -898,6 +898,40 @@ def _hinge(x: Tensor, soft: bool) -> Tensor:
     return F.softplus(x) if soft else F.relu(x)
 
 
+def _triplet_counted(scores: Tensor, p_count: Tensor, q_count: Tensor, margin: float,
+                     soft: bool, reduction: str, check: bool) -> Tensor:
+    """All triplets with multiplicities ``w_apn = P_ap Q_an`` (count masks, see
+    :func:`triplet`): ``sum w h(S_an - S_ap + m)`` over the weighted number of terms (``"mean"``:
+    all, ``"nonzero"``: those > 0). With ``check`` each anchor's positives are padded slots
+    (``[N, k, M]`` per block of slots); without, every column is a slot (``[N, M, M]``)."""
+    wq = q_count.to(scores.dtype)
+    if check:
+        idx, valid = K.padded_positives(K.positive_index(p_count > 0, "the triplet loss"))
+        wp = p_count.gather(1, idx).to(scores.dtype) * valid
+        s_ap = scores.gather(1, idx)
+    else:
+        wp, s_ap = p_count.to(scores.dtype), scores
+    total = scores.new_zeros(())
+    count = scores.new_zeros(())
+    terms = []
+    step = max(1, (1 << 24) // max(scores.numel(), 1))  # [N, step, M] blocks of slots
+    for j in range(0, s_ap.shape[1], step):
+        h = _hinge(scores[:, None, :] - s_ap[:, j:j + step, None] + margin, soft)
+        w = wp[:, j:j + step, None] * wq[:, None, :]
+        if reduction == "none":
+            terms.append(h * w)
+            continue
+        total = total + (h * w).sum()
+        count = count + (w if reduction == "mean" else w * (h.detach() > 0)).sum()
+    if reduction == "none":
+        out = torch.cat(terms, 1)  # k >= 1 slots: prepare found a triplet, or no check
+        if not check:
+            return out
+        full = scores.new_zeros(scores.shape[0], scores.shape[1], scores.shape[1])
+        return full.scatter_add(1, idx[:, :, None].expand_as(out), out)
+    return total if reduction == "sum" else total / count.clamp_min(1)
+
+
 def triplet(
     scores: Tensor,
     positives: Tensor,
@@ -928,6 +962,11 @@ def triplet(
     * ``triplets=(a, p, n)``: the given triplets (a miner's, as index tensors, already checked
       against the masks by :func:`contrastive.pairs.mined_triplets`), duplicates included, as
       PML; ``mining`` is then ignored and no triplet gives 0.
+    * integer count masks (how often a miner's pair tuple holds each pair,
+      :func:`contrastive.pairs.mined_masks` with ``counts=True``) with ``"all"``: triplet
+      ``(a, p, n)`` counts ``P_ap Q_an`` times, as PML's conversion of mined pairs to triplets
+      (every positive pair of an anchor with every negative pair of it, repeats included);
+      ``"none"`` gives each term times its count. The other minings read them as boolean.
 
     Reduction: ``"nonzero"`` averages over the terms > 0 (pytorch-metric-learning's
     ``AvgNonZeroReducer``, the default of its ``TripletMarginLoss``; 0 when none), ``"mean"``
@@ -944,11 +983,17 @@ def triplet(
     """
     if triplets is None:
         reduction = _check_triplet_args(mining, reduction)
+    p_count = _counts_or_none(positives) if mining == "all" and triplets is None else None
+    q_count = _counts_or_none(negatives) if mining == "all" and triplets is None else None
     # given triplets need none in the masks (none given: 0); else an anchor with both is needed
     scores, positives, negatives = K.prepare(scores, positives, negatives, check,
                                              "triplet" if triplets is None else None,
                                              "the triplet loss")
     margin = float(margin)
+    if p_count is not None or q_count is not None:
+        return _triplet_counted(scores, positives if p_count is None else p_count,
+                                negatives if q_count is None else q_count, margin, soft,
+                                reduction, check)
     if triplets is not None:
         reduction = _check_triplet_args("all", reduction)
         a, p, n = triplets

@@ -492,9 +492,12 @@ class Triplet(PairLoss):
         require_triplet(positives, negatives, self.what)
 
     def mined(self, indices_tuple, positives, negatives):
-        pos, neg, _ = super().mined(indices_tuple, positives, negatives)
-        if len(indices_tuple) != 3:
+        if len(indices_tuple) != 3:  # pairs: PML makes every positive pair of an anchor a
+            # triplet with every negative pair of it, repeated pairs repeatedly (count masks)
+            pos, neg = mined_masks(indices_tuple, positives, negatives,
+                                   counts=self.mining == "all", check=self.check)
             return pos, neg, None
+        pos, neg, _ = super().mined(indices_tuple, positives, negatives)
         return pos, neg, mined_triplets(indices_tuple, positives, negatives, self.check)
 
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):

@@ -167,11 +167,9 @@ def test_xbm_enqueue_mask_all_rows_is_a_fill_step():
         assert float(ours(emb, labels, enqueue_mask=mask)) == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with a user indices_tuple (and no miner or a pair "
-                   "miner) XBM adds the tuple to all pairs, so pairs repeat; PML's triplet loss "
-                   "turns every repeated pair into more triplets, Triplet.mined de-duplicates "
-                   "them into masks")
 def test_xbm_triplet_with_user_pairs_equals_pml():
+    """With a user indices_tuple XBM adds the tuple to all pairs (PML), so pairs repeat; PML's
+    triplet loss makes every repeated pair more triplets, and so does Triplet (count masks)."""
     g = torch.Generator().manual_seed(2)
     ours = CrossBatchMemory(M.Triplet(0.1), 6, 29)
     ref = pml_losses.CrossBatchMemory(pml_losses.TripletMarginLoss(0.1), 6, 29)

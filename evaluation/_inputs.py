@@ -172,3 +172,14 @@ def check_same_dim(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> No
             f"{name_a} has dimension {a.shape[1]} but {name_b} has {b.shape[1]}; "
             "embed both sets with the same model"
         )
+
+
+def query_and_reference(query: object, reference: object | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(q, r)``: ``query`` as a float matrix and ``reference`` as one of the same dimension,
+    or ``r is q`` when ``reference`` is None or the very object ``query``."""
+    q = as_float_matrix(query, "query")
+    if reference is None or reference is query:
+        return q, q
+    r = as_float_matrix(reference, "reference")
+    check_same_dim(q, r, "query", "reference")
+    return q, r

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._inputs import as_float_matrix, check_k, check_metric, check_same_dim
+from ._inputs import check_k, check_metric, query_and_reference
 from .backends import KnnBackend
 
 __all__ = ["KnnFunc", "PmlBackend"]
@@ -56,12 +56,7 @@ class KnnFunc:
         from .search import search_all  # lazy: evaluation.search is the layer above
 
         out_dev = query.device if isinstance(query, Tensor) else torch.device("cpu")
-        q = as_float_matrix(query, "query")
-        if reference is None or reference is query:
-            r = q
-        else:
-            r = as_float_matrix(reference, "reference")
-            check_same_dim(q, r, "query", "reference")
+        q, r = query_and_reference(query, reference)
         if ref_includes_query and r.shape[0] < q.shape[0]:
             raise ValueError(
                 f"ref_includes_query=True needs the queries to be the first rows of reference, "

@@ -58,7 +58,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import backends as _backends
-from ._inputs import as_float_matrix, check_k, check_metric, check_same_dim
+from ._inputs import check_k, check_metric, query_and_reference
 from ._topk import SCAN_MIN_RATIO, padded_width, scan_kernel
 from .backends import (  # noqa: F401 - re-exported: the names this module has always had
     _CPU_BLOCK_BYTES,
@@ -353,12 +353,7 @@ def knn(
         they return (:mod:`evaluation.ann`).
     """
     metric = check_metric(metric)
-    q = as_float_matrix(query, "query")
-    if reference is None or reference is query:
-        r = q
-    else:
-        r = as_float_matrix(reference, "reference")
-        check_same_dim(q, r, "query", "reference")
+    q, r = query_and_reference(query, reference)
     self_index = None
     if exclude_self:
         if r is not q and (r.shape != q.shape or not np.array_equal(r, q)):

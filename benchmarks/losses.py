@@ -61,7 +61,10 @@ def native_stderr_silenced():
     """Point file descriptor 2 at ``os.devnull`` while the block runs: Kineto (torch.profiler's
     backend) writes log lines (``USDT: ... profiler_start``, ``ERROR: gpuGetDeviceCount
     failed``) straight to it on every profile, whatever ``KINETO_LOG_LEVEL`` says, which would
-    interleave with the printed table. Only the profiler's own start and stop run inside."""
+    interleave with the printed table; and torch's allocator warns there of every block
+    allocated before the profile and freed inside it (a loss's cached tensor, e.g. PML's
+    ``MarginLoss`` beta). :class:`PeakMemory` runs its profiled block inside, a pass that has
+    already run once unprofiled (so an error of its own would have shown there)."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:
@@ -91,8 +94,9 @@ class PeakMemory:
             self._prof = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
             )
-            with native_stderr_silenced():
-                self._prof.__enter__()
+            self._quiet = native_stderr_silenced()
+            self._quiet.__enter__()
+            self._prof.__enter__()
         else:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -101,13 +105,15 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if self.device == "cpu":
-            with native_stderr_silenced():
+            try:
                 self._prof.__exit__(*exc)
                 events = [
                     (e.start_ns(), e.nbytes())
                     for e in self._prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
                 ]
+            finally:
+                self._quiet.__exit__(None, None, None)
             level = peak = 0
             for _, nbytes in sorted(events):
                 level += nbytes

@@ -44,8 +44,13 @@ name                ``train_classes`` / ``test_classes``
 ``inshop``          ``train`` / -- (evaluate on ``test``: its query set against its gallery)
 ``mnist``,          ``train`` items of classes 0-4 / ``test`` items of classes 5-9
 ``cifar10``
-``folder``          ``all`` (root/<class>/<image>): the first half of the sorted classes / the
-                    second half
+``folder``          by the layout under ``root``. ``root/train/<class>/`` with
+                    ``root/test/<class>/`` (the README's layout): if they share classes, as
+                    ``mnist``: the ``train`` images of the first half of the sorted class names
+                    (of both folders) / the ``test`` images of the second half; if they share
+                    none, ``train`` / ``test`` as they are (already class-disjoint).
+                    ``root/<class>/<image>``: all images, the first half of the sorted classes /
+                    the second half. Any other layout: an error naming these two.
 ==================  ==========================================================================
 """
 
@@ -68,7 +73,7 @@ from .base import (
     subset,
 )
 from .digits import digits, digits_image
-from .dml import cars196, cub200, folder, inshop, sop
+from .dml import cars196, cub200, folder, folder_class_split, inshop, sop
 from .latent import latent_classes
 from .torchvision_sets import cifar10, mnist
 
@@ -100,8 +105,10 @@ __all__ = [
 #: reader's own), ``class_disjoint`` (train and test share no class: the DML benchmarks'
 #: protocol), ``embedded`` (ships with the library's dependencies; every other set needs
 #: ``root``) and ``class_split``: how ``"train_classes"`` / ``"test_classes"`` are read --
-#: ``{"train": split, "test": split}`` (the reader's splits, items kept by class) and
-#: ``"test_classes"`` (the held-out class ids; default the second half of the sorted classes).
+#: ``{"train": split, "test": split}`` (the reader's splits, items kept by class),
+#: ``"test_classes"`` (the held-out class ids; default the second half of the sorted classes)
+#: and optionally ``"class_disjoint"`` (overrides the meta key for these splits); or a function
+#: of ``root`` returning that dict, for a reader whose layout decides (``folder``).
 #: Optional: ``class_disjoint_batch`` (``batch_size`` / ``m_per_class`` a class-disjoint run
 #: starts from when the user sets none) and ``known_answer`` (reader keywords that give, item
 #: for item, the embedding a perfect encoder would recover: a reference row of the reports).
@@ -128,7 +135,7 @@ for _name, _factory, _aliases, _meta in (
                                             "known_answer": {"view": "latent"}}),
     ("folder", folder, ("imagefolder",), {"kind": "image", "splits": None,
                                           "class_disjoint": None, "embedded": False,
-                                          "class_split": {"train": "all", "test": "all"}}),
+                                          "class_split": folder_class_split}),
     ("cub200", cub200, ("cub",), {"kind": "image", "splits": ("train", "test"),
                                   "class_disjoint": True, "embedded": False,
                                   "class_split": _OWN_SPLIT}),
@@ -177,34 +184,39 @@ def get_dataset(
     entry = DATASETS.get(name)
     if spec is None:
         return entry.factory(root, split=split, transform=transform, **kw)
+    src = class_split_sources(name, root)
     if spec.kind == "test_classes":
-        return _class_side(name, root, "test", transform, kw)
-    train = _class_side(name, root, "train", None, kw)
+        return _class_side(name, root, "test", transform, kw, src)
+    train = _class_side(name, root, "train", None, kw, src)
     if spec.kind == "train_classes":
         return subset(train, range(len(train)), transform, f"{name}[{split}]")
     tr, va = class_disjoint_folds(train.labels, spec.n_folds, seed=spec.seed)[spec.fold]
     return subset(train, tr if spec.part == "train" else va, transform, f"{name}[{split}]")
 
 
-def class_split_sources(name: str) -> dict[str, Any]:
+def class_split_sources(name: str, root: str | os.PathLike | None = None) -> dict[str, Any]:
     """How ``name`` reads ``"train_classes"`` / ``"test_classes"``: ``{"train": split, "test":
-    split, "test_classes": ids or None}`` (see the module table)."""
+    split, "test_classes": ids or None, "class_disjoint": bool}`` (see the module table). For
+    ``folder`` it depends on the layout under ``root`` (:func:`.dml.folder_class_split`)."""
     meta = DATASETS.get(name).meta
-    out = dict(meta.get("class_split") or {"train": "all", "test": "all"})
+    spec = meta.get("class_split")
+    out = dict((spec(root) if callable(spec) else spec) or {"train": "all", "test": "all"})
     out.setdefault("test_classes", None)
+    out.setdefault("class_disjoint", bool(meta.get("class_disjoint")))
     return out
 
 
-def _class_side(name: str, root, side: str, transform, kw: dict[str, Any]) -> LabeledDataset:
-    """The training (``side="train"``) or test classes of ``name``."""
+def _class_side(name: str, root, side: str, transform, kw: dict[str, Any],
+                src: dict[str, Any]) -> LabeledDataset:
+    """The training (``side="train"``) or test classes of ``name``, read as ``src``
+    (:func:`class_split_sources`) says."""
     entry = DATASETS.get(name)
-    src = class_split_sources(name)
     split = src[side]
     if split is None:
         raise ValueError(f"{name!r} has no {side}_classes split; evaluate on its 'test' split "
                          "(class-disjoint already)")
     ds = entry.factory(root, split=split, transform=None, **kw)
-    if entry.meta.get("class_disjoint"):  # the benchmark's own splits are class-disjoint
+    if src["class_disjoint"]:  # the benchmark's own splits are class-disjoint
         return subset(ds, range(len(ds)), transform, f"{name}[{side}_classes]")
     # classes are judged by their original ids, so the partition is the same on both sides
     all_ids = [str(c) for c in ds.classes]  # every reader lists its classes sorted
@@ -215,5 +227,7 @@ def _class_side(name: str, root, side: str, transform, kw: dict[str, Any]) -> La
     is_test = np.asarray([str(c) in held_out for c in ds.classes], dtype=bool)[ds.labels]
     keep = np.flatnonzero(is_test if side == "test" else ~is_test)
     if keep.size == 0:
-        raise ValueError(f"{name!r} split {split!r} holds no item of the {side} classes")
+        wanted = sorted(held_out) if side == "test" else sorted(set(all_ids) - held_out)
+        raise ValueError(f"{name!r} split {split!r} holds no item of the {side} classes "
+                         f"{wanted[:10]}{' ...' if len(wanted) > 10 else ''}")
     return subset(ds, keep, transform, f"{name}[{side}_classes]")

@@ -32,12 +32,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .base import ImageFileDataset, check_split, find_first, remap_labels, require_root
 
-__all__ = ["folder", "cub200", "cars196", "sop", "inshop"]
+__all__ = ["folder", "folder_class_split", "FOLDER_LAYOUTS", "cub200", "cars196", "sop",
+           "inshop"]
 
 
 def _read_rows(path: Path, ncols: int, what: str) -> list[list[str]]:
@@ -110,6 +112,68 @@ def folder(root, split: str = "train", transform: Callable | None = None) -> Ima
     return ImageFileDataset(paths, labels, classes, transform, f"folder[{split}]")
 
 
+#: The layouts the class-level split names of ``folder`` read (:func:`folder_class_split`).
+FOLDER_LAYOUTS = (
+    "root/train/<class>/<image> with root/test/<class>/<image> (the train/test layout), or "
+    "root/<class>/<image> (one folder of class folders)"
+)
+
+
+def _class_folders(directory: Path) -> list[str]:
+    """The sorted class folder names under ``directory`` (torchvision's ``find_classes``; hidden
+    folders skipped); empty when there is none."""
+    from torchvision.datasets.folder import find_classes
+
+    try:
+        return list(find_classes(str(directory))[0])
+    except FileNotFoundError:
+        return []
+
+
+def folder_class_split(root) -> dict[str, Any]:
+    """How ``folder`` reads the class-level split names under ``root`` (the
+    :func:`contrastive.datasets.class_split_sources` dict), by its layout:
+
+    * ``root/train/<class>/`` and ``root/test/<class>/`` (the layout of ``split="train"`` /
+      ``"test"``): when the two hold different classes (a class-disjoint copy, as CUB and Cars
+      are usually laid out) they are used as they are (``class_disjoint``); when they share
+      classes it is the MNIST / CIFAR-10 rule: the ``train`` images of the first half of the
+      sorted class names (of both folders together, so the two sides never share a class) and
+      the ``test`` images of the second half.
+    * ``root/<class>/<image>`` (``split="all"``): all images, the first half of the sorted classes
+      / the second half.
+
+    Anything else (only one of ``train/``, ``test/``; no class folder) is a
+    ``FileNotFoundError`` naming both layouts."""
+    base = require_root(root, "folder", FOLDER_LAYOUTS)
+    present = [s for s in ("train", "test") if (base / s).is_dir()]
+    if len(present) == 2:
+        train, test = _class_folders(base / "train"), _class_folders(base / "test")
+        for side, names in (("train", train), ("test", test)):
+            if not names:
+                raise FileNotFoundError(
+                    f"folder: {str(base / side)!r} holds no class folder; the class-level splits "
+                    f"read {FOLDER_LAYOUTS}"
+                )
+        if not set(train) & set(test):
+            return {"train": "train", "test": "test", "class_disjoint": True}
+        classes = sorted(set(train) | set(test))
+        return {"train": "train", "test": "test",
+                "test_classes": classes[len(classes) - len(classes) // 2:]}
+    if present:
+        missing = "test" if present == ["train"] else "train"
+        raise FileNotFoundError(
+            f"folder: {str(base)!r} holds {present[0]}/ but no {missing}/, so it is neither of the "
+            f"layouts the class-level splits read: {FOLDER_LAYOUTS}"
+        )
+    if not _class_folders(base):
+        raise FileNotFoundError(
+            f"folder: {str(base)!r} holds no class folder; the class-level splits read "
+            f"{FOLDER_LAYOUTS}"
+        )
+    return {"train": "all", "test": "all"}
+
+
 # -- CUB-200-2011 --------------------------------------------------------------------------------
 
 _CUB_HINT = (
@@ -159,17 +223,32 @@ def _mat_annotations(path: Path, fields: tuple[str, ...]) -> dict[str, list]:
     except ImportError as exc:  # pragma: no cover - scipy comes with scikit-learn
         raise ImportError("reading Cars196 needs scipy (pip install scipy)") from exc
     try:
-        ann = loadmat(str(path), squeeze_me=True)["annotations"]
-    except (KeyError, ValueError, TypeError, OSError) as exc:
-        raise ValueError(f"malformed {str(path)!r}: no readable 'annotations' struct") from exc
-    ann = np.atleast_1d(ann)
+        # scipy raises MatReadError (truncated or empty), IndexError (not a MAT file at all),
+        # OSError, ValueError, ... depending on how the file is broken: any of them is a
+        # malformed copy, reported with the file's name
+        contents = loadmat(str(path), squeeze_me=True)
+    except Exception as exc:
+        raise ValueError(
+            f"malformed {str(path)!r}: not a readable MATLAB .mat file "
+            f"({type(exc).__name__}: {exc}); is the download complete? {_CARS_HINT}"
+        ) from exc
+    if "annotations" not in contents:
+        found = sorted(k for k in contents if not k.startswith("__"))
+        raise ValueError(f"malformed {str(path)!r}: no 'annotations' struct (it holds {found})")
+    ann = np.atleast_1d(contents["annotations"])
     names = ann.dtype.names or ()
     absent = [f for f in fields if f not in names]
     if absent:
         raise ValueError(
             f"malformed {str(path)!r}: annotations lack fields {absent} (have {list(names)})"
         )
-    return {f: [np.asarray(v).item() for v in ann[f]] for f in fields}
+    try:
+        return {f: [np.asarray(v).item() for v in ann[f]] for f in fields}
+    except (ValueError, TypeError) as exc:  # a field holding arrays instead of one value each
+        raise ValueError(
+            f"malformed {str(path)!r}: annotations fields {list(fields)} must hold one value per "
+            f"image ({exc})"
+        ) from exc
 
 
 def cars196(root, split: str = "train", transform: Callable | None = None) -> ImageFileDataset:

@@ -86,9 +86,26 @@ def read_cifar_batches(folder: str | Path, names: tuple[str, ...]):
         labels.extend(int(v) for v in entry["labels"])
     meta = folder / "batches.meta"
     label_names = None
-    if meta.is_file():
+    if meta.is_file():  # optional: without it the classes are the ids 0-9
         with open(meta, "rb") as f:
-            label_names = pickle.load(f, encoding="latin1").get("label_names")
+            try:
+                entry = pickle.load(f, encoding="latin1")
+            except Exception as exc:
+                raise ValueError(f"malformed CIFAR-10 meta file {str(meta)!r}: {exc}") from exc
+        if not isinstance(entry, dict):
+            raise ValueError(
+                f"malformed CIFAR-10 meta file {str(meta)!r}: expected a dict with 'label_names', "
+                f"got {type(entry).__name__}"
+            )
+        label_names = entry.get("label_names")
+        if label_names is not None and (
+                not isinstance(label_names, (list, tuple))
+                or len(label_names) <= max(labels, default=-1)):
+            raise ValueError(
+                f"malformed CIFAR-10 meta file {str(meta)!r}: 'label_names' must list a name for "
+                f"every class id in the batches (0-{max(labels, default=0)}), got "
+                f"{str(label_names)[:80]}"
+            )
     return np.ascontiguousarray(np.concatenate(images)), np.asarray(labels, np.int64), label_names
 
 
@@ -119,8 +136,11 @@ def cifar10(
         except RuntimeError as exc:
             raise ValueError(
                 f"the CIFAR-10 files under {str(folder)!r} fail torchvision's MD5 check ({exc}); "
-                "they are not the official release. Pass verify_md5=False to read a re-packed "
-                "copy in the same format without checksums"
+                "they are not the official release. From Python, pass verify_md5=False "
+                "(get_dataset('cifar10', root, split, verify_md5=False)) to read a re-packed copy "
+                "in the same format without checksums; the command line reads only the official "
+                "release: extract cifar-10-python.tar.gz there, or save the images as the "
+                "'folder' data set's train/<class>/, test/<class>/ and pass --dataset folder"
             ) from exc
         images, labels, classes = ds.data, np.asarray(ds.targets, np.int64), list(ds.classes)
     else:

@@ -14,6 +14,12 @@ own pairs (``n`` the number of pairs), and a batch-level term (a log-mean-exp ov
 appears in every anchor's term, as :func:`losses.functional.dv_bound` does. ``"mean"`` runs the
 batch-level code, so its numbers are those of the per-anchor terms' mean up to rounding.
 
+``check`` (default ``True``), as in :mod:`losses.functional`: the input is validated by
+:func:`losses.kernels.prepare` -- finite scores (``ValueError`` "scores contain NaN or Inf")
+and a positive and a negative pair (:class:`~contrastive.pairs.NoPairsError`) -- in one host
+read; ``check=False`` skips that read and those checks (the shapes are always checked). The
+estimators that index the pairs (``nonzero``) or count them still read those on the host.
+
 Notation: ``mean_P x`` is the mean of ``x_ij`` over the positive pairs, ``mean_Q`` over the
 negative pairs, ``logmeanexp_Q x = log mean_Q exp(x)``; ``Q_i`` the negatives of anchor ``i`` and
 ``n_i = |Q_i|``.
@@ -50,6 +56,7 @@ import torch
 from torch import Tensor
 
 from . import functional as LF
+from . import kernels as K
 
 __all__ = [
     "tuba_bound",
@@ -73,25 +80,15 @@ _FILL = -1e30  # "minus infinity" that keeps logsumexp's and logcumsumexp's grad
 # --------------------------------------------------------------------------- helpers
 
 
-def _prepare(scores: Tensor, positives: Tensor, negatives: Tensor | None):
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be a 2-D [N, M] matrix, got shape {tuple(scores.shape)}")
-    if scores.dtype not in (torch.float32, torch.float64):
-        scores = scores.float()
-    positives = positives.to(device=scores.device, dtype=torch.bool)
-    negatives = (~positives if negatives is None
-                 else negatives.to(device=scores.device, dtype=torch.bool))
-    for name, m in (("positives", positives), ("negatives", negatives)):
-        if m.shape != scores.shape:
-            raise ValueError(f"{name} must have the shape of scores {tuple(scores.shape)}, got "
-                             f"{tuple(m.shape)}")
-    if not bool(positives.any()):
-        raise ValueError("the batch has no positive pair; pass paired samples (positives on the "
-                         "diagonal) or labels with at least two items of a class")
-    if not bool(negatives.any()):
-        raise ValueError("the batch has no negative pair; the bound needs samples of the "
-                         "product of marginals")
-    return scores, positives, negatives
+def _prepare(scores: Tensor, positives: Tensor, negatives: Tensor | None, check: bool,
+             what: str):
+    """The functional core's input checks (:func:`losses.kernels.prepare`): shapes; with
+    ``check`` finite scores and a positive and a negative pair, in one host read. The masks
+    are moved to the scores' device first."""
+    if isinstance(scores, Tensor):
+        positives = positives.to(scores.device)
+        negatives = None if negatives is None else negatives.to(scores.device)
+    return K.prepare(scores, positives, negatives, check, terms="both", what=what)
 
 
 def _mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -173,7 +170,8 @@ def _pair_terms(values: Tensor, rows: Tensor, n: int) -> Tensor:
 
 
 def tuba_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
-               log_baseline: float | Tensor = 0.0, reduction: str = "mean") -> Tensor:
+               log_baseline: float | Tensor = 0.0, reduction: str = "mean",
+               check: bool = True) -> Tensor:
     """TUBA, the tractable unnormalised Barber-Agakov bound (Poole et al. 2019, eq. 8), with
     log-baseline ``b = log a`` (a number; per anchor, ``[N]`` / ``[N, 1]``; or per candidate,
     ``[1, M]``, Poole's ``a(y)``)::
@@ -188,7 +186,8 @@ def tuba_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = Non
     Terms per anchor: ``t_i = 1 + (N/n_P) sum_{P_i} (S - b) - (N/n_Q) sum_{Q_i} exp(S - b)``.
     """
     _check_reduction(reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives)
+    scores, positives, negatives = _prepare(scores, positives, negatives, check,
+                                            "the TUBA bound")
     shifted = scores - _baseline_matrix(log_baseline, scores)
     if reduction != "mean":
         return _reduce(1.0 + _mask_terms(shifted, positives)
@@ -197,9 +196,10 @@ def tuba_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = Non
 
 
 def tuba(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
-         log_baseline: float | Tensor = 0.0, reduction: str = "mean") -> Tensor:
+         log_baseline: float | Tensor = 0.0, reduction: str = "mean",
+         check: bool = True) -> Tensor:
     """TUBA loss ``-I_TUBA`` (:func:`tuba_bound`; its terms negated)."""
-    return -tuba_bound(scores, positives, negatives, log_baseline, reduction)
+    return -tuba_bound(scores, positives, negatives, log_baseline, reduction, check)
 
 
 # --------------------------------------------------------------------------- MINE
@@ -207,7 +207,7 @@ def tuba(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
 
 def mine(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
          log_average: Tensor | None = None, momentum: float = 0.01,
-         reduction: str = "mean") -> tuple[Tensor, Tensor]:
+         reduction: str = "mean", check: bool = True) -> tuple[Tensor, Tensor]:
     """MINE (Belghazi et al. 2018, sec. 3.2): the DV loss with the bias of its mini-batch
     gradient corrected by a moving average of the partition term. Returns
     ``(loss, new_log_average)``.
@@ -232,7 +232,8 @@ def mine(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
     if not 0.0 < float(momentum) <= 1.0:
         raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
     _check_reduction(reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives)
+    scores, positives, negatives = _prepare(scores, positives, negatives, check,
+                                            "the MINE loss")
     log_z = _logmeanexp(scores, negatives)
     log_z0 = log_z.detach()
     if log_average is None or float(momentum) == 1.0:
@@ -254,11 +255,12 @@ def mine(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
 
 
 def mine_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
-               reduction: str = "mean") -> Tensor:
+               reduction: str = "mean", check: bool = True) -> Tensor:
     """MINE's estimate: the DV bound ``mean_P S - logmeanexp_Q S`` (the moving average only
     changes the gradient). Terms per anchor: ``t_i = (N/n_P) sum_{P_i} S - logmeanexp_Q S``."""
     _check_reduction(reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives)
+    scores, positives, negatives = _prepare(scores, positives, negatives, check,
+                                            "the DV bound")
     if reduction != "mean":
         return _reduce(_mask_terms(scores, positives) - _logmeanexp(scores, negatives),
                        reduction)
@@ -269,7 +271,7 @@ def mine_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = Non
 
 
 def smile_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
-                tau: float = 5.0, reduction: str = "mean") -> Tensor:
+                tau: float = 5.0, reduction: str = "mean", check: bool = True) -> Tensor:
     """SMILE (Song & Ermon 2020, eq. 17): DV with the scores of the partition term clipped::
 
         I_SMILE = mean_P S - logmeanexp_Q clip(S, -tau, tau)
@@ -282,7 +284,8 @@ def smile_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = No
     if not tau > 0:
         raise ValueError(f"tau must be > 0 (math.inf: no clipping), got {tau!r}")
     _check_reduction(reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives)
+    scores, positives, negatives = _prepare(scores, positives, negatives, check,
+                                            "the SMILE bound")
     if reduction != "mean":
         return _reduce(_mask_terms(scores, positives)
                        - _logmeanexp(scores.clamp(-tau, tau), negatives), reduction)
@@ -290,7 +293,8 @@ def smile_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = No
 
 
 def smile(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
-          tau: float = 5.0, gradient: str = "js", reduction: str = "mean") -> Tensor:
+          tau: float = 5.0, gradient: str = "js", reduction: str = "mean",
+          check: bool = True) -> Tensor:
     """SMILE loss, valued ``-I_SMILE`` (:func:`smile_bound`). ``gradient="js"`` (Song & Ermon's
     training): the critic follows the Jensen-Shannon loss
     ``mean_P softplus(-S) + mean_Q softplus(S)`` (whose optimum is the log density ratio, where
@@ -300,12 +304,12 @@ def smile(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
     softplus(S)`` (:func:`losses.functional.js`'s terms). The JS gradient is
     :func:`losses.functional.js`'s own (its fused path included), so SMILE and JS trained from
     the same start on the same batches train the same critic."""
-    value = -smile_bound(scores, positives, negatives, tau, reduction)
+    value = -smile_bound(scores, positives, negatives, tau, reduction, check)
     if gradient == "dv":
         return value
     if gradient != "js":
         raise ValueError(f"gradient must be 'js' or 'dv', got {gradient!r}")
-    js = LF.js(scores, positives, negatives, reduction)
+    js = LF.js(scores, positives, negatives, reduction, check)
     return js + (value - js).detach()
 
 
@@ -333,7 +337,7 @@ def _leave_one_out_lse(x: Tensor, keep: Tensor) -> Tensor:
 
 def interpolated_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
                        alpha: float = 0.5, log_baseline: float | Tensor = 0.0,
-                       reduction: str = "mean") -> Tensor:
+                       reduction: str = "mean", check: bool = True) -> Tensor:
     """alpha-InfoNCE, the interpolated bound of Poole et al. 2019 (eq. 12), normalised per anchor
     over its candidates, with the leave-one-out form of their code so that it is a bound at every
     ``alpha``.
@@ -357,7 +361,8 @@ def interpolated_bound(scores: Tensor, positives: Tensor, negatives: Tensor | No
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     _check_reduction(reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives)
+    scores, positives, negatives = _prepare(scores, positives, negatives, check,
+                                            "the alpha-InfoNCE bound")
     b = _row_baseline(log_baseline, scores).expand(scores.shape[0], 1)
     n = negatives.sum(1)
     log_n = n.clamp_min(1).to(scores.dtype).log()
@@ -382,16 +387,18 @@ def interpolated_bound(scores: Tensor, positives: Tensor, negatives: Tensor | No
 
 def interpolated(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
                  alpha: float = 0.5, log_baseline: float | Tensor = 0.0,
-                 reduction: str = "mean") -> Tensor:
+                 reduction: str = "mean", check: bool = True) -> Tensor:
     """alpha-InfoNCE loss ``-I_alpha`` (:func:`interpolated_bound`; its terms negated)."""
-    return -interpolated_bound(scores, positives, negatives, alpha, log_baseline, reduction)
+    return -interpolated_bound(scores, positives, negatives, alpha, log_baseline, reduction,
+                               check)
 
 
 # --------------------------------------------------------------------------- FLO
 
 
 def flo_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
-              shadow: Tensor | None = None, reduction: str = "mean") -> Tensor:
+              shadow: Tensor | None = None, reduction: str = "mean",
+              check: bool = True) -> Tensor:
     """FLO, the Fenchel-Legendre optimisation bound (Guo et al. 2022, eq. 9) with the shadow
     ``u`` (a second output of the critic, one value per positive pair: a matrix ``[N, M]`` read
     at ``P``, or ``[N]`` per anchor with one positive each)::
@@ -411,7 +418,8 @@ def flo_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None
     the sum of its pairs' terms.
     """
     _check_reduction(reduction)
-    scores, positives, negatives = _prepare(scores, positives, negatives)
+    scores, positives, negatives = _prepare(scores, positives, negatives, check,
+                                            "the FLO bound")
     lme = _logmeanexp(scores, negatives, 1)  # [N]
     rows, cols = (positives & negatives.any(1)[:, None]).nonzero(as_tuple=True)
     if rows.numel() == 0:
@@ -434,17 +442,18 @@ def flo_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None
 
 
 def flo(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
-        shadow: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        shadow: Tensor | None = None, reduction: str = "mean", check: bool = True) -> Tensor:
     """FLO loss ``-I_FLO`` (:func:`flo_bound`; its terms negated); trains the critic and the
     shadow together."""
-    return -flo_bound(scores, positives, negatives, shadow, reduction)
+    return -flo_bound(scores, positives, negatives, shadow, reduction, check)
 
 
 # --------------------------------------------------------------------------- upper bounds
 
 
 def l1out_bound(log_density: Tensor, positives: Tensor,
-                negatives: Tensor | None = None, reduction: str = "mean") -> Tensor:
+                negatives: Tensor | None = None, reduction: str = "mean",
+                check: bool = True) -> Tensor:
     """The leave-one-out upper bound (Poole et al. 2019, eq. 13) on a conditional log-density
     matrix ``L_ij = log q(y_j | x_i)``::
 
@@ -456,7 +465,8 @@ def l1out_bound(log_density: Tensor, positives: Tensor,
     anchor: ``(N / n_pairs)`` times the sum of its pairs' terms.
     """
     _check_reduction(reduction)
-    log_density, positives, negatives = _prepare(log_density, positives, negatives)
+    log_density, positives, negatives = _prepare(log_density, positives, negatives,
+                                                 check, "the L1Out bound")
     col = _logmeanexp(log_density, negatives, 0)  # [M]: log mean over the other anchors
     rows, cols = (positives & negatives.any(0)[None, :]).nonzero(as_tuple=True)
     if rows.numel() == 0:
@@ -468,7 +478,8 @@ def l1out_bound(log_density: Tensor, positives: Tensor,
 
 
 def club_bound(log_density: Tensor, positives: Tensor,
-               negatives: Tensor | None = None, reduction: str = "mean") -> Tensor:
+               negatives: Tensor | None = None, reduction: str = "mean",
+               check: bool = True) -> Tensor:
     """CLUB, the contrastive log-ratio upper bound (Cheng et al. 2020, eq. 3)::
 
         I_CLUB = mean_P L - mean_Q L,   L_ij = log q(y_j | x_i)
@@ -479,7 +490,8 @@ def club_bound(log_density: Tensor, positives: Tensor,
     ``t_i = (N/n_P) sum_{P_i} L - (N/n_Q) sum_{Q_i} L``.
     """
     _check_reduction(reduction)
-    log_density, positives, negatives = _prepare(log_density, positives, negatives)
+    log_density, positives, negatives = _prepare(log_density, positives, negatives,
+                                                 check, "the CLUB bound")
     if reduction != "mean":
         return _reduce(_mask_terms(log_density, positives)
                        - _mask_terms(log_density, negatives), reduction)
@@ -487,14 +499,16 @@ def club_bound(log_density: Tensor, positives: Tensor,
 
 
 def conditional_nll(log_density: Tensor, positives: Tensor,
-                    negatives: Tensor | None = None, reduction: str = "mean") -> Tensor:
+                    negatives: Tensor | None = None, reduction: str = "mean",
+                    check: bool = True) -> Tensor:
     """``-mean_P L``: the negative log-likelihood that fits the conditional ``q(y|x)`` behind
     :func:`l1out_bound` and :func:`club_bound` (Cheng et al. 2020, alg. 1: ``q`` is fitted by
     maximum likelihood on the positive pairs, the bound is then read or, for the encoder,
     optimised; :class:`losses.estimator_modules.CLUB`). Terms per anchor:
     ``t_i = -(N/n_P) sum_{P_i} L``."""
     _check_reduction(reduction)
-    log_density, positives, negatives = _prepare(log_density, positives, negatives)
+    log_density, positives, negatives = _prepare(log_density, positives, negatives,
+                                                 check, "the conditional NLL")
     if reduction != "mean":
         return _reduce(-_mask_terms(log_density, positives), reduction)
     return -_mean(log_density, positives)

@@ -13,7 +13,9 @@ in the same step as the encoder (CLUB's scheme, Cheng et al. 2020).
 is saved and restored with the module's ``state_dict``; it is updated on every training-mode call
 that builds a graph. These estimators read the batch on the host (``check=False`` is not
 sync-free for them); a batch without a positive or a negative pair gives the zero loss of
-:class:`~losses.modules.PairLoss` (or its error with ``strict=True``). ``reduction`` is
+:class:`~losses.modules.PairLoss` (or its error with ``strict=True``). ``check=True`` also
+refuses non-finite scores with the functional core's ``ValueError`` (the bounds' own check,
+:mod:`losses.bounds`); ``check=False`` hands that check off too. ``reduction`` is
 ``"mean"`` (default), ``"sum"`` or ``"none"`` as in :mod:`losses.functional`: ``"none"`` gives one
 term per anchor whose mean is the loss (the terms are defined in :mod:`losses.bounds`).
 
@@ -54,13 +56,16 @@ class _Estimator(PairLoss):
         super().__init__(_critic_or_temperature(critic, temperature, 0.1), strict,
                          K.check_reduction(reduction), check)
 
-    def loss(self, scores: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
+    def loss(self, scores: Tensor, positives: Tensor, negatives: Tensor,
+             check: bool = True) -> Tensor:
+        """The loss of a batch with a term; ``check``: the bound's own input checks (finite
+        scores, :mod:`losses.bounds`)."""
         raise NotImplementedError
 
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         if not (bool(positives.any()) and bool(negatives.any())):
             return _zero(scores, self.reduction)  # a batch without a term
-        return self.loss(scores, positives, negatives)
+        return self.loss(scores, positives, negatives, check)
 
 
 class _WithEmbeddings(_Estimator):
@@ -145,9 +150,9 @@ class TUBA(_WithEmbeddings):
             return self.log_baseline
         return self.log_baseline + self.baseline_net(candidates).reshape(1, -1)
 
-    def loss(self, scores, positives, negatives):
+    def loss(self, scores, positives, negatives, check=True):
         b = self.log_baselines(self.embeddings()[1])
-        return LB.tuba(scores, positives, negatives, b, self.reduction)
+        return LB.tuba(scores, positives, negatives, b, self.reduction, check)
 
     def extra_repr(self) -> str:
         return f"log_baseline={self.log_baseline}, baseline={self.baseline!r}"
@@ -173,9 +178,9 @@ class MINE(_Estimator):
         self.momentum = float(momentum)
         self.register_buffer("log_average", torch.tensor(math.nan))
 
-    def loss(self, scores, positives, negatives):
+    def loss(self, scores, positives, negatives, check=True):
         value, new = LB.mine(scores, positives, negatives, self.log_average, self.momentum,
-                             self.reduction)
+                             self.reduction, check)
         if self.training and torch.is_grad_enabled():
             self.log_average.copy_(new.to(self.log_average.dtype))
         return value
@@ -200,8 +205,9 @@ class SMILE(_Estimator):
             raise ValueError(f"gradient must be 'js' or 'dv', got {gradient!r}")
         self.tau, self.gradient = float(tau), gradient
 
-    def loss(self, scores, positives, negatives):
-        return LB.smile(scores, positives, negatives, self.tau, self.gradient, self.reduction)
+    def loss(self, scores, positives, negatives, check=True):
+        return LB.smile(scores, positives, negatives, self.tau, self.gradient, self.reduction,
+                        check)
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, gradient={self.gradient!r}"
@@ -221,9 +227,9 @@ class AlphaInfoNCE(_Estimator):
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
         self.alpha, self.log_baseline = float(alpha), float(log_baseline)
 
-    def loss(self, scores, positives, negatives):
+    def loss(self, scores, positives, negatives, check=True):
         return LB.interpolated(scores, positives, negatives, self.alpha, self.log_baseline,
-                               self.reduction)
+                               self.reduction, check)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, log_baseline={self.log_baseline}"
@@ -269,10 +275,10 @@ class FLO(_WithEmbeddings):
         h = self.shadow_head(torch.cat([anchors[rows], candidates[cols], s_pos[:, None]], 1))
         return scores.new_zeros(scores.shape).index_put((rows, cols), h[:, 0] - s_pos)
 
-    def loss(self, scores, positives, negatives):
+    def loss(self, scores, positives, negatives, check=True):
         a, b = self.embeddings()
         u = self.shadow(a, b, scores, positives)
-        return LB.flo(scores, positives, negatives, u, self.reduction)
+        return LB.flo(scores, positives, negatives, u, self.reduction, check)
 
     @torch.no_grad()
     def readout(self, embeddings, labels=None, indices_tuple=None, ref_emb=None,
@@ -343,11 +349,12 @@ class _ConditionalBound(_WithEmbeddings):
                                                  *self.critic.named_buffers())}
             return torch.func.functional_call(self.critic, frozen, self.batch)
 
-    def loss(self, scores, positives, negatives):
+    def loss(self, scores, positives, negatives, check=True):
         a, b = self.embeddings()
         fit = self.critic(a.detach(), b.detach())  # L_fit: gradient to q's parameters only
-        return (-self.bound(scores, positives, negatives, reduction=self.reduction)
-                + LB.conditional_nll(fit, positives, negatives, reduction=self.reduction))
+        return (-self.bound(scores, positives, negatives, reduction=self.reduction, check=check)
+                + LB.conditional_nll(fit, positives, negatives, reduction=self.reduction,
+                                     check=check))
 
     @torch.no_grad()
     def readout(self, embeddings, labels=None, indices_tuple=None, ref_emb=None,

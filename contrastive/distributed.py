@@ -50,6 +50,8 @@ __all__ = [
     "all_gather_nograd",
     "gather_embeddings",
     "broadcast_object",
+    "all_gather_object",
+    "any_rank",
     "reduce_mean",
     "average_gradients",
     "DEFAULT_TIMEOUT_S",
@@ -457,6 +459,28 @@ def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
     device = _comm_device(group) if _backend(group) == "nccl" else None
     dist.broadcast_object_list(box, src=src, group=group, device=device)
     return box[0]
+
+
+def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order, on every rank (e.g. each rank's RNG state
+    for a checkpoint); ``[obj]`` when not distributed. A collective: every rank must call it."""
+    if not is_distributed() or dist.get_world_size(group) == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    # under NCCL the objects travel through the current CUDA device, which setup() sets
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def any_rank(flag: bool, group: Any = None) -> bool:
+    """Whether ``flag`` is true on at least one rank, on every rank (one small all_reduce): a
+    decision every rank must take together, such as stopping at this step because one rank got
+    a signal. ``bool(flag)`` when not distributed. A collective: every rank must call it."""
+    if not is_distributed() or dist.get_world_size(group) == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 def reduce_mean(x: Tensor | float, group: Any = None) -> Tensor:

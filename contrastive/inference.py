@@ -341,21 +341,40 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return rank * n // world, (rank + 1) * n // world
 
 
+# The DataLoader options a shard's loader takes over from the caller's loader as they are: how
+# its workers start (worker_init_fn, multiprocessing_context), live (persistent_workers) and
+# deliver (prefetch_factor, timeout, in_order); they are consistent with num_workers, forwarded
+# too, since the caller's loader was built with them. (in_order: torch >= 2.6.)
+_FORWARDED_LOADER_OPTIONS = ("timeout", "worker_init_fn", "multiprocessing_context",
+                             "prefetch_factor", "persistent_workers", "pin_memory_device",
+                             "in_order")
+
+
+def _loader_options(loader: DataLoader) -> dict[str, Any]:
+    """The options of ``loader`` a shard's loader forwards (see ``_FORWARDED_LOADER_OPTIONS``)."""
+    options = {name: getattr(loader, name) for name in _FORWARDED_LOADER_OPTIONS
+               if hasattr(loader, name)}
+    if not options.get("pin_memory_device"):
+        options.pop("pin_memory_device", None)  # the default: torch warns when it is passed
+    return options
+
+
 def _shard(data: Dataset | DataLoader, start: int, stop: int) -> Dataset | DataLoader:
-    """Rows ``[start, stop)`` of a data set (a loader: the same loader over those rows)."""
-    from torch.utils.data import SequentialSampler, Subset
+    """Rows ``[start, stop)`` of a data set (a loader: the same loader over those rows -- its
+    batch size, workers, collate_fn, pinning, generator and the options of
+    ``_FORWARDED_LOADER_OPTIONS``; never ``drop_last``, which :func:`embed_distributed` applies
+    to the whole data set before sharding it)."""
+    from torch.utils.data import Subset
 
     if isinstance(data, DataLoader):
-        if not isinstance(data.sampler, SequentialSampler) or data.batch_size is None:
-            raise ValueError(
-                "embed_distributed needs data in a fixed order: pass the Dataset itself, or a "
-                "DataLoader with shuffle=False and a batch_size (not a custom sampler)"
-            )
+        _check_fixed_order(data)
         return DataLoader(_shard(data.dataset, start, stop), batch_size=data.batch_size,
                           shuffle=False, num_workers=data.num_workers,
                           collate_fn=data.collate_fn, pin_memory=data.pin_memory,
-                          drop_last=False,  # its own generator, or a private one (see _batches)
-                          generator=data.generator or torch.Generator().manual_seed(0))
+                          drop_last=False,  # applied to the whole data set (see _length)
+                          # its own generator, or a private one (see _batches)
+                          generator=data.generator or torch.Generator().manual_seed(0),
+                          **_loader_options(data))
     if isinstance(data, TensorDataset):
         return TensorDataset(*(t[start:stop] for t in data.tensors))
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
@@ -364,12 +383,28 @@ def _shard(data: Dataset | DataLoader, start: int, stop: int) -> Dataset | DataL
                     f"DataLoader over one, got {type(data).__name__}")
 
 
+def _check_fixed_order(loader: DataLoader) -> None:
+    from torch.utils.data import SequentialSampler
+
+    if not isinstance(loader.sampler, SequentialSampler) or loader.batch_size is None:
+        raise ValueError(
+            "embed_distributed needs data in a fixed order: pass the Dataset itself, or a "
+            "DataLoader with shuffle=False and a batch_size (not a custom sampler)"
+        )
+
+
 def _length(data: Dataset | DataLoader) -> int:
+    """The number of rows :func:`embed` returns for ``data``: the data set's length, less the
+    last partial batch when ``data`` is a DataLoader with ``drop_last=True``."""
     ds = data.dataset if isinstance(data, DataLoader) else data
     if not hasattr(ds, "__len__"):
         raise TypeError(f"embed_distributed needs a data set with a length, got "
                         f"{type(ds).__name__}")
-    return len(ds)  # type: ignore[arg-type]
+    n = len(ds)  # type: ignore[arg-type]
+    if isinstance(data, DataLoader) and data.drop_last:
+        _check_fixed_order(data)  # a batch_size, the batches in order
+        n -= n % data.batch_size  # type: ignore[operator]
+    return n
 
 
 def embed_distributed(
@@ -389,7 +424,11 @@ def embed_distributed(
     shards are gathered in rank order with :func:`contrastive.distributed.all_gather_nograd`, so
     every rank returns the whole ``(embeddings [N, dim], labels [N])``, in the data set's
     order -- the same rows one process gets from ``embed(model, data)``, up to float rounding
-    of a different batching. Each rank does ``1 / W`` of the forward passes; the gather moves
+    of a different batching. A DataLoader is rebuilt over each rank's rows with its own options
+    (batch size, workers and their ``worker_init_fn``, ``multiprocessing_context``,
+    ``persistent_workers``, ``prefetch_factor``, ``timeout``, collate_fn, pinning, generator); with
+    ``drop_last=True`` only its first ``(N // batch_size) * batch_size`` rows are split, the rows
+    ``embed`` returns for it. Each rank does ``1 / W`` of the forward passes; the gather moves
     ``N x dim`` floats to every rank (through the GPU under NCCL).
 
     It is a collective: every rank must call it with the same data. Without a process group, or
@@ -406,6 +445,7 @@ def embed_distributed(
     rank = D.get_rank(group)
     n = _length(data)
     if n == 0:
+        # as embed() says for the same data (a loader dropping its only, partial batch too)
         raise ValueError("embed_distributed() got an empty data set; nothing to embed")
     start, stop = shard_bounds(n, rank, world)
     empty = start == stop

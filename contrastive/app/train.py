@@ -7,10 +7,17 @@ split with the ``evaluation`` package. It
 * runs on CUDA with bf16 autocast when present (the losses compute in float32 regardless), on CPU
   otherwise, and under ``torchrun`` with DDP: each rank embeds its share of one global
   ``P x m`` batch and the loss sees the whole batch through an all-gather that passes gradients
-  back (:func:`contrastive.distributed.all_gather_with_grad`);
+  back (:func:`contrastive.distributed.all_gather_with_grad`); every rank initialises the
+  model and the loss from ``seed``, then ranks ``r > 0`` draw their own random numbers
+  (augmentations, dropout, loader workers) from a seed derived from ``(seed, r)``, so that no
+  two ranks augment alike; rank 0 draws what a single process draws. BatchNorm layers become
+  SyncBatchNorm on CUDA (statistics of the global batch); on the CPU (``gloo``), where
+  SyncBatchNorm does not run, each rank normalises its own share of the batch -- not the single
+  process's model -- and rank 0 warns once;
 * writes an atomic checkpoint (model, loss/critic, optimizer, scheduler, sampler position, RNG
-  states) every ``checkpoint_every`` steps; ``resume=True`` continues from the last one and ends
-  bit-for-bit where an uninterrupted run would (on CPU, ``num_workers=0``);
+  states, every rank's under DDP) every ``checkpoint_every`` steps; ``resume=True`` continues
+  from the last one, each rank from its own RNG state, and ends bit-for-bit where an
+  uninterrupted run would (on CPU, ``num_workers=0``);
 * logs every ``log_every`` steps to ``log.jsonl`` and ``log.csv`` (loss, learning rate, and the
   I_NCE / I_NWJ readouts of the loss's own score matrix on the training batch), evaluates
   retrieval every ``eval_every`` steps, and at the end adds clustering, a linear probe and a
@@ -20,7 +27,10 @@ split with the ``evaluation`` package. It
 from __future__ import annotations
 
 import contextlib
+import random
+import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,6 +149,14 @@ def fit(config: TrainConfig | dict) -> dict[str, Any]:
     :class:`~contrastive.app.config.TrainConfig`). SIGINT / SIGTERM write a checkpoint at the
     current step and raise :class:`TrainingInterrupted`. A custom ``nn.Module`` backbone trains
     and checkpoints its weights; resuming needs the same module passed again.
+
+    Under ``torchrun`` (DDP) the ranks train one model on the global batch; ranks other than 0
+    draw their own augmentation random numbers, and a checkpoint keeps every rank's RNG state,
+    so a resumed run ends where the uninterrupted one does. BatchNorm layers (the ``"mlp"``
+    head, many backbones) become SyncBatchNorm on CUDA. On the CPU (``gloo``), where
+    SyncBatchNorm does not run, each rank's BatchNorm normalises that rank's share of the batch
+    by its own statistics: the run is then not the single process's on the global batch, and
+    rank 0 warns once (a :class:`UserWarning`).
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     cfg = cfg.validated()
@@ -180,17 +198,81 @@ def _check_finite_weights(model: nn.Module, step: int, cfg: TrainConfig,
 
 
 
+def _seed_global(seed: int) -> None:
+    """Seed the global RNGs training draws from: torch (CPU and CUDA), NumPy's legacy global
+    generator and Python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _rank_seed(seed: int, rank: int, *more: int) -> int:
+    """The seed of rank ``rank``'s random numbers for the run seeded ``seed`` (and ``more``, e.g.
+    a step): ``seed`` itself on rank 0 without ``more`` (what a single process uses), else 32
+    bits of ``SeedSequence([seed, rank, *more])`` -- unlike ``seed + rank`` it does not repeat
+    rank 0's numbers of the run seeded ``seed + 1``."""
+    if rank == 0 and not more:
+        return seed
+    return int(np.random.SeedSequence([seed, rank, *more]).generate_state(1, np.uint32)[0])
+
+
+def _restore_rng(state: dict, rank: int, seed: int) -> None:
+    """Restore rank ``rank``'s global RNG states from a checkpoint: its own (``rng_ranks``,
+    written under DDP), else rank 0's (``rng``; a single-process checkpoint) -- reseeded from
+    ``(seed, rank, step)`` on a rank the checkpoint has no state of (an older checkpoint, or a
+    run resumed on more ranks), which must not repeat rank 0's numbers."""
+    per_rank = state.get("rng_ranks")
+    if per_rank is not None and rank < len(per_rank):
+        ckpt.restore_rng_state(per_rank[rank])
+        return
+    ckpt.restore_rng_state(state["rng"])
+    if rank > 0:
+        _seed_global(_rank_seed(seed, rank, int(state["step"])))
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and not isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+
+
+def _sync_batchnorm(model: nn.Module, world: int, device: torch.device,
+                    main: bool) -> nn.Module:
+    """The model DDP trains on ``world`` ranks: under DDP a BatchNorm layer normalises each
+    rank's share of the batch by that share's statistics, which is not the single process's
+    model of the global batch. On CUDA its BatchNorm layers become ``SyncBatchNorm`` (statistics
+    all-reduced over the ranks in each training forward pass; the same parameter and buffer
+    objects, so the optimizer and the checkpoints keep them; timm's ``BatchNormAct2d`` keeps its
+    activation). SyncBatchNorm runs on CUDA only: on the CPU (``gloo``) the layers stay per-rank
+    and rank 0 warns once. One process (``world == 1``): the model as it is."""
+    if world == 1 or not _has_batchnorm(model):
+        return model
+    if device.type == "cuda":
+        # timm's norm + activation layers need timm's converter (torch's would drop the
+        # activation); a model holding one has imported timm.layers already
+        norm_act = getattr(sys.modules.get("timm.layers"), "BatchNormAct2d", None)
+        if norm_act is not None and any(isinstance(m, norm_act) for m in model.modules()):
+            from timm.layers import convert_sync_batchnorm
+
+            return convert_sync_batchnorm(model)
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if main:
+        warnings.warn(
+            f"DDP on {device.type} ({world} ranks): the model's BatchNorm layers normalise each "
+            "rank's share of the batch by its own statistics (SyncBatchNorm needs CUDA), so "
+            "training differs from one process on the global batch; use CUDA, one process, or "
+            "a head without BatchNorm (head='linear')",
+            UserWarning, stacklevel=4,  # the caller of fit
+        )
+    return model
+
+
 def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, world: int,
          device) -> dict[str, Any]:
     main = rank == 0
     out = Path(cfg.output)
     ckpt_dir = out / "checkpoints"
 
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    import random as _random
-
-    _random.seed(cfg.seed)
+    _seed_global(cfg.seed)  # every rank: the same data splits and initial weights
 
     # Data and model. The embedder is built before the data transforms that depend on it.
     from ..datasets import get_dataset
@@ -229,6 +311,12 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
         build_loss, cfg.loss, cfg.loss_kwargs, cfg.critic, cfg.critic_kwargs,
         embedding_dim=getattr(model, "dim", cfg.dim),
         num_classes=int(np.max(sampler_labels)) + 1).to(device)
+    if rank > 0:
+        # The model and the loss are initialised alike on every rank (DDP broadcasts only the
+        # model's parameters); from here each rank draws its own random numbers (augmentations,
+        # dropout), rank 0 those of one process. A resumed run restores them below.
+        _seed_global(_rank_seed(cfg.seed, rank))
+    model = _sync_batchnorm(model, world, device, main)  # before the optimizer is built
     if main:  # only once the data, the batches, the model and the loss are known to be good
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(cfg, list(model.parameters()) + list(loss_fn.parameters()),
@@ -264,7 +352,7 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
         readout_keys = dict.fromkeys(state["readout_keys"] if "readout_keys" in state
                                      else _readout_keys_of(history))
         train_time = state.get("train_time_s", 0.0)
-        ckpt.restore_rng_state(state["rng"])
+        _restore_rng(state, rank, cfg.seed)  # this rank's own
         del state
 
     ddp_model = model
@@ -281,10 +369,15 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
             num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
             # A private generator: creating the loader iterator must not draw from the global
             # RNG, or a resumed run would see different augmentations than an uninterrupted one.
-            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
+            # Its seed has the rank in it: each rank's workers augment their own way.
+            generator=torch.Generator().manual_seed(
+                _rank_seed(cfg.seed * 100_003 + epoch, rank)),
         )
 
     def save(name: str = "last.pt") -> None:
+        rng = ckpt.capture_rng_state()
+        # under DDP every rank's (a collective: every rank saves at the same step)
+        rng_ranks = dist_utils.all_gather_object(rng) if world > 1 else None
         if not main:
             return
         inner = _unwrap(model)
@@ -298,10 +391,20 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-            "rng": ckpt.capture_rng_state(),
+            "rng": rng,  # rank 0's: all a single-process run has
+            **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
             "history": history, "readout_keys": list(readout_keys), "train_time_s": train_time,
             "config": cfg.to_dict(),
         }, ckpt_dir / name)
+
+    def stopped() -> bool:
+        """Whether a rank got SIGINT / SIGTERM: every rank stops (and checkpoints) at the same
+        step, also when the signal reached only some (one small all_reduce under DDP)."""
+        return dist_utils.any_rank(stop.received is not None)
+
+    def interrupted() -> TrainingInterrupted:
+        return TrainingInterrupted(step, last if main else None,
+                                   stop.received or "a signal to another rank")
 
     bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and main),
                desc=f"{cfg.loss}", dynamic_ncols=True)
@@ -366,13 +469,14 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
             if batch_in_epoch >= steps_per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
             due = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
-            if due or stop.received:
+            stopping = stopped()
+            if due or stopping:
                 train_time += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 save()
-            if stop.received:
+            if stopping:
                 bar.close()
-                raise TrainingInterrupted(step, last if main else None, stop.received)
+                raise interrupted()
             if step >= total_steps or batch_in_epoch == 0:
                 break
         train_time += time.perf_counter() - t0
@@ -381,16 +485,16 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
 
     result: dict[str, Any] = {"steps": step, "train_time_s": train_time, "history": history}
     save("last.pt")  # on rank 0
-    if stop.received:  # a signal while the checkpoint was written: stop before the evaluation
-        raise TrainingInterrupted(step, last if main else None, stop.received)
+    if stopped():  # a signal while the checkpoint was written: stop before the evaluation
+        raise interrupted()
     metrics, backend = evaluate_embedder(_unwrap(model), test_ds, train_eval_ds,
                                          reference=ref_ds, return_backend=True,
                                          probe=cfg.final_probe, device=device, seed=cfg.seed,
                                          progress=cfg.progress and main,
                                          num_workers=cfg.num_workers)
-    if stop.received:  # SIGINT / SIGTERM during the final evaluation: not a finished run; the
+    if stopped():  # SIGINT / SIGTERM during the final evaluation: not a finished run; the
         # checkpoint of the last step is written, resuming it repeats only the evaluation
-        raise TrainingInterrupted(step, last if main else None, stop.received)
+        raise interrupted()
     if main:
         result["metrics"] = metrics
         result["eval_backend"] = backend

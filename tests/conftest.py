@@ -27,3 +27,29 @@ def pytest_configure(config: pytest.Config) -> None:
         threadpool_limits(1)
     except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
         pass
+
+
+@pytest.fixture
+def main(capsys):
+    """``main(*args) -> (exit status, stdout, stderr)``: the command line in-process (the same
+    dispatch and exit codes as the console script, without its seconds of imports per call);
+    ``--help`` and argparse errors leave through ``SystemExit``, whose code is the exit
+    status."""
+    import torch
+
+    from contrastive import cli
+
+    threads = torch.get_num_threads()
+
+    def call(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            rc = cli.main(list(args))
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            torch.set_num_threads(threads)
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return call

@@ -18,9 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-from contrastive import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("compare", "train", "eval", "mi-bench", "reproduce", "list")
@@ -30,26 +27,6 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "contrastive", *args], env=env,
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-@pytest.fixture
-def main(capsys):
-    """``main(*args) -> (exit status, stdout, stderr)``, in-process; ``--help`` and argparse
-    errors leave through ``SystemExit``, whose code is the exit status."""
-    threads = torch.get_num_threads()
-
-    def call(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            rc = cli.main(list(args))
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        finally:
-            torch.set_num_threads(threads)
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return call
 
 
 def test_compare_end_to_end_and_resume(tmp_path):

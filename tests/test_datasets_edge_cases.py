@@ -21,31 +21,10 @@ import pytest
 import torch
 from test_datasets import make_cifar, make_inshop, make_sop, struct_array, write_image
 
-from contrastive import cli
 from contrastive.app.protocol import class_disjoint
 from contrastive.datasets import class_split_sources, get_dataset
 from contrastive.samplers import MPerClassSampler
 from contrastive.views import MultiView, collate_views
-
-
-@pytest.fixture
-def main(capsys):
-    """``main(*args) -> (exit status, stdout, stderr)``: the CLI in-process (as test_cli.py)."""
-    threads = torch.get_num_threads()
-
-    def call(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            rc = cli.main(list(args))
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        finally:
-            torch.set_num_threads(threads)
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return call
-
 
 # -- error messages of malformed copies ------------------------------------------------------
 
@@ -314,7 +293,6 @@ def test_drop_last_leftovers_are_used_in_later_epochs_and_epochs_differ():
 def test_multiview_instance_batches_as_the_trainer_builds_them():
     """train.py: MultiView + MPerClassSampler(arange(N), m=1): distinct instances per batch, the
     ranks' shares disjoint and equal, the ids the loss sees are the instance ids, view-major."""
-    import torch
 
     class Vectors:
         def __init__(self, n):

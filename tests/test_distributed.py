@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from two_ranks import free_port, launch_ranks  # noqa: E402 - tests/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # when run as a worker script
@@ -253,64 +252,8 @@ def _worker(out_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # launching
 # --------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(out_dir: Path) -> str:
-    """Start WORLD workers with torchrun-style env vars; return their combined output."""
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(WORLD),
-            LOCAL_WORLD_SIZE=str(WORLD),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            CUDA_VISIBLE_DEVICES="",
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, __file__, str(out_dir)],
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs, failed = [], False
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            out, _ = p.communicate()
-            failed = True
-        outputs.append(out)
-        failed |= p.returncode != 0
-    text = "\n".join(f"--- rank {r} ---\n{o}" for r, o in enumerate(outputs))
-    if failed:
-        raise RuntimeError(text)
-    return text
-
-
 def _run_workers(out_dir: Path) -> None:
-    for attempt in range(3):
-        try:
-            _launch(out_dir)
-            return
-        except RuntimeError as exc:  # a port taken between _free_port and bind: try another
-            if attempt == 2 or "address already in use" not in str(exc).lower():
-                pytest.fail(f"distributed workers failed:\n{exc}")
+    launch_ranks(__file__, out_dir, WORLD, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -528,7 +471,7 @@ def test_setup_bad_environment(clean_env, env, match):
 def test_setup_nccl_without_cuda(clean_env):
     for k, v in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         clean_env.setenv(k, v)
-    clean_env.setenv("MASTER_PORT", str(_free_port()))
+    clean_env.setenv("MASTER_PORT", str(free_port()))
     with pytest.raises(ValueError, match="'nccl' needs CUDA"):
         D.setup(backend="nccl")
     with pytest.raises(TypeError, match="backend must be a string"):

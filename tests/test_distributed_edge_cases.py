@@ -25,8 +25,6 @@ import copy
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -34,6 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from two_ranks import launch_ranks  # noqa: E402 - tests/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # when run as a worker script
@@ -314,51 +313,10 @@ def _worker(out_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # launching
 # --------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(out_dir: Path) -> None:
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                   LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen([sys.executable, __file__, str(out_dir)], env=env,
-                                      cwd=ROOT, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outputs, failed = [], False
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            out, _ = p.communicate()
-            failed = True
-        outputs.append(out)
-        failed |= p.returncode != 0
-    if failed:
-        text = "\n".join(f"--- rank {r} ---\n{o[-4000:]}" for r, o in enumerate(outputs))
-        if "address already in use" in text.lower():
-            raise OSError(text)
-        pytest.fail(f"distributed workers failed:\n{text}")
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("review_ddp")
-    for attempt in range(3):
-        try:
-            _launch(out_dir)
-            break
-        except OSError:  # a port taken between _free_port and bind
-            if attempt == 2:
-                raise
+    launch_ranks(__file__, out_dir, WORLD, timeout=180)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import copy
 import io
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from two_ranks import launch_ranks  # noqa: E402 - tests/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # when run as a worker script
@@ -329,46 +327,8 @@ def _worker(out_dir: Path) -> None:
     D.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(out_dir: Path) -> None:
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                   LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen([sys.executable, __file__, str(out_dir)], env=env,
-                                      cwd=ROOT, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    failed, text = False, []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            out, _ = p.communicate()
-            failed = True
-        text.append(out)
-        failed |= p.returncode != 0
-    if failed:
-        raise RuntimeError("\n".join(text))
-
-
 def test_ddp_enqueues_the_gathered_batch(tmp_path):
-    for attempt in range(3):
-        try:
-            _launch(tmp_path)
-            break
-        except RuntimeError as exc:  # a port taken between _free_port and bind
-            if attempt == 2 or "address already in use" not in str(exc).lower():
-                pytest.fail(f"distributed workers failed:\n{exc}")
+    launch_ranks(__file__, tmp_path, WORLD, timeout=120)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     # the reference: one process, the global batch, per-anchor terms
     xbm, queue = _ddp_modules(reduction="none")

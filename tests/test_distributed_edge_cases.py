@@ -31,8 +31,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_distributed import PlainPairs as Pairs  # noqa: E402 - tests/ is on sys.path
 from torch import nn
-from two_ranks import launch_ranks  # noqa: E402 - tests/ is on sys.path
+from two_ranks import launch_ranks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # when run as a worker script
@@ -87,19 +88,6 @@ LEARNABLE = ("bilinear", "proxy_anchor")
 def grads(*modules: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{i}.{n}": p.grad.detach().clone() for i, m in enumerate(modules)
             for n, p in m.named_parameters()}
-
-
-class Pairs(torch.utils.data.Dataset):
-    """A map-style data set (the Subset / DataLoader path, not the TensorDataset fast path)."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
 
 
 # In a DataLoader worker started with ``scale_in_worker`` the inputs are tripled: a loader whose

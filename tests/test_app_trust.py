@@ -543,3 +543,32 @@ def test_eval_uses_the_runs_splits_unless_told_otherwise(tmp_path, capsys):
     saved = json.loads((tmp_path / "o" / "eval.json").read_text())
     assert (saved["seed"], saved["split"], saved["train_split"]) == (5, "test", "train")
 
+
+
+def test_evaluation_searches_on_the_device_it_was_given(monkeypatch):
+    """``evaluate_embedder(device=...)`` passes the device to the retrieval and the k-NN
+    classifier searches, so ``contrastive eval --device cpu`` on a GPU machine searches on
+    the CPU (``None`` left them to pick a GPU)."""
+    import evaluation
+    from contrastive.app.protocol import evaluate_embedder
+
+    seen = {}
+    real_r, real_k = evaluation.retrieval_metrics, evaluation.knn_classifier
+
+    def retrieval(*a, **kw):
+        seen["retrieval"] = kw.get("device")
+        return real_r(*a, **kw)
+
+    def knn(*a, **kw):
+        seen["knn"] = kw.get("device")
+        return real_k(*a, **kw)
+
+    monkeypatch.setattr(evaluation, "retrieval_metrics", retrieval)
+    monkeypatch.setattr(evaluation, "knn_classifier", knn)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=g), torch.arange(40) % 4
+    data = torch.utils.data.TensorDataset(x, y)
+    model = torch.nn.Linear(6, 3)
+    out = evaluate_embedder(model, data, data, probe=True, device="cpu")
+    assert seen == {"retrieval": "cpu", "knn": "cpu"}
+    assert 0.0 <= out["precision_at_1"] <= 1.0

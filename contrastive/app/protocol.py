@@ -49,6 +49,9 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
       score ``test``, so both are trained on a stratified half of ``test`` and scored on the
       other half (``probe_protocol`` says which was used).
 
+    The searches run on ``device`` too (``None``: the search's own choice), so
+    ``contrastive eval --device cpu`` on a GPU machine searches on the CPU.
+
     Under ``torchrun`` it is a collective that every rank calls: each rank embeds its share of
     every set (:func:`~contrastive.inference.embed_distributed`), rank 0 computes the metrics
     on the gathered embeddings and every rank returns them.
@@ -74,10 +77,10 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
     out: dict[str, float] = {}
     if reference is None:
         ks = tuple(k for k in (1, 2, 4, 8) if k < len(y_te)) or (1,)
-        r = retrieval_metrics(x_te, y_te, ks=ks)
+        r = retrieval_metrics(x_te, y_te, ks=ks, device=device)
     else:
         ks = tuple(k for k in (1, 2, 4, 8) if k <= len(y_ref)) or (1,)
-        r = retrieval_metrics(x_te, y_te, x_ref, y_ref, ks=ks)
+        r = retrieval_metrics(x_te, y_te, x_ref, y_ref, ks=ks, device=device)
     out.update({k: float(v) for k, v in r.items()})
     if probe:
         out.update({k: float(v) for k, v in clustering_metrics(x_te, y_te, seed=seed).items()})
@@ -90,7 +93,8 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
                 (x_tr, y_tr), x_ev, y_ev = train_emb, x_te, y_te
             lp = linear_probe(x_tr, y_tr, x_ev, y_ev, seed=seed, device=device)
             out["linear_probe"] = float(lp["accuracy"])
-            kc = knn_classifier(x_tr, y_tr, x_ev, y_ev, k=min(200, len(y_tr)), temperature=0.07)
+            kc = knn_classifier(x_tr, y_tr, x_ev, y_ev, k=min(200, len(y_tr)), temperature=0.07,
+                                device=device)
             out["knn_top1"] = float(kc["top1"])
             out["knn_top5"] = float(kc["top5"])
     got = dist_utils.broadcast_object((out, getattr(r, "backend", "unknown")))

@@ -53,3 +53,28 @@ def test_train_overrides_change_one_cell_only():
     tuned = train_config_for(cfg, "infonce", 0, train_overrides={"lr": 3e-3})
     assert tuned.lr == 3e-3 and plain.lr == 1e-3
     assert cell_key(tuned) != cell_key(plain) and tuned.output != plain.output
+
+
+def test_the_cell_key_has_what_changes_a_result_and_only_that(monkeypatch):
+    """``num_workers`` changes nothing without random transforms (it stays out of the key, so
+    caches survive a change of it), but with ``augment`` or multi-view batches each worker
+    draws from its own stream: it is in the key then. ``device=None`` becomes a GPU where there
+    is one, which is not a CPU cell's result; without one the key stays what it was."""
+    import torch
+
+    from contrastive.app.compare import cell_key, resolved_cell_config
+    from contrastive.app.config import TrainConfig
+
+    base = {"loss": "infonce", "steps": 2, "output": "unused", "progress": False}
+    plain = TrainConfig.from_dict(base)
+    assert cell_key(plain) == cell_key(TrainConfig.from_dict({**base, "num_workers": 2}))
+    for random_views in ({"augment": True}, {"views": 2}):
+        a = TrainConfig.from_dict({**base, **random_views})
+        b = TrainConfig.from_dict({**base, **random_views, "num_workers": 2})
+        assert cell_key(a) != cell_key(b)
+    assert "device" in resolved_cell_config(plain)  # None, as every key had it so far
+    assert resolved_cell_config(plain)["device"] is None
+    cpu_key = cell_key(plain)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cell_key(plain) != cpu_key
+    assert cell_key(TrainConfig.from_dict({**base, "device": "cpu"})) != cell_key(plain)

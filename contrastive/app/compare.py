@@ -68,6 +68,9 @@ def loss_defaults(loss: str, critic: bool = False) -> dict[str, Any]:
 
 
 #: TrainConfig fields that do not change a cell's result (where it is written, how it is shown).
+#: ``num_workers`` does once the training transforms draw random numbers (``augment``, or
+#: ``views >= 2``): each loader worker draws from its own seeded stream, the main process from
+#: the global one; :func:`resolved_cell_config` keys it then.
 NOT_IN_KEY = frozenset({"output", "progress", "resume", "overwrite", "num_workers"})
 
 
@@ -196,13 +199,22 @@ def _as_compare_key(exc: ConfigError, cfg: CompareConfig, loss: str) -> ConfigEr
 
 def resolved_cell_config(tcfg: TrainConfig) -> dict[str, Any]:
     """Everything that decides a cell's result: the cell's config without
-    :data:`NOT_IN_KEY`, the loss's and critic's keywords completed with their constructors'
-    defaults (a sized critic's ``dim`` / ``in_dim`` as the trainer fills it in), and the
-    library version."""
+    :data:`NOT_IN_KEY` (``num_workers`` kept under random transforms; ``device=None`` named as
+    the GPU it becomes where there is one), the loss's and critic's keywords completed with
+    their constructors' defaults (a sized critic's ``dim`` / ``in_dim`` as the trainer fills
+    it in), and the library version."""
+    import torch
+
     from .. import __version__
     from .config import _critic_factory, _loss_factory
 
     out = {k: v for k, v in tcfg.to_dict().items() if k not in NOT_IN_KEY}
+    if tcfg.augment or tcfg.views >= 2:  # random transforms: the workers' streams decide them
+        out["num_workers"] = tcfg.num_workers
+    if tcfg.device is None and torch.cuda.is_available():
+        # the automatic device is a GPU here (autocast, other kernels): not a CPU cell's result;
+        # on a machine without one the key stays what it was
+        out["device"] = "cuda (automatic)"
     out["loss_kwargs"] = resolved_kwargs(_loss_factory(tcfg.loss), tcfg.loss_kwargs)
     if tcfg.critic is not None:
         from ..critics import CRITICS

@@ -344,3 +344,45 @@ def test_cifar_meta_file_round_trip(tmp_path):
     assert ds.classes == list(range(10)) and ds.labels.tolist() == labels
     te = get_dataset("cifar10", root=tmp_path, split="test_classes", verify_md5=False)
     assert all(c >= 5 for c in te.classes)
+
+
+def _inshop(root, train_classes=8, test_classes=4, per_class=4):
+    """An In-Shop layout with enough training classes for two tuning folds."""
+    lines, rows = [], []
+    for c in range(train_classes + test_classes):
+        item = f"id_{c:08d}"
+        for k in range(per_class):
+            path = f"img/MEN/Tees/{item}/{k:02d}_1_front.jpg"
+            status = "train" if c < train_classes else ("query" if k % 2 else "gallery")
+            rows.append((path, item, status))
+    lines = [str(len(rows)), "image_name item_id evaluation_status"]
+    lines += ["  ".join(r) for r in rows]
+    (root / "list_eval_partition.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+    for i, r in enumerate(rows):
+        write_image(root / r[0], (i % 256, 0, 0))
+
+
+def test_compare_tune_on_inshop_evaluates_query_against_gallery(tmp_path, main, monkeypatch):
+    """In-Shop has no "test_classes" (its test side is query against gallery), so the tuned
+    comparison's final evaluation, fixed to "test_classes", could never run on it; it now
+    evaluates In-Shop on its "test" and gets past its preflight."""
+    import contrastive.app.tuning as tuning
+    from contrastive.errors import UserError
+
+    assert tuning.final_splits("inshop") == {"train_split": "train_classes", "eval_split": "test"}
+    assert tuning.final_splits("in_shop")["eval_split"] == "test"
+    assert tuning.final_splits("cub200") == tuning.FINAL_SPLITS
+    _inshop(tmp_path / "root")
+    real = tuning._preflight
+
+    def preflight_then_stop(cfg):
+        real(cfg)
+        raise UserError("preflight passed")
+
+    monkeypatch.setattr(tuning, "_preflight", preflight_then_stop)
+    rc, _, err = main("compare", "--tune", "--dataset", "inshop", "--data-dir",
+                      str(tmp_path / "root"), "--losses", "infonce", "--trials", "1", "--steps",
+                      "1", "--seeds", "0", "--batch-size", "8", "--output", str(tmp_path / "o"),
+                      "--no-progress")
+    assert rc == 2 and "preflight passed" in err, err

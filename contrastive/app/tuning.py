@@ -22,7 +22,8 @@ The protocol, the same for every loss:
   can work on one study without losing or repeating trials; a trial whose worker died is redone
   (:mod:`.study` says how).
 * Final: the best configuration of each loss is retrained on all training classes
-  (``"train_classes"``) with every seed and evaluated on the test classes (``"test_classes"``);
+  (``"train_classes"``) with every seed and evaluated on the test classes (``"test_classes"``;
+  In-Shop: its query set against its gallery, :func:`final_splits`);
   those cells are cached like ``contrastive compare``'s (:func:`~.compare.cell_key`). The report
   (:func:`~.compare_report.write_tuned_report`) gives mean and 95% t-interval per metric, the
   chosen hyper-parameters and the losses indistinguishable from the best
@@ -63,8 +64,22 @@ __all__ = ["TuneConfig", "LR_SPACE", "search_space", "study_name", "storage_url"
 
 #: The learning-rate dimension every loss is searched over (AdamW, log-uniform).
 LR_SPACE: dict[str, Any] = {"low": 1e-5, "high": 1e-2, "log": True}
-#: Splits of the final retraining and evaluation.
+#: Splits of the final retraining and evaluation (:func:`final_splits`).
 FINAL_SPLITS = {"train_split": "train_classes", "eval_split": "test_classes"}
+
+
+def final_splits(dataset: str) -> dict[str, str]:
+    """The final retraining's and evaluation's splits: :data:`FINAL_SPLITS`, except for a
+    data set whose test side is its own protocol and has no ``"test_classes"`` (In-Shop: its
+    query set against its gallery, classes disjoint from the training ones by construction),
+    which is evaluated on its ``"test"`` (:func:`~.protocol.eval_sets`)."""
+    from ..datasets import DATASETS
+
+    if dataset in DATASETS:
+        split = DATASETS.get(dataset).meta.get("class_split")
+        if isinstance(split, dict) and "test" in split and split["test"] is None:
+            return {"train_split": "train_classes", "eval_split": "test"}
+    return dict(FINAL_SPLITS)
 
 
 @dataclass
@@ -318,7 +333,7 @@ def final_compare_config(cfg: TuneConfig, best: Mapping[str, Mapping[str, Any]] 
         "dataset": cfg.dataset, "data_dir": cfg.data_dir, "losses": cfg.losses,
         "loss_kwargs": kwargs, "backbone": cfg.backbone, "steps": cfg.steps,
         "seeds": cfg.seeds, "batch_size": cfg.batch_size, "output": cfg.output,
-        "train": {**cfg.train, **FINAL_SPLITS, "m_per_class": cfg.m_per_class},
+        "train": {**cfg.train, **final_splits(cfg.dataset), "m_per_class": cfg.m_per_class},
         "progress": False})
 
 
@@ -412,7 +427,8 @@ def reference_rows(cfg: TuneConfig) -> dict[str, dict[str, float]]:
     for row, kw in (("(raw input)", {}), ("(true latent)", known)):
         if kw is None:
             continue
-        ds = get_dataset(cfg.dataset, root=cfg.data_dir, split=FINAL_SPLITS["eval_split"], **kw)
+        ds = get_dataset(cfg.dataset, root=cfg.data_dir,
+                         split=final_splits(cfg.dataset)["eval_split"], **kw)
         if not isinstance(ds, TensorDataset) or ds.transform is not None:
             continue
         x = ds.data.reshape(len(ds), -1).float()

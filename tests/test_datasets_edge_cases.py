@@ -173,14 +173,12 @@ def test_folder_class_splits_on_other_layouts_name_both_layouts(tmp_path, layout
         assert "root/train/<class>/<image>" in msg and "root/<class>/<image>" in msg
 
 
-def test_compare_tune_on_the_readme_folder_layout_gets_past_its_preflight(tmp_path, main,
-                                                                          monkeypatch):
-    """Before the fix the preflight stopped with 'n_folds=2 is more than the 1 classes'; the
-    run stops here right after the preflight (the training itself is tested elsewhere)."""
+def _tune_to_its_preflight(main, monkeypatch, dataset, root, tmp_path):
+    """``compare --tune`` on ``dataset`` stopped right after its preflight (the training itself
+    is tested elsewhere): ``(exit status, stderr)``, with "preflight passed" when it got there."""
     import contrastive.app.tuning as tuning
     from contrastive.errors import UserError
 
-    _folder(tmp_path / "root", classes=[f"c{i}" for i in range(8)], n=4)
     real = tuning._preflight
 
     def preflight_then_stop(cfg):
@@ -188,10 +186,18 @@ def test_compare_tune_on_the_readme_folder_layout_gets_past_its_preflight(tmp_pa
         raise UserError("preflight passed")
 
     monkeypatch.setattr(tuning, "_preflight", preflight_then_stop)
-    rc, _, err = main("compare", "--tune", "--dataset", "folder", "--data-dir",
-                      str(tmp_path / "root"), "--losses", "infonce", "--trials", "1", "--steps",
-                      "1", "--seeds", "0", "--batch-size", "8", "--output", str(tmp_path / "o"),
-                      "--no-progress")
+    rc, _, err = main("compare", "--tune", "--dataset", dataset, "--data-dir", str(root),
+                      "--losses", "infonce", "--trials", "1", "--steps", "1", "--seeds", "0",
+                      "--batch-size", "8", "--output", str(tmp_path / "o"), "--no-progress")
+    return rc, err
+
+
+def test_compare_tune_on_the_readme_folder_layout_gets_past_its_preflight(tmp_path, main,
+                                                                          monkeypatch):
+    """Before the fix the preflight stopped with 'n_folds=2 is more than the 1 classes'; the
+    run stops here right after the preflight (the training itself is tested elsewhere)."""
+    _folder(tmp_path / "root", classes=[f"c{i}" for i in range(8)], n=4)
+    rc, err = _tune_to_its_preflight(main, monkeypatch, "folder", tmp_path / "root", tmp_path)
     assert rc == 2 and "preflight passed" in err, err
     # too few classes: the preflight names the real cause (the classes of the split)
     _folder(tmp_path / "small", classes=["a", "b"])
@@ -368,21 +374,10 @@ def test_compare_tune_on_inshop_evaluates_query_against_gallery(tmp_path, main, 
     comparison's final evaluation, fixed to "test_classes", could never run on it; it now
     evaluates In-Shop on its "test" and gets past its preflight."""
     import contrastive.app.tuning as tuning
-    from contrastive.errors import UserError
 
     assert tuning.final_splits("inshop") == {"train_split": "train_classes", "eval_split": "test"}
     assert tuning.final_splits("in_shop")["eval_split"] == "test"
     assert tuning.final_splits("cub200") == tuning.FINAL_SPLITS
     _inshop(tmp_path / "root")
-    real = tuning._preflight
-
-    def preflight_then_stop(cfg):
-        real(cfg)
-        raise UserError("preflight passed")
-
-    monkeypatch.setattr(tuning, "_preflight", preflight_then_stop)
-    rc, _, err = main("compare", "--tune", "--dataset", "inshop", "--data-dir",
-                      str(tmp_path / "root"), "--losses", "infonce", "--trials", "1", "--steps",
-                      "1", "--seeds", "0", "--batch-size", "8", "--output", str(tmp_path / "o"),
-                      "--no-progress")
+    rc, err = _tune_to_its_preflight(main, monkeypatch, "inshop", tmp_path / "root", tmp_path)
     assert rc == 2 and "preflight passed" in err, err

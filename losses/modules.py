@@ -41,7 +41,6 @@ from contrastive.pairs import (
     NoPairsError,
     NoPairsWarning,
     Pairs,
-    any_triplet,
     any_true,
     check_call,
     diagonal_masks,
@@ -49,10 +48,9 @@ from contrastive.pairs import (
     first_pair_per_class,
     mined_masks,
     mined_triplets,
-    require_negatives,
-    require_positives,
-    require_triplet,
+    require_terms,
     resolve_pairs,
+    terms_flag,
 )
 from contrastive.validation import check_temperature
 
@@ -107,6 +105,9 @@ class PairLoss(nn.Module):
     #: (:func:`losses.kernels.prepare`), stand for its own. False (a subclass's default-safe
     #: choice): :meth:`has_terms` is read first, as before
     core_checks_terms = False
+    #: what the loss needs for a term (:data:`contrastive.pairs.TERMS`), read by
+    #: :meth:`has_terms` and :meth:`require_terms`; the functional core checks the same
+    terms = "both"
 
     def __init__(self, critic: Critic | nn.Module | None = None, strict: bool = False,
                  reduction: str | None = "mean", check: bool = True):
@@ -166,14 +167,13 @@ class PairLoss(nn.Module):
         return None
 
     def has_terms(self, positives: Tensor, negatives: Tensor) -> bool:
-        """Whether the masks give this loss anything to average (default: a positive and a
-        negative pair somewhere in the batch)."""
-        return any_true(positives) and any_true(negatives)
+        """Whether the masks give this loss anything to average (:attr:`terms`; default: a
+        positive and a negative pair somewhere in the batch)."""
+        return bool(terms_flag(self.terms, positives, negatives))
 
     def require_terms(self, positives: Tensor, negatives: Tensor) -> None:
         """Raise :class:`~contrastive.pairs.NoPairsError` explaining why there is no term."""
-        require_positives(positives, self.what)
-        require_negatives(negatives, self.what)
+        require_terms(self.terms, positives, negatives, self.what)
 
     def no_terms(self, scores: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
         """The batch has no term: raise (``strict``) or warn once and return the zero loss."""
@@ -423,8 +423,7 @@ class MultiClassNPair(PairLoss):
         pos, neg = diagonal_masks(ai.numel(), c.embeddings.device)
         return Pairs(c.embeddings[ai], cand[pi], pos, neg, False)
 
-    def has_terms(self, positives, negatives):
-        return any_true(positives)  # one pair is a term (0): no negative needed, as PML
+    terms = "positives"  # one pair is a term (0): no negative needed, as PML
 
     def require_terms(self, positives, negatives):
         raise NoPairsError(
@@ -485,11 +484,7 @@ class Triplet(PairLoss):
     def default_critic(self) -> nn.Module:
         return NegativeL2(normalize=True)
 
-    def has_terms(self, positives, negatives):
-        return any_triplet(positives, negatives)
-
-    def require_terms(self, positives, negatives):
-        require_triplet(positives, negatives, self.what)
+    terms = "triplet"
 
     def mined(self, indices_tuple, positives, negatives):
         if len(indices_tuple) != 3:  # pairs: PML makes every positive pair of an anchor a
@@ -544,14 +539,7 @@ class Contrastive(PairLoss):
     def default_critic(self) -> nn.Module:
         return NegativeL2(normalize=True)
 
-    def has_terms(self, positives, negatives):
-        return any_true(positives) or any_true(negatives)
-
-    def require_terms(self, positives, negatives):
-        raise NoPairsError(
-            "the batch has no pair at all, which the contrastive loss needs: pass at least two "
-            "items"
-        )
+    terms = "any"
 
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return LF.contrastive(scores, positives, negatives, self._t_pos, self._t_neg,

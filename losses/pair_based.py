@@ -34,13 +34,8 @@ from torch import Tensor, nn
 
 from contrastive.critics import Cosine, NegativeL2
 from contrastive.pairs import (
-    NoPairsError,
-    any_triplet,
-    any_true,
     mined_masks,
     mined_triplets,
-    require_positives,
-    require_triplet,
     rows_any,
 )
 
@@ -83,12 +78,6 @@ def _positive_lse(fn, scores: Tensor, positives: Tensor, check: bool) -> Tensor:
     count = torch.bincount(rows, minlength=positives.shape[0])
     idx, valid = K.padded_positives(K.PosIndex(rows, cols, count))
     return torch.logsumexp(fn(scores.gather(1, idx)).masked_fill(~valid, _NEG_INF), dim=1)
-
-
-def _require_any_pair(positives: Tensor, negatives: Tensor, what: str) -> None:
-    if not any_true(positives) and not any_true(negatives):
-        raise NoPairsError(f"the batch has no pair at all, which {what} needs: pass at least two "
-                           "items")
 
 
 # --------------------------------------------------------------------------- fused-path pieces
@@ -625,11 +614,7 @@ class MultiSimilarity(PairLoss):
     def default_critic(self) -> nn.Module:
         return Cosine(1.0)
 
-    def has_terms(self, positives, negatives):
-        return any_true(positives) or any_true(negatives)
-
-    def require_terms(self, positives, negatives):
-        _require_any_pair(positives, negatives, self.what)
+    terms = "any"
 
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return multi_similarity(scores, positives, negatives, self.alpha, self.beta, self.base,
@@ -658,11 +643,7 @@ class Circle(PairLoss):
     def default_critic(self) -> nn.Module:
         return Cosine(1.0)
 
-    def has_terms(self, positives, negatives):
-        return any_triplet(positives, negatives)
-
-    def require_terms(self, positives, negatives):
-        require_triplet(positives, negatives, self.what)
+    terms = "triplet"
 
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return circle(scores, positives, negatives, self.m, self.gamma, self.reduction, check)
@@ -692,11 +673,7 @@ class LiftedStructure(PairLoss):
     def default_critic(self) -> nn.Module:
         return NegativeL2(normalize=True)
 
-    def has_terms(self, positives, negatives):
-        return any_true(positives) or any_true(negatives)
-
-    def require_terms(self, positives, negatives):
-        _require_any_pair(positives, negatives, self.what)
+    terms = "any"
 
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return lifted_structure(scores, positives, negatives, self._t_pos, self._t_neg,
@@ -749,11 +726,7 @@ class Margin(PairLoss):
         self._labels = labels  # for a per-class boundary
         return super().pairs(embeddings, labels, ref_emb, ref_labels, paired, indices_tuple)
 
-    def has_terms(self, positives, negatives):
-        return any_triplet(positives, negatives)
-
-    def require_terms(self, positives, negatives):
-        require_triplet(positives, negatives, self.what)
+    terms = "triplet"
 
     def mined(self, indices_tuple, positives, negatives):
         pos, neg = mined_masks(indices_tuple, positives, negatives, counts=True,
@@ -811,11 +784,7 @@ class NCA(PairLoss):
                                           device=p.anchors.device)
         return p
 
-    def has_terms(self, positives, negatives):
-        return any_true(positives)
-
-    def require_terms(self, positives, negatives):
-        require_positives(positives, self.what)
+    terms = "positives"
 
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return nca(scores, positives, negatives, self.softmax_scale, self.reduction, check,

@@ -59,9 +59,15 @@ def mlp(
 
 class Critic(nn.Module):
     """Base class. ``is_distance`` marks critics whose score is a negated distance, so that
-    margin losses can take their margins in distance units."""
+    margin losses can take their margins in distance units. ``propagates_nonfinite`` marks
+    critics for which a NaN or Inf anywhere in ``a`` or ``b`` makes some score NaN or Inf
+    (products and sums of every entry: ``inf * 0`` is NaN, ``inf / inf`` is NaN), so that a
+    loss's one finiteness read of the scores also stands for the embeddings' (the loss modules
+    then name the embeddings only when the scores are not finite); False for a critic that may
+    map a non-finite input to a finite score (e.g. through ``tanh``)."""
 
     is_distance: bool = False
+    propagates_nonfinite: bool = False
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -69,6 +75,8 @@ class Critic(nn.Module):
 
 class Dot(Critic):
     """``S_ij = a_i . b_j``: the separable critic of the multi-class N-pair loss (Sohn, 2016)."""
+
+    propagates_nonfinite = True
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return a @ b.T
@@ -210,6 +218,8 @@ class Cosine(Critic):
     scale multiplies the ``[N, d]`` normalised anchors, not the ``[N, M]`` score matrix.
     """
 
+    propagates_nonfinite = True
+
     def __init__(self, temperature: float = 0.1, learnable: bool = False):
         super().__init__()
         t = check_temperature(temperature)
@@ -298,6 +308,8 @@ class NegativeL2(Critic):
     itself, 22 against a second set); an encoder whose output row is zero has collapsed anyway.
     """
 
+    propagates_nonfinite = True
+
     is_distance = True
 
     def __init__(self, squared: bool = False, normalize: bool = False):
@@ -337,7 +349,9 @@ def _negative_l2_plain(a: Tensor, b: Tensor, squared: bool, unit: bool) -> Tenso
     sq = sq.clamp_min(0.0)
     if squared:
         return -sq
-    return -torch.where(sq > 0, sq.clamp_min(1e-30).sqrt(), torch.zeros_like(sq))
+    # ``sq == 0``, not ``sq > 0``: a NaN distance (a NaN or Inf embedding) stays NaN, as in
+    # the fused forms, instead of reading as the distance 0
+    return -torch.where(sq == 0, torch.zeros_like(sq), sq.clamp_min(1e-30).sqrt())
 
 
 class Bilinear(Critic):
@@ -346,6 +360,8 @@ class Bilinear(Critic):
     ``init="identity"`` starts as the dot critic; ``"random"`` uses Glorot-uniform like the
     paper's TensorFlow code.
     """
+
+    propagates_nonfinite = True
 
     def __init__(self, dim: int, dim_b: int | None = None, init: str = "identity"):
         super().__init__()

@@ -98,16 +98,21 @@ def check_call(
     ref_labels: Tensor | None = None,
     paired: bool = False,
     check: bool = True,
+    finite: bool | None = None,
 ) -> Call:
     """Validate the arguments of ``loss(embeddings, labels, ref_emb=..., ref_labels=...,
     paired=...)`` without building masks: shapes, dtypes, finiteness, one label per row, and a
     call that defines positives (labels, or ``paired=True`` views). Labels come back as integer
     tensors on the embeddings' device. ``ref_labels`` that is the very tensor object ``labels``
     is dropped (PML treats that reference set as the batch's own labels, diagonal excluded).
-    ``check=False`` skips the checks that read values (finiteness, integral float labels)."""
+    ``check=False`` skips the checks that read values (finiteness, integral float labels);
+    ``finite=False`` skips only the embeddings' finiteness read (None: ``check``), for a caller
+    whose own read of the scores stands for it (:attr:`contrastive.critics.Critic.
+    propagates_nonfinite`)."""
     if ref_labels is not None and ref_labels is labels:
         ref_labels = None
-    embeddings = check_embeddings(embeddings, "embeddings", check)
+    finite = check if finite is None else finite
+    embeddings = check_embeddings(embeddings, "embeddings", finite)
     n = embeddings.shape[0]
     if labels is not None:
         labels = check_labels(labels, n, "labels", "embeddings", check).to(embeddings.device)
@@ -122,7 +127,7 @@ def check_call(
                 "as loss(x, ref_emb=y, paired=True)"
             )
         return Call(embeddings, labels, None, None)
-    ref_emb = check_embeddings(ref_emb, "ref_emb", check)
+    ref_emb = check_embeddings(ref_emb, "ref_emb", finite)
     if ref_emb.shape[1] != embeddings.shape[1]:
         raise ValueError(
             f"ref_emb has dimension {ref_emb.shape[1]} but embeddings have "
@@ -166,9 +171,11 @@ def resolve_pairs(
     ref_labels: Tensor | None = None,
     paired: bool = False,
     check: bool = True,
+    finite: bool | None = None,
 ) -> Pairs:
-    """Validate a loss call and return anchors, candidates and masks (see module docstring)."""
-    c = check_call(embeddings, labels, ref_emb, ref_labels, paired, check)
+    """Validate a loss call and return anchors, candidates and masks (see module docstring;
+    ``finite`` as :func:`check_call`'s)."""
+    c = check_call(embeddings, labels, ref_emb, ref_labels, paired, check, finite)
     if c.ref_emb is None:
         pos, neg = label_masks(c.labels)
         return Pairs(c.embeddings, c.embeddings, pos, neg, True)

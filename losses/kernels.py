@@ -32,6 +32,12 @@ REDUCTIONS = ("mean", "sum", "none")
 NONZERO = ("nonzero", *REDUCTIONS)
 
 
+class NonFiniteScoresError(ValueError):
+    """The score matrix holds NaN or Inf (:func:`prepare`); a ``ValueError``, so callers that
+    catch that keep working, and its own type, so that a loss module can tell it apart and name
+    the embeddings when they are the cause."""
+
+
 def count_rows(mask: Tensor) -> Tensor:
     """``mask.sum(1)`` for a boolean ``[N, M]`` mask, as int32 (summing the bytes in int32 is
     ~15x faster on CPU than torch's bool -> int64 reduction)."""
@@ -128,7 +134,7 @@ def _check_values(scores: Tensor, positives: Tensor, negatives: Tensor, terms: s
     else:
         value, present = torch.stack((total, terms_flag(terms, positives, negatives))).tolist()
     if not math.isfinite(value) and not bool(torch.isfinite(scores.detach()).all()):
-        raise ValueError(
+        raise NonFiniteScoresError(
             "scores contain NaN or Inf; check the embeddings and the critic "
             "(temperature too small?)"
         )

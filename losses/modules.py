@@ -52,7 +52,7 @@ from contrastive.pairs import (
     resolve_pairs,
     terms_flag,
 )
-from contrastive.validation import check_temperature
+from contrastive.validation import check_embeddings, check_temperature
 
 from . import functional as LF
 from . import kernels as K
@@ -124,7 +124,27 @@ class PairLoss(nn.Module):
     # -- the shell -------------------------------------------------------------------------
     def pairs(self, embeddings, labels=None, ref_emb=None, ref_labels=None, paired=False,
               indices_tuple=None) -> Pairs:
-        return resolve_pairs(embeddings, labels, ref_emb, ref_labels, paired, self.check)
+        return resolve_pairs(embeddings, labels, ref_emb, ref_labels, paired, self.check,
+                             self.check and not self._defers_finite(indices_tuple))
+
+    def _defers_finite(self, indices_tuple) -> bool:
+        """Whether the embeddings' finiteness read is left to the functional core's read of
+        the scores (one host read per call instead of two): for a checked call without a
+        miner's tuple, of a loss whose core checks its terms (:attr:`core_checks_terms`: its
+        ``compute`` reads the whole score matrix's finiteness first) with a critic that turns
+        every NaN or Inf of its inputs into a non-finite score
+        (:attr:`contrastive.critics.Critic.propagates_nonfinite`). The error then still
+        names the embeddings (:meth:`_name_nonfinite`)."""
+        return (self.check and indices_tuple is None and self.core_checks_terms
+                and bool(getattr(self.critic, "propagates_nonfinite", False)))
+
+    @staticmethod
+    def _name_nonfinite(embeddings: Tensor, ref_emb: Tensor | None) -> None:
+        """Raise the embeddings' own error (the rows with NaN or Inf) when they are what made
+        the scores non-finite; return when they are finite."""
+        check_embeddings(embeddings, "embeddings")
+        if ref_emb is not None:
+            check_embeddings(ref_emb, "ref_emb")
 
     def _score(self, p: Pairs) -> Tensor:
         with _NoAutocast(p.anchors.device.type):
@@ -152,6 +172,8 @@ class PairLoss(nn.Module):
         """The score matrix ``S`` and masks ``(P, Q)`` this loss sees for a call (the masks
         restricted to the mined pairs when ``indices_tuple`` is given)."""
         p = self.pairs(embeddings, labels, ref_emb, ref_labels, paired, indices_tuple)
+        if self._defers_finite(indices_tuple):  # no loss reads these scores: check here
+            self._name_nonfinite(embeddings, ref_emb)
         s, pos, neg = self._score(p), p.positives, p.negatives
         if indices_tuple is not None and not self.mines_in_pairs:
             pos, neg, _ = self.mined(indices_tuple, pos, neg)
@@ -224,9 +246,8 @@ class PairLoss(nn.Module):
                     return self.no_terms(s, pos, neg)
                 pos, neg, triplets = self.mined(indices_tuple, pos, neg)
             if self.check and not mined and self.core_checks_terms:
-                try:  # one host read: finite scores and a term (see core_checks_terms)
-                    loss = self.compute(s, pos, neg, check=True)
-                except NoPairsError:
+                loss = self._checked_compute(s, pos, neg, embeddings, ref_emb)
+                if loss is None:
                     return self.no_terms(s, pos, neg)
             else:
                 if self.check and not self.has_terms(pos, neg):
@@ -236,6 +257,21 @@ class PairLoss(nn.Module):
                 loss = self.compute(s, pos, neg, triplets=triplets, check=self.check)
             reg = self.penalty(p)
         return loss if reg is None else loss + reg
+
+    def _checked_compute(self, s: Tensor, pos: Tensor, neg: Tensor, embeddings: Tensor,
+                         ref_emb: Tensor | None) -> Tensor | None:
+        """``compute`` with the core's checks, one host read for the finite scores and a term
+        (:attr:`core_checks_terms`); None when the batch has no term. Non-finite scores name
+        the embeddings when they are the cause (:meth:`_defers_finite`). (A method of its own:
+        ``torch.compile`` of :meth:`forward` with ``check=False`` then never meets its
+        ``try``.)"""
+        try:
+            return self.compute(s, pos, neg, check=True)
+        except NoPairsError:
+            return None
+        except K.NonFiniteScoresError:
+            self._name_nonfinite(embeddings, ref_emb)  # raises when they are the cause
+            raise
 
     @torch.no_grad()
     def readout(

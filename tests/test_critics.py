@@ -188,3 +188,53 @@ def test_cosine_scale_is_exact_in_float64():
     ref = cosine_similarity(a, b) / 0.07
     assert np.max(np.abs(s.numpy() - ref) / np.abs(ref)) < 1e-13
     assert math.isclose(Cosine(0.07).temperature, 0.07, rel_tol=1e-15)
+
+
+PROPAGATING = [
+    ("dot", lambda: critics.Dot()),
+    ("cosine", lambda: critics.Cosine(0.1)),
+    ("cosine_learnable", lambda: critics.Cosine(0.1, learnable=True)),
+    ("l2", lambda: critics.NegativeL2()),
+    ("l2sq", lambda: critics.NegativeL2(squared=True)),
+    ("l2_unit", lambda: critics.NegativeL2(normalize=True)),
+    ("l2sq_unit", lambda: critics.NegativeL2(squared=True, normalize=True)),
+    ("bilinear", lambda: critics.Bilinear(6)),
+    ("bilinear_random", lambda: critics.Bilinear(6, init="random")),
+]
+
+
+@pytest.mark.parametrize("name, make", PROPAGATING)
+def test_critics_marked_propagating_turn_every_non_finite_input_into_a_non_finite_score(
+        name, make):
+    """``propagates_nonfinite``: the loss modules let the scores' finiteness read stand for the
+    embeddings' own, so a NaN or Inf in any entry of ``a`` or ``b`` must leave some score NaN or
+    Inf -- on the fused paths (a gradient) and the plain ones (none), against itself and
+    against a second set (a regression: the plain ``NegativeL2`` read a NaN distance as 0)."""
+    crit = make()
+    assert crit.propagates_nonfinite
+    gen = torch.Generator().manual_seed(0)
+    for bad in (math.nan, math.inf, -math.inf):
+        for grad in (True, False):
+            for row, col in ((0, 0), (3, 5), (4, 2)):
+                a = torch.randn(5, 6, generator=gen)
+                a[row, col] = bad
+                a.requires_grad_(grad)
+                assert not bool(torch.isfinite(crit(a, a)).all()), (bad, grad, "self")
+                b = torch.randn(7, 6, generator=gen)
+                assert not bool(torch.isfinite(crit(a, b)).all()), (bad, grad, "anchors")
+                assert not bool(torch.isfinite(crit(b, a)).all()), (bad, grad, "candidates")
+    assert not critics.Critic.propagates_nonfinite  # a user's critic: not assumed
+
+
+def test_plain_negative_l2_keeps_zero_distances_and_their_zero_gradient():
+    """The plain form's ``sq == 0`` test (which keeps a NaN distance NaN) gives the same values
+    and gradients as before on finite input: 0 on the diagonal and for duplicates, with a zero
+    (not NaN) gradient there."""
+    x = torch.randn(4, 3)
+    x = torch.cat([x, x[:1]]).requires_grad_()  # a duplicate of row 0
+    s = critics.NegativeL2()(x, x.detach().clone())  # no gradient to b: the plain path too
+    assert float(s[0, 4]) == 0.0 and bool((s.diagonal() == 0).all())
+    s.sum().backward()
+    assert bool(torch.isfinite(x.grad).all())
+    want = -torch.cdist(x.detach(), x.detach())
+    assert torch.allclose(s.detach(), want, atol=1e-5)

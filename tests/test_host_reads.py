@@ -2,8 +2,10 @@
 
 A checked loss call reads tensor values on the host to validate its input: finite embeddings,
 finite scores, and whether the masks give the loss a term. Each read is a device sync on a GPU,
-so the module and the functional core read once each (``kernels.prepare`` reads the scores'
-sum and the term flag together) instead of once per check. The loss modules with
+so a call reads once where it can: ``kernels.prepare`` reads the scores' sum and the term flag
+together, and that read also stands for the embeddings' finiteness when the critic carries a
+NaN or Inf into the scores (``Critic.propagates_nonfinite``; the error still names the
+embeddings). The loss modules with
 ``core_checks_terms`` let the core's no-term check stand for their own ``has_terms``; the first
 test proves, for every such registered loss, that the two agree on every small mask pattern,
 which is what makes that safe.
@@ -141,20 +143,22 @@ def _reads(fn) -> int:
 
 
 @pytest.mark.parametrize("name, most", [
-    ("infonce", 2), ("supcon", 2), ("simclr", 2), ("nwj", 2), ("js", 2), ("dv", 2),
-    ("contrastive", 2), ("multi_similarity", 2), ("circle", 2), ("lifted_structure", 2),
-    ("margin", 2), ("nca", 2),
+    ("infonce", 1), ("supcon", 1), ("simclr", 1), ("nwj", 1), ("js", 1), ("dv", 1),
+    ("contrastive", 1), ("multi_similarity", 1), ("circle", 1), ("lifted_structure", 1),
+    ("margin", 1), ("nca", 1),
     # the embeddings' sum with the labels' range, then the value (finite)
     ("proxy_anchor", 2), ("proxy_nca", 2), ("normalized_softmax", 2), ("cosface", 2),
     ("arcface", 2),
     # + the positives' index (nonzero), which their gather needs, and for the triplet loss
     # the index's width
-    ("dcl", 3), ("triplet", 4),
+    ("dcl", 2), ("triplet", 3),
 ])
 def test_a_checked_module_call_reads_the_host_at_most(name, most):
-    """One read for the embeddings (finite), one for the scores and the terms together: the
-    module's own no-term check and the core's separate checks are gone (before: 6 reads for
-    InfoNCE / NWJ / JS / DV, 4 for the pair losses, 7 for the triplet loss)."""
+    """One read for the scores (finite) and the terms together, which also stands for the
+    embeddings' finiteness (their critic turns a NaN or Inf into a non-finite score): the
+    module's own no-term check, its embeddings read and the core's separate checks are gone
+    (before: 6 reads for InfoNCE / NWJ / JS / DV, 4 for the pair losses, 7 for the triplet
+    loss)."""
     loss = _module(name)
     x = torch.randn(16, 4 if name in PROXY else 8, requires_grad=True)
     y = torch.arange(16) // 4 % 3
@@ -260,3 +264,53 @@ def test_proxy_losses_one_read_keeps_every_input_error(name):
     big = torch.full((6, 4), 3e38)
     big[:, 1] = -3e38  # distinct directions, each row finite; their float32 sum overflows
     assert math.isfinite(float(loss(big, y)))
+
+
+DEFERRING = [n for n in losses.available()
+             if n not in PROXY and getattr(_module(n), "core_checks_terms", False)]
+
+
+@pytest.mark.parametrize("name", DEFERRING)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_the_scores_read_still_names_non_finite_embeddings(name, bad):
+    """The losses whose one read of the scores stands for the embeddings' own: a NaN or Inf in
+    the embeddings or in the reference set is still reported as theirs, with its row, through
+    the loss call, through ``scores()`` and with the critic's fused and plain paths (with and
+    without a gradient)."""
+    loss = _module(name)
+    n = 16
+    y = torch.arange(n) // 2  # two views / items per class: every loss has a term
+    for grad in (True, False):
+        x = torch.randn(n, 8)
+        x[5, 2] = bad
+        x.requires_grad_(grad)
+        with pytest.raises(ValueError, match=r"^embeddings contains NaN or Inf in 1 row\(s\) "
+                                             r"\(first: \[5\]\)"):
+            loss(x, y)
+        with pytest.raises(ValueError, match=r"^embeddings contains NaN or Inf"):
+            loss.scores(x, y)
+        ref = torch.randn(n, 8)
+        ref[7, 0] = bad
+        with pytest.raises(ValueError, match=r"^ref_emb contains NaN or Inf in 1 row\(s\) "
+                                             r"\(first: \[7\]\)"):
+            loss(torch.randn(n, 8, requires_grad=grad), y, None, ref, y)
+
+
+def test_a_critic_that_may_hide_a_non_finite_input_keeps_the_embeddings_read():
+    """A user's critic (no ``propagates_nonfinite``) may map an Inf to a finite score: the
+    embeddings are then read on their own, before the scores, as before."""
+
+    class Squashed(torch.nn.Module):
+        def forward(self, a, b):
+            return torch.tanh(a) @ torch.tanh(b).T
+
+    loss = losses.get("infonce", critic=Squashed())
+    x = torch.randn(16, 8, requires_grad=True)
+    y = torch.arange(16) // 2
+    loss(x, y).backward()
+    assert _reads(lambda: loss(x, y).backward()) == 2
+    bad = x.detach().clone()
+    bad[3, 1] = math.inf  # tanh(inf) = 1: the scores stay finite
+    assert bool(torch.isfinite(Squashed()(bad, bad)).all())
+    with pytest.raises(ValueError, match=r"^embeddings contains NaN or Inf in 1 row"):
+        loss(bad, y)

@@ -69,7 +69,7 @@ def test_non_finite_embeddings(name, bad):
     with pytest.raises(ValueError, match=msg):
         ALL[name]()(x, y)
     with pytest.raises(ValueError, match=r"ref_emb contains NaN or Inf"):
-        ALL[name]()(batch()[0], ref_emb=x)
+        ALL[name]()(batch()[0], y, ref_emb=x)
 
 
 @pytest.mark.parametrize("bad", [0, -0.1, float("nan"), float("inf")])

@@ -17,6 +17,7 @@ the application layer (:mod:`contrastive.app.mi_benchmark`; layers in ``docs/arc
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,7 @@ from torch import Tensor
 
 __all__ = [
     "check_dim",
+    "MAX_MI_PER_DIM",
     "mi_from_rho",
     "rho_from_mi",
     "sample_gaussian",
@@ -44,19 +46,46 @@ def mi_from_rho(rho: float, dim: int) -> float:
     return -0.5 * check_dim(dim) * math.log1p(-rho * rho)
 
 
+#: The most nats per dimension whose ``rho`` is below 1 in float64: ``1 - rho^2 = exp(-2 I / d)``
+#: must stay above the spacing of floats just below 1 (``2^-53``; ``exp(-36)`` does).
+MAX_MI_PER_DIM = 18.0
+
+
 def rho_from_mi(mi: float, dim: int) -> float:
-    """Inverse of :func:`mi_from_rho` on ``rho >= 0``: ``rho = sqrt(1 - exp(-2 I / d))``."""
+    """Inverse of :func:`mi_from_rho` on ``rho >= 0``: ``rho = sqrt(1 - exp(-2 I / d))``.
+
+    ``ValueError`` naming ``mi`` and ``dim`` when ``I / d`` exceeds :data:`MAX_MI_PER_DIM`
+    (``rho`` would round to 1, where the pairs are deterministic and the MI infinite)."""
     mi = float(mi)
     if not math.isfinite(mi) or mi < 0:
         raise ValueError(f"mi must be a finite number of nats >= 0, got {mi!r}")
-    return math.sqrt(-math.expm1(-2.0 * mi / check_dim(dim)))
+    dim = check_dim(dim)
+    if mi > MAX_MI_PER_DIM * dim:
+        raise ValueError(
+            f"mi = {mi:g} nats in dim = {dim} is {mi / dim:g} nats per dimension, above "
+            f"{MAX_MI_PER_DIM:g}: rho = sqrt(1 - exp(-2 mi / dim)) rounds to 1; use dim >= "
+            f"{math.ceil(mi / MAX_MI_PER_DIM)} or a smaller mi"
+        )
+    return math.sqrt(-math.expm1(-2.0 * mi / dim))
+
+
+def _positive_int(value: int, name: str) -> int:
+    """``value`` as an ``int`` if it is a positive integer (Python or NumPy, not a bool);
+    ``ValueError`` naming ``name`` otherwise."""
+    if not isinstance(value, bool) and not isinstance(value, np.bool_):
+        try:
+            out = operator.index(value)
+        except TypeError:
+            out = None
+        if out is not None and out > 0:
+            return int(out)
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def check_dim(dim: int) -> int:
-    """``dim`` if it is a positive integer; ``ValueError`` naming it otherwise."""
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
-    return dim
+    """``dim`` as an ``int`` if it is a positive integer (Python or NumPy); ``ValueError``
+    naming it otherwise."""
+    return _positive_int(dim, "dim")
 
 
 def sample_gaussian(
@@ -69,10 +98,10 @@ def sample_gaussian(
 ) -> tuple[Tensor, Tensor]:
     """``(x, y)`` of shape ``[batch_size, dim]`` with ``x ~ N(0, I)``,
     ``y = rho x + sqrt(1 - rho^2) e``, ``e ~ N(0, I)`` (``generator`` must live on ``device``)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    check_dim(dim)
-    if not -1.0 < float(rho) < 1.0:
+    batch_size = _positive_int(batch_size, "batch_size")
+    dim = check_dim(dim)
+    rho = float(rho)
+    if not -1.0 < rho < 1.0:
         raise ValueError(f"rho must be in (-1, 1), got {rho!r}")
     x = torch.randn(batch_size, dim, generator=generator, device=device, dtype=dtype)
     e = torch.randn(batch_size, dim, generator=generator, device=device, dtype=dtype)
@@ -92,8 +121,9 @@ def _gaussian_terms(x: Tensor, y: Tensor, rho: float) -> tuple[float, int, Tenso
         raise ValueError(f"rho must be in (-1, 1), got {rho!r}")
     var = 1.0 - rho * rho
     yy = (y * y).sum(1)
-    xx = (x * x).sum(1)
-    sq = yy[None, :] - 2.0 * rho * (x @ y.T) + (rho * rho) * xx[:, None]  # ||y_j - rho x_i||^2
+    # ||y_j - rho x_i||^2 from the differences, not expanded as ||y||^2 - 2 rho x.y + ...: near
+    # rho = 1 the expansion cancels (float32, 10 nats in d = 2: 0.03 nats wrong on the diagonal)
+    sq = torch.cdist(rho * x, y, compute_mode="donot_use_mm_for_euclid_dist").square()
     return var, x.shape[1], sq, yy
 
 
@@ -110,8 +140,17 @@ def optimal_critic(x: Tensor, y: Tensor, rho: float) -> Tensor:
 
 
 def staircase(levels: Sequence[float], steps_per_level: int) -> np.ndarray:
-    """True MI per step: each level held for ``steps_per_level`` steps."""
-    return np.repeat(np.asarray(levels, dtype=np.float64), steps_per_level)
+    """True MI per step: each level (nats, finite, ``>= 0``) held for ``steps_per_level`` (a
+    positive integer) steps, the schedule of Poole et al. (2019, fig. 2)."""
+    steps = _positive_int(steps_per_level, "steps_per_level")
+    try:
+        values = np.asarray(levels, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"levels must be a sequence of MI values in nats, got {levels!r}") from exc
+    if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values) & (values >= 0)):
+        raise ValueError(f"levels must be a non-empty sequence of finite MI values >= 0 nats, got "
+                         f"{levels!r}")
+    return np.repeat(values, steps)
 
 
 def cubic(y: Tensor) -> Tensor:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import operator
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -312,31 +313,48 @@ def check_arguments(
     """Check :func:`run`'s arguments without training anything (``ValueError`` / ``TypeError``
     naming the argument); returns the resolved estimators and levels."""
     est = resolve_estimators(estimators)
-    check_dim(dim)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+    dim = check_dim(dim)
+    if _integer(batch_size) is None or batch_size < 2:
         raise ValueError(f"batch_size must be an integer >= 2 (positives need negatives), got "
                          f"{batch_size!r}")
-    if isinstance(steps_per_level, bool) or not isinstance(steps_per_level, int) or (
-        steps_per_level <= 0
-    ):
+    if _integer(steps_per_level) is None or steps_per_level <= 0:
         raise ValueError(f"steps_per_level must be a positive integer, got {steps_per_level!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if _integer(seed) is None or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     levels = _check_levels(levels)
+    try:  # the largest level must have a rho below 1 in this dimension
+        rho_from_mi(max(levels), dim)
+    except ValueError as exc:
+        raise ValueError(f"levels: {exc}") from None
     _transform(transform)
     for name in estimator_critics or {}:
         if name not in est:
             raise ValueError(f"estimator_critics names {name!r}, which is not one of the "
                              f"estimators {list(est)}")
     with torch.random.fork_rng(devices=[]):
-        params = list(make_critic(critic, dim, **dict(critic_kwargs or {})).parameters())
-    if not any(p.requires_grad for p in params):
-        raise ValueError(
-            f"critic {critic!r} has no trainable parameters; use separable, concat or bilinear"
-        )
+        _check_trainable(make_critic(critic, dim, **dict(critic_kwargs or {})), critic)
+        for name, own in (estimator_critics or {}).items():
+            _check_trainable(make_critic(own, dim), own, f"estimator_critics[{name!r}]")
     return est, levels
+
+
+def _integer(value: object) -> int | None:
+    """``value`` as an ``int`` if it is an integer (Python or NumPy, not a bool), else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _check_trainable(model: nn.Module, critic: object, where: str = "critic") -> None:
+    """``ValueError`` naming ``where`` and the critic when ``model`` has nothing to train."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"{where} {_critic_name(critic)!r} has no trainable parameters; use "
+                         "separable, concat or bilinear")
 
 
 def diverged(results: Mapping) -> dict[str, int]:
@@ -379,16 +397,20 @@ def run(
     and PNG written there by :func:`write_results`.
 
     ``transform``: ``None`` (the Gaussian pairs) or ``"cubic"`` (``y -> y^3``, the same MI).
-    ``estimator_critics``: a critic (name or factory) per estimator instead of ``critic``; by
-    default the upper bounds (:data:`UPPER_BOUNDS`) get :func:`gaussian_conditional`.
+    ``estimator_critics``: a critic (name or factory) per estimator instead of ``critic``; the
+    upper bounds (:data:`UPPER_BOUNDS`) it does not name get :func:`gaussian_conditional`.
     """
     est, levels = check_arguments(estimators, critic, dim, batch_size, levels, steps_per_level,
                                   lr, seed, critic_kwargs=critic_kwargs, transform=transform,
                                   estimator_critics=estimator_critics)
+    dim, batch_size, steps_per_level, seed = (int(operator.index(v)) for v in
+                                              (dim, batch_size, steps_per_level, seed))
     dev = resolve_device(device)
     kw = dict(critic_kwargs or {})
-    own = ({n: gaussian_conditional for n in est if is_upper_bound(n)}
-           if estimator_critics is None else dict(estimator_critics))
+    # the upper bounds read their scores as log q(y|x): they keep the conditional critic unless
+    # estimator_critics names them (naming another estimator does not drop it)
+    own = {**{n: gaussian_conditional for n in est if is_upper_bound(n)},
+           **dict(estimator_critics or {})}
     apply = _transform(transform)
 
     models: dict[str, nn.Module] = {}
@@ -398,14 +420,12 @@ def run(
             torch.manual_seed(seed)
             model = (make_critic(own[name], dim) if name in own
                      else make_critic(critic, dim, **kw))
+            _check_trainable(model, *((own[name], f"estimator_critics[{name!r}]")
+                                      if name in own else (critic,)))
             if name in SHADOW_ESTIMATORS:
                 model = ShadowCritic(model, dim)
             model = model.to(dev)
         params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(
-                f"critic {critic!r} has no trainable parameters; use separable, concat or bilinear"
-            )
         models[name] = model
         opts[name] = torch.optim.Adam(params, lr=lr)
 
@@ -449,7 +469,8 @@ def run(
                 smooth[name] = value if math.isnan(s) else 0.98 * s + 0.02 * value
         bar.update(1)
         if progress and (step % 50 == 0 or step == len(true_mi) - 1):
-            bar.set_postfix(true=f"{mi:.1f}", **{k: f"{v:.2f}" for k, v in smooth.items()})
+            # one mapping, not keywords: an estimator may be named "true" or "refresh"
+            bar.set_postfix({"true": f"{mi:.1f}", **{k: f"{v:.2f}" for k, v in smooth.items()}})
     bar.close()
 
     results = {
@@ -515,8 +536,16 @@ def summarize(results: Mapping) -> list[dict]:
     return rows
 
 
+def nats(value: float) -> str:
+    """A true MI level as the tables print it: every digit it was given, at least one decimal
+    (``2.0``, ``1.25``), so the Markdown shows the level of the JSON and CSV."""
+    text = f"{float(value):.10g}"
+    return text if any(c in text for c in ".en") else text + ".0"
+
+
 def markdown_table(results: Mapping) -> str:
-    """The :func:`summarize` rows as a Markdown table."""
+    """The :func:`summarize` rows as a Markdown table (also of a ``results.json`` read back,
+    whose non-finite statistics are ``null``)."""
     cfg = results["config"]
     head = (
         f"Known-MI benchmark: critic `{cfg['critic']}`, d = {cfg['dim']}, batch "
@@ -525,13 +554,13 @@ def markdown_table(results: Mapping) -> str:
         "half of each level."
     )
 
-    def num(v: float, fmt: str) -> str:
-        return format(v, fmt) if math.isfinite(v) else "non-finite"
+    def num(v: float | None, fmt: str) -> str:  # None: a non-finite number read from the JSON
+        return format(v, fmt) if v is not None and math.isfinite(v) else "non-finite"
 
     body = []
     for r in results.get("summary") or summarize(results):
         bad = int(r.get("nonfinite", 0))
-        body.append([r["estimator"], f"{r['true_mi']:.1f}", num(r["mean"], ".3f"),
+        body.append([r["estimator"], nats(r["true_mi"]), num(r["mean"], ".3f"),
                      num(r["bias"], "+.3f"), num(r["variance"], ".3f"), num(r["mse"], ".3f"),
                      f"{bad} of {r['steps']}" if bad else "0"])
     header = ["estimator", "true MI", "mean estimate", "bias", "variance", "MSE", "non-finite"]

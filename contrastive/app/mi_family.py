@@ -52,6 +52,14 @@ FAMILY_BUDGETS: dict[str, dict] = {
 }
 
 
+def _names(value: Sequence[str] | str) -> list[str]:
+    """A comma-separated string as its list of names (a plain string is one list, not its
+    letters); a sequence as a list."""
+    if isinstance(value, str):
+        return [n.strip() for n in value.split(",") if n.strip()]
+    return list(value)
+
+
 def zero_bilinear(dim: int) -> nn.Module:
     """The bilinear critic started at ``W = 0`` (every score 0, as the MLP critics nearly start):
     the registry's identity start scores ``x . y^3`` on the cubic data, whose exponentials
@@ -67,8 +75,8 @@ zero_bilinear.__name__ = "bilinear"
 
 def run_family(
     estimators: Iterable[str] | str = FAMILY,
-    critics: Sequence[str] = ("separable", "bilinear", "concat"),
-    transforms: Sequence[str] = ("gaussian", "cubic"),
+    critics: Sequence[str] | str = ("separable", "bilinear", "concat"),
+    transforms: Sequence[str] | str = ("gaussian", "cubic"),
     budget: str = "default",
     dim: int = 20,
     batch_size: int = 64,
@@ -84,7 +92,8 @@ def run_family(
     of ``critics`` and data set of ``transforms``, the upper bounds (:data:`UPPER_BOUNDS`) once
     per data set with the Gaussian conditional critic. ``budget`` (:data:`FAMILY_BUDGETS`) sets
     the critics' sizes, the steps per level and the learning rate unless given. The bilinear
-    critic starts at zero (:func:`zero_bilinear`).
+    critic starts at zero (:func:`zero_bilinear`). ``estimators``, ``critics`` and
+    ``transforms`` also take one comma-separated string (``"bilinear,concat"``).
 
     Returns ``config``, ``runs`` (the :func:`run` results, each with ``config["transform"]``),
     ``summary`` (the :func:`summarize` rows with ``critic`` and ``data`` added), ``diverged``
@@ -97,6 +106,7 @@ def run_family(
     spl = plan["steps_per_level"] if steps_per_level is None else steps_per_level
     lr = plan["lr"] if lr is None else lr
     names = list(family_estimators(estimators))
+    critics, transforms = _names(critics), _names(transforms)
     lower = [n for n in names if not is_upper_bound(n)]
     upper = [n for n in names if is_upper_bound(n)]
     for t in transforms:
@@ -118,7 +128,8 @@ def run_family(
     for t, c in jobs:  # every mistake before anything trains
         if c is None:
             check_arguments(family_estimators(upper), conditional, dim, batch_size, levels, spl,
-                            lr, seed, transform=t, estimator_critics={})
+                            lr, seed, transform=t,
+                            estimator_critics=dict.fromkeys(upper, conditional))
         else:
             crit, kw = critic_of(c)
             check_arguments(family_estimators(lower), crit, dim, batch_size, levels, spl, lr,
@@ -127,8 +138,8 @@ def run_family(
     runs, rows, bad = [], [], {}
     for t, c in jobs:
         if c is None:
-            res = run(family_estimators(upper), conditional, transform=t, estimator_critics={},
-                      **common)
+            res = run(family_estimators(upper), conditional, transform=t,
+                      estimator_critics=dict.fromkeys(upper, conditional), **common)
         else:
             crit, kw = critic_of(c)
             res = run(family_estimators(lower), crit, transform=t, estimator_critics={},
@@ -159,7 +170,7 @@ def run_family(
 def family_table(results: Mapping) -> str:
     """The family's summary as one Markdown table: a row per estimator, data set and critic,
     per level the cell ``bias / variance / MSE`` (nats, nats^2) over the last half of the
-    level."""
+    level (also of a ``family.json`` read back, whose non-finite statistics are ``null``)."""
     cfg = results["config"]
     levels = cfg["levels"]
     head = (f"Known-MI estimator family: d = {cfg['dim']}, batch {cfg['batch_size']} (log batch "
@@ -169,7 +180,7 @@ def family_table(results: Mapping) -> str:
     cells: dict[tuple[str, str, str], dict[int, str]] = {}
     for r in results["summary"]:
         key = (r["estimator"], r["data"], r["critic"])
-        if math.isfinite(r["mean"]):
+        if r["mean"] is not None and math.isfinite(r["mean"]):  # None: NaN read from the JSON
             txt = f"{r['bias']:+.2f} / {r['variance']:.2f} / {r['mse']:.2f}"
         else:
             txt = "non-finite"

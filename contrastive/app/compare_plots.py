@@ -91,22 +91,28 @@ def plot_map_probe(rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping]
         m = np.array([r[f"{f}_mean"] for r in rows]) * 100
         s = np.array([_err(r[f"{f}_{err}"]) for r in rows]) * 100
         pos = x + (j - 0.5) * width
-        bars = ax.bar(pos, np.nan_to_num(m), width, yerr=s, capsize=3, color=color, label=name,
-                      error_kw={"elinewidth": 1, "ecolor": "0.2"})
+        # a metric no seed measured has no bar (height NaN, not a 0 % bar) and says "n/a"
+        bars = ax.bar(pos, m, width, yerr=np.where(np.isfinite(m), s, np.nan), capsize=3,
+                      color=color, label=name, error_kw={"elinewidth": 1, "ecolor": "0.2"})
         for b, v, e in zip(bars, m, s):
+            x_mid = b.get_x() + b.get_width() / 2
             if math.isfinite(v):
-                ax.text(b.get_x() + b.get_width() / 2, v + e + 1, f"{v:.1f}", ha="center",
-                        va="bottom", fontsize=7)
+                # above the error bar, but on the axes (under the legend) when the bar runs
+                # past the top, as a 95% interval of 2-3 seeds easily does
+                ax.text(x_mid, min(v + e + 1, 100.5), f"{v:.1f}", ha="center", va="bottom",
+                        fontsize=7)
+            else:
+                ax.text(x_mid, 1, "n/a", ha="center", va="bottom", fontsize=7, color="0.4")
     for (name, ref), style in zip((references or {}).items(), ("--", ":", "-.")):
         if "map_at_r" in ref:
             ax.axhline(100 * ref["map_at_r"], color="0.35", lw=1, ls=style,
                        label=f"MAP@R {name} {100 * ref['map_at_r']:.1f}")
     ax.set_xticks(x, [_label(r, rows) for r in rows], rotation=20 if len(rows) > 5 else 0,
                   ha="right" if len(rows) > 5 else "center")
-    ax.set_ylim(0, 112)
+    ax.set_ylim(0, 112)  # room for the legend above 100 %
     ax.set_ylabel("%")
     what = "95% t-interval" if err == "ci95" else "std"
-    ax.set_title(f"Retrieval (MAP@R) and linear-probe accuracy per loss (mean ± {what} over "
+    ax.set_title(f"Retrieval (MAP@R) and linear-probe accuracy per loss\n(mean ± {what} over "
                  "seeds)", fontsize=10)
     ax.legend(loc="upper left", ncols=2, fontsize=8, frameon=False)
     ax.grid(axis="y", alpha=0.3)
@@ -199,6 +205,27 @@ def _smooth(y: np.ndarray, points: int = 60) -> tuple[np.ndarray, int]:
     return out, w
 
 
+def _window_text(spans: Sequence[str]) -> str:
+    """``"moving avg of <span> steps"`` naming the smoothing windows ``spans`` (see
+    :func:`_span`; a range when they differ); empty when nothing was smoothed."""
+    spans = sorted(set(spans), key=lambda t: float(t.lstrip("~")))
+    if not spans:
+        return ""
+    return "moving avg of " + (spans[0] if len(spans) == 1 else f"{spans[0]}–{spans[-1]}") \
+        + " steps"
+
+
+def _span(steps: np.ndarray, window: int) -> str:
+    """How many training steps a moving average of ``window`` logged points covers: the
+    history holds one row every ``log_every`` steps (plus evaluation steps), so ``window`` times
+    the logging interval; ``~`` when the interval is not constant (its median)."""
+    gaps = np.diff(steps)
+    if gaps.size == 0:
+        return f"{window:g}"
+    gap = float(np.median(gaps))
+    return ("" if np.all(gaps == gaps[0]) else "~") + f"{window * gap:g}"
+
+
 def plot_curves(rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, Any]]):
     """Training curves, mean over the successful seeds of each loss: the I_NCE readout and
     Recall@1 (evaluation steps, when logged) of all losses on shared axes in the top row, then
@@ -226,7 +253,7 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str
     half = max(1, ncols // 2)
     shared = [fig.add_subplot(gs[0, :half]), fig.add_subplot(gs[0, half:])]
     for ax, (key, name) in zip(shared, top):
-        drawn, window = False, 1
+        drawn, spans = False, []
         for r, hs in series:
             steps, y = _mean_curve(hs, key)
             if steps.size == 0:
@@ -236,14 +263,16 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str
                 ax.plot(steps, y * 100, "o-", ms=3, lw=1.4, color=color, label=_label(r, all_rows))
             else:
                 ys, window = _smooth(y)
+                if window > 1:
+                    spans.append(_span(steps, window))
                 ax.plot(steps, ys, lw=1.4, color=color, label=_label(r, all_rows))
             drawn = True
         if not drawn:
             _no_data(ax, f"no {name} logged")
             ax.set_title(name, fontsize=10)
             continue
-        suffix = f" — moving avg of {window} steps" if window > 1 else ""
-        ax.set_title(name + suffix, fontsize=10)
+        text = _window_text(spans)
+        ax.set_title(name + (f" — {text}" if text else ""), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     handles, labels = shared[0].get_legend_handles_labels()
@@ -256,15 +285,18 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str
     for i, (r, hs) in enumerate(series):
         ax = fig.add_subplot(gs[1 + i // ncols, i % ncols])
         steps, y = _mean_curve(hs, "loss")
+        smoothing = ""
         if steps.size == 0:
             _no_data(ax, "no loss logged")
         else:
             ys, window = _smooth(y)
+            if window > 1:
+                smoothing = f"\n({_window_text([_span(steps, window)])})"
             ax.plot(steps, ys, lw=1.3, color=color_of[(r["loss"], r["critic"])])
             ax.grid(alpha=0.3)
             ax.set_xlabel("step", fontsize=8)
             ax.tick_params(labelsize=7)
-        ax.set_title(f"{_label(r, all_rows)}: training loss", fontsize=9)
+        ax.set_title(f"{_label(r, all_rows)}: training loss{smoothing}", fontsize=9)
     fig.suptitle(f"Training curves, mean over seeds ({n} losses)", fontsize=11)
     return fig
 

@@ -219,6 +219,13 @@ def _fmt(mean: float, std: float, kind: str) -> str:
     return format_mean_std(mean, std, f".{digits}f", scale=scale, missing="—")
 
 
+def _spread(row: Mapping[str, Any], f: str) -> float:
+    """``row``'s std of field ``f``; NaN when fewer than two seeds have a value: one seed has no
+    measured spread, whatever the ``ddof`` (``ddof=0`` would give ``0.0``)."""
+    n = int(row.get("n_seeds", 0)) - int((row.get("n_missing") or {}).get(f, 0))
+    return row.get(f"{f}_std", math.nan) if n >= 2 else math.nan
+
+
 def _footnote(rows: Sequence[Mapping[str, Any]], ddof: int) -> list[str]:
     done = [r for r in rows if int(r["n_seeds"]) > 0]
     ns = sorted({int(r["n_seeds"]) for r in done})
@@ -270,7 +277,7 @@ def format_table(
             cells += ["failed"] + ["—"] * (len(_TABLE_COLUMNS) - 1)
         else:
             cells += [
-                _fmt(r.get(f"{f}_mean", math.nan), r.get(f"{f}_std", math.nan), k)
+                _fmt(r.get(f"{f}_mean", math.nan), _spread(r, f), k)
                 for _, f, k in _TABLE_COLUMNS
             ]
         body.append(cells)

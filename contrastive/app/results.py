@@ -10,11 +10,18 @@ these, each formatting its own cells. JSON cleaning is :func:`contrastive.jsonsa
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 __all__ = ["markdown_table", "mean_std", "format_mean_std"]
+
+
+def _cell(value: object) -> str:
+    """One table cell: ``str(value)`` with line breaks as spaces and every pipe not already
+    escaped written ``\\|``."""
+    return re.sub(r"(?<!\\)\|", r"\\|", " ".join(str(value).splitlines()))
 
 
 def markdown_table(
@@ -30,9 +37,13 @@ def markdown_table(
     (right, rule ``---:``); ``None`` leaves every column at the default. ``pad=True`` pads each
     column to its widest cell (left-aligned columns with ``ljust``, right-aligned with
     ``rjust``) so that the table also reads in a terminal; the rule then spans the column.
+
+    Cells are text, not Markdown table syntax: a pipe is written ``\\|`` (a literal pipe in a
+    GitHub-flavoured Markdown cell) and a line break as a space, so a name such as ``"a|b"``
+    keeps the row's column count.
     """
-    header = [str(h) for h in header]
-    body = [[str(c) for c in r] for r in rows]
+    header = [_cell(h) for h in header]
+    body = [[_cell(c) for c in r] for r in rows]
     ncol = len(header)
     align = "l" * ncol if align is None else align
     if len(align) != ncol or set(align) - {"l", "r"}:

@@ -8,8 +8,9 @@ best one: the numbers that say whether a gap in a comparison table is real.
   ``d_i = a_i - b_i``: ``t = mean(d) / (sd(d) / sqrt(n))`` with ``n - 1`` degrees of freedom.
 * :func:`indistinguishable_from_best` -- the best loss by mean, and every loss whose paired test
   against it does not reject equality at level ``alpha`` after Holm's step-down correction over
-  the ``m`` comparisons (Holm 1979: sort the p-values, compare the ``i``-th smallest with
-  ``alpha / (m - i)``, stop at the first that is not rejected).
+  the ``m`` comparisons that could be made (Holm 1979: sort the p-values, compare the ``i``-th
+  smallest with ``alpha / (m - i)``, stop at the first that is not rejected; a loss with no
+  common seeds has no p-value and is not counted in ``m``).
 
 Why a *paired* test over seeds: in ``contrastive compare`` every loss trains with the same seeds,
 and seed ``k`` fixes the same encoder initialisation and the same order of P x m batches for
@@ -97,10 +98,12 @@ def paired_t_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float,
 def holm(pvalues: Sequence[float], alpha: float = 0.05) -> list[bool]:
     """Holm's step-down rejections of ``pvalues`` at family-wise level ``alpha``: sorted
     ascending, the ``i``-th (0-based) is rejected while ``p_(i) <= alpha / (m - i)``; the first
-    that is not stops the procedure. A NaN p-value is never rejected."""
+    that is not stops the procedure. A NaN p-value (no test was possible, e.g. fewer than two
+    common seeds) is never rejected and is not one of the ``m`` tests: it does not tighten the
+    others' thresholds."""
     p = np.asarray(pvalues, dtype=np.float64)
-    m = int(p.size)
-    reject = [False] * m
+    m = int(np.isfinite(p).sum())
+    reject = [False] * int(p.size)
     order = np.argsort(np.where(np.isfinite(p), p, np.inf), kind="stable")
     for i, j in enumerate(order):
         if not (np.isfinite(p[j]) and p[j] <= alpha / (m - i)):
@@ -117,8 +120,10 @@ def indistinguishable_from_best(
     ``per_seed`` maps a loss to ``{seed: value}`` (higher is better). The best is the loss with
     the highest mean over its finite values; every other loss is paired with it on their common
     seeds and tested with :func:`paired_t_test`; ``correction="holm"`` applies :func:`holm` over
-    those ``m`` tests, ``"none"`` compares each p with ``alpha``. A loss whose equality with the
-    best is not rejected (or that shares fewer than 2 seeds with it) is indistinguishable.
+    the ``m`` tests that gave a p-value (a loss with no finite value, or fewer than 2 common
+    seeds, does not count), ``"none"`` compares each p with ``alpha``. A loss whose equality
+    with the best is not rejected (or that shares fewer than 2 seeds with it) is
+    indistinguishable.
 
     Returns ``{"best", "indistinguishable" (the best first, then the table order), "p_values"
     ({loss: p}, the best's is 1.0), "alpha", "correction", "test": "paired t-test over

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -52,7 +52,7 @@ from .data import (
     sample_iid,
     sample_noniid,
 )
-from .encoders import make_encoder
+from .encoders import make_encoder, mlp_encoder
 from .flows import Flow
 
 __all__ = [
@@ -70,6 +70,10 @@ __all__ = [
 
 #: The bounds the paper trains and reports (names of :data:`losses.registry.ESTIMATORS`).
 ESTIMATORS = ("infonce", "nwj")
+
+#: The critics of the ``critics`` experiment, and the alias "mlp" (the paper's name of concat).
+_CRITIC_KINDS = {"bilinear": "bilinear", "separable": "separable", "concat": "concat",
+                 "mlp": "concat"}
 
 
 # --------------------------------------------------------------------------- configurations
@@ -186,6 +190,25 @@ def config_fields(cfg: _Common) -> set[str]:
     return {f.name for f in fields(cfg)}
 
 
+def _check_sizes(cfg: _Common) -> None:
+    """Refuse sizes that would fail late with a message about something else: a batch needs
+    two pairs (I_NCE and I_NWJ read negatives off the other pairs of the batch), and the subset
+    sizes are row counts (a negative one would silently drop rows from the end)."""
+    b = cfg.batch_size
+    if isinstance(b, bool) or not isinstance(b, int) or b < 2:
+        raise ValueError(
+            f"batch_size must be an integer >= 2 (the bounds need negatives from the other "
+            f"pairs of the batch), got {b!r}; e.g. batch_size=128 (the paper's)"
+        )
+    for key in ("n_train", "n_test"):
+        v = getattr(cfg, key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
+            raise ValueError(
+                f"{key} must be None (the whole split) or an integer >= 2 (the first {key} "
+                f"rows), got {v!r}"
+            )
+
+
 def make_config(name: str, paper_size: bool, steps: int | None, sizes: dict) -> _Common:
     """The configuration of experiment ``name``: defaults (or the paper's), ``steps`` and any
     field overrides in ``sizes``; unknown names raise ``ValueError``."""
@@ -201,12 +224,13 @@ def make_config(name: str, paper_size: bool, steps: int | None, sizes: dict) -> 
         if int(steps) < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         over["steps"] = int(steps)
-        if "eval_every" not in sizes:
-            over["eval_every"] = None
+    if (steps is not None or "evals" in sizes) and "eval_every" not in sizes:
+        over["eval_every"] = None  # spread cfg.evals evaluations over the steps
     for key in ("estimators", "critics", "encoders", "targets", "samplers"):
         if key in over and isinstance(over[key], (str, int, float)):
             over[key] = (over[key],)
     cfg = replace(base, **over)
+    _check_sizes(cfg)
     if hasattr(cfg, "estimators"):
         for est in cfg.estimators:
             if str(est) not in _ESTIMATORS or _ESTIMATORS.canonical(str(est)) not in ESTIMATORS:
@@ -214,6 +238,13 @@ def make_config(name: str, paper_size: bool, steps: int | None, sizes: dict) -> 
                                  f"'nce'), got {est!r}")
         cfg = replace(cfg, estimators=tuple(_ESTIMATORS.canonical(str(e))
                                             for e in cfg.estimators))
+    if hasattr(cfg, "critics"):
+        # one name per critic: the verdict, the claims and the figure look for "concat"
+        for kind in cfg.critics:
+            if str(kind) not in _CRITIC_KINDS:
+                raise ValueError(f"critics must be among {tuple(_CRITIC_KINDS)} (or 'mlp' for "
+                                 f"'concat', the paper's MLP critic), got {kind!r}")
+        cfg = replace(cfg, critics=tuple(_CRITIC_KINDS[str(k)] for k in cfg.critics))
     return cfg
 
 
@@ -411,6 +442,12 @@ def _train_views(
 # --------------------------------------------------------------------------- 1. bijective
 
 
+def _max_keep_nan(values: Iterable[float]) -> float:
+    """The largest value, NaN if any value is NaN (``np.max``; Python's ``max`` skips a NaN that
+    is not the first value, so a flow that broke would read as invertible)."""
+    return float(np.max(np.asarray(list(values), dtype=float)))
+
+
 def _recon_error(flow: Flow, x: Tensor, dtype: torch.dtype | None = None) -> float:
     """``max |g^{-1}(g(x)) - x|`` over the rows of ``x``, in ``flow``'s precision or, with
     ``dtype``, in a copy of the flow cast to ``dtype`` (float64 separates rounding in float32
@@ -446,7 +483,7 @@ def bijective(data: HalvesData, cfg: BijectiveConfig, seeds, device, progress) -
                            "initial_accuracy": curve[0]["accuracy"],
                            "initial_bound": curve[0]["bound"],
                            "max_accuracy": max(accs) if accs else None,
-                           "max_recon_error": max(r["recon_error"] for r in curve)})
+                           "max_recon_error": _max_keep_nan(r["recon_error"] for r in curve)})
     metrics = ["bound", "infonce", "nwj", "train_bound", "initial_bound", "accuracy",
                "max_accuracy", "initial_accuracy", "raw_accuracy", "recon_error",
                "max_recon_error"]
@@ -533,7 +570,7 @@ def adversarial(data: HalvesData, cfg: AdversarialConfig, seeds, device, progres
         finals.append({"seed": seed, **curve[-1], "raw_accuracy": base[-1],
                        "initial_accuracy": curve[0]["accuracy"],
                        "min_accuracy": min(accs) if accs else None,
-                       "max_recon_error": max(r["recon_error"] for r in curve)})
+                       "max_recon_error": _max_keep_nan(r["recon_error"] for r in curve)})
     metrics = ["accuracy", "min_accuracy", "adversary_accuracy", "initial_accuracy",
                "raw_accuracy", "recon_error", "max_recon_error", "recon_error_f64", "uniform_ce"]
     for r in finals:
@@ -571,8 +608,8 @@ def critics(data: HalvesData, cfg: CriticsConfig, seeds, device, progress) -> di
         for kind in cfg.critics:
             for est in cfg.estimators:
                 _seed_all(seed)
-                g1 = make_encoder("mlp", data.dim, data.half_shape, cfg.out_dim).to(device)
-                g2 = make_encoder("mlp", data.dim, data.half_shape, cfg.out_dim).to(device)
+                g1 = mlp_encoder(data.dim, cfg.encoder_hidden, cfg.out_dim).to(device)
+                g2 = mlp_encoder(data.dim, cfg.encoder_hidden, cfg.out_dim).to(device)
                 critic = _make_critic(kind, cfg, cfg.out_dim).to(device)
                 curve, final = _train_views(
                     g1, g2, critic, data, ev, cfg, seed, est, f"critics {kind}/{est} s{seed}",

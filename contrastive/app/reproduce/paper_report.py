@@ -68,15 +68,12 @@ SHORT = {
 SETUP = {
     "bijective": (
         "g1, g2: additive RealNVP flows on the {dim}-pixel halves ({couplings} couplings, each an "
-        "MLP {half}->{hidden}->{hidden}->{half} whose last layer starts at N(0, {init_std:g}^2), "
+        "MLP {coupling_mlp} whose last layer starts at N(0, {init_std:g}^2), "
         "each followed by a fixed random permutation); bilinear critic {dim}x{dim} (Glorot init); "
-        "Adam {lr:g}, batch {batch_size}, {steps} steps. Scaled from the paper's 30 couplings of "
-        "[512, 512] on 392-pixel MNIST halves (21k steps, Adam 1e-4): the digits halves have "
-        "12x fewer pixels and the training split 45x fewer images, so the flow is smaller and the "
-        "learning rate higher."
+        "Adam {lr:g}, batch {batch_size}, {steps} steps.{scaled}"
     ),
     "adversarial": (
-        "g1: affine RealNVP ({couplings} couplings of [{hidden}, {hidden}], log-scale tanh-bounded "
+        "g1: affine RealNVP ({couplings} couplings of {coupling_widths}, log-scale tanh-bounded "
         "per layer); online linear classifier Adam {lr_classifier:g}; encoder Adam {lr:g} "
         "(paper: 1e-5) minimising the cross-entropy against uniform labels; {warmup} warm-up "
         "classifier steps, then {inner_steps} classifier steps per encoder step, {steps} encoder "
@@ -87,8 +84,8 @@ SETUP = {
     "critics": (
         "g1, g2: MLPs {dim}->{encoder_hidden}->{encoder_hidden}->{out_dim} (ReLU). Critics: "
         "bilinear {out_dim}x{out_dim}; separable g(a).h(b) with g, h MLPs "
-        "{out_dim}->{separable_hidden}->{separable_hidden}->{separable_hidden}; concat MLP "
-        "[a; b] -> {concat_hidden} -> {concat_hidden} -> 1. Adam {lr:g}, batch {batch_size}, "
+        "{separable_mlp}; concat MLP "
+        "{concat_mlp}. Adam {lr:g}, batch {batch_size}, "
         "{steps} steps (the paper: Adam 1e-4 and far more steps on MNIST). The I_NWJ readout of "
         "an I_NCE-trained critic is not meaningful (I_NCE ignores a constant added to an "
         "anchor's scores, so the scores drift to values whose exp dominates I_NWJ)."
@@ -109,6 +106,14 @@ SETUP = {
         "from the marginal N(0, [[2, 0.4], [0.4, 2]])."
     ),
 }
+
+
+#: Said of a bijective run on digits only: why its sizes are not the paper's.
+_DIGITS_SCALED = (
+    " Scaled from the paper's 30 couplings of [512, 512] on 392-pixel MNIST halves (21k steps, "
+    "Adam 1e-4): the digits halves have 12x fewer pixels and the training split 45x fewer "
+    "images, so the flow is smaller and the learning rate higher."
+)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -140,7 +145,15 @@ def _by(rows: list[dict], **match) -> list[dict]:
 
 
 def _vals(rows: list[dict], metric: str) -> np.ndarray:
-    return np.array([r[metric] for r in rows if r.get(metric) is not None], dtype=float)
+    """One value per row, NaN where the row has none (a diverged run's probe): arrays of the same
+    rows stay paired seed by seed, and a missing value fails every comparison of a rule."""
+    return np.array([math.nan if r.get(metric) is None else r[metric] for r in rows],
+                    dtype=float)
+
+
+def _max(values: np.ndarray) -> float:
+    """The largest value, NaN when there is none or one is NaN (a flow that broke)."""
+    return float(np.max(values)) if values.size else math.nan
 
 
 def _raw(res: dict) -> dict:
@@ -166,7 +179,7 @@ def _verdict_bijective(res: dict) -> tuple[str, str]:
             f"{', '.join(f'{g:+.3f}' for g in gain)}), best evaluation during training "
             f"{peak.mean():+.3f}; held-out bound rose by {dbound.mean():.2f} nats"
         )
-    recon = max(_vals(res["runs"], "max_recon_error"), default=float("nan"))
+    recon = _max(_vals(res["runs"], "max_recon_error"))
     parts.append(f"largest reconstruction error max|g1^-1(g1(x)) - x| seen: {recon:.1e}")
     if all(final_ok) and all(bound_ok):
         word = "reproduces"
@@ -184,8 +197,8 @@ def _verdict_adversarial(res: dict) -> tuple[str, str]:
     runs = res["runs"]
     gap = _vals(runs, "raw_accuracy") - _vals(runs, "accuracy")
     mingap = _vals(runs, "raw_accuracy") - _vals(runs, "min_accuracy")
-    r32 = max(_vals(runs, "max_recon_error"), default=float("nan"))
-    r64 = max(_vals(runs, "recon_error_f64"), default=float("nan"))
+    r32 = _max(_vals(runs, "max_recon_error"))
+    r64 = _max(_vals(runs, "recon_error_f64"))
     txt = (
         f"final probe {gap.mean():.3f} below raw pixels on average (per seed "
         f"{', '.join(f'{-g:+.3f}' for g in gap)}), lowest evaluation {mingap.mean():.3f} below; "
@@ -383,11 +396,31 @@ def _tables(name: str, res: dict) -> str:
     return "\n".join(out)
 
 
+def _chain(first: object, width: int, layers: int, last: object) -> str:
+    """``first->width->...->last`` with ``layers`` hidden layers of ``width`` (an MLP of
+    :func:`contrastive.critics.mlp`)."""
+    return "->".join(str(v) for v in [first, *[width] * int(layers), last])
+
+
 def _setup(name: str, res: dict) -> str:
     cfg = dict(res["config"])
     dim = (res.get("data_shape") or {}).get("half")
     d = int(np.prod(dim)) if dim else 0
     cfg.update(dim=d, half=d // 2)
+    try:
+        if name in ("bijective", "adversarial"):
+            # a coupling's MLP maps the first d // 2 coordinates to the other d - d // 2
+            cfg["coupling_mlp"] = _chain(d // 2, cfg["hidden"], cfg["layers"], d - d // 2)
+            cfg["coupling_widths"] = f"[{', '.join([str(cfg['hidden'])] * cfg['layers'])}]"
+            cfg["scaled"] = _DIGITS_SCALED if res.get("dataset") == "digits" else ""
+        if name == "critics":
+            sh = cfg["separable_hidden"]
+            cfg["separable_mlp"] = _chain(cfg["out_dim"], sh, cfg["separable_layers"], sh)
+            # Concat: [a; b] -> hidden, then layers - 1 more hidden layers, then the score
+            cfg["concat_mlp"] = _chain("[a; b]", cfg["concat_hidden"],
+                                       cfg["concat_layers"], 1).replace("->", " -> ")
+    except (KeyError, TypeError):
+        pass
     try:
         return SETUP[name].format(**cfg)
     except (KeyError, ValueError, IndexError):
@@ -429,6 +462,29 @@ def _data_line(results: dict) -> str:
     return ""
 
 
+def _per_experiment(results: dict, value: Callable[[dict], str]) -> str:
+    """``value`` of every result: one value when they agree, else ``v (name), ...``."""
+    vals = {n: value(r) for n, r in results.items()}
+    if len(set(vals.values())) == 1:
+        return next(iter(vals.values()))
+    return ", ".join(f"{v} ({n})" for n, v in vals.items())
+
+
+def _noise(results: dict) -> str:
+    """The pixel-noise std the runs used (``config.noise``)."""
+    return _per_experiment(results, lambda r: f"{r['config'].get('noise', NOISE_SIGMA):g}")
+
+
+def _eval_batch(results: dict) -> str:
+    """Pairs per held-out readout batch: ``min(batch_size, n_test)`` (see
+    ``experiments._eval_index_batches``)."""
+    def size(r: dict) -> str:
+        b, n_test = r["config"]["batch_size"], (r.get("data_shape") or {}).get("n_test")
+        return str(min(b, n_test) if n_test else b)
+
+    return _per_experiment(results, size)
+
+
 def write_report(
     results_dir: str | Path,
     doc_path: str | Path = "docs/reproduction.md",
@@ -459,9 +515,11 @@ def write_report(
     verdicts = {n: verdict(n, r) for n, r in results.items()}
     any_res = next(iter(results.values()))
     datasets = sorted({r["dataset"] for r in results.values() if r["dataset"] != "gaussian-2d"})
+    on = ", ".join(datasets) or "gaussian-2d"
+    image_runs = {n: r for n, r in results.items() if r.get("data_shape")} or results
 
     lines = [
-        "# Reproducing Tschannen et al. (ICLR 2020) on digits",
+        f"# Reproducing Tschannen et al. (ICLR 2020) on {on}",
         "",
         "Tschannen, Djolonga, Rubenstein, Gelly, Lucic, *On Mutual Information Maximization for "
         "Representation Learning*, ICLR 2020 (arXiv:1907.13625). This page is generated by "
@@ -473,7 +531,8 @@ def write_report(
         "## Setup",
         "",
         f"* Data: {', '.join(datasets) or 'n/a'}; x = top half, y = bottom half of each image; "
-        f"Gaussian pixel noise of std {NOISE_SIGMA} (fresh per training batch, one fixed draw "
+        f"Gaussian pixel noise of std {_noise(image_runs)} (fresh per training batch, one fixed "
+        "draw "
         f"per seed for evaluation). {_data_line(results)} The encoders are trained on the "
         "training split only.",
         "* Linear evaluation, the paper's protocol: MinMax scaling fitted on the training "
@@ -483,10 +542,11 @@ def write_report(
         "the same probe on the raw noisy top-half pixels.",
         "* Bounds from `losses.functional` (`infonce_bound`, `nwj_bound`) on the critic's "
         "score matrix with diagonal positives (`contrastive.pairs.diagonal_masks`); critics from "
-        "`contrastive.critics`. \"Held-out bound\" is the mean over fixed batches of 128 "
-        "held-out pairs; \"train-batch bound\" the mean over the training batches since the "
-        "previous evaluation.",
-        f"* Seeds {any_res.get('seeds')}; tables give mean ± sample std over seeds. Each seed "
+        "`contrastive.critics`. \"Held-out bound\" is the mean over fixed batches of "
+        f"{_eval_batch(image_runs)} held-out pairs; \"train-batch bound\" the mean over the "
+        "training batches since the previous evaluation.",
+        f"* Seeds {_per_experiment(results, lambda r: str(r.get('seeds')))}; tables give "
+        "mean ± sample std over seeds. Each seed "
         "changes the initialisation, the batch order and the noise, not the data split.",
         "* Sizes: " + ("the paper's (`paper_size=True`)" if any_res.get("paper_size") else
                        "the defaults of `contrastive.app.reproduce.DEFAULTS` (the paper's are "
@@ -503,7 +563,7 @@ def write_report(
         "## Summary",
         "",
         markdown_table(
-            ["experiment", "the paper", "digits", "wall time"],
+            ["experiment", "the paper", on, "wall time"],
             [[f"[{n}](#{n})", SHORT[n], f"**{verdicts[n][0]}**",
               f"{res['wall_time_s'] / 60:.1f} min"] for n, res in results.items()],
         ),
@@ -518,9 +578,9 @@ def write_report(
             continue
         res = results[n]
         word, why = verdicts[n]
-        fig_src = Path(res.get("files", {}).get("figure", results_dir / f"{n}.png"))
-        if not fig_src.exists():
-            fig_src = results_dir / f"{n}.png"
+        # the figure written next to this JSON; never the path recorded at run time, which may
+        # be relative to another working directory or hold a later run's figure by now
+        fig_src = results_dir / f"{n}.png"
         fig_rel = None
         dst = figures_dir / f"reproduce_{n}.png"
         if not fig_src.exists():  # drawn again from the JSON (results folders keep no PNGs)

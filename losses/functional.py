@@ -847,8 +847,9 @@ def _semihard_negative(scores, negatives, idx, valid, has_neg, method: str = "au
         arg = torch.empty(idx.shape, dtype=torch.long, device=sd.device)
         has_semi = torch.empty(idx.shape, dtype=torch.bool, device=sd.device)
         # excluded entries are pushed below every score by subtracting the score range + 1
-        # (arithmetic: masked_fill with a data-dependent mask is ~5x slower on CPU)
-        big = float(sd.max() - sd.min()) + 1.0
+        # (arithmetic: masked_fill with a data-dependent mask is ~5x slower on CPU); a 0-d
+        # tensor, not a Python float, so that it is not read on the host (a device sync)
+        big = (sd.max() - sd.min()).add_(1.0)
         (n, m), k = sd.shape, idx.shape[1]
         step = SLOT_PASS_ENTRIES // max(n * m, 1)  # slots per pass
         if step >= 2:

@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module(name: str) -> PairLoss:
+    if name == "triplet_semihard":  # the semi-hard search takes no read of its own
+        return losses.get("triplet", mining="semihard")
     for kwargs in ({}, {"num_classes": 3, "embedding_size": 4}, {"embedding_size": 4}):
         try:
             return losses.get(name, **kwargs)
@@ -151,7 +153,7 @@ def _reads(fn) -> int:
     ("arcface", 2),
     # + the positives' index (nonzero), which their gather needs, and for the triplet loss
     # the index's width
-    ("dcl", 2), ("triplet", 3),
+    ("dcl", 2), ("triplet", 3), ("triplet_semihard", 3),
 ])
 def test_a_checked_module_call_reads_the_host_at_most(name, most):
     """One read for the scores (finite) and the terms together, which also stands for the

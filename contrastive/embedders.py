@@ -148,13 +148,51 @@ def load_checkpoint_state(path: str | os.PathLike) -> dict[str, Tensor]:
     return extract_state_dict(obj)
 
 
-def _dummy_input(module: nn.Module) -> Tensor | None:
-    """A 2-sample input that fits ``module``: timm's configured input size for timm models, else
-    a shape for its first Linear / Conv layer; None when neither is known."""
-    param = next(module.parameters(), None)
+def _drop_timm_classifier(backbone: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` less the classifier's weight and bias named by a timm backbone's
+    ``pretrained_cfg["classifier"]`` when the backbone has no such parameters (built with
+    ``num_classes=0``); other keys, and a classifier the backbone does have, are kept."""
+    cfg = getattr(backbone, "pretrained_cfg", None)
+    names = cfg.get("classifier") if isinstance(cfg, Mapping) else None
+    if isinstance(names, str):
+        names = (names,)
+    if not isinstance(names, (tuple, list)):
+        return state
+    drop = {f"{name}.{p}" for name in names for p in ("weight", "bias")}
+    drop -= set(backbone.state_dict())
+    return {k: v for k, v in state.items() if k not in drop}
+
+
+def _timm_input_shape(module: nn.Module) -> tuple[int, int, int] | None:
+    """``(channels, height, width)`` a timm model takes; None for other modules.
+
+    timm keeps the *pretrained* input size in ``pretrained_cfg`` whatever ``in_chans`` /
+    ``img_size`` the model was built with, so the channels are read from the model (its
+    ``in_chans`` attribute, else its first Conv2d) and the size from its patch grid
+    (``patch_embed.img_size``, for the models that fix one), the configured ones otherwise."""
     cfg = getattr(module, "pretrained_cfg", None)
-    if isinstance(cfg, Mapping) and cfg.get("input_size") and param is not None:
-        return torch.randn((2, *cfg["input_size"]), device=param.device, dtype=param.dtype)
+    if not isinstance(cfg, Mapping) or not cfg.get("input_size"):
+        return None
+    chans, height, width = (int(v) for v in cfg["input_size"])
+    conv = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+    chans = _positive_int_attr(module, "in_chans") or (
+        conv.in_channels if conv is not None else chans)
+    grid = getattr(getattr(module, "patch_embed", None), "img_size", None)
+    if isinstance(grid, int) and not isinstance(grid, bool):
+        height = width = grid
+    elif isinstance(grid, (tuple, list)) and len(grid) == 2:
+        height, width = (int(v) for v in grid)
+    return chans, height, width
+
+
+def _dummy_input(module: nn.Module) -> Tensor | None:
+    """A 2-sample input that fits ``module``: the input a timm model takes
+    (``_timm_input_shape``), else a shape for its first Linear / Conv layer; None when neither
+    is known."""
+    param = next(module.parameters(), None)
+    shape = _timm_input_shape(module)
+    if shape is not None and param is not None:
+        return torch.randn((2, *shape), device=param.device, dtype=param.dtype)
     for m in module.modules():
         if isinstance(m, nn.Linear):
             shape: tuple[int, ...] = (2, m.in_features)
@@ -313,7 +351,9 @@ class Embedder(nn.Module):
         pretrained: ask timm for pretrained weights (timm may download them; off by default).
         weights: path to a local checkpoint: a state dict of this Embedder or of its backbone
             alone, or a dict with it under ``"model"``/``"state_dict"``; ``module.`` prefixes
-            are stripped. Loaded strictly; never downloaded.
+            are stripped; a timm classification checkpoint's classifier keys are dropped when
+            the backbone has none (``num_classes=0``). Otherwise loaded strictly; never
+            downloaded.
         feature_dim: the backbone's output size for an ``nn.Module`` backbone (else inferred:
             see ``infer_feature_dim``); for names it must agree with timm's if given.
         head_hidden_dim: hidden width of the ``"mlp"`` head.
@@ -441,25 +481,24 @@ class Embedder(nn.Module):
     @property
     def data_config(self) -> dict[str, Any] | None:
         """timm's data config (input_size, interpolation, mean, std, crop_pct, crop_mode) for
-        timm backbones, with ``in_chans`` / ``img_size`` backbone arguments taken into account;
-        None for ``"mlp"`` and non-timm modules."""
+        timm backbones, for the model as built: its channels and patch grid (``in_chans`` /
+        ``img_size``), or ``input_size``; None for ``"mlp"`` and non-timm modules."""
         if self._kind == "mlp" or not hasattr(self.backbone, "pretrained_cfg"):
             return None
         from timm.data import resolve_model_data_config
 
-        args: dict[str, Any] = {}
-        in_chans = self._kwargs.get("in_chans")
-        if in_chans is None:
-            in_chans = getattr(self.backbone, "in_chans", None)
-        if in_chans is not None:
-            args["in_chans"] = int(in_chans)
+        # timm's resolver uses in_chans only together with an image size, and knows only the
+        # pretrained size: the whole input_size is given, from the model as built
+        shape = _timm_input_shape(self.backbone)
+        in_chans, height, width = shape if shape is not None else (3, 224, 224)
+        if self._kwargs.get("in_chans") is not None:
+            in_chans = int(self._kwargs["in_chans"])
         img_size = self._input_size or self._kwargs.get("img_size")
-        if img_size is not None:
-            if isinstance(img_size, int):
-                args["img_size"] = img_size
-            else:
-                h, w = tuple(img_size)
-                args["input_size"] = (int(in_chans or 3), int(h), int(w))
+        if isinstance(img_size, int):
+            height = width = img_size
+        elif img_size is not None:
+            height, width = (int(v) for v in img_size)
+        args = {"input_size": (in_chans, height, width)}
         cfg = dict(resolve_model_data_config(self.backbone, args=args))
         chans = cfg["input_size"][0]
         cfg["mean"] = _adapt_stats(cfg["mean"], chans)
@@ -484,7 +523,16 @@ class Embedder(nn.Module):
         if not isinstance(feats, Tensor):
             raise TypeError(f"backbone returned {type(feats).__name__}; it must return a tensor "
                             "[B, ...] (wrap it to pick the feature tensor)")
-        return feats.flatten(1)
+        feats = feats.flatten(1)
+        if feats.shape[1] != self._feature_dim:
+            raise ValueError(
+                f"backbone {self._name or type(self.backbone).__name__!r} gives "
+                f"{feats.shape[1]} features per sample for inputs of shape {tuple(x.shape)}, but "
+                f"feature_dim is {self._feature_dim} (the size the head and dim were built for); "
+                "keep the backbone's global pooling (timm's global_pool='' returns the whole "
+                "feature map), or pass the right feature_dim= with an nn.Module backbone"
+            )
+        return feats
 
     def forward(self, x: Tensor) -> Tensor:
         z = self.head(self.forward_features(x)).float()
@@ -496,7 +544,10 @@ class Embedder(nn.Module):
 
     def load_weights(self, weights: str | os.PathLike | Mapping[str, Tensor]) -> Embedder:
         """Load a local checkpoint path (or an in-memory state dict) strictly: an Embedder
-        state dict (keys ``backbone.*``/``head.*``) or a backbone-only one."""
+        state dict (keys ``backbone.*``/``head.*``) or a backbone-only one. A timm
+        classification checkpoint loads into a backbone built without a classifier
+        (``num_classes=0``): the classifier's own keys (timm's ``pretrained_cfg["classifier"]``)
+        are dropped, as timm does; any other missing or unexpected key is an error."""
         state = (load_checkpoint_state(weights) if isinstance(weights, (str, os.PathLike))
                  else extract_state_dict(weights))
         own = set(self.state_dict())
@@ -504,6 +555,7 @@ class Embedder(nn.Module):
             target, what = self, "Embedder"
         else:
             target, what = self.backbone, "backbone"
+            state = _drop_timm_classifier(self.backbone, state)
         try:
             target.load_state_dict(state, strict=True)
         except RuntimeError as exc:

@@ -22,19 +22,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, TensorDataset, default_collate
 
+from .devices import resolve_device
 from .embedders import eval_mode
 
 __all__ = ["embed", "embed_distributed", "shard_bounds", "amp_dtype", "channels_last_safe"]
 
 
-
-
 def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    """Argument > the accelerator the model already lives on > CUDA when present > CPU."""
+    """Argument > the accelerator the model already lives on > CUDA when present > CPU. An
+    argument that is no device, or CUDA on a machine without one, is a ValueError naming
+    ``device`` (:func:`contrastive.devices.resolve_device`)."""
     if device is not None:
-        dev = torch.device(device)
+        dev = resolve_device(device)
         if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
             dev = torch.device("cuda", torch.cuda.current_device())
         return dev
@@ -140,8 +141,48 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _split_batch(batch: object) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` of one batch as tensors; x may come as numpy, y as numpy / list of ints."""
+def _is_pil(x: object) -> bool:
+    """Whether ``x`` is a PIL image (without importing PIL)."""
+    return type(x).__module__.split(".", 1)[0] == "PIL"
+
+
+def _collate(samples: list) -> object:
+    """The collate function of the loader :func:`embed` builds over a Dataset: torch's
+    ``default_collate``, after turning each sample's input that is a list of numbers into an
+    array (``default_collate`` would make one tensor per list position: a transposed batch).
+    A PIL image input is a TypeError that names the fix (a transform to tensors)."""
+    fixed = []
+    for sample in samples:
+        if isinstance(sample, (tuple, list)) and len(sample) == 2:
+            x, y = sample
+            if _is_pil(x):
+                raise TypeError(
+                    f"embed() got PIL images ({type(x).__name__}) as inputs; give the data set a "
+                    "transform that makes tensors, e.g. Embedder.eval_transform() for a timm "
+                    "backbone (resize, crop, to tensor, normalise)"
+                )
+            if isinstance(x, (tuple, list)) and not any(isinstance(v, Tensor) for v in x):
+                sample = (np.asarray(x), y)
+        fixed.append(sample)
+    return default_collate(fixed)
+
+
+def _inputs_from_columns(x: list | tuple, n: int) -> Tensor:
+    """The ``[n, d]`` inputs of a batch that ``default_collate`` made from samples whose input
+    is a flat list of ``d`` numbers: ``d`` tensors of ``n`` values, one per list position."""
+    if x and all(isinstance(v, Tensor) and v.dim() == 1 and v.shape[0] == n for v in x):
+        return torch.stack(list(x), dim=1)
+    raise TypeError(
+        "the inputs of a batch came as a list (default_collate makes one tensor per position "
+        "of a sample's input that is a list); return a tensor or numpy array as the input from "
+        "the data set's __getitem__"
+    )
+
+
+def _split_batch(batch: object, columns: bool = False) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` of one batch as tensors; x may come as numpy, y as numpy / list of ints.
+    ``columns``: the batch was made by ``default_collate``, so an input that is a list holds one
+    tensor per position of the samples' inputs (see ``_inputs_from_columns``)."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(
             "embed() needs data that yields (x, y) pairs; got a batch of type "
@@ -150,9 +191,19 @@ def _split_batch(batch: object) -> tuple[Tensor, Tensor]:
             "; wrap the data set so __getitem__ returns (input, label)"
         )
     x, y = batch
+    if not isinstance(y, Tensor):
+        try:
+            y = torch.as_tensor(np.asarray(y))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                "labels must be integer class ids (ints, or an integer tensor or array); got "
+                f"{list(y)[:3] if isinstance(y, (tuple, list)) else type(y).__name__}; map "
+                "them to ids in the data set, e.g. with a dict from name to index"
+            ) from exc
+    if columns and isinstance(x, (tuple, list)):
+        x = _inputs_from_columns(x, y.shape[0] if y.dim() == 1 else -1)
     if not isinstance(x, Tensor):
         x = torch.as_tensor(np.asarray(x))
-    y = torch.as_tensor(np.asarray(y) if not isinstance(y, Tensor) else y)
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"labels of a batch must be 1-D with one entry per input; got shape "
                          f"{tuple(y.shape)} for inputs of shape {tuple(x.shape)}")
@@ -189,7 +240,7 @@ def _batches(data: Dataset | DataLoader | Iterable, batch_size: int, num_workers
         # from the global RNG would shift the random numbers of whatever runs next (a trainer's
         # augmentations after a periodic evaluation).
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            pin_memory=pin, persistent_workers=False,
+                            pin_memory=pin, persistent_workers=False, collate_fn=_collate,
                             generator=torch.Generator().manual_seed(0))
         n = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
         return loader, n
@@ -257,13 +308,15 @@ def embed(
     """Embed a whole data set: ``(embeddings float32 [N, dim] on CPU, labels int64 [N] on CPU)``.
 
     ``data`` is a Dataset of ``(x, y)`` pairs (batched here with ``batch_size`` and
-    ``num_workers``, in order) or a DataLoader (used as is). The model runs on ``device``, by
-    default the accelerator it already lives on, else CUDA when present, else CPU; it is moved
-    there for the call and back afterwards. On CUDA: bf16 autocast (``amp``, default on; fp16
-    where bf16 is unsupported), channels_last 4-D inputs and weights (``channels_last``, default
-    on), pinned host memory and non-blocking copies both ways. On CPU both default off. Runs
-    under ``torch.inference_mode`` with every submodule in eval mode; each submodule's
-    train/eval flag, the device and the weights' memory format are restored afterwards.
+    ``num_workers``, in order; ``x`` a tensor, a numpy array or a list of numbers, ``y`` an
+    integer class id; PIL images need a transform to tensors) or a DataLoader (used as is).
+    The model runs on ``device``, by default the accelerator it already lives on, else CUDA
+    when present, else CPU; it is moved there for the call and back afterwards. On CUDA: bf16
+    autocast (``amp``, default on; fp16 where bf16 is unsupported), channels_last 4-D inputs and
+    weights (``channels_last``, default on), pinned host memory and non-blocking copies both
+    ways. On CPU both default off. Runs under ``torch.inference_mode`` with every submodule in
+    eval mode; each submodule's train/eval flag, the device and the weights' memory format are
+    restored afterwards.
     DDP / DataParallel wrappers are unwrapped (no collectives). Returned tensors are ordinary
     (not inference) tensors, usable in autograd (e.g. a linear probe).
 
@@ -292,6 +345,8 @@ def embed(
     channels_last = bool(channels_last)
     cast_dtype = amp_dtype(dev) if amp else torch.bfloat16
     batches, n = _batches(data, batch_size, num_workers, pin=cuda)
+    # a caller's loader with torch's default_collate: a list input is one tensor per position
+    columns = isinstance(data, DataLoader) and data.collate_fn is default_collate
     in_dtype = _float_dtype(model)
 
     from tqdm.auto import tqdm
@@ -303,7 +358,7 @@ def embed(
     with eval_mode(model), _on_device(model, dev), _channels_last(model, channels_last):
         try:
             for batch in batches:
-                x, y = _split_batch(batch)
+                x, y = _split_batch(batch, columns)
                 if x.is_floating_point() and x.dtype != in_dtype:
                     x = x.to(in_dtype)
                 x = x.to(dev, non_blocking=True)

@@ -304,6 +304,7 @@ def embed(
     progress: bool = True,
     amp: bool | None = None,
     channels_last: bool | None = None,
+    check_finite: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Embed a whole data set: ``(embeddings float32 [N, dim] on CPU, labels int64 [N] on CPU)``.
 
@@ -326,6 +327,10 @@ def embed(
     since a custom forward that ``.view()``-s a feature map fails on channels_last tensors.
     Outputs come back through two reused pinned buffers (see ``_HostStager``), so no pinned
     memory the size of the result stays cached after the call.
+
+    ``check_finite`` (default on): embeddings with NaN or Inf raise a ``ValueError`` naming the
+    rows (and ``amp=False`` as the fix under fp16 autocast, which overflows above 65504);
+    ``False`` returns them as they are.
 
     This embeds everything in the calling process, also under ``torchrun``; to split the work
     over the ranks use :func:`embed_distributed`.
@@ -387,7 +392,25 @@ def embed(
     if not chunks:
         raise ValueError("embed() got an empty data set; nothing to embed")
     # concatenated outside inference mode, so the results are ordinary tensors
-    return torch.cat(chunks), torch.cat(labels)
+    out = torch.cat(chunks)
+    if check_finite:
+        _check_finite_output(out, amp and cast_dtype == torch.float16)
+    return out, torch.cat(labels)
+
+
+def _check_finite_output(z: Tensor, fp16: bool) -> None:
+    """Raise a ``ValueError`` naming the rows when the embeddings hold NaN or Inf (one pass on
+    the host copy; nothing downstream should see them silently). Under fp16 autocast -- GPUs
+    without bf16 -- activations above 65504 overflow to Inf, which normalisation turns into
+    NaN: the message then names ``amp=False`` as the fix."""
+    ok = torch.isfinite(z).all(dim=1)
+    if bool(ok.all()):
+        return
+    bad = (~ok).nonzero().flatten()
+    hint = ("fp16 autocast overflows above 65504: pass amp=False (float32) to embed"
+            if fp16 else "check the model's weights and the inputs of those rows")
+    raise ValueError(f"embed() produced NaN or Inf in {bad.numel()} of {z.shape[0]} rows "
+                     f"(first: {bad[:5].tolist()}); {hint}")
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -472,6 +495,7 @@ def embed_distributed(
     amp: bool | None = None,
     channels_last: bool | None = None,
     group: Any = None,
+    check_finite: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """:func:`embed` with the data split over the ranks of a process group.
 
@@ -489,14 +513,17 @@ def embed_distributed(
     It is a collective: every rank must call it with the same data. Without a process group, or
     with one rank, it is exactly :func:`embed`. A rank whose shard is empty (``N < W``) runs the
     model on one row to learn the output width and contributes no rows. The progress bar shows
-    on rank 0 only.
+    on rank 0 only. ``check_finite`` is :func:`embed`'s, applied to the gathered result, so
+    every rank raises the same error (a rank raising alone would leave the others waiting in
+    the gather).
     """
     from . import distributed as D
 
     world = D.get_world_size(group)
     if world == 1:
         return embed(model, data, batch_size=batch_size, device=device, num_workers=num_workers,
-                     progress=progress, amp=amp, channels_last=channels_last)
+                     progress=progress, amp=amp, channels_last=channels_last,
+                     check_finite=check_finite)
     rank = D.get_rank(group)
     n = _length(data)
     if n == 0:
@@ -506,7 +533,13 @@ def embed_distributed(
     empty = start == stop
     part = _shard(data, 0, 1) if empty else _shard(data, start, stop)
     z, y = embed(model, part, batch_size=batch_size, device=device, num_workers=num_workers,
-                 progress=progress and rank == 0, amp=amp, channels_last=channels_last)
+                 progress=progress and rank == 0, amp=amp, channels_last=channels_last,
+                 check_finite=False)
     if empty:
         z, y = z[:0], y[:0]
-    return D.all_gather_nograd(z, group), D.all_gather_nograd(y, group)
+    z, y = D.all_gather_nograd(z, group), D.all_gather_nograd(y, group)
+    if check_finite:
+        dev = _resolve_device(_unwrap(model), device)
+        fp16 = dev.type == "cuda" and (amp is None or bool(amp)) and amp_dtype(dev) == torch.float16
+        _check_finite_output(z, fp16)
+    return z, y

@@ -234,11 +234,24 @@ def _worker(out_dir: Path) -> None:
     model, cases = _list_problem()
     res = {name: embed_distributed(model, data, batch_size=3, device="cpu", progress=False)
            for name, data in cases.items()}
+    # a NaN input in row 5 (rank 1's shard): every rank raises the same error after the
+    # gather, naming the global row (a rank raising alone would leave the other in the gather)
+    x, y = cases["dataset"].x.clone(), cases["dataset"].y
+    x[5, 1] = float("nan")
+    try:
+        embed_distributed(model, ListSamples(x, y), batch_size=3, device="cpu", progress=False)
+        res["nan_error"] = ""
+    except ValueError as exc:
+        res["nan_error"] = str(exc)
+    z, _ = embed_distributed(model, ListSamples(x, y), batch_size=3, device="cpu",
+                             progress=False, check_finite=False)
+    res["nan_rows"] = (~torch.isfinite(z).all(1)).nonzero().flatten()
     torch.save(res, out_dir / f"rank{rank}.pt")
     D.cleanup()
 
 
 def test_embed_distributed_of_list_samples_equals_plain_forward(tmp_path):
+    """Also: non-finite embeddings raise on every rank alike, after the gather."""
     from two_ranks import launch_ranks
 
     launch_ranks(__file__, tmp_path, 2, timeout=120)
@@ -247,6 +260,9 @@ def test_embed_distributed_of_list_samples_equals_plain_forward(tmp_path):
     want = _reference(model, x)
     for rank in range(2):
         res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert res["nan_error"].startswith(
+            "embed() produced NaN or Inf in 1 of 7 rows (first: [5]);"), res["nan_error"]
+        assert res["nan_rows"].tolist() == [5]
         for name in cases:
             z, labels = res[name]
             torch.testing.assert_close(z, want, msg=f"rank {rank}, {name}")
@@ -255,3 +271,21 @@ def test_embed_distributed_of_list_samples_equals_plain_forward(tmp_path):
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
+
+
+def test_embed_names_non_finite_rows_and_the_fix():
+    """Embeddings with NaN or Inf raise a ValueError naming the rows (nothing downstream sees
+    them silently); ``check_finite=False`` returns them as they are, equal to a plain forward."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(9, 3), torch.arange(9) % 3
+    x[4, 0] = float("inf")
+    x[7, 2] = float("nan")
+    data = torch.utils.data.TensorDataset(x, y)
+    with pytest.raises(ValueError, match=r"^embed\(\) produced NaN or Inf in 2 of 9 rows "
+                                         r"\(first: \[4, 7\]\); check the model"):
+        embed(model, data, batch_size=4, device="cpu", progress=False)
+    z, labels = embed(model, data, batch_size=4, device="cpu", progress=False,
+                      check_finite=False)
+    torch.testing.assert_close(z, _reference(model, x), equal_nan=True)
+    assert torch.equal(labels, y)

@@ -34,8 +34,10 @@ import io
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ from ..checkpoint import atomic_write_bytes, atomic_write_text
 from ..jsonsafe import to_jsonable
 from .compare_plots import (
     _as_float,
+    _label,
     _png,
     _status,
     plot_curves,
@@ -63,6 +66,7 @@ __all__ = [
     "plot_mi_vs_accuracy",
     "plot_curves",
     "aggregate_ci",
+    "ci_column",
     "significance",
     "format_tuned_table",
     "write_tuned_report",
@@ -214,6 +218,14 @@ def aggregate(records: Iterable[Mapping[str, Any]], ddof: int = 1) -> list[dict[
 # --------------------------------------------------------------------------- table
 
 
+def _failed_note(row: Mapping[str, Any]) -> str:
+    """``" (n failed)"`` after a loss name when some of its cells failed and some did not: its
+    statistics are over fewer seeds than the others'. Empty otherwise (a row with no
+    successful cell says ``failed`` in its cells)."""
+    n = int(row.get("n_failed", 0))
+    return f" ({n} failed)" if n and int(row.get("n_seeds", 0)) else ""
+
+
 def _fmt(mean: float, std: float, kind: str) -> str:
     scale, digits = {"pct": (100.0, 1), "nats": (1.0, 2), "sec": (1.0, 1)}[kind]
     return format_mean_std(mean, std, f".{digits}f", scale=scale, missing="—")
@@ -269,10 +281,7 @@ def format_table(
     header = ["Loss", "Critic"] + [h for h, _, _ in _TABLE_COLUMNS]
     body = []
     for r in rows:
-        name = str(r["loss"])
-        if int(r.get("n_failed", 0)) and int(r.get("n_seeds", 0)):
-            name += f" ({int(r['n_failed'])} failed)"  # the mean is over fewer seeds: say so
-        cells = [name, str(r.get("critic", ""))]
+        cells = [str(r["loss"]) + _failed_note(r), str(r.get("critic", ""))]
         if int(r.get("n_seeds", 0)) == 0:
             cells += ["failed"] + ["—"] * (len(_TABLE_COLUMNS) - 1)
         else:
@@ -304,6 +313,44 @@ def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _code(text: str) -> str:
+    """``text`` (line breaks as spaces) as one Markdown inline code span whatever it holds
+    (CommonMark 0.31, section 6.1): fenced by one backtick more than its longest run of
+    backticks, and padded with a space inside each fence when it begins or ends with a backtick
+    or a space (a parser strips one such pair of spaces, so the text reads back unchanged)."""
+    text = " ".join(str(text).splitlines())
+    fence = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if not text or text[0] in "` " or text[-1] in "` " else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _one_line(message: object, limit: int = 300) -> str:
+    """An error message on one line (runs of white space as one space), cut to ``limit``
+    characters with ``...`` at the end when it is longer."""
+    text = " ".join(str(message or "no error message").split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _failed_section(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The Markdown lines of the "Failed cells" section (none when every cell succeeded): one
+    item per failed cell, its loss as inline code, its seed and its error on one line."""
+    failed = [r for r in records if _status(r) != "ok"]
+    if not failed:
+        return []
+    return ["", "## Failed cells", ""] + [
+        f"- {_code(r['loss'])} seed {r['seed']}: {_one_line(r.get('error'))}" for r in failed]
+
+
+def _output_folder(output_dir: str | os.PathLike) -> Path:
+    """``output_dir`` as a folder, created if needed; ``ValueError`` naming the path when it is
+    a file."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {str(out)!r} exists and is not a folder; pick another path")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _markdown(
     rows: Sequence[Mapping[str, Any]],
     records: Sequence[Mapping[str, Any]],
@@ -311,14 +358,7 @@ def _markdown(
     ddof: int,
     plots: Sequence[str],
 ) -> str:
-    parts = [f"# {title}", "", format_table(rows, ddof=ddof)]
-    failed = [r for r in records if _status(r) != "ok"]
-    if failed:
-        parts += ["", "## Failed cells", ""]
-        for r in failed:
-            err = " ".join(str(r.get("error") or "no error message").split())
-            err = err if len(err) <= 300 else err[:297] + "..."
-            parts.append(f"- `{r['loss']}` seed {r['seed']}: {err}")
+    parts = [f"# {title}", "", format_table(rows, ddof=ddof), *_failed_section(records)]
     if plots:
         parts += ["", "## Plots", ""]
         captions = {
@@ -353,10 +393,7 @@ def write_report(
     if meta is not None and not isinstance(meta, Mapping):
         raise TypeError(f"meta must be a dict (config, versions, wall time...), got "
                         f"{type(meta).__name__}")
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output_dir {str(out)!r} exists and is not a folder; pick another path")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(output_dir)
     title = title or "Contrastive losses side by side"
     rows = aggregate(records, ddof=ddof)
     paths = {k: out / v for k, v in FILES.items()}
@@ -405,13 +442,29 @@ _TUNED_COLUMNS: tuple[tuple[str, str], ...] = (
 SIGNIFICANCE_METRICS = ("map_at_r", "linear_probe")
 
 
+def ci_column(confidence: float) -> str:
+    """The suffix of the half-width column of a ``confidence`` interval: ``"ci"`` and the
+    percentage with up to six significant digits, ``ci95`` for 0.95, ``ci90``, ``ci99``,
+    ``ci99.9`` for 0.999."""
+    return f"ci{100.0 * float(confidence):.6g}"
+
+
 def aggregate_ci(records: Iterable[Mapping[str, Any]], confidence: float = 0.95
                  ) -> list[dict[str, Any]]:
-    """:func:`aggregate`'s rows with, for every field ``f``, ``f_ci95`` (the half width of the
-    Student-t interval over the successful seeds, :func:`contrastive.app.statistics.t_interval`),
-    ``f_ci_low`` and ``f_ci_high``."""
+    """:func:`aggregate`'s rows with, for every field ``f``, the half width of the two-sided
+    Student-t ``confidence`` interval over the successful seeds
+    (:func:`contrastive.app.statistics.t_interval`), ``f_ci_low`` and ``f_ci_high``.
+
+    The half-width column is named after the confidence used (:func:`ci_column`): ``f_ci95``
+    at the default 0.95 -- the column of the tuned report's files, tables and plots
+    (``err="ci95"``) -- and e.g. ``f_ci90`` at 0.9, so that no column claims a 95% interval it
+    does not hold. ``confidence`` must lie in (0, 1) (``ValueError``)."""
     from .statistics import t_interval
 
+    if isinstance(confidence, bool) or not isinstance(confidence, Real) or not (
+            0.0 < confidence < 1.0):
+        raise ValueError(f"confidence must be a number in (0, 1), e.g. 0.95, got {confidence!r}")
+    half = ci_column(confidence)
     records = _check_records(records)
     rows = aggregate(records)
     for row in rows:
@@ -420,24 +473,29 @@ def aggregate_ci(records: Iterable[Mapping[str, Any]], confidence: float = 0.95
         values = [_field_values(r) for r in ok]
         for f in FIELDS:
             iv = t_interval([v[f] for v in values], confidence)
-            row[f"{f}_ci95"], row[f"{f}_ci_low"], row[f"{f}_ci_high"] = (iv.half_width, iv.low,
-                                                                         iv.high)
+            row[f"{f}_{half}"], row[f"{f}_ci_low"], row[f"{f}_ci_high"] = (iv.half_width, iv.low,
+                                                                           iv.high)
     return rows
 
 
 def significance(records: Iterable[Mapping[str, Any]], metric: str, alpha: float = 0.05
                  ) -> dict[str, Any]:
     """:func:`contrastive.app.statistics.indistinguishable_from_best` of ``metric`` over the
-    seeds of each loss (successful cells only)."""
+    seeds of each (loss, critic) row of :func:`aggregate` (successful cells only), in the rows'
+    order. A row is named as in the plots: its loss, or ``"loss [critic]"`` when the loss has
+    several critics, so that one critic's seeds never overwrite another's; with one critic per
+    loss the names are the loss names."""
     from .statistics import indistinguishable_from_best
 
-    per_seed: dict[str, dict[int, float]] = {}
-    for r in _check_records(records):
-        per_seed.setdefault(str(r["loss"]), {})
-        if _status(r) == "ok":
+    records = _check_records(records)
+    rows = aggregate(records)
+    names = {(r["loss"], r["critic"]): _label(r, rows) for r in rows}
+    per_seed: dict[str, dict[Any, float]] = {name: {} for name in names.values()}
+    for r in records:
+        if _status(r) == "ok":  # a successful cell is in the row of its own (loss, critic)
             v = _field_values(r)[metric]
             if math.isfinite(v):
-                per_seed[str(r["loss"])][r["seed"]] = v
+                per_seed[names[(str(r["loss"]), str(r.get("critic", "")))]][r["seed"]] = v
     return indistinguishable_from_best(per_seed, alpha=alpha)
 
 
@@ -461,14 +519,19 @@ def format_tuned_table(rows: Sequence[Mapping[str, Any]],
     search, test-class metrics as ``mean ± half width of the 95% t-interval`` (%), ``*`` on the
     losses indistinguishable from the best MAP@R (``sig["map_at_r"]``), the I_NCE readout and
     the chosen hyper-parameters; ``references`` (row name -> retrieval metrics of an untrained
-    embedding, e.g. ``(raw input)`` and ``(true latent)``) adds one last row each."""
+    embedding, e.g. ``(raw input)`` and ``(true latent)``) adds one last row each.
+
+    A row is named by its loss, ``"loss [critic]"`` when the loss has several critics (the
+    names of :func:`significance`), with ``" (n failed)"`` when some of its cells failed, as in
+    :func:`format_table`. ``tuning`` is looked up by loss."""
     best_set = set((sig or {}).get("map_at_r", {}).get("indistinguishable", []))
     header = (["Loss", "Val MAP@R"] + [h for h, _ in _TUNED_COLUMNS]
               + ["I_NCE (nats)", "Chosen (lr, loss keywords)"])
     body = []
     for r in rows:
         t = tuning.get(r["loss"], {})
-        name = str(r["loss"]) + (" *" if r["loss"] in best_set else "")
+        label = _label(r, rows)
+        name = label + _failed_note(r) + (" *" if label in best_set else "")
         if int(r.get("n_seeds", 0)) == 0:
             cells = [name, "—"] + ["failed"] + ["—"] * (len(_TUNED_COLUMNS) - 1) + ["—", "—"]
         else:
@@ -490,7 +553,7 @@ def format_tuned_table(rows: Sequence[Mapping[str, Any]],
 def _tuned_footnote(rows, tuning, sig, meta) -> list[str]:
     ns = sorted({int(r["n_seeds"]) for r in rows if int(r["n_seeds"]) > 0})
     seeds = f"{ns[0]} seeds" if len(ns) == 1 else "seeds: " + ", ".join(
-        f"{r['loss']} {r['n_seeds']}" for r in rows)
+        f"{_label(r, rows)} {r['n_seeds']}" for r in rows)
     lines = [
         f"Test classes never seen in training or tuning. Mean ± half width of the 95% Student-t "
         f"interval over {seeds} (t_(0.975, n-1) · s / √n), in %. Val MAP@R: the best trial's "
@@ -556,8 +619,7 @@ def write_tuned_report(
     records = _check_records(records)
     if not records:
         raise ValueError("records is empty: there is nothing to report; run at least one cell")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(output_dir)
     title = title or "Tuned comparison"
     meta = dict(meta or {})
     rows = aggregate_ci(records)
@@ -580,13 +642,7 @@ def write_tuned_report(
                       json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n")
     atomic_write_text(paths["csv"], _tuned_csv(rows, tuning))
     parts = [f"# {title}", "", format_tuned_table(rows, tuning, sig, meta.get("references")), "",
-             "\n\n".join(_tuned_footnote(rows, tuning, sig, meta))]
-    failed = [r for r in records if _status(r) != "ok"]
-    if failed:
-        parts += ["", "## Failed cells", ""]
-        parts += [f"- `{r['loss']}` seed {r['seed']}: "
-                  f"{' '.join(str(r.get('error') or 'no error message').split())[:300]}"
-                  for r in failed]
+             "\n\n".join(_tuned_footnote(rows, tuning, sig, meta)), *_failed_section(records)]
     plot_names = [paths[k].name for k in ("map_probe", "tuning_history", "mi_vs_accuracy",
                                           "curves") if k in paths]
     if plot_names:

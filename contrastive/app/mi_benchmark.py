@@ -16,7 +16,9 @@ An *estimator* is a pair ``(loss_fn, bound_fn)`` of functions of ``(scores [B, B
 negatives)``: the critic is trained by minimising ``loss_fn`` and the estimate is
 ``bound_fn`` of the same batch's scores, with the pairs ``(x_i, y_i)`` on the diagonal as
 positives. Pass your own pairs in ``run(estimators={...})``; the default names ``"infonce"``,
-``"nwj"``, ``"js"`` and ``"dv"`` resolve to :mod:`losses.functional`.
+``"nwj"``, ``"js"`` and ``"dv"`` resolve to :mod:`losses.functional`, and every name of the
+family below (``"flo"``, ``"smile_1"``, ...) is taken too: :func:`run` and the command line
+resolve names with the same :func:`family_estimators`.
 
 The estimator family (:func:`.mi_family.run_family`, ``contrastive mi-bench --family``, run by
 :mod:`.mi_family`): every lower bound (InfoNCE, NWJ, JS, DV, TUBA, MINE, SMILE at two clippings,
@@ -127,10 +129,12 @@ def ema(values: Sequence[float], decay: float = 0.98) -> np.ndarray:
 def resolve_estimators(
     estimators: Iterable[str] | Mapping[str, Estimator],
 ) -> dict[str, Estimator]:
-    """``{name: (loss_fn, bound_fn)}``. A mapping is taken as is; names (or aliases: ``nce``,
-    ``mine``, ...) of :data:`losses.registry.ESTIMATORS` map to :mod:`losses.functional`'s
-    ``(infonce, infonce_bound)``, ``(nwj, nwj_bound)``, ``(js, js_bound)``, ``(dv, dv_bound)``,
-    keyed by their canonical names."""
+    """``{name: (loss_fn, bound_fn)}``. A mapping is taken as is; names are resolved by
+    :func:`family_estimators`, as ``contrastive mi-bench --estimators`` resolves them: names (or
+    aliases: ``nce``, ``mine``, ...) of :data:`losses.registry.ESTIMATORS` map to
+    :mod:`losses.functional`'s ``(infonce, infonce_bound)``, ``(nwj, nwj_bound)``, ...,
+    keyed by their canonical names, and the family's own names (``flo``, ``smile_1``, ...;
+    :data:`NEW_ESTIMATORS`) to theirs. One string is a comma-separated list of names."""
     if isinstance(estimators, Mapping):
         out = dict(estimators)
         for name, pair in out.items():
@@ -142,20 +146,7 @@ def resolve_estimators(
         if not out:
             raise ValueError("estimators is empty; pass at least one estimator")
         return out
-    if isinstance(estimators, str):
-        estimators = (estimators,)
-    names = list(estimators)
-    if not names:
-        raise ValueError("estimators is empty; pass at least one of infonce, nwj, js, dv")
-    out = {}
-    for name in names:
-        if str(name) not in ESTIMATORS:
-            raise ValueError(
-                f"unknown estimator {name!r}; choose from {ESTIMATORS.available()} or pass a "
-                "mapping name -> (loss_fn, bound_fn)"
-            )
-        out[ESTIMATORS.canonical(str(name))] = ESTIMATORS.get(str(name)).factory()
-    return out
+    return family_estimators(estimators)
 
 
 def make_critic(critic: str | Callable[[int], nn.Module], dim: int, **kwargs) -> nn.Module:
@@ -277,7 +268,8 @@ def family_estimators(names: Iterable[str] | str = FAMILY) -> dict[str, Estimato
             out[key] = NEW_ESTIMATORS[key]()
         else:
             raise ValueError(f"unknown estimator {name!r}; choose from "
-                             f"{sorted({*ESTIMATORS.available(), *NEW_ESTIMATORS})}")
+                             f"{sorted({*ESTIMATORS.available(), *NEW_ESTIMATORS})} (or, in "
+                             "Python, pass a mapping name -> (loss_fn, bound_fn))")
     if not out:
         raise ValueError("estimators is empty; pass at least one estimator")
     return out

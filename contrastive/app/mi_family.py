@@ -73,6 +73,17 @@ def zero_bilinear(dim: int) -> nn.Module:
 zero_bilinear.__name__ = "bilinear"
 
 
+def _once_each(what: str, given: Sequence, labels: Sequence[str]) -> None:
+    """``ValueError`` when two entries of ``given`` have the same ``labels`` entry: their runs
+    would share one (estimator, data, critic) row of the summary and of the table."""
+    seen: dict[str, object] = {}
+    for g, label in zip(given, labels):
+        if label in seen:
+            raise ValueError(f"{what} names {label!r} twice ({seen[label]!r} and {g!r}): the two "
+                             "runs would share one row of the table; give each once")
+        seen[label] = g
+
+
 def run_family(
     estimators: Iterable[str] | str = FAMILY,
     critics: Sequence[str] | str = ("separable", "bilinear", "concat"),
@@ -93,7 +104,9 @@ def run_family(
     per data set with the Gaussian conditional critic. ``budget`` (:data:`FAMILY_BUDGETS`) sets
     the critics' sizes, the steps per level and the learning rate unless given. The bilinear
     critic starts at zero (:func:`zero_bilinear`). ``estimators``, ``critics`` and
-    ``transforms`` also take one comma-separated string (``"bilinear,concat"``).
+    ``transforms`` also take one comma-separated string (``"bilinear,concat"``). Each critic and
+    data set is named once (``ValueError`` otherwise): ``None`` is the ``"gaussian"`` data, and
+    two names of one critic (an alias) are that critic twice.
 
     Returns ``config``, ``runs`` (the :func:`run` results, each with ``config["transform"]``),
     ``summary`` (the :func:`summarize` rows with ``critic`` and ``data`` added), ``diverged``
@@ -111,6 +124,9 @@ def run_family(
     upper = [n for n in names if is_upper_bound(n)]
     for t in transforms:
         _transform(t)
+    _once_each("transforms", transforms, [t or "gaussian" for t in transforms])
+    if lower:  # the upper bounds' runs use the conditional critic, not these
+        _once_each("critics", critics, [_critics.CRITICS.canonical(c) for c in critics])
     ck = plan["critic_kwargs"]
 
     def conditional(d: int) -> nn.Module:

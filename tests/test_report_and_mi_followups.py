@@ -243,3 +243,22 @@ def test_run_family_table_has_a_row_per_run():
     rows = {tuple(_cells(line)[:3]) for line in lines[start + 2:] if line.startswith("|")}
     assert len(runs) == len(res["runs"]) == 4
     assert rows == runs
+
+
+def test_plot_titles_name_the_interval_of_the_rows_they_draw():
+    """The plots' titles name the error bars they draw: a 90% interval (``aggregate_ci``'s
+    ``ci90`` rows) is not called "std"; an unknown ``err`` is a ValueError naming it."""
+    from contrastive.app.compare_plots import plot_map_probe, plot_mi_vs_accuracy
+    from contrastive.app.compare_report import aggregate_ci
+
+    records = [{"loss": loss, "critic": "dot", "seed": s, "map_at_r": 0.5 + 0.01 * s + k,
+                "linear_probe": 0.6 + 0.02 * s, "readout_infonce": 1.0 + 0.1 * s,
+                "readout_nwj": 2.0 - 0.1 * s}
+               for k, loss in ((0.0, "infonce"), (0.1, "triplet")) for s in range(3)]
+    rows = aggregate_ci(records, confidence=0.9)
+    fig = plot_map_probe(rows, records, err="ci90")
+    assert "90% t-interval" in fig.axes[0].get_title()
+    fig = plot_mi_vs_accuracy(rows, records, err="ci90")
+    assert "90% t-interval" in fig._suptitle.get_text()
+    with pytest.raises(ValueError, match="err must be 'std' or a confidence interval"):
+        plot_map_probe(rows, records, err="sem")

@@ -70,13 +70,33 @@ def _err(std: float) -> float:
     return std if math.isfinite(std) else 0.0
 
 
+def _err_name(err: str) -> str:
+    """What the error bars of column suffix ``err`` are: ``"std"``, or ``"ci<p>"`` (the rows
+    of :func:`~contrastive.app.compare_report.aggregate_ci`, named after their confidence:
+    ``ci95``, ``ci90``, ``ci99.9``) as a ``p%`` t-interval; ``ValueError`` naming ``err``
+    otherwise."""
+    if err == "std":
+        return "std"
+    if err.startswith("ci"):
+        try:
+            pct = float(err[2:])
+        except ValueError:
+            pct = math.nan
+        if 0.0 < pct < 100.0:
+            return f"{err[2:]}% t-interval"
+    raise ValueError(f"err must be 'std' or a confidence interval column such as 'ci95' or "
+                     f"'ci90' (aggregate_ci's rows), got {err!r}")
+
+
 def plot_map_probe(rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping] = (),
                    err: str = "std",
                    references: Mapping[str, Mapping[str, float]] | None = None):
     """Grouped bars: MAP@R and linear-probe accuracy (%) per loss, mean ± std over seeds
-    (``err="ci95"``: ± the half width of the 95% t-interval, rows of :func:`aggregate_ci`);
+    (``err="ci95"``: ± the half width of the 95% t-interval, rows of :func:`aggregate_ci`;
+    ``"ci90"`` etc. for its other confidences, named so in the title);
     ``references`` (row name -> metrics of an untrained embedding, e.g. ``(raw input)``, ``(true
     latent)``) draws each one's MAP@R as a dashed horizontal line."""
+    what = _err_name(err)
     rows = [r for r in rows if r["n_seeds"] > 0]
     fig, axes = _figure(max(6.0, 1.05 * len(rows) + 2.5), 4.2)
     ax = axes[0, 0]
@@ -111,7 +131,6 @@ def plot_map_probe(rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping]
                   ha="right" if len(rows) > 5 else "center")
     ax.set_ylim(0, 112)  # room for the legend above 100 %
     ax.set_ylabel("%")
-    what = "95% t-interval" if err == "ci95" else "std"
     ax.set_title(f"Retrieval (MAP@R) and linear-probe accuracy per loss\n(mean ± {what} over "
                  "seeds)", fontsize=10)
     ax.legend(loc="upper left", ncols=2, fontsize=8, frameon=False)
@@ -144,7 +163,9 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
 def plot_mi_vs_accuracy(rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping] = (),
                         err: str = "std"):
     """Two panels: final I_NCE (left) and I_NWJ (right) readout against linear-probe accuracy,
-    one labelled point per loss with std error bars on both axes, Spearman's rho in the title."""
+    one labelled point per loss with error bars on both axes (``err`` as
+    :func:`plot_map_probe`'s), Spearman's rho in the title."""
+    what = _err_name(err)
     all_rows = list(rows)
     colors = dict(zip([id(r) for r in all_rows], _colors(len(all_rows))))
     rows = [r for r in all_rows if r["n_seeds"] > 0]
@@ -173,7 +194,6 @@ def plot_mi_vs_accuracy(rows: Sequence[Mapping[str, Any]], records: Sequence[Map
         ax.set_ylabel("linear-probe accuracy (%)")
         ax.grid(alpha=0.3)
         ax.margins(x=0.18, y=0.15)
-    what = "95% t-interval" if err == "ci95" else "std"
     fig.suptitle("A higher MI readout does not mean a better representation "
                  f"(mean ± {what} over seeds)", fontsize=11)
     return fig

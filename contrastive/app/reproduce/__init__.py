@@ -15,8 +15,12 @@ evaluation during training) and ``NAME.png`` (the figure) into ``output``;
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import platform
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ...checkpoint import atomic_write_bytes
 from ...devices import resolve_device
 from ...jsonsafe import to_jsonable
 from .data import load_halves
@@ -32,15 +37,35 @@ from .experiments import DEFAULTS, EXPERIMENTS, PAPER, make_config, run_experime
 __all__ = ["run", "EXPERIMENTS", "DEFAULTS", "PAPER"]
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def _csv_bytes(rows: list[dict]) -> bytes:
+    """``rows`` as CSV (the union of their keys as the header, ``None`` as an empty cell)."""
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
+    fh = io.StringIO(newline="")
+    w = csv.DictWriter(fh, fieldnames=keys)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
+    return fh.getvalue().encode("utf-8")
+
+
+def _write_set(out: Path, contents: dict[Path, bytes]) -> None:
+    """Put every file of ``contents`` (paths in ``out``) in place, or, when anything fails
+    first, none: each file is written and fsync-ed (:func:`contrastive.checkpoint.
+    atomic_write_bytes`) into a hidden staging folder in ``out``, and only when all of them are
+    there are they renamed onto their targets, in the order given (the JSON last: it is what
+    the report reads). A failure while staging (disk full, an I/O error) leaves the previous
+    set untouched; a kill while staging leaves it too, beside a hidden ``.reproduce-*.tmp``
+    folder; only a kill during the renames themselves can leave a mix."""
+    stage = Path(tempfile.mkdtemp(prefix=".reproduce-", suffix=".tmp", dir=out))
+    try:
+        staged = [(atomic_write_bytes(stage / target.name, data), target)
+                  for target, data in contents.items()]
+        for src, target in staged:
+            os.replace(src, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def run(
@@ -61,7 +86,8 @@ def run(
     Args:
         name: ``bijective``, ``adversarial``, ``critics``, ``encoders`` or ``noniid``.
         output: folder for ``NAME.json``, ``NAME.csv``, ``NAME_runs.csv``, ``NAME_curves.csv``,
-            ``NAME.png`` (created if missing).
+            ``NAME.png`` (created if missing); they replace a previous run's as one set, after
+            all of them are rendered and staged (a failure leaves the previous set).
         steps: training steps per run (encoder steps for ``adversarial``); ``None`` keeps the
             default (or the paper's with ``paper_size``). Evaluations are spread evenly.
         seeds: one run per seed and variant; tables give mean and std over seeds.
@@ -118,12 +144,16 @@ def run(
     }
     res["files"] = {k: str(v) for k, v in files.items()}
     res = to_jsonable(res)  # NaN / Inf -> None: strict JSON, empty CSV cells
-    _write_csv(files["summary_csv"], res["summary"])
-    _write_csv(files["runs_csv"], res["runs"])
-    _write_csv(files["curves_csv"], res["curves"])
-    from .plots import plot
+    from .plots import figure_png
 
-    plot(name, res, files["figure"])
-    with open(files["json"], "w") as fh:
-        json.dump(res, fh, indent=1)
+    # everything is rendered before anything is written: a failure leaves the previous run's
+    # files as they were, never a mix of two runs
+    contents = {
+        files["summary_csv"]: _csv_bytes(res["summary"]),
+        files["runs_csv"]: _csv_bytes(res["runs"]),
+        files["curves_csv"]: _csv_bytes(res["curves"]),
+        files["figure"]: figure_png(name, res),
+        files["json"]: json.dumps(res, indent=1).encode("utf-8"),
+    }
+    _write_set(out, contents)
     return res

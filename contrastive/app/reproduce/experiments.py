@@ -260,8 +260,10 @@ def estimate(scores: Tensor, estimator: str) -> Tensor:
 
 
 def summarise(rows: list[dict], keys: Sequence[str], metrics: Sequence[str]) -> list[dict]:
-    """Group ``rows`` by ``keys`` and give mean, sample std (ddof=1; 0 for one seed) and the
-    number of seeds of each metric (``None`` values left out, a NaN kept: it makes both NaN)."""
+    """Group ``rows`` by ``keys``; per group ``n``, its number of rows (seeds), and per metric
+    ``m`` the mean ``m_mean``, the sample std ``m_std`` (ddof=1; 0 for one seed) and ``m_n``, the
+    number of seeds the two are over. A ``None`` value (a diverged run's probe) is left out, so
+    ``m_n < n`` marks a mean over only some of the seeds; a NaN is kept (both statistics NaN)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
@@ -274,6 +276,7 @@ def summarise(rows: list[dict], keys: Sequence[str], metrics: Sequence[str]) -> 
                                     skip_nonfinite=False)
             row[f"{m}_mean"] = mean if n else None
             row[f"{m}_std"] = std if n > 1 else 0.0
+            row[f"{m}_n"] = n
         out.append(row)
     return out
 
@@ -499,8 +502,11 @@ def bijective(data: HalvesData, cfg: BijectiveConfig, seeds, device, progress) -
 
 
 def _adversarial_run(data: HalvesData, cfg: AdversarialConfig, seed: int, ev: _EvalViews,
-                     device, progress: bool) -> list[dict]:
-    """One seed of :func:`adversarial`; returns the evaluation curve."""
+                     device, progress: bool) -> tuple[list[dict], int | None]:
+    """One seed of :func:`adversarial`; returns the evaluation curve and the step at which
+    training diverged (``None`` if it did not). As in :func:`_train_views`, a step whose
+    encoder output or classifier logits are not finite stops the run before any update, and
+    the curve ends with an evaluation at that step marked ``diverged_at``."""
     d, n_cls = data.dim, int(data.labels_train.max()) + 1
     _seed_all(seed)
     g1 = Flow(d, cfg.couplings, cfg.hidden, cfg.layers, True, cfg.init_std, 2 * seed).to(device)
@@ -509,14 +515,19 @@ def _adversarial_run(data: HalvesData, cfg: AdversarialConfig, seed: int, ev: _E
     opt_c = torch.optim.Adam(clf.parameters(), lr=cfg.lr_classifier)
     batches = _batches(data.x_train.shape[0], cfg.batch_size, torch.Generator().manual_seed(seed))
 
-    def classifier_steps(k: int) -> None:
+    def classifier_steps(k: int) -> bool:
+        """``k`` classifier steps on g1's features; ``False``, and no step, if they are not
+        finite."""
         idx = torch.cat([next(batches) for _ in range(k)]).to(data.x_train.device)
         with torch.no_grad():
-            feats = g1(add_noise(data.x_train[idx], cfg.noise)).chunk(k)
-        for f, lab in zip(feats, data.labels_train[idx].chunk(k)):
+            feats = g1(add_noise(data.x_train[idx], cfg.noise))
+        if not torch.isfinite(feats).all():
+            return False
+        for f, lab in zip(feats.chunk(k), data.labels_train[idx].chunk(k)):
             opt_c.zero_grad(set_to_none=True)
             F.cross_entropy(clf(f), lab).backward()
             opt_c.step()
+        return True
 
     def evaluate(step: int, running: list[float]) -> dict:
         ftr, fte = _embed(g1, ev.x_train), _embed(g1, ev.x_test)
@@ -537,11 +548,16 @@ def _adversarial_run(data: HalvesData, cfg: AdversarialConfig, seed: int, ev: _E
         k = min(50, cfg.warmup - start)
         classifier_steps(k)
         bar.update(k)
-    curve, running, every = [evaluate(0, [])], [], cfg.every()
+    curve, running, every, diverged = [evaluate(0, [])], [], cfg.every(), None
     for step in range(1, cfg.steps + 1):
-        classifier_steps(cfg.inner_steps)
+        if not classifier_steps(cfg.inner_steps):
+            diverged = step
+            break
         idx = next(batches).to(data.x_train.device)
         logits = clf(g1(add_noise(data.x_train[idx], cfg.noise)))
+        if not torch.isfinite(logits).all():  # the encoder's or the classifier's weights
+            diverged = step
+            break
         loss = -F.log_softmax(logits, dim=1).mean()  # CE against uniform labels
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
@@ -553,7 +569,9 @@ def _adversarial_run(data: HalvesData, cfg: AdversarialConfig, seed: int, ev: _E
             bar.set_postfix(acc=f"{curve[-1]['accuracy'] or float('nan'):.3f}")
             running = []
     bar.close()
-    return curve
+    if diverged is not None:
+        curve.append({**evaluate(diverged, running), "diverged_at": diverged})
+    return curve, diverged
 
 
 def adversarial(data: HalvesData, cfg: AdversarialConfig, seeds, device, progress) -> dict:
@@ -564,13 +582,14 @@ def adversarial(data: HalvesData, cfg: AdversarialConfig, seeds, device, progres
     for seed in seeds:
         ev = _eval_views(data, cfg, seed)
         base.append(_raw_baseline(ev, seed))
-        curve = _adversarial_run(data, cfg, seed, ev, device, progress)
+        curve, diverged = _adversarial_run(data, cfg, seed, ev, device, progress)
         curves += [{"seed": seed, **r} for r in curve]
         accs = [r["accuracy"] for r in curve if r["accuracy"] is not None]
         finals.append({"seed": seed, **curve[-1], "raw_accuracy": base[-1],
                        "initial_accuracy": curve[0]["accuracy"],
                        "min_accuracy": min(accs) if accs else None,
-                       "max_recon_error": _max_keep_nan(r["recon_error"] for r in curve)})
+                       "max_recon_error": _max_keep_nan(r["recon_error"] for r in curve),
+                       "diverged_at": diverged})
     metrics = ["accuracy", "min_accuracy", "adversary_accuracy", "initial_accuracy",
                "raw_accuracy", "recon_error", "max_recon_error", "recon_error_f64", "uniform_ce"]
     for r in finals:

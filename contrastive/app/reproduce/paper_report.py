@@ -129,11 +129,27 @@ def _f(x, nd: int = 3) -> str:
     return str(x)
 
 
+def _seeds_note(row: dict, metric: str) -> str:
+    """`` (k of n seeds)`` when the summary's mean of ``metric`` is over fewer seeds than the
+    variant ran (the others have no value: they diverged), else ``""`` (also for results written
+    before the summary counted them)."""
+    k, n = row.get(f"{metric}_n"), row.get("n")
+    if k is None or n is None or k >= n:
+        return ""
+    return f" ({k} of {n} seeds)"
+
+
 def _pm(row: dict, metric: str, nd: int = 3) -> str:
+    """``mean ± std`` of ``metric`` in a summary row, and how many seeds when not all."""
     m, s = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
     if m is not None and abs(m) >= 1e5:
-        return format_mean_std(m, s, ".2e", ".1e", missing="n/a")
-    return format_mean_std(m, s, lambda v: _f(v, nd), missing="n/a")
+        return format_mean_std(m, s, ".2e", ".1e", missing="n/a") + _seeds_note(row, metric)
+    return format_mean_std(m, s, lambda v: _f(v, nd), missing="n/a") + _seeds_note(row, metric)
+
+
+def _mean(row: dict, metric: str, nd: int = 3) -> str:
+    """The mean alone of ``metric`` in a summary row, and how many seeds when not all."""
+    return _f(row.get(f"{metric}_mean"), nd) + _seeds_note(row, metric)
 
 
 def _table(rows: list[dict], cols: list[tuple[str, Callable[[dict], str]]]) -> str:
@@ -214,27 +230,40 @@ def _verdict_adversarial(res: dict) -> tuple[str, str]:
         "every seed; partly if below in some seed or only at the lowest evaluation)"
 
 
+def _ranked(rows: list[dict], metric: str, best: Callable) -> str | None:
+    """The critic of the summary ``rows`` whose mean of ``metric`` is ``best`` (``max`` or
+    ``min``); ``None`` when some critic has no mean over all its seeds (a diverged run left a
+    seed without the value): a mean over the other seeds is not that critic's mean, so the
+    ranking is not known."""
+    means = {}
+    for r in rows:
+        m = r.get(f"{metric}_mean")
+        if m is None or not math.isfinite(m) or _seeds_note(r, metric):
+            return None
+        means[r["critic"]] = m
+    return best(means, key=means.__getitem__) if means else None
+
+
 def _verdict_critics(res: dict) -> tuple[str, str]:
-    summ = res["summary"]
     lines, word = [], "does not reproduce"
     for est in res["config"]["estimators"]:
-        rows = _by(summ, estimator=est)
+        rows = _by(res["summary"], estimator=est)
         if not rows:
             continue
-        top_bound = max(rows, key=lambda r: r["bound_mean"] if r["bound_mean"] is not None
-                        else -math.inf)["critic"]
-        low_acc = min(rows, key=lambda r: r["accuracy_mean"] if r["accuracy_mean"] is not None
-                      else math.inf)["critic"]
-        top_acc = max(rows, key=lambda r: r["accuracy_mean"] if r["accuracy_mean"] is not None
-                      else -math.inf)["critic"]
-        top_train = max(rows, key=lambda r: r["train_bound_mean"]
-                        if r.get("train_bound_mean") is not None else -math.inf)["critic"]
-        lines.append(f"{est.upper()}: highest held-out bound: {top_bound} (on training "
-                     f"batches: {top_train}); best probe: {top_acc}; worst probe: {low_acc}")
+        top_bound, top_train = _ranked(rows, "bound", max), _ranked(rows, "train_bound", max)
+        low_acc, top_acc = _ranked(rows, "accuracy", min), _ranked(rows, "accuracy", max)
+        partial = [f"{m} of {r['critic']}{_seeds_note(r, m)}" for r in rows
+                   for m in ("bound", "accuracy") if _seeds_note(r, m)]
+        lines.append(f"{est.upper()}: highest held-out bound: {top_bound or 'n/a'} (on training "
+                     f"batches: {top_train or 'n/a'}); best probe: {top_acc or 'n/a'}; worst "
+                     f"probe: {low_acc or 'n/a'}"
+                     + (f" (means over fewer seeds, not ranked: {', '.join(partial)})"
+                        if partial else ""))
         if est == "nwj":
             if top_bound == "concat" and low_acc == "concat":
                 word = "reproduces"
-            elif top_bound == "concat" or low_acc == "concat" or top_bound != top_acc:
+            elif (top_bound == "concat" or low_acc == "concat"
+                  or (top_bound is not None and top_acc is not None and top_bound != top_acc)):
                 word = "partly"
     rule = ("rule: reproduces if under I_NWJ the concat critic has both the highest bound and "
             "the worst probe (mean over seeds); partly if one of the two holds or the critic "
@@ -345,7 +374,7 @@ def _tables(name: str, res: dict) -> str:
             ("probe acc., start", lambda r: _pm(r, "initial_accuracy")),
             ("probe acc., end", lambda r: _pm(r, "accuracy")),
             ("probe acc., best eval", lambda r: _pm(r, "max_accuracy")),
-            ("max recon. error", lambda r: _f(r.get("max_recon_error_mean"), 2)),
+            ("max recon. error", lambda r: _mean(r, "max_recon_error", 2)),
         ]))
     elif name == "adversarial":
         out.append(_table(s, [
@@ -354,8 +383,8 @@ def _tables(name: str, res: dict) -> str:
             ("probe acc., end", lambda r: _pm(r, "accuracy")),
             ("probe acc., lowest eval", lambda r: _pm(r, "min_accuracy")),
             ("online adversary acc., end", lambda r: _pm(r, "adversary_accuracy")),
-            ("recon. error f32, max over training", lambda r: _f(r.get("max_recon_error_mean"), 2)),
-            ("recon. error f64, end", lambda r: _f(r.get("recon_error_f64_mean"), 2)),
+            ("recon. error f32, max over training", lambda r: _mean(r, "max_recon_error", 2)),
+            ("recon. error f64, end", lambda r: _mean(r, "recon_error_f64", 2)),
         ]))
     elif name == "critics":
         out.append(_table(s, [
@@ -389,7 +418,7 @@ def _tables(name: str, res: dict) -> str:
             ("estimator", lambda r: r["estimator"]),
             ("batches", lambda r: r["sampler"]),
             ("estimate, held-out batches of the same kind", lambda r: _pm(r, "estimate", 4)),
-            ("its standard error (mean over seeds)", lambda r: _f(r.get("estimate_se_mean"), 4)),
+            ("its standard error (mean over seeds)", lambda r: _mean(r, "estimate_se", 4)),
             ("same critic on i.i.d. batches", lambda r: _pm(r, "estimate_on_iid", 4)),
             ("train-batch estimate", lambda r: _pm(r, "train_estimate", 4)),
         ]))
@@ -470,6 +499,19 @@ def _per_experiment(results: dict, value: Callable[[dict], str]) -> str:
     return ", ".join(f"{v} ({n})" for n, v in vals.items())
 
 
+def _sizes(results: dict) -> str:
+    """Whose sizes the runs used: the paper's (``paper_size``) or the defaults, per experiment
+    when the results folder mixes both."""
+    if all(r.get("paper_size") for r in results.values()):
+        return "the paper's (`paper_size=True`)"
+    if not any(r.get("paper_size") for r in results.values()):
+        return ("the defaults of `contrastive.app.reproduce.DEFAULTS` (the paper's are "
+                "`paper_size=True`)")
+    which = _per_experiment(results, lambda r: "the paper's" if r.get("paper_size")
+                            else "the defaults")
+    return f"{which} (`contrastive.app.reproduce.DEFAULTS`, or `PAPER` with `paper_size=True`)"
+
+
 def _noise(results: dict) -> str:
     """The pixel-noise std the runs used (``config.noise``)."""
     return _per_experiment(results, lambda r: f"{r['config'].get('noise', NOISE_SIGMA):g}")
@@ -513,7 +555,6 @@ def write_report(
         notes = json.loads((results_dir / "notes.json").read_text())
     notes = notes or {}
     verdicts = {n: verdict(n, r) for n, r in results.items()}
-    any_res = next(iter(results.values()))
     datasets = sorted({r["dataset"] for r in results.values() if r["dataset"] != "gaussian-2d"})
     on = ", ".join(datasets) or "gaussian-2d"
     image_runs = {n: r for n, r in results.items() if r.get("data_shape")} or results
@@ -548,11 +589,10 @@ def write_report(
         f"* Seeds {_per_experiment(results, lambda r: str(r.get('seeds')))}; tables give "
         "mean ± sample std over seeds. Each seed "
         "changes the initialisation, the batch order and the noise, not the data split.",
-        "* Sizes: " + ("the paper's (`paper_size=True`)" if any_res.get("paper_size") else
-                       "the defaults of `contrastive.app.reproduce.DEFAULTS` (the paper's are "
-                       "`paper_size=True`)")
-        + f"; device {any_res.get('device')}, torch {any_res.get('torch')}, "
-        f"{any_res.get('threads')} torch thread(s).",
+        f"* Sizes: {_sizes(results)}; device "
+        f"{_per_experiment(results, lambda r: str(r.get('device')))}, torch "
+        f"{_per_experiment(results, lambda r: str(r.get('torch')))}, "
+        f"{_per_experiment(results, lambda r: str(r.get('threads')))} torch thread(s).",
         "",
         "Sizes that differ from the paper's protocol (`PAPER` in "
         "`contrastive/app/reproduce/experiments.py`; docs/architecture.md, The paper's protocol), "

@@ -4,11 +4,12 @@ Pure functions of an experiment's result dict (as written to ``NAME.json``); mat
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot", "mean_curve"]
+__all__ = ["plot", "figure_png", "mean_curve"]
 
 _COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
 _NAMES = {"infonce": "I_NCE", "nce": "I_NCE", "nwj": "I_NWJ", "conv": "ConvNet", "mlp": "MLP"}
@@ -141,8 +142,9 @@ _PLOTS = {
 }
 
 
-def plot(name: str, res: dict, path: str | Path) -> Path:
-    """Draw the figure of experiment ``name`` from its result dict into ``path`` (PNG)."""
+def figure_png(name: str, res: dict) -> bytes:
+    """The figure of experiment ``name`` drawn from its result dict, as PNG bytes (nothing is
+    written: :func:`contrastive.app.reproduce.run` writes a run's files together)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
     if name not in _PLOTS:
@@ -152,6 +154,14 @@ def plot(name: str, res: dict, path: str | Path) -> Path:
     fn(res, fig)
     fig.suptitle(_title(res), fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)  # PNG through the Agg canvas
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")  # PNG through the Agg canvas
+    return buf.getvalue()
+
+
+def plot(name: str, res: dict, path: str | Path) -> Path:
+    """Draw the figure of experiment ``name`` from its result dict into ``path`` (PNG), written
+    atomically (:func:`contrastive.checkpoint.atomic_write_bytes`)."""
+    from ...checkpoint import atomic_write_bytes
+
+    return atomic_write_bytes(path, figure_png(name, res))

@@ -39,6 +39,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
+    "fsync_directory",
     "load_checkpoint",
     "safe_load",
     "refused_global",
@@ -67,9 +68,10 @@ def _as_path(path: str | os.PathLike, name: str = "path") -> Path:
     return Path(path)
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: str | os.PathLike) -> None:
     """Make a rename inside ``directory`` durable (POSIX; a no-op where directories cannot be
-    opened, e.g. Windows)."""
+    opened, e.g. Windows): after renaming several files into place, as one set, call it
+    once."""
     if os.name == "nt":  # pragma: no cover - Windows cannot open a directory
         return
     fd = os.open(directory, os.O_RDONLY)
@@ -105,7 +107,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
         except FileNotFoundError:
             pass
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
     return target
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ...checkpoint import atomic_write_bytes
+from ...checkpoint import atomic_write_bytes, fsync_directory
 from ...devices import resolve_device
 from ...jsonsafe import to_jsonable
 from .data import load_halves
@@ -57,13 +57,15 @@ def _write_set(out: Path, contents: dict[Path, bytes]) -> None:
     there are they renamed onto their targets, in the order given (the JSON last: it is what
     the report reads). A failure while staging (disk full, an I/O error) leaves the previous
     set untouched; a kill while staging leaves it too, beside a hidden ``.reproduce-*.tmp``
-    folder; only a kill during the renames themselves can leave a mix."""
+    folder; only a kill during the renames themselves can leave a mix. The renames are made durable
+    with one fsync of ``out``."""
     stage = Path(tempfile.mkdtemp(prefix=".reproduce-", suffix=".tmp", dir=out))
     try:
         staged = [(atomic_write_bytes(stage / target.name, data), target)
                   for target, data in contents.items()]
         for src, target in staged:
             os.replace(src, target)
+        fsync_directory(out)  # the renames, durable
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

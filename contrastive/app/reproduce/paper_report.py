@@ -18,6 +18,7 @@ import numpy as np
 
 from losses.registry import ESTIMATORS as _ESTIMATORS
 
+from ...checkpoint import atomic_write_text
 from ..results import format_mean_std, markdown_table
 from .data import NOISE_SIGMA
 
@@ -649,5 +650,5 @@ def write_report(
         lines += [f"**Verdict on {res['dataset']}: {word}.** {why}", ""]
         if notes.get(n):
             lines += [f"**Notes.** {notes[n]}", ""]
-    doc_path.write_text("\n".join(lines))
+    atomic_write_text(doc_path, "\n".join(lines))  # a kill never leaves half a page
     return doc_path

@@ -22,6 +22,19 @@ from .backends import _import_faiss, normalize_rows
 
 __all__ = ["kmeans_assign", "clustering_metrics"]
 
+SEED_MAX = 2**31 - 1  # FAISS's ClusteringParameters.seed is a C int
+
+
+def _check_seed(seed: object) -> int:
+    """``seed`` if it is an integer in ``[0, 2**31 - 1]``: the seeds both backends take (FAISS's
+    is a C ``int``, scikit-learn's ``random_state`` a non-negative one), so no backend truncates
+    a float or wraps a negative seed while the other refuses it."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer in [0, 2**31 - 1], e.g. seed=0; got {seed!r}")
+    if not 0 <= int(seed) <= SEED_MAX:
+        raise ValueError(f"seed must be in [0, 2**31 - 1], e.g. seed=0; got {seed!r}")
+    return int(seed)
+
 
 def kmeans_assign(
     embeddings: object,
@@ -37,8 +50,9 @@ def kmeans_assign(
     (FAISS; plain k-means on the normalised rows with scikit-learn); "l2" runs plain k-means on
     the rows as given (what :class:`evaluation.AccuracyCalculator` uses, as PML does).
     ``backend``: "auto" (FAISS if importable, else scikit-learn), "faiss" or "sklearn".
-    Deterministic for a given ``seed`` and backend.
+    Deterministic for a given ``seed`` (an integer in ``[0, 2**31 - 1]``) and backend.
     """
+    seed = _check_seed(seed)
     metric = check_metric(metric, ("cosine", "l2"))
     x = as_float_matrix(embeddings, "embeddings")
     n_clusters = check_k(n_clusters, "n_clusters", upper=x.shape[0],
@@ -56,7 +70,7 @@ def kmeans_assign(
             x.shape[1],
             n_clusters,
             niter=niter,
-            seed=int(seed),
+            seed=seed,
             spherical=metric == "cosine",
             min_points_per_centroid=1,  # silence the "too few points" warning
             verbose=False,
@@ -66,7 +80,7 @@ def kmeans_assign(
         return assign[:, 0].astype(np.int64)
     from sklearn.cluster import KMeans
 
-    km = KMeans(n_clusters=n_clusters, n_init=1, max_iter=niter, random_state=int(seed))
+    km = KMeans(n_clusters=n_clusters, n_init=1, max_iter=niter, random_state=seed)
     return km.fit_predict(x).astype(np.int64)
 
 
@@ -85,6 +99,7 @@ def clustering_metrics(
     tables. It differs from :class:`evaluation.AccuracyCalculator`'s ``NMI`` / ``AMI``, which
     follow PML and cluster the raw embeddings (``metric="l2"`` here) whatever their distance.
     """
+    seed = _check_seed(seed)
     x = as_float_matrix(embeddings, "embeddings")
     y = as_labels(labels, x.shape[0], "labels")
     n_clusters = int(np.unique(y).size)

@@ -26,6 +26,7 @@ training classes), as scikit-learn does.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from contrastive.devices import resolve_device
 
-from ._inputs import as_float_matrix, as_labels, check_same_dim
+from ._inputs import _to_numpy, as_float_matrix, as_labels, check_same_dim
 
 __all__ = [
     "linear_probe",
@@ -196,10 +197,40 @@ def _accuracy(x: Tensor, y: Tensor, w: Tensor, b: Tensor) -> float:
 # --------------------------------------------------------------------------- input handling
 
 
+def _as_features(x: object, name: str) -> np.ndarray:
+    """``x`` as a validated C-contiguous ``[N, d]`` matrix: float64 when it is given in float64,
+    float32 otherwise.
+
+    The checks are those of :func:`~evaluation._inputs.as_float_matrix`, which also casts to
+    float32; a float64 input keeps its own values, so that ``dtype=torch.float64`` and the
+    scikit-learn protocol see the features as given (``1e4 + 1e-4 z`` holds no ``z`` in
+    float32, whose spacing at ``1e4`` is about ``1e-3``).
+    """
+    raw = _to_numpy(x, name)
+    checked = as_float_matrix(raw, name)
+    if raw.dtype == np.float64:
+        return np.ascontiguousarray(raw)
+    return checked
+
+
+def _check_seed(seed: object) -> int | None:
+    """``seed`` if it is ``None`` or an integer in ``[0, 2**32 - 1]``, the seeds that both
+    numpy's ``default_rng`` (the validation split) and scikit-learn's ``random_state`` (saga's
+    shuffling) accept."""
+    if seed is None:
+        return None
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer in [0, 2**32 - 1], e.g. seed=0; got {seed!r}")
+    if not 0 <= int(seed) <= 2**32 - 1:
+        raise ValueError(f"seed must be in [0, 2**32 - 1], e.g. seed=0; got {seed!r}")
+    return int(seed)
+
+
 def _check_inputs(train_x, train_y, test_x, test_y):
-    """Validate and convert to numpy: float32 matrices, int64 labels, equal feature dims."""
-    xtr = as_float_matrix(train_x, "train_x")
-    xte = as_float_matrix(test_x, "test_x")
+    """Validate and convert to numpy: float64 matrices where given in float64 (float32
+    otherwise), int64 labels, equal feature dims."""
+    xtr = _as_features(train_x, "train_x")
+    xte = _as_features(test_x, "test_x")
     ytr = as_labels(train_y, xtr.shape[0], "train_y")
     yte = as_labels(test_y, xte.shape[0], "test_y")
     check_same_dim(xtr, xte, "train_x", "test_x")
@@ -211,11 +242,18 @@ def _check_inputs(train_x, train_y, test_x, test_y):
     return xtr, ytr, xte, yte, classes
 
 
+def _is_real(v: object) -> bool:
+    """A real number: Python's or numpy's (``np.float32(1e-3)``, ``np.int64(0)``), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
 def _check_weight_decays(weight_decays: float | Iterable[float] | None) -> list[float]:
     if weight_decays is None:
         return list(DEFAULT_WEIGHT_DECAYS)
-    if isinstance(weight_decays, (int, float)) and not isinstance(weight_decays, bool):
-        values = [float(weight_decays)]
+    if _is_real(weight_decays) or (
+        isinstance(weight_decays, np.ndarray) and weight_decays.ndim == 0
+    ):
+        values = [float(weight_decays)]  # type: ignore[arg-type]
     else:
         try:
             values = [float(v) for v in weight_decays]  # type: ignore[union-attr]
@@ -302,7 +340,7 @@ def _probe_torch(
     }
 
 
-def _probe_tschannen2020(xtr, ytr, xte, yte, max_iter: int, seed: int) -> dict:
+def _probe_tschannen2020(xtr, ytr, xte, yte, max_iter: int, seed: int | None) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import MinMaxScaler
 
@@ -333,14 +371,15 @@ def linear_probe(
     tol: float = 1e-6,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
-    seed: int = 0,
+    seed: int | None = 0,
     standardize: bool = True,
 ) -> dict:
     """Test accuracy of a multinomial logistic-regression probe on frozen features.
 
     Args:
-        train_x, test_x: features ``[N, d]`` (numpy or torch on any device; validated and
-            cast to float32 on the host, then moved to ``device``).
+        train_x, test_x: features ``[N, d]`` (numpy or torch on any device; validated on the
+            host, float64 kept as float64 and anything else cast to float32, then cast to
+            ``dtype`` on ``device``; ``"tschannen2020"`` gives them to scikit-learn as they are).
         train_y, test_y: integer class ids ``[N]``.
         protocol: ``"torch"`` (L-BFGS on device, weight-decay sweep) or ``"tschannen2020"``
             (MinMax scaling + scikit-learn saga, ``C=10``, ``tol=0.1``; Tschannen et al. 2020).
@@ -354,7 +393,8 @@ def linear_probe(
             saga epoch cap of ``"tschannen2020"``).
         device: ``None`` picks CUDA when available, else CPU.
         dtype: compute dtype of the torch protocol (``torch.float64`` for exact parity checks).
-        seed: validation split (and saga's shuffling).
+        seed: validation split (and saga's shuffling); an integer in ``[0, 2**32 - 1]``, or
+            ``None`` for a fresh random draw.
         standardize: z-score features with the training statistics first (torch protocol).
 
     Returns:
@@ -366,10 +406,12 @@ def linear_probe(
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter <= 0:
+    if not (_is_real(max_iter) and isinstance(max_iter, (int, np.integer)) and max_iter > 0):
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    if not (isinstance(tol, (int, float)) and tol > 0):
+    if not (_is_real(tol) and tol > 0):
         raise ValueError(f"tol must be a number > 0, got {tol!r}")
+    max_iter, tol = int(max_iter), float(tol)
+    seed = _check_seed(seed)
     xtr, ytr, xte, yte, classes = _check_inputs(train_x, train_y, test_x, test_y)
     if protocol == "tschannen2020":
         if weight_decays is not None:
@@ -382,6 +424,8 @@ def linear_probe(
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
         wds = _check_weight_decays(weight_decays)
+        if dtype == torch.float32:  # cast on the host: half the bytes to move to the device
+            xtr, xte = xtr.astype(np.float32, copy=False), xte.astype(np.float32, copy=False)
         out = _probe_torch(
             xtr, ytr, xte, yte, classes, wds, val_fraction, max_iter, tol, device, dtype, seed,
             standardize,

@@ -7,7 +7,24 @@ multi-class N-pair, contrastive), each a pure function of ``(scores, positives, 
 from contrastive.pairs import NoPairsError, NoPairsWarning
 
 from . import drop_in, functional, memory, pair_based, proxies, self_supervised
-from .drop_in import ContrastiveLoss, NPairsLoss, NTXentLoss, SupConLoss, TripletMarginLoss, to_pml
+from .drop_in import (
+    ArcFaceLoss,
+    CircleLoss,
+    ContrastiveLoss,
+    CosFaceLoss,
+    GeneralizedLiftedStructureLoss,
+    MarginLoss,
+    MultiSimilarityLoss,
+    NCALoss,
+    NormalizedSoftmaxLoss,
+    NPairsLoss,
+    NTXentLoss,
+    ProxyAnchorLoss,
+    ProxyNCALoss,
+    SupConLoss,
+    TripletMarginLoss,
+    to_pml,
+)
 from .memory import CrossBatchMemory, NegativeQueue
 from .modules import (
     DV,
@@ -33,6 +50,16 @@ __all__ = [
     "TripletMarginLoss",
     "ContrastiveLoss",
     "NPairsLoss",
+    "MultiSimilarityLoss",
+    "CircleLoss",
+    "GeneralizedLiftedStructureLoss",
+    "MarginLoss",
+    "NCALoss",
+    "ProxyNCALoss",
+    "ProxyAnchorLoss",
+    "NormalizedSoftmaxLoss",
+    "CosFaceLoss",
+    "ArcFaceLoss",
     "to_pml",
     "NoPairsError",
     "NoPairsWarning",

@@ -425,8 +425,10 @@ class ProxyLoss(PairLoss):
     indices in ``[0, C)``. ``ref_emb`` is not taken (the proxies are the reference set);
     a miner's ``indices_tuple`` weighs the embeddings (:func:`miner_weights`), as PML.
 
-    ``proxy_init``: ``"normal"`` (PML's default) or ``"kaiming"`` (``kaiming_normal_`` with
-    ``mode="fan_out"``, PML's for Proxy-Anchor)."""
+    ``proxy_init``: ``"normal"`` (PML's default), ``"kaiming"`` (``kaiming_normal_`` with
+    ``mode="fan_out"``, PML's for Proxy-Anchor) or ``"normal_w"``: normal, drawn in the
+    ``W [d, C]`` layout of PML's normalized-softmax, CosFace and ArcFace losses and transposed,
+    so that the same seed gives the same proxies as theirs (:mod:`losses.drop_in`)."""
 
     core_checks_terms = True
 
@@ -447,8 +449,13 @@ class ProxyLoss(PairLoss):
             nn.init.normal_(self.proxies)
         elif proxy_init == "kaiming":
             nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+        elif proxy_init == "normal_w":
+            with torch.no_grad():
+                self.proxies.copy_(nn.init.normal_(torch.empty(self.embedding_size,
+                                                               self.num_classes)).T)
         else:
-            raise ValueError(f"proxy_init must be 'normal' or 'kaiming', got {proxy_init!r}")
+            raise ValueError(f"proxy_init must be 'normal', 'kaiming' or 'normal_w', got "
+                             f"{proxy_init!r}")
         self._weights: Tensor | None = None
 
     def proxy_parameters(self) -> list[nn.Parameter]:

@@ -30,7 +30,9 @@ mutation: venv
 
 bench: venv
 	$(PY) benchmarks/losses.py
+	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/retrieval.py
+	$(PY) benchmarks/accuracy_calculator.py
 	$(PY) benchmarks/linear_probe.py
 	$(PY) benchmarks/embed.py
 

@@ -10,7 +10,9 @@ For each (model, image size, batch size) the same in-memory images are embedded 
   default collation through the ``DataLoader`` that ``embed`` builds) -- what a typical image
   data set costs on top of the model.
 
-Overhead % = (bare images/s / embed images/s - 1) * 100 (target: < 10 % on CPU). Each timing is
+Overhead % = (bare images/s / embed images/s - 1) * 100 (target: < 10 % on CPU); ratio = embed
+images/s / bare images/s. Both ``embed`` paths are checked to return the bare forward's
+embeddings and labels, every row in order (a ``RuntimeError`` otherwise). Each timing is
 the best of ``--repeats`` runs, interleaved so that background load hits all three alike. On CPU
 the clock is by default the main thread's CPU time (``time.thread_time``) with
 ``torch.set_num_threads(--threads=1)``: all work then runs on that one thread, and the numbers
@@ -38,7 +40,7 @@ from torch.utils.data import Dataset, TensorDataset
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from contrastive.embedders import Embedder  # noqa: E402
-from contrastive.inference import embed  # noqa: E402
+from contrastive.inference import amp_dtype, embed  # noqa: E402
 
 
 class _PlainDataset(Dataset):
@@ -143,12 +145,25 @@ def bench_one(name: str, size: int, batch_size: int, n: int, repeats: int,
     for _ in range(repeats):
         for k, fn in ways.items():
             best[k] = min(best[k], _time(fn, device, clock))
-    # sanity: embed gives what the bare forward gives
-    with torch.inference_mode():
-        ref = torch.cat([model(b).float().cpu() for b in xb[:1]])
-    emb, _ = embed(model, tds, batch_size=batch_size, device=device, progress=False)
-    assert torch.allclose(emb[: len(ref)], ref, atol=2e-2 if amp else 1e-5), "embed != bare"
+    _check_same_rows(model, xb, y, {"embed": tds, "embed+DL": pds}, batch_size, device, amp)
     return {k: (n / best[k], mem[k]) for k in ways}
+
+
+def _check_same_rows(model: torch.nn.Module, xb: list[torch.Tensor], y: torch.Tensor,
+                     datasets: dict[str, Dataset], batch_size: int, device: torch.device,
+                     amp: bool) -> None:
+    """Raise ``RuntimeError`` unless each ``embed`` path returns, for every row and in order,
+    the embeddings and labels of the bare forward (the rows the table's images/s stand for)."""
+    with torch.inference_mode(), torch.autocast(device.type, amp_dtype(device), enabled=amp):
+        ref = torch.cat([model(b).float().cpu() for b in xb])  # embed's autocast dtype
+    for way, ds in datasets.items():
+        emb, labels = embed(model, ds, batch_size=batch_size, device=device, progress=False)
+        if emb.shape != ref.shape or not torch.equal(labels.cpu(), y):
+            raise RuntimeError(f"{way}: embed returned {tuple(emb.shape)} rows / labels that are "
+                               f"not the bare forward's {tuple(ref.shape)}")
+        err = (emb.float().cpu() - ref).abs().max().item()
+        if not err <= (2e-2 if amp else 1e-5):
+            raise RuntimeError(f"{way}: embed != bare forward (max |diff| {err:.2e})")
 
 
 def main(argv: list[str] | None = None) -> None:

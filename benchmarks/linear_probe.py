@@ -85,9 +85,11 @@ def _measure(job: dict) -> dict:
         limits = threadpool_limits(job["threads"])
     xtr, ytr, xte, yte = make_data(job["n_train"], job["n_test"], job["dim"], job["classes"])
     wd, tol, max_iter = job["wd"], job["tol"], job["max_iter"]
-    cuda = job["method"] != "sklearn" and (
-        job["device"] == "cuda" or (job["device"] is None and torch.cuda.is_available())
+    # our probe's device as evaluation.probe resolves it ("cuda", "cuda:1", None = CUDA if any)
+    ours_device = torch.device(
+        job["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     )
+    cuda = job["method"] != "sklearn" and ours_device.type == "cuda"
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -107,13 +109,13 @@ def _measure(job: dict) -> dict:
             device=job["device"],
         )
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(ours_device)
         return out["accuracy"], out["n_iter"], out["weight_decay"]
 
     # warm-up on a slice (library initialisation, thread pools, CUDA kernels), not measured
     fit(xtr[:500], ytr[:500], xte[:100], yte[:100])
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(ours_device)
     tracemalloc.start()
     with PeakRSS() as rss:
         t0 = time.perf_counter()
@@ -130,8 +132,8 @@ def _measure(job: dict) -> dict:
         "wd": chosen,
         "rss_mb": rss.mb,
         "tracemalloc_mb": py_peak / 2**20,
-        "cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-        "device": "cuda" if cuda else "cpu",
+        "cuda_mb": torch.cuda.max_memory_allocated(ours_device) / 2**20 if cuda else None,
+        "device": str(ours_device) if cuda else "cpu",
     }
 
 

@@ -13,9 +13,10 @@ Rows (one run, the same inputs on both sides, B = 256 by default, d = 128):
   positives x negatives matrix, out of reach at these sizes).
 
 Time: median of ``--repeats`` forward + backward passes (queue update included) after a warm-up,
-ours and lightly interleaved. Peak memory: :class:`PeakMemory` of ``benchmarks/losses.py``
-(torch.profiler's CPU allocation events; ``torch.cuda.max_memory_allocated`` on CUDA). The
-``|diff|`` column is ``|ours - lightly|`` of the loss on the row's first input.
+ours and the reference interleaved. Peak memory: :class:`PeakMemory` of ``benchmarks/losses.py``
+(torch.profiler's CPU allocation events; ``torch.cuda.max_memory_allocated`` on CUDA), in a
+pass of its own that is not timed. The ``|diff|`` column is ``|ours - reference|`` of the loss
+on the row's first input (lightly for ``simclr`` and ``queue``, PML for ``xbm``).
 
 Usage::
 
@@ -70,16 +71,23 @@ def _pass(fn, a, b, device) -> float:
 
 
 def measure(fns: dict, a, b, device, repeats: int, peak_cls) -> dict:
-    out = {}
+    """``{key: (median ms, peak MiB)}`` of each forward + backward pass in ``fns``.
+
+    Per key: one warm-up pass, then one pass under ``peak_cls`` for the peak memory only (the
+    profiler records every operation, which slows that pass), then ``repeats`` timed passes,
+    the keys interleaved.
+    """
+    peaks = {}
     for key, fn in fns.items():
         _pass(fn, a, b, device)
         with peak_cls(device.type) as pm:
-            t = _pass(fn, a, b, device)
-        out[key] = (pm.peak / 2**20, [t])
-    for _ in range(repeats - 1):
+            _pass(fn, a, b, device)
+        peaks[key] = pm.peak / 2**20
+    times: dict = {key: [] for key in fns}
+    for _ in range(repeats):
         for key, fn in fns.items():
-            out[key][1].append(_pass(fn, a, b, device))
-    return {k: (1e3 * statistics.median(t), mb) for k, (mb, t) in out.items()}
+            times[key].append(_pass(fn, a, b, device))
+    return {k: (1e3 * statistics.median(times[k]), peaks[k]) for k in fns}
 
 
 def main(argv=None) -> None:

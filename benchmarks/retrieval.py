@@ -4,9 +4,9 @@ Contenders, each timed in its own subprocess on the same data (unit-norm cluster
 ``N x d``, ``C`` classes with random sizes, query set == reference set):
 
 * ``ours-auto`` / ``ours-faiss`` / ``ours-torch``: ``retrieval_metrics(x, y, backend=...)``
-  (Recall@{1,2,4,8}, Precision@1, R-Precision, MAP@R), cosine. ``auto`` on the CPU is FAISS for
-  small k and, for larger k, blocks of rows spread over threads, each one matrix product and a
-  top-k selection by the C scan (``evaluation/_scan.c``) and numpy
+  (Recall@{1,2,4,8}, those below N; Precision@1, R-Precision, MAP@R), cosine. ``auto`` on the
+  CPU is FAISS for small k and, for larger k, blocks of rows spread over threads, each one matrix
+  product and a top-k selection by the C scan (``evaluation/_scan.c``) and numpy
   (:class:`evaluation.backends.BlockScanBackend`, run by :mod:`evaluation.search`).
 * ``ours-noscan``: ``auto`` without the C extension (what an install without a C compiler gets);
   ``ours-auto`` against ``ours-noscan`` in the large-k rows (few classes) is the C scan's gain.
@@ -26,13 +26,17 @@ FAISS allocations alike. A contender is skipped, with the reason printed, when i
 memory exceeds half of MemAvailable, and killed when it runs past ``--cap`` seconds.
 
 Usage: ``python benchmarks/retrieval.py [--quick] [--sizes 10000 30000] [--classes 100 1000]``.
+The line ``max |ours - pml|`` is the largest difference of P@1, R-Precision and MAP@R over
+every ``ours-*`` run against every ``pml-*`` run. The exit status is 1 when a run failed (after
+all tables are printed); a skipped or killed run is not a failure.
 
 ``--scale``: exact against approximate search (:mod:`evaluation.ann`) at 100k and 1M x 128 with
 1,000 classes (:func:`evaluation.ann.structured_embeddings`, ``--noise``), one subprocess per
 (size, index). For each: the time and peak memory of ``retrieval_metrics(x, y, index=...)``;
-on ``--sample`` random query rows (the same rows for every index) the recall of the true 10 and
-true W nearest neighbours (W = the metrics' window, the largest class), and the difference of
-P@1 / R-Precision / MAP@R against exact search on those rows (paired: same queries). Exact
+on ``--sample`` random query rows (at most N, lone queries left out, the count printed per N;
+the same rows for every index) the recall of the true 10 and true W nearest neighbours (W = the
+metrics' window, the largest class), and the difference of P@1 / R-Precision / MAP@R against
+exact search on those rows (paired: same queries). Exact
 search over all query rows runs only up to ``--exact-max-n`` rows; above, its time is estimated
 from the exact search of the sampled rows (scaled by N / sample) and its metrics are those of
 the sample, labelled as such. HNSW runs only up to ``--hnsw-max-n`` rows (its graph build is
@@ -115,6 +119,18 @@ def max_class_count(y: np.ndarray) -> int:
     return int(np.bincount(y).max())
 
 
+def recall_ks(n: int) -> tuple[int, ...]:
+    """The K of Recall@K that ours computes on ``n`` rows: 1, 2, 4, 8, those below ``n`` (each
+    query has ``n - 1`` candidates)."""
+    return tuple(k for k in (1, 2, 4, 8) if k < n) or (1,)
+
+
+def search_k(y: np.ndarray) -> int:
+    """The k that ours searches (and ``torch-mm-topk`` with it): the largest Recall@K or the
+    largest class less the query itself, whichever is larger."""
+    return max(recall_ks(len(y))[-1], max_class_count(y) - 1)
+
+
 def run_contender(name: str, x: np.ndarray, y: np.ndarray):
     import torch
 
@@ -127,7 +143,8 @@ def run_contender(name: str, x: np.ndarray, y: np.ndarray):
 
             evaluation._topk._scan = None
             backend = "auto"
-        return lambda: retrieval_metrics(x, y, backend=backend, device="cpu")
+        ks = recall_ks(len(y))
+        return lambda: retrieval_metrics(x, y, ks=ks, backend=backend, device="cpu")
     if name.startswith("pml"):
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
@@ -139,7 +156,7 @@ def run_contender(name: str, x: np.ndarray, y: np.ndarray):
         return lambda: calc.get_accuracy(x, y)
     xt = torch.from_numpy(x)
     if name == "torch-mm-topk":
-        k = max(8, max_class_count(y) - 1)
+        k = search_k(y)
 
         def mm_topk():
             s = xt @ xt.T
@@ -200,7 +217,8 @@ def scale_worker(index: str, n: int, n_classes: int, d: int, noise: float, sampl
     window = max(8, int(relevance_counts(y, y, True).max()))
     xs, ys = structured_embeddings(2000, 20, d, noise=noise, seed=1)
     retrieval_metrics(xs, ys, index="exact" if index == "exact" else index)  # warm-up
-    out = {"index": index, "window": window, "threads": torch.get_num_threads()}
+    out = {"index": index, "window": window, "threads": torch.get_num_threads(),
+           "sample_rows": int(len(rows))}
     if index == "exact":
         t0 = time.perf_counter()
         _sample_search(x, y, rows[:16], window, "exact")  # the fixed cost (setup, 16 rows)
@@ -237,7 +255,8 @@ def scale_worker(index: str, n: int, n_classes: int, d: int, noise: float, sampl
     print(json.dumps(out))
 
 
-def run_scale(args) -> None:
+def run_scale(args) -> list[str]:
+    """The --scale tables, one per size; returns the (size, index) runs that failed."""
     import tempfile
 
     import torch
@@ -245,10 +264,11 @@ def run_scale(args) -> None:
     print(f"# retrieval --scale: d={args.dim}, {args.scale_classes} classes, structured synthetic "
           f"(noise={args.noise}), cosine, query set == reference set, CPU, torch threads="
           f"{torch.get_num_threads()}, cores={os.cpu_count()}, load avg at start="
-          f"{os.getloadavg()[0]:.1f}; recall and metric differences on {args.sample} sampled "
-          f"query rows")
+          f"{os.getloadavg()[0]:.1f}; recall and metric differences on random query rows "
+          f"(--sample {args.sample}, fewer where N is smaller; lone queries left out)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     tmp = tempfile.mkdtemp(prefix="retrieval-scale-")
+    failed = []
     for n in args.scale_sizes:
         cache = os.path.join(tmp, f"exact-{n}.npy")
         results = {}
@@ -269,18 +289,22 @@ def run_scale(args) -> None:
             if proc.returncode != 0:
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
                 results[index] = f"failed (exit {proc.returncode}): {tail[0][:100]}"
+                failed.append(f"N={n} {index}")
                 continue
             results[index] = json.loads(proc.stdout.strip().splitlines()[-1])
             results[index]["wall"] = time.perf_counter() - t0
         scale_report(n, args, results)
+    return failed
 
 
 def scale_report(n: int, args, results: dict) -> None:
     ex = results.get("exact")
     ex_sub = ex["sample_metrics"] if isinstance(ex, dict) else None
-    w = next((r["window"] for r in results.values() if isinstance(r, dict)), "?")
+    done = [r for r in results.values() if isinstance(r, dict)]
+    w = done[0]["window"] if done else "?"
+    sampled = f"{done[0]['sample_rows']:,}" if done else "?"
     print(f"\n## N={n:,} x {args.dim}, {args.scale_classes} classes, window W={w}, "
-          f"load avg now {os.getloadavg()[0]:.1f}")
+          f"{sampled} sampled query rows, load avg now {os.getloadavg()[0]:.1f}")
     print(f"{'index':<7} {'time s':>9} {'cpu s':>9} {'peak MB':>9} {'recall@10':>10} "
           f"{'recall@W':>9} {'P@1':>7} {'R-P':>7} {'MAP@R':>7} {'dP@1':>8} {'dR-P':>8} "
           f"{'dMAP@R':>8}  backend")
@@ -305,7 +329,8 @@ def scale_report(n: int, args, results: dict) -> None:
     if isinstance(ex, dict) and ex["estimated"]:
         print(f"* exact at N={n:,}: not run over all query rows (> --exact-max-n="
               f"{args.exact_max_n}); time ESTIMATED as fixed cost (a 16-row search) + N x the cost "
-              f"per row of the exact search of {args.sample} sampled rows ({ex['sample_time']:.1f}"
+              f"per row of the exact search of the {ex['sample_rows']:,} sampled rows "
+              f"({ex['sample_time']:.1f}"
               f" s); P@1 / R-P / MAP@R of those sampled rows")
     print("time (wall), cpu (process CPU time, all threads: about 2x the wall time on 2 idle "
           "cores), peak (resident-set rise) and P@1 / R-P / MAP@R: the full retrieval_metrics "
@@ -358,7 +383,8 @@ def fmt_mb(b: float) -> str:
     return f"{b / 2**20:,.0f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The command line (see the module docstring); exits with status 1 when a run failed."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
     ap.add_argument("--classes", type=int, nargs="+", default=[100, 1000])
@@ -381,7 +407,7 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, default=0,
                     help="IVF cells probed (0: evaluation.ann's default by N)")
     ap.add_argument("--scale-worker", nargs=9, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.scale_worker:
         i, n, c, d, noise, sample, emax, cache, nprobe = args.scale_worker
         scale_worker(i, int(n), int(c), int(d), float(noise), int(sample), int(emax), cache,
@@ -393,7 +419,7 @@ def main() -> None:
         args.scale_indexes = ["exact"] + [i for i in args.scale_indexes if i != "exact"]
         if args.cap == 600.0:
             args.cap = 1800.0
-        run_scale(args)
+        exit_on_failures(run_scale(args))
         return
     if args.worker:
         name, n, c, d = args.worker
@@ -410,13 +436,13 @@ def main() -> None:
           f"torch threads={torch.get_num_threads()}, cores={os.cpu_count()}, "
           f"C scan kernel={scan_kernel()}, load avg at start={os.getloadavg()[0]:.1f}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    failed = []
     for n in args.sizes:
         for c in args.classes:
             _, y = make_data(n, c, 4)
-            kmax = max_class_count(y)
             rows = {}
             for name in args.contenders:
-                need = estimate_bytes(name, n, kmax)
+                need = estimate_bytes(name, n, search_k(y))
                 avail = mem_available()
                 if need > avail / 2:
                     rows[name] = f"skipped: needs ~{fmt_mb(need)} MB, {fmt_mb(avail)} MB available"
@@ -432,14 +458,23 @@ def main() -> None:
                 if proc.returncode != 0:
                     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
                     rows[name] = f"failed (exit {proc.returncode}): {tail[0][:80]}"
+                    failed.append(f"N={n} C={c} {name}")
                     continue
                 rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-            report(n, c, kmax, rows)
+            report(n, c, y, rows)
+    exit_on_failures(failed)
 
 
-def report(n: int, c: int, kmax: int, rows: dict) -> None:
-    print(f"\n## N={n:,} x d, {c} classes (largest class {kmax}: k searched by ours = "
-          f"max(8, {kmax - 1}))")
+def exit_on_failures(failed: list[str]) -> None:
+    """Exit with status 1, naming them, when any run failed (the tables are printed first)."""
+    if failed:
+        sys.exit(f"retrieval benchmark: {len(failed)} run(s) failed: {', '.join(failed)}")
+
+
+def report(n: int, c: int, y: np.ndarray, rows: dict) -> None:
+    """One size's table: time, peak memory and ratios, and the agreement of the metrics."""
+    print(f"\n## N={n:,} x d, {c} classes (largest class {max_class_count(y)}: k searched by "
+          f"ours and torch-mm-topk = {search_k(y)})")
     ours = [r for k, r in rows.items() if k.startswith("ours") and isinstance(r, dict)]
     t_ours = min((r["time"] for r in ours), default=None)
     floor = rows.get("floor")
@@ -454,15 +489,15 @@ def report(n: int, c: int, kmax: int, rows: dict) -> None:
     if isinstance(floor, dict):
         print(f"floor: {floor['result']['flops'] / floor['time'] / 1e9:.1f} GFLOP/s")
     # agreement of the metric values (ours vs PML)
-    pml = next((rows[k] for k in ("pml-maxbin", "pml-default") if isinstance(rows.get(k), dict)),
-               None)
-    if ours and pml:
-        o, p = ours[0]["result"], pml["result"]
-        diff = max(abs(o["precision_at_1"] - p["precision_at_1"]),
-                   abs(o["r_precision"] - p["r_precision"]),
-                   abs(o["map_at_r"] - p["mean_average_precision_at_r"]))
-        print(f"max |ours - pml| over P@1, R-P, MAP@R: {diff:.2e} "
-              f"(MAP@R {o['map_at_r']:.4f}, P@1 {o['precision_at_1']:.4f})")
+    pml = [r for k, r in rows.items() if k.startswith("pml") and isinstance(r, dict)]
+    if ours and pml:  # every one of ours against every PML run
+        diff = max(abs(o["result"][mo] - p["result"][mp]) for o in ours for p in pml
+                   for mo, mp in (("precision_at_1", "precision_at_1"),
+                                  ("r_precision", "r_precision"),
+                                  ("map_at_r", "mean_average_precision_at_r")))
+        o = ours[0]["result"]
+        print(f"max |ours - pml| over P@1, R-P, MAP@R, all {len(ours)} ours x {len(pml)} pml "
+              f"runs: {diff:.2e} (MAP@R {o['map_at_r']:.4f}, P@1 {o['precision_at_1']:.4f})")
     methods = {r["mem_method"] for r in rows.values() if isinstance(r, dict)}
     print(f"peak memory = rise of the resident set during the call ({', '.join(sorted(methods))})")
 

@@ -20,6 +20,7 @@ How an epoch is built (pure functions below, the class only holds the arguments)
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -57,6 +58,10 @@ def _as_label_array(labels: Any) -> np.ndarray:
         raise ValueError("labels is empty; pass one class id per dataset item")
     if arr.dtype == bool:
         arr = arr.astype(np.int64)
+    if arr.dtype == object and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in arr
+    ):
+        arr = arr.astype(np.int64)  # Python ints in an object array (e.g. a pandas column)
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
             raise ValueError("labels must hold integer class ids, got non-integer floats")
@@ -232,6 +237,19 @@ def _non_negative_int(value: Any, name: str) -> int:
 def _distributed_world(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     """``(num_replicas, rank)`` from the arguments, else the initialised process group, else 1/0."""
     initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not initialised:
+        # Like DistributedSampler: without a process group the missing half cannot be read, and
+        # guessing (rank 0 everywhere, or one replica) would give ranks the same or no share.
+        if rank is None and num_replicas is not None and num_replicas != 1:
+            raise ValueError(
+                f"num_replicas={num_replicas!r} was given without rank and no torch.distributed "
+                "process group is initialised; pass rank= (this process's index) as well"
+            )
+        if num_replicas is None and rank is not None and rank != 0:
+            raise ValueError(
+                f"rank={rank!r} was given without num_replicas and no torch.distributed process "
+                "group is initialised; pass num_replicas= (the number of processes) as well"
+            )
     if num_replicas is None:
         num_replicas = torch.distributed.get_world_size() if initialised else 1
     if rank is None:
@@ -241,6 +259,33 @@ def _distributed_world(num_replicas: int | None, rank: int | None) -> tuple[int,
     if rank >= num_replicas:
         raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
     return num_replicas, rank
+
+
+def _min_class_size(m: int, small_classes: str) -> int:
+    """The fewest items a class needs to be usable with ``m`` items per class."""
+    return m if small_classes == "drop" else min(m, 2)
+
+
+def _size_fixes(sizes: np.ndarray, m: int, p: int, small_classes: str) -> str:
+    """Fixes that work when too few classes are usable for ``p`` classes of ``m`` items: fewer
+    classes per batch (when at least 2 are usable) and/or the largest smaller ``m`` that keeps
+    ``p`` classes per batch, else ``small_classes='replace'``."""
+    usable = int((sizes >= _min_class_size(m, small_classes)).sum())
+    fixes = []
+    if usable >= 2:
+        fixes.append(f"use batch_size <= {usable * m} ({usable} classes per batch)")
+    smaller = next(
+        (k for k in range(m - 1, 0, -1)
+         if int((sizes >= _min_class_size(k, small_classes)).sum()) >= p),
+        None,
+    )
+    if smaller is not None:
+        fixes.append(f"use m <= {smaller} (batch_size = {p} * m)")
+    if small_classes == "drop" and int((sizes >= min(m, 2)).sum()) >= max(p, 2) > usable:
+        fixes.append("pass small_classes='replace'")
+    if not fixes:
+        fixes.append(f"the labels hold only {sizes.size} classes; a batch needs at least 2")
+    return "; or ".join(fixes)
 
 
 class MPerClassSampler(Sampler[list[int]]):
@@ -256,7 +301,8 @@ class MPerClassSampler(Sampler[list[int]]):
         seed: the epoch's batches are a deterministic function of ``(seed, epoch)``, identical on
             every rank and independent of ``num_replicas``.
         num_replicas, rank: the distributed world; read from the initialised
-            ``torch.distributed`` process group when ``None`` (1 and 0 without one).
+            ``torch.distributed`` process group when ``None`` (1 and 0 without one; without one,
+            ``num_replicas > 1`` needs ``rank`` and ``rank > 0`` needs ``num_replicas``).
         drop_last: ``True`` (default): the epoch has as many full batches as the shuffled
             ``m``-chunks of the classes can fill with ``P`` distinct classes each; no index repeats
             within an epoch and the ``n mod m`` leftover items of a class (and chunks that cannot
@@ -266,8 +312,9 @@ class MPerClassSampler(Sampler[list[int]]):
             padding of ``DistributedSampler(drop_last=False)``). Every batch is full either way.
         small_classes: a class with fewer than ``m`` items is ``"drop"`` (default: excluded, so no
             index ever repeats inside a batch) or ``"replace"`` (included when it has at least 2
-            items: its chunk holds all its items plus ``m - n`` drawn again with replacement).
-            Classes with one item are never usable for ``m >= 2``.
+            items: its chunk holds all its items plus ``m - n`` drawn again with replacement, as
+            PML's sampler does). Classes with one item are never usable for ``m >= 2``. Leaving
+            classes out is announced with a ``UserWarning`` (their number and items).
 
     Distributed: rank ``r`` yields ``batch[r * s:(r + 1) * s]`` with ``s = batch_size /
     num_replicas``, so concatenating the ranks' shares in rank order (an all-gather) gives the
@@ -327,20 +374,38 @@ class MPerClassSampler(Sampler[list[int]]):
                 "(for self-supervised views use MultiView's instance ids)"
             )
         sizes = np.array([g.size for g in groups], dtype=np.int64)
-        min_size = self.m if small_classes == "drop" else min(self.m, 2)
+        min_size = _min_class_size(self.m, small_classes)
         usable = sizes >= min_size
+        p = self.num_classes_per_batch
         if small_classes == "drop" and not usable.any():
             raise ValueError(
                 f"m ({self.m}) is larger than every class (the largest has {sizes.max()} "
-                f"items); use m <= {sizes.max()} or small_classes='replace'"
+                f"items); {_size_fixes(sizes, self.m, p, small_classes)}"
             )
-        if int(usable.sum()) < self.num_classes_per_batch:
-            rule = f"at least {min_size} items"
+        if int(usable.sum()) < p:
             raise ValueError(
-                f"batch_size ({self.batch_size}) / m ({self.m}) asks for "
-                f"{self.num_classes_per_batch} classes per batch but only {int(usable.sum())} "
-                f"classes have {rule}; use batch_size <= {int(usable.sum()) * self.m} or a "
-                "smaller m"
+                f"batch_size ({self.batch_size}) / m ({self.m}) asks for {p} classes per batch "
+                f"but only {int(usable.sum())} classes have at least {min_size} items; "
+                f"{_size_fixes(sizes, self.m, p, small_classes)}"
+            )
+        if not usable.all():
+            left_out = int((~usable).sum())
+            items = int(sizes[~usable].sum())
+            why = (
+                f"fewer than m={self.m} items" if small_classes == "drop"
+                else "a single item (a positive needs a second one)"
+            )
+            fix = (
+                "; pass small_classes='replace' to use them (their items drawn again with "
+                "replacement) or a smaller m" if small_classes == "drop" else ""
+            )
+            one = left_out == 1
+            warnings.warn(
+                f"MPerClassSampler: {left_out} {'class' if one else 'classes'} ({items} "
+                f"{'item' if items == 1 else 'items'}) with {why} "
+                f"{'is' if one else 'are'} left out of every batch{fix}",
+                UserWarning,
+                stacklevel=2,
             )
         self.classes = classes[usable]
         self._groups = [g for g, u in zip(groups, usable) if u]

@@ -49,11 +49,27 @@ def _dataset_labels(dataset: Any) -> np.ndarray:
             if isinstance(value, Tensor):
                 value = value.cpu().numpy()
             return np.asarray(value, dtype=np.int64)
-    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+    labels = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise TypeError(
+                f"item {i} of the dataset is a {type(item).__name__}, not an (x, y) pair, so it "
+                "has no class label; give the dataset a .labels attribute or items (x, y)"
+            )
+        labels.append(int(item[1]))
+    return np.asarray(labels, dtype=np.int64)
+
+
+def _item_input(item: Any) -> Any:
+    """The input ``x`` of a dataset item: the first entry of an ``(x, y, ...)`` tuple or list,
+    else the item itself (an unlabelled dataset, e.g. a tensor or array of rows)."""
+    return item[0] if isinstance(item, (tuple, list)) else item
 
 
 class MultiView(Dataset):
-    """Wrap a dataset of ``(x, y)``: item ``i`` becomes ``(views [n_views, ...], i)``.
+    """Wrap a dataset of ``(x, y)`` (or of inputs ``x`` alone, e.g. a tensor of rows): item ``i``
+    becomes ``(views [n_views, ...], i)``.
 
     ``x`` may be a PIL image, a tensor or a numpy vector (numpy arrays are turned into float32
     tensors before ``transform``). ``transform`` is called once per view and must return tensors
@@ -74,13 +90,17 @@ class MultiView(Dataset):
                 "transform must be a callable producing one random view (e.g. "
                 f"simclr_augmentation(32)), got {type(transform).__name__}"
             )
-        if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 2:
+        if (
+            isinstance(n_views, (bool, np.bool_))
+            or not isinstance(n_views, (int, np.integer))
+            or n_views < 2
+        ):
             raise ValueError(
                 f"n_views must be an integer >= 2 (a positive pair needs 2 views), got {n_views!r}"
             )
         self.dataset = dataset
         self.transform = transform
-        self.n_views = n_views
+        self.n_views = int(n_views)
         self._class_labels: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -108,7 +128,7 @@ class MultiView(Dataset):
         return getattr(self.dataset, "kind", None)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        x = self.dataset[index][0]
+        x = _item_input(self.dataset[index])
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(np.asarray(x, dtype=np.float32))
         views = []

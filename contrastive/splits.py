@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import numpy as np
 
@@ -39,6 +40,15 @@ def _labels(labels: Sequence[int] | np.ndarray) -> np.ndarray:
     if y.ndim != 1:
         raise ValueError(f"labels must be a 1-d array of class ids, got shape {y.shape}")
     return y
+
+
+def _seed(seed: object) -> int:
+    """``seed`` as an ``int >= 0``; the splits are a pure function of it, so ``None`` (fresh
+    entropy) and negative values (refused by numpy without naming the argument) are errors."""
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0 (the split is a pure function of the "
+                         f"labels and the seed), got {seed!r}")
+    return int(seed)
 
 
 def class_disjoint_split(
@@ -60,6 +70,9 @@ def class_disjoint_split(
     if classes.size < 2:
         raise ValueError(f"a class-disjoint split needs at least 2 classes, got {classes.size}")
     if test_classes is not None:
+        if isinstance(test_classes, (str, bytes)) or not isinstance(test_classes, Iterable):
+            raise ValueError(f"test_classes must be a list of class ids, got {test_classes!r}; "
+                             f"pass [{test_classes!r}] for one class")
         chosen = np.unique(np.asarray(list(test_classes)))
         unknown = np.setdiff1d(chosen, classes)
         if unknown.size:
@@ -73,7 +86,8 @@ def class_disjoint_split(
         if seed is None:
             chosen = classes[-n:]
         else:
-            chosen = np.sort(np.random.default_rng(seed).choice(classes, size=n, replace=False))
+            rng = np.random.default_rng(_seed(seed))
+            chosen = np.sort(rng.choice(classes, size=n, replace=False))
     is_test = np.isin(y, chosen)
     return np.flatnonzero(~is_test).astype(np.int64), np.flatnonzero(is_test).astype(np.int64)
 
@@ -86,16 +100,19 @@ def class_disjoint_folds(
     The distinct classes are permuted with ``np.random.default_rng(seed)`` and dealt round-robin
     into ``n_folds`` groups (sizes differ by at most one); fold ``k`` validates on the items of
     group ``k`` and trains on all the others. Every item is validated on exactly once, and the two
-    sides of a fold never share a class. Needs ``2 <= n_folds <= C``.
+    sides of a fold never share a class. Needs ``2 <= n_folds <= C`` and an int ``seed >= 0``
+    (the folds are a pure function of the labels and the seed).
     """
     y = _labels(labels)
     classes = np.unique(y)
     if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
         raise ValueError(f"n_folds must be an int >= 2, got {n_folds!r}")
     if n_folds > classes.size:
+        fix = (f"pass n_folds <= {classes.size}" if classes.size >= 2
+               else "the labels need at least 2 classes")
         raise ValueError(f"n_folds={n_folds} is more than the {classes.size} classes; every fold "
-                         "needs at least one validation class")
-    order = np.random.default_rng(seed).permutation(classes)
+                         f"needs at least one validation class: {fix}")
+    order = np.random.default_rng(_seed(seed)).permutation(classes)
     folds = []
     for k in range(n_folds):
         val = np.isin(y, order[k::n_folds])
@@ -133,7 +150,16 @@ def parse_split_name(split: str) -> SplitSpec | None:
 
 
 def fold_split_name(fold: int, n_folds: int, part: str, seed: int = 0) -> str:
-    """The split name of one side of a fold: ``fold_split_name(1, 3, "val") == "fold1of3-val"``."""
+    """The split name of one side of a fold: ``fold_split_name(1, 3, "val") == "fold1of3-val"``;
+    :func:`parse_split_name` reads it back, so ``0 <= fold < n_folds``, ``n_folds >= 2`` and
+    ``seed >= 0`` are checked here (a name it cannot read would reach the reader as an unknown
+    split)."""
     if part not in ("train", "val"):
         raise ValueError(f"part must be 'train' or 'val', got {part!r}")
+    if isinstance(n_folds, bool) or not isinstance(n_folds, Integral) or n_folds < 2:
+        raise ValueError(f"n_folds must be an int >= 2, got {n_folds!r}")
+    if isinstance(fold, bool) or not isinstance(fold, Integral) or not 0 <= fold < n_folds:
+        raise ValueError(f"fold must be an int in [0, {n_folds - 1}] (0-based, n_folds="
+                         f"{n_folds}), got {fold!r}")
+    fold, n_folds, seed = int(fold), int(n_folds), _seed(seed)
     return f"fold{fold}of{n_folds}{f's{seed}' if seed else ''}-{part}"

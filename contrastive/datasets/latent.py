@@ -17,7 +17,9 @@ on every machine):
 * observation ``x_i = tanh(A^T [u_i; v_i] / r) Q`` in ``R^D``: ``A`` is a fixed ``(s + n) x D``
   Gaussian matrix with entries ``N(0, 1 / (s + n))``, ``r = sqrt((s (1 + w^2) + n a^2) /
   (s + n))`` the root-mean-square of the latent coordinates (so each pre-activation has unit
-  variance), and ``Q`` a fixed random ``D x D`` rotation.
+  variance), and ``Q`` a fixed random ``D x D`` orthogonal matrix (the ``Q`` factor of a
+  Gaussian matrix; numpy's QR makes it a reflection, ``det Q = -1``, for even ``D``: distances
+  and scores are the same as under a rotation).
 
 Every class shares one signal space, so what an encoder learns on the training classes (undo
 the mixing, discard the nuisance) transfers to unseen classes, as a good DML embedding should.
@@ -35,7 +37,9 @@ class-disjoint ``"train_classes"`` (classes 0-99) / ``"test_classes"`` (100-199)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from numbers import Integral
 
 import numpy as np
 import torch
@@ -46,6 +50,24 @@ __all__ = ["latent_classes", "generate_latent_classes"]
 
 SPLITS = ("train", "test", "all")
 VIEWS = ("observed", "latent")
+#: the share of the items in the i.i.d. ``"test"`` split
+TEST_FRACTION = 0.3
+
+
+def _positive_int(name: str, value: object) -> int:
+    """``value`` as an ``int >= 1`` (Python or numpy integers; bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _seed(seed: object) -> int:
+    """``seed`` as an ``int >= 0``: the data are a function of it, so ``None`` (fresh entropy
+    from the OS) is refused."""
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0 (the data are a function of it), "
+                         f"got {seed!r}")
+    return int(seed)
 
 
 def generate_latent_classes(
@@ -60,16 +82,17 @@ def generate_latent_classes(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(x [N, dim], y [N], u [N, signal_dim])`` of the generative model in the module
     docstring (float32 observations and signals, int64 labels, class by class)."""
-    for name, value in (("n_classes", n_classes), ("per_class", per_class),
-                        ("signal_dim", signal_dim), ("nuisance_dim", nuisance_dim),
-                        ("dim", dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    n_classes, per_class, signal_dim, nuisance_dim, dim = (
+        _positive_int(name, value) for name, value in (
+            ("n_classes", n_classes), ("per_class", per_class), ("signal_dim", signal_dim),
+            ("nuisance_dim", nuisance_dim), ("dim", dim)))
     if n_classes < 2 or per_class < 2:
         raise ValueError(f"latent_classes needs n_classes >= 2 and per_class >= 2 to retrieve, "
                          f"got {n_classes} and {per_class}")
-    if not (within >= 0 and nuisance >= 0):
-        raise ValueError(f"within and nuisance are spreads: >= 0, got {within!r}, {nuisance!r}")
+    if not all(math.isfinite(float(v)) and v >= 0 for v in (within, nuisance)):
+        raise ValueError(f"within and nuisance are spreads: finite and >= 0, got {within!r}, "
+                         f"{nuisance!r}")
+    seed = _seed(seed)
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((n_classes, signal_dim))
     y = np.repeat(np.arange(n_classes), per_class)
@@ -84,13 +107,36 @@ def generate_latent_classes(
 
 
 def _split_indices(y: np.ndarray, split: str, seed: int) -> np.ndarray:
+    """The sorted item indices of ``split``: all of them, or one side of scikit-learn's
+    stratified split with ``n_test = ceil(0.3 N)`` and ``n_train = N - n_test`` items. Every class
+    is on both sides exactly when both sides hold at least ``C`` items (each class gets at least
+    ``floor(n_side / C)`` of them); otherwise a ValueError names ``per_class`` and the fix."""
     if split == "all":
         return np.arange(y.size)
     from sklearn.model_selection import train_test_split
 
-    train, test = train_test_split(np.arange(y.size), test_size=0.3, stratify=y,
+    n_classes, per_class = int(y.max()) + 1, y.size // (int(y.max()) + 1)
+    if min(_iid_sides(n_classes, per_class)) < n_classes:
+        fit = next(p for p in range(per_class + 1, per_class + 8)
+                   if min(_iid_sides(n_classes, p)) >= n_classes)
+        n_train, n_test = _iid_sides(n_classes, per_class)
+        raise ValueError(
+            f"latent_classes split {split!r} is a stratified {1 - TEST_FRACTION:.0%}/"
+            f"{TEST_FRACTION:.0%} split with every class on both sides, but {n_classes} classes "
+            f"of per_class={per_class} items give {n_train} train / {n_test} test items, fewer "
+            f"than the classes: pass per_class >= {fit}, or use split 'all', 'train_classes' or "
+            f"'test_classes'")
+    train, test = train_test_split(np.arange(y.size), test_size=TEST_FRACTION, stratify=y,
                                    random_state=seed)
     return np.sort(train if split == "train" else test)
+
+
+def _iid_sides(n_classes: int, per_class: int) -> tuple[int, int]:
+    """``(n_train, n_test)`` of the i.i.d. split of ``N = n_classes * per_class`` items:
+    ``n_test = ceil(0.3 N)``, scikit-learn's rounding."""
+    n = n_classes * per_class
+    n_test = math.ceil(TEST_FRACTION * n)
+    return n - n_test, n_test
 
 
 def latent_classes(
@@ -108,7 +154,7 @@ def latent_classes(
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS} for 'latent_classes', got {view!r}")
     x, y, u = generate_latent_classes(**params)
-    idx = _split_indices(y, split, int(params.get("seed", 0)))
+    idx = _split_indices(y, split, _seed(params.get("seed", 0)))
     data = torch.from_numpy(np.ascontiguousarray((x if view == "observed" else u)[idx]))
     n_classes = int(y.max()) + 1
     return TensorDataset(data, y[idx], list(range(n_classes)), "vector", transform,

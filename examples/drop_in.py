@@ -6,9 +6,10 @@
     digits goes up (``evaluation.retrieval.retrieval_metrics``).
 
 (b) A pytorch-metric-learning (PML) setup, unchanged except for one import:
-    ``from losses import drop_in as losses`` gives ``NTXentLoss``, ``SupConLoss``,
-    ``TripletMarginLoss``, ``ContrastiveLoss`` and ``NPairsLoss`` with PML's constructor
-    arguments and defaults. They take PML's positional call,
+    ``from losses import drop_in as losses`` gives 16 of PML's class names (the README lists
+    them) with PML's constructor arguments and defaults; this script uses ``NTXentLoss``,
+    ``SupConLoss``, ``TripletMarginLoss``, ``ContrastiveLoss`` and ``NPairsLoss``. They take
+    PML's positional call,
     ``loss_func(embeddings, labels, miner(embeddings, labels))``, give PML's numbers on the same
     batch, return PML's zero (in the graph) on a batch without a positive pair, and work inside
     PML's ``CrossBatchMemory``. PML's ``DistributedLossWrapper`` insists on its own base class:

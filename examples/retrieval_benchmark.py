@@ -9,8 +9,9 @@
     python examples/retrieval_benchmark.py --steps 200 --seeds 0
 
 Each (loss, seed) cell is trained under the same protocol (batches of P classes x m images,
-AdamW, cosine schedule) and evaluated with Recall@K, P@1, R-Precision, MAP@R on the held-out
-classes (query = reference, self excluded), NMI/AMI, a linear probe and weighted k-NN; the table
+AdamW, cosine schedule) and evaluated with Recall@K, P@1, R-Precision, MAP@R on the test split
+(query = reference, self excluded; the held-out classes of the image benchmarks, held-out
+images of every class for digits), NMI/AMI, a linear probe and weighted k-NN; the table
 is printed and written with results.json/.csv and plots under --output. Re-running the same
 command skips the cells already finished with the same settings (see contrastive.app.compare).
 

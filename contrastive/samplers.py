@@ -16,6 +16,8 @@ How an epoch is built (pure functions below, the class only holds the arguments)
 3. the batches are filled round by round: a class with as many chunks left as rounds left must go
    in (otherwise the schedule would get stuck), the other seats are drawn without replacement with
    probability proportional to the chunks a class has left; finally the batch order is shuffled.
+   When no class has more than one chunk (instance ids, ``m = 1``) that is a random permutation
+   of the classes cut into batches, and is drawn as one (linear time, not quadratic).
 """
 
 from __future__ import annotations
@@ -149,6 +151,12 @@ def _schedule(counts: np.ndarray, p: int, rounds: int, rng: np.random.Generator)
     probability proportional to the remaining counts, which keeps the invariant for ``R - 1``.
     """
     counts = counts.astype(np.int64).copy()
+    if counts.size and int(counts.max()) <= 1:
+        # at most one chunk per class (instance ids with m = 1, as SimCLR-style batches): the
+        # loop below would draw a uniformly random ordered partition of the classes into rounds
+        # of p, in O(rounds x classes) (a minute per epoch at ImageNet size); a permutation cut
+        # into rounds is that distribution in O(classes) (the random stream differs)
+        return list(rng.permutation(np.flatnonzero(counts)).reshape(rounds, p))
     seats = []
     for t in range(rounds):
         left = rounds - t
@@ -292,7 +300,10 @@ class MPerClassSampler(Sampler[list[int]]):
     """Batch sampler: each global batch is ``P = batch_size / m`` distinct classes x ``m`` items.
 
     Use it as ``DataLoader(dataset, batch_sampler=MPerClassSampler(dataset.labels, m, B))``; it
-    yields lists of dataset indices (positions in ``labels``).
+    yields lists of dataset indices (positions in ``labels``). (pytorch-metric-learning's
+    ``MPerClassSampler`` is a ``sampler=`` with ``length_before_new_iter`` fourth; here the
+    arguments after ``batch_size`` are keywords, so its fourth argument cannot silently become
+    ``seed``, and ``length_before_new_iter=`` is refused with what to do instead.)
 
     Args:
         labels: one integer class id per dataset item (list, numpy array or tensor).
@@ -332,12 +343,20 @@ class MPerClassSampler(Sampler[list[int]]):
         labels: Any,
         m: int,
         batch_size: int,
+        *,
         seed: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
         drop_last: bool = True,
         small_classes: str = "drop",
+        length_before_new_iter: int | None = None,
     ) -> None:
+        if length_before_new_iter is not None:
+            raise ValueError(
+                "length_before_new_iter is pytorch-metric-learning's (a fixed number of items "
+                "per iteration, drawn with replacement); this sampler's epoch uses each item "
+                "once (see drop_last): leave it out and call set_epoch(e) before each epoch"
+            )
         self.labels = _as_label_array(labels)
         self.m = _positive_int(m, "m")
         self.batch_size = _positive_int(batch_size, "batch_size")

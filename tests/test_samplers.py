@@ -264,7 +264,8 @@ def test_invariants_over_random_label_distributions(sizes, m, p, replicas, drop_
     usable = [n for n in sizes if n >= m]
     if len(usable) < p or (p * m) % replicas:
         with pytest.raises(ValueError):
-            MPerClassSampler(labels, m, p * m, seed, replicas, 0, drop_last)
+            MPerClassSampler(labels, m, p * m, seed=seed, num_replicas=replicas, rank=0,
+                             drop_last=drop_last)
         return
     single = MPerClassSampler(labels, m, p * m, seed=seed, drop_last=drop_last)
     batches = list(single)
@@ -281,7 +282,8 @@ def test_invariants_over_random_label_distributions(sizes, m, p, replicas, drop_
                                                        if n >= m]))
         assert set(flat.tolist()) == set(usable_items.tolist())
     shares = [
-        list(MPerClassSampler(labels, m, p * m, seed, replicas, r, drop_last))
+        list(MPerClassSampler(labels, m, p * m, seed=seed, num_replicas=replicas, rank=r,
+                                 drop_last=drop_last))
         for r in range(replicas)
     ]
     assert [sum((s[k] for s in shares), []) for k in range(len(batches))] == batches

@@ -169,3 +169,43 @@ def test_multiview_numpy_integer_n_views():
     mv = MultiView(ds, lambda x: x, n_views=np.int64(3))
     x, ids = collate_views([mv[0], mv[1]])
     assert x.shape == (6, 2) and ids.tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_one_chunk_per_class_epochs_are_uniform_partitions():
+    """Instance ids with m = 1 (SimCLR-style batches): no class has more than one chunk, so an
+    epoch is a uniformly random partition of the items into batches of p, drawn as a
+    permutation (linear time; the round-by-round loop was quadratic in the number of items).
+    Every item once per epoch, each batch p distinct items, and over many epochs each item
+    lands in each batch slot about equally often."""
+    from contrastive.samplers import epoch_batches
+
+    n, p = 24, 6
+    groups = [np.array([i]) for i in range(n)]
+    slot_of_item0 = np.zeros(n // p, dtype=np.int64)
+    for epoch in range(600):
+        batches = epoch_batches(groups, 1, p, seed=3, epoch=epoch)
+        assert len(batches) == n // p and all(b.size == p for b in batches)
+        flat = np.concatenate(batches)
+        assert sorted(flat.tolist()) == list(range(n))
+        slot_of_item0[[i for i, b in enumerate(batches) if 0 in b][0]] += 1
+    # 600 draws over 4 equally likely batches: 150 each, binomial sd ~10.6
+    assert np.all(np.abs(slot_of_item0 - 150) < 50), slot_of_item0
+    assert not np.array_equal(np.concatenate(epoch_batches(groups, 1, p, 3, 0)),
+                              np.concatenate(epoch_batches(groups, 1, p, 3, 1)))
+    # a surplus item is dropped with drop_last (25 items, batches of 6: 4 batches)
+    groups = [np.array([i]) for i in range(25)]
+    batches = epoch_batches(groups, 1, p, seed=0, epoch=0)
+    assert len(batches) == 4 and len(np.unique(np.concatenate(batches))) == 24
+
+
+def test_pml_call_shape_cannot_set_the_seed_silently():
+    """PML's ``MPerClassSampler(labels, m, batch_size, length_before_new_iter)``: its fourth
+    argument must not become our seed; the keyword is refused with what to do instead."""
+    from contrastive.samplers import MPerClassSampler
+
+    labels = np.repeat(np.arange(6), 4)
+    with pytest.raises(TypeError):
+        MPerClassSampler(labels, 2, 8, 100000)
+    with pytest.raises(ValueError, match="length_before_new_iter is pytorch-metric-learning's"):
+        MPerClassSampler(labels, 2, 8, length_before_new_iter=100000)
+    assert len(MPerClassSampler(labels, 2, 8, seed=1)) == 3

@@ -2,8 +2,11 @@
 
 For each (model, image size, batch size) the same in-memory images are embedded three ways:
 
-* ``bare``: ``model(x)`` over batches sliced beforehand, under ``torch.inference_mode`` in eval
-  mode -- the floor that any pipeline pays;
+* ``bare``: ``model(x)`` over batches sliced (and moved to the device) beforehand, under
+  ``torch.inference_mode`` in eval mode, run as ``embed`` runs the model on that device
+  (:func:`bare_settings`: on CUDA its autocast dtype, bf16 or fp16 before Ampere, and
+  channels_last inputs and weights where ``embed`` uses them, the weights converted for the
+  call and restored, as ``embed`` does; on CPU neither) -- the floor that any pipeline pays;
 * ``embed``: ``embed(model, TensorDataset(x, y), batch_size)`` -- the library's path for
   in-memory tensors (batches sliced, no per-sample collation);
 * ``embed+DL``: ``embed`` over a generic map-style ``Dataset`` (per-sample ``__getitem__`` and
@@ -33,6 +36,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -40,7 +45,8 @@ from torch.utils.data import Dataset, TensorDataset
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from contrastive.embedders import Embedder  # noqa: E402
-from contrastive.inference import amp_dtype, embed  # noqa: E402
+from contrastive.inference import _channels_last as weights_channels_last  # noqa: E402
+from contrastive.inference import amp_dtype, channels_last_safe, embed  # noqa: E402
 
 
 class _PlainDataset(Dataset):
@@ -89,6 +95,59 @@ class _PeakRSS:
         return (self.peak - self.start) / 2**20
 
 
+@dataclass(frozen=True)
+class BareSettings:
+    """How the model runs: autocast on (``amp``) to ``dtype``, and channels_last inputs and
+    4-D weights (``channels_last``)."""
+
+    amp: bool
+    dtype: torch.dtype
+    channels_last: bool
+
+
+def bare_settings(model: torch.nn.Module, device: torch.device) -> BareSettings:
+    """The settings ``embed``'s defaults (``amp=None``, ``channels_last=None``) resolve to for
+    ``model`` on ``device``: on CUDA autocast to :func:`amp_dtype` (bf16 where the GPU computes it
+    natively, fp16 before Ampere) and channels_last where :func:`channels_last_safe` holds; on CPU
+    neither."""
+    cuda = torch.device(device).type == "cuda"
+    return BareSettings(amp=cuda, dtype=amp_dtype(device),
+                        channels_last=cuda and channels_last_safe(model))
+
+
+def bare_batches(x: torch.Tensor, batch_size: int, device: torch.device,
+                 settings: BareSettings) -> list[torch.Tensor]:
+    """``x`` sliced into batches on ``device``, channels_last where ``settings`` says so (as
+    ``embed`` lays out each batch it feeds the model)."""
+    batches = [x[i:i + batch_size].to(device) for i in range(0, len(x), batch_size)]
+    if settings.channels_last:
+        batches = [b.contiguous(memory_format=torch.channels_last) if b.dim() == 4 else b
+                   for b in batches]
+    return batches
+
+
+def bare_forward(model: torch.nn.Module, batches: list[torch.Tensor], settings: BareSettings,
+                 keep: bool = False) -> Callable[[], list[torch.Tensor]]:
+    """The bare forward over ``batches``: ``model(b)`` for each, under ``torch.inference_mode``
+    and the autocast of ``settings``, with the model's 4-D weights channels_last for the call
+    where ``settings`` says so (converted and restored by the helper ``embed`` uses, so the
+    conversion is paid alike). The call returns the outputs if ``keep``, else ``[]`` (each one
+    freed before the next batch)."""
+    device_type = batches[0].device.type if batches else "cpu"
+
+    def run() -> list[torch.Tensor]:
+        out = []
+        with (weights_channels_last(model, settings.channels_last), torch.inference_mode(),
+              torch.autocast(device_type, settings.dtype, enabled=settings.amp)):
+            for b in batches:
+                z = model(b)
+                if keep:
+                    out.append(z)
+        return out
+
+    return run
+
+
 def _time(fn, device: torch.device, clock) -> float:
     """Seconds of one call on ``clock``."""
     if device.type == "cuda":
@@ -121,19 +180,11 @@ def bench_one(name: str, size: int, batch_size: int, n: int, repeats: int,
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, size, size, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
-    amp = device.type == "cuda"
-    xb = [x[i:i + batch_size].to(device) for i in range(0, n, batch_size)]
-    if device.type == "cuda":
-        xb = [b.contiguous(memory_format=torch.channels_last) for b in xb]
-
-    def bare() -> None:
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            for b in xb:
-                model(b)
-
+    settings = bare_settings(model, device)
+    xb = bare_batches(x, batch_size, device, settings)
     tds, pds = TensorDataset(x, y), _PlainDataset(x, y)
     ways = {
-        "bare": bare,
+        "bare": bare_forward(model, xb, settings),
         "embed": lambda: embed(model, tds, batch_size=batch_size, device=device, progress=False),
         "embed+DL": lambda: embed(model, pds, batch_size=batch_size, device=device,
                                   progress=False),
@@ -145,17 +196,18 @@ def bench_one(name: str, size: int, batch_size: int, n: int, repeats: int,
     for _ in range(repeats):
         for k, fn in ways.items():
             best[k] = min(best[k], _time(fn, device, clock))
-    _check_same_rows(model, xb, y, {"embed": tds, "embed+DL": pds}, batch_size, device, amp)
+    _check_same_rows(model, xb, y, {"embed": tds, "embed+DL": pds}, batch_size, device,
+                     settings)
     return {k: (n / best[k], mem[k]) for k in ways}
 
 
 def _check_same_rows(model: torch.nn.Module, xb: list[torch.Tensor], y: torch.Tensor,
                      datasets: dict[str, Dataset], batch_size: int, device: torch.device,
-                     amp: bool) -> None:
+                     settings: BareSettings) -> None:
     """Raise ``RuntimeError`` unless each ``embed`` path returns, for every row and in order,
     the embeddings and labels of the bare forward (the rows the table's images/s stand for)."""
-    with torch.inference_mode(), torch.autocast(device.type, amp_dtype(device), enabled=amp):
-        ref = torch.cat([model(b).float().cpu() for b in xb])  # embed's autocast dtype
+    amp = settings.amp
+    ref = torch.cat([z.float().cpu() for z in bare_forward(model, xb, settings, keep=True)()])
     for way, ds in datasets.items():
         emb, labels = embed(model, ds, batch_size=batch_size, device=device, progress=False)
         if emb.shape != ref.shape or not torch.equal(labels.cpu(), y):

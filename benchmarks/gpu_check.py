@@ -404,7 +404,7 @@ def part_embed(device: str, tiny: bool) -> dict:
     from torch.utils.data import TensorDataset
 
     from contrastive.embedders import Embedder
-    from contrastive.inference import amp_dtype, channels_last_safe, embed
+    from contrastive.inference import _channels_last, amp_dtype, channels_last_safe, embed
 
     name, size, n, bs = ("test_resnet", 64, 64, 16) if tiny else ("resnet50", 224, 2048, 256)
     cuda = torch.device(device).type == "cuda"
@@ -421,9 +421,11 @@ def part_embed(device: str, tiny: bool) -> dict:
         batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
 
     def bare(amp: bool):
+        # the weights in the inputs' layout for the call, as embed() stores them (mixed layouts
+        # would make cuDNN convert one side per convolution: not the same work)
         def run():
-            with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=dtype,
-                                                        enabled=amp):
+            with _channels_last(model, layout), torch.inference_mode(), torch.autocast(
+                    torch.device(device).type, dtype=dtype, enabled=amp):
                 return [model(b) for b in batches]
         return run
 
@@ -440,8 +442,8 @@ def part_embed(device: str, tiny: bool) -> dict:
         with GpuPeak(device) as mem:
             seconds, _ = timed(fn, device, repeats=3 if not tiny else 1, warmup=1)
         out["rows"][label] = {"images_per_s": n / seconds, **mem.as_dict()}
-    with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=dtype,
-                                                enabled=cuda):
+    with _channels_last(model, layout), torch.inference_mode(), torch.autocast(
+            torch.device(device).type, dtype=dtype, enabled=cuda):
         ref = model(batches[0]).float().cpu()
     emb, _ = embed(model, TensorDataset(x[:bs], y[:bs]), batch_size=bs, device=device,
                    progress=False)

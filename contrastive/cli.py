@@ -12,6 +12,8 @@ use or holding another run, a diverging setting): one ``error:`` line, no traceb
 shows it); 3 the command ran but a result failed (a ``compare`` cell, a diverging ``mi-bench``
 estimator), said on stderr and marked in the report; 130 interrupted (``train`` and ``compare``
 write a checkpoint first and say how to continue); 1 an internal error, with its traceback.
+(``mi-bench --family`` reports a diverging estimator on stderr and leaves it out of its
+statistics, exit 0: divergence is one of the results it compares.)
 """
 
 from __future__ import annotations
@@ -660,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Correlated Gaussians with known MI (staircase 2..10 nats); "
                        "each estimator trains a critic and is plotted against the truth.")
     m.add_argument("--estimators", help="comma-separated: infonce,nwj,js,dv, and tuba, mine_ma, "
-                   "smile_1, smile_5, alpha_infonce, l1out, club (the upper bounds get a "
+                   "smile_1, smile_5, alpha_infonce, flo, l1out, club (the upper bounds get a "
                    "Gaussian conditional critic)")
     m.add_argument("--critic", help="separable (default), bilinear or concat; with --family "
                    "a comma-separated list (default all three)")
@@ -668,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--family a comma-separated list (default both)")
     m.add_argument("--family", action="store_true",
                    help="every estimator x critic x data set, a bias/variance/MSE table and a "
-                   "figure per data set (about 9 min on 2 idle CPU cores)")
+                   "figure per data set (9-15 min on 2 CPU cores; docs/mi_estimators.md)")
     m.add_argument("--quick", action="store_true",
                    help="--family with small critics and 100 steps per level (under 3 min)")
     m.add_argument("--dim", type=int)

@@ -178,6 +178,8 @@ MUTATIONS: tuple[Mutation, ...] = (
              "\"r_precision\": (counts * inv_r[0]).sum()"),
     Mutation("recall-at-k-off-by-one", R, "off-by-one",
              "match[:, :k].any(dim=1).sum()", "match[:, : max(k - 1, 1)].any(dim=1).sum()"),
+    Mutation("triplet-one-pass-counts-any-column", F, "term",
+             "act = (sd - thr).gt_(0.0).mul_(qf)", "act = (sd - thr).gt_(0.0)"),
     Mutation("triplet-counted-repeats-ignored", F, "term",
              "w = wp[:, j:j + step, None] * wq[:, None, :]",
              "w = wp[:, j:j + step, None].clamp(max=1) * wq[:, None, :]"),

@@ -639,8 +639,11 @@ def _triplet_counts(sd: Tensor, negatives: Tensor, s_ap: Tensor, valid: Tensor, 
     (n, m), k = sd.shape, s_ap.shape[1]
     step = SLOT_PASS_ENTRIES // max(n * m, 1)  # slots per pass
     if step >= 2:
-        thr = thr.T.contiguous()[:, :, None]  # [k, N, 1]
+        thr = thr.T[:, :, None]  # [k, N, 1], a view (the broadcast reads it as it is)
         qf = K.as_float(negatives, sd.dtype)
+        if step >= k:  # every slot in one pass
+            act = (sd - thr).gt_(0.0).mul_(qf)
+            return act.sum(2).T.contiguous(), act.sum(0)
         c_an = torch.zeros_like(sd)
         c_ap = torch.empty(k, n, dtype=sd.dtype, device=sd.device)
         for j in range(0, k, step):
@@ -1000,13 +1003,15 @@ def triplet(
         a, p, n = triplets
         terms = _hinge(scores[a, n] - scores[a, p] + margin, soft)
         return K.reduce_terms(terms, reduction, terms.numel())
-    n_pos, n_neg = K.count_rows(positives), K.count_rows(negatives)
-    has_neg = n_neg > 0
-    # int64: a row's |P_i| |Q_i| passes int32 beyond ~92k reference items
     if mining == "all":
-        n_triplets = (n_pos.to(torch.int64) * n_neg).sum()
+        # the number of valid triplets, for the means that divide by it (soft terms are never
+        # 0); int64: a row's |P_i| |Q_i| passes int32 beyond ~92k reference items
+        n_triplets = ((K.count_rows(positives).to(torch.int64) * K.count_rows(negatives)).sum()
+                      if soft or reduction == "mean" else None)
     else:
-        ok = (n_pos > 0) & has_neg
+        has_neg = K.count_rows(negatives) > 0
+        if mining == "hard":
+            ok = (K.count_rows(positives) > 0) & has_neg
     if reduction == "none" and mining == "all":
         return _triplet_terms(scores, positives, negatives, margin, soft)
     fused = not soft and K.fusable(scores, positives, negatives, check, reduction)

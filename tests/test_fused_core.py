@@ -149,21 +149,24 @@ def test_fused_semihard_is_the_autograd_form_bit_for_bit(reduction, classes, dty
 @pytest.mark.parametrize("mining", ["all", "semihard"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_slot_passes_float_and_boolean_agree(mining, dtype, monkeypatch):
-    """The triplet counts and the semi-hard search take several positive slots per float pass
-    on small matrices and one boolean pass per slot on large ones
-    (``functional.SLOT_PASS_ENTRIES``): on the autograd path both give the brute force's value
-    and the same gradient, bit for bit."""
+    """The triplet counts and the semi-hard search take every positive slot in one float pass
+    on small matrices, several slots per pass on larger ones and one boolean pass per slot on
+    large ones (``functional.SLOT_PASS_ENTRIES``): on the autograd path all three give the
+    brute force's value and the same gradient, bit for bit."""
     s, p, q = _batch(dtype, n=40, classes=6, spread=1.0)
     q[3] = False
     monkeypatch.setattr(K, "FUSED_MAX_ENTRIES", 0)
     out = []
-    for entries in (1 << 20, 1):  # 1: every matrix is "large"
+    # every slot in one pass; two slots per pass (40 x 40 entries each, k > 2 slots); one
+    # boolean pass per slot (every matrix "large")
+    for entries in (1 << 20, 2 * 40 * 40, 1):
         monkeypatch.setattr(LF, "SLOT_PASS_ENTRIES", entries)
         t = s.clone().requires_grad_(True)
         v = LF.triplet(t, p, q, 0.3, mining, reduction="sum")
         (g,) = torch.autograd.grad(v, t)
         out.append((v.detach(), g))
-    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    for v, g in out[1:]:
+        assert torch.equal(out[0][0], v) and torch.equal(out[0][1], g)
     ref = _hinge_closed_forms(s, p, q)[f"triplet_{mining}_sum"]
     torch.testing.assert_close(out[0][0], ref, rtol=1e-5, atol=1e-5)
 

@@ -748,8 +748,11 @@ def _triplet_semihard_kernel(scores, positives, negatives, idx, valid, has_neg, 
     w = (torch.ones((), dtype=scores.dtype, device=scores.device) if reduction == "sum"
          else count.to(scores.dtype).reciprocal())
     coef = torch.where(active, w, 0.0)
+    # one buffer: a row's negative columns (n_col) and positive columns (idx, padding at a
+    # column with coefficient 0) never meet, so each entry gets the one sum autograd's two
+    # gather backward passes would give it
     grad = torch.zeros_like(scores).scatter_add_(1, n_col, coef)
-    return value, grad.add_(torch.zeros_like(scores).scatter_add_(1, idx, coef.neg_()))
+    return value, grad.scatter_add_(1, idx, coef.neg_())
 
 
 def _triplet_semihard_slow(scores, positives, negatives, idx, valid, has_neg, margin, reduction):
@@ -847,14 +850,20 @@ def _semihard_negative(scores, negatives, idx, valid, has_neg, method: str = "au
     if method == "auto":
         method = "dense" if _use_dense(idx.shape[1], scores.shape[1]) else "sorted"
     if method == "dense":
-        arg = torch.empty(idx.shape, dtype=torch.long, device=sd.device)
-        has_semi = torch.empty(idx.shape, dtype=torch.bool, device=sd.device)
         # excluded entries are pushed below every score by subtracting the score range + 1
         # (arithmetic: masked_fill with a data-dependent mask is ~5x slower on CPU); a 0-d
         # tensor, not a Python float, so that it is not read on the host (a device sync)
         big = (sd.max() - sd.min()).add_(1.0)
         (n, m), k = sd.shape, idx.shape[1]
         step = SLOT_PASS_ENTRIES // max(n * m, 1)  # slots per pass
+        if step >= k:  # every slot in one pass
+            below = (s_ap[:, :, None] - sd[:, None, :]).gt_(0.0)
+            below.mul_(K.as_float(negatives, sd.dtype)[:, None, :])
+            has_semi = below.amax(2) > 0
+            arg = below.sub_(1.0).mul_(big).add_(sd[:, None, :]).argmax(2)
+            return torch.where(has_semi, arg, easiest)
+        arg = torch.empty(idx.shape, dtype=torch.long, device=sd.device)
+        has_semi = torch.empty(idx.shape, dtype=torch.bool, device=sd.device)
         if step >= 2:
             # below[a, j, c]: S_ac < S_ap(j) for a negative c, as 0/1 values
             qf = K.as_float(negatives, sd.dtype)[:, None, :]

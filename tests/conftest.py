@@ -29,6 +29,21 @@ def pytest_configure(config: pytest.Config) -> None:
         pass
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch and one BLAS/OpenMP thread for a whole module, restored afterwards (for
+    modules whose code under test may change the thread count, e.g. a command's ``--threads``
+    default): use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def main(capsys):
     """``main(*args) -> (exit status, stdout, stderr)``: the command line in-process (the same

@@ -23,13 +23,7 @@ from contrastive.pairs import diagonal_masks
 from evaluation import known_mi as km
 from losses import functional as LF
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _scipy_scores(x: torch.Tensor, y: torch.Tensor, rho: float) -> tuple[np.ndarray, np.ndarray]:

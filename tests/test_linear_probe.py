@@ -10,7 +10,6 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MinMaxScaler, StandardScaler
-from threadpoolctl import threadpool_limits
 
 from evaluation.probe import (
     _standardizer,
@@ -20,16 +19,7 @@ from evaluation.probe import (
     stratified_split,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One BLAS/OpenMP thread per test process: on the 2-core CI box shared by xdist workers,
-    oversubscribed OpenMP spin-waits make both torch and scikit-learn 10-50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _synthetic(n=2000, d=64, k=5, sep=0.35, seed=0, n_test=1000):

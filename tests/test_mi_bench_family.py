@@ -23,13 +23,7 @@ from evaluation.known_mi import rho_from_mi, sample_gaussian
 from losses import bounds as LB
 from losses import functional as LF
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_family_estimators_resolve_with_fresh_state():

@@ -18,14 +18,7 @@ from contrastive.critics import Bilinear, Concat, Separable
 from contrastive.pairs import diagonal_masks
 from losses import functional as LF
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny MLP steps: extra threads only add OpenMP spin-waits on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pairs(mi, batch, dim=20, seed=0):

@@ -264,16 +264,6 @@ TINY_SIZES = {
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """The tiny runs are all overhead: with 2 intra-op threads on a shared, busy machine they
-    were 10-50x slower than with one (thread hand-offs), so run them single-threaded."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
 def tiny_results(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("reproduce")
     res = {}

@@ -20,12 +20,7 @@ TINY_ADVERSARIAL = dict(evals=4, n_train=64, n_test=40, eval_batches=1, batch_si
                         couplings=2, hidden=8, warmup=2, inner_steps=1, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- 1. partial means

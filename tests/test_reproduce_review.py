@@ -18,13 +18,7 @@ from contrastive.app.reproduce import run
 from contrastive.app.reproduce.experiments import make_config
 from contrastive.app.reproduce.paper_report import verdict, write_report
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_idx(path, array: np.ndarray, magic: int) -> None:

@@ -13,6 +13,10 @@ from torch.utils.data import DataLoader
 
 from contrastive.samplers import MPerClassSampler, max_full_batches
 
+# these tests build small classes on purpose; the warning that announces them is asserted in
+# tests/test_samplers_views_review.py
+pytestmark = pytest.mark.filterwarnings("ignore:MPerClassSampler.*left out:UserWarning")
+
 
 def make_labels(sizes, seed=0):
     """Labels with ``sizes[c]`` items of class ``10 * c + 3`` (non-contiguous ids), shuffled."""

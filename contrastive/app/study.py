@@ -13,22 +13,36 @@ repeat trials.
 * Running trials record Optuna's RDB heartbeat; a trial whose worker died is failed and redone:
   at once for a process of this machine that no longer exists, after :data:`GRACE_S` without a
   heartbeat for a worker anywhere (``optuna.storages.fail_stale_trials``).
+* Workers started together on a new storage create its tables at the same time; the one that
+  loses that race (``table ... already exists``, a duplicate schema version) opens the storage
+  again (:func:`open_study`), so every worker starts.
+* Files: workers that share one output folder each keep their trials' files in a scratch folder
+  of their own, ``<root>/<host>-<pid>`` (:func:`worker_scratch`), which holds a heartbeat file
+  touched every :data:`HEARTBEAT_S`. A worker removes only its own folder when it is done, and
+  the folders of dead workers -- the same rule as for their trials: a process of this machine
+  that no longer exists, or no heartbeat for :data:`GRACE_S` -- when it starts and ends; the
+  last one out removes ``<root>``. So no worker deletes the files of a trial another one runs,
+  and a SIGKILLed worker's files go with the next worker. Other entries of ``<root>`` are left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import shutil
 import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
 
-__all__ = ["N_STARTUP", "HEARTBEAT_S", "GRACE_S", "POLL_S", "WAIT_S", "TrialsPending",
-           "open_study", "finished_trials", "run_trials"]
+__all__ = ["N_STARTUP", "HEARTBEAT_S", "GRACE_S", "POLL_S", "WAIT_S", "BEAT_FILE",
+           "TrialsPending", "open_study", "finished_trials", "run_trials", "worker_name",
+           "remove_dead_scratch", "worker_scratch"]
 
 #: Random trials before TPE models the results (fixed, so the study does not depend on N).
 N_STARTUP = 4
@@ -37,7 +51,7 @@ N_STARTUP = 4
 @contextlib.contextmanager
 def _quiet_optuna():
     """Optuna warns that its heartbeat is experimental and meant for ``Study.optimize``; the
-    ask-and-tell loop of :func:`run_trials` records the heartbeats itself (:class:`_Heartbeat`)."""
+    ask-and-tell loop of :func:`run_trials` records the heartbeats itself (:class:`_Beat`)."""
     import optuna
 
     with warnings.catch_warnings():
@@ -66,18 +80,44 @@ def open_study(storage: str, name: str, seed: int, heartbeat_s: int = HEARTBEAT_
     """Create or load the study ``name`` (maximise) in ``storage`` with the seeded TPE sampler.
     SQLite waits up to 60 s for a lock held by another worker. Running trials record a heartbeat
     every ``heartbeat_s`` (Optuna's RDB heartbeat), so a trial whose worker died anywhere is
-    failed and redone once ``grace_s`` pass without one."""
+    failed and redone once ``grace_s`` pass without one. Workers that open a new storage at
+    once race to create its tables; the losers open it again (:func:`_rdb_storage`)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
-    with _quiet_optuna():
-        rdb = optuna.storages.RDBStorage(storage, engine_kwargs=kwargs,
-                                         heartbeat_interval=heartbeat_s, grace_period=grace_s)
+    rdb = _rdb_storage(storage, kwargs, heartbeat_s, grace_s)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=N_STARTUP,
                                          constant_liar=True)
     return optuna.create_study(study_name=name, storage=rdb, sampler=sampler,
                                direction="maximize", load_if_exists=True)
+
+
+#: How often a worker that lost the race to create a new storage's tables opens it again.
+_OPEN_ATTEMPTS = 6
+
+
+def _rdb_storage(url: str, engine_kwargs: dict[str, Any], heartbeat_s: int, grace_s: int):
+    """Optuna's ``RDBStorage`` of ``url``. On a new database, workers started together all create
+    its tables and stamp its schema version; the losers fail (``table ... already exists``, a
+    duplicate version row) and open it again, finding the winner's tables, after a short pause
+    (up to :data:`_OPEN_ATTEMPTS` tries; then the error is raised, e.g. a database that cannot
+    be reached)."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    attempt = 1
+    while True:
+        try:
+            with _quiet_optuna():
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                  heartbeat_interval=heartbeat_s,
+                                                  grace_period=grace_s)
+        except (OperationalError, IntegrityError):
+            if attempt >= _OPEN_ATTEMPTS:
+                raise
+        time.sleep(0.1 * attempt)
+        attempt += 1
 
 
 def finished_trials(study) -> list:
@@ -121,25 +161,26 @@ def _fail_dead_trials(study) -> int:
     return before - running()
 
 
-class _Heartbeat:
-    """Records ``trial``'s heartbeat in the study's storage now and every interval until the
-    ``with`` block ends (what ``Study.optimize`` does for its own trials)."""
+class _Beat:
+    """Calls ``beat`` now and every ``interval`` seconds in a daemon thread until the ``with``
+    block ends (nothing when ``interval`` is 0 or None): a running trial's heartbeat in the
+    study's storage, as ``Study.optimize`` records it for its own trials, or a worker's in its
+    scratch folder."""
 
-    def __init__(self, study, trial) -> None:
+    def __init__(self, beat: Callable[[], None], interval: float | None) -> None:
         import threading
 
-        self.storage, self.trial_id = study._storage, trial._trial_id
-        self.interval = self.storage.get_heartbeat_interval()
+        self.beat, self.interval = beat, interval
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
+        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _beat(self) -> None:
+    def _run(self) -> None:
         while not self.stop.wait(self.interval):
-            self.storage.record_heartbeat(self.trial_id)
+            self.beat()
 
-    def __enter__(self):
+    def __enter__(self) -> _Beat:
         if self.interval:
-            self.storage.record_heartbeat(self.trial_id)
+            self.beat()
             self.thread.start()
         return self
 
@@ -147,6 +188,13 @@ class _Heartbeat:
         self.stop.set()
         if self.thread.is_alive():
             self.thread.join()
+
+
+def _trial_beat(study, trial) -> _Beat:
+    """``trial``'s heartbeat in the study's storage, every interval the storage was opened with."""
+    storage = study._storage
+    return _Beat(functools.partial(storage.record_heartbeat, trial._trial_id),
+                 storage.get_heartbeat_interval())
 
 
 def _pending_text(study, running: list, n_trials: int, complete: int, waited: float) -> str:
@@ -209,7 +257,7 @@ def run_trials(study, n_trials: int, objective: Callable[[Any], float],
             study.tell(trial, state=TrialState.FAIL)
             continue
         try:
-            with _Heartbeat(study, trial):
+            with _trial_beat(study, trial):
                 value = float(objective(trial))
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
@@ -218,3 +266,81 @@ def run_trials(study, n_trials: int, objective: Callable[[Any], float],
         done += 1
         if on_trial is not None:
             on_trial(trial, value)
+
+
+# ------------------------------------------------------------------------------ worker files
+
+#: The file in a worker's scratch folder whose modification time is its heartbeat.
+BEAT_FILE = ".heartbeat"
+
+
+def worker_name() -> str:
+    """``<host>-<pid>``: this process as a worker (the host and pid of its trials' ``"worker"``
+    attribute), the name of its scratch folder."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _worker_of(name: str) -> tuple[str, int] | None:
+    """``(host, pid)`` of a scratch folder's name, None for a name :func:`worker_name` does not
+    make."""
+    host, sep, pid = name.rpartition("-")
+    return (host, int(pid)) if sep and host and pid.isdigit() else None
+
+
+def _touch(path: Path) -> None:
+    with contextlib.suppress(OSError):  # the folder is gone: nothing left to keep alive
+        path.touch()
+
+
+def _is_dead(folder: Path, grace_s: float) -> bool:
+    """Whether ``folder`` is the scratch folder of a dead worker: one of this machine whose
+    process no longer exists, or one (of any machine) whose heartbeat file -- or, before its
+    first beat, the folder -- is older than ``grace_s`` seconds. Never this process's own."""
+    worker = _worker_of(folder.name)
+    if worker is None or not folder.is_dir():
+        return False
+    host, pid = worker
+    if host == socket.gethostname():
+        if pid == os.getpid():
+            return False
+        if not _alive(pid):
+            return True
+    try:
+        last = max(p.stat().st_mtime for p in (folder, folder / BEAT_FILE) if p.exists())
+    except (OSError, ValueError):  # removed meanwhile
+        return False
+    return time.time() - last > grace_s
+
+
+def remove_dead_scratch(root: Path, grace_s: float = GRACE_S) -> list[Path]:
+    """Remove the scratch folders of dead workers under ``root`` (:func:`_is_dead`); returns
+    them. Entries that are not a worker's folder are left alone."""
+    removed = []
+    if root.is_dir():
+        for folder in sorted(root.iterdir()):
+            if _is_dead(folder, grace_s):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    return removed
+
+
+@contextlib.contextmanager
+def worker_scratch(root: Path, heartbeat_s: float = HEARTBEAT_S,
+                   grace_s: float = GRACE_S) -> Iterator[Path]:
+    """This worker's scratch folder ``root/<host>-<pid>`` (:func:`worker_name`), created on
+    entry, its heartbeat file touched every ``heartbeat_s`` seconds while the block runs, and
+    removed on exit; the folders of dead workers (:func:`remove_dead_scratch`) are removed on
+    entry and exit, and ``root`` on exit when nothing is left in it. Other workers' live
+    folders are never touched, so workers may share ``root``; one block at a time per
+    process."""
+    mine = root / worker_name()
+    mine.mkdir(parents=True, exist_ok=True)
+    remove_dead_scratch(root, grace_s)
+    try:
+        with _Beat(functools.partial(_touch, mine / BEAT_FILE), heartbeat_s):
+            yield mine
+    finally:
+        shutil.rmtree(mine, ignore_errors=True)
+        remove_dead_scratch(root, grace_s)
+        with contextlib.suppress(OSError):  # another worker's folder is still there
+            root.rmdir()

@@ -21,6 +21,15 @@ The protocol, the same for every loss:
   killed run resumes where it stopped and several processes (or machines on a shared database)
   can work on one study without losing or repeating trials; a trial whose worker died is redone
   (:mod:`.study` says how).
+* Workers sharing one ``output`` folder: each trains its trials' folds in temporary folders
+  under a scratch folder of its own, ``<output>/tuning/scratch/<host>-<pid>``
+  (:func:`~.study.worker_scratch`), and removes only that one when a loss's study is done (a
+  worker that finishes first leaves the others' trials alone); the scratch folders of dead
+  workers (a SIGKILLed one) are removed by the next worker. The final stage holds the output
+  folder's lock (:func:`~contrastive.checkpoint.folder_lock`); a worker that finds it held
+  waits for it (looking every :data:`~.study.POLL_S` s, at most :data:`~.study.WAIT_S` s),
+  then reuses the cells the other one trained and writes the report again, so every worker
+  ends with the report of its own budget.
 * Final: the best configuration of each loss is retrained on all training classes
   (``"train_classes"``) with every seed and evaluated on the test classes (``"test_classes"``;
   In-Shop: its query set against its gallery, :func:`final_splits`);
@@ -32,13 +41,13 @@ The protocol, the same for every loss:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +66,15 @@ from .compare import (
     train_config_for,
 )
 from .config import Bool, ConfigError, IntList, NonNegInt, PosInt, TextList, TrainConfig
-from .study import N_STARTUP, finished_trials, open_study, run_trials
+from .study import (
+    N_STARTUP,
+    POLL_S,
+    WAIT_S,
+    finished_trials,
+    open_study,
+    run_trials,
+    worker_scratch,
+)
 
 __all__ = ["TuneConfig", "LR_SPACE", "search_space", "study_name", "storage_url",
            "trial_config", "tune_loss", "tune", "reference_rows", "class_disjoint_batch"]
@@ -249,12 +266,15 @@ def trial_config(cfg: TuneConfig, loss: str, params: Mapping[str, Any], fold: in
 
 
 def _objective(cfg: TuneConfig, loss: str, space: Mapping[str, Any], scratch: Path):
+    """The trial's value: mean validation MAP@R over the folds, each trained in a temporary
+    folder under this worker's ``scratch`` folder (:func:`~.study.worker_scratch`)."""
     from .train import DivergedError, fit
 
     def objective(trial) -> float:
         params = suggest(trial, space)
         scores = []
         for k in range(cfg.folds):
+            scratch.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=scratch) as tmp:
                 try:
                     res = fit(trial_config(cfg, loss, params, k, tmp))
@@ -281,8 +301,6 @@ def tune_loss(cfg: TuneConfig, loss: str, log: Callable[[str], None] | None = No
     name = study_name(cfg, loss)
     study = open_study(storage, name, cfg.tune_seed)
     space = search_space(loss, cfg.search_spaces.get(loss))
-    scratch = Path(cfg.output) / "tuning" / "scratch"
-    scratch.mkdir(parents=True, exist_ok=True)
 
     def said(trial, value):
         if log is not None:
@@ -291,8 +309,9 @@ def tune_loss(cfg: TuneConfig, loss: str, log: Callable[[str], None] | None = No
             log(f"tune {loss}: trial {trial.number} val MAP@R {value:.4f} (best {best:.4f}, "
                 f"{n}/{cfg.trials} done)")
 
-    ran = run_trials(study, cfg.trials, _objective(cfg, loss, space, scratch), said,
-                     log=None if log is None else (lambda text: log(f"tune {loss}: {text}")))
+    with worker_scratch(Path(cfg.output) / "tuning" / "scratch") as scratch:
+        ran = run_trials(study, cfg.trials, _objective(cfg, loss, space, scratch), said,
+                         log=None if log is None else (lambda text: log(f"tune {loss}: {text}")))
     trials = finished_trials(study)[: cfg.trials]
     if len(trials) < cfg.trials:  # run_trials returns with the whole budget complete
         raise RuntimeError(f"tune {loss}: {len(trials)} of {cfg.trials} trials complete in "
@@ -363,6 +382,29 @@ def _preflight(cfg: TuneConfig) -> None:
         trial_config(cfg, loss, point, 0, str(Path(cfg.output) / "tuning" / "check"))
 
 
+@contextlib.contextmanager
+def _output_lock(out: Path, log: Callable[[str], None] | None, poll_s: float = POLL_S,
+                 wait_s: float = WAIT_S) -> Iterator[Path]:
+    """Hold the lock of the output folder for the final stage. While another run holds it (a
+    worker of the same studies in its final stage) wait, looking every ``poll_s`` seconds
+    (``log`` is told once); :class:`~contrastive.checkpoint.FolderInUse` after ``wait_s``."""
+    start, told = time.monotonic(), False
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(ckpt.folder_lock(out, "contrastive compare --tune"))
+                break
+            except ckpt.FolderInUse as exc:
+                if time.monotonic() - start > wait_s:
+                    raise
+                if log is not None and not told:
+                    held = str(exc).split(";", 1)[0]  # "output folder ... (pid, command)"
+                    log(f"final cells: {held}; waiting until it is released")
+                    told = True
+            time.sleep(poll_s)
+        yield out
+
+
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -383,9 +425,8 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
     log = _say if cfg.progress else None
     tuning = {loss: tune_loss(cfg, loss, log) for loss in cfg.losses}
     tune_time = time.perf_counter() - t0
-    shutil.rmtree(out / "tuning" / "scratch", ignore_errors=True)
     ccfg = final_compare_config(cfg, {k: v["best_params"] for k, v in tuning.items()})
-    with ckpt.folder_lock(out, "contrastive compare --tune"):
+    with _output_lock(out, log):
         cells = out / "cells"
         cells.mkdir(parents=True, exist_ok=True)
         records = []

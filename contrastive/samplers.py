@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from .validation import check_int, check_positive_int
+
 __all__ = [
     "MPerClassSampler",
     "class_groups",
@@ -230,18 +232,6 @@ def epoch_batches(
 # ------------------------------------------------------------------------------------------------
 
 
-def _positive_int(value: Any, name: str, hint: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}{hint}")
-    return int(value)
-
-
-def _non_negative_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
-
-
 def _distributed_world(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     """``(num_replicas, rank)`` from the arguments, else the initialised process group, else 1/0."""
     initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -262,8 +252,8 @@ def _distributed_world(num_replicas: int | None, rank: int | None) -> tuple[int,
         num_replicas = torch.distributed.get_world_size() if initialised else 1
     if rank is None:
         rank = torch.distributed.get_rank() if initialised else 0
-    num_replicas = _positive_int(num_replicas, "num_replicas")
-    rank = _non_negative_int(rank, "rank")
+    num_replicas = check_positive_int(num_replicas, "num_replicas")
+    rank = check_int(rank, "rank")
     if rank >= num_replicas:
         raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
     return num_replicas, rank
@@ -358,9 +348,9 @@ class MPerClassSampler(Sampler[list[int]]):
                 "once (see drop_last): leave it out and call set_epoch(e) before each epoch"
             )
         self.labels = _as_label_array(labels)
-        self.m = _positive_int(m, "m")
-        self.batch_size = _positive_int(batch_size, "batch_size")
-        self.seed = _non_negative_int(seed, "seed")
+        self.m = check_positive_int(m, "m")
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.seed = check_int(seed, "seed")
         self.drop_last = bool(drop_last)
         if small_classes not in _SMALL_CLASS_MODES:
             raise ValueError(
@@ -443,8 +433,8 @@ class MPerClassSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch whose batches the next iteration yields; ``start_batch`` skips the
         first batches (to resume in the middle of an epoch)."""
-        self.epoch = _non_negative_int(epoch, "epoch")
-        start_batch = _non_negative_int(start_batch, "start_batch")
+        self.epoch = check_int(epoch, "epoch")
+        start_batch = check_int(start_batch, "start_batch")
         if start_batch > self.batches_per_epoch:
             raise ValueError(
                 f"start_batch ({start_batch}) exceeds the {self.batches_per_epoch} batches per "
@@ -466,14 +456,14 @@ class MPerClassSampler(Sampler[list[int]]):
             raise ValueError(
                 f"sampler state is missing {sorted(missing)}; pass the dict from state_dict()"
             )
-        self.seed = _non_negative_int(state["seed"], "seed")
+        self.seed = check_int(state["seed"], "seed")
         self.set_epoch(state["epoch"], state.get("start_batch", 0))
 
     # -- iteration --------------------------------------------------------------------------------
 
     def global_batches(self, epoch: int | None = None) -> list[np.ndarray]:
         """All global ``P x m`` batches of ``epoch`` (default: the current one), for any rank."""
-        epoch = self.epoch if epoch is None else _non_negative_int(epoch, "epoch")
+        epoch = self.epoch if epoch is None else check_int(epoch, "epoch")
         return epoch_batches(self._groups, self.m, self.num_classes_per_batch, self.seed, epoch,
                              self.drop_last)
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from numbers import Integral
 
 import numpy as np
+
+from .validation import check_int
 
 __all__ = ["class_disjoint_split", "class_disjoint_folds", "parse_split_name", "SplitSpec",
            "fold_split_name", "CLASS_SPLITS"]
@@ -45,10 +46,8 @@ def _labels(labels: Sequence[int] | np.ndarray) -> np.ndarray:
 def _seed(seed: object) -> int:
     """``seed`` as an ``int >= 0``; the splits are a pure function of it, so ``None`` (fresh
     entropy) and negative values (refused by numpy without naming the argument) are errors."""
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0 (the split is a pure function of the "
-                         f"labels and the seed), got {seed!r}")
-    return int(seed)
+    return check_int(seed, "seed", 0, why=" (the split is a pure function of the labels and "
+                     "the seed)")
 
 
 def class_disjoint_split(
@@ -105,8 +104,7 @@ def class_disjoint_folds(
     """
     y = _labels(labels)
     classes = np.unique(y)
-    if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
-        raise ValueError(f"n_folds must be an int >= 2, got {n_folds!r}")
+    n_folds = check_int(n_folds, "n_folds", 2)
     if n_folds > classes.size:
         fix = (f"pass n_folds <= {classes.size}" if classes.size >= 2
                else "the labels need at least 2 classes")
@@ -156,10 +154,7 @@ def fold_split_name(fold: int, n_folds: int, part: str, seed: int = 0) -> str:
     split)."""
     if part not in ("train", "val"):
         raise ValueError(f"part must be 'train' or 'val', got {part!r}")
-    if isinstance(n_folds, bool) or not isinstance(n_folds, Integral) or n_folds < 2:
-        raise ValueError(f"n_folds must be an int >= 2, got {n_folds!r}")
-    if isinstance(fold, bool) or not isinstance(fold, Integral) or not 0 <= fold < n_folds:
-        raise ValueError(f"fold must be an int in [0, {n_folds - 1}] (0-based, n_folds="
-                         f"{n_folds}), got {fold!r}")
-    fold, n_folds, seed = int(fold), int(n_folds), _seed(seed)
+    n_folds = check_int(n_folds, "n_folds", 2)
+    fold = check_int(fold, "fold", 0, n_folds - 1, why=f" (0-based, n_folds={n_folds})")
+    seed = _seed(seed)
     return f"fold{fold}of{n_folds}{f's{seed}' if seed else ''}-{part}"

@@ -9,7 +9,9 @@ shape checks, which read no value, for compiled or CUDA-graph regions.
 from __future__ import annotations
 
 import math
+import operator
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -77,7 +79,26 @@ def check_temperature(t: float, name: str = "temperature") -> float:
     return value
 
 
+def check_int(value: object, name: str, low: int = 0, high: int | None = None,
+              why: str = "") -> int:
+    """``value`` as an ``int`` if it is an integer -- Python or NumPy, not a bool -- in
+    ``[low, high]`` (no upper end with ``high=None``); otherwise a ``ValueError`` that names
+    ``name``, the range and, with ``why``, what the range is for."""
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            out = operator.index(value)
+        except TypeError:
+            out = None
+        if out is not None and out >= low and (high is None or out <= high):
+            return int(out)
+    if high is not None:
+        wanted = f"an integer in [{low}, {high}]"
+    else:
+        wanted = {0: "a non-negative integer", 1: "a positive integer"}.get(
+            low, f"an integer >= {low}")
+    raise ValueError(f"{name} must be {wanted}{why}, got {value!r}")
+
+
 def check_positive_int(v: int, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return v
+    """``v`` as an ``int >= 1`` (:func:`check_int`)."""
+    return check_int(v, name, 1)

@@ -25,6 +25,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from .validation import check_int
+
 __all__ = [
     "MultiView",
     "collate_views",
@@ -90,14 +92,7 @@ class MultiView(Dataset):
                 "transform must be a callable producing one random view (e.g. "
                 f"simclr_augmentation(32)), got {type(transform).__name__}"
             )
-        if (
-            isinstance(n_views, (bool, np.bool_))
-            or not isinstance(n_views, (int, np.integer))
-            or n_views < 2
-        ):
-            raise ValueError(
-                f"n_views must be an integer >= 2 (a positive pair needs 2 views), got {n_views!r}"
-            )
+        n_views = check_int(n_views, "n_views", 2, why=" (a positive pair needs 2 views)")
         self.dataset = dataset
         self.transform = transform
         self.n_views = int(n_views)

@@ -66,6 +66,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from contrastive.validation import check_positive_int
+
 from .backends import block_keys
 from .ties import select_topk
 
@@ -123,9 +125,7 @@ class AnnParams:
 
 
 def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
-        raise ValueError(f"index_options[{name!r}] must be a positive integer, got {value!r}")
-    return int(value)
+    return check_positive_int(value, f"index_options[{name!r}]")
 
 
 def default_params(kind: str, n: int, d: int, window: int) -> AnnParams:

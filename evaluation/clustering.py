@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
+from contrastive.validation import check_int
+
 from ._inputs import as_float_matrix, as_labels, check_k, check_metric
 from .backends import _import_faiss, normalize_rows
 
@@ -29,11 +31,7 @@ def _check_seed(seed: object) -> int:
     """``seed`` if it is an integer in ``[0, 2**31 - 1]``: the seeds both backends take (FAISS's
     is a C ``int``, scikit-learn's ``random_state`` a non-negative one), so no backend truncates
     a float or wraps a negative seed while the other refuses it."""
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer in [0, 2**31 - 1], e.g. seed=0; got {seed!r}")
-    if not 0 <= int(seed) <= SEED_MAX:
-        raise ValueError(f"seed must be in [0, 2**31 - 1], e.g. seed=0; got {seed!r}")
-    return int(seed)
+    return check_int(seed, "seed", 0, SEED_MAX, why=" (e.g. seed=0)")
 
 
 def kmeans_assign(

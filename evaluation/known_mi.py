@@ -17,12 +17,13 @@ the application layer (:mod:`contrastive.app.mi_benchmark`; layers in ``docs/arc
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from contrastive.validation import check_positive_int
 
 __all__ = [
     "check_dim",
@@ -69,23 +70,11 @@ def rho_from_mi(mi: float, dim: int) -> float:
     return math.sqrt(-math.expm1(-2.0 * mi / dim))
 
 
-def _positive_int(value: int, name: str) -> int:
-    """``value`` as an ``int`` if it is a positive integer (Python or NumPy, not a bool);
-    ``ValueError`` naming ``name`` otherwise."""
-    if not isinstance(value, bool) and not isinstance(value, np.bool_):
-        try:
-            out = operator.index(value)
-        except TypeError:
-            out = None
-        if out is not None and out > 0:
-            return int(out)
-    raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
 
 def check_dim(dim: int) -> int:
     """``dim`` as an ``int`` if it is a positive integer (Python or NumPy); ``ValueError``
     naming it otherwise."""
-    return _positive_int(dim, "dim")
+    return check_positive_int(dim, "dim")
 
 
 def sample_gaussian(
@@ -98,7 +87,7 @@ def sample_gaussian(
 ) -> tuple[Tensor, Tensor]:
     """``(x, y)`` of shape ``[batch_size, dim]`` with ``x ~ N(0, I)``,
     ``y = rho x + sqrt(1 - rho^2) e``, ``e ~ N(0, I)`` (``generator`` must live on ``device``)."""
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = check_positive_int(batch_size, "batch_size")
     dim = check_dim(dim)
     rho = float(rho)
     if not -1.0 < rho < 1.0:
@@ -142,7 +131,7 @@ def optimal_critic(x: Tensor, y: Tensor, rho: float) -> Tensor:
 def staircase(levels: Sequence[float], steps_per_level: int) -> np.ndarray:
     """True MI per step: each level (nats, finite, ``>= 0``) held for ``steps_per_level`` (a
     positive integer) steps, the schedule of Poole et al. (2019, fig. 2)."""
-    steps = _positive_int(steps_per_level, "steps_per_level")
+    steps = check_positive_int(steps_per_level, "steps_per_level")
     try:
         values = np.asarray(levels, dtype=np.float64)
     except (TypeError, ValueError) as exc:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from contrastive.devices import resolve_device
+from contrastive.validation import check_int
 
 from ._inputs import _to_numpy, as_float_matrix, as_labels, check_same_dim
 
@@ -219,11 +220,7 @@ def _check_seed(seed: object) -> int | None:
     shuffling) accept."""
     if seed is None:
         return None
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer in [0, 2**32 - 1], e.g. seed=0; got {seed!r}")
-    if not 0 <= int(seed) <= 2**32 - 1:
-        raise ValueError(f"seed must be in [0, 2**32 - 1], e.g. seed=0; got {seed!r}")
-    return int(seed)
+    return check_int(seed, "seed", 0, 2**32 - 1, why=" (e.g. seed=0)")
 
 
 def _check_inputs(train_x, train_y, test_x, test_y):

@@ -66,6 +66,7 @@ from ..conditional import GaussianConditional
 from ..devices import resolve_device
 from ..jsonsafe import to_jsonable
 from ..pairs import diagonal_masks
+from ..validation import check_int, check_positive_int
 from .results import markdown_table as _pipe_table
 
 __all__ = [
@@ -306,15 +307,11 @@ def check_arguments(
     naming the argument); returns the resolved estimators and levels."""
     est = resolve_estimators(estimators)
     dim = check_dim(dim)
-    if _integer(batch_size) is None or batch_size < 2:
-        raise ValueError(f"batch_size must be an integer >= 2 (positives need negatives), got "
-                         f"{batch_size!r}")
-    if _integer(steps_per_level) is None or steps_per_level <= 0:
-        raise ValueError(f"steps_per_level must be a positive integer, got {steps_per_level!r}")
+    check_int(batch_size, "batch_size", 2, why=" (positives need negatives)")
+    check_positive_int(steps_per_level, "steps_per_level")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if _integer(seed) is None or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_int(seed, "seed", 0)
     levels = _check_levels(levels)
     try:  # the largest level must have a rho below 1 in this dimension
         rho_from_mi(max(levels), dim)
@@ -330,16 +327,6 @@ def check_arguments(
         for name, own in (estimator_critics or {}).items():
             _check_trainable(make_critic(own, dim), own, f"estimator_critics[{name!r}]")
     return est, levels
-
-
-def _integer(value: object) -> int | None:
-    """``value`` as an ``int`` if it is an integer (Python or NumPy, not a bool), else None."""
-    if isinstance(value, (bool, np.bool_)):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def _check_trainable(model: nn.Module, critic: object, where: str = "critic") -> None:

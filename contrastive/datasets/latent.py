@@ -39,11 +39,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from numbers import Integral
 
 import numpy as np
 import torch
 
+from ..validation import check_int
 from .base import TensorDataset, check_split
 
 __all__ = ["latent_classes", "generate_latent_classes"]
@@ -54,20 +54,10 @@ VIEWS = ("observed", "latent")
 TEST_FRACTION = 0.3
 
 
-def _positive_int(name: str, value: object) -> int:
-    """``value`` as an ``int >= 1`` (Python or numpy integers; bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _seed(seed: object) -> int:
     """``seed`` as an ``int >= 0``: the data are a function of it, so ``None`` (fresh entropy
     from the OS) is refused."""
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0 (the data are a function of it), "
-                         f"got {seed!r}")
-    return int(seed)
+    return check_int(seed, "seed", 0, why=" (the data are a function of it)")
 
 
 def generate_latent_classes(
@@ -83,7 +73,7 @@ def generate_latent_classes(
     """``(x [N, dim], y [N], u [N, signal_dim])`` of the generative model in the module
     docstring (float32 observations and signals, int64 labels, class by class)."""
     n_classes, per_class, signal_dim, nuisance_dim, dim = (
-        _positive_int(name, value) for name, value in (
+        check_int(value, name, 1) for name, value in (
             ("n_classes", n_classes), ("per_class", per_class), ("signal_dim", signal_dim),
             ("nuisance_dim", nuisance_dim), ("dim", dim)))
     if n_classes < 2 or per_class < 2:

@@ -135,7 +135,9 @@ def test_accuracy_calculator_prints_time_ratios_against_ours(monkeypatch, capsys
     monkeypatch.setattr(bench, "timed", fake_timed)
     x, y = bench.make_data(60, 3, 4)
     bench.run_case("ratios", x, y, True)
-    ratios = {line[:22].strip(): re.findall(r"\b([0-9.]+x)\b", line) for line in
+    # the two time ratios (the memory ratio after them reads "-" when ours' resident-set rise
+    # is 0, which depends on the machine)
+    ratios = {line[:22].strip(): re.findall(r"\b([0-9.]+x)\b", line)[:2] for line in
               capsys.readouterr().out.splitlines() if line.startswith(("ours", "pml", "retr"))}
     assert ratios["ours max_bin_count"] == ["1.00x", "1.00x"]
     assert ratios["pml max_bin_count"] == ["3.00x", "2.50x"]

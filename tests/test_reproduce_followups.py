@@ -4,6 +4,7 @@ set, and the adversarial experiment's divergence stop. Tiny sizes, no network.""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -216,3 +217,49 @@ def test_adversarial_run_that_does_not_diverge_records_none(tmp_path):
     assert res["runs"][0]["diverged_at"] is None
     assert [r["step"] for r in res["curves"]] == [0, 1, 2]
     assert all(math.isfinite(r["accuracy"]) for r in res["curves"])
+
+
+def test_report_names_the_runs_that_diverged_and_when(critics_with_a_diverged_seed, tmp_path):
+    res = copy.deepcopy(critics_with_a_diverged_seed[1])
+    for r in res["runs"]:
+        r["diverged_at"] = 7 if (r["critic"] == "concat" and r["seed"] == 0) else None
+    folder = tmp_path / "res"
+    folder.mkdir()
+    (folder / "critics.json").write_text(json.dumps(res))
+    text = write_report(folder, tmp_path / "r.md", tmp_path / "figures").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("**Diverged**"))
+    assert "critic concat, estimator nwj, seed 0 at step 7." in line, line
+    assert "bilinear" not in line
+    # no diverged run: no line
+    for r in res["runs"]:
+        r["diverged_at"] = None
+    (folder / "critics.json").write_text(json.dumps(res))
+    text = write_report(folder, tmp_path / "r2.md", tmp_path / "figures").read_text()
+    assert "**Diverged**" not in text
+
+
+def test_reproduction_curves_mark_the_steps_where_a_diverged_seed_left_the_mean():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from contrastive.app.reproduce.plots import _line, mean_curve
+
+    curves = [{"seed": s, "step": t, "bound": float(s + t)} for s in (0, 1, 2) for t in (0, 10)]
+    curves.append({"seed": 0, "step": 20, "bound": 20.0})  # seeds 1 and 2 diverged before 20
+    steps, mean, std, n = mean_curve(curves, "bound", counts=True)
+    assert steps.tolist() == [0, 10, 20] and n.tolist() == [3, 3, 1]
+    assert mean.tolist() == [1.0, 11.0, 20.0]
+    assert len(mean_curve(curves, "bound")) == 3  # the three-array form is unchanged
+    fig, ax = plt.subplots()
+    _line(ax, curves, "bound", "I_NCE", "tab:blue")
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels[0] == "I_NCE (from step 20: 1 of 3 seeds)", labels
+    hollow = ax.get_lines()[1]
+    assert hollow.get_xdata().tolist() == [20] and hollow.get_markerfacecolor() == "white"
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    _line(ax, curves[:-1], "bound", "I_NCE", "tab:blue")  # every seed at every step
+    assert [line.get_label() for line in ax.get_lines()] == ["I_NCE"]
+    plt.close(fig)

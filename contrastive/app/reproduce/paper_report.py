@@ -423,7 +423,38 @@ def _tables(name: str, res: dict) -> str:
             ("same critic on i.i.d. batches", lambda r: _pm(r, "estimate_on_iid", 4)),
             ("train-batch estimate", lambda r: _pm(r, "train_estimate", 4)),
         ]))
+    diverged = _diverged_line(name, res)
+    if diverged:
+        out.append("\n" + diverged)
     return "\n".join(out)
+
+
+#: the keys that name a variant of each experiment in its ``runs`` (the table's first columns)
+_VARIANT_KEYS = {
+    "bijective": ("estimator",),
+    "adversarial": ("encoder",),
+    "critics": ("critic", "estimator"),
+    "encoders": ("estimator", "target", "encoder"),
+    "noniid": ("estimator", "sampler"),
+}
+
+
+def _diverged_line(name: str, res: dict) -> str:
+    """``Diverged: <variant>, seed s at step k; ...`` for every run that stopped on a non-finite
+    value (its ``diverged_at``), so a reader sees which seed a partial mean left out and when;
+    ``""`` when none did."""
+    keys = _VARIANT_KEYS.get(name, ())
+    parts = []
+    for r in res.get("runs", []):
+        step = r.get("diverged_at")
+        if step is None:
+            continue
+        variant = ", ".join(f"{k} {r[k]}" for k in keys if r.get(k) is not None)
+        parts.append(f"{variant + ', ' if variant else ''}seed {r.get('seed')} at step {step}")
+    if not parts:
+        return ""
+    return ("**Diverged** (training stopped at a non-finite score or output; that seed's "
+            "last evaluation is at that step): " + "; ".join(parts) + ".")
 
 
 def _chain(first: object, width: int, layers: int, last: object) -> str:

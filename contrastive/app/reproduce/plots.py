@@ -15,9 +15,11 @@ _COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:
 _NAMES = {"infonce": "I_NCE", "nce": "I_NCE", "nwj": "I_NWJ", "conv": "ConvNet", "mlp": "MLP"}
 
 
-def mean_curve(curves: list[dict], metric: str, **match) -> tuple[np.ndarray, ...]:
+def mean_curve(curves: list[dict], metric: str, *, counts: bool = False,
+               **match) -> tuple[np.ndarray, ...]:
     """Steps, mean and std over seeds of ``metric`` for the rows that match ``match``
-    (missing values are skipped)."""
+    (missing values are skipped: a seed that diverged has no value after its last step);
+    ``counts=True`` adds the number of seeds behind each step's mean as a fourth array."""
     by_step: dict[int, list[float]] = {}
     for r in curves:
         if all(r.get(k) == v for k, v in match.items()) and r.get(metric) is not None:
@@ -26,14 +28,26 @@ def mean_curve(curves: list[dict], metric: str, **match) -> tuple[np.ndarray, ..
     vals = [np.array(by_step[s]) for s in steps]
     mean = np.array([v.mean() for v in vals])
     std = np.array([v.std(ddof=1) if v.size > 1 else 0.0 for v in vals])
+    if counts:
+        return steps, mean, std, np.array([v.size for v in vals], dtype=int)
     return steps, mean, std
 
 
 def _line(ax, curves, metric, label, color, ls="-", marker="o", **match):
-    steps, mean, std = mean_curve(curves, metric, **match)
+    """The mean curve with its +-1 std band. Where fewer seeds than at the start have a value
+    (a seed diverged), the mean is over a different set of runs: those points are drawn
+    hollow and the label says from which step and over how many seeds."""
+    steps, mean, std, n = mean_curve(curves, metric, counts=True, **match)
     if steps.size == 0:
         return
+    partial = n < n.max()
+    if partial.any():
+        first = int(steps[partial.argmax()])
+        label = f"{label} (from step {first}: {int(n[partial].min())} of {int(n.max())} seeds)"
     ax.plot(steps, mean, linestyle=ls, color=color, label=label, marker=marker, ms=3.5)
+    if partial.any():  # hollow markers over the filled ones where the mean is partial
+        ax.plot(steps[partial], mean[partial], linestyle="none", marker=marker, ms=5,
+                markerfacecolor="white", markeredgecolor=color)
     ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.18, lw=0)
 
 

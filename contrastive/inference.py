@@ -350,6 +350,8 @@ def embed(
     channels_last = bool(channels_last)
     cast_dtype = amp_dtype(dev) if amp else torch.bfloat16
     batches, n = _batches(data, batch_size, num_workers, pin=cuda)
+    caller = (data.tensors[0].untyped_storage().data_ptr()
+              if isinstance(data, TensorDataset) and data.tensors else None)
     # a caller's loader with torch's default_collate: a list input is one tensor per position
     columns = isinstance(data, DataLoader) and data.collate_fn is default_collate
     in_dtype = _float_dtype(model)
@@ -369,6 +371,11 @@ def embed(
                 x = x.to(dev, non_blocking=True)
                 if channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
+                if caller is not None and x.untyped_storage().data_ptr() == caller:
+                    # a slice of the caller's tensor (the TensorDataset fast path with no
+                    # copy on the way): a model that works on its input in place (x.sub_(mean))
+                    # must not change the caller's data, as it could not through a DataLoader
+                    x = x.clone()
                 with torch.inference_mode(), torch.autocast(dev.type, dtype=cast_dtype,
                                                             enabled=amp):
                     z = model(x)

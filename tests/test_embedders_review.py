@@ -289,3 +289,21 @@ def test_embed_names_non_finite_rows_and_the_fix():
                       check_finite=False)
     torch.testing.assert_close(z, _reference(model, x), equal_nan=True)
     assert torch.equal(labels, y)
+
+
+class _InPlaceScale(nn.Module):
+    """A model that normalises its input in place, as some user backbones do."""
+
+    def forward(self, x):
+        return x.mul_(2.0).flatten(1)
+
+
+def test_embed_tensor_dataset_does_not_change_the_callers_data():
+    from torch.utils.data import TensorDataset
+
+    x = torch.arange(24, dtype=torch.float32).view(6, 4)
+    before = x.clone()
+    z, y = embed(_InPlaceScale(), TensorDataset(x, torch.arange(6)), batch_size=4,
+                 device="cpu", progress=False)
+    assert torch.equal(x, before)  # the caller's tensor is as it was
+    assert torch.equal(z, before * 2.0) and y.tolist() == list(range(6))

@@ -462,32 +462,58 @@ class ProxyLoss(PairLoss):
         """The proxies, for their own learning rate (:func:`param_groups`)."""
         return [self.proxies]
 
-    def _checked(self, embeddings, labels, ref_emb=None, ref_labels=None, paired=False):
-        """The call checked (:func:`~contrastive.pairs.check_call`, labels in ``[0, C)`` with
-        ``check``): ``(embeddings, class indices, proxies in the embeddings' float type)``."""
+    def _call(self, embeddings, labels, ref_emb=None, ref_labels=None, paired=False):
+        """The call's shapes and types checked (:func:`~contrastive.pairs.check_call`, no value
+        read but float labels' integrality): ``(embeddings, labels as int64, proxies in the
+        embeddings' float type)``; the labels' range is not checked yet."""
         if ref_emb is not None or ref_labels is not None or paired:
             raise ValueError(f"{type(self).__name__} scores the batch against its own proxies; "
                              "it takes no ref_emb, ref_labels or paired views")
         if labels is None:
             raise ValueError(f"{type(self).__name__} needs class labels in [0, num_classes)")
-        # the values are read once: the embeddings' sum (finite) with the labels' range; float
-        # labels (integral?) keep check_call's own reads
+        # float labels (integral?) keep check_call's own reads
         float_labels = torch.as_tensor(labels).is_floating_point() if self.check else False
         c = check_call(embeddings, labels, check=float_labels)
-        y = c.labels.long()
-        lowest, highest = 0, 0
-        if self.check:
-            total = c.embeddings.detach().sum().to(torch.float64)
-            total, lowest, highest = torch.stack((total, *y.aminmax())).tolist()
-            if not math.isfinite(total):  # NaN / Inf, or a sum of finite values that overflows
-                check_embeddings(c.embeddings, "embeddings")  # raises in the first case
-        if lowest < 0 or highest >= self.num_classes:
-            raise ValueError(f"labels must be class indices in [0, {self.num_classes}) for "
-                             f"{type(self).__name__}(num_classes={self.num_classes})")
         dtype = c.embeddings.dtype
         dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         proxies = self.proxies.to(device=c.embeddings.device, dtype=dtype)  # PML casts too
-        return c.embeddings, y, proxies
+        return c.embeddings, c.labels.long(), proxies
+
+    def _checked(self, embeddings, labels, ref_emb=None, ref_labels=None, paired=False):
+        """:meth:`_call` with, under ``check``, one host read of the embeddings' sum (finite)
+        with the labels' range (``[0, C)``)."""
+        x, y, proxies = self._call(embeddings, labels, ref_emb, ref_labels, paired)
+        if self.check:
+            total = x.detach().sum().to(torch.float64)
+            total, lowest, highest = torch.stack((total, *y.aminmax())).tolist()
+            if not math.isfinite(total):  # NaN / Inf, or a sum of finite values that overflows
+                check_embeddings(x, "embeddings")  # raises in the first case
+            self._check_range(lowest, highest)
+        return x, y, proxies
+
+    def _check_range(self, lowest: float, highest: float) -> None:
+        if lowest < 0 or highest >= self.num_classes:
+            raise ValueError(f"labels must be class indices in [0, {self.num_classes}) for "
+                             f"{type(self).__name__}(num_classes={self.num_classes})")
+
+    def _lane_value(self, embeddings, labels, lane: _Lane) -> Tensor | None:
+        """The fast lane's loss, one host read: the value is computed with the labels clamped
+        into ``[0, C)`` (safe to index with), then read with the labels' range, which raises
+        when outside. None (the general path) for an empty batch or a value that is not
+        finite; it is finite iff the scores are (the folded cosine critic turns any NaN or Inf
+        of the embeddings into a NaN score), so the embeddings need no read of their own."""
+        x, y, proxies = self._call(embeddings, labels)
+        if not y.numel():
+            return None
+        self._weights = None
+        with _NoAutocast(x.device.type):
+            value = _ProxySoftmax.apply(_full_precision(x), proxies,
+                                        y.clamp(0, self.num_classes - 1), lane, self.reduction,
+                                        self._general)
+        v, lowest, highest = torch.stack(
+            (value.detach().to(torch.float64), *y.aminmax())).tolist()
+        self._check_range(lowest, highest)
+        return value if math.isfinite(v) else None
 
     def _one_hot(self, y: Tensor) -> Tensor:
         """``P_ic = (y_i == c)`` of labels checked in ``[0, C)``: a one-hot scatter (cheaper
@@ -537,14 +563,11 @@ class ProxyLoss(PairLoss):
                 and not torch.compiler.is_compiling()):
             lane = self._lane()
         if lane is not None:
-            x, y, proxies = self._checked(embeddings, labels)
-            if y.numel():
-                self._weights = None
-                with _NoAutocast(x.device.type):
-                    value = _ProxySoftmax.apply(_full_precision(x), proxies, y, lane,
-                                                self.reduction, self._general)
-                if math.isfinite(float(value.detach())):  # finite iff the scores are
-                    return value
+            value = self._lane_value(embeddings, labels, lane)
+            if value is not None:
+                return value
+            # an empty batch, or scores that are not finite: the general way, whose checks
+            # read the embeddings and raise what is wrong
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                                paired=paired)
 

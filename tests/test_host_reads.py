@@ -148,9 +148,10 @@ def _reads(fn) -> int:
     ("infonce", 1), ("supcon", 1), ("simclr", 1), ("nwj", 1), ("js", 1), ("dv", 1),
     ("contrastive", 1), ("multi_similarity", 1), ("circle", 1), ("lifted_structure", 1),
     ("margin", 1), ("nca", 1),
-    # the embeddings' sum with the labels' range, then the value (finite)
-    ("proxy_anchor", 2), ("proxy_nca", 2), ("normalized_softmax", 2), ("cosface", 2),
-    ("arcface", 2),
+    # the softmax proxy losses' fast lane: the value (finite) with the labels' range
+    ("proxy_nca", 1), ("normalized_softmax", 1), ("cosface", 1), ("arcface", 1),
+    # the embeddings' sum with the labels' range, then the core's read
+    ("proxy_anchor", 2),
     # + the positives' index (nonzero), which their gather needs, and for the triplet loss
     # the index's width
     ("dcl", 2), ("triplet", 3), ("triplet_semihard", 3),
@@ -316,3 +317,23 @@ def test_a_critic_that_may_hide_a_non_finite_input_keeps_the_embeddings_read():
     assert bool(torch.isfinite(Squashed()(bad, bad)).all())
     with pytest.raises(ValueError, match=r"^embeddings contains NaN or Inf in 1 row"):
         loss(bad, y)
+
+
+@pytest.mark.parametrize("name", ["proxy_nca", "normalized_softmax", "cosface", "arcface"])
+def test_the_proxy_fast_lane_reads_once_and_never_indexes_with_a_bad_label(name):
+    """The softmax proxy losses' fast lane computes with the labels clamped into [0, C) and
+    reads the value with the labels' range: one read, the same value as the checked general
+    path, and a label outside [0, C) is still an error (never an out-of-range index, which on
+    a GPU is a device-side assert that kills the process)."""
+    loss = _module(name)
+    x = torch.randn(16, 4, requires_grad=True)
+    y = torch.arange(16) % 3
+    loss(x, y).backward()
+    assert _reads(lambda: loss(x, y).backward()) == 1
+    general = loss.compute(*loss.scores(x, y))
+    assert torch.allclose(loss(x, y), general, rtol=1e-5, atol=1e-6)
+    for bad in (3, -1, 1000):
+        yb = y.clone()
+        yb[7] = bad
+        with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 3\)"):
+            loss(x, yb)

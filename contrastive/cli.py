@@ -19,6 +19,7 @@ statistics, exit 0: divergence is one of the results it compares.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -38,8 +39,15 @@ EPILOG_COMPARE = """examples:
   contrastive compare --tune --trials 20 --storage postgresql://user@host/db   # shared study
 """
 
+#: ``--no-verify-md5``: the data-set option behind ``cifar10(verify_md5=None)``
+NO_MD5_HELP = ("read a re-packed CIFAR-10 (the python batches with other MD5 sums) without "
+               "torchvision's MD5 check, before or after the command (sets "
+               "CONTRASTIVE_VERIFY_MD5=0 for this command; from Python: "
+               "get_dataset('cifar10', root, verify_md5=False))")
+
 EPILOG_TRAIN = """examples:
   contrastive train --loss infonce --steps 1000 --output runs/nce
+  contrastive train --dataset cifar10 --data-dir ~/data --no-verify-md5   # re-packed CIFAR-10
   contrastive train --config examples/configs/train.yaml --set lr=3e-4
   contrastive train --config examples/configs/train.yaml --resume   # continue its checkpoint
   contrastive train --config examples/configs/train.yaml --overwrite  # start the run over
@@ -560,8 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="N", help=THREADS_HELP)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks of user errors too")
+    common.add_argument("--no-verify-md5", action="store_true", default=argparse.SUPPRESS,
+                        help=NO_MD5_HELP)
     p.add_argument("--debug", action="store_true", default=False,
                    help="show tracebacks of user errors too")
+    p.add_argument("--no-verify-md5", action="store_true", default=False, help=NO_MD5_HELP)
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help=THREADS_HELP)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -741,6 +752,26 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(default_threads())
 
 
+@contextlib.contextmanager
+def _md5_setting(off: bool):
+    """``--no-verify-md5``: ``CONTRASTIVE_VERIFY_MD5=0`` while the command runs (the data-set
+    readers read it, and processes the command starts inherit it), restored afterwards."""
+    if not off:
+        yield
+        return
+    from .datasets.torchvision_sets import VERIFY_MD5_ENV
+
+    before = os.environ.get(VERIFY_MD5_ENV)
+    os.environ[VERIFY_MD5_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(VERIFY_MD5_ENV, None)
+        else:
+            os.environ[VERIFY_MD5_ENV] = before
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import check_own_packages
 
@@ -759,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "list":
         _set_threads(args.threads)
     try:
-        return int(args.func(args) or 0)
+        with _md5_setting(args.no_verify_md5):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -18,7 +18,8 @@ name                data                                                       s
 ``sop``             Stanford Online Products (``Ebay_*.txt``)                  train/test
 ``inshop``          In-Shop Clothes (``list_eval_partition.txt``)              train/query/gallery
 ``mnist``           local MNIST idx files (torchvision reader)                 train/test
-``cifar10``         local CIFAR-10 python batches (``verify_md5=``)            train/test
+``cifar10``         local CIFAR-10 python batches (``verify_md5=``,            train/test
+                    ``CONTRASTIVE_VERIFY_MD5=0``, ``--no-verify-md5``)
 ==================  =========================================================  ===================
 
 ``digits`` ships with scikit-learn and ``latent_classes`` is generated; every other set is read
@@ -146,7 +147,11 @@ for _name, _factory, _aliases, _meta in (
                       "embedded": False, "class_split": _OWN_SPLIT}),
     ("inshop", inshop, ("in_shop",), {"kind": "image", "splits": ("train", "query", "gallery"),
                                       "class_disjoint": True, "embedded": False,
-                                      "class_split": {"train": "train", "test": None}}),
+                                      "class_split": {
+                                          "train": "train", "test": None,
+                                          "test_hint": "its 'query' split searched against its "
+                                          "'gallery' split (split 'test' of the trainer and "
+                                          "`contrastive eval`)"}}),
     ("mnist", mnist, (), {"kind": "image", "splits": ("train", "test"), "class_disjoint": False,
                           "embedded": False, "class_split": _OWN_SPLIT}),
     ("cifar10", cifar10, (), {"kind": "image", "splits": ("train", "test"),
@@ -196,7 +201,8 @@ def get_dataset(
 
 def class_split_sources(name: str, root: str | os.PathLike | None = None) -> dict[str, Any]:
     """How ``name`` reads ``"train_classes"`` / ``"test_classes"``: ``{"train": split, "test":
-    split, "test_classes": ids or None, "class_disjoint": bool}`` (see the module table). For
+    split, "test_classes": ids or None, "class_disjoint": bool}`` (see the module table; optional
+    ``"test_hint"``: how to evaluate a set whose ``"test"`` is ``None``). For
     ``folder`` it depends on the layout under ``root`` (:func:`.dml.folder_class_split`)."""
     meta = DATASETS.get(name).meta
     spec = meta.get("class_split")
@@ -213,8 +219,8 @@ def _class_side(name: str, root, side: str, transform, kw: dict[str, Any],
     entry = DATASETS.get(name)
     split = src[side]
     if split is None:
-        raise ValueError(f"{name!r} has no {side}_classes split; evaluate on its 'test' split "
-                         "(class-disjoint already)")
+        raise ValueError(f"{name!r} has no {side}_classes split; evaluate on its own test: "
+                         f"{src.get('test_hint') or 'its test split (class-disjoint already)'}")
     ds = entry.factory(root, split=split, transform=None, **kw)
     if src["class_disjoint"]:  # the benchmark's own splits are class-disjoint
         return subset(ds, range(len(ds)), transform, f"{name}[{side}_classes]")

@@ -193,7 +193,8 @@ def subset(ds: LabeledDataset, indices, transform: Callable | None = None,
            name: str = "") -> LabeledDataset:
     """The items ``indices`` of ``ds`` as a data set of the same kind, its labels renumbered
     ``0..C'-1`` over the classes that remain and ``.classes`` keeping their original names / ids
-    (so :func:`contrastive.app.protocol.class_disjoint` can compare two subsets). The data are
+    (so :func:`contrastive.app.protocol.class_disjoint` can compare two subsets); a
+    ``.super_labels`` array (SOP) is kept item for item. The data are
     shared or sliced, never copied from disk; ``transform`` replaces ``ds.transform``."""
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     kept = np.unique(ds.labels[idx])
@@ -201,12 +202,17 @@ def subset(ds: LabeledDataset, indices, transform: Callable | None = None,
     classes = [ds.classes[int(c)] for c in kept]
     name = name or f"{ds.name}[subset]"
     if isinstance(ds, TensorDataset):
-        return TensorDataset(ds.data[idx], labels, classes, ds.kind, transform, name)
-    if isinstance(ds, ImageArrayDataset):
-        return ImageArrayDataset(ds.images[idx], labels, classes, transform, name)
-    if isinstance(ds, ImageFileDataset):
-        return ImageFileDataset([ds.paths[i] for i in idx], labels, classes, transform, name)
-    return _Subset(ds, idx, labels, classes, transform, name)
+        out = TensorDataset(ds.data[idx], labels, classes, ds.kind, transform, name)
+    elif isinstance(ds, ImageArrayDataset):
+        out = ImageArrayDataset(ds.images[idx], labels, classes, transform, name)
+    elif isinstance(ds, ImageFileDataset):
+        out = ImageFileDataset([ds.paths[i] for i in idx], labels, classes, transform, name)
+    else:
+        out = _Subset(ds, idx, labels, classes, transform, name)
+    super_labels = getattr(ds, "super_labels", None)  # SOP's super-classes, item by item
+    if super_labels is not None:
+        out.super_labels = np.asarray(super_labels, dtype=np.int64)[idx]
+    return out
 
 
 class _Subset(LabeledDataset):

@@ -20,7 +20,12 @@ name           layout under ``root``                                  splits
                ``img/...`` (or ``Img/img/...``)                        the split file
 =============  =====================================================  ============================
 
-For ``cub200``, ``sop`` the folder named first may be ``root`` itself. Labels are remapped to
+For ``cub200``, ``sop`` the folder named first may be ``root`` itself; ``cars196`` also finds
+torchvision's ``root/stanford_cars/`` (the devkit release). Index files may start with a UTF-8
+byte-order mark, CUB's with a header line; the path columns of CUB and SOP may hold spaces. The
+split is by the official class ids (CUB 1-200, Cars 1-196): an id outside them (a 0-based
+re-export) is a ``ValueError`` naming the file, never a silently shifted split. In-Shop has no
+``"test"`` list: its test is ``"query"`` searched against ``"gallery"``. Labels are remapped to
 ``0..C-1`` within a split (``.classes[k]`` is the original id); In-Shop query and gallery share
 one mapping so their labels match. Only the split's first image is checked at construction
 (a full scan of 120k files would be slow on network disks); a missing image later raises
@@ -42,21 +47,47 @@ __all__ = ["folder", "folder_class_split", "FOLDER_LAYOUTS", "cub200", "cars196"
            "inshop"]
 
 
-def _read_rows(path: Path, ncols: int, what: str) -> list[list[str]]:
-    """Whitespace-separated rows with at least ``ncols`` fields (blank lines skipped)."""
+def _numbered_rows(path: Path, ncols: int, what: str,
+                   maxsplit: int = -1) -> list[tuple[int, list[str]]]:
+    """``(line number, fields)`` of the whitespace-separated rows with at least ``ncols`` fields
+    (blank lines skipped; a UTF-8 byte-order mark is dropped). With ``maxsplit`` the last field
+    is the rest of the line, so a path in it may hold spaces."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
-            fields = line.split()
+            fields = line.split(maxsplit=maxsplit)
             if not fields:
                 continue
+            fields[-1] = fields[-1].rstrip()
             if len(fields) < ncols:
                 raise ValueError(
                     f"malformed {what} {str(path)!r}: line {lineno} has {len(fields)} fields, "
                     f"expected {ncols}"
                 )
-            rows.append(fields)
+            rows.append((lineno, fields))
     return rows
+
+
+def _read_rows(path: Path, ncols: int, what: str, maxsplit: int = -1) -> list[list[str]]:
+    """The fields of :func:`_numbered_rows`."""
+    return [fields for _, fields in _numbered_rows(path, ncols, what, maxsplit)]
+
+
+def _is_int(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _check_class_ids(raw: np.ndarray, lo: int, hi: int, source: str, name: str,
+                     hint: str) -> None:
+    """The benchmark's class ids are ``lo..hi`` and its split is by id: an id outside (a 0-based
+    re-export, another data set's file) would move classes across the split silently."""
+    bad = raw[(raw < lo) | (raw > hi)]
+    if bad.size:
+        raise ValueError(
+            f"malformed {source}: {name} class ids are {lo}-{hi} (the official release's; the "
+            f"train/test split is by id), got {sorted(set(bad.tolist()))[:5]}. Use the "
+            f"official index files. {hint}"
+        )
 
 
 def _check_first_image(paths: list[str], name: str, hint: str) -> None:
@@ -193,18 +224,46 @@ def cub200(root, split: str = "train", transform: Callable | None = None) -> Ima
     label_file = base / "image_class_labels.txt"
     if not label_file.is_file():
         raise FileNotFoundError(f"expected {str(label_file)!r} next to images.txt. {_CUB_HINT}")
-    images = {r[0]: r[1] for r in _read_rows(index, 2, "CUB images.txt")}
-    labels = {r[0]: r[1] for r in _read_rows(label_file, 2, "CUB image_class_labels.txt")}
+    images = _cub_table(index, "CUB images.txt")
+    labels = _cub_table(label_file, "CUB image_class_labels.txt")
     if images.keys() != labels.keys():
         missing = sorted(images.keys() ^ labels.keys())[:5]
         raise ValueError(
             f"malformed CUB index: images.txt and image_class_labels.txt list different image ids "
             f"(e.g. {missing})"
         )
-    ids = sorted(images, key=int)
-    raw = np.array([int(labels[i]) for i in ids])
-    paths = [str(base / "images" / images[i]) for i in ids]
+    ids = sorted(images)
+    classes = {}
+    for i in ids:
+        lineno, value = labels[i]
+        if not _is_int(value):
+            raise ValueError(
+                f"malformed CUB image_class_labels.txt {str(label_file)!r}: line {lineno} gives "
+                f"the class {value!r}, expected an integer class id (1-200)"
+            )
+        classes[i] = int(value)
+    raw = np.array([classes[i] for i in ids], dtype=np.int64)
+    _check_class_ids(raw, 1, 200, f"CUB image_class_labels.txt {str(label_file)!r}", "CUB",
+                     _CUB_HINT)
+    paths = [str(base / "images" / images[i][1]) for i in ids]
     return _labelled_images(paths, raw, "cub200", split, _CUB_HINT, transform, 100)
+
+
+def _cub_table(path: Path, what: str) -> dict[int, tuple[int, str]]:
+    """``{image_id: (line number, rest of the line)}`` of a CUB index file; a header line (a first
+    row that does not start with an image id) is skipped."""
+    rows = _numbered_rows(path, 2, what, maxsplit=1)
+    if rows and not _is_int(rows[0][1][0]):
+        rows = rows[1:]
+    out = {}
+    for lineno, (key, value) in rows:
+        if not _is_int(key):
+            raise ValueError(
+                f"malformed {what} {str(path)!r}: line {lineno} starts with {key!r}, expected "
+                "an integer image id"
+            )
+        out[int(key)] = (lineno, value)
+    return out
 
 
 # -- Cars196 -------------------------------------------------------------------------------------
@@ -256,10 +315,15 @@ def cars196(root, split: str = "train", transform: Callable | None = None) -> Im
     (8131), over all 16185 images regardless of the release's own train/test flag."""
     check_split(split, ("train", "test"), "cars196")
     root = require_root(root, "cars196", "cars_annos.mat and car_ims/")
+    nested = root / "stanford_cars"  # torchvision's StanfordCars keeps the devkit release here
+    if not any((d / f).is_file() for d in (root, root / "devkit")
+               for f in ("cars_annos.mat", "cars_train_annos.mat")) and nested.is_dir():
+        root = nested
     if (root / "cars_annos.mat").is_file():
         ann = _mat_annotations(root / "cars_annos.mat", ("relative_im_path", "class"))
         paths = [str(root / p) for p in ann["relative_im_path"]]
         raw = np.array(ann["class"], dtype=np.int64)
+        _check_class_ids(raw, 1, 196, repr(str(root / "cars_annos.mat")), "Cars196", _CARS_HINT)
     elif (root / "devkit" / "cars_train_annos.mat").is_file():
         test_mat = find_first(
             [root / "cars_test_annos_withlabels.mat",
@@ -270,11 +334,14 @@ def cars196(root, split: str = "train", transform: Callable | None = None) -> Im
                                  (test_mat, "cars_test")):
             ann = _mat_annotations(mat, ("fname", "class"))
             paths += [str(root / folder_name / f) for f in ann["fname"]]
+            _check_class_ids(np.array(ann["class"], dtype=np.int64), 1, 196, repr(str(mat)),
+                             "Cars196", _CARS_HINT)
             raw_list += ann["class"]
         raw = np.array(raw_list, dtype=np.int64)
     else:
         raise FileNotFoundError(
-            f"expected cars_annos.mat (or devkit/cars_train_annos.mat) under {str(root)!r}. "
+            f"expected cars_annos.mat (or devkit/cars_train_annos.mat, or torchvision's "
+            f"stanford_cars/devkit/cars_train_annos.mat) under {str(root)!r}. "
             f"{_CARS_HINT}"
         )
     return _labelled_images(paths, raw, "cars196", split, _CARS_HINT, transform, 98)
@@ -297,7 +364,7 @@ def sop(root, split: str = "train", transform: Callable | None = None) -> ImageF
     fname = f"Ebay_{split}.txt"
     index = find_first([root / "Stanford_Online_Products" / fname, root / fname],
                        f"Stanford_Online_Products/{fname} under {str(root)!r}", _SOP_HINT)
-    rows = _read_rows(index, 4, f"SOP {fname}")
+    rows = _read_rows(index, 4, f"SOP {fname}", maxsplit=3)
     if rows and not rows[0][0].isdigit():
         rows = rows[1:]  # header: image_id class_id super_class_id path
     try:
@@ -318,6 +385,12 @@ _INSHOP_HINT = (
     "Img/img/...) and pass its folder as root (--data-dir)"
 )
 _INSHOP_SPLITS = ("train", "query", "gallery")
+#: In-Shop has no 'test' list: what its test is and how to read it
+INSHOP_TEST = (
+    "'inshop' has no 'test' split: its test is the 'query' split searched against the "
+    "'gallery' split (class-disjoint from 'train'); read both (split='query' and "
+    "split='gallery'), as the trainer and `contrastive eval --split test` do"
+)
 
 
 def _inshop_rows(path: Path) -> list[list[str]]:
@@ -351,6 +424,8 @@ def inshop(root, split: str = "train", transform: Callable | None = None) -> Ima
     """In-Shop Clothes Retrieval by ``list_eval_partition.txt``: train (3997 items, 25882
     images), query (14218 images) and gallery (12612 images) of the 3985 test items. Query and
     gallery labels come from one mapping (the sorted item ids of both) so they match."""
+    if split == "test":
+        raise ValueError(INSHOP_TEST)
     check_split(split, _INSHOP_SPLITS, "inshop")
     root = require_root(root, "inshop", "list_eval_partition.txt")
     index = find_first(

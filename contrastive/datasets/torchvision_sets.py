@@ -9,11 +9,15 @@
   reads the same standard format -- pickled dicts with ``data`` (uint8 ``[n, 3072]``, channel-major
   32x32) and ``labels`` -- with this module's own small reader and no checksums, for re-packed or
   subset copies (and the tests' fake copies). Like torchvision, it unpickles the files: only read
-  copies you trust.
+  copies you trust. ``verify_md5=None`` (the default) takes the setting from the environment
+  variable ``CONTRASTIVE_VERIFY_MD5`` (``0`` / ``false`` / ``no`` / ``off`` switch the check off;
+  unset: on), which the command line's ``--no-verify-md5`` sets for the duration of one command
+  (so the trainer, ``compare`` and ``eval`` read a re-packed copy without a reader keyword).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +26,8 @@ import numpy as np
 
 from .base import ImageArrayDataset, check_split, require_root
 
-__all__ = ["mnist", "cifar10", "read_cifar_batches", "CIFAR10_TRAIN", "CIFAR10_TEST"]
+__all__ = ["mnist", "cifar10", "read_cifar_batches", "verify_md5_default", "CIFAR10_TRAIN",
+           "CIFAR10_TEST", "VERIFY_MD5_ENV"]
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -31,6 +36,21 @@ MNIST_FILES = {
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST = ("test_batch",)
 _CIFAR_DIR = "cifar-10-batches-py"
+#: the environment variable behind ``verify_md5=None`` (set by the CLI's ``--no-verify-md5``)
+VERIFY_MD5_ENV = "CONTRASTIVE_VERIFY_MD5"
+_OFF, _ON = ("0", "false", "no", "off"), ("1", "true", "yes", "on", "")
+
+
+def verify_md5_default() -> bool:
+    """Whether ``cifar10(verify_md5=None)`` checks the MD5 sums: ``CONTRASTIVE_VERIFY_MD5``
+    (unset: yes; ``0``/``false``/``no``/``off``: no); any other value is a ValueError."""
+    value = os.environ.get(VERIFY_MD5_ENV, "").strip().lower()
+    if value in _OFF or value in _ON:
+        return value not in _OFF
+    raise ValueError(
+        f"{VERIFY_MD5_ENV}={os.environ[VERIFY_MD5_ENV]!r}: expected 0 (read a re-packed "
+        "CIFAR-10 without its MD5 check) or 1 (check it, the default)"
+    )
 
 
 def mnist(root, split: str = "train", transform: Callable | None = None) -> ImageArrayDataset:
@@ -39,7 +59,9 @@ def mnist(root, split: str = "train", transform: Callable | None = None) -> Imag
 
     check_split(split, ("train", "test"), "mnist")
     root = require_root(root, "mnist", "MNIST/raw/")
-    if root.name == "MNIST" and not (root / "MNIST").is_dir():
+    if root.name == "raw" and root.parent.name == "MNIST" and not (root / "MNIST").is_dir():
+        root = root.parent.parent  # root given as .../MNIST/raw
+    elif root.name == "MNIST" and not (root / "MNIST").is_dir():
         root = root.parent  # root given as .../MNIST
     raw = root / "MNIST" / "raw"
     missing = [f for s in ("train", "test") for f in MNIST_FILES[s] if not (raw / f).is_file()]
@@ -110,10 +132,16 @@ def read_cifar_batches(folder: str | Path, names: tuple[str, ...]):
 
 
 def cifar10(
-    root, split: str = "train", transform: Callable | None = None, verify_md5: bool = True
+    root, split: str = "train", transform: Callable | None = None,
+    verify_md5: bool | None = None,
 ) -> ImageArrayDataset:
-    """CIFAR-10 (50000 train / 10000 test 32x32 colour images, 10 classes) as PIL RGB images."""
+    """CIFAR-10 (50000 train / 10000 test 32x32 colour images, 10 classes) as PIL RGB images.
+    ``verify_md5``: check the official MD5 sums (torchvision's reader) or not (``False``: a
+    re-packed copy in the same format); ``None``: ``CONTRASTIVE_VERIFY_MD5`` decides, on unless
+    it is ``0`` (the command line's ``--no-verify-md5``)."""
     check_split(split, ("train", "test"), "cifar10")
+    if verify_md5 is None:
+        verify_md5 = verify_md5_default()
     root = require_root(root, "cifar10", f"{_CIFAR_DIR}/")
     if root.name == _CIFAR_DIR and not (root / _CIFAR_DIR).is_dir():
         root = root.parent
@@ -136,11 +164,11 @@ def cifar10(
         except RuntimeError as exc:
             raise ValueError(
                 f"the CIFAR-10 files under {str(folder)!r} fail torchvision's MD5 check ({exc}); "
-                "they are not the official release. From Python, pass verify_md5=False "
-                "(get_dataset('cifar10', root, split, verify_md5=False)) to read a re-packed copy "
-                "in the same format without checksums; the command line reads only the official "
-                "release: extract cifar-10-python.tar.gz there, or save the images as the "
-                "'folder' data set's train/<class>/, test/<class>/ and pass --dataset folder"
+                "they are not the official release. To read a re-packed copy in the same format "
+                "without checksums, add --no-verify-md5 to the command (or set "
+                f"{VERIFY_MD5_ENV}=0); from Python pass verify_md5=False "
+                "(get_dataset('cifar10', root, split, verify_md5=False)). Or extract the "
+                "official cifar-10-python.tar.gz there"
             ) from exc
         images, labels, classes = ds.data, np.asarray(ds.targets, np.int64), list(ds.classes)
     else:

@@ -24,6 +24,7 @@ from pytorch_metric_learning.reducers import MeanReducer
 from contrastive.critics import Cosine, Dot, NegativeL2
 from contrastive.pairs import diagonal_masks, label_masks
 from losses import functional as LF
+from losses import kernels as K
 from losses.modules import DV, JS, NWJ, Contrastive, InfoNCE, MultiClassNPair, Triplet
 
 DTYPES = [torch.float32, torch.float64]
@@ -568,3 +569,54 @@ def test_negative_l2_gradient_zero_at_zero_distance():
     assert torch.equal(g, torch.zeros_like(g))
     (g2,) = torch.autograd.grad(s[0, 2], x)
     torch.testing.assert_close(g2[0], -(x[0] - x[2]).detach() / math.sqrt(2))
+
+
+def test_first_argmax_is_torchs_argmax_first_maximum_included():
+    g = torch.Generator().manual_seed(3)
+    for shape in [(5, 7), (4, 3, 9), (2, 1)]:
+        x = torch.randint(-3, 4, shape, generator=g).to(torch.float32)  # many ties
+        assert torch.equal(LF._first_argmax(x.clone()), x.argmax(-1))
+        y = torch.randn(shape, generator=g, dtype=torch.float64)
+        assert torch.equal(LF._first_argmax(y.clone()), y.argmax(-1))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_semihard_one_pass_picks_the_facenet_column(scale, dtype):
+    """The one-pass search (every slot and the easiest-negative fallback in one arg-maximum)
+    against a loop over each (anchor, positive slot): the first column of the most similar
+    negative below the positive, else the first column of the least similar negative; with
+    tied scores (duplicates), rows with no semi-hard negative, rows without negatives, and
+    score ranges from 1e-3 to 1e4 (negative and positive scores)."""
+    g = torch.Generator().manual_seed(11)
+    n, m = 24, 20
+    s = (torch.randint(-6, 7, (n, m), generator=g).to(dtype) * scale / 3)  # ties everywhere
+    s[::5] = torch.randn(m, generator=g, dtype=dtype) * scale  # some rows without ties
+    pos = torch.rand(n, m, generator=g) < 0.2
+    neg = ~pos & (torch.rand(n, m, generator=g) < 0.7)
+    neg[3] = False  # no negative
+    pos[:, 0] = True
+    neg[:, 0] = False
+    s[7, neg[7]] = s[7, 0] + scale  # every negative above the positive at column 0
+    pi = K.positive_index(pos, "t")
+    idx, valid = K.padded_positives(pi)
+    s_ap = s.gather(1, idx)
+    got = LF._semihard_one_pass(s, neg, s_ap)
+    for a in range(n):
+        cols = [c for c in range(m) if neg[a, c]]
+        if not cols:
+            continue
+        for j in range(idx.shape[1]):
+            if not valid[a, j]:
+                continue
+            p = float(s_ap[a, j])
+            below = [c for c in cols if float(s[a, c]) < p]
+            if below:
+                best = max(float(s[a, c]) for c in below)
+                want = min(c for c in below if float(s[a, c]) == best)
+            else:
+                least = min(float(s[a, c]) for c in cols)
+                want = min(c for c in cols if float(s[a, c]) == least)
+            assert int(got[a, j]) == want, (a, j)
+    # row 7's slot 0 takes the fallback: no negative is below its positive
+    assert not any(float(s[7, c]) < float(s[7, 0]) for c in range(m) if neg[7, c])

@@ -5,7 +5,9 @@ here is written to a temporary file in the target's directory, flushed and ``fsy
 moved onto the target with ``os.replace`` (atomic on POSIX and Windows), and finally the
 directory entry is ``fsync``-ed. A reader therefore sees either the complete old file or the
 complete new one, never a partial write. A crash leaves at most a hidden
-``.<name>.<pid>.<random>.tmp`` file beside the target, which :func:`latest_checkpoint` ignores.
+``.<name>.<pid>.<random>.tmp`` file beside the target, which :func:`latest_checkpoint` ignores
+and :func:`remove_stale_temporaries` deletes (the trainer calls it on its run folder when it
+starts, under the folder's lock).
 
 :func:`capture_rng_state` / :func:`restore_rng_state` save and restore the global generators of
 Python, NumPy and torch (CPU and every CUDA device) as plain tensors and numbers, so the state
@@ -46,11 +48,14 @@ __all__ = [
     "capture_rng_state",
     "restore_rng_state",
     "latest_checkpoint",
+    "remove_stale_temporaries",
     "folder_lock",
     "FolderInUse",
 ]
 
 _TMP_SUFFIX = ".tmp"
+#: the name of :func:`_atomic_write`'s temporary file: ``.<name>.<pid>.<12 hex digits>.tmp``
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp$")
 #: torch's message when ``weights_only`` loading meets a global outside its allowlist.
 _REFUSED_GLOBAL = re.compile(r"unsupported global:\s*(?:GLOBAL\s+)?([\w.]+)", re.I)
 
@@ -276,6 +281,41 @@ def latest_checkpoint(
         return (int(numbers[-1]) if numbers else -1, f.stat().st_mtime_ns, f.name)
 
     return max(candidates, key=key)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user's counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # exists, not ours (or cannot tell: keep its file)
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that atomic writes cut short by a crash (SIGKILL, power loss)
+    left in ``directory`` (``.<name>.<pid>.<hex>.tmp``, each as large as the file it was to
+    become), except those of a process that is still alive (its write may be in progress);
+    return the paths deleted. Other files, and other hidden files, are left alone. Call it while
+    holding the folder's lock (:func:`folder_lock`), so no write of this folder is under way."""
+    d = _as_path(directory, "directory")
+    if not d.is_dir():
+        return []
+    removed = []
+    for f in d.iterdir():
+        found = _TMP_NAME.match(f.name)
+        if found is None or not f.is_file() or _pid_alive(int(found["pid"])):
+            continue
+        try:
+            f.unlink()
+        except FileNotFoundError:  # pragma: no cover - removed meanwhile
+            continue
+        removed.append(f)
+    return removed
 
 
 # --------------------------------------------------------------------------------------------

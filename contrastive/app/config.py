@@ -23,6 +23,7 @@ import difflib
 import inspect
 import json
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -43,6 +44,7 @@ __all__ = [
     "refuse_yaml_bool_words",
     "validate_fields",
     "check_loss",
+    "check_warmup",
     "resolved_kwargs",
     "closest",
 ]
@@ -129,9 +131,24 @@ def _number_list(value: Any) -> Any:
     return value
 
 
+def _text(value: Any) -> Any:
+    """A path or a device as text: ``Path("runs/a")`` (what a Python caller writes) becomes
+    ``"runs/a"``, ``torch.device("cpu")`` ``"cpu"``; anything else goes on unchanged."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if type(value).__name__ == "device" and type(value).__module__ == "torch":
+        return str(value)
+    return value
+
+
 PosInt = Annotated[int, BeforeValidator(_number), Field(gt=0)]
 NonNegInt = Annotated[int, BeforeValidator(_number), Field(ge=0)]
 PosFloat = Annotated[float, BeforeValidator(_number), Field(gt=0)]
+#: a rate: positive and finite (``inf`` would pass ``> 0`` and diverge at the first step)
+Rate = Annotated[float, BeforeValidator(_number), Field(gt=0, allow_inf_nan=False)]
+#: NumPy's global seed (``np.random.seed``) takes 32 bits
+Seed = Annotated[int, BeforeValidator(_number), Field(ge=0, lt=2**32)]
+Text = Annotated[str, BeforeValidator(_text)]
 Bool = Annotated[bool, BeforeValidator(_boolean)]
 TextList = Annotated[tuple[str, ...], BeforeValidator(_text_list)]
 IntList = Annotated[tuple[int, ...], BeforeValidator(_number_list)]
@@ -160,23 +177,28 @@ class TrainConfig:
 
     Optimisation: ``optimizer`` ("adamw", "adam" or "sgd"), ``lr``, ``proxy_lr`` (the
     learning rate of a loss's proxies or learnable margin, ``losses.proxies``; ``None``: 100 x
-    ``lr``, Kim et al. 2020's ratio), ``weight_decay``,
-    ``momentum``, ``schedule`` ("cosine", "constant" or "step"), ``warmup_steps``, ``steps`` (or
-    ``epochs``), ``grad_clip`` (max global norm, ``None`` for off), ``amp`` (``None``: bf16
-    autocast on CUDA only), ``seed``.
+    ``lr``, Kim et al. 2020's ratio; rates are finite), ``weight_decay``,
+    ``momentum``, ``schedule`` ("cosine", "constant" or "step"), ``warmup_steps`` (fewer than
+    the run's steps), ``steps`` (or ``epochs``), ``grad_clip`` (max global norm, ``None`` for
+    off), ``amp`` (``None``: bf16 autocast on CUDA only), ``seed`` (``0 <= seed < 2**32``,
+    NumPy's range).
+
+    Paths (``output``, ``data_dir``, ``weights``) may be given as ``os.PathLike`` and ``device``
+    as a ``torch.device``; they are kept as text.
 
     Bookkeeping: ``output`` directory (``log.jsonl``, ``log.csv``, ``checkpoints/``,
     ``result.json``), ``eval_every``, ``log_every``, ``checkpoint_every`` (steps), ``resume``
     (``False``: the folder must not hold a run unless ``overwrite``; ``True``: continue from
     ``checkpoints/last.pt``, which must exist and match these settings; ``"auto"``: continue when
-    a checkpoint exists, else start fresh), ``overwrite`` (replace a run already in ``output``),
-    ``final_probe`` (linear probe + k-NN classifier at the end), ``progress``.
+    a checkpoint exists, else start fresh), ``overwrite`` (replace a run already in ``output``;
+    not together with ``resume``), ``final_probe`` (linear probe + k-NN classifier at the end),
+    ``progress``.
     """
 
     __pydantic_config__ = _PYDANTIC
 
     dataset: str = "digits"
-    data_dir: str | None = None
+    data_dir: Text | None = None
     train_split: str = "train"
     eval_split: str = "test"
     views: NonNegInt = 0
@@ -187,7 +209,7 @@ class TrainConfig:
     head: Literal["linear", "mlp"] | None = "linear"
     normalize: Bool = False
     pretrained: Bool = False
-    weights: str | None = None
+    weights: Text | None = None
     loss: str = "infonce"
     loss_kwargs: dict[str, Any] = field(default_factory=dict)
     critic: str | None = None
@@ -197,23 +219,24 @@ class TrainConfig:
     steps: PosInt = 500
     epochs: PosInt | None = None
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: PosFloat = 1e-3
-    proxy_lr: PosFloat | None = None
-    weight_decay: Annotated[float, BeforeValidator(_number), Field(ge=0)] = 1e-4
+    lr: Rate = 1e-3
+    proxy_lr: Rate | None = None
+    weight_decay: Annotated[float, BeforeValidator(_number),
+                            Field(ge=0, allow_inf_nan=False)] = 1e-4
     momentum: Annotated[float, BeforeValidator(_number), Field(ge=0, lt=1)] = 0.9
     schedule: Literal["cosine", "constant", "step"] = "cosine"
     warmup_steps: NonNegInt = 0
     grad_clip: PosFloat | None = 5.0
     amp: Bool | None = None
-    seed: NonNegInt = 0
+    seed: Seed = 0
     eval_every: NonNegInt = 0
     log_every: PosInt = 10
     checkpoint_every: NonNegInt = 100
-    output: str = "runs/train"
+    output: Text = "runs/train"
     resume: Bool | Literal["auto"] = False
     overwrite: Bool = False
     final_probe: Bool = True
-    device: str | None = None
+    device: Text | None = None
     num_workers: NonNegInt = 0
     progress: Bool = True
 
@@ -251,11 +274,29 @@ class TrainConfig:
         if cfg.views == 1:
             raise ConfigError("views", cfg.views, "0 (supervised) or >= 2 (views per instance)",
                               source=source)
+        if cfg.overwrite and cfg.resume is not False:
+            raise ConfigError("overwrite", cfg.overwrite,
+                              f"false when resume is set (resume={cfg.resume!r} continues the run "
+                              "in output, overwrite replaces it); pass one of them", source=source)
+        if cfg.epochs is None:
+            check_warmup(cfg.warmup_steps, cfg.steps, f"steps={cfg.steps}", source=source)
         check_loss(cfg.loss, cfg.loss_kwargs, cfg.critic, cfg.critic_kwargs, source=source)
         return cfg
 
 
 # ------------------------------------------------------------------------------ checking
+
+
+def check_warmup(warmup_steps: int, total_steps: int, what: str,
+                 source: str | None = None) -> None:
+    """:class:`ConfigError` unless ``warmup_steps < total_steps``: a warm-up as long as the run
+    never reaches ``lr`` and never applies the schedule. ``what`` says where the total comes
+    from (``"steps=100"``, ``"epochs=3 x 1 batches"``)."""
+    if warmup_steps >= total_steps:
+        raise ConfigError("warmup_steps", warmup_steps,
+                          f"fewer than the run's {total_steps} steps ({what}): a warm-up as long "
+                          "as the run never reaches lr nor applies the schedule; lower "
+                          "warmup_steps or train longer", source=source)
 
 
 def _expected(errors: list[dict]) -> str:

@@ -156,14 +156,29 @@ def lr_lambda(cfg: TrainConfig, total: int):
     return f
 
 
+class _PmlProxies:
+    """A pytorch-metric-learning loss seen as :func:`losses.proxies.param_groups` sees ours:
+    every parameter of a PML loss is a proxy (``ProxyAnchorLoss.proxies``, ``ArcFaceLoss.W``)
+    or a learnable margin (``MarginLoss.beta``)."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        self.loss = loss
+
+    def proxy_parameters(self) -> list[nn.Parameter]:
+        return list(self.loss.parameters())
+
+
 def make_optimizer(cfg: TrainConfig, params, loss_fn: nn.Module | None = None,
                    ) -> torch.optim.Optimizer:
     """The optimiser of ``params``; a loss's proxies (and a margin loss's learnable boundary)
     get their own group at ``cfg.proxy_lr`` (default 100 x ``lr``: proxy losses need a larger
-    rate, Kim et al. 2020). Without such parameters it is one group, as before."""
+    rate, Kim et al. 2020), a ``pml:`` loss's parameters too (they are its proxies or its
+    margin). Without such parameters it is one group, as before."""
     from losses.proxies import param_groups
 
     proxy_lr = cfg.proxy_lr if cfg.proxy_lr is not None else 100.0 * cfg.lr
+    if loss_fn is not None and type(loss_fn).__module__.startswith("pytorch_metric_learning"):
+        loss_fn = _PmlProxies(loss_fn)
     params = param_groups(params, loss_fn, cfg.lr, proxy_lr)
     if len(params) == 1:
         params = params[0]["params"]

@@ -95,8 +95,14 @@ def check_same_settings(saved: dict, cfg: TrainConfig, path: Path) -> None:
 
 def prepare_output(cfg: TrainConfig, out: Path, main: bool) -> dict | None:
     """Apply ``resume`` / ``overwrite`` to the run folder; return the checkpoint to resume from
-    (loaded), or None for a fresh start."""
+    (loaded), or None for a fresh start. On the main process (which holds the folder's lock)
+    it first deletes the temporary files of atomic writes a crash cut short
+    (:func:`~contrastive.checkpoint.remove_stale_temporaries`): each is as large as a
+    checkpoint, and every pre-emption during a save would leave one more."""
     last = out / "checkpoints" / "last.pt"
+    if main:
+        for folder in (out, out / "checkpoints"):
+            ckpt.remove_stale_temporaries(folder)
     if cfg.resume is True and not last.is_file():
         raise UserError(
             f"--resume: there is no checkpoint {last} to continue from; check --output, or pass "

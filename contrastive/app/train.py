@@ -44,7 +44,7 @@ from .. import check_own_packages
 from .. import checkpoint as ckpt
 from .. import distributed as dist_utils
 from ..errors import UserError, as_user_error, keywords_as_user_error
-from .config import TrainConfig
+from .config import TrainConfig, check_warmup
 from .factory import (
     build_embedder,
     build_loss,
@@ -142,7 +142,12 @@ def fit(config: TrainConfig | dict) -> dict[str, Any]:
     """Train an embedder with a loss as ``config`` says; return the result dict (also written to
     ``<output>/result.json``): ``metrics`` (final evaluation), ``readout`` (mean I_NCE / I_NWJ, and
     any further estimator the loss reads out, e.g. an upper bound's own, of the last logged
-    training batches), ``history`` (the log rows), ``train_time_s``, ``steps``.
+    training batches), ``history`` (the log rows), ``train_time_s`` (the training steps' time:
+    periodic evaluations and checkpoint writes are not counted), ``steps``.
+
+    A loss, embeddings or weights (the model's or the loss's own) that become non-finite stop
+    the run with :class:`DivergedError`; a checkpoint is never written with non-finite weights,
+    so ``checkpoints/last.pt`` stays the last good one.
 
     The run folder is locked while the run lasts (a second run into it stops with a
     :class:`UserError`); a folder holding a run needs ``resume`` or ``overwrite`` (see
@@ -178,11 +183,16 @@ def fit(config: TrainConfig | dict) -> dict[str, Any]:
 
 
 def _check_finite_weights(model: nn.Module, step: int, cfg: TrainConfig,
-                          x: torch.Tensor | None = None) -> None:
-    """:class:`DivergedError` when the weights, or the embeddings of the batch ``x`` under them
-    (in eval mode: no state changes), are no longer finite -- before an evaluation would fail
-    on them with a less telling message."""
-    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+                          x: torch.Tensor | None = None,
+                          loss_fn: nn.Module | None = None) -> None:
+    """:class:`DivergedError` when the weights (the model's and, given ``loss_fn``, the loss's
+    own: proxies, a learnable critic), or the embeddings of the batch ``x`` under them (in eval
+    mode: no state changes), are no longer finite -- before an evaluation would fail on them
+    with a less telling message, and before a checkpoint would keep them in place of the last
+    good one."""
+    params = list(model.parameters()) + (list(loss_fn.parameters()) if loss_fn is not None
+                                         else [])
+    finite = all(bool(torch.isfinite(p).all()) for p in params)
     if finite and x is not None:
         was_training = model.training
         model.eval()
@@ -305,6 +315,9 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
                             seed=cfg.seed, num_replicas=world, rank=rank)
     steps_per_epoch = len(sampler)
     total_steps = cfg.epochs * steps_per_epoch if cfg.epochs is not None else cfg.steps
+    if cfg.epochs is not None:  # (with steps= the config has checked it)
+        check_warmup(cfg.warmup_steps, total_steps,
+                     f"epochs={cfg.epochs} x {steps_per_epoch} batches")
 
     loss_fn = keywords_as_user_error(
         f"loss {cfg.loss!r}", {"loss_kwargs": cfg.loss_kwargs, "critic_kwargs": cfg.critic_kwargs},
@@ -344,8 +357,15 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
                 f"build ({first[1].strip() if len(first) > 1 else first[0]}); pass the same "
                 "backbone (the same nn.Module for a custom one), or --overwrite"
             ) from exc
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise UserError(
+                f"cannot resume from {last}: its optimizer state does not fit the optimizer "
+                f"these settings build ({exc}); it was written by another version of this "
+                "library or with other parameters; pass --overwrite to start over"
+            ) from exc
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         history = state.get("history", [])
         # the readout of result.json averages the last logged rows, the restored ones included
@@ -375,6 +395,9 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
         )
 
     def save(name: str = "last.pt") -> None:
+        # a diverged step must not replace the last good checkpoint (resuming from it could
+        # never recover): DivergedError instead, on every rank (their weights are the same)
+        _check_finite_weights(_unwrap(model), step, cfg, loss_fn=loss_fn)
         rng = ckpt.capture_rng_state()
         # under DDP every rank's (a collective: every rank saves at the same step)
         rng_ranks = dist_utils.all_gather_object(rng) if world > 1 else None
@@ -458,12 +481,14 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
                 row.update(read)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", nce=f"{row['infonce']:.2f}")
                 if eval_due:  # on every rank: each embeds its share of the test set
+                    t_eval = time.perf_counter()
                     _check_finite_weights(_unwrap(model), step, cfg, x)
                     with _rng_untouched():  # eval_every must not change the trained model
                         row.update(evaluate_embedder(_unwrap(model), test_ds, reference=ref_ds,
                                                      device=device, seed=cfg.seed,
                                                      num_workers=cfg.num_workers))
                     model.train()
+                    t0 += time.perf_counter() - t_eval  # train_time_s is training only
                 history.append(row)
                 logger.log(row)
             if batch_in_epoch >= steps_per_epoch:
@@ -472,8 +497,8 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
             stopping = stopped()
             if due or stopping:
                 train_time += time.perf_counter() - t0
-                t0 = time.perf_counter()
                 save()
+                t0 = time.perf_counter()  # the write is not training time
             if stopping:
                 bar.close()
                 raise interrupted()
@@ -481,7 +506,7 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
                 break
         train_time += time.perf_counter() - t0
     bar.close()
-    _check_finite_weights(_unwrap(model), step, cfg, x)
+    _check_finite_weights(_unwrap(model), step, cfg, x, loss_fn)
 
     result: dict[str, Any] = {"steps": step, "train_time_s": train_time, "history": history}
     save("last.pt")  # on rank 0

@@ -80,6 +80,25 @@ _GENERIC = {
 }
 
 
+class _PmlCheckpoint:
+    """A state dict saved from PML's loss of the same name loads (strictly) into the drop-in
+    class. PML keeps its hyper-parameters as Python numbers, so its state dict holds only the
+    learnable tensors (proxies, a learnable ``beta``; nothing for most losses), whereas ours
+    also keeps the fixed ones in buffers (the critic's temperature, a fixed ``beta``). A state
+    dict that carries none of our buffers is PML's: the buffers keep the values this loss was
+    built with, as PML's constructor arguments do. A state dict with some of our buffers is
+    ours and is loaded as it is (a missing tensor is still an error)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        own = self.state_dict(prefix=prefix)
+        params = {prefix + name for name, _ in self.named_parameters()}
+        buffers = [key for key in own if key not in params]
+        if buffers and not any(key in state_dict for key in buffers):
+            for key in buffers:
+                state_dict[key] = own[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 def _refuse_pml_objects(cls: str, kwargs: dict) -> None:
     if kwargs:
         names = ", ".join(sorted(kwargs))
@@ -90,7 +109,7 @@ def _refuse_pml_objects(cls: str, kwargs: dict) -> None:
         )
 
 
-class NTXentLoss(InfoNCE):
+class NTXentLoss(_PmlCheckpoint, InfoNCE):
     """PML's ``NTXentLoss(temperature=0.07)``: :class:`losses.InfoNCE` with
     ``positives="pair"`` and a cosine critic."""
 
@@ -101,7 +120,7 @@ class NTXentLoss(InfoNCE):
                          reduction=reduction, check=check)
 
 
-class SupConLoss(InfoNCE):
+class SupConLoss(_PmlCheckpoint, InfoNCE):
     """PML's ``SupConLoss(temperature=0.1)``: :class:`losses.InfoNCE` with
     ``positives="all"`` and a cosine critic."""
 
@@ -112,7 +131,7 @@ class SupConLoss(InfoNCE):
                          reduction=reduction, check=check)
 
 
-class TripletMarginLoss(Triplet):
+class TripletMarginLoss(_PmlCheckpoint, Triplet):
     """PML's ``TripletMarginLoss(margin=0.05, smooth_loss=False)`` on normalised Euclidean
     distances, all triplets, the mean over the non-zero ones. ``swap=True`` and a number for
     ``triplets_per_anchor`` (random triplet sampling) are refused: use a PML miner instead."""
@@ -139,7 +158,7 @@ class TripletMarginLoss(Triplet):
                          strict=strict, check=check)
 
 
-class ContrastiveLoss(Contrastive):
+class ContrastiveLoss(_PmlCheckpoint, Contrastive):
     """PML's ``ContrastiveLoss(pos_margin=0, neg_margin=1)`` on normalised Euclidean
     distances."""
 
@@ -150,7 +169,7 @@ class ContrastiveLoss(Contrastive):
                          reduction=reduction, check=check)
 
 
-class NPairsLoss(MultiClassNPair):
+class NPairsLoss(_PmlCheckpoint, MultiClassNPair):
     """PML's ``NPairsLoss()``: multi-class N-pair on PML's default distance, the dot product of
     L2-normalised embeddings (``critic=Cosine(1.0)``)."""
 
@@ -160,7 +179,7 @@ class NPairsLoss(MultiClassNPair):
         super().__init__(critic=Cosine(1.0), strict=strict, reduction=reduction, check=check)
 
 
-class MultiSimilarityLoss(MultiSimilarity):
+class MultiSimilarityLoss(_PmlCheckpoint, MultiSimilarity):
     """PML's ``MultiSimilarityLoss(alpha=2, beta=50, base=0.5)`` on cosine similarities, every
     pair (its pair mining is PML's ``MultiSimilarityMiner``, passed as the third argument, or
     our ``losses.MultiSimilarity(epsilon=...)``)."""
@@ -171,7 +190,7 @@ class MultiSimilarityLoss(MultiSimilarity):
         super().__init__(alpha, beta, base, strict=strict, reduction=reduction, check=check)
 
 
-class CircleLoss(Circle):
+class CircleLoss(_PmlCheckpoint, Circle):
     """PML's ``CircleLoss(m=0.4, gamma=80)`` on cosine similarities, the mean over the non-zero
     terms."""
 
@@ -181,7 +200,7 @@ class CircleLoss(Circle):
         super().__init__(m, gamma, strict=strict, reduction=reduction, check=check)
 
 
-class GeneralizedLiftedStructureLoss(LiftedStructure):
+class GeneralizedLiftedStructureLoss(_PmlCheckpoint, LiftedStructure):
     """PML's ``GeneralizedLiftedStructureLoss(neg_margin=1, pos_margin=0)`` on normalised
     Euclidean distances. (PML's ``LiftedStructureLoss``, the original form of Oh Song et al.,
     is another loss and is not offered.)"""
@@ -193,7 +212,7 @@ class GeneralizedLiftedStructureLoss(LiftedStructure):
                          check=check)
 
 
-class MarginLoss(Margin):
+class MarginLoss(_PmlCheckpoint, Margin):
     """PML's ``MarginLoss(margin=0.2, nu=0, beta=1.2, triplets_per_anchor="all",
     learn_beta=False, num_classes=None)``, its positional order included, on normalised
     Euclidean distances; a number for ``triplets_per_anchor`` (random triplet sampling) is
@@ -209,7 +228,7 @@ class MarginLoss(Margin):
                          reduction=reduction, check=check)
 
 
-class NCALoss(NCA):
+class NCALoss(_PmlCheckpoint, NCA):
     """PML's ``NCALoss(softmax_scale=1)`` on squared Euclidean distances of normalised
     embeddings."""
 
@@ -238,7 +257,7 @@ class _FollowsEmbeddings:
         return super().forward(embeddings, *args, **kwargs)
 
 
-class ProxyNCALoss(_FollowsEmbeddings, ProxyNCA):
+class ProxyNCALoss(_PmlCheckpoint, _FollowsEmbeddings, ProxyNCA):
     """PML's ``ProxyNCALoss(num_classes, embedding_size, softmax_scale=1)``: proxies
     ``[C, d]`` drawn as PML's (normal), so a seed gives the same ones."""
 
@@ -250,7 +269,7 @@ class ProxyNCALoss(_FollowsEmbeddings, ProxyNCA):
                          reduction=reduction, check=check, proxy_init="normal")
 
 
-class ProxyAnchorLoss(_FollowsEmbeddings, ProxyAnchor):
+class ProxyAnchorLoss(_PmlCheckpoint, _FollowsEmbeddings, ProxyAnchor):
     """PML's ``ProxyAnchorLoss(num_classes, embedding_size, margin=0.1, alpha=32)``: proxies
     drawn as PML's (``kaiming_normal_``, fan-out), so a seed gives the same ones."""
 
@@ -284,7 +303,8 @@ class _WeightMatrix:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class NormalizedSoftmaxLoss(_FollowsEmbeddings, _WeightMatrix, NormalizedSoftmax):
+class NormalizedSoftmaxLoss(_PmlCheckpoint, _FollowsEmbeddings, _WeightMatrix,
+                            NormalizedSoftmax):
     """PML's ``NormalizedSoftmaxLoss(num_classes, embedding_size, temperature=0.05)``."""
 
     def __init__(self, num_classes: int, embedding_size: int, temperature: float = 0.05,
@@ -295,7 +315,7 @@ class NormalizedSoftmaxLoss(_FollowsEmbeddings, _WeightMatrix, NormalizedSoftmax
                          reduction=reduction, check=check, proxy_init="normal_w")
 
 
-class CosFaceLoss(_FollowsEmbeddings, _WeightMatrix, CosFace):
+class CosFaceLoss(_PmlCheckpoint, _FollowsEmbeddings, _WeightMatrix, CosFace):
     """PML's ``CosFaceLoss(num_classes, embedding_size, margin=0.35, scale=64)``."""
 
     def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.35,
@@ -306,7 +326,7 @@ class CosFaceLoss(_FollowsEmbeddings, _WeightMatrix, CosFace):
                          reduction=reduction, check=check, proxy_init="normal_w")
 
 
-class ArcFaceLoss(_FollowsEmbeddings, _WeightMatrix, ArcFace):
+class ArcFaceLoss(_PmlCheckpoint, _FollowsEmbeddings, _WeightMatrix, ArcFace):
     """PML's ``ArcFaceLoss(num_classes, embedding_size, margin=28.6, scale=64)`` (the margin in
     degrees, as PML's)."""
 
@@ -331,19 +351,51 @@ def to_pml(loss: nn.Module) -> nn.Module:
     PML code that checks the base class, such as ``DistributedLossWrapper``. The returned module
     has the loss's class name (so ``CrossBatchMemory`` accepts it too when that is a PML name),
     calls ``loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)`` and hands PML the
-    value as already reduced; it has no reducer, distance or regularizer of its own."""
-    from pytorch_metric_learning.losses import BaseMetricLossFunction
+    value as already reduced; it has no reducer, distance or regularizer of its own. It pickles
+    (``torch.save``, spawned workers) as PML's losses do.
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        if ref_emb is embeddings:  # PML puts the batch in when no reference set was given
-            ref_emb = ref_labels = None
-        value = self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        return {"loss": {"losses": value, "indices": None, "reduction_type": "already_reduced"}}
+    Our :class:`CrossBatchMemory` is refused: it takes ``enqueue_mask`` where a loss takes
+    ``ref_emb`` and gathers the batch under DDP itself (``gather=True``), so it needs no
+    wrapper."""
+    if isinstance(loss, CrossBatchMemory):
+        raise TypeError(
+            "to_pml does not wrap a CrossBatchMemory: ours gathers every rank's batch into the "
+            "memory itself under DDP (gather=True), so use it without DistributedLossWrapper "
+            "(or wrap the loss inside it: CrossBatchMemory(to_pml(loss), ...) is PML's)"
+        )
+    return _pml_class(type(loss).__name__)(loss)
 
-    def init(self, inner):
-        BaseMetricLossFunction.__init__(self)
-        self.loss = inner
 
-    cls = type(type(loss).__name__, (BaseMetricLossFunction,),
-               {"__init__": init, "compute_loss": compute_loss, "__module__": __name__})
-    return cls(loss)
+_PML_CLASSES: dict[str, type] = {}
+
+
+def _pml_class(name: str) -> type:
+    """The ``BaseMetricLossFunction`` subclass named ``name`` behind :func:`to_pml`, one per
+    name (so that its instances pickle: :func:`_new_pml` rebuilds the class from the name)."""
+    if name not in _PML_CLASSES:
+        from pytorch_metric_learning.losses import BaseMetricLossFunction
+
+        def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+            if ref_emb is embeddings:  # PML puts the batch in when no reference set was given
+                ref_emb = ref_labels = None
+            value = self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            return {"loss": {"losses": value, "indices": None,
+                             "reduction_type": "already_reduced"}}
+
+        def init(self, inner):
+            BaseMetricLossFunction.__init__(self)
+            self.loss = inner
+
+        def reduce(self):
+            return _new_pml, (name,), self.__getstate__()
+
+        _PML_CLASSES[name] = type(name, (BaseMetricLossFunction,), {
+            "__init__": init, "compute_loss": compute_loss, "__reduce__": reduce,
+            "__module__": __name__, "__qualname__": name})
+    return _PML_CLASSES[name]
+
+
+def _new_pml(name: str) -> nn.Module:
+    """An empty instance of :func:`_pml_class` ``(name)``, filled in by unpickling."""
+    cls = _pml_class(name)
+    return cls.__new__(cls)

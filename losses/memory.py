@@ -13,8 +13,10 @@ MoCo-style queue of negatives, both on one FIFO of embeddings (and labels) kept 
   whole memory (candidates, no gradient), ``P_ij = y_i == m_j``, ``Q_ij = y_i != m_j``, with
   the pair of an embedding and its own just-enqueued copy removed from ``P`` -- exactly PML's
   pairs, as masks rather than index lists. A miner (``miner(emb, labels, mem, mem_labels)``)
-  restricts them as PML's does; ``enqueue_mask`` splits the batch into rows that only go into
-  the memory and rows that are anchors (PML's MoCo-style use; a mask that sends every row to
+  restricts them as PML's does (its pairs with an own copy removed too); an ``indices_tuple``
+  of the caller's (indices into the memory) is added to them as given, as PML adds it;
+  ``enqueue_mask`` splits the batch into rows that only go into the memory and rows that are
+  anchors (PML's MoCo-style use; a mask that sends every row to
   the memory is a fill-only step, a zero loss in the graph). The wrapped loss is any
   :class:`~losses.modules.PairLoss`.
 * :class:`NegativeQueue` (He et al., "Momentum Contrast", CVPR 2020; lightly's
@@ -232,9 +234,10 @@ class CrossBatchMemory(nn.Module):
         self.loss = _check_pair_loss(loss)
         if loss.mines_in_pairs:
             raise ValueError(
-                f"{type(loss).__name__} picks its own pairs (one per class), which a memory "
-                "cannot restrict; wrap a pair-based loss (ntxent, supcon, triplet, contrastive, "
-                "...)"
+                f"{type(loss).__name__} picks its own pairs (the N-pair loss one per class) or "
+                "weighs them (NCA reads a miner's tuple as weights), so the memory cannot leave "
+                "out each embedding's pair with its own copy; wrap a pair-based loss (ntxent, "
+                "supcon, triplet, contrastive, ...)"
             )
         self.miner = miner
         self.gather = bool(gather)
@@ -247,6 +250,19 @@ class CrossBatchMemory(nn.Module):
     def reset_queue(self) -> None:
         """Empty the memory (PML's name)."""
         self.memory.reset()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a state dict of PML's CrossBatchMemory: its rows under PML's names, and no write
+        # pointer or fill count (plain attributes there), which keep their values here as they
+        # do in PML's module (a fresh one then reads nothing before it writes)
+        pml_rows, pml_labels = prefix + "embedding_memory", prefix + "label_memory"
+        if pml_rows in state_dict and prefix + "memory.embeddings" not in state_dict:
+            state_dict[prefix + "memory.embeddings"] = state_dict.pop(pml_rows)
+            if pml_labels in state_dict:
+                state_dict[prefix + "memory.labels"] = state_dict.pop(pml_labels)
+            for name in ("ptr", "filled"):
+                state_dict.setdefault(f"{prefix}memory.{name}", getattr(self.memory, name))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, embeddings: Tensor, labels: Tensor, indices_tuple=None,
                 enqueue_mask: Tensor | None = None) -> Tensor:
@@ -278,8 +294,13 @@ class CrossBatchMemory(nn.Module):
                 check_embeddings(all_emb, "the gathered embeddings (every rank's batch)")
         slots = self.memory.enqueue(all_emb, all_lab)
         own = None if enqueue_mask is not None else slots[offset:offset + embeddings.shape[0]]
-        ref, ref_labels = self.memory.read()
-        ref = ref.to(_full(embeddings).dtype)  # a float64 ring scores a float32 batch in float32
+        ring, ref_labels = self.memory.read()
+        ref = ring.to(_full(embeddings).dtype)  # a float64 ring scores a float32 batch in float32
+        if torch.is_grad_enabled() and _aliases(ref, ring):
+            # the next call writes into the ring in place, possibly before this call's backward
+            # pass (gradient accumulation): a critic that keeps the rows for its gradient (Dot,
+            # Bilinear) needs the rows of now
+            ref = ref.clone()
         if embeddings.shape[0] == 0:  # enqueue_mask sent every row to the memory
             return self._fill_step(embeddings, ref)
         return self._loss(embeddings, labels, ref, ref_labels, own, indices_tuple)
@@ -305,11 +326,14 @@ class CrossBatchMemory(nn.Module):
             indices_tuple = mined
         s, pos, neg = loss.scores(emb, labels, None, ref, ref_labels)
         if self.miner is None and indices_tuple is not None:
-            # PML: the user's tuple is added to all pairs (repeated pairs then count twice)
+            # PML: the user's tuple is added to all pairs (repeated pairs then count twice);
+            # the own copies are left out of the pairs made here, the user's tuple is taken as
+            # given (PML removes self-comparisons only from the pairs it makes)
+            made = pos
             if own is not None:
-                pos = pos.clone()
-                pos[torch.arange(emb.shape[0], device=pos.device), own] = False
-            a1, p = pos.nonzero(as_tuple=True)
+                made = pos.clone()
+                made[torch.arange(emb.shape[0], device=pos.device), own] = False
+            a1, p = made.nonzero(as_tuple=True)
             a2, n = neg.nonzero(as_tuple=True)
             indices_tuple = _concat_tuples((a1, p, a2, n), _pml_form(indices_tuple, 4, labels))
         with _no_autocast(s.device.type):

@@ -8,7 +8,9 @@ standard hyper-parameters, :func:`loss_defaults`) changes.
 A finished cell is reused only when everything that decides its result is the same. Each cell is
 keyed by :func:`cell_key`, a hash of its resolved config (the loss and its keywords completed
 with the constructor's defaults, the critic and its keywords, backbone, embedding size, data set
-and splits, steps, batch, optimiser, schedule, seed, ..., and the library version): it is saved
+and splits -- a ``data_dir`` as the absolute folder it names and a fingerprint of the data it
+holds (:func:`data_fingerprint`) --, steps, batch, optimiser, schedule, seed, ..., and the
+library version): it is saved
 as ``cells/<loss>__seed<k>__<key>.json`` and trains (with its checkpoints) under
 ``runs/<loss>__seed<k>__<key>/``. An interrupted comparison resumes where it stopped; a run with
 other settings into the same folder trains its own cells and never reports another run's
@@ -74,12 +76,20 @@ def loss_defaults(loss: str, critic: bool = False) -> dict[str, Any]:
 NOT_IN_KEY = frozenset({"output", "progress", "resume", "overwrite", "num_workers"})
 
 
+#: The comparison's own fields that are also :class:`TrainConfig` fields: the cells take them
+#: from the top level, never from ``train`` (where they would replace what the report shows).
+_TOP_LEVEL = ("dataset", "data_dir", "backbone", "critic", "critic_kwargs", "loss_kwargs",
+              "steps", "batch_size")
+
+
 @dataclass
 class CompareConfig:
     """What ``contrastive compare`` runs. ``train`` holds any further
     :class:`~contrastive.app.config.TrainConfig` fields shared by every cell (e.g. ``lr``);
     ``loss_kwargs`` maps a loss name to keywords that replace its :func:`loss_defaults`.
-    ``losses`` and ``seeds`` take a list or a comma string."""
+    ``losses`` and ``seeds`` take a list or a comma string, each name or seed once;
+    ``critic_kwargs`` go with a ``critic``. ``train`` may not hold a field of this class
+    (``train.steps`` would replace the ``steps`` the report shows)."""
 
     __pydantic_config__ = TrainConfig.__pydantic_config__
 
@@ -105,11 +115,27 @@ class CompareConfig:
             raise UserError("config field 'losses': got an empty list, expected loss names")
         if not cfg.seeds:
             raise UserError("config field 'seeds': got an empty list, expected seeds")
+        for name in ("losses", "seeds"):  # a repeat would run one cell and report fewer
+            values = list(getattr(cfg, name))
+            repeated = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+            if repeated:
+                raise ConfigError(name, getattr(cfg, name),
+                                  f"each {name[:-1]} once (repeated: "
+                                  f"{', '.join(map(str, repeated))})", source=source)
         for key in ("output", "resume", "overwrite", "progress", "loss", "seed"):
             if key in cfg.train:  # set per cell by compare itself
                 raise ConfigError(f"train.{key}", cfg.train[key],
                                   "no value: compare sets it for each cell (use the top-level "
                                   "output / losses / seeds)", source=source)
+        for key in _TOP_LEVEL:
+            if key in cfg.train:  # it would replace the top-level value the report shows
+                raise ConfigError(f"train.{key}", cfg.train[key],
+                                  f"no value: {key} is a top-level field of the comparison "
+                                  f"(set {key}, not train.{key})", source=source)
+        if cfg.critic_kwargs and cfg.critic is None:  # they would be dropped from every cell
+            raise ConfigError("critic_kwargs", cfg.critic_kwargs,
+                              "no keywords without a critic: set critic too (e.g. cosine), or "
+                              "give the loss's own keywords in loss_kwargs", source=source)
         for name, kwargs in cfg.loss_kwargs.items():
             if name not in cfg.losses:  # keywords for a loss that is not run: a misspelling
                 raise ConfigError(f"loss_kwargs.{name}", kwargs,
@@ -200,7 +226,8 @@ def _as_compare_key(exc: ConfigError, cfg: CompareConfig, loss: str) -> ConfigEr
 def resolved_cell_config(tcfg: TrainConfig) -> dict[str, Any]:
     """Everything that decides a cell's result: the cell's config without
     :data:`NOT_IN_KEY` (``num_workers`` kept under random transforms; ``device=None`` named as
-    the GPU it becomes where there is one), the loss's and critic's keywords completed with
+    the GPU it becomes where there is one; a ``data_dir`` as the absolute folder, with
+    :func:`data_fingerprint` of what it holds), the loss's and critic's keywords completed with
     their constructors' defaults (a sized critic's ``dim`` / ``in_dim`` as the trainer fills
     it in), and the library version."""
     import torch
@@ -209,6 +236,9 @@ def resolved_cell_config(tcfg: TrainConfig) -> dict[str, Any]:
     from .config import _critic_factory, _loss_factory
 
     out = {k: v for k, v in tcfg.to_dict().items() if k not in NOT_IN_KEY}
+    if tcfg.data_dir is not None:  # the folder it names from here, and what it holds now
+        out["data_dir"] = _resolved_dir(tcfg.data_dir)
+        out["data_fingerprint"] = data_fingerprint(tcfg)
     if tcfg.augment or tcfg.views >= 2:  # random transforms: the workers' streams decide them
         out["num_workers"] = tcfg.num_workers
     if tcfg.device is None and torch.cuda.is_available():
@@ -226,6 +256,55 @@ def resolved_cell_config(tcfg: TrainConfig) -> dict[str, Any]:
         out["critic_kwargs"] = resolved_kwargs(_critic_factory(tcfg.critic), ckw)
     out["library_version"] = __version__
     return out
+
+
+#: :func:`data_fingerprint` by (data set, folder, training split, evaluation split); emptied by
+#: :func:`preflight`, so each comparison reads its data once, when it starts.
+_DATA_FINGERPRINTS: dict[tuple[str, str, str, str], str] = {}
+
+
+def _resolved_dir(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def data_fingerprint(tcfg: TrainConfig) -> str | None:
+    """16 hex digits of the SHA-256 of the data a cell reads from its ``data_dir`` (``None``
+    without one: the embedded data sets are fixed by the library): for its training split and
+    its evaluation sets (:func:`~.protocol.eval_sets`), the number of items, their labels, the
+    class names and the items themselves (image paths, or the arrays). Another version of a data
+    set at the same path (other images, splits or labels) is another cell. ``"unreadable"``
+    (not remembered) when the data cannot be read: such a cell stops in its preflight."""
+    if tcfg.data_dir is None:
+        return None
+    import numpy as np
+
+    root = _resolved_dir(tcfg.data_dir)
+    memo = (str(tcfg.dataset), root, tcfg.train_split, tcfg.eval_split)
+    if memo in _DATA_FINGERPRINTS:
+        return _DATA_FINGERPRINTS[memo]
+    from ..datasets import get_dataset
+    from .protocol import eval_sets
+
+    try:
+        sets = [get_dataset(tcfg.dataset, root=root, split=tcfg.train_split),
+                *eval_sets(tcfg.dataset, root, tcfg.eval_split)]
+    except Exception:  # the preflight (or the cell) reports it
+        return "unreadable"
+    digest = hashlib.sha256()
+    for ds in sets:
+        if ds is None:
+            continue
+        digest.update(repr((type(ds).__name__, len(ds), [str(c) for c in ds.classes])).encode())
+        digest.update(np.ascontiguousarray(ds.labels, dtype=np.int64).tobytes())
+        if hasattr(ds, "paths"):
+            digest.update("\n".join(ds.paths).encode())
+        for name in ("data", "images"):
+            items = getattr(ds, name, None)
+            if items is not None:
+                items = items.numpy() if hasattr(items, "numpy") else np.asarray(items)
+                digest.update(np.ascontiguousarray(items).tobytes())
+    _DATA_FINGERPRINTS[memo] = digest.hexdigest()[:16]
+    return _DATA_FINGERPRINTS[memo]
 
 
 def cell_key(tcfg: TrainConfig) -> str:
@@ -304,6 +383,7 @@ def preflight(cfg: CompareConfig) -> dict[tuple[str, int], TrainConfig]:
     from .factory import build_loss
     from .protocol import eval_sets
 
+    _DATA_FINGERPRINTS.clear()  # the data as they are now decide the cells' keys
     configs = {(loss, seed): train_config_for(cfg, loss, seed)
                for loss in cfg.losses for seed in cfg.seeds}
     first = next(iter(configs.values()))

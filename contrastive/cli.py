@@ -259,11 +259,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         data["progress"] = False
     _default_backbone(data, CompareConfig.dataset)
     if args.protocol == "class-disjoint":  # train on some classes, retrieve among the others
-        from .app.tuning import class_disjoint_batch
+        from .app.tuning import class_disjoint_batch, final_splits
 
+        dataset = data.get("dataset", CompareConfig.dataset)
         train = data.setdefault("train", {})
-        train.update({"train_split": "train_classes", "eval_split": "test_classes"})
-        batch = class_disjoint_batch(data.get("dataset", CompareConfig.dataset))
+        # test_classes, or a data set's own class-disjoint test (In-Shop: query vs gallery)
+        train.update(final_splits(dataset))
+        batch = class_disjoint_batch(dataset)
         if "batch_size" in batch:
             data.setdefault("batch_size", batch["batch_size"])
         if "m_per_class" in batch:

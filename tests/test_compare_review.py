@@ -107,10 +107,6 @@ def test_a_missing_data_dir_is_still_one_user_error(tmp_path):
         preflight(cfg)
 
 
-@pytest.mark.xfail(strict=True, reason="`compare --protocol class-disjoint` sets eval_split "
-                   "'test_classes', which In-Shop does not have, instead of "
-                   "tuning.final_splits(dataset) (In-Shop: query against gallery), in "
-                   "contrastive/cli.py cmd_compare")
 def test_plain_class_disjoint_compare_on_inshop_gets_past_its_preflight(tmp_path, main,
                                                                         monkeypatch):
     import sys
@@ -129,7 +125,7 @@ def test_plain_class_disjoint_compare_on_inshop_gets_past_its_preflight(tmp_path
     _inshop(tmp_path / "root")
     rc, _, err = main("compare", "--protocol", "class-disjoint", "--dataset", "inshop",
                       "--data-dir", str(tmp_path / "root"), "--losses", "infonce", "--steps",
-                      "1", "--seeds", "0", "--batch-size", "8", "--output",
+                      "1", "--seeds", "0", "--batch-size", "16", "--output",
                       str(tmp_path / "o"), "--no-progress")
     assert rc == 2 and "preflight passed" in err, err
 

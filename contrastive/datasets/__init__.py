@@ -144,9 +144,11 @@ for _name, _factory, _aliases, _meta in (
                                      "class_disjoint": True, "embedded": False,
                                      "class_split": _OWN_SPLIT}),
     ("sop", sop, (), {"kind": "image", "splits": ("train", "test"), "class_disjoint": True,
-                      "embedded": False, "class_split": _OWN_SPLIT}),
+                      "embedded": False, "class_split": _OWN_SPLIT,
+                      "class_disjoint_batch": _MANY_CLASSES_BATCH}),
     ("inshop", inshop, ("in_shop",), {"kind": "image", "splits": ("train", "query", "gallery"),
                                       "class_disjoint": True, "embedded": False,
+                                      "class_disjoint_batch": _MANY_CLASSES_BATCH,
                                       "class_split": {
                                           "train": "train", "test": None,
                                           "test_hint": "its 'query' split searched against its "

@@ -233,6 +233,17 @@ class Cosine(Critic):
     def temperature(self) -> float:
         return float(torch.exp(-self.log_inv_t.detach()))
 
+    def _apply(self, fn, recurse=True):
+        """Module casts (``.half()``, ``.float()``, ``.to(dtype)``) move a fixed temperature's
+        buffer to the new device but keep it in float64: it is a setting, not a weight (as the
+        Python float of pytorch-metric-learning's losses), and each call casts the scale to
+        the inputs' type. A learnable temperature is a parameter and is cast with the rest."""
+        fixed = None if isinstance(self.log_inv_t, nn.Parameter) else self.log_inv_t
+        out = super()._apply(fn, recurse)
+        if fixed is not None and self.log_inv_t.dtype != fixed.dtype:
+            self.log_inv_t = fixed.to(device=self.log_inv_t.device)
+        return out
+
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if b is a:
             return unit_gram(a, "cosine", self.log_inv_t.exp().to(a.dtype))

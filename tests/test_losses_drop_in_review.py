@@ -165,9 +165,6 @@ def test_to_pml_refuses_our_cross_batch_memory_with_a_message():
         D.to_pml(D.CrossBatchMemory(D.NTXentLoss(), 6, 20))
 
 
-@pytest.mark.xfail(strict=True, reason="contrastive/critics.py: Cosine keeps a fixed "
-                   "temperature in a float buffer, which nn.Module casts (.half(), .float(), "
-                   ".to(dtype)) round; PML keeps it as a Python float")
 @pytest.mark.parametrize("cast", ["half", "float"])
 def test_a_module_cast_does_not_change_the_temperature(cast):
     emb, labels = _batch()

@@ -52,7 +52,7 @@ def build_loss(name: str, loss_kwargs: dict | None = None, critic: str | None = 
 
 def _infer_vector_dim(dataset) -> int:
     x = dataset[0][0]
-    return int(torch.as_tensor(np.asarray(x)).numel())
+    return int(np.asarray(x).size)  # a PIL image's array is read-only: no tensor of it
 
 
 def build_embedder(cfg: TrainConfig, dataset) -> nn.Module:

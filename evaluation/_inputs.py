@@ -8,6 +8,7 @@ values, and each message names the argument and says how to fix it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -19,6 +20,7 @@ __all__ = [
     "check_k",
     "check_metric",
     "check_same_dim",
+    "check_score_range",
     "METRICS",
 ]
 
@@ -183,3 +185,46 @@ def query_and_reference(query: object, reference: object | None) -> tuple[np.nda
     r = as_float_matrix(reference, "reference")
     check_same_dim(q, r, "query", "reference")
     return q, r
+
+
+#: float32 scores (inner products, squared distances) must stay below this, with a margin for
+#: the rounding of the matrix product's partial sums
+_SCORE_LIMIT = float(np.finfo(np.float32).max) / 4
+
+
+def _max_row_norm(x: np.ndarray) -> float:
+    """The largest L2 norm of a row of ``x`` (float32 ``[N, d]``), in float64, by chunks."""
+    out = 0.0
+    for s in range(0, x.shape[0], 1 << 14):
+        blk = x[s : s + (1 << 14)]
+        out = max(out, float(np.sqrt(np.einsum("ij,ij->i", blk, blk, dtype=np.float64).max())))
+    return out
+
+
+def check_score_range(query: np.ndarray, reference: np.ndarray, metric: str) -> None:
+    """Raise ``ValueError`` if the float32 scores of ``metric`` ("ip" or "l2"; cosine callers
+    pass normalised rows and "ip") can overflow: finite embeddings with row norms near 1e19
+    give inner products or squared distances (``|q|^2 + |r|^2 - 2 q.r``) of ``inf`` or ``NaN``,
+    and neighbours that are silently wrong. Cheap: a bound from the largest absolute values,
+    exact row norms only when that bound is too high."""
+
+    def bound(x: np.ndarray) -> float:
+        return max(float(x.max()), -float(x.min())) * math.sqrt(x.shape[1])
+
+    def too_large(nq: float, nr: float) -> bool:
+        return (nq + nr) ** 2 >= _SCORE_LIMIT if metric == "l2" else nq * nr >= _SCORE_LIMIT
+
+    bq = bound(query)
+    br = bq if reference is query else bound(reference)
+    if not too_large(bq, br):
+        return
+    nq = _max_row_norm(query)
+    nr = nq if reference is query else _max_row_norm(reference)
+    if too_large(nq, nr):
+        what = "squared L2 distances" if metric == "l2" else "inner products"
+        raise ValueError(
+            f"the embeddings are too large: rows of norm up to {nq:.3g} (query) and {nr:.3g} "
+            f"(reference) make their {what} overflow float32 (max 3.4e38), so the neighbours "
+            "would be wrong; rescale the embeddings (e.g. divide them by their largest row "
+            "norm) or use metric='cosine'"
+        )

@@ -60,14 +60,16 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ._inputs import as_float_matrix, as_labels, check_metric, check_same_dim
+from ._inputs import as_float_matrix, as_labels, check_metric, check_same_dim, check_score_range
 from .backends import (
     _CPU_BLOCK_BYTES,
     _GPU_BLOCK_BYTES,
     BACKENDS,
     KnnBackend,
+    Plan,
     _resolve_device,
     block_keys,
+    describe_plan,
     normalize_rows,
 )
 from .clustering import kmeans_assign
@@ -75,7 +77,8 @@ from .retrieval import relevance_counts
 from .search import search_blocks
 from .ties import find_duplicates
 
-__all__ = ["AccuracyCalculator", "METRICS", "KNN_METRICS", "CLUSTERING_METRICS", "knn_values"]
+__all__ = ["AccuracyCalculator", "AccuracyResult", "METRICS", "KNN_METRICS", "CLUSTERING_METRICS",
+           "knn_values"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -205,6 +208,16 @@ def rank_values(
             torch.zeros((), dtype=torch.float64, device=dev),
         )
     return out
+
+
+class AccuracyResult(dict):
+    """:meth:`AccuracyCalculator.get_accuracy`'s result: PML's plain ``{name: value}`` dict,
+    plus the attribute ``backend``, the name of the neighbour search that ran (e.g.
+    ``"faiss-cpu IndexFlat exact"``; ``"torch exact (cpu), full ranking"`` when MAP or MRR rank
+    every reference item; ``"none"`` when no search ran: clustering metrics only, or every
+    query lone)."""
+
+    backend: str = "none"
 
 
 def _use_ranks(deep: bool, depth: int, max_r: int) -> bool:
@@ -356,7 +369,11 @@ class AccuracyCalculator:
 
         Returns:
             ``{name: float}`` (or ``{name: [float per class]}`` with ``return_per_class``) in
-            PML's key order; NaN when every query is lone.
+            PML's key order; NaN when every query is lone. An :class:`AccuracyResult` (a
+            ``dict``) whose ``backend`` attribute names the neighbour search that ran.
+
+        Raises ``ValueError`` for embeddings whose float32 distances would overflow (row norms
+        near 1e19 with ``metric="l2"`` or ``"ip"``).
         """
         self._check_names(include, "include")
         self._check_names(exclude, "exclude")
@@ -384,12 +401,15 @@ class AccuracyCalculator:
                     "a separate reference set"
                 )
         out: dict[str, float | list[float]] = {}
+        info: dict[str, str] = {}
         knn_names = tuple(n for n in names if n in KNN_METRICS)
         if knn_names:
-            out.update(self._knn_metrics(q, yq, r, yr, bool(ref_includes_query), knn_names))
+            out.update(self._knn_metrics(q, yq, r, yr, bool(ref_includes_query), knn_names, info))
         if any(n in CLUSTERING_METRICS for n in names):
             out.update(self._clustering_metrics(q, yq, names))
-        return {n: out[n] for n in METRICS if n in out}
+        result = AccuracyResult((n, out[n]) for n in METRICS if n in out)
+        result.backend = info.get("backend", "none")
+        return result
 
     def _depth(self, max_bin: int, n_ref: int, self_count: int, names: tuple[str, ...]) -> int:
         """PML's ``determine_k``: the K of the module docstring."""
@@ -411,7 +431,8 @@ class AccuracyCalculator:
             )
         return self.k
 
-    def _knn_metrics(self, q, yq, r, yr, includes_query: bool, names: tuple[str, ...]):
+    def _knn_metrics(self, q, yq, r, yr, includes_query: bool, names: tuple[str, ...],
+                     info: dict):
         self_count = int(includes_query)
         uniq_q = np.unique(yq)
         r_q = relevance_counts(yq, yr, includes_query)
@@ -433,6 +454,9 @@ class AccuracyCalculator:
         yq_act, r_act = yq[active], r_q[active]
         self_index = active if includes_query else None
         if _use_ranks(deep, depth, max_r):
+            check_score_range(q_act, r, "l2" if self.metric == "l2" else "ip")
+            dev = _resolve_device(self.device)
+            info["backend"] = describe_plan(Plan("torch", dev)) + ", full ranking"
             values = self._rank_search(q_act, yq_act, r_act, r, yr, self_index, depth, names)
             return {n: _average(values[n], yq_act, self.avg_of_avgs, self.return_per_class)
                     for n in names}
@@ -453,7 +477,7 @@ class AccuracyCalculator:
         for _ in search_blocks(
             q_act, r, width, "l2" if self.metric == "l2" else "ip",
             self_index, self.backend, self.device, self.block_size,
-            large_k_blocks=True, reduce=block_values,
+            large_k_blocks=True, reduce=block_values, info=info,
         ):
             pass
         return {n: _average(values[n], yq_act, self.avg_of_avgs, self.return_per_class)

@@ -34,7 +34,9 @@ cells hold about 4 W rows; at most ``nlist``); ``pq_m`` = the largest divisor of
 ``d / 8`` (one byte per 8 dimensions: 32x smaller than float32), ``pq_bits = 8`` (fewer when
 ``N`` is too small to train 256 centroids), sub-quantisers trained by 10 k-means iterations on
 at most 64 points per centroid, ``refine = 4``; ``hnsw_m = 32``, ``ef_construction = 80``,
-``ef_search = max(64, 2 W)``. Any of them can be set with ``index_options={...}``. IVF-PQ
+``ef_search = max(64, 2 W)`` (a given ``ef_search`` below ``W`` is a ``ValueError``: FAISS's
+HNSW would return fewer than ``W`` neighbours). Any of them can be set with
+``index_options={...}``. IVF-PQ
 trains on its ``train_size`` sample, which must hold at least ``2**pq_bits`` rows (one per
 sub-quantiser centroid); the defaults always do, and a ``train_size`` below that (given, or
 ``64 nlist`` from a given ``nlist``) is a ``ValueError`` naming the fixes rather than silently
@@ -212,6 +214,14 @@ def resolve_index(
     if "nlist" in opts and "train_size" not in opts:
         opts["train_size"] = min(n_reference, 64 * opts["nlist"])
     params = replace(params, **opts)
+    if kind == "hnsw" and params.ef_search < window:
+        raise ValueError(
+            f"index_options ef_search={params.ef_search} is below the {window} neighbours "
+            "searched per query (k, plus one for the query itself); FAISS's HNSW keeps only "
+            "ef_search candidates, so it would return fewer and miss true neighbours; use "
+            f"ef_search >= {window} (the default is max(64, 2 x {window}) = "
+            f"{max(64, 2 * window)})"
+        )
     if kind != "hnsw":
         if params.nlist > n_reference:
             raise ValueError(

@@ -118,6 +118,10 @@ def retrieval_metrics(
         ``backend`` attribute names the search that ran (e.g. ``"faiss-cpu IndexFlat exact"``,
         ``"torch exact (cuda:0)"``, ``"faiss-cpu IVF-Flat(nlist=4000, nprobe=16)
         approximate"``; ``"none"`` when every query is lone).
+
+    Raises ``ValueError`` for bad arguments (NaN / Inf embeddings, ``ks`` past the candidates,
+    labels that are not class ids) and for ``metric="l2"`` / ``"ip"`` embeddings whose float32
+    scores would overflow (row norms near 1e19).
     """
     metric = check_metric(metric)
     ks = check_ks(ks)

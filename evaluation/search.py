@@ -58,7 +58,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import backends as _backends
-from ._inputs import check_k, check_metric, query_and_reference
+from ._inputs import check_k, check_metric, check_score_range, query_and_reference
 from ._topk import SCAN_MIN_RATIO, padded_width, scan_kernel
 from .backends import (  # noqa: F401 - re-exported: the names this module has always had
     _CPU_BLOCK_BYTES,
@@ -224,7 +224,9 @@ def search_blocks(
     ``metric`` in {"ip", "l2"}; ``key`` is the score for ip and minus the squared distance for
     l2 (higher = nearer), sorted by (key desc, index asc). ``self_index[i]`` is the reference row
     to leave out for query ``i`` (-1: none); the caller checks that ``k`` neighbours exist.
-    Tensors live on the CPU for FAISS and on the search device for torch.
+    Tensors live on the CPU for FAISS and on the search device for torch. Embeddings whose
+    float32 scores would overflow are a ``ValueError``
+    (:func:`evaluation._inputs.check_score_range`).
 
     ``backend``: a name (see the module docstring) or a
     :class:`~evaluation.backends.KnnBackend` object whose ``metric`` is ``metric``.
@@ -247,6 +249,7 @@ def search_blocks(
 
     nq = query.shape[0]
     has_self = self_index is not None
+    check_score_range(query, reference, metric)
     if not isinstance(backend, str) and (index not in ("auto", "exact") or index_options):
         raise ValueError(
             f"backend={getattr(backend, 'name', type(backend).__name__)!r} is a backend object, "
@@ -351,6 +354,10 @@ def knn(
         ties broken by lower reference index (``+ (backend,)`` with ``return_backend``).
         Approximate indexes may miss true neighbours and break ties only among the candidates
         they return (:mod:`evaluation.ann`).
+
+    Raises ``ValueError`` for NaN / Inf embeddings and for finite ones whose float32 scores
+    would overflow (``metric="l2"`` or ``"ip"`` with row norms near 1e19): rescale them, or use
+    ``metric="cosine"``.
     """
     metric = check_metric(metric)
     q, r = query_and_reference(query, reference)

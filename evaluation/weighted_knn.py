@@ -28,7 +28,14 @@ from ._inputs import as_float_matrix, as_labels, check_k, check_metric, check_sa
 from .backends import KnnBackend, normalize_rows
 from .search import search_blocks
 
-__all__ = ["knn_classifier", "vote"]
+__all__ = ["knn_classifier", "vote", "KnnClassifierResult"]
+
+
+class KnnClassifierResult(dict):
+    """``{"top1", "top5"}`` (a plain ``dict`` of numbers) plus the attribute ``backend``: the
+    name of the search that found the neighbours (e.g. ``"faiss-cpu IndexFlat exact"``)."""
+
+    backend: str = "none"
 
 
 def vote(key: torch.Tensor, nbr_class: torch.Tensor, n_classes: int,
@@ -72,6 +79,11 @@ def knn_classifier(
         temperature: T in ``exp(s / T)`` (0.07 by convention), > 0.
         metric: "cosine" | "ip" | "l2".
         backend, device, block_size, progress: passed to the k-NN search.
+
+    Returns:
+        ``{"top1", "top5"}``, a :class:`KnnClassifierResult` (a ``dict``) whose ``backend``
+        attribute names the search that ran. ``ValueError`` for embeddings whose float32
+        scores would overflow (row norms near 1e19 with ``metric="l2"`` or ``"ip"``).
     """
     metric = check_metric(metric)
     xtr = as_float_matrix(train_x, "train_x")
@@ -91,8 +103,10 @@ def knn_classifier(
 
     top1 = top5 = 0
     ytr_dev: dict[torch.device, torch.Tensor] = {}
+    info: dict[str, str] = {}
     for rows, key, idx in search_blocks(
-        xte, xtr, k, "l2" if metric == "l2" else "ip", None, backend, device, block_size, progress
+        xte, xtr, k, "l2" if metric == "l2" else "ip", None, backend, device, block_size, progress,
+        info=info,
     ):
         dev = idx.device
         if dev not in ytr_dev:
@@ -107,4 +121,6 @@ def knn_classifier(
             top1 += int(hit[:, 0].sum())
             top5 += int(hit.any(dim=1).sum())
     m = xte.shape[0]
-    return {"top1": top1 / m, "top5": top5 / m}
+    out = KnnClassifierResult(top1=top1 / m, top5=top5 / m)
+    out.backend = info.get("backend", "none")
+    return out

@@ -88,3 +88,23 @@ def test_indistinguishable_from_best():
     none = indistinguishable_from_best(per_seed, correction="none")
     assert none["indistinguishable"] == ["a", "b"]
     assert indistinguishable_from_best({})["best"] is None
+
+
+def test_a_loss_with_failed_seeds_is_not_crowned_on_the_seeds_that_survived():
+    """A loss that diverged on two of three seeds has a higher mean on its one surviving seed
+    than the loss that finished all three: the best is the complete one, the partial one is
+    listed as incomplete (and, with one common seed, cannot be told apart from it)."""
+    per_seed = {
+        "lucky": {0: 0.95, 1: float("nan"), 2: float("nan")},
+        "steady": {0: 0.70, 1: 0.72, 2: 0.71},
+        "worse": {0: 0.50, 1: 0.52, 2: 0.51},
+    }
+    res = indistinguishable_from_best(per_seed)
+    assert res["best"] == "steady"
+    assert res["incomplete"] == ["lucky"]
+    assert "worse" not in res["indistinguishable"]  # tested on 3 seeds and rejected
+    assert res["indistinguishable"] == ["steady", "lucky"]  # one common seed: no test
+    # every loss lost the same seed: all are complete on the seeds that ran
+    both = {"a": {0: 0.6, 1: 0.7, 2: None}, "b": {0: 0.8, 1: 0.9, 2: None}}
+    res = indistinguishable_from_best(both)
+    assert res["best"] == "b" and res["incomplete"] == []

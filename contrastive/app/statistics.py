@@ -6,11 +6,12 @@ best one: the numbers that say whether a gap in a comparison table is real.
   With 3 seeds ``t_{0.975, 2} = 4.30``, so the interval is wide: that is the honest width.
 * :func:`paired_t_test` -- two-sided paired t-test on the per-seed differences
   ``d_i = a_i - b_i``: ``t = mean(d) / (sd(d) / sqrt(n))`` with ``n - 1`` degrees of freedom.
-* :func:`indistinguishable_from_best` -- the best loss by mean, and every loss whose paired test
-  against it does not reject equality at level ``alpha`` after Holm's step-down correction over
-  the ``m`` comparisons that could be made (Holm 1979: sort the p-values, compare the ``i``-th
-  smallest with ``alpha / (m - i)``, stop at the first that is not rejected; a loss with no
-  common seeds has no p-value and is not counted in ``m``).
+* :func:`indistinguishable_from_best` -- the best loss by mean (among those with every seed),
+  and every loss whose paired test against it does not reject equality at level ``alpha``
+  after Holm's step-down correction over the ``m`` comparisons that could be made (Holm 1979:
+  sort the p-values, compare the ``i``-th smallest with ``alpha / (m - i)``, stop at the first
+  that is not rejected; a loss with no common seeds has no p-value and is not counted in
+  ``m``).
 
 Why a *paired* test over seeds: in ``contrastive compare`` every loss trains with the same seeds,
 and seed ``k`` fixes the same encoder initialisation and the same order of P x m batches for
@@ -118,7 +119,12 @@ def indistinguishable_from_best(
     """Which losses the seeds cannot tell apart from the best.
 
     ``per_seed`` maps a loss to ``{seed: value}`` (higher is better). The best is the loss with
-    the highest mean over its finite values; every other loss is paired with it on their common
+    the highest mean over its finite values among the losses with the most finite values
+    (every seed, unless every loss lost one): a loss whose other seeds failed or diverged is
+    not crowned on the seeds that survived, since a mean over one lucky seed is no mean over
+    the seeds the table shows, and it would leave every other loss "indistinguishable" (fewer
+    than two common seeds); such losses are listed as ``"incomplete"``. Every other loss is
+    paired with the best on their common
     seeds and tested with :func:`paired_t_test`; ``correction="holm"`` applies :func:`holm` over
     the ``m`` tests that gave a p-value (a loss with no finite value, or fewer than 2 common
     seeds, does not count), ``"none"`` compares each p with ``alpha``. A loss whose equality
@@ -126,18 +132,22 @@ def indistinguishable_from_best(
     indistinguishable.
 
     Returns ``{"best", "indistinguishable" (the best first, then the table order), "p_values"
-    ({loss: p}, the best's is 1.0), "alpha", "correction", "test": "paired t-test over
-    seeds"}``."""
+    ({loss: p}, the best's is 1.0), "incomplete" (the losses with fewer finite values than the
+    most, in table order; those with none included), "alpha", "correction", "test": "paired
+    t-test over seeds"}``."""
     if correction not in ("holm", "none"):
         raise ValueError(f"correction must be 'holm' or 'none', got {correction!r}")
-    means = {k: float(np.mean(v)) for k, v in
-             ((k, _finite(list(s.values()))) for k, s in per_seed.items()) if v.size}
+    finite = {k: _finite(list(s.values())) for k, s in per_seed.items()}
+    means = {k: float(np.mean(v)) for k, v in finite.items() if v.size}
+    most = max((v.size for v in finite.values()), default=0)
     out: dict[str, object] = {"best": None, "indistinguishable": [], "p_values": {},
+                              "incomplete": [k for k in per_seed if finite[k].size < most],
                               "alpha": alpha, "correction": correction,
                               "test": "paired t-test over seeds"}
     if not means:
         return out
-    best = max(means, key=lambda k: (means[k], -list(per_seed).index(k)))
+    eligible = [k for k in means if finite[k].size == most]
+    best = max(eligible, key=lambda k: (means[k], -list(per_seed).index(k)))
     others = [k for k in per_seed if k != best]
     pvals = []
     for k in others:

@@ -678,23 +678,20 @@ def _triplet_all_kernel(scores, positives, negatives, idx, valid, margin, reduct
                         need_grad):
     """:func:`triplet`'s all-triplets hinge loss and ``dL/dS`` in one pass (``kernels.fused``):
     from the counts of active triplets (:func:`_triplet_counts`), ``c_ap`` per anchor and
-    positive and ``c_an`` per anchor and negative, the value is
-    ``sum c_ap (m - S_ap) + sum c_an S_an`` and, the loss being linear in ``S`` on the active
-    triplets, ``dL/dS = w (c_an - c_ap)`` (``c_ap`` placed at the positives' columns), ``w``
-    one over the reduction's count."""
+    positive and ``c_an`` per anchor and negative, the loss being linear in ``S`` on the active
+    triplets, ``dL/dS = w G`` with ``G = c_an - c_ap`` (``c_ap`` placed at the positives'
+    columns) and the value ``w (sum G * S + m sum c_ap)``
+    (``= w (sum c_ap (m - S_ap) + sum c_an S_an)``), ``w`` one over the reduction's count."""
     s_ap = scores.gather(1, idx)
     c_ap, c_an = _triplet_counts(scores, negatives, s_ap, valid, margin)
-    total = torch.dot(c_ap.reshape(-1), (margin - s_ap).view(-1)) + torch.dot(
-        c_an.view(-1), scores.reshape(-1))
+    active = c_ap.sum()
+    g = c_an.scatter_add_(1, idx, c_ap.neg_())  # G, in c_an's buffer
+    total = torch.dot(g.view(-1), scores.reshape(-1)).add_(active * margin)
     if reduction == "sum":
-        w = torch.ones((), dtype=scores.dtype, device=scores.device)
-    else:
-        w = (c_ap.sum() if reduction == "nonzero" else n_triplets.to(scores.dtype))
-        w = w.clamp_min(1).reciprocal()
-    value = total * w
-    if not need_grad:
-        return value, None
-    return value, c_an.scatter_add_(1, idx, c_ap.neg()).mul_(w)
+        return total, (g if need_grad else None)
+    w = (active if reduction == "nonzero" else n_triplets.to(scores.dtype))
+    w = w.clamp_min(1).reciprocal()
+    return total * w, (g.mul_(w) if need_grad else None)
 
 
 def _triplet_all_slow(scores, positives, negatives, idx, valid, margin, reduction, n_triplets):

@@ -10,6 +10,10 @@ repeat trials.
   are failed as below, and then runs them again itself), so it returns only when ``n_trials``
   trials are complete; it gives up with :class:`TrialsPending` after :data:`WAIT_S` without
   progress.
+* Each trial draws its parameters from a random stream of its own place in the budget (the
+  number of completed or running trials ahead of it; :func:`_slot_sampler`), not from one
+  stream per process: a resumed run (a new process, a new sampler) draws for its trials what
+  an uninterrupted run draws, where a restarted stream repeated the first trials' parameters.
 * Running trials record Optuna's RDB heartbeat; a trial whose worker died is failed and redone:
   at once for a process of this machine that no longer exists, after :data:`GRACE_S` without a
   heartbeat for a worker anywhere (``optuna.storages.fail_stale_trials``).
@@ -22,7 +26,10 @@ repeat trials.
   the folders of dead workers -- the same rule as for their trials: a process of this machine
   that no longer exists, or no heartbeat for :data:`GRACE_S` -- when it starts and ends; the
   last one out removes ``<root>``. So no worker deletes the files of a trial another one runs,
-  and a SIGKILLed worker's files go with the next worker. Other entries of ``<root>`` are left.
+  and a SIGKILLed worker's files go with the next worker. The ``tmp*`` folders an earlier
+  version trained in directly under ``<root>`` (no worker folder, no heartbeat) are removed
+  once nothing in them has been written to for :data:`OLD_LAYOUT_GRACE_S`. Other entries of
+  ``<root>`` are left.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import socket
 import time
@@ -40,12 +48,15 @@ from typing import Any
 
 from ..errors import UserError
 
-__all__ = ["N_STARTUP", "HEARTBEAT_S", "GRACE_S", "POLL_S", "WAIT_S", "BEAT_FILE",
-           "TrialsPending", "open_study", "finished_trials", "run_trials", "worker_name",
-           "remove_dead_scratch", "worker_scratch"]
+__all__ = ["N_STARTUP", "SAMPLING", "OLD_LAYOUT_GRACE_S", "HEARTBEAT_S", "GRACE_S", "POLL_S",
+           "WAIT_S", "BEAT_FILE", "TrialsPending", "open_study", "finished_trials", "run_trials",
+           "worker_name", "remove_dead_scratch", "worker_scratch"]
 
 #: Random trials before TPE models the results (fixed, so the study does not depend on N).
 N_STARTUP = 4
+#: How trials draw their parameters (part of a study's identity): one seeded stream per place
+#: in the budget (:func:`_slot_sampler`).
+SAMPLING = "tpe-slot-seeded"
 
 
 @contextlib.contextmanager
@@ -87,10 +98,32 @@ def open_study(storage: str, name: str, seed: int, heartbeat_s: int = HEARTBEAT_
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
     rdb = _rdb_storage(storage, kwargs, heartbeat_s, grace_s)
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=N_STARTUP,
-                                         constant_liar=True)
-    return optuna.create_study(study_name=name, storage=rdb, sampler=sampler,
-                               direction="maximize", load_if_exists=True)
+    study = optuna.create_study(study_name=name, storage=rdb, sampler=_sampler(seed),
+                                direction="maximize", load_if_exists=True)
+    study._tune_seed = seed  # the seed of each trial's stream (:func:`_slot_sampler`)
+    return study
+
+
+def _sampler(seed: int):
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=N_STARTUP,
+                                      constant_liar=True)
+
+
+def _slot_sampler(study, slot: int) -> None:
+    """Give ``study`` a TPE sampler seeded for the trial at place ``slot`` of the budget (the
+    completed or running trials ahead of it), derived from the study's seed
+    (``numpy.random.SeedSequence([seed, slot])``). TPE keeps no state between trials except
+    its random stream (the history is read from the storage), so the trial draws the same
+    parameters whichever process runs it and however often the study was resumed before it:
+    a trial redone after its worker died draws what that one would have. Studies not opened by
+    :func:`open_study` keep their sampler."""
+    import numpy as np
+
+    seed = getattr(study, "_tune_seed", None)
+    if seed is not None:
+        study.sampler = _sampler(int(np.random.SeedSequence([seed, slot]).generate_state(1)[0]))
 
 
 #: How often a worker that lost the race to create a new storage's tables opens it again.
@@ -256,6 +289,7 @@ def run_trials(study, n_trials: int, objective: Callable[[Any], float],
             trial.set_user_attr("surplus", True)
             study.tell(trial, state=TrialState.FAIL)
             continue
+        _slot_sampler(study, len(ahead))  # before the objective suggests anything
         try:
             with _trial_beat(study, trial):
                 value = float(objective(trial))
@@ -312,13 +346,47 @@ def _is_dead(folder: Path, grace_s: float) -> bool:
     return time.time() - last > grace_s
 
 
+#: How long nothing in an earlier version's ``<root>/tmp*`` trial folder may have been written
+#: to before it is removed (:func:`_is_old_leftover`; that version wrote no heartbeat, so the
+#: newest file time in the folder stands for one, with a wide margin over a fold's log rows).
+OLD_LAYOUT_GRACE_S = 3600.0
+#: The names ``tempfile.mkdtemp`` gives: ``tmp`` and 8 characters of its alphabet.
+_OLD_TMP = re.compile(r"^tmp[a-z0-9_]{8}$")
+
+
+def _newest_mtime(folder: Path) -> float:
+    """The latest modification time of ``folder`` and everything under it (links not
+    followed)."""
+    newest = folder.lstat().st_mtime
+    for base, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):  # removed meanwhile
+                newest = max(newest, os.lstat(os.path.join(base, name)).st_mtime)
+    return newest
+
+
+def _is_old_leftover(folder: Path, grace_s: float) -> bool:
+    """Whether ``folder`` is a trial folder of the earlier layout (``<root>/tmpXXXXXXXX``, a
+    ``tempfile`` name directly under the scratch root, before workers had folders of their
+    own) that nothing has written to for ``max(grace_s, OLD_LAYOUT_GRACE_S)`` seconds: left by a
+    killed run of that version (a live one writes its log rows into it)."""
+    if not _OLD_TMP.match(folder.name) or folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        last = _newest_mtime(folder)
+    except OSError:  # removed meanwhile
+        return False
+    return time.time() - last > max(grace_s, OLD_LAYOUT_GRACE_S)
+
+
 def remove_dead_scratch(root: Path, grace_s: float = GRACE_S) -> list[Path]:
-    """Remove the scratch folders of dead workers under ``root`` (:func:`_is_dead`); returns
-    them. Entries that are not a worker's folder are left alone."""
+    """Remove the scratch folders of dead workers under ``root`` (:func:`_is_dead`) and the
+    earlier version's leftover trial folders (:func:`_is_old_leftover`); returns them. Other
+    entries are left alone."""
     removed = []
     if root.is_dir():
         for folder in sorted(root.iterdir()):
-            if _is_dead(folder, grace_s):
+            if _is_dead(folder, grace_s) or _is_old_leftover(folder, grace_s):
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
     return removed

@@ -69,6 +69,7 @@ from .config import Bool, ConfigError, IntList, NonNegInt, PosInt, TextList, Tra
 from .study import (
     N_STARTUP,
     POLL_S,
+    SAMPLING,
     WAIT_S,
     finished_trials,
     open_study,
@@ -181,7 +182,10 @@ def class_disjoint_batch(dataset: Any) -> dict[str, int]:
 def search_space(loss: str, override: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The space searched for ``loss``: ``override`` or the registered ``search_space`` of the
     loss, plus ``"lr"`` (:data:`LR_SPACE`). A ``pml:`` loss without ``override`` has only the
-    learning rate."""
+    learning rate. A dimension is ``{"choices": [...]}`` (values ``None``, bool, int, float or
+    str, sampled as given) or a range ``{"low", "high"}`` with optional ``"log"`` (log-uniform;
+    ``low > 0``) and ``"int"`` (integers, ``suggest_int``; integral bounds); anything else --
+    an unknown key, ``low > high``, no choices -- is a :class:`ConfigError` naming the key."""
     from losses.registry import LOSSES
 
     if override is not None:
@@ -191,10 +195,7 @@ def search_space(loss: str, override: Mapping[str, Any] | None = None) -> dict[s
     else:
         space = dict(LOSSES.get(loss).meta.get("search_space") or {})
     for name, spec in space.items():
-        if not isinstance(spec, Mapping) or not ("choices" in spec or
-                                                 ("low" in spec and "high" in spec)):
-            raise ConfigError(f"search_spaces.{loss}.{name}", spec,
-                              "{low, high, log} or {choices: [...]}")
+        _check_dimension(f"search_spaces.{loss}.{name}", spec)
     if "lr" in space:
         raise ConfigError(f"search_spaces.{loss}.lr", space["lr"],
                           "no 'lr': the learning rate is searched for every loss alike")
@@ -202,30 +203,92 @@ def search_space(loss: str, override: Mapping[str, Any] | None = None) -> dict[s
     return space
 
 
+_FORMS = "{low, high[, log][, int]} or {choices: [...]}"
+_CHOICE_TYPES = (type(None), bool, int, float, str)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _check_dimension(key: str, spec: Any) -> None:
+    """Refuse a dimension Optuna cannot sample as written (:func:`search_space`)."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError(key, spec, _FORMS)
+    if "choices" in spec:
+        extra = sorted(set(spec) - {"choices"})
+        choices = spec["choices"]
+        if extra:
+            raise ConfigError(f"{key}.{extra[0]}", spec[extra[0]],
+                              f"no other key next to 'choices' ({_FORMS})")
+        if isinstance(choices, (str, bytes, Mapping)) or not isinstance(choices, (list, tuple)) \
+                or not choices:
+            raise ConfigError(f"{key}.choices", choices, "a non-empty list of values")
+        bad = [c for c in choices if not isinstance(c, _CHOICE_TYPES)]
+        if bad:
+            raise ConfigError(f"{key}.choices", choices,
+                              "choices that are None, booleans, numbers or strings (got "
+                              f"{type(bad[0]).__name__} {bad[0]!r})")
+        return
+    extra = sorted(set(spec) - {"low", "high", "log", "int"})
+    if extra:
+        raise ConfigError(f"{key}.{extra[0]}", spec[extra[0]], f"no such key ({_FORMS})")
+    if "low" not in spec or "high" not in spec:
+        raise ConfigError(key, spec, _FORMS)
+    low, high = spec["low"], spec["high"]
+    for which, v in (("low", low), ("high", high)):
+        if not _is_number(v) or v in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key}.{which}", v, "a finite number")
+    for flag in ("log", "int"):
+        if not isinstance(spec.get(flag, False), bool):
+            raise ConfigError(f"{key}.{flag}", spec[flag], "true or false")
+    if low > high:
+        raise ConfigError(f"{key}.low", low, f"low <= high ({high!r})")
+    if spec.get("log", False) and low <= 0:
+        raise ConfigError(f"{key}.low", low, "low > 0 on a log scale (log: true)")
+    if spec.get("int", False) and not all(float(v).is_integer() for v in (low, high)):
+        raise ConfigError(key, spec, "integral low and high for an int range (int: true)")
+
+
 def suggest(trial, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """One point of ``space`` from an Optuna trial (``suggest_categorical`` / ``suggest_float``,
-    in the space's order)."""
+    """One point of ``space`` from an Optuna trial (``suggest_categorical``, ``suggest_int``
+    for ``int: true``, ``suggest_float``; in the space's order)."""
     out = {}
     for name, spec in space.items():
         if "choices" in spec:
             out[name] = trial.suggest_categorical(name, list(spec["choices"]))
+        elif spec.get("int", False):
+            out[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]),
+                                          log=bool(spec.get("log", False)))
         else:
             out[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]),
                                             log=bool(spec.get("log", False)))
     return out
 
 
-def _settings(cfg: TuneConfig, loss: str) -> dict[str, Any]:
-    """Everything that decides a trial's value (the study's identity)."""
-    from .. import __version__
+def _first_point(space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A fixed point of ``space`` (first choice, lower bound): the preflight's, and the one the
+    study's identity is computed at (:func:`_settings`)."""
+    return {n: (s["choices"][0] if "choices" in s else
+                int(s["low"]) if s.get("int", False) else s["low"]) for n, s in space.items()}
 
-    return {"loss": loss, "dataset": cfg.dataset, "data_dir": cfg.data_dir,
-            "backbone": cfg.backbone, "steps": cfg.steps, "batch_size": cfg.batch_size,
-            "m_per_class": cfg.m_per_class, "folds": cfg.folds, "fold_seed": cfg.fold_seed,
-            "tune_seed": cfg.tune_seed, "n_startup": N_STARTUP,
-            "space": search_space(loss, cfg.search_spaces.get(loss)),
-            "fixed": cfg.loss_kwargs.get(loss, {}), "train": cfg.train,
-            "library_version": __version__}
+
+def _settings(cfg: TuneConfig, loss: str) -> dict[str, Any]:
+    """Everything that decides a trial's value (the study's identity): the space, the
+    sampler's seed and start-up, and each fold's resolved run config
+    (:func:`~.compare.resolved_cell_config` of :func:`trial_config` at one fixed point of the
+    space, as a cell's key: the data set, a ``data_dir`` as its absolute folder with a
+    fingerprint of its data, the loss's keywords completed with their defaults, every training
+    field, the automatic device where it is a GPU, the library version). Not the number of
+    trials, the final seeds, the output folder or the storage."""
+    from .compare import resolved_cell_config
+
+    space = search_space(loss, cfg.search_spaces.get(loss))
+    point = _first_point(space)
+    folds = [resolved_cell_config(trial_config(cfg, loss, point, k, "-"))
+             for k in range(cfg.folds)]
+    return {"loss": loss, "space": space, "tune_seed": cfg.tune_seed, "n_startup": N_STARTUP,
+            "sampling": SAMPLING, "folds": folds}
 
 
 def study_name(cfg: TuneConfig, loss: str) -> str:
@@ -378,8 +441,8 @@ def _preflight(cfg: TuneConfig) -> None:
     preflight(final_compare_config(cfg))
     for loss in cfg.losses:
         space = search_space(loss, cfg.search_spaces.get(loss))
-        point = {n: (s["choices"][0] if "choices" in s else s["low"]) for n, s in space.items()}
-        trial_config(cfg, loss, point, 0, str(Path(cfg.output) / "tuning" / "check"))
+        trial_config(cfg, loss, _first_point(space), 0,
+                     str(Path(cfg.output) / "tuning" / "check"))
 
 
 @contextlib.contextmanager

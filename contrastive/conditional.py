@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from .critics import mlp
@@ -25,17 +26,25 @@ def gaussian_log_density_matrix(mean: Tensor, log_var: Tensor, y: Tensor) -> Ten
     ``[N, M, d]`` tensor::
 
         L_ij = -(d/2) log(2 pi) - (1/2) sum_k [log_var_ik + (y_jk - mean_ik)^2 exp(-log_var_ik)]
+
+    The quadratic form is expanded as ``prec y^2 - 2 mean prec y + prec mean^2``, whose terms
+    cancel where ``q`` is sharp or ``y`` far from 0 (in float32, ``log_var = -8`` and
+    ``|y| ~ 10``: a nat off on the diagonal); it is computed in float64 (float32 on MPS, which
+    has no float64) and returned in the inputs' dtype.
     """
     if mean.shape != log_var.shape or mean.dim() != 2 or y.dim() != 2 or (
         y.shape[1] != mean.shape[1]
     ):
         raise ValueError(f"mean and log_var must be [N, d] and y [M, d], got "
                          f"{tuple(mean.shape)}, {tuple(log_var.shape)}, {tuple(y.shape)}")
+    dtype = torch.promote_types(torch.promote_types(mean.dtype, log_var.dtype), y.dtype)
+    work = torch.float32 if mean.device.type == "mps" else torch.float64
+    mean, log_var, y = mean.to(work), log_var.to(work), y.to(work)
     prec = (-log_var).exp()  # [N, d]
     quad = (prec @ (y * y).T) - 2.0 * ((mean * prec) @ y.T) + (mean * mean * prec).sum(1,
                                                                                        keepdim=True)
     const = -0.5 * mean.shape[1] * math.log(2.0 * math.pi)
-    return const - 0.5 * (log_var.sum(1, keepdim=True) + quad)
+    return (const - 0.5 * (log_var.sum(1, keepdim=True) + quad)).to(dtype)
 
 
 class GaussianConditional(nn.Module):

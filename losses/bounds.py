@@ -74,7 +74,11 @@ __all__ = [
     "conditional_nll",
 ]
 
-_FILL = -1e30  # "minus infinity" that keeps logsumexp's and logcumsumexp's gradients finite
+def _fill(x: Tensor) -> float:
+    """The "minus infinity" of masked log-sum-exps: the most negative number of ``x``'s dtype,
+    below every finite score (a fixed ``-1e30`` outweighed real scores below it), finite so
+    that logsumexp's and logcumsumexp's gradients stay finite on an empty slice."""
+    return torch.finfo(x.dtype).min
 
 
 # --------------------------------------------------------------------------- helpers
@@ -96,9 +100,9 @@ def _mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def _logmeanexp(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """``log mean exp`` of ``x`` over ``mask`` (all of it, or along ``dim``; ``_FILL``-ish for
-    an empty slice)."""
-    masked = torch.where(mask, x, _FILL)
+    """``log mean exp`` of ``x`` over ``mask`` (all of it, or along ``dim``; the dtype's most
+    negative number for an empty slice)."""
+    masked = torch.where(mask, x, _fill(x))
     if dim is None:
         return masked.flatten().logsumexp(0) - math.log(int(mask.sum()))
     count = mask.sum(dim).clamp_min(1).to(x.dtype)
@@ -156,7 +160,7 @@ def _mask_terms(x: Tensor, mask: Tensor) -> Tensor:
 def _exp_mask_terms(x: Tensor, mask: Tensor) -> Tensor:
     """:func:`_mask_terms` of ``exp(x)``, from a per-row log-sum-exp (no overflow in a row whose
     sum is finite)."""
-    row = torch.where(mask, x, _FILL).logsumexp(1)
+    row = torch.where(mask, x, _fill(x)).logsumexp(1)
     return torch.exp(row + math.log(x.shape[0]) - mask.sum().to(x.dtype).log())
 
 
@@ -245,9 +249,12 @@ def mine(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
         new = torch.where(torch.isnan(old), log_z0, mixed)
     weight = torch.exp(log_z0 - new)  # Z / avg'
     if reduction != "mean":
-        # exp(S_ik) / (n_Q avg') = weight * p_ik, p the softmax over all negatives (sums to 1);
-        # the term p (S - sg S) is 0 in value and carries that weight in its gradient
-        p = torch.where(negatives, torch.exp(scores.detach() - log_z0), 0.0) / negatives.sum()
+        # exp(S_ik) / (n_Q avg') = weight * p_ik, p the softmax over all negatives (sums to 1;
+        # taken as one softmax, not exp(S - log Z) / n_Q, whose log n_Q is lost to rounding
+        # where |S| is large); the term p (S - sg S) is 0 in value and carries that weight in
+        # its gradient
+        p = torch.where(negatives, scores.detach(), _fill(scores)).flatten().softmax(0)
+        p = torch.where(negatives, p.view(scores.shape), 0.0)
         share = (p * (scores - scores.detach())).sum(1) * (weight * scores.shape[0])
         return _reduce(-_mask_terms(scores, positives) + log_z0 + share, reduction), new
     loss = -_mean(scores, positives) + log_z0 + weight * (log_z - log_z0)
@@ -326,10 +333,10 @@ def _log_interpolate(log_m: Tensor, log_baseline: Tensor, alpha: float) -> Tenso
 
 
 def _leave_one_out_lse(x: Tensor, keep: Tensor) -> Tensor:
-    """``out_ij = logsumexp_{k in keep_i, k != j} x_ik`` (``_FILL`` when empty), from prefix and
-    suffix log-cumsum-exps: O(N M), no cancellation."""
-    masked = torch.where(keep, x, _FILL)
-    fill = masked.new_full((x.shape[0], 1), _FILL)
+    """``out_ij = logsumexp_{k in keep_i, k != j} x_ik`` (the dtype's most negative number when
+    empty), from prefix and suffix log-cumsum-exps: O(N M), no cancellation."""
+    masked = torch.where(keep, x, _fill(x))
+    fill = masked.new_full((x.shape[0], 1), _fill(x))
     before = torch.cat([fill, masked.logcumsumexp(1)[:, :-1]], 1)
     after = torch.cat([masked.flip(1).logcumsumexp(1).flip(1)[:, 1:], fill], 1)
     return torch.logaddexp(before, after)

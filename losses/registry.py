@@ -276,19 +276,23 @@ register("l1out", EM.L1Out, aliases=("leave_one_out",), defaults={"hidden_dim": 
 register("club", EM.CLUB, defaults={"hidden_dim": 128, "layers": 1}, meta=_UPPER)
 
 ESTIMATORS.register("infonce", lambda: (LF.infonce, LF.infonce_bound), aliases=("nce", "cpc"),
-                    meta={"bound": "I_NCE <= log(batch)", "paper": "van den Oord et al. 2018"})
+                    meta={"bound": "I_NCE <= log(batch)", "paper": "van den Oord et al. 2018",
+                          "kind": "lower"})
 ESTIMATORS.register("nwj", lambda: (LF.nwj, LF.nwj_bound),
-                    meta={"bound": "I_NWJ", "paper": "Nguyen, Wainwright & Jordan 2010"})
+                    meta={"bound": "I_NWJ", "paper": "Nguyen, Wainwright & Jordan 2010",
+                          "kind": "lower"})
 ESTIMATORS.register("js", lambda: (LF.js, LF.js_bound), aliases=("jsd",),
                     meta={"bound": "I_JS (NWJ of the JS-trained critic)",
-                          "paper": "Hjelm et al. 2019"})
+                          "paper": "Hjelm et al. 2019", "kind": "lower"})
 ESTIMATORS.register("dv", lambda: (LF.dv, LF.dv_bound), aliases=("mine",),
                     meta={"bound": "I_DV",
-                          "paper": "Donsker & Varadhan 1983; Belghazi et al. 2018"})
+                          "paper": "Donsker & Varadhan 1983; Belghazi et al. 2018",
+                          "kind": "lower"})
 ESTIMATORS.register("tuba", lambda: (LB.tuba, LB.tuba_bound),
                     meta={"bound": "I_TUBA (log-baseline 0)", "paper": "Poole et al. 2019",
                           "kind": "lower"})
 ESTIMATORS.register("mine_ma", lambda: (EM.MINE(momentum=0.01).compute, LB.mine_bound),
+                    aliases=("mine_corrected",),
                     meta={"bound": "I_DV, moving-average gradient",
                           "paper": "Belghazi et al. 2018", "kind": "lower"})
 ESTIMATORS.register("smile", lambda: (functools.partial(LB.smile, tau=5.0),

@@ -318,8 +318,21 @@ def _mined_indices(indices_tuple, n_rows: int, n_cols: int, device, check: bool 
     if len(idx) == 3:
         a1, p, n = idx
         a2 = a1
+        if not a1.numel() == p.numel() == n.numel():
+            raise ValueError(
+                "indices_tuple (anchor, positive, negative) needs three tensors of one length, "
+                f"got lengths {a1.numel()}, {p.numel()} and {n.numel()}; pass a miner's output "
+                "unchanged"
+            )
     else:
         a1, p, a2, n = idx
+        if a1.numel() != p.numel() or a2.numel() != n.numel():
+            raise ValueError(
+                "indices_tuple (anchor1, positive, anchor2, negative) needs anchor1 and positive "
+                f"of one length and anchor2 and negative of one length, got lengths "
+                f"{a1.numel()}, {p.numel()}, {a2.numel()} and {n.numel()}; pass a miner's "
+                "output unchanged"
+            )
     if check:
         for name, t, bound in (("anchor", a1, n_rows), ("positive", p, n_cols),
                                ("anchor", a2, n_rows), ("negative", n, n_cols)):

@@ -84,10 +84,19 @@ __all__ = [
     "REDUCTIONS",
 ]
 
+def _full(x: Tensor) -> Tensor:
+    """``x`` in float32 unless it is float32 or float64 already (the core's compute dtype, as
+    :func:`losses.kernels.prepare`); anything else passes through for ``prepare`` to refuse."""
+    if isinstance(x, Tensor) and x.dtype not in (torch.float32, torch.float64):
+        return x.float()
+    return x
+
+
 def logmeanexp(x: Tensor, mask: Tensor, check: bool = True) -> Tensor:
     """``log( mean_{mask} exp(x) )`` over all masked entries, computed stably (``-inf`` for an
     empty mask with ``check=False``)."""
     mask = mask if mask.dtype == torch.bool else mask.bool()
+    x = _full(x)
     if check:
         return K.masked_lse(x, mask, None) - math.log(int(K.count(mask)))
     return K.masked_lse(x, mask, None) - K.count(mask).clamp_min(1).to(x.dtype).log()
@@ -523,7 +532,9 @@ def js_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
     shift makes the readout tight at the JS optimum (``I_NWJ(S)`` would sit ``1/e`` nats below).
     Any shift of a critic still gives a valid NWJ lower bound.
     """
-    return nwj_bound(scores + 1.0, positives, negatives, reduction, check)
+    # the shift in float32 (float64 stays): a bf16 / fp16 score shifted first would be rounded
+    # to its own precision before the core's cast
+    return nwj_bound(_full(scores) + 1.0, positives, negatives, reduction, check)
 
 
 def dv_bound(

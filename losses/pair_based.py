@@ -597,7 +597,8 @@ class MultiSimilarity(PairLoss):
     beta=50, base=0.5)`` with its default critic ``Cosine(1.0)`` (cosine similarity).
     ``epsilon``: the paper's pair mining (:func:`multi_similarity_pairs`, PML's
     ``MultiSimilarityMiner(epsilon)``) on this loss's own scores; None (default, as PML's loss
-    alone) uses every pair; the registry's ``"multi_similarity"`` mines with 0.1. A miner's
+    alone) uses every pair; the registry's ``"multi_similarity"`` mines with 0.1. ``base`` is
+    in the critic's units (a distance for a distance critic, as PML's). A miner's
     ``indices_tuple`` restricts the pairs first (a pair mined twice counts once, as PML)."""
 
     core_checks_terms = True
@@ -617,7 +618,11 @@ class MultiSimilarity(PairLoss):
     terms = "any"
 
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
-        return multi_similarity(scores, positives, negatives, self.alpha, self.beta, self.base,
+        # ``base`` in the critic's units, as PML's ``distance.margin``: a distance critic
+        # (S = -d) takes ``-base``, so the terms are ``exp(alpha (d - base))`` and
+        # ``exp(beta (base - d))``, PML's with ``distance=LpDistance()``
+        base = _distance_sign(self.critic) * self.base
+        return multi_similarity(scores, positives, negatives, self.alpha, self.beta, base,
                                 self.epsilon, self.reduction, check)
 
     def extra_repr(self) -> str:
@@ -740,7 +745,18 @@ class Margin(PairLoss):
         if beta.numel() > 1:
             if self._labels is None:
                 raise ValueError("a per-class boundary (num_classes) needs class labels")
-            beta = beta[torch.as_tensor(self._labels, device=beta.device).long()]
+            y = torch.as_tensor(self._labels, device=beta.device).long()
+            if self.check and y.numel():
+                lowest, highest = torch.stack(y.aminmax()).tolist()  # one host read
+                if lowest < 0 or highest >= beta.numel():
+                    # a negative label would index from the end (another class's boundary)
+                    raise ValueError(
+                        f"labels must be class indices in [0, {beta.numel()}) for a per-class "
+                        f"boundary (num_classes={beta.numel()}), got labels in "
+                        f"[{lowest}, {highest}]; map the labels to 0..num_classes-1 or build "
+                        "the loss without num_classes (one boundary)"
+                    )
+            beta = beta[y]
         return beta
 
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):

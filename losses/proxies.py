@@ -474,6 +474,14 @@ class ProxyLoss(PairLoss):
         # float labels (integral?) keep check_call's own reads
         float_labels = torch.as_tensor(labels).is_floating_point() if self.check else False
         c = check_call(embeddings, labels, check=float_labels)
+        width = self.proxies.shape[1]
+        if c.embeddings.shape[1] != width:
+            raise ValueError(
+                f"embeddings have dimension {c.embeddings.shape[1]} but "
+                f"{type(self).__name__}(embedding_size={width}) holds proxies of dimension "
+                f"{width}; build the loss with embedding_size={c.embeddings.shape[1]} (the "
+                "encoder's output size)"
+            )
         dtype = c.embeddings.dtype
         dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         proxies = self.proxies.to(device=c.embeddings.device, dtype=dtype)  # PML casts too

@@ -199,7 +199,8 @@ def setup(
     CUDA). On CUDA the current device is set to ``cuda:LOCAL_RANK``; when ``LOCAL_RANK`` is
     unset it defaults to ``RANK`` modulo the number of visible GPUs. Collectives time out after
     ``timeout_s`` seconds (default :data:`DEFAULT_TIMEOUT_S`, or ``CONTRASTIVE_DIST_TIMEOUT_S``).
-    Calling it again after a successful set-up returns the same values without re-initialising.
+    Calling it again after a successful set-up returns the same values without re-initialising
+    (``device="cpu"`` then needs a group that carries CPU tensors: not ``nccl``).
 
     Returns ``(rank, world_size, local_rank, device)``.
     """
@@ -210,6 +211,14 @@ def setup(
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = _env_int("LOCAL_RANK", 0)
         if want is not None and want.type == "cpu":
+            if world > 1 and _backend() == "nccl":
+                # the gathers of a CPU training step would fail inside NCCL, which carries
+                # CUDA tensors only
+                raise ValueError(
+                    "device='cpu' but the process group was initialised with the 'nccl' "
+                    "backend, which cannot carry CPU tensors; initialise it for the CPU "
+                    "(distributed.setup(device='cpu') picks 'gloo') or pass device='cuda'"
+                )
             return rank, world, local_rank, want
         return rank, world, local_rank, best_device()
 

@@ -9,8 +9,8 @@ in plain float32. It runs under ``torch.inference_mode`` with the model in eval 
 the model afterwards (train/eval flags, device, memory format).
 
 ``embed_distributed`` is the same under ``torchrun``: each rank embeds one contiguous share of
-the data set (about N / W rows) and the shares are gathered in rank order, so every rank returns
-the whole ``[N, dim]`` result, equal to what one process computes.
+the data set (about N / W rows, in whole batches) and the shares are gathered in rank order, so
+every rank returns the whole ``[N, dim]`` result, bit for bit what one process computes.
 """
 
 from __future__ import annotations
@@ -420,10 +420,19 @@ def _check_finite_output(z: Tensor, fp16: bool) -> None:
                      f"(first: {bad[:5].tolist()}); {hint}")
 
 
-def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows ``[start, stop)`` of rank ``rank`` when ``n`` rows are split into ``world``
-    contiguous shards: ``start = rank * n // world``; sizes differ by at most one."""
-    return rank * n // world, (rank + 1) * n // world
+def shard_bounds(n: int, rank: int, world: int, batch_size: int = 1) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of rank ``rank`` when ``n`` rows, read in batches of
+    ``batch_size`` (the last one partial), are split into ``world`` contiguous shards of whole
+    batches: rank ``r`` gets batches ``[r b // world, (r + 1) b // world)`` of the ``b =
+    ceil(n / batch_size)``, so shard sizes differ by at most one batch (a rank gets no rows
+    when ``b < world``). With ``batch_size=1``: ``start = rank * n // world``.
+
+    Whole batches make each rank run exactly the batches one process runs over the same rows:
+    a matrix product's float rounding depends on the rows it is given together, so a shard
+    boundary inside a batch would change the embeddings in the last bits."""
+    batches = -(-n // batch_size)
+    start, stop = rank * batches // world, (rank + 1) * batches // world
+    return min(start * batch_size, n), min(stop * batch_size, n)
 
 
 # The DataLoader options a shard's loader takes over from the caller's loader as they are: how
@@ -506,23 +515,26 @@ def embed_distributed(
 ) -> tuple[Tensor, Tensor]:
     """:func:`embed` with the data split over the ranks of a process group.
 
-    Rank ``r`` of ``W`` embeds rows ``[r N / W, (r + 1) N / W)`` (:func:`shard_bounds`), and the
-    shards are gathered in rank order with :func:`contrastive.distributed.all_gather_nograd`, so
-    every rank returns the whole ``(embeddings [N, dim], labels [N])``, in the data set's
-    order -- the same rows one process gets from ``embed(model, data)``, up to float rounding
-    of a different batching. A DataLoader is rebuilt over each rank's rows with its own options
-    (batch size, workers and their ``worker_init_fn``, ``multiprocessing_context``,
-    ``persistent_workers``, ``prefetch_factor``, ``timeout``, collate_fn, pinning, generator); with
-    ``drop_last=True`` only its first ``(N // batch_size) * batch_size`` rows are split, the rows
-    ``embed`` returns for it. Each rank does ``1 / W`` of the forward passes; the gather moves
+    Rank ``r`` of ``W`` embeds the ``r``-th of ``W`` contiguous shards of whole batches
+    (``batch_size``, or a DataLoader's own; :func:`shard_bounds`: about ``N / W`` rows, sizes
+    differing by at most one batch), and the shards are gathered in rank order with
+    :func:`contrastive.distributed.all_gather_nograd`, so every rank returns the whole
+    ``(embeddings [N, dim], labels [N])``, in the data set's order -- what one process gets
+    from ``embed(model, data)``, bit for bit (each rank runs exactly the batches one process
+    runs over its rows, for a model whose rows do not depend on each other). A DataLoader is
+    rebuilt over each rank's rows with its own options (batch size, workers and their
+    ``worker_init_fn``, ``multiprocessing_context``, ``persistent_workers``,
+    ``prefetch_factor``, ``timeout``, collate_fn, pinning, generator); with ``drop_last=True``
+    only its first ``(N // batch_size) * batch_size`` rows are split, the rows ``embed``
+    returns for it. Each rank does about ``1 / W`` of the forward passes; the gather moves
     ``N x dim`` floats to every rank (through the GPU under NCCL).
 
     It is a collective: every rank must call it with the same data. Without a process group, or
-    with one rank, it is exactly :func:`embed`. A rank whose shard is empty (``N < W``) runs the
-    model on one row to learn the output width and contributes no rows. The progress bar shows
-    on rank 0 only. ``check_finite`` is :func:`embed`'s, applied to the gathered result, so
-    every rank raises the same error (a rank raising alone would leave the others waiting in
-    the gather).
+    with one rank, it is exactly :func:`embed`. A rank whose shard is empty (fewer batches than
+    ranks) runs the model on one row to learn the output width and contributes no rows. The
+    progress bar shows on rank 0 only. ``check_finite`` is :func:`embed`'s, applied to the
+    gathered result, so every rank raises the same error (a rank raising alone would leave the
+    others waiting in the gather).
     """
     from . import distributed as D
 
@@ -531,12 +543,17 @@ def embed_distributed(
         return embed(model, data, batch_size=batch_size, device=device, num_workers=num_workers,
                      progress=progress, amp=amp, channels_last=channels_last,
                      check_finite=check_finite)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     rank = D.get_rank(group)
     n = _length(data)
     if n == 0:
         # as embed() says for the same data (a loader dropping its only, partial batch too)
         raise ValueError("embed_distributed() got an empty data set; nothing to embed")
-    start, stop = shard_bounds(n, rank, world)
+    # whole batches of the ones embed() reads (a loader's own batch size), so that every rank
+    # runs the single process's batches and the result is embed()'s bit for bit
+    per_batch = data.batch_size if isinstance(data, DataLoader) else batch_size
+    start, stop = shard_bounds(n, rank, world, per_batch or 1)
     empty = start == stop
     part = _shard(data, 0, 1) if empty else _shard(data, start, stop)
     z, y = embed(model, part, batch_size=batch_size, device=device, num_workers=num_workers,

@@ -208,6 +208,22 @@ def _check_finite_weights(model: nn.Module, step: int, cfg: TrainConfig,
 
 
 
+def _init_loss_state(loss_fn: nn.Module, dim: int | None, device) -> None:
+    """Allocate the memories (:class:`losses.memory.Memory`: XBM, the MoCo queue) that
+    ``loss_fn`` would allocate on its first call, sized ``dim``: a queue with ``init="random"``
+    starts full of random rows drawn from the global RNG, and under DDP those must be drawn
+    before the ranks draw their own random numbers, from the seed every rank shares, so that
+    every rank holds the same memory (the gathered batches keep it so). Memories already
+    allocated (an ``embedding_size`` given) and ``dim=None`` are left as they are."""
+    from losses.memory import Memory
+
+    if dim is None:
+        return
+    for module in loss_fn.modules():
+        if isinstance(module, Memory) and module.embeddings.numel() == 0:
+            module._allocate(int(dim), torch.float32, torch.device(device))
+
+
 def _seed_global(seed: int) -> None:
     """Seed the global RNGs training draws from: torch (CPU and CUDA), NumPy's legacy global
     generator and Python's ``random``."""
@@ -324,6 +340,10 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
         build_loss, cfg.loss, cfg.loss_kwargs, cfg.critic, cfg.critic_kwargs,
         embedding_dim=getattr(model, "dim", cfg.dim),
         num_classes=int(np.max(sampler_labels)) + 1).to(device)
+    # the loss's state that its first call would draw (the MoCo queue's random rows) is drawn
+    # now, from the seed every rank shares: drawn in the loop, after ranks > 0 reseed below,
+    # each rank would start from its own queue and the ranks would train on different losses
+    _init_loss_state(loss_fn, getattr(model, "dim", cfg.dim), device)
     if rank > 0:
         # The model and the loss are initialised alike on every rank (DDP broadcasts only the
         # model's parameters); from here each rank draws its own random numbers (augmentations,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,27 @@ def _worker(out_dir: Path) -> None:
     except ValueError as exc:
         res["shuffled_error"] = str(exc)
 
+    # rank 0's metrics raise: every rank raises instead of waiting in the broadcast
+    import evaluation
+
+    real_metrics = evaluation.retrieval_metrics
+    if rank == 0:
+        def failing(*args, **kwargs):
+            raise ValueError("metrics broke on purpose")
+
+        evaluation.retrieval_metrics = failing
+    try:
+        from contrastive.app.protocol import evaluate_embedder
+
+        t0 = time.perf_counter()
+        evaluate_embedder(eval_model, test, device="cpu")
+        res["main_failed"] = None
+    except (ValueError, RuntimeError) as exc:
+        res["main_failed"] = f"{type(exc).__name__}: {exc}"
+        res["main_failed_s"] = time.perf_counter() - t0
+    finally:
+        evaluation.retrieval_metrics = real_metrics
+
     # gradients of parameters outside DDP (a loss's temperature, a critic)
     p = nn.Parameter(torch.zeros(3))
     q = nn.Parameter(torch.zeros(2))  # no gradient: skipped
@@ -357,6 +379,16 @@ def test_mismatched_shapes_raise_on_every_rank(ddp):
         assert "rank 0: [3, 6]" in res["shape_error"] and "rank 1: [3, 5]" in res["shape_error"]
         assert res["dtype_error"] is not None and "dtype" in res["dtype_error"]
         assert "torch.float64" in res["dtype_error"]
+
+
+def test_a_failure_in_rank_0s_metrics_stops_every_rank(ddp):
+    """Rank 0 computes the metrics while the others wait in a broadcast: when it raises, it
+    tells them, and they raise at once (instead of waiting for the collective's timeout, an
+    hour under NCCL) with its error."""
+    assert ddp[0]["main_failed"] == "ValueError: metrics broke on purpose"
+    assert ddp[1]["main_failed"] == ("RuntimeError: evaluation failed on rank 0: ValueError: "
+                                     "metrics broke on purpose")
+    assert ddp[1]["main_failed_s"] < 30
 
 
 def test_distributed_evaluation_equals_single_process(ddp):

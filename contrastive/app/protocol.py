@@ -56,9 +56,6 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
     every set (:func:`~contrastive.inference.embed_distributed`), rank 0 computes the metrics
     on the gathered embeddings and every rank returns them.
     """
-    from evaluation import clustering_metrics, knn_classifier, linear_probe, retrieval_metrics
-    from evaluation.probe import stratified_split
-
     from ..inference import embed_distributed
 
     def run(ds):
@@ -73,7 +70,35 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
         train_emb = run(train)
     if not dist_utils.is_main_process():
         got = dist_utils.broadcast_object(None)
+        if isinstance(got, _MainFailed):  # rank 0 raised: every rank raises, none waits
+            raise RuntimeError(f"evaluation failed on rank 0: {got.error}")
         return got if return_backend else got[0]
+    try:
+        out, backend = _metrics(x_te, y_te, x_ref, y_ref, train_emb,
+                                probe and train is not None, reference, probe, device, seed)
+    except BaseException as exc:
+        # the other ranks wait in the broadcast below: tell them, or they wait for the
+        # collective's timeout (an hour under NCCL by default) instead of stopping now
+        dist_utils.broadcast_object(_MainFailed(f"{type(exc).__name__}: {exc}"))
+        raise
+    got = dist_utils.broadcast_object((out, backend))
+    return got if return_backend else got[0]
+
+
+class _MainFailed:
+    """What rank 0 broadcasts when its part of :func:`evaluate_embedder` raised."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _metrics(x_te, y_te, x_ref, y_ref, train_emb, with_train, reference, probe, device, seed):
+    """Rank 0's part of :func:`evaluate_embedder`: the metrics of the gathered embeddings and
+    the name of the search behind the retrieval ones (``train_emb`` None with ``with_train``:
+    the training set shares no class with the test set, the probes use halves of the test)."""
+    from evaluation import clustering_metrics, knn_classifier, linear_probe, retrieval_metrics
+    from evaluation.probe import stratified_split
+
     out: dict[str, float] = {}
     if reference is None:
         ks = tuple(k for k in (1, 2, 4, 8) if k < len(y_te)) or (1,)
@@ -84,8 +109,8 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
     out.update({k: float(v) for k, v in r.items()})
     if probe:
         out.update({k: float(v) for k, v in clustering_metrics(x_te, y_te, seed=seed).items()})
-        if train is not None:
-            if class_disjoint(train, test):
+        if with_train:
+            if train_emb is None:
                 a, b = stratified_split(y_te.numpy(), 0.5, seed)
                 x_tr, y_tr, x_ev, y_ev = x_te[a], y_te[a], x_te[b], y_te[b]
                 out["probe_on_test_halves"] = 1.0
@@ -97,5 +122,4 @@ def evaluate_embedder(model: nn.Module, test, train=None, *, reference=None,
                                 device=device)
             out["knn_top1"] = float(kc["top1"])
             out["knn_top5"] = float(kc["top5"])
-    got = dist_utils.broadcast_object((out, getattr(r, "backend", "unknown")))
-    return got if return_backend else got[0]
+    return out, getattr(r, "backend", "unknown")

@@ -199,3 +199,22 @@ def test_every_estimator_says_whether_it_is_a_lower_or_an_upper_bound():
         ESTIMATORS.available({"kind": "lower"}))
     assert ESTIMATORS.available({"kind": "upper"}) == ["club", "l1out"]
     assert ESTIMATORS.canonical("mine_corrected") == "mine_ma"  # as in the loss registry
+
+
+def test_the_benchmark_records_the_critic_sizes_it_ran_with():
+    """``config`` says what the critic was built with (Poole et al.'s default sizes with the
+    caller's overrides over them), not only the overrides: a reader of results.json can tell a
+    256-wide critic from a 64-wide one without the code at hand."""
+    from contrastive.app.mi_benchmark import DEFAULT_CRITIC_KWARGS, run
+
+    res = run(("infonce",), critic="separable", dim=2, batch_size=8, levels=(1.0,),
+              steps_per_level=2, progress=False, critic_kwargs={"hidden_dim": 16})
+    cfg = res["config"]
+    assert cfg["critic_kwargs"] == {"hidden_dim": 16}
+    assert cfg["critic_settings"] == {**DEFAULT_CRITIC_KWARGS["separable"], "hidden_dim": 16}
+    assert cfg["critic_settings"]["layers"] == 2 and cfg["critic_settings"]["out_dim"] == 32
+    from contrastive.critics import Bilinear
+
+    res = run(("infonce",), critic=lambda d: Bilinear(d), dim=2, batch_size=8, levels=(1.0,),
+              steps_per_level=1, progress=False)
+    assert res["config"]["critic_settings"] is None

@@ -150,6 +150,15 @@ def resolve_estimators(
     return family_estimators(estimators)
 
 
+def _critic_settings(critic: str | Callable[[int], nn.Module], kwargs: Mapping) -> dict | None:
+    """The keywords :func:`make_critic` builds a named critic with (its defaults with
+    ``kwargs`` over them); None for a factory."""
+    if not isinstance(critic, str):
+        return None
+    key = _critics.CRITICS.canonical(critic)
+    return {**DEFAULT_CRITIC_KWARGS.get(key, {}), **dict(kwargs)}
+
+
 def make_critic(critic: str | Callable[[int], nn.Module], dim: int, **kwargs) -> nn.Module:
     """A fresh critic on ``dim``-dimensional x and y: a name of :mod:`contrastive.critics`
     (``"separable"``, ``"concat"``, ``"bilinear"``, ...; :data:`DEFAULT_CRITIC_KWARGS` fill in
@@ -457,6 +466,9 @@ def run(
             "estimators": list(est),
             "critic": _critic_name(critic),
             "critic_kwargs": kw,
+            # what the critic was built with: Poole et al.'s sizes (DEFAULT_CRITIC_KWARGS)
+            # with critic_kwargs over them; None for a critic given as a factory
+            "critic_settings": _critic_settings(critic, kw),
             "estimator_critics": {n: _critic_name(c) for n, c in own.items()},
             "transform": transform,
             "dim": dim,

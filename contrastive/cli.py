@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import sys
@@ -49,14 +50,15 @@ EPILOG_TRAIN = """examples:
   contrastive train --loss infonce --steps 1000 --output runs/nce
   contrastive train --dataset cifar10 --data-dir ~/data --no-verify-md5   # re-packed CIFAR-10
   contrastive train --config examples/configs/train.yaml --set lr=3e-4
-  contrastive train --config examples/configs/train.yaml --resume   # continue its checkpoint
+  contrastive train --config examples/configs/train.yaml --set lr=3e-4 --resume   # continue it
   contrastive train --config examples/configs/train.yaml --overwrite  # start the run over
   torchrun --nproc_per_node 4 -m contrastive train --config sop.yaml
 """
 
 EPILOG_EVAL = """examples:
   contrastive eval runs/nce/checkpoints/last.pt
-  contrastive eval last.pt --dataset sop --data-dir ~/data/Stanford_Online_Products/..
+  contrastive eval runs/nce/checkpoints/last.pt --output runs/nce/eval
+  contrastive eval runs/sop/checkpoints/last.pt --dataset sop --data-dir ~/data
 """
 
 EPILOG_MI = """examples:
@@ -142,6 +144,55 @@ def _size_override(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
+def _check_size_types(name: str, paper_size: bool, sizes: dict[str, Any]) -> None:
+    """``reproduce --size KEY=VALUE``: each value has its field's type (an integer, a number, a
+    list of names or numbers; ``None`` where the field allows it), else one error that names
+    the key. A number is made a float for a float field. Unknown keys are left to
+    :func:`~contrastive.app.reproduce.experiments.make_config`, which names the valid ones."""
+    import types
+    import typing
+
+    from .app.reproduce.experiments import DEFAULTS, PAPER
+
+    base = (PAPER if paper_size else DEFAULTS).get(name)
+    if base is None:
+        return
+    hints = typing.get_type_hints(type(base))
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    for key, value in list(sizes.items()):
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        args = typing.get_args(hint)
+        optional = typing.get_origin(hint) in (typing.Union, types.UnionType) \
+            and type(None) in args
+        if optional:
+            hint = next(a for a in args if a is not type(None))
+        if value is None and optional:
+            continue
+        if hint is int:
+            ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif hint is float:
+            ok, wanted = number(value), "a number"
+            if ok:
+                sizes[key] = value = float(value)
+        elif typing.get_origin(hint) is tuple:
+            item = (typing.get_args(hint) or (str,))[0]
+            items = value if isinstance(value, list) else [value]
+            check = number if item is float else (lambda v: isinstance(v, str))
+            ok = all(check(v) for v in items)
+            wanted = "a number or a JSON list of numbers" if item is float else \
+                "a name or a JSON list of names"
+        else:
+            continue
+        if not ok:
+            raise UserError(f"--size {key}: expected {wanted}"
+                            f"{' (or null)' if optional else ''}, got {value!r}")
+
+
 def _load_config(path: str | None) -> dict[str, Any]:
     from .app.config import load_mapping
 
@@ -204,6 +255,8 @@ def _tune_compare(args: argparse.Namespace) -> int:
     _default_backbone(data, TuneConfig.dataset)
     _apply_sets(data, args.set)
     cfg = TuneConfig.from_dict(data, source=_source(args))
+    if cfg.storage:
+        _check_storage(cfg.storage)
     try:
         res = tune(cfg)
     except TrainingInterrupted as exc:
@@ -211,6 +264,24 @@ def _tune_compare(args: argparse.Namespace) -> int:
               f"same command again to continue:\n  {_resume_hint(None)}", file=sys.stderr)
         return 130
     return _report_cells(res, f" (tuning {res['tune_time_s']:.1f} s)", "final cells failed")
+
+
+def _check_storage(url: str) -> None:
+    """``--storage``: a SQLAlchemy URL whose database driver is installed, checked before
+    anything trains (a database that cannot be reached is found when the study opens)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        make_url(url).get_dialect().import_dbapi()
+    except ImportError as exc:
+        raise UserError(f"--storage {url!r}: its database driver is not installed "
+                        f"({exc}); install it, or leave --storage out for the SQLite file "
+                        "<output>/tuning.db") from exc
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy's ArgumentError, NoSuchModuleError
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"--storage {url!r} is not a SQLAlchemy database URL one can open "
+                        f"({first}); e.g. sqlite:///runs/tuning.db or "
+                        "postgresql://user@host/db") from exc
 
 
 def _default_backbone(data: dict[str, Any], default_dataset: str) -> None:
@@ -339,13 +410,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    out = Path(args.output) if args.output else None
+    if out is not None and not args.overwrite:
+        _check_eval_output(out, path)
+    state = _read_checkpoint(path, load_checkpoint)
     model = as_user_error(f"checkpoint {path}", load_embedder, path)
     # The run's own settings are the defaults: on its data set, its splits and its seed (the
     # clustering's and the probe's), so eval reproduces the metrics the run reported.
-    run = load_checkpoint(path).get("config") or {}
+    run = (state.get("config") if isinstance(state, dict) else None) or {}
     own_data = args.dataset is None or args.dataset == run.get("dataset")
     ds_name = args.dataset or run.get("dataset", "digits")
-    data_dir = args.data_dir or (run.get("data_dir") if own_data else None)
+    # a relative data_dir of the run is relative to the folder it was started from
+    data_dir = args.data_dir or (_run_relative(path, run, run.get("data_dir"))
+                                 if own_data else None)
     split = args.split or (run.get("eval_split") if own_data else None) or "test"
     train_split = args.train_split or (run.get("train_split") if own_data else None) or "train"
     seed = args.seed if args.seed is not None else int(run.get("seed") or 0)
@@ -360,10 +437,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                          progress=not args.no_progress)
     _print_metrics(metrics)
     print(f"  {'k-NN search':<18} {backend}")
-    if args.output:
-        out = Path(args.output)
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "eval.json", {"checkpoint": str(path), "dataset": ds_name,
+        atomic_write_json(out / "eval.json", {"checkpoint": str(path.resolve()),
+                                              "dataset": ds_name,
                                               "split": split, "train_split": train_split,
                                               "seed": seed, "metrics": metrics,
                                               "backend": backend})
@@ -373,6 +450,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
         atomic_write_text(out / "eval.md", _metrics_md(metrics))
         print(f"written: {out / 'eval.json'}, eval.csv, eval.md")
     return 0
+
+
+def _read_checkpoint(path: Path, load_checkpoint: Any) -> Any:
+    """The checkpoint at ``path``; a file that cannot be read as one (a text file, a truncated
+    or foreign file: torch's unpickler raises what it meets, ``IndexError`` included) is the
+    user's mistake, one line that names the file."""
+    try:
+        return load_checkpoint(path)
+    except UserError:
+        raise
+    except (ValueError, OSError) as exc:
+        raise UserError(f"checkpoint {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever torch.load raises on a foreign file
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"checkpoint {path} cannot be read as a checkpoint written by "
+                        f"contrastive train ({type(exc).__name__}: {first})") from exc
+
+
+def _run_relative(checkpoint: Path, run: dict[str, Any], value: Any) -> Any:
+    """A relative path ``value`` of the run's config, relative to the folder the run was
+    started from: found by taking the run's relative ``output`` off the checkpoint's folder
+    (``<output>/checkpoints/last.pt``), so that ``eval`` finds the run's data from any working
+    directory. Unchanged when absolute, absent, or when that folder cannot be told."""
+    if not value or os.path.isabs(str(value)):
+        return value
+    output = run.get("output")
+    if not output or os.path.isabs(str(output)):
+        return value
+    run_dir = Path(os.path.abspath(checkpoint)).parent.parent
+    parts = Path(os.path.normpath(str(output))).parts
+    if ".." in parts or checkpoint.parent.name != "checkpoints" \
+            or run_dir.parts[-len(parts):] != parts:
+        return value
+    return str(Path(*run_dir.parts[:-len(parts)]) / str(value))
+
+
+def _check_eval_output(out: Path, checkpoint: Path) -> None:
+    """``eval --output``: a folder that holds the evaluation of another checkpoint is not
+    overwritten without ``--overwrite`` (one of the same checkpoint is replaced)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} exists and is not a folder; pick another path")
+    previous = out / "eval.json"
+    if not previous.exists():
+        return
+    try:
+        before = json.loads(previous.read_text()).get("checkpoint")
+    except (ValueError, OSError, AttributeError):
+        before = None
+    if before is None or Path(str(before)).resolve() != checkpoint.resolve():
+        raise UserError(f"--output {out} holds the evaluation of another checkpoint "
+                        f"({before or 'unreadable eval.json'}); pass --overwrite to replace "
+                        "it or choose another --output")
 
 
 def _mi_bench_family(args: argparse.Namespace) -> int:
@@ -475,6 +604,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                               "paper_size": args.paper_size, "progress": not args.no_progress,
                               "device": args.device}
     sizes = dict(_size_override(text) for text in args.size)
+    _check_size_types(args.name, bool(args.paper_size), sizes)
+    if "steps" in sizes:  # reproduce.run takes it as its steps argument
+        if args.steps is not None:
+            raise UserError(f"--steps {args.steps} and --size steps={sizes['steps']} both set "
+                            "the steps; give one")
+        kwargs["steps"] = sizes.pop("steps")
     if args.steps is not None:
         kwargs["steps"] = args.steps
     if args.seeds:
@@ -484,7 +619,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .app.reproduce.data import load_halves
     from .app.reproduce.experiments import EXPERIMENTS, make_config
 
-    as_user_error("reproduce", make_config, args.name, bool(args.paper_size), args.steps, sizes)
+    as_user_error("reproduce", make_config, args.name, bool(args.paper_size),
+                  kwargs.get("steps"), sizes)
     if EXPERIMENTS.meta(args.name)["needs_data"] and args.dataset != "digits":
         as_user_error(f"data set {args.dataset!r}", load_halves, args.dataset, args.data_dir)
     res = reproduce.run(args.name, args.output, **kwargs, **sizes)
@@ -665,7 +801,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, help="seed of the clustering and the probe (default: "
                    "the run's seed)")
     e.add_argument("--device")
-    e.add_argument("--output", help="directory for eval.json/.csv/.md")
+    e.add_argument("--output", help="directory for eval.json/.csv/.md (one that holds the "
+                   "evaluation of another checkpoint needs --overwrite)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace the evaluation of another checkpoint in --output")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
 

@@ -686,6 +686,8 @@ def _rows_md(rows: list[dict]) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r))
 
     def cell(v: Any) -> str:
+        if v is None:  # e.g. the std of one seed: nothing was measured
+            return "—"
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
     return markdown_table(keys, [[cell(r.get(k, "")) for k in keys] for r in rows])

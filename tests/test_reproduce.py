@@ -237,7 +237,7 @@ def test_summarise_against_numpy():
     rows = [{"k": "a", "m": 1.0}, {"k": "a", "m": 3.0}, {"k": "b", "m": 5.0}]
     out = {r["k"]: r for r in summarise(rows, ["k"], ["m"])}
     assert out["a"]["m_mean"] == 2.0 and out["a"]["m_std"] == pytest.approx(np.std([1, 3], ddof=1))
-    assert out["b"]["n"] == 1 and out["b"]["m_std"] == 0.0
+    assert out["b"]["n"] == 1 and out["b"]["m_std"] is None  # one value: no spread was measured
 
 
 def test_config_overrides_and_errors():

@@ -60,7 +60,9 @@ def test_report_table_says_when_a_mean_is_over_fewer_seeds(critics_with_a_diverg
     out, _ = critics_with_a_diverged_seed
     text = write_report(out, tmp_path / "r.md", tmp_path / "figures").read_text()
     concat_row = next(line for line in text.splitlines() if line.startswith("| concat | nwj |"))
-    assert "0.500 ± 0.000 (1 of 2 seeds)" in concat_row, concat_row
+    # one seed with a value: its mean alone (a std of one value would be a spread never
+    # measured), and how many seeds it is over
+    assert "| 0.500 (1 of 2 seeds) |" in concat_row, concat_row
     bilinear_row = next(line for line in text.splitlines()
                         if line.startswith("| bilinear | nwj |"))
     assert "of 2 seeds" not in bilinear_row  # a full mean is shown as before
@@ -263,3 +265,17 @@ def test_reproduction_curves_mark_the_steps_where_a_diverged_seed_left_the_mean(
     _line(ax, curves[:-1], "bound", "I_NCE", "tab:blue")  # every seed at every step
     assert [line.get_label() for line in ax.get_lines()] == ["I_NCE"]
     plt.close(fig)
+
+
+def test_one_seed_has_no_standard_deviation_in_the_summary_or_the_printed_table(tmp_path):
+    """One seed measures no spread: the summary's std is None (empty in the CSV, ``null`` in
+    the JSON), the printed table shows a dash, and the report the mean alone."""
+    from contrastive.cli import _rows_md
+
+    res = run("noniid", tmp_path, seeds=(0,), **TINY_NONIID)
+    row = res["summary"][0]
+    assert row["n"] == 1 and row["estimate_std"] is None and row["estimate_mean"] is not None
+    table = _rows_md(res["summary"])
+    assert "None" not in table and "—" in table
+    text = write_report(tmp_path, tmp_path / "r.md", tmp_path / "figures").read_text()
+    assert "± 0.0000" not in text

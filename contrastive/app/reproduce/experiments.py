@@ -261,7 +261,8 @@ def estimate(scores: Tensor, estimator: str) -> Tensor:
 
 def summarise(rows: list[dict], keys: Sequence[str], metrics: Sequence[str]) -> list[dict]:
     """Group ``rows`` by ``keys``; per group ``n``, its number of rows (seeds), and per metric
-    ``m`` the mean ``m_mean``, the sample std ``m_std`` (ddof=1; 0 for one seed) and ``m_n``, the
+    ``m`` the mean ``m_mean``, the sample std ``m_std`` (ddof=1; None for one seed: one value
+    has no spread to report) and ``m_n``, the
     number of seeds the two are over. A ``None`` value (a diverged run's probe) is left out, so
     ``m_n < n`` marks a mean over only some of the seeds; a NaN is kept (both statistics NaN)."""
     groups: dict[tuple, list[dict]] = {}
@@ -275,15 +276,16 @@ def summarise(rows: list[dict], keys: Sequence[str], metrics: Sequence[str]) -> 
             mean, std, n = mean_std([r[m] for r in rs if r.get(m) is not None],
                                     skip_nonfinite=False)
             row[f"{m}_mean"] = mean if n else None
-            row[f"{m}_std"] = std if n > 1 else 0.0
+            row[f"{m}_std"] = std if n > 1 else None
             row[f"{m}_n"] = n
         out.append(row)
     return out
 
 
 def _stats(values: Sequence[float]) -> dict:
+    """Mean, sample std (None for one value: no spread was measured) and the values."""
     mean, std, n = mean_std(values, skip_nonfinite=False)
-    return {"mean": mean, "std": std if n > 1 else 0.0, "values": [float(x) for x in values]}
+    return {"mean": mean, "std": std if n > 1 else None, "values": [float(x) for x in values]}
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:

@@ -364,8 +364,8 @@ def _tables(name: str, res: dict) -> str:
             se = (f"; one probe accuracy near {raw['mean']:.2f} on {n_test} held-out images has "
                   f"a binomial standard error of "
                   f"{math.sqrt(raw['mean'] * (1 - raw['mean']) / n_test):.3f}")
-        out.append(f"Raw noisy top-half pixels, same probe: **{raw['mean']:.3f} ± "
-                   f"{raw['std']:.3f}**{se}.\n")
+        out.append(f"Raw noisy top-half pixels, same probe: "
+                   f"**{format_mean_std(raw['mean'], raw['std'], '.3f')}**{se}.\n")
     if name == "bijective":
         out.append(_table(s, [
             ("estimator", lambda r: r["estimator"]),

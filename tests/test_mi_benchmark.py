@@ -189,7 +189,8 @@ def test_run_tiny_writes_files_and_learns(tmp_path):
     assert summary[("dv", 1)]["variance"] == pytest.approx(seg.var())
     assert summary[("dv", 1)]["bias"] == pytest.approx(seg.mean() - 4.0)
     md = open(files["markdown"]).read()
-    assert "| estimator | true MI | mean estimate | bias | variance |" in md
+    assert ("| estimator | true MI (nats) | mean estimate (nats) | bias (nats) | variance (nats²) "
+            "| MSE (nats²) |") in md
     assert md.count("\n| dv |") == 2
     with open(files["png"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

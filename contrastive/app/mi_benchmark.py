@@ -554,7 +554,8 @@ def markdown_table(results: Mapping) -> str:
         body.append([r["estimator"], nats(r["true_mi"]), num(r["mean"], ".3f"),
                      num(r["bias"], "+.3f"), num(r["variance"], ".3f"), num(r["mse"], ".3f"),
                      f"{bad} of {r['steps']}" if bad else "0"])
-    header = ["estimator", "true MI", "mean estimate", "bias", "variance", "MSE", "non-finite"]
+    header = ["estimator", "true MI (nats)", "mean estimate (nats)", "bias (nats)",
+              "variance (nats²)", "MSE (nats²)", "non-finite"]
     lines = [head, "", _pipe_table(header, body, align="lrrrrrr")]
     bad = diverged(results)
     if bad:

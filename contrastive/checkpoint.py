@@ -233,7 +233,10 @@ def load_checkpoint(
                 "trust the file, call load_checkpoint(..., weights_only=False)"
             ) from exc
         raise CheckpointError(_corrupt_message(p, exc)) from exc
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
+            IndexError, TypeError, AttributeError) as exc:
+        # torch's unpickler raises whatever it meets in a file that is no checkpoint (a text
+        # file: IndexError)
         raise CheckpointError(_corrupt_message(p, exc)) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(

@@ -304,3 +304,16 @@ def test_latest_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path, pattern="step_*.pt", prefer=None) == tmp_path / "step_10.pt"
     with pytest.raises(ValueError, match="is a file"):
         latest_checkpoint(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize("content", [b"step,loss\n1,0.5\n", b"PK\x03\x04junk",
+                                     b"\x00" * 64])
+def test_a_file_that_is_no_checkpoint_is_a_checkpoint_error_naming_it(tmp_path, content):
+    """A text file, a bare pickle, a broken zip or zeros: the caller gets CheckpointError (a
+    ValueError) naming the file, never torch's unpickler's own IndexError or TypeError."""
+    from contrastive.checkpoint import CheckpointError, load_checkpoint
+
+    p = tmp_path / "log.csv"
+    p.write_bytes(content)
+    with pytest.raises(CheckpointError, match="log.csv"):
+        load_checkpoint(p)

@@ -665,16 +665,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ helpers
 
 
-_PCT = {"precision_at_1", "r_precision", "map_at_r", "linear_probe", "knn_top1", "knn_top5",
-        "nmi", "ami"}
-
-
 def _print_metrics(metrics: dict[str, float]) -> None:
+    from .app.results import format_metric
+
     for k, v in metrics.items():
-        if k.startswith("recall_at_") or k in _PCT:
-            print(f"  {k:<18} {100 * v:6.2f} %")
-        else:
-            print(f"  {k:<18} {v:g}")
+        print(f"  {k:<18} {format_metric(k, v)}")
 
 
 def _rows_md(rows: list[dict]) -> str:

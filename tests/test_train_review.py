@@ -258,3 +258,30 @@ def test_pml_proxy_losses_get_the_proxy_learning_rate():
     loss = build_loss("pml:NTXentLoss")  # no parameters: one group
     opt = make_optimizer(cfg, list(model.parameters()) + list(loss.parameters()), loss)
     assert [g["lr"] for g in opt.param_groups] == [2e-3]
+
+
+def test_a_finished_run_writes_its_result_as_json_csv_and_markdown(tmp_path):
+    """``result.csv`` holds the numbers of ``result.json`` (steps, time, final metrics, the
+    readout) in one row, ``result.md`` the same as a table (rates in %), with the search
+    behind the retrieval metrics; ``--overwrite`` replaces all three."""
+    import csv
+    import json
+
+    cfg = _cfg(tmp_path, final_probe=True)
+    fit(cfg)
+    out = Path(cfg.output)
+    res = json.loads((out / "result.json").read_text())
+    (row,) = list(csv.DictReader((out / "result.csv").open()))
+    assert int(row["steps"]) == res["steps"] == 6
+    assert float(row["train_time_s"]) == res["train_time_s"]
+    for k, v in res["metrics"].items():
+        assert float(row[k]) == v, k
+    for k, v in res["readout"].items():
+        assert float(row[f"readout_{k}"]) == pytest.approx(v, nan_ok=True)
+    md = (out / "result.md").read_text()
+    assert f"| map_at_r | {100 * res['metrics']['map_at_r']:.2f} % |" in md
+    assert f"| num_queries | {res['metrics']['num_queries']:g} |" in md
+    assert f"Retrieval search: {res['eval_backend']}." in md
+    (out / "result.md").write_text("stale")
+    fit(_cfg(tmp_path, final_probe=True, overwrite=True))
+    assert (out / "result.md").read_text() != "stale"

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["markdown_table", "mean_std", "format_mean_std"]
+__all__ = ["markdown_table", "mean_std", "format_mean_std", "is_rate", "format_metric"]
 
 
 def _cell(value: object) -> str:
@@ -114,3 +114,19 @@ def format_mean_std(
     if std is not None and math.isfinite(std):
         out += " ± " + text(std, fmt if std_fmt is None else std_fmt)
     return out
+
+
+#: the evaluation metrics that are rates in [0, 1] (shown in %), besides ``recall_at_k``
+RATES = frozenset({"precision_at_1", "r_precision", "map_at_r", "linear_probe", "knn_top1",
+                   "knn_top5", "nmi", "ami"})
+
+
+def is_rate(name: str) -> bool:
+    """Whether the evaluation metric ``name`` is a rate in [0, 1] (printed in %)."""
+    return name.startswith("recall_at_") or name in RATES
+
+
+def format_metric(name: str, value: float) -> str:
+    """A final metric as the command line prints it: rates in % to two decimals, the rest
+    (counts, flags) with ``:g``."""
+    return f"{100 * value:6.2f} %" if is_rate(name) else f"{value:g}"

@@ -24,7 +24,7 @@ RESUMABLE_FIELDS = frozenset({"output", "resume", "overwrite", "progress", "devi
                               "num_workers", "log_every", "eval_every", "checkpoint_every",
                               "final_probe", "data_dir"})
 
-_RUN_FILES = ("log.jsonl", "log.csv", "result.json")
+_RUN_FILES = ("log.jsonl", "log.csv", "result.json", "result.csv", "result.md")
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -21,7 +21,7 @@ split with the ``evaluation`` package. It
 * logs every ``log_every`` steps to ``log.jsonl`` and ``log.csv`` (loss, learning rate, and the
   I_NCE / I_NWJ readouts of the loss's own score matrix on the training batch), evaluates
   retrieval every ``eval_every`` steps, and at the end adds clustering, a linear probe and a
-  weighted k-NN classifier; the result goes to ``result.json``.
+  weighted k-NN classifier; the result goes to ``result.json`` (and ``result.csv`` / ``result.md``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -550,5 +550,35 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
         }
         result["config"] = cfg.to_dict()
         ckpt.atomic_write_json(out / "result.json", result)
+        _write_result_tables(out, result)
     dist_utils.barrier()
     return result
+
+
+def _write_result_tables(out: Path, result: Mapping[str, Any]) -> None:
+    """``result.csv`` (one row: steps, training time, the final metrics and the readout, as
+    numbers) and ``result.md`` (the same as a two-column Markdown table, rates in %, with the
+    search that produced the retrieval metrics), next to ``result.json``."""
+    from .results import format_metric, markdown_table
+
+    row = {"steps": result["steps"], "train_time_s": result["train_time_s"],
+           **result.get("metrics", {}),
+           **{f"readout_{k}": v for k, v in result.get("readout", {}).items()}}
+
+    def number(v: Any) -> str:
+        return repr(float(v)) if isinstance(v, float) else str(v)
+
+    ckpt.atomic_write_text(out / "result.csv", ",".join(row) + "\n"
+                           + ",".join(number(v) for v in row.values()) + "\n")
+    def shown(k: str, v: Any) -> str:
+        if k == "steps":
+            return str(v)
+        if k == "train_time_s":
+            return f"{float(v):.4g} s"
+        if k.startswith("readout_"):
+            return f"{float(v):.4g} nats"
+        return format_metric(k, float(v)).strip()
+
+    table = markdown_table(["metric", "value"], [[k, shown(k, v)] for k, v in row.items()])
+    ckpt.atomic_write_text(out / "result.md", table + "\n\nRetrieval search: "
+                           f"{result.get('eval_backend', 'unknown')}.\n")

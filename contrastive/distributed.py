@@ -14,7 +14,9 @@ same training code runs unchanged in a single process.
 Typical use in a trainer::
 
     rank, world, local_rank, device = distributed.setup()      # reads torchrun's env vars
-    model = DDP(model.to(device), device_ids=[local_rank] if device.type == "cuda" else None)
+    model = model.to(device)
+    if world > 1:                                               # DDP needs a process group
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     emb = model(x)
     all_emb, all_labels = distributed.gather_embeddings(emb, labels)
     loss = criterion(all_emb, all_labels)                       # the global-batch loss

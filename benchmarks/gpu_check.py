@@ -57,6 +57,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: the start of this process: the budget counts from here (the imports of torch, the set-up)
+T0 = time.perf_counter()
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / "benchmarks" / "wheels"
 SITE = ROOT / "runs" / "gpu_check" / "site"
@@ -92,7 +94,11 @@ class Step:
 
 
 def plan(device: str, tiny: bool) -> list[Step]:
-    """The steps in the order they run (most informative first, the 1M rows last)."""
+    """The steps in the order they run, most informative first: the CUDA tests, the losses and
+    embed, then retrieval against the GPU floor with the torch backend at both sizes (the
+    backend that carries the GPU numbers when no faiss-gpu wheel travels), the compare cell,
+    and last the contenders most likely to be absent or out of memory (faiss-gpu, PML's
+    AccuracyCalculator), which a run short of time drops first."""
     if tiny:
         sizes, loss_sizes = [(600, 20), (1500, 30)], ["64", "128"]
     else:
@@ -103,15 +109,14 @@ def plan(device: str, tiny: bool) -> list[Step]:
         Step("losses", "losses vs PML and the floor", loss_sizes, 150),
         Step("embed", "embed: ResNet-50, autocast + channels_last", [], 100),
     ]
-    first = True
-    for n, c in sizes:
-        for contender in ("floor", "torch", "faiss-gpu", "pml"):
-            timeout = 60 if n <= 100_000 else 120
-            steps.append(Step("retrieval", f"retrieval {n:,} x 128, {contender}",
-                              [str(n), str(c), contender], timeout))
-        if first:  # the compare cell between the two sizes: 1M is the most likely to run out
-            steps.append(Step("compare", "compare cell (digits, MLP)", [], 120))
-            first = False
+
+    def retrieval(n: int, c: int, contender: str) -> Step:
+        return Step("retrieval", f"retrieval {n:,} x 128, {contender}",
+                    [str(n), str(c), contender], 60 if n <= 100_000 else 120)
+
+    steps += [retrieval(n, c, contender) for n, c in sizes for contender in ("floor", "torch")]
+    steps.append(Step("compare", "compare cell (digits, MLP)", [], 120))
+    steps += [retrieval(n, c, contender) for n, c in sizes for contender in ("faiss-gpu", "pml")]
     return steps
 
 
@@ -207,10 +212,12 @@ def build_scan() -> str:
 def preflight() -> str:
     """Whether the project imports in a child process as the parts will see it: 'ok' or the
     error (a package missing on this machine, with no wheel for it)."""
-    code = ("import contrastive.cli, contrastive.app, evaluation, losses, "
-            "pytorch_metric_learning")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=child_env(), cwd=ROOT)
+    code = "import contrastive.cli, contrastive.app, evaluation, losses"
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=child_env(), cwd=ROOT, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "FAILED: the imports took over 120 s"
     if r.returncode == 0:
         return "ok"
     return "FAILED: " + (r.stderr.strip().splitlines() or ["?"])[-1]
@@ -349,6 +356,10 @@ def part_retrieval(n: int, classes: int, contender: str, device: str, dim: int =
         # exact search: the approximate indexes (evaluation.ann) are measured elsewhere
         exact = ({"index": "exact"} if "index" in inspect.signature(retrieval_metrics).parameters
                  else {})
+        # a warm-up on a slice (CUDA's lazily loaded kernels, cuBLAS, FAISS's resources), as
+        # the floor has one: the timed call is the search itself
+        w = _warmup_rows(n, classes)
+        retrieval_metrics(x[:w], y[:w], backend=backend, device=device, **exact)
         with GpuPeak(device) as mem:
             out["seconds"], m = timed(
                 lambda: retrieval_metrics(x, y, backend=backend, device=device, **exact), device)
@@ -374,6 +385,8 @@ def part_retrieval(n: int, classes: int, contender: str, device: str, dim: int =
             knn_func=CustomKNN(CosineSimilarity(), batch_size=max(1, (1 << 30) // (4 * n))),
         )
         xd, yd = x.to(device), y.to(device)
+        w = _warmup_rows(n, classes)
+        calc.get_accuracy(xd[:w], yd[:w])  # warm-up, as for the torch backend
         with GpuPeak(device) as mem:
             out["seconds"], m = timed(lambda: calc.get_accuracy(xd, yd), device)
         out["metrics"] = {"precision_at_1": float(m["precision_at_1"]),
@@ -383,6 +396,11 @@ def part_retrieval(n: int, classes: int, contender: str, device: str, dim: int =
         raise ValueError(f"unknown contender {contender!r}")
     out.update(mem.as_dict())
     return out
+
+
+def _warmup_rows(n: int, classes: int) -> int:
+    """Rows of the warm-up call: a few per class, at most 20,000."""
+    return min(n, max(classes * 4, min(20_000, n // 10)))
 
 
 def faiss_gpu_missing() -> str:
@@ -451,15 +469,44 @@ def part_embed(device: str, tiny: bool) -> dict:
     return out
 
 
+#: benchmarks/losses.py without pytorch-metric-learning: its cases with PML's side left out
+#: (the proxy cases build PML's loss to copy its proxies: they go too)
+_LOSSES_WITHOUT_PML = """
+import dataclasses, importlib.util, sys, types
+path = sys.argv.pop(1)
+spec = importlib.util.spec_from_file_location("bench_losses", path)
+bench = importlib.util.module_from_spec(spec)
+sys.modules["bench_losses"] = bench
+spec.loader.exec_module(bench)
+class _Absent(types.SimpleNamespace):
+    def __getattr__(self, name):
+        return None
+_cases = bench.cases
+bench._pml = lambda: (_Absent(), _Absent(), _Absent())
+bench.cases = lambda: {k: dataclasses.replace(c, ref=None, ref_name="(no PML)")
+                       for k, c in _cases().items() if c.composition != "proxies"}
+bench.NEW_CASES[:] = [k for k in bench.NEW_CASES if k in bench.cases()]
+sys.exit(bench.main())
+"""
+
+
 def part_losses(sizes: list[str], device: str, tiny: bool) -> dict:
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "losses.py"), "--device", device,
-           "--sizes", *sizes, "--extra-infonce-sizes", "--repeats", "2" if tiny else "5",
-           "--budget-s", "2" if tiny else "4", "--budget-gb", "60"]
+    script = str(ROOT / "benchmarks" / "losses.py")
+    args = ["--device", device, "--sizes", *sizes, "--extra-infonce-sizes",
+            "--repeats", "2" if tiny else "5", "--budget-s", "2" if tiny else "4",
+            "--budget-gb", "60"]
     if tiny:
-        cmd += ["--cases", "infonce", "triplet"]
+        args += ["--cases", "infonce", "triplet"]
+    note = ""
+    if _child_imports("pytorch_metric_learning"):
+        cmd = [sys.executable, script, *args]
+    else:  # the bare GPU machine without the PML wheel: ours and the floor still run
+        note = ("pytorch-metric-learning not importable: PML's columns and the proxy losses "
+                "(whose cases build PML's proxies) not tested; ours and the floor measured")
+        cmd = [sys.executable, "-c", _LOSSES_WITHOUT_PML, script, *args]
     code, stdout, stderr = _run_within_budget(cmd)
-    return {"command": " ".join(cmd[1:]).replace(str(ROOT) + "/", ""), "returncode": code,
-            "table": stdout.strip(), "stderr": stderr.strip()[-2000:]}
+    return {"command": " ".join(["benchmarks/losses.py", *args]), "returncode": code,
+            "table": stdout.strip(), "stderr": stderr.strip()[-2000:], "note": note}
 
 
 def _run_within_budget(cmd: list[str]) -> tuple[int | str, str, str]:
@@ -478,6 +525,17 @@ def _run_within_budget(cmd: list[str]) -> tuple[int | str, str, str]:
                 text(exc.stderr))
 
 
+def _child_imports(module: str) -> bool:
+    """Whether ``module`` imports in a child process with the parts' environment (the wheels'
+    site directory on its path), as the command the part starts will see it."""
+    try:
+        r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
+                           env=child_env(), cwd=ROOT, timeout=120)
+    except subprocess.TimeoutExpired:
+        return False
+    return r.returncode == 0
+
+
 def cuda_test_files() -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
                   if "pytest.mark.cuda" in p.read_text())
@@ -488,8 +546,9 @@ def part_tests(device: str, tiny: bool) -> dict:
     if not _importable("pytest"):
         return {"not_tested": "pytest not importable (no wheel in benchmarks/wheels)",
                 "files": files}
+    # one file that cannot be imported (a wheel missing) must not stop the others
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
-           "-rs", *files]
+           "-rs", "--continue-on-collection-errors", *files]
     code, stdout, stderr = _run_within_budget(cmd)
     tail = stdout.strip().splitlines()
     summary = next((s for s in reversed(tail) if re.search(r"passed|failed|error|skipped", s)),
@@ -609,6 +668,8 @@ def render(env: dict, results: list[tuple[Step, dict]], total_s: float, budget_s
     for _step, res in by_part.get("losses", []):
         lines += ["## Losses on the GPU (forward + backward)", "",
                   f"`python {res.get('command', '')}`" if "command" in res else _status(res), ""]
+        if res.get("note"):
+            lines += [f"Not tested: {res['note']}.", ""]
         if res.get("table"):
             lines += ["```", res["table"], "```", ""]
         if res.get("returncode"):
@@ -643,7 +704,11 @@ def render(env: dict, results: list[tuple[Step, dict]], total_s: float, budget_s
                   if r.get("contender") == "floor" and "n" in r}
         refs = {r["n"]: r.get("metrics") for s, r in retrieval
                 if r.get("contender") == "torch" and "n" in r}
-        for step, r in retrieval:
+        rank = {c: i for i, c in enumerate(("floor", "torch", "faiss-gpu", "pml"))}
+        # by size, then contender (the plan runs them out of that order: the likely-absent
+        # contenders last)
+        for step, r in sorted(retrieval, key=lambda sr: (int(sr[0].args[0]),
+                                                          rank.get(sr[0].args[2], 9))):
             n = int(step.args[0])
             if "seconds" not in r:
                 lines.append(f"| {n:,} | {step.args[2]} | {_status(r)} | | | | | | | |")
@@ -677,10 +742,16 @@ def render(env: dict, results: list[tuple[Step, dict]], total_s: float, budget_s
         lines.append("")
         if res["exit_code"] and res.get("stderr"):
             lines += ["```", res["stderr"], "```", ""]
-    not_run = [s for s, r in results if "skipped" in r]
+    not_run = [f"- {s.label}: {r['skipped'] if 'skipped' in r else _status(r)}"
+               for s, r in results if any(k in r for k in ("not_tested", "skipped", "failed"))]
+    not_run += [f"- {s.label}: not tested: {r['note']}" for s, r in results if r.get("note")]
+    not_run += [f"- `{m}`: {st}" for m, st in env.get("wheels", {}).items()
+                if st.startswith("missing")]
+    if env.get("stopped"):
+        not_run.append(f"- {env['stopped']}")
     if not_run:
-        lines += ["## Not run", ""] + [f"- {s.label}: {r['skipped']}" for s, r in results
-                                        if "skipped" in r] + [""]
+        lines += ["## Not run", "", "What gave no numbers in this run, and why:", "",
+                  *not_run, ""]
     return "\n".join(lines)
 
 
@@ -718,6 +789,10 @@ def environment(device: str) -> dict:
 # --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
+#: the part's process running now (its process group is ended on SIGTERM)
+_RUNNING: list[subprocess.Popen] = []
+
+
 def run_step(step: Step, device: str, tiny: bool, timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -728,16 +803,31 @@ def run_step(step: Step, device: str, tiny: bool, timeout: float) -> dict:
         env = dict(child_env(), GPU_CHECK_TIMEOUT_S=str(timeout))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=env, cwd=ROOT, start_new_session=True)
+        _RUNNING[:] = [proc]
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_group(proc)
             proc.communicate()
             return {"failed": f"killed after {timeout:.0f} s"}
+        finally:
+            _RUNNING.clear()
         if out.exists():
             return json.loads(out.read_text())
         err = (stderr or stdout).strip().splitlines()
         return {"failed": f"exit code {proc.returncode}: " + " | ".join(err[-3:])}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def write_report(out: Path, text: str) -> None:
+    """Replace ``out`` in one step: a run killed while writing leaves the previous version."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -779,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(CUDA build {torch.version.cuda}); nothing to check here, exiting")
         return 0
 
-    start = time.perf_counter()
+    start = T0  # the budget includes this process's start-up and the set-up below
     wheels = unpack_wheels()
     sys.path[:0] = [str(ROOT)] + ([str(SITE)] if SITE.exists() else [])
     env = environment(a.device)
@@ -789,7 +879,28 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     results: list[tuple[Step, dict]] = []
+    current: list[Step] = []
+
+    def report(extra: str = "") -> None:
+        now = [f"running: {current[0].label}"] if current and not extra else []
+        if extra or now:
+            env["stopped"] = extra or now[0]
+        write_report(out, render(env, results, time.perf_counter() - start, a.budget_s))
+        env.pop("stopped", None)
+
+    def stop(signum, _frame) -> None:  # the caller's timeout: keep what ran, end the part
+        for proc in list(_RUNNING):
+            _kill_group(proc)
+        label = current[0].label if current else "the set-up"
+        report(f"stopped by signal {signum} during {label}; the parts after it did not run")
+        print(f"gpu-check: stopped by signal {signum}; wrote {out}", flush=True)
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
     for step in steps:
+        current[:] = [step]
+        report()  # the machine and the parts so far, before a part that may not return
         left = a.budget_s - (time.perf_counter() - start)
         if left < min(30.0, step.timeout):
             res = {"skipped": f"time budget ({a.budget_s:.0f} s) spent"}
@@ -798,8 +909,9 @@ def main(argv: list[str] | None = None) -> int:
             res = run_step(step, a.device, a.tiny, min(step.timeout, left))
             res.setdefault("wall_s", time.perf_counter() - t0)
         results.append((step, res))
+        current.clear()
         print(f"gpu-check: {step.label}: {_brief(res)}", flush=True)
-        out.write_text(render(env, results, time.perf_counter() - start, a.budget_s))
+        report()
     print(f"gpu-check: wrote {out} in {time.perf_counter() - start:.0f} s")
     return 0
 
@@ -808,6 +920,9 @@ def _brief(res: dict) -> str:
     for key in ("failed", "not_tested", "skipped"):
         if key in res:
             return f"{key.replace('_', ' ')}: {res[key]}"
+    if res.get("returncode"):  # a part whose command failed (an int) or was stopped (a str)
+        code = res["returncode"]
+        return f"exit code {code}" if isinstance(code, int) else str(code)
     if "summary" in res:
         return res["summary"]
     if "seconds" in res:

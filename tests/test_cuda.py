@@ -7,16 +7,62 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from contrastive.app.config import TrainConfig
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
+
+def _config(**kw):
+    """A TrainConfig; imported here, not at the top, so that a missing pydantic (a wheel on the
+    bare GPU machine) skips the tests that need it instead of failing the whole collection
+    (which would also lose the other CUDA test files of the same pytest run)."""
+    pytest.importorskip("pydantic")
+    from contrastive.app.config import TrainConfig
+
+    return TrainConfig.from_dict(kw)
+
+
+def _child_env(hide_gpus: bool) -> dict[str, str]:
+    """The environment of a rank: the repository in front of the caller's PYTHONPATH, which
+    ``make gpu-check`` points at the unpacked wheels (runs/gpu_check/site); test_train_ddp's
+    launcher replaces PYTHONPATH with the repository alone."""
+    old = os.environ.get("PYTHONPATH")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + ([old] if old else [])))
+    if hide_gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def _launch(cfg, world: int, hide_gpus: bool = True) -> None:
+    """test_train_ddp's launcher (its script and port choice) with :func:`_child_env`."""
+    import test_train_ddp as ddp
+
+    port = str(ddp._free_port())
+    procs = []
+    for rank in range(world):
+        env = _child_env(hide_gpus)
+        if world > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", ddp.SCRIPT, json.dumps(cfg.to_dict())], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+
 
 COMMON = dict(dataset="digits", backbone="mlp", dim=16, batch_size=32, m_per_class=4, steps=12,
               log_every=4, eval_every=6, checkpoint_every=0, final_probe=False, progress=False,
@@ -26,12 +72,13 @@ COMMON = dict(dataset="digits", backbone="mlp", dim=16, batch_size=32, m_per_cla
 def test_cuda_fit_autocast_trains_like_the_cpu(tmp_path):
     """The trainer on CUDA (bf16 autocast, evaluation through embed on the GPU) follows the
     float32 CPU run: the same losses to bf16 accuracy, and close final metrics."""
+    pytest.importorskip("pydantic")
     from contrastive.app.train import fit
 
     torch.cuda.reset_peak_memory_stats()
-    gpu = fit(TrainConfig.from_dict(dict(COMMON, output=str(tmp_path / "gpu"), device="cuda")))
+    gpu = fit(_config(**dict(COMMON, output=str(tmp_path / "gpu"), device="cuda")))
     assert torch.cuda.max_memory_allocated() > 0  # it did run on the GPU
-    cpu = fit(TrainConfig.from_dict(dict(COMMON, output=str(tmp_path / "cpu"), device="cpu")))
+    cpu = fit(_config(**dict(COMMON, output=str(tmp_path / "cpu"), device="cpu")))
     assert gpu["steps"] == cpu["steps"] == 12
     for g, c in zip(gpu["history"], cpu["history"]):
         assert math.isfinite(g["loss"])
@@ -64,11 +111,9 @@ def test_cuda_search_backends_and_blocks_agree_with_the_cpu():
 def test_cuda_torchrun_with_device_cpu_uses_gloo_on_a_gpu_machine(tmp_path):
     """Two ranks with ``device="cpu"`` while the GPU stays visible: setup must pick gloo (NCCL
     cannot carry CPU tensors) and the run must equal the single process."""
-    from test_train_ddp import _launch
-
     cfg = dict(COMMON, device="cpu")
-    _launch(TrainConfig.from_dict(dict(cfg, output=str(tmp_path / "one"))), 1, hide_gpus=False)
-    _launch(TrainConfig.from_dict(dict(cfg, output=str(tmp_path / "two"))), 2, hide_gpus=False)
+    _launch(_config(**dict(cfg, output=str(tmp_path / "one"))), 1, hide_gpus=False)
+    _launch(_config(**dict(cfg, output=str(tmp_path / "two"))), 2, hide_gpus=False)
     a = json.loads((tmp_path / "one" / "result.json").read_text())
     b = json.loads((tmp_path / "two" / "result.json").read_text())
     for x, y in zip(a["history"], b["history"]):
@@ -78,11 +123,9 @@ def test_cuda_torchrun_with_device_cpu_uses_gloo_on_a_gpu_machine(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank")
 def test_cuda_two_gpu_nccl_fit_equals_one_gpu(tmp_path):
-    from test_train_ddp import _launch
-
     cfg = dict(COMMON, device="cuda", amp=False)  # float32: the comparison is about NCCL
-    _launch(TrainConfig.from_dict(dict(cfg, output=str(tmp_path / "one"))), 1, hide_gpus=False)
-    _launch(TrainConfig.from_dict(dict(cfg, output=str(tmp_path / "two"))), 2, hide_gpus=False)
+    _launch(_config(**dict(cfg, output=str(tmp_path / "one"))), 1, hide_gpus=False)
+    _launch(_config(**dict(cfg, output=str(tmp_path / "two"))), 2, hide_gpus=False)
     a = json.loads((tmp_path / "one" / "result.json").read_text())
     b = json.loads((tmp_path / "two" / "result.json").read_text())
     for x, y in zip(a["history"], b["history"]):

@@ -7,8 +7,11 @@ numbers at toy sizes. (The embed, losses, tests and compare parts were rehearsed
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -42,6 +45,11 @@ def test_plan_budget_and_cuda_test_files():
     assert {tuple(s.args) for s in steps if s.part == "retrieval"} == {
         (str(n), "1000", c) for n in (100_000, 1_000_000)
         for c in ("floor", "torch", "faiss-gpu", "pml")}
+    # the GPU floor and the torch backend at both sizes before the compare cell; the
+    # contenders most likely absent (no faiss-gpu wheel) or out of memory (PML) last
+    order = [s.part if s.part != "retrieval" else s.args[2] for s in steps]
+    assert order[3:] == ["floor", "torch", "floor", "torch", "compare", "faiss-gpu", "pml",
+                         "faiss-gpu", "pml"]
     files = gpu_check.cuda_test_files()
     assert "tests/test_embedders.py" in files and "tests/test_cuda.py" in files
     assert "tests/test_gpu_check.py" not in files  # this file has no CUDA-marked test
@@ -146,3 +154,86 @@ def test_a_part_cut_short_keeps_the_rows_it_printed(monkeypatch):
     assert out.strip() == "row 1"
     status, out, _ = gpu_check._run_within_budget([sys.executable, "-c", "print('done')"])
     assert (status, out) == (0, "done\n")
+
+
+# --------------------------------------------------------------------------------------------
+# the bare GPU machine: packages blocked as they are missing there
+# --------------------------------------------------------------------------------------------
+def _blocking_env(tmp_path, monkeypatch, *modules: str) -> None:
+    """Child processes (through PYTHONPATH) see ``modules`` as not installed."""
+    (tmp_path / "block").mkdir(exist_ok=True)
+    (tmp_path / "block" / "sitecustomize.py").write_text(
+        "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in modules))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "block"))
+
+
+def test_losses_part_without_pml_still_measures_ours_and_the_floor(tmp_path, monkeypatch):
+    _blocking_env(tmp_path, monkeypatch, "pytorch_metric_learning")
+    monkeypatch.setenv("GPU_CHECK_TIMEOUT_S", "120")
+    res = gpu_check.part_losses(["32"], "cpu", tiny=True)
+    assert res["returncode"] == 0, res.get("stderr")
+    assert "InfoNCE" in res["table"] and "Triplet" in res["table"]
+    assert "pytorch-metric-learning not importable" in res["note"]
+    md = gpu_check.render({}, [(gpu_check.Step("losses", "l"), res)], 1.0, 450.0)
+    assert "pytorch-metric-learning not importable" in md
+
+
+def test_a_failed_losses_part_is_not_reported_as_done():
+    brief = gpu_check._brief({"command": "x", "returncode": 1, "table": "", "wall_s": 2.0})
+    assert "exit code 1" in brief
+
+
+def test_cuda_test_files_collect_without_pydantic(tmp_path, monkeypatch):
+    """One CUDA test file failing to import must not stop the others (pytest stops at a
+    collection error): pydantic travels as a wheel that may be missing."""
+    _blocking_env(tmp_path, monkeypatch, "pydantic")
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                        "-p", "no:cacheprovider", "-m", "cuda", *gpu_check.cuda_test_files()],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env=gpu_check.child_env())
+    assert "error" not in r.stdout.lower(), r.stdout[-2000:]
+    assert r.returncode == 0, r.stdout[-2000:]
+
+
+def test_cuda_ddp_children_keep_the_wheels_on_their_path(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/some/site")
+    import test_cuda
+
+    env = test_cuda._child_env(hide_gpus=False)
+    assert "/some/site" in env["PYTHONPATH"].split(os.pathsep)
+    assert str(ROOT) in env["PYTHONPATH"].split(os.pathsep)
+    assert "CUDA_VISIBLE_DEVICES" not in env or env["CUDA_VISIBLE_DEVICES"] != ""
+
+
+def test_a_killed_run_leaves_a_valid_partial_report(tmp_path):
+    report = tmp_path / "gpu.md"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"),
+                             "--device", "cpu", "--tiny", "--only", "losses", "embed",
+                             "--output", str(report)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not report.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert report.exists() and proc.poll() is None  # written before the first part ends
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    md = report.read_text()
+    assert md.startswith("# GPU check") and "## Machine" in md
+    assert "stopped by signal 15" in md
+    assert proc.returncode != 0
+
+
+def test_report_lists_every_part_that_gave_no_numbers():
+    S = gpu_check.Step
+    results = [(S("retrieval", "r faiss", ["10", "2", "faiss-gpu"]), {"not_tested": "no GPU"}),
+               (S("embed", "e"), {"failed": "killed after 100 s"}),
+               (S("compare", "c"), {"skipped": "time budget (450 s) spent"})]
+    md = gpu_check.render({}, results, 1.0, 450.0)
+    tail = md.split("## Not run", 1)[1]
+    for line in ("- r faiss: not tested: no GPU", "- e: failed: killed after 100 s",
+                 "- c: time budget (450 s) spent"):
+        assert line in tail

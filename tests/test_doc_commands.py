@@ -520,3 +520,14 @@ def test_losses_drop_in_docstring_cross_batch_memory_call():
     value = xbm(emb, torch.arange(8).repeat_interleave(4))
     value.backward()
     assert torch.isfinite(value) and emb.grad is not None
+
+
+def test_no_test_module_leaves_benchmarks_on_the_import_path():
+    """``benchmarks/`` holds a ``losses.py``: a test module that puts that folder on
+    ``sys.path`` when it is collected makes every later in-process command refuse to run (the
+    ``losses`` package's shadowing check), in whichever worker collects it."""
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    assert bench not in [str(Path(p).resolve()) for p in sys.path if p]

@@ -133,13 +133,21 @@ def _fresh_processes() -> mp.context.BaseContext:
 def row_peak(name: str, x: np.ndarray, y: np.ndarray) -> tuple[int, str]:
     """Peak resident-set rise (bytes) of row ``name`` on ``(x, y)``, measured in a fresh process
     of its own, and the method (``"VmHWM"`` or ``"sampled VmRSS"``)."""
-    if str(HERE) not in sys.path:  # the worker is this file imported by name, from the server
+    # the worker is this file imported by name, from the fork server, which keeps the path it
+    # started with; the caller's path gets this folder only meanwhile (it holds a losses.py
+    # that would shadow the library's losses package in a process that imported this file)
+    added = str(HERE) not in sys.path
+    if added:
         sys.path.insert(0, str(HERE))
-    worker = importlib.import_module(MODULE)._row_peak_worker
-    ctx = _fresh_processes()
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=worker, args=(send, name, x, y), daemon=True)
-    proc.start()
+    try:
+        worker = importlib.import_module(MODULE)._row_peak_worker
+        ctx = _fresh_processes()
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=worker, args=(send, name, x, y), daemon=True)
+        proc.start()
+    finally:
+        if added:
+            sys.path.remove(str(HERE))
     send.close()
     try:
         status, result = recv.recv()

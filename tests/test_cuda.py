@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -45,23 +43,10 @@ def _child_env(hide_gpus: bool) -> dict[str, str]:
 
 
 def _launch(cfg, world: int, hide_gpus: bool = True) -> None:
-    """test_train_ddp's launcher (its script and port choice) with :func:`_child_env`."""
+    """test_train_ddp's launcher with :func:`_child_env` (imported here: it needs pydantic)."""
     import test_train_ddp as ddp
 
-    port = str(ddp._free_port())
-    procs = []
-    for rank in range(world):
-        env = _child_env(hide_gpus)
-        if world > 1:
-            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", ddp.SCRIPT, json.dumps(cfg.to_dict())], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    ddp._launch(cfg, world, hide_gpus, base=_child_env(hide_gpus))
 
 
 COMMON = dict(dataset="digits", backbone="mlp", dim=16, batch_size=32, m_per_class=4, steps=12,

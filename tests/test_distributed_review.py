@@ -117,15 +117,7 @@ def train_steps(name: str, lo: int = 0, hi: int = N, rank: int = 0) -> list[dict
 N_EVAL = 1001  # the two halves (500, 501 rows) do not start on a batch of 8
 
 
-class Pairs(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
+from test_distributed import PlainPairs as Pairs  # noqa: E402 - tests/ is on sys.path
 
 
 def eval_problem():

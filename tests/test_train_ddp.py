@@ -39,8 +39,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(cfg: TrainConfig, world: int, hide_gpus: bool = True) -> None:
-    base = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+def _launch(cfg: TrainConfig, world: int, hide_gpus: bool = True, base: dict | None = None
+            ) -> None:
+    """Run ``cfg`` as ``world`` ranks (one process without torchrun's variables when 1);
+    ``base``: the ranks' environment (default: the repository as PYTHONPATH, one thread)."""
+    if base is None:
+        base = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     if hide_gpus:
         base["CUDA_VISIBLE_DEVICES"] = ""
     port = str(_free_port())

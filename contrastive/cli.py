@@ -401,6 +401,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .app.factory import eval_transform, load_embedder
     from .app.protocol import eval_sets, evaluate_embedder
+    from .app.results import metrics_csv, metrics_markdown
     from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
     from .datasets import get_dataset
     from .devices import resolve_device
@@ -444,10 +445,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                               "split": split, "train_split": train_split,
                                               "seed": seed, "metrics": metrics,
                                               "backend": backend})
-        keys = list(metrics)
-        atomic_write_text(out / "eval.csv", ",".join(keys) + "\n"
-                          + ",".join(f"{metrics[k]:.6g}" for k in keys) + "\n")
-        atomic_write_text(out / "eval.md", _metrics_md(metrics))
+        # the numbers of eval.json exactly; the table as printed (rates in %)
+        atomic_write_text(out / "eval.csv", metrics_csv(metrics))
+        atomic_write_text(out / "eval.md", metrics_markdown(metrics, backend))
         print(f"written: {out / 'eval.json'}, eval.csv, eval.md")
     return 0
 
@@ -686,12 +686,6 @@ def _rows_md(rows: list[dict]) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
     return markdown_table(keys, [[cell(r.get(k, "")) for k in keys] for r in rows])
-
-
-def _metrics_md(metrics: dict[str, float]) -> str:
-    from .app.results import markdown_table
-
-    return markdown_table(["metric", "value"], [[k, f"{v:.4g}"] for k, v in metrics.items()]) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:

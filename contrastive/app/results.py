@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["markdown_table", "mean_std", "format_mean_std", "is_rate", "format_metric"]
+__all__ = ["markdown_table", "mean_std", "format_mean_std", "is_rate", "format_metric",
+           "metrics_csv", "metrics_markdown"]
 
 
 def _cell(value: object) -> str:
@@ -130,3 +132,29 @@ def format_metric(name: str, value: float) -> str:
     """A final metric as the command line prints it: rates in % to two decimals, the rest
     (counts, flags) with ``:g``."""
     return f"{100 * value:6.2f} %" if is_rate(name) else f"{value:g}"
+
+
+def metrics_csv(row: Mapping[str, Any]) -> str:
+    """One header line and one line of values, floats written exactly (``repr``), as the
+    JSON holds them."""
+    def number(v: Any) -> str:
+        return repr(float(v)) if isinstance(v, float) else str(v)
+
+    return ",".join(row) + "\n" + ",".join(number(v) for v in row.values()) + "\n"
+
+
+def metrics_markdown(row: Mapping[str, Any], backend: str | None = None) -> str:
+    """``row`` as a two-column Markdown table as the command line prints it (rates in %,
+    ``train_time_s`` in s, ``readout_*`` in nats, counts as they are), and the search behind
+    the retrieval metrics when ``backend`` is given."""
+    def shown(k: str, v: Any) -> str:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return str(v)
+        if k == "train_time_s":
+            return f"{float(v):.4g} s"
+        if k.startswith("readout_"):
+            return f"{float(v):.4g} nats"
+        return str(v) if isinstance(v, int) else format_metric(k, float(v)).strip()
+
+    text = markdown_table(["metric", "value"], [[k, shown(k, v)] for k, v in row.items()])
+    return text + (f"\n\nRetrieval search: {backend}.\n" if backend else "\n")

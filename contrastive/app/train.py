@@ -559,26 +559,11 @@ def _write_result_tables(out: Path, result: Mapping[str, Any]) -> None:
     """``result.csv`` (one row: steps, training time, the final metrics and the readout, as
     numbers) and ``result.md`` (the same as a two-column Markdown table, rates in %, with the
     search that produced the retrieval metrics), next to ``result.json``."""
-    from .results import format_metric, markdown_table
+    from .results import metrics_csv, metrics_markdown
 
     row = {"steps": result["steps"], "train_time_s": result["train_time_s"],
            **result.get("metrics", {}),
            **{f"readout_{k}": v for k, v in result.get("readout", {}).items()}}
-
-    def number(v: Any) -> str:
-        return repr(float(v)) if isinstance(v, float) else str(v)
-
-    ckpt.atomic_write_text(out / "result.csv", ",".join(row) + "\n"
-                           + ",".join(number(v) for v in row.values()) + "\n")
-    def shown(k: str, v: Any) -> str:
-        if k == "steps":
-            return str(v)
-        if k == "train_time_s":
-            return f"{float(v):.4g} s"
-        if k.startswith("readout_"):
-            return f"{float(v):.4g} nats"
-        return format_metric(k, float(v)).strip()
-
-    table = markdown_table(["metric", "value"], [[k, shown(k, v)] for k, v in row.items()])
-    ckpt.atomic_write_text(out / "result.md", table + "\n\nRetrieval search: "
-                           f"{result.get('eval_backend', 'unknown')}.\n")
+    ckpt.atomic_write_text(out / "result.csv", metrics_csv(row))
+    ckpt.atomic_write_text(out / "result.md",
+                           metrics_markdown(row, result.get("eval_backend", "unknown")))

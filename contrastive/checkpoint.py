@@ -49,6 +49,7 @@ __all__ = [
     "restore_rng_state",
     "latest_checkpoint",
     "remove_stale_temporaries",
+    "pid_alive",
     "folder_lock",
     "FolderInUse",
 ]
@@ -286,8 +287,9 @@ def latest_checkpoint(
     return max(candidates, key=key)
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists (one of another user's counts)."""
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (one of another user's counts; a pid
+    below 1, which ``os.kill`` would read as a process group, is none)."""
     if pid <= 0:
         return False
     try:
@@ -311,7 +313,7 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
     removed = []
     for f in d.iterdir():
         found = _TMP_NAME.match(f.name)
-        if found is None or not f.is_file() or _pid_alive(int(found["pid"])):
+        if found is None or not f.is_file() or pid_alive(int(found["pid"])):
             continue
         try:
             f.unlink()

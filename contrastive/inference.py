@@ -26,6 +26,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, TensorDataset, d
 
 from .devices import resolve_device
 from .embedders import eval_mode
+from .validation import check_positive_int
 
 __all__ = ["embed", "embed_distributed", "shard_bounds", "amp_dtype", "channels_last_safe"]
 
@@ -337,8 +338,7 @@ def embed(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = check_positive_int(batch_size, "batch_size")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
     model = _unwrap(model)
@@ -543,8 +543,7 @@ def embed_distributed(
         return embed(model, data, batch_size=batch_size, device=device, num_workers=num_workers,
                      progress=progress, amp=amp, channels_last=channels_last,
                      check_finite=check_finite)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = check_positive_int(batch_size, "batch_size")
     rank = D.get_rank(group)
     n = _length(data)
     if n == 0:

@@ -74,7 +74,7 @@ from .backends import (
 )
 from .clustering import kmeans_assign
 from .retrieval import relevance_counts
-from .search import search_blocks
+from .search import SearchedMetrics, search_blocks
 from .ties import find_duplicates
 
 __all__ = ["AccuracyCalculator", "AccuracyResult", "METRICS", "KNN_METRICS", "CLUSTERING_METRICS",
@@ -210,14 +210,12 @@ def rank_values(
     return out
 
 
-class AccuracyResult(dict):
+class AccuracyResult(SearchedMetrics):
     """:meth:`AccuracyCalculator.get_accuracy`'s result: PML's plain ``{name: value}`` dict,
     plus the attribute ``backend``, the name of the neighbour search that ran (e.g.
     ``"faiss-cpu IndexFlat exact"``; ``"torch exact (cpu), full ranking"`` when MAP or MRR rank
     every reference item; ``"none"`` when no search ran: clustering metrics only, or every
     query lone)."""
-
-    backend: str = "none"
 
 
 def _use_ranks(deep: bool, depth: int, max_r: int) -> bool:

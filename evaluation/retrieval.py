@@ -29,16 +29,14 @@ import torch
 
 from ._inputs import as_float_matrix, as_labels, check_ks, check_metric, check_same_dim
 from .backends import KnnBackend, normalize_rows
-from .search import search_blocks
+from .search import SearchedMetrics, search_blocks
 
 __all__ = ["retrieval_metrics", "relevance_counts", "RetrievalMetrics"]
 
 
-class RetrievalMetrics(dict):
+class RetrievalMetrics(SearchedMetrics):
     """The metrics (a plain ``dict`` of numbers, so callers that format or average every value
     keep working) plus the attribute ``backend``: the name of the search that produced them."""
-
-    backend: str = "none"
 
 
 def relevance_counts(

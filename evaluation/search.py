@@ -87,7 +87,18 @@ from .ties import (  # noqa: F401 - re-exported
 )
 
 __all__ = ["knn", "search_blocks", "resolve_backend", "normalize_rows", "BACKENDS",
-           "run_single_threaded"]
+           "run_single_threaded", "SearchedMetrics"]
+
+
+class SearchedMetrics(dict):
+    """Metrics computed from a neighbour search: a plain ``dict`` of numbers (so callers that
+    format or average every value keep working) plus the attribute ``backend``, the name of the
+    search that ran (e.g. ``"faiss-cpu IndexFlat exact"``; ``"none"`` when none did). The base
+    of :class:`~evaluation.retrieval.RetrievalMetrics`,
+    :class:`~evaluation.weighted_knn.KnnClassifierResult` and
+    :class:`~evaluation.accuracy_calculator.AccuracyResult`."""
+
+    backend: str = "none"
 
 _FAISS_OUT_BYTES = 1 << 26  # (scores, ids) returned by one FAISS search call
 #: smallest window (k + tie margin) for which ``large_k_blocks`` leaves FAISS-CPU's heap, with

@@ -26,16 +26,14 @@ from contrastive.validation import check_temperature
 
 from ._inputs import as_float_matrix, as_labels, check_k, check_metric, check_same_dim
 from .backends import KnnBackend, normalize_rows
-from .search import search_blocks
+from .search import SearchedMetrics, search_blocks
 
 __all__ = ["knn_classifier", "vote", "KnnClassifierResult"]
 
 
-class KnnClassifierResult(dict):
+class KnnClassifierResult(SearchedMetrics):
     """``{"top1", "top5"}`` (a plain ``dict`` of numbers) plus the attribute ``backend``: the
     name of the search that found the neighbours (e.g. ``"faiss-cpu IndexFlat exact"``)."""
-
-    backend: str = "none"
 
 
 def vote(key: torch.Tensor, nbr_class: torch.Tensor, n_classes: int,

@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import pid_alive
 from ..errors import UserError
 
 __all__ = ["N_STARTUP", "SAMPLING", "OLD_LAYOUT_GRACE_S", "HEARTBEAT_S", "GRACE_S", "POLL_S",
@@ -161,16 +162,6 @@ def finished_trials(study) -> list:
                   key=lambda t: t.number)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _fail_dead_trials(study) -> int:
     """Mark failed the RUNNING trials whose worker is gone: at once for a process of this
     machine that no longer exists (a killed run), and for any worker after the storage's grace
@@ -189,7 +180,7 @@ def _fail_dead_trials(study) -> int:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker") or {}
         if worker.get("host") == host and worker.get("pid") != os.getpid() \
-                and not _alive(int(worker.get("pid", -1))):
+                and not pid_alive(int(worker.get("pid", -1))):
             study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
     return before - running()
 
@@ -337,7 +328,7 @@ def _is_dead(folder: Path, grace_s: float) -> bool:
     if host == socket.gethostname():
         if pid == os.getpid():
             return False
-        if not _alive(pid):
+        if not pid_alive(pid):
             return True
     try:
         last = max(p.stat().st_mtime for p in (folder, folder / BEAT_FILE) if p.exists())

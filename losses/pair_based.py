@@ -375,7 +375,10 @@ def _margin_all(scores: Tensor, positives: Tensor, negatives: Tensor, b: Tensor,
         act_n &= negatives
         a_p = K.count_rows(act_p).to(scores.dtype)
         a_n = K.count_rows(act_n).to(scores.dtype)
-        coef = torch.where(act_n, n_pos[:, None], torch.where(act_p, -n_neg[:, None], 0.0))
+        # n_pos on active negatives, -n_neg on active positives, as 0/1 products (a
+        # torch.where on a boolean mask costs several passes on CPU); the two never overlap
+        coef = K.as_float(act_n, scores.dtype).mul_(n_pos[:, None])
+        coef.sub_(K.as_float(act_p, scores.dtype).mul_(n_neg[:, None]))
     w_p, w_n = n_neg * a_p, n_pos * a_n  # active positive / negative half-terms per anchor
     total = torch.dot(scores.reshape(-1), coef.reshape(-1)) + (w_p * (m + b)).sum() + (
         w_n * (m - b)).sum()

@@ -230,7 +230,10 @@ def test_plain_negative_l2_keeps_zero_distances_and_their_zero_gradient():
     """The plain form's ``sq == 0`` test (which keeps a NaN distance NaN) gives the same values
     and gradients as before on finite input: 0 on the diagonal and for duplicates, with a zero
     (not NaN) gradient there."""
-    x = torch.randn(4, 3)
+    # small integers: the expansion |a|^2 + |b|^2 - 2 a.b is then exact, so a duplicate's
+    # distance is exactly 0 (with random floats it is a rounding residue for about a third
+    # of the seeds, and this test failed with the random state a test order left it)
+    x = torch.randint(-3, 4, (4, 3), generator=torch.Generator().manual_seed(0)).float()
     x = torch.cat([x, x[:1]]).requires_grad_()  # a duplicate of row 0
     s = critics.NegativeL2()(x, x.detach().clone())  # no gradient to b: the plain path too
     assert float(s[0, 4]) == 0.0 and bool((s.diagonal() == 0).all())

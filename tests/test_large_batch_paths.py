@@ -1,0 +1,133 @@
+"""The forms the critics and losses take for speed, against the plain operations they stand
+for: the symmetric product of the unit-gram backward pass above its size switch, the L2
+critic's inner gradient without a boolean fill, the batch-hard search without arg-reductions,
+and a row's exact zero distance to itself."""
+
+import pytest
+import torch
+
+from contrastive import critics as C
+from contrastive.pairs import label_masks
+from losses import functional as LF
+from losses import modules as M
+from losses import pair_based as PB
+
+
+@pytest.mark.parametrize("n", [C.SYMMETRIC_SUM_MAX_ROWS, C.SYMMETRIC_SUM_MAX_ROWS + 1, 700])
+def test_symmetric_product_on_both_sides_of_its_switch(n):
+    g = torch.Generator().manual_seed(n)
+    h = torch.randn(n, n, generator=g, dtype=torch.float64)
+    y = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    assert torch.allclose(C.symmetric_product(h, y), (h + h.T) @ y, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "l2", "l2sq"])
+def test_unit_gram_gradient_above_the_switch_equals_autograd(kind):
+    """B = 600 takes the two-product form; the gradient equals autograd through the plain
+    normalisation, product and distance."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(600, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(600, 600, generator=g, dtype=torch.float64)
+    # no weight on the diagonal, as in every loss (an item is neither its own positive nor
+    # negative): there the unit rows' distance is a rounding residue, whose "l2" gradient
+    # g / S is rounding noise in both forms
+    w.fill_diagonal_(0.0)
+    scale = torch.tensor(2.5, dtype=torch.float64) if kind == "cosine" else None
+    (C.unit_gram(x, kind, scale) * w).sum().backward()
+    fused = x.grad.clone()
+    x.grad = None
+    (C._unit_gram_plain(x, scale, kind) * w).sum().backward()
+    assert torch.allclose(fused, x.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_l2_inner_gradient_equals_the_masked_fill_and_keeps_nan():
+    g = torch.Generator().manual_seed(2)
+    s = -torch.rand(64, 64, generator=g)
+    s.fill_diagonal_(0.0)
+    s[3, 9] = 0.0
+    grad = torch.randn(64, 64, generator=g)
+    grad[5, 5] = 0.0  # 0 / 0 on a zero distance
+    want = grad.div(s).neg_().masked_fill_(s == 0, 0.0)
+    assert torch.equal(C._l2_inner_grad(grad, s), want)
+    grad[7, 8] = float("nan")
+    grad[9, 9] = float("inf")  # at a zero distance: still not finite
+    got = C._l2_inner_grad(grad, s)
+    assert bool(torch.isnan(got[7, 8])) and not bool(torch.isfinite(got[9, 9]))
+    assert int(torch.isfinite(got).logical_not().sum()) == 2
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e4])
+def test_hardest_columns_equal_masked_arg_reductions(scale):
+    """First smallest positive and first largest negative per row, ties included (integer
+    scores), against ``masked_fill`` + ``argmin`` / ``argmax``; rows without one are free."""
+    g = torch.Generator().manual_seed(int(scale * 10))
+    for trial in range(60):
+        n = int(torch.randint(2, 40, (), generator=g))
+        y = torch.randint(0, max(1, n // 3), (n,), generator=g)
+        s = torch.randn(n, n, generator=g) * scale
+        if trial % 2:
+            s = s.round()
+        p, q = label_masks(y)
+        pc, nc = LF._hardest_columns(s, p, q)
+        has_p, has_q = p.any(1), q.any(1)
+        assert torch.equal(pc[has_p, 0], s.masked_fill(~p, float("inf")).argmin(1)[has_p])
+        assert torch.equal(nc[has_q, 0], s.masked_fill(~q, float("-inf")).argmax(1)[has_q])
+
+
+@pytest.mark.parametrize("b", [64, 520])
+def test_batch_hard_triplet_value_and_gradient_against_a_loop(b):
+    """Batch-hard triplets, fused (B = 64) and autograd (B = 520) paths, against a per-anchor
+    loop over the distance matrix."""
+    g = torch.Generator().manual_seed(b)
+    x = torch.randn(b, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, b // 4, (b,), generator=g)
+    loss = M.Triplet(margin=0.3, mining="hard", reduction="mean")(x, y)
+    (gx,) = torch.autograd.grad(loss, x)
+    z = torch.nn.functional.normalize(x, dim=1)
+    d = torch.cdist(z, z)
+    p, q = label_masks(y)
+    terms = []
+    for i in range(b):
+        if p[i].any() and q[i].any():
+            terms.append(torch.relu(d[i][p[i]].max() - d[i][q[i]].min() + 0.3))
+    want = torch.stack(terms).mean()
+    (gw,) = torch.autograd.grad(want, x)
+    assert torch.allclose(loss, want, rtol=1e-10)
+    assert torch.allclose(gx, gw, rtol=1e-6, atol=1e-9)
+
+
+def test_margin_loss_unchanged_by_the_product_form_of_its_coefficients():
+    """The margin loss over all triplets against its brute-force sum, at a size that takes the
+    autograd path (the coefficients come from 0/1 products, not ``torch.where``)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 60, (300,), generator=g)
+    crit = PB.Margin(margin=0.2, beta=1.2, learn_beta=False, reduction="sum")
+    got = crit(x, y)
+    z = torch.nn.functional.normalize(x, dim=1)
+    d = torch.cdist(z, z)
+    p, q = label_masks(y)
+    n_pos, n_neg = p.sum(1, keepdim=True), q.sum(1, keepdim=True)
+    want = (torch.relu(0.2 + d - 1.2) * p * n_neg).sum() + (torch.relu(0.2 + 1.2 - d) * q
+                                                           * n_pos).sum()
+    assert torch.allclose(got, want, rtol=1e-7)  # cdist against the unit expansion
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_a_rows_distance_to_itself_is_exactly_zero_without_normalising(squared):
+    """``NegativeL2(normalize=False)`` against itself: the expansion leaves a residue on the
+    diagonal that grows with the norm (about 0.03 at norm 100 in float32 after the square
+    root); the diagonal is 0, fused and plain, with a zero gradient there."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(50, 32, generator=g) * 30).requires_grad_()
+    critic = C.NegativeL2(squared=squared)
+    s = critic(x, x)
+    assert torch.equal(s.diagonal().detach(), torch.zeros(50))
+    with torch.no_grad():  # the plain operations
+        assert torch.equal(critic(x, x).diagonal(), torch.zeros(50))
+    s.sum().backward()
+    assert bool(torch.isfinite(x.grad).all())
+    off = ~torch.eye(50, dtype=torch.bool)
+    want = -torch.cdist(x.double(), x.double())
+    want = want if not squared else -want.pow(2)
+    assert torch.allclose(s.detach().double()[off], want[off], rtol=1e-4, atol=1e-2)

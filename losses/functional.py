@@ -872,14 +872,14 @@ def _semihard_negative(scores, negatives, idx, valid, has_neg, method: str = "au
             for j in range(0, k, step):
                 below = (s_ap[:, j:j + step, None] - sd[:, None, :]).gt_(0.0).mul_(qf)
                 has_semi[:, j:j + step] = below.amax(2) > 0
-                arg[:, j:j + step] = below.sub_(1.0).mul_(big).add_(sd[:, None, :]).argmax(2)
+                arg[:, j:j + step] = _first_argmax(below.sub_(1.0).mul_(big).add_(sd[:, None, :]))
         else:  # one boolean [N, M] pass per slot (SLOT_PASS_ENTRIES)
             for j in range(k):
                 below = torch.lt(sd, s_ap[:, j, None])
                 below &= negatives
                 has_semi[:, j] = K.count_rows(below) > 0
                 cand = below.to(sd.dtype).sub_(1.0).mul_(big).add_(sd)  # sd, or sd - big
-                arg[:, j] = cand.argmax(1)
+                arg[:, j] = _first_argmax(cand)
     else:
         keyed = sd.masked_fill(~negatives, K.NEG_INF)
         sorted_keyed, order = keyed.sort(dim=1, descending=True)
@@ -889,8 +889,19 @@ def _semihard_negative(scores, negatives, idx, valid, has_neg, method: str = "au
         n_neg = K.count_rows(negatives)[:, None]
         has_semi = pos_in_sorted < n_neg
         arg = order.gather(1, pos_in_sorted.clamp_max(order.shape[1] - 1))
-    easiest = sd.masked_fill(~negatives, K.POS_INF).argmin(1, keepdim=True)
+    easiest = _easiest_negative(sd, negatives)
     return torch.where(has_semi, arg, easiest)
+
+
+def _easiest_negative(sd: Tensor, negatives: Tensor) -> Tensor:
+    """Per anchor, the column ``[N, 1]`` of the first smallest score among its negatives
+    (``argmin`` of the masked scores; any column for a row without negatives), from one
+    :func:`_first_argmax` of ``-S`` with the other columns pushed below (as
+    :func:`_hardest_columns`)."""
+    lo, hi = torch.aminmax(sd)
+    big = (hi - lo).mul_(2.0).add_(1.0).clamp_max_(torch.finfo(sd.dtype).max)
+    x = K.as_float(negatives, sd.dtype).sub_(1.0).mul_(big).sub_(sd)
+    return _first_argmax(x)[:, None]
 
 
 def _first_argmax(x: Tensor) -> Tensor:

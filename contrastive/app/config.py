@@ -180,8 +180,8 @@ class TrainConfig:
     ``lr``, Kim et al. 2020's ratio; rates are finite), ``weight_decay``,
     ``momentum``, ``schedule`` ("cosine", "constant" or "step"), ``warmup_steps`` (fewer than
     the run's steps), ``steps`` (or ``epochs``), ``grad_clip`` (max global norm, ``None`` for
-    off), ``amp`` (``None``: bf16 autocast on CUDA only), ``seed`` (``0 <= seed < 2**32``,
-    NumPy's range).
+    off), ``amp`` (``None``: autocast on CUDA only, bf16, or fp16 with a gradient scaler on
+    GPUs without native bf16), ``seed`` (``0 <= seed < 2**32``, NumPy's range).
 
     Paths (``output``, ``data_dir``, ``weights``) may be given as ``os.PathLike`` and ``device``
     as a ``torch.device``; they are kept as text.

@@ -4,7 +4,9 @@
 :class:`~contrastive.app.config.TrainConfig`, trains for a step budget and evaluates on the held-out
 split with the ``evaluation`` package. It
 
-* runs on CUDA with bf16 autocast when present (the losses compute in float32 regardless), on CPU
+* runs on CUDA with autocast when present -- bf16 where the GPU computes it natively, fp16 with
+  a gradient scaler (``torch.amp.GradScaler``, checkpointed) on older GPUs (V100, T4), whose
+  bf16 is only emulated; the losses compute in float32 regardless -- on CPU
   otherwise, and under ``torchrun`` with DDP: each rank embeds its share of one global
   ``P x m`` batch and the loss sees the whole batch through an all-gather that passes gradients
   back (:func:`contrastive.distributed.all_gather_with_grad`); every rank initialises the
@@ -40,7 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import check_own_packages
+from .. import check_own_packages, inference
 from .. import checkpoint as ckpt
 from .. import distributed as dist_utils
 from ..errors import UserError, as_user_error, keywords_as_user_error
@@ -356,6 +358,11 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
                                loss_fn)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     amp = (device.type == "cuda") if cfg.amp is None else bool(cfg.amp)
+    cast = inference.amp_dtype(device) if amp else None
+    # fp16's range loses small gradients (and its 65504 maximum large ones): scale the loss,
+    # unscale before clipping, skip the steps whose gradients overflowed (GradScaler's own
+    # dynamics); bf16 has float32's range and needs none of it
+    scaler = torch.amp.GradScaler(device.type, enabled=cast == torch.float16)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     custom = isinstance(cfg.backbone, nn.Module)
@@ -380,6 +387,8 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
         try:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):  # a run checkpointed under fp16 autocast
+                scaler.load_state_dict(state["scaler"])
         except (ValueError, KeyError, RuntimeError) as exc:
             raise UserError(
                 f"cannot resume from {last}: its optimizer state does not fit the optimizer "
@@ -433,6 +442,7 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
             "loss": loss_fn.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),  # empty unless fp16 autocast scales the loss
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
             "rng": rng,  # rank 0's: all a single-process run has
             **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
@@ -464,7 +474,7 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
             y = torch.as_tensor(y).to(device, non_blocking=True)
             if x.dim() == 4 and to_channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            ctx = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp
+            ctx = (torch.autocast(device_type=device.type, dtype=cast) if amp
                    else contextlib.nullcontext())
             with ctx:
                 emb = ddp_model(x)
@@ -481,13 +491,15 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
                     f"({cfg.lr:g}) or set grad_clip"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()  # loss.backward() unless fp16 autocast
             dist_utils.average_gradients(loss_fn.parameters())  # DDP averages only the model's
             if cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients
                 torch.nn.utils.clip_grad_norm_(
                     list(model.parameters()) + list(loss_fn.parameters()), cfg.grad_clip
                 )
-            optimizer.step()
+            scaler.step(optimizer)  # skipped (fp16) when a gradient overflowed
+            scaler.update()
             scheduler.step()
             step += 1
             batch_in_epoch += 1

@@ -155,3 +155,17 @@ def test_pml_loss_by_name_in_python_matches_pml():
     assert math.isfinite(a) and a == pytest.approx(b, rel=1e-6)
     with pytest.raises(ValueError, match="did you mean 'pml:NTXentLoss'"):
         losses.get("pml:NTXentLos")
+
+
+def test_steps_and_epochs_together_are_refused():
+    """With ``epochs`` set the run's length is epochs x batches per epoch; a ``steps`` given
+    beside it was silently ignored. It is refused, naming both; ``epochs`` alone (``steps`` at
+    its default) and ``steps`` alone stay accepted."""
+    from contrastive.app.config import ConfigError, TrainConfig
+
+    assert TrainConfig.from_dict({"epochs": 2}).epochs == 2
+    assert TrainConfig.from_dict({"steps": 40}).steps == 40
+    with pytest.raises(ConfigError, match=r"'steps'.*got 100.*epochs=2 decides"):
+        TrainConfig.from_dict({"epochs": 2, "steps": 100})
+    with pytest.raises(ConfigError, match="epochs=3"):
+        TrainConfig.from_dict({"steps": 40}).replace(epochs=3)

@@ -126,7 +126,8 @@ def test_warmup_longer_than_the_run_is_refused(tmp_path):
         TrainConfig.from_dict({"steps": 100, "warmup_steps": 500})
     assert TrainConfig.from_dict({"steps": 100, "warmup_steps": 99}).warmup_steps == 99
     # 640 = 10 classes x 64: one batch an epoch, so 3 epochs are 3 steps
-    cfg = _cfg(tmp_path, batch_size=640, m_per_class=64, epochs=3, warmup_steps=5)
+    cfg = _cfg(tmp_path, batch_size=640, m_per_class=64, epochs=3, warmup_steps=5,
+               steps=TrainConfig().steps)  # steps at its default: epochs decides
     with pytest.raises(ConfigError, match="'warmup_steps'.*5.*fewer than.*3 steps"):
         fit(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()

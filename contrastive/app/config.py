@@ -280,11 +280,20 @@ class TrainConfig:
                               "in output, overwrite replaces it); pass one of them", source=source)
         if cfg.epochs is None:
             check_warmup(cfg.warmup_steps, cfg.steps, f"steps={cfg.steps}", source=source)
+        elif cfg.steps != _DEFAULT_STEPS:  # both given: steps would be silently ignored
+            raise ConfigError("steps", cfg.steps,
+                              f"left at its default ({_DEFAULT_STEPS}) when epochs is set: "
+                              f"epochs={cfg.epochs} decides the run's length and steps would be "
+                              "ignored; pass one of them", source=source)
         check_loss(cfg.loss, cfg.loss_kwargs, cfg.critic, cfg.critic_kwargs, source=source)
         return cfg
 
 
 # ------------------------------------------------------------------------------ checking
+
+#: ``steps`` when not given (a config with ``epochs`` must leave it so)
+_DEFAULT_STEPS = TrainConfig.__dataclass_fields__["steps"].default
+
 
 
 def check_warmup(warmup_steps: int, total_steps: int, what: str,

@@ -40,20 +40,27 @@ def test_unit_gram_gradient_above_the_switch_equals_autograd(kind):
     assert torch.allclose(fused, x.grad, rtol=1e-9, atol=1e-9)
 
 
-def test_l2_inner_gradient_equals_the_masked_fill_and_keeps_nan():
+def test_l2_inverse_distance_is_the_masked_division_and_keeps_nan():
+    """``dS/dG = -1/S`` of the unit L2 critic, 0 at zero distances: ``rsqrt`` of the squared
+    distance with its infinities zeroed equals ``-1 / S`` masked at ``S == 0`` to float
+    rounding; a NaN distance stays NaN, and the gradient ``g * inv`` keeps a non-finite ``g``
+    non-finite, also at a zero distance."""
     g = torch.Generator().manual_seed(2)
-    s = -torch.rand(64, 64, generator=g)
-    s.fill_diagonal_(0.0)
-    s[3, 9] = 0.0
+    sq = torch.rand(64, 64, generator=g) * 4
+    sq.fill_diagonal_(0.0)
+    sq[3, 9] = 0.0
+    sq[4, 4] = float("nan")
+    s = -sq.sqrt()
+    inv = C._inverse_distance(sq)
+    want = (-1.0 / s).masked_fill_(s == 0, 0.0)
+    finite = ~torch.isnan(sq)
+    torch.testing.assert_close(inv[finite], want[finite], rtol=2e-7, atol=0.0)
+    assert bool(torch.isnan(inv[4, 4])) and float(inv[3, 9]) == 0.0 and float(inv[0, 0]) == 0.0
     grad = torch.randn(64, 64, generator=g)
-    grad[5, 5] = 0.0  # 0 / 0 on a zero distance
-    want = grad.div(s).neg_().masked_fill_(s == 0, 0.0)
-    assert torch.equal(C._l2_inner_grad(grad, s), want)
-    grad[7, 8] = float("nan")
-    grad[9, 9] = float("inf")  # at a zero distance: still not finite
-    got = C._l2_inner_grad(grad, s)
-    assert bool(torch.isnan(got[7, 8])) and not bool(torch.isfinite(got[9, 9]))
-    assert int(torch.isfinite(got).logical_not().sum()) == 2
+    grad[7, 8], grad[9, 9] = float("nan"), float("inf")  # (9, 9): a zero distance
+    h = grad * inv
+    assert bool(torch.isnan(h[7, 8])) and not bool(torch.isfinite(h[9, 9]))
+    assert float(h[3, 9]) == 0.0
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e4])

@@ -898,9 +898,7 @@ def _easiest_negative(sd: Tensor, negatives: Tensor) -> Tensor:
     (``argmin`` of the masked scores; any column for a row without negatives), from one
     :func:`_first_argmax` of ``-S`` with the other columns pushed below (as
     :func:`_hardest_columns`)."""
-    lo, hi = torch.aminmax(sd)
-    big = (hi - lo).mul_(2.0).add_(1.0).clamp_max_(torch.finfo(sd.dtype).max)
-    x = K.as_float(negatives, sd.dtype).sub_(1.0).mul_(big).sub_(sd)
+    x = K.as_float(negatives, sd.dtype).sub_(1.0).mul_(_drop_offset(sd)).sub_(sd)
     return _first_argmax(x)[:, None]
 
 
@@ -918,6 +916,14 @@ def _first_argmax(x: Tensor) -> Tensor:
     return x.sub_(top).ge_(0.0).mul_(ramp).amax(-1).neg_().add_(m).long()
 
 
+def _drop_offset(sd: Tensor) -> Tensor:
+    """``2 (max S - min S) + 1`` (0-d, not read on the host): subtracted from a dropped entry
+    of ``sd`` or ``-sd``, it puts that entry below every kept one; clamped to the type's
+    largest value so that ``0 * offset`` stays 0."""
+    lo, hi = torch.aminmax(sd)
+    return (hi - lo).mul_(2.0).add_(1.0).clamp_max_(torch.finfo(sd.dtype).max)
+
+
 def _hardest_columns(sd: Tensor, positives: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor]:
     """Per anchor, the column ``[N, 1]`` of its hardest positive (the first smallest ``S`` in
     ``P``) and of its hardest negative (the first largest in ``Q``), as ``argmin`` / ``argmax``
@@ -927,10 +933,8 @@ def _hardest_columns(sd: Tensor, positives: Tensor, negatives: Tensor) -> tuple[
     gets an arbitrary column (its term is dropped by the caller). ``sd``: finite scores without
     a gradient. Torch's CPU arg-reductions and a ``torch.where`` on a boolean mask cost about
     ten and twenty times a multiplication each (B = 128: 160 us against 40)."""
-    lo, hi = torch.aminmax(sd)
-    big = (hi - lo).mul_(2.0).add_(1.0).clamp_max_(torch.finfo(sd.dtype).max)  # no 0 * inf
     keep = K.stack_as_float((positives, negatives), sd.dtype).sub_(1.0)  # 0 kept, -1 dropped
-    x = keep.mul_(big)
+    x = keep.mul_(_drop_offset(sd))
     x[0].sub_(sd)
     x[1].add_(sd)
     cols = _first_argmax(x)

@@ -931,8 +931,8 @@ def _hardest_columns(sd: Tensor, positives: Tensor, negatives: Tensor) -> tuple[
     The masks enter as 0/1 values: a kept entry is its value plus 0 (exact), a dropped one
     its value minus ``2 (max S - min S) + 1``, below every kept entry; a row with nothing kept
     gets an arbitrary column (its term is dropped by the caller). ``sd``: finite scores without
-    a gradient. Torch's CPU arg-reductions and a ``torch.where`` on a boolean mask cost about
-    ten and twenty times a multiplication each (B = 128: 160 us against 40)."""
+    a gradient. Instead of two ``torch.where`` and torch's CPU ``argmin`` / ``argmax``
+    (measured on CPU: B = 128, 73 us against 61; B = 1024, 4.1 ms against 3.7)."""
     keep = K.stack_as_float((positives, negatives), sd.dtype).sub_(1.0)  # 0 kept, -1 dropped
     x = keep.mul_(_drop_offset(sd))
     x[0].sub_(sd)

@@ -138,3 +138,24 @@ def test_a_rows_distance_to_itself_is_exactly_zero_without_normalising(squared):
     want = -torch.cdist(x.double(), x.double())
     want = want if not squared else -want.pow(2)
     assert torch.allclose(s.detach().double()[off], want[off], rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_l2_against_a_reference_set_zero_distance_gradient(normalize):
+    """``NegativeL2`` against a separate reference set (the cross-batch memory's call): where a
+    reference row equals an anchor the distance is 0 and its gradient 0 (not NaN); elsewhere
+    the gradient is autograd's through ``cdist``."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randint(-3, 4, (6, 4), generator=g).double().requires_grad_()
+    b = torch.cat([a.detach()[:2], torch.randn(7, 4, generator=g, dtype=torch.float64)])
+    w = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    (C.NegativeL2(normalize=normalize)(a, b) * w).sum().backward()
+    got = a.grad.clone()
+    a.grad = None
+    an = torch.nn.functional.normalize(a, dim=1) if normalize else a
+    bn = torch.nn.functional.normalize(b, dim=1) if normalize else b
+    d = torch.cdist(an, bn)
+    keep = d.detach() > 0  # cdist's gradient at 0 is 0 too, but not through normalize's path
+    (-(d * w * keep)).sum().backward()
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, a.grad, rtol=1e-7, atol=1e-9)

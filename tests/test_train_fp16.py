@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import warnings
 
 import pytest
 import torch
@@ -106,3 +107,18 @@ def test_fp16_gradients_are_unscaled_before_clipping(tmp_path, fp16_gpu, monkeyp
     fit(_cfg(tmp_path, grad_clip=1.0, steps=4, checkpoint_every=0))
     finite = [n for n in norms if math.isfinite(n)]
     assert finite and max(finite) < 1e3  # a scaled norm would be ~2^16 times the true one
+
+
+def test_grad_scaler_on_torch_without_torch_amp_grad_scaler(monkeypatch):
+    """torch 2.2 (the oldest the project admits) has only ``torch.cuda.amp.GradScaler``: the
+    trainer takes that one, enabled on CUDA only; with ``torch.amp.GradScaler`` it is the
+    device's own."""
+    from contrastive.app.train import _grad_scaler
+
+    assert _grad_scaler(torch.device("cpu"), True).is_enabled()
+    assert not _grad_scaler(torch.device("cpu"), False).is_enabled()
+    monkeypatch.delattr(torch.amp, "GradScaler")
+    with warnings.catch_warnings():  # newer torch deprecates torch.cuda.amp.GradScaler
+        warnings.simplefilter("ignore", FutureWarning)
+        old = _grad_scaler(torch.device("cpu"), True)
+    assert isinstance(old, torch.cuda.amp.GradScaler) and not old.is_enabled()

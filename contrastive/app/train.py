@@ -294,6 +294,15 @@ def _sync_batchnorm(model: nn.Module, world: int, device: torch.device,
     return model
 
 
+def _grad_scaler(device: torch.device, enabled: bool):
+    """``torch.amp.GradScaler`` for ``device`` (torch >= 2.3); on older torch, which has only
+    ``torch.cuda.amp.GradScaler``, that one, disabled off CUDA (a disabled scaler passes the
+    loss and the optimizer step through unchanged)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled and device.type == "cuda")
+
+
 def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, world: int,
          device) -> dict[str, Any]:
     main = rank == 0
@@ -362,7 +371,7 @@ def _fit(cfg: TrainConfig, state: dict | None, stop: StopOnSignal, rank: int, wo
     # fp16's range loses small gradients (and its 65504 maximum large ones): scale the loss,
     # unscale before clipping, skip the steps whose gradients overflowed (GradScaler's own
     # dynamics); bf16 has float32's range and needs none of it
-    scaler = torch.amp.GradScaler(device.type, enabled=cast == torch.float16)
+    scaler = _grad_scaler(device, enabled=cast == torch.float16)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     custom = isinstance(cfg.backbone, nn.Module)

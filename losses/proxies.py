@@ -645,6 +645,48 @@ class ProxyAnchor(ProxyLoss):
         return proxy_anchor(scores, positives, negatives, self.alpha, self.margin,
                             self.reduction, check, self._weights)
 
+    def forward(self, embeddings: Tensor, labels: Tensor | None = None,
+                indices_tuple: tuple[Tensor, ...] | None = None, ref_emb: Tensor | None = None,
+                ref_labels: Tensor | None = None, *, paired: bool = False) -> Tensor:
+        """:meth:`ProxyLoss.forward`. A plain call (eager, ``check=True``, no miner's tuple, a
+        reduced loss, a fixed-temperature cosine critic) reads the host once, where the
+        general path reads twice (the embeddings' sum with the labels' range, then the
+        scores): see :meth:`_one_read_value`."""
+        if (indices_tuple is None and ref_emb is None and ref_labels is None and not paired
+                and self.check and self.reduction != "none" and self._cosine_fold() is not None
+                and not torch.compiler.is_compiling()):
+            value = self._one_read_value(embeddings, labels)
+            if value is not None:
+                return value
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                               paired=paired)
+
+    def _one_read_value(self, embeddings, labels) -> Tensor | None:
+        """The loss computed with the labels clamped into ``[0, C)`` (safe to index with) and
+        without the core's read, then one host read of the value with the labels' range,
+        which raises when outside. Every row then has its positive proxy, so there is always
+        a term. None (the general path, whose checks name what is wrong) for an empty batch
+        or a value that is not finite, which it is exactly when a score is: the cosine critic
+        turns any NaN or Inf of the embeddings or the proxies into a NaN score, and a NaN
+        score reaches the value through its log-sum-exp."""
+        x, y, proxies = self._call(embeddings, labels)
+        if not y.numel():
+            return None
+        self._weights = None
+        pos = self._one_hot(y.clamp(0, self.num_classes - 1))
+        with _NoAutocast(x.device.type):
+            scores = self.critic(_full_precision(x), proxies)
+            if K.fusable(scores, pos, None, True, self.reduction):
+                value = K.fused(_proxy_anchor_kernel, _proxy_anchor_slow, scores, pos, ~pos,
+                                self.alpha, self.margin, self.reduction)
+            else:
+                value = proxy_anchor(scores, pos, ~pos, self.alpha, self.margin, self.reduction,
+                                     check=False)
+        v, lowest, highest = torch.stack(
+            (value.detach().to(torch.float64), *y.aminmax())).tolist()
+        self._check_range(lowest, highest)
+        return value if math.isfinite(v) else None
+
 
 class NormalizedSoftmax(ProxyLoss):
     """Normalized softmax (:func:`normalized_softmax`), PML's

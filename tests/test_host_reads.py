@@ -32,6 +32,7 @@ from contrastive.pairs import (
 )
 from losses import functional as LF
 from losses import kernels as K
+from losses import proxies as PX
 from losses.modules import PairLoss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,10 +149,9 @@ def _reads(fn) -> int:
     ("infonce", 1), ("supcon", 1), ("simclr", 1), ("nwj", 1), ("js", 1), ("dv", 1),
     ("contrastive", 1), ("multi_similarity", 1), ("circle", 1), ("lifted_structure", 1),
     ("margin", 1), ("nca", 1),
-    # the softmax proxy losses' fast lane: the value (finite) with the labels' range
+    # the proxy losses' fast lanes: the value (finite) with the labels' range
     ("proxy_nca", 1), ("normalized_softmax", 1), ("cosface", 1), ("arcface", 1),
-    # the embeddings' sum with the labels' range, then the core's read
-    ("proxy_anchor", 2),
+    ("proxy_anchor", 1),
     # + the positives' index (nonzero), which their gather needs, and for the triplet loss
     # the index's width
     ("dcl", 2), ("triplet", 3), ("triplet_semihard", 3),
@@ -319,7 +319,8 @@ def test_a_critic_that_may_hide_a_non_finite_input_keeps_the_embeddings_read():
         loss(bad, y)
 
 
-@pytest.mark.parametrize("name", ["proxy_nca", "normalized_softmax", "cosface", "arcface"])
+@pytest.mark.parametrize("name", ["proxy_nca", "normalized_softmax", "cosface", "arcface",
+                                  "proxy_anchor"])
 def test_the_proxy_fast_lane_reads_once_and_never_indexes_with_a_bad_label(name):
     """The softmax proxy losses' fast lane computes with the labels clamped into [0, C) and
     reads the value with the labels' range: one read, the same value as the checked general
@@ -337,3 +338,32 @@ def test_the_proxy_fast_lane_reads_once_and_never_indexes_with_a_bad_label(name)
         yb[7] = bad
         with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 3\)"):
             loss(x, yb)
+
+
+@pytest.mark.parametrize("b", [16, 700])  # the fused kernel, and the autograd form above it
+def test_proxy_anchor_one_read_lane_equals_the_general_path(b):
+    """Proxy-Anchor's one-read lane against the checked general path (its functional core on
+    the module's own scores and masks): the same value and gradients, to the embeddings and
+    to the proxies; a NaN embedding still raises the embeddings' error, naming the row, and
+    NaN proxies the scores' error, both from the general path the lane falls back to."""
+    torch.manual_seed(b)
+    loss = losses.get("proxy_anchor", num_classes=100, embedding_size=8)
+    x = torch.randn(b, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 100, (b,))
+    loss = loss.double()
+    v = loss(x, y)
+    gx, gp = torch.autograd.grad(v, (x, loss.proxies))
+    s, pos, neg = loss.scores(x, y)
+    w = PX.proxy_anchor(s, pos, neg, loss.alpha, loss.margin, loss.reduction)
+    wx, wp = torch.autograd.grad(w, (x, loss.proxies))
+    torch.testing.assert_close(v, w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, wx, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gp, wp, rtol=1e-9, atol=1e-12)
+    bad = x.detach().clone()
+    bad[5, 2] = math.nan
+    with pytest.raises(ValueError, match=r"^embeddings contains NaN or Inf in 1 row"):
+        loss(bad, y)
+    with torch.no_grad():
+        loss.proxies[3, 0] = math.inf
+    with pytest.raises(ValueError, match="scores contain NaN or Inf"):
+        loss(x, y)

@@ -518,6 +518,11 @@ class ProxyLoss(PairLoss):
             value = _ProxySoftmax.apply(_full_precision(x), proxies,
                                         y.clamp(0, self.num_classes - 1), lane, self.reduction,
                                         self._general)
+        return self._read_with_range(value, y)
+
+    def _read_with_range(self, value: Tensor, y: Tensor) -> Tensor | None:
+        """The fast lanes' one host read: ``value`` with the labels' range, which raises when
+        outside ``[0, C)``; ``value``, or None when it is not finite."""
         v, lowest, highest = torch.stack(
             (value.detach().to(torch.float64), *y.aminmax())).tolist()
         self._check_range(lowest, highest)
@@ -682,10 +687,7 @@ class ProxyAnchor(ProxyLoss):
             else:
                 value = proxy_anchor(scores, pos, ~pos, self.alpha, self.margin, self.reduction,
                                      check=False)
-        v, lowest, highest = torch.stack(
-            (value.detach().to(torch.float64), *y.aminmax())).tolist()
-        self._check_range(lowest, highest)
-        return value if math.isfinite(v) else None
+        return self._read_with_range(value, y)
 
 
 class NormalizedSoftmax(ProxyLoss):

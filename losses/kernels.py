@@ -269,10 +269,12 @@ FUSED_MAX_ENTRIES = 1 << 16
 
 
 def fusable(scores: Tensor, positives: Tensor, negatives: Tensor | None, check: bool,
-             reduction: str) -> bool:
+             reduction: str, max_entries: int | None = None) -> bool:
     """Whether a loss takes its fused small-batch path: checked eager call (``check``), a
-    reduced loss, boolean masks and a score matrix of at most :data:`FUSED_MAX_ENTRIES`."""
-    return (check and reduction != "none" and 0 < scores.numel() <= FUSED_MAX_ENTRIES
+    reduced loss, boolean masks and a score matrix of at most ``max_entries`` (None:
+    :data:`FUSED_MAX_ENTRIES`; a loss whose kernel pays off further passes its own)."""
+    limit = FUSED_MAX_ENTRIES if max_entries is None else max_entries
+    return (check and reduction != "none" and 0 < scores.numel() <= limit
             and plain_masks(positives, negatives))
 
 

@@ -159,3 +159,25 @@ def test_l2_against_a_reference_set_zero_distance_gradient(normalize):
     (-(d * w * keep)).sum().backward()
     assert bool(torch.isfinite(got).all())
     torch.testing.assert_close(got, a.grad, rtol=1e-7, atol=1e-9)
+
+
+def test_multi_similarity_mining_stays_fused_further_and_equals_the_autograd_form(monkeypatch):
+    """With its pair mining, multi-similarity keeps its fused kernel up to
+    ``MINED_FUSED_FACTOR`` times ``FUSED_MAX_ENTRIES`` (B = 400 here, past the general limit of
+    256); without mining it does not. The fused value and gradient equal the autograd form's."""
+    from losses import kernels as K
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(400, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.arange(400) // 4
+    mined = PB.MultiSimilarity(epsilon=0.1)
+    v = mined(x, y)
+    assert type(v.grad_fn).__name__ == "FusedLossBackward"
+    assert type(PB.MultiSimilarity()(x, y).grad_fn).__name__ != "FusedLossBackward"
+    (gv,) = torch.autograd.grad(v, x)
+    monkeypatch.setattr(K, "FUSED_MAX_ENTRIES", 0)  # the autograd form, for mining too
+    w = mined(x, y)
+    assert type(w.grad_fn).__name__ != "FusedLossBackward"
+    (gw,) = torch.autograd.grad(w, x)
+    torch.testing.assert_close(v, w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gv, gw, rtol=1e-9, atol=1e-12)

@@ -179,8 +179,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("unit-gram-distance-gradient-scale", C, "term",
              "g * inv if ctx.kind", "g * inv * 0.5 if ctx.kind"),
     Mutation("unit-l2-zero-distance-gradient-kept", C, "term",
-             "return torch.rsqrt(sq).nan_to_num_(nan=float(\"nan\"), posinf=0.0, neginf=0.0)",
-             "return torch.rsqrt(sq)"),
+             "return _infinities_to_zero_(torch.rsqrt(sq))", "return torch.rsqrt(sq)"),
     # ---------------------------------------------------------------- evaluation
     Mutation("relevance-counts-self", R, "off-by-one",
              "return r - 1 if same_set else r", "return r"),

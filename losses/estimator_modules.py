@@ -38,7 +38,7 @@ from contrastive.validation import check_positive_int
 
 from . import bounds as LB
 from . import kernels as K
-from .modules import PairLoss, _critic_or_temperature, _full_precision, _NoAutocast
+from .modules import PairLoss, _critic_or_temperature, _NoAutocast
 
 __all__ = ["TUBA", "MINE", "SMILE", "AlphaInfoNCE", "FLO", "L1Out", "CLUB"]
 
@@ -75,8 +75,8 @@ class _WithEmbeddings(_Estimator):
     batch: tuple[Tensor, Tensor] | None = None
 
     def _inputs(self, p: Pairs) -> tuple[Tensor, Tensor]:
-        a = _full_precision(p.anchors)
-        return a, (a if p.self_reference else _full_precision(p.candidates))
+        a = K.full_precision(p.anchors)
+        return a, (a if p.self_reference else K.full_precision(p.candidates))
 
     def _score(self, p: Pairs) -> Tensor:
         with _NoAutocast(p.anchors.device.type):

@@ -84,19 +84,11 @@ __all__ = [
     "REDUCTIONS",
 ]
 
-def _full(x: Tensor) -> Tensor:
-    """``x`` in float32 unless it is float32 or float64 already (the core's compute dtype, as
-    :func:`losses.kernels.prepare`); anything else passes through for ``prepare`` to refuse."""
-    if isinstance(x, Tensor) and x.dtype not in (torch.float32, torch.float64):
-        return x.float()
-    return x
-
-
 def logmeanexp(x: Tensor, mask: Tensor, check: bool = True) -> Tensor:
     """``log( mean_{mask} exp(x) )`` over all masked entries, computed stably (``-inf`` for an
     empty mask with ``check=False``)."""
     mask = mask if mask.dtype == torch.bool else mask.bool()
-    x = _full(x)
+    x = K.full_precision(x)
     if check:
         return K.masked_lse(x, mask, None) - math.log(int(K.count(mask)))
     return K.masked_lse(x, mask, None) - K.count(mask).clamp_min(1).to(x.dtype).log()
@@ -534,7 +526,7 @@ def js_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
     """
     # the shift in float32 (float64 stays): a bf16 / fp16 score shifted first would be rounded
     # to its own precision before the core's cast
-    return nwj_bound(_full(scores) + 1.0, positives, negatives, reduction, check)
+    return nwj_bound(K.full_precision(scores) + 1.0, positives, negatives, reduction, check)
 
 
 def dv_bound(
@@ -860,26 +852,26 @@ def _semihard_negative(scores, negatives, idx, valid, has_neg, method: str = "au
         step = SLOT_PASS_ENTRIES // max(n * m, 1)  # slots per pass
         if step >= k:  # every slot in one pass, the easiest negative folded in
             return _semihard_one_pass(sd, negatives, s_ap)
-        # excluded entries are pushed below every score by subtracting the score range + 1
-        # (arithmetic: masked_fill with a data-dependent mask is ~5x slower on CPU); a 0-d
-        # tensor, not a Python float, so that it is not read on the host (a device sync)
-        big = (sd.max() - sd.min()).add_(1.0)
+        # excluded entries are pushed below every score (:func:`_drop_offset`; arithmetic:
+        # masked_fill with a data-dependent mask is ~5x slower on CPU); the negatives as 0/1
+        # values and the offset serve the easiest-negative fallback below too
+        big, qf = _drop_offset(sd), K.as_float(negatives, sd.dtype)
         arg = torch.empty(idx.shape, dtype=torch.long, device=sd.device)
         has_semi = torch.empty(idx.shape, dtype=torch.bool, device=sd.device)
         if step >= 2:
             # below[a, j, c]: S_ac < S_ap(j) for a negative c, as 0/1 values
-            qf = K.as_float(negatives, sd.dtype)[:, None, :]
             for j in range(0, k, step):
-                below = (s_ap[:, j:j + step, None] - sd[:, None, :]).gt_(0.0).mul_(qf)
+                below = (s_ap[:, j:j + step, None] - sd[:, None, :]).gt_(0.0).mul_(qf[:, None])
                 has_semi[:, j:j + step] = below.amax(2) > 0
                 arg[:, j:j + step] = _first_argmax(below.sub_(1.0).mul_(big).add_(sd[:, None, :]))
         else:  # one [N, M] pass per slot (SLOT_PASS_ENTRIES), in one reused buffer
-            qf, below = K.as_float(negatives, sd.dtype), torch.empty_like(sd)
+            below = torch.empty_like(sd)
             for j in range(k):
                 torch.lt(sd, s_ap[:, j, None], out=below)  # 0/1 values: no boolean pass
                 below.mul_(qf)
                 has_semi[:, j] = below.amax(1) > 0
                 arg[:, j] = _first_argmax(below.sub_(1.0).mul_(big).add_(sd))  # sd, or sd - big
+        easiest = _easiest_negative(sd, qf, big)
     else:
         keyed = sd.masked_fill(~negatives, K.NEG_INF)
         sorted_keyed, order = keyed.sort(dim=1, descending=True)
@@ -889,17 +881,16 @@ def _semihard_negative(scores, negatives, idx, valid, has_neg, method: str = "au
         n_neg = K.count_rows(negatives)[:, None]
         has_semi = pos_in_sorted < n_neg
         arg = order.gather(1, pos_in_sorted.clamp_max(order.shape[1] - 1))
-    easiest = _easiest_negative(sd, negatives)
+        easiest = _easiest_negative(sd, K.as_float(negatives, sd.dtype), _drop_offset(sd))
     return torch.where(has_semi, arg, easiest)
 
 
-def _easiest_negative(sd: Tensor, negatives: Tensor) -> Tensor:
+def _easiest_negative(sd: Tensor, qf: Tensor, offset: Tensor) -> Tensor:
     """Per anchor, the column ``[N, 1]`` of the first smallest score among its negatives
-    (``argmin`` of the masked scores; any column for a row without negatives), from one
-    :func:`_first_argmax` of ``-S`` with the other columns pushed below (as
-    :func:`_hardest_columns`)."""
-    x = K.as_float(negatives, sd.dtype).sub_(1.0).mul_(_drop_offset(sd)).sub_(sd)
-    return _first_argmax(x)[:, None]
+    (``qf``: their 0/1 values; ``argmin`` of the masked scores; any column for a row without
+    negatives), from one :func:`_first_argmax` of ``-S`` with the other columns pushed
+    ``offset`` (:func:`_drop_offset`) below, as :func:`_hardest_columns`."""
+    return _first_argmax((qf - 1.0).mul_(offset).sub_(sd))[:, None]
 
 
 def _first_argmax(x: Tensor) -> Tensor:

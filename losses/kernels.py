@@ -51,6 +51,15 @@ def as_float(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.view(torch.uint8).to(dtype)
 
 
+def full_precision(x: Tensor) -> Tensor:
+    """``x`` in float32 unless it is float32 or float64 already: the compute dtype of the
+    losses (bf16 / fp16 inputs, e.g. from autocast, are widened; anything that is not a tensor
+    passes through, for :func:`prepare` to refuse)."""
+    if isinstance(x, Tensor) and x.dtype not in (torch.float32, torch.float64):
+        return x.float()
+    return x
+
+
 def count(mask: Tensor) -> Tensor:
     """The number of entries of a boolean mask, as a 0-d tensor (no sync)."""
     return count_rows(mask).sum()
@@ -116,8 +125,7 @@ def prepare(scores: Tensor, positives: Tensor, negatives: Tensor | None, check: 
             f"negatives has shape {tuple(negatives.shape)} but scores {tuple(scores.shape)}; "
             "the masks must match the score matrix"
         )
-    if scores.dtype != torch.float64 and scores.dtype != torch.float32:
-        scores = scores.float()
+    scores = full_precision(scores)
     if check:
         _check_values(scores, positives, negatives, terms, what)
     return scores, positives, negatives

@@ -129,7 +129,7 @@ class Memory(nn.Module):
             )
         self.follow(embeddings.device)
         # never less precise than the batch: float64 batches keep their precision
-        dtype = torch.promote_types(self.embeddings.dtype, _full(embeddings).dtype)
+        dtype = torch.promote_types(self.embeddings.dtype, K.full_precision(embeddings).dtype)
         if self.embeddings.numel() == 0:
             self._allocate(embeddings.shape[1], dtype, embeddings.device)
         if embeddings.shape[1] != self.embeddings.shape[1]:
@@ -295,7 +295,8 @@ class CrossBatchMemory(nn.Module):
         slots = self.memory.enqueue(all_emb, all_lab)
         own = None if enqueue_mask is not None else slots[offset:offset + embeddings.shape[0]]
         ring, ref_labels = self.memory.read()
-        ref = ring.to(_full(embeddings).dtype)  # a float64 ring scores a float32 batch in float32
+        # a float64 ring scores a float32 batch in float32
+        ref = ring.to(K.full_precision(embeddings).dtype)
         if torch.is_grad_enabled() and _aliases(ref, ring):
             # the next call writes into the ring in place, possibly before this call's backward
             # pass (gradient accumulation): a critic that keeps the rows for its gradient (Dot,
@@ -310,7 +311,7 @@ class CrossBatchMemory(nn.Module):
         on the ``[0, K]`` scores (PML's zero), in the graph, with the loss's reduction's shape;
         no warning (the step asked for it)."""
         with _no_autocast(emb.device.type):
-            s = self.loss.critic(_full(emb), ref)
+            s = self.loss.critic(K.full_precision(emb), ref)
             none = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
             return self.loss.compute(s, none, none, check=False)
 
@@ -373,10 +374,6 @@ def _no_autocast(device_type: str):
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
-
-
-def _full(x: Tensor) -> Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _aliases(a: Tensor, b: Tensor) -> bool:
@@ -462,7 +459,7 @@ class NegativeQueue(nn.Module):
         self.memory.follow(key.device)
         if self.memory.embeddings.numel() == 0:
             self.memory._allocate(key.shape[1], torch.float32, key.device)
-        q, k = _full(query), _full(key)
+        q, k = K.full_precision(query), K.full_precision(key)
         ring = self.memory.read()[0]
         bank = ring.to(q.dtype)
         if update and torch.is_grad_enabled() and bank.numel() and _aliases(bank, ring):

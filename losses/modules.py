@@ -61,10 +61,6 @@ __all__ = ["PairLoss", "InfoNCE", "NWJ", "JS", "DV", "MultiClassNPair", "Triplet
            "first_pair_per_class"]
 
 
-def _full_precision(x: Tensor) -> Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
 class _NoAutocast:
     """``torch.autocast(device_type, enabled=False)`` entered only when autocast is on for that
     device (entering and leaving the context costs more than the check)."""
@@ -148,8 +144,8 @@ class PairLoss(nn.Module):
 
     def _score(self, p: Pairs) -> Tensor:
         with _NoAutocast(p.anchors.device.type):
-            a = _full_precision(p.anchors)
-            b = a if p.self_reference else _full_precision(p.candidates)
+            a = K.full_precision(p.anchors)
+            b = a if p.self_reference else K.full_precision(p.candidates)
             return self.critic(a, b)
 
     def mined(self, indices_tuple, positives: Tensor, negatives: Tensor):
@@ -474,7 +470,7 @@ class MultiClassNPair(PairLoss):
     def penalty(self, p: Pairs) -> Tensor | None:
         if not self.l2_reg:
             return None
-        a, b = _full_precision(p.anchors), _full_precision(p.candidates)
+        a, b = K.full_precision(p.anchors), K.full_precision(p.candidates)
         n = max(a.shape[0], 1)
         return self.l2_reg * 0.5 * ((a * a).sum() / n + (b * b).sum() / n)
 

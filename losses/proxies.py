@@ -52,7 +52,7 @@ from contrastive.pairs import Pairs, check_call, require_positives
 from contrastive.validation import check_embeddings, check_temperature
 
 from . import kernels as K
-from .modules import PairLoss, _full_precision, _NoAutocast
+from .modules import PairLoss, _NoAutocast
 from .pair_based import miner_weights, nca
 
 __all__ = [
@@ -515,7 +515,7 @@ class ProxyLoss(PairLoss):
             return None
         self._weights = None
         with _NoAutocast(x.device.type):
-            value = _ProxySoftmax.apply(_full_precision(x), proxies,
+            value = _ProxySoftmax.apply(K.full_precision(x), proxies,
                                         y.clamp(0, self.num_classes - 1), lane, self.reduction,
                                         self._general)
         return self._read_with_range(value, y)
@@ -569,20 +569,23 @@ class ProxyLoss(PairLoss):
         fast lane with the same value: the labels, checked in ``[0, C)``, are the classes, so
         no mask is built or searched, and the critic, the margin and the cross-entropy are
         one autograd node (:class:`_ProxySoftmax`). Scores that are not finite go the general
-        way, which raises."""
-        lane = None
+        way, which raises. A subclass gives its own lane through :meth:`_fast_value`."""
         if (indices_tuple is None and ref_emb is None and ref_labels is None and not paired
                 and self.check and self.reduction != "none"
                 and not torch.compiler.is_compiling()):
-            lane = self._lane()
-        if lane is not None:
-            value = self._lane_value(embeddings, labels, lane)
+            value = self._fast_value(embeddings, labels)
             if value is not None:
                 return value
-            # an empty batch, or scores that are not finite: the general way, whose checks
-            # read the embeddings and raise what is wrong
+            # no lane, an empty batch, or scores that are not finite: the general way, whose
+            # checks read the embeddings and raise what is wrong
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                                paired=paired)
+
+    def _fast_value(self, embeddings: Tensor, labels: Tensor | None) -> Tensor | None:
+        """A plain call's loss from a fast lane, read once with the labels' range, or None
+        for the general path: here the softmax losses' (:meth:`_lane`)."""
+        lane = self._lane()
+        return None if lane is None else self._lane_value(embeddings, labels, lane)
 
     def _general(self, x: Tensor, proxies: Tensor, y: Tensor) -> Tensor:
         """The general path's loss of checked inputs (the fast lane's double backward)."""
@@ -650,37 +653,25 @@ class ProxyAnchor(ProxyLoss):
         return proxy_anchor(scores, positives, negatives, self.alpha, self.margin,
                             self.reduction, check, self._weights)
 
-    def forward(self, embeddings: Tensor, labels: Tensor | None = None,
-                indices_tuple: tuple[Tensor, ...] | None = None, ref_emb: Tensor | None = None,
-                ref_labels: Tensor | None = None, *, paired: bool = False) -> Tensor:
-        """:meth:`ProxyLoss.forward`. A plain call (eager, ``check=True``, no miner's tuple, a
-        reduced loss, a fixed-temperature cosine critic) reads the host once, where the
+    def _fast_value(self, embeddings, labels) -> Tensor | None:
+        """A plain call with a fixed-temperature cosine critic reads the host once, where the
         general path reads twice (the embeddings' sum with the labels' range, then the
-        scores): see :meth:`_one_read_value`."""
-        if (indices_tuple is None and ref_emb is None and ref_labels is None and not paired
-                and self.check and self.reduction != "none" and self._cosine_fold() is not None
-                and not torch.compiler.is_compiling()):
-            value = self._one_read_value(embeddings, labels)
-            if value is not None:
-                return value
-        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels,
-                               paired=paired)
-
-    def _one_read_value(self, embeddings, labels) -> Tensor | None:
-        """The loss computed with the labels clamped into ``[0, C)`` (safe to index with) and
-        without the core's read, then one host read of the value with the labels' range,
-        which raises when outside. Every row then has its positive proxy, so there is always
-        a term. None (the general path, whose checks name what is wrong) for an empty batch
-        or a value that is not finite, which it is exactly when a score is: the cosine critic
-        turns any NaN or Inf of the embeddings or the proxies into a NaN score, and a NaN
-        score reaches the value through its log-sum-exp."""
+        scores): the loss computed with the labels clamped into ``[0, C)`` (safe to index
+        with) and without the core's read, then one host read of the value with the labels'
+        range, which raises when outside. Every row then has its positive proxy, so there is
+        always a term. None (the general path, whose checks name what is wrong) for another
+        critic, an empty batch or a value that is not finite, which it is exactly when a
+        score is: the cosine critic turns any NaN or Inf of the embeddings or the proxies into
+        a NaN score, and a NaN score reaches the value through its log-sum-exp."""
+        if self._cosine_fold() is None:
+            return None
         x, y, proxies = self._call(embeddings, labels)
         if not y.numel():
             return None
         self._weights = None
         pos = self._one_hot(y.clamp(0, self.num_classes - 1))
         with _NoAutocast(x.device.type):
-            scores = self.critic(_full_precision(x), proxies)
+            scores = self.critic(K.full_precision(x), proxies)
             if K.fusable(scores, pos, None, True, self.reduction):
                 value = K.fused(_proxy_anchor_kernel, _proxy_anchor_slow, scores, pos, ~pos,
                                 self.alpha, self.margin, self.reduction)

@@ -295,7 +295,6 @@ class TrainConfig:
 _DEFAULT_STEPS = TrainConfig.__dataclass_fields__["steps"].default
 
 
-
 def check_warmup(warmup_steps: int, total_steps: int, what: str,
                  source: str | None = None) -> None:
     """:class:`ConfigError` unless ``warmup_steps < total_steps``: a warm-up as long as the run

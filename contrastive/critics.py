@@ -99,9 +99,22 @@ def _unit_rows_backward(g: Tensor, y: Tensor, n: Tensor, small: Tensor,
     """``dL/dx = (g - y (g . y)) / n`` of ``y = x / n`` (:func:`row_norms`) from ``g = dL/dy``,
     without the projection on the ``small`` rows (the clamp passes ``g / eps`` there); in
     place on ``g`` when it is a buffer of the caller's."""
-    dot = torch.bmm(g.unsqueeze(1), y.unsqueeze(2)).squeeze(2).masked_fill_(small, 0.0)
+    dot = row_dot(g, y).masked_fill_(small, 0.0)
     out = g.addcmul_(y, dot, value=-1.0) if inplace else torch.addcmul(g, y, dot, value=-1.0)
     return out.div_(n)
+
+
+#: up to this many rows :func:`row_dot` multiplies and sums (two operations, no batched
+#: product's views; measured on CPU, d = 128: 5 against 10 us at N = 128, 25 against 51 at
+#: 1024); above it the ``[N, d]`` product's temporary costs more (306 against 219 us at 4096)
+ROW_DOT_MAX_ROWS = 2048
+
+
+def row_dot(g: Tensor, y: Tensor) -> Tensor:
+    """``(g_i . y_i)`` per row, ``[N, 1]``."""
+    if g.shape[0] <= ROW_DOT_MAX_ROWS:
+        return (g * y).sum(1, keepdim=True)
+    return torch.bmm(g.unsqueeze(1), y.unsqueeze(2)).squeeze(2)
 
 
 class _UnitRows(torch.autograd.Function):
@@ -277,11 +290,28 @@ class Cosine(Critic):
             self.log_inv_t = fixed.to(device=self.log_inv_t.device)
         return out
 
+    def scale(self, dtype: torch.dtype) -> Tensor:
+        """``1/t`` as a 0-d tensor of ``dtype``. A fixed temperature's is made once per
+        (buffer, dtype) and reused until the buffer changes (its version counter: an in-place
+        write, e.g. ``load_state_dict``, makes a new one): two operations fewer per call, about
+        3% of a B = 128 InfoNCE pass on CPU. A learnable one is computed in the graph."""
+        t = self.log_inv_t
+        if t.requires_grad or _compiling():
+            return t.exp().to(dtype)
+        cached = self.__dict__.get("_scale_cache")
+        if (cached is not None and cached[0] is t and cached[1] == t._version
+                and cached[2] == dtype):
+            return cached[3]
+        with torch.inference_mode(False), torch.no_grad():  # usable by any later call
+            scale = t.exp().to(dtype)
+        self.__dict__["_scale_cache"] = (t, t._version, dtype, scale)
+        return scale
+
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if b is a:
-            return unit_gram(a, "cosine", self.log_inv_t.exp().to(a.dtype))
+            return unit_gram(a, "cosine", self.scale(a.dtype))
         an, bn = unit_rows(a), unit_rows(b)
-        return (an * self.log_inv_t.exp().to(an.dtype)) @ bn.T
+        return (an * self.scale(an.dtype)) @ bn.T
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature:.4g}"

@@ -68,7 +68,7 @@ def label_masks(labels: Tensor, ref_labels: Tensor | None = None) -> tuple[Tenso
     from both masks (an item is not its own positive).
     """
     ref = labels if ref_labels is None else ref_labels
-    same = labels[:, None] == ref[None, :]
+    same = labels[:, None] == ref  # (one view fewer than ref[None, :])
     different = torch.logical_not(same)
     if ref_labels is None:
         same.fill_diagonal_(False)

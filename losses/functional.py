@@ -251,28 +251,36 @@ def _ntxent_slow(scores, positives, negatives, reduction):
 
 def _ntxent_kernel(scores, positives, negatives, reduction, need_grad):
     """:func:`ntxent`'s value and ``dL/dS`` in one pass (``kernels.fused``), without gathering
-    the positive pairs. With ``m_i`` the row maximum over ``P u Q``, ``e = exp(S - m)`` and
-    ``z_i = sum_{Q_i} e``, a pair's term is ``log(e_ij + z_i) - (S_ij - m_i)`` (the softplus
-    without ``log1p``, which is not vectorised on CPU; the absolute error is below one float
-    ulp of the term's ``log``), its gradient ``-z_i / (e_ij + z_i)`` at the positive and
-    ``e_ik / (e_ij + z_i)`` at each negative k, times the reduction's weight."""
-    _, e, m, _ = K.stacked_lse(scores, K.as_float(positives | negatives, scores.dtype))
-    qf = K.as_float(negatives, scores.dtype)
+    the positive pairs. With ``m_i`` the row maximum over ``P u Q``, ``e = exp(S - m)`` (the
+    exponent floored at ``kernels.EXP_FLOOR``) and ``z_i = sum_{Q_i} e``, a pair's term is
+    ``log(e_ij + z_i) - (S_ij - m_i)`` (the softplus without ``log1p``, which is not vectorised
+    on CPU; the absolute error is below one float ulp of the term's ``log``), its gradient
+    ``-z_i / (e_ij + z_i)`` at the positive and ``e_ik / (e_ij + z_i)`` at each negative k,
+    times the reduction's weight. A row has a negative exactly when ``z_i > 0`` (every ``e`` on
+    ``Q`` is at least ``exp(EXP_FLOOR)``); its pairs are the ones that count. Written for few
+    operations (each costs several microseconds at B = 128 on CPU, more than its arithmetic):
+    the masks as 0/1 values once, ``P u Q`` as their maximum, the drop of the other entries as
+    one addition of ``(keep - 1) * finfo.max``."""
+    dt = scores.dtype
+    pf, qf = K.as_float(positives, dt), K.as_float(negatives, dt)
+    w = torch.maximum(pf, qf).sub_(1.0).mul_(torch.finfo(dt).max).add_(scores)
+    m = w.amax(1, keepdim=True).clamp_min_(-0.5 * torch.finfo(dt).max)
+    e = w.sub_(m).clamp_min_(K.EXP_FLOOR.get(dt, -87.0)).exp_()
     z = (e * qf).sum(1, keepdim=True)
-    pairs = K.as_float(positives & (K.count_rows(negatives) > 0)[:, None], scores.dtype)
-    # off P u Q e is 0: the floor keeps log and 1/x finite there (the pairs' mask drops them);
-    # on P, e >= exp(EXP_FLOOR) > tiny, so it changes nothing
-    ez = (e + z).clamp_min_(torch.finfo(scores.dtype).tiny)
-    total = torch.dot(ez.log().sub_(scores).add_(m).reshape(-1), pairs.reshape(-1))
+    n = pf.sum()
+    pairs = pf.mul_(z > 0)
+    # off P u Q e is exp(floor) > tiny, and the pairs' mask drops those entries; the clamp
+    # keeps log and 1/x finite for any score
+    ez = (e + z).clamp_min_(torch.finfo(dt).tiny)
+    total = torch.dot(ez.log().sub_(scores).add_(m).view(-1), pairs.view(-1))
     if reduction == "sum":
-        value, w = total, 1.0
+        value, scale = total, 1.0
     else:
-        n = K.count(positives)
         value = total / n
-        w = n.to(scores.dtype).reciprocal()
+        scale = n.reciprocal()
     if not need_grad:
         return value, None
-    inv = ez.reciprocal_().mul_(pairs).mul_(w)
+    inv = ez.reciprocal_().mul_(pairs).mul_(scale)
     return value, e.mul_(qf).mul_(inv.sum(1, keepdim=True)).sub_(inv.mul_(z))
 
 
@@ -434,33 +442,51 @@ def _slow_bound(loss):
     return lambda s, p, q, scale: loss(s, p, q, "sum" if scale != 1.0 else "mean", check=False)
 
 
-def _pair_means(scores: Tensor, positives: Tensor, negatives: Tensor):
-    """``1 / n_P``, ``1 / n_Q`` (as 0-d tensors), ``mean_P S`` and ``P`` as 0/1 values."""
-    pf = K.as_float(positives, scores.dtype)
-    inv_p = pf.sum().reciprocal()
-    inv_q = K.count(negatives).to(scores.dtype).reciprocal()
-    return inv_p, inv_q, torch.dot(scores.reshape(-1), pf.reshape(-1)) * inv_p, pf
+def _bound_masks(scores: Tensor, positives: Tensor, negatives: Tensor):
+    """``P`` and ``Q`` as 0/1 values, their sizes ``n_P``, ``n_Q`` (0-d) and ``mean_P S``: the
+    pieces the fused NWJ / JS / DV kernels share."""
+    dt = scores.dtype
+    pf, qf = K.as_float(positives, dt), K.as_float(negatives, dt)
+    n_p, n_q = pf.sum(), qf.sum()
+    return pf, qf, n_p, n_q, torch.dot(scores.view(-1), pf.view(-1)) / n_p
 
 
-def _global_lse(scores: Tensor, keep: Tensor):
-    """``log sum_{keep} exp(S)`` over the whole matrix: ``(lse, e [N, M], z)`` as
-    :func:`kernels.stacked_lse`, with ``e`` 0 off ``keep``."""
-    lse, e, _, z = K.stacked_lse(scores.reshape(1, -1),
-                                 K.as_float(keep, scores.dtype).reshape(1, -1))
-    return lse.view(()), e.view(scores.shape), z.view(())
+def _negative_exp(scores: Tensor, qf: Tensor):
+    """``(m, e, z)`` over the negatives of the whole matrix: ``m = max_Q S`` (0-d),
+    ``e = exp(max(S - m, EXP_FLOOR))`` on Q and 0 elsewhere, ``z = sum e`` (so
+    ``log sum_Q exp(S) = m + log z``, no overflow). The other entries are dropped by one
+    addition of ``(qf - 1) * finfo.max`` (fewer operations than a masked fill and a flat
+    view's log-sum-exp). Needs a negative."""
+    big = torch.finfo(scores.dtype).max
+    w = qf.sub(1.0).mul_(big).add_(scores)
+    m = w.max()
+    e = w.sub_(m).clamp_min_(K.EXP_FLOOR.get(scores.dtype, -87.0)).exp_().mul_(qf)
+    return m, e, e.sum()
 
 
 def _nwj_kernel(scores, positives, negatives, scale, need_grad):
     """:func:`nwj`'s value ``e^{-1} mean_Q exp(S) - mean_P S`` and ``dL/dS`` in one pass
     (``kernels.fused``): ``exp(S_ik - 1) / n_Q`` on the negatives, ``-1 / n_P`` on the
-    positives (times ``scale``)."""
-    inv_p, inv_q, pos, pf = _pair_means(scores, positives, negatives)
-    lse, e, z = _global_lse(scores, negatives)
-    neg = torch.exp(lse + inv_q.log() - 1.0)  # mean_Q exp(S - 1), without overflowing the sum
-    value = (neg - pos) * scale
+    positives (times ``scale``). ``mean_Q exp(S - 1) = c z`` with
+    ``c = exp(m - 1 - log n_Q)`` (:func:`_negative_exp`), finite wherever the mean is."""
+    pf, qf, n_p, n_q, pos = _bound_masks(scores, positives, negatives)
+    m, e, z = _negative_exp(scores, qf)
+    c = (m - n_q.log()).sub_(1.0).exp_()
+    value = c * z - pos
     if not need_grad:
-        return value, None
-    return value, e.mul_(neg / z * scale).sub_(pf.mul_(inv_p * scale))
+        return _times(value, scale), None
+    grad = e.mul_(c).addcmul_(pf, n_p.reciprocal(), value=-1.0)
+    return _times(value, scale), _times_(grad, scale)
+
+
+def _times(x: Tensor, scale: float) -> Tensor:
+    """``x * scale``, without an operation for ``scale == 1``."""
+    return x if scale == 1.0 else x * scale
+
+
+def _times_(x: Tensor, scale: float) -> Tensor:
+    """``x *= scale`` in place, without an operation for ``scale == 1``."""
+    return x if scale == 1.0 else x.mul_(scale)
 
 
 def js(
@@ -504,16 +530,18 @@ def _js_kernel(scores, positives, negatives, scale, need_grad):
     (``kernels.fused``): ``softplus(S) = max(S, 0) + log(1 + exp(-|S|))`` (no ``log1p``, which
     is not vectorised on CPU), ``softplus(-S) = softplus(S) - S`` (absolute errors below one
     float ulp of ``max(|S|, 1)``), and the gradient ``sigmoid(S) / n_Q`` on Q,
-    ``-(1 - sigmoid(S)) / n_P`` on P (times ``scale``)."""
-    pf, qf = K.as_float(positives, scores.dtype), K.as_float(negatives, scores.dtype)
-    inv_p, inv_q = pf.sum().reciprocal() * scale, qf.sum().reciprocal() * scale
+    ``-(1 - sigmoid(S)) / n_P`` on P (times ``scale``), i.e.
+    ``sigmoid(S) (Q / n_Q + P / n_P) - P / n_P``."""
+    dt = scores.dtype
+    pf, qf = K.as_float(positives, dt), K.as_float(negatives, dt)
+    inv_p, inv_q = _times(pf.sum().reciprocal(), scale), _times(qf.sum().reciprocal(), scale)
     sp = scores.abs().neg_().exp_().add_(1.0).log_().add_(scores.clamp_min(0.0))
     value = (torch.dot(sp.view(-1), qf.view(-1)) * inv_q
              + torch.dot(sp.sub_(scores).view(-1), pf.view(-1)) * inv_p)
     if not need_grad:
         return value, None
-    sig = torch.sigmoid(scores)
-    return value, (sig * qf).mul_(inv_q).sub_(sig.neg_().add_(1.0).mul_(pf).mul_(inv_p))
+    coef = qf.mul_(inv_q).addcmul_(pf, inv_p)
+    return value, torch.sigmoid(scores).mul_(coef).addcmul_(pf, inv_p, value=-1.0)
 
 
 def js_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
@@ -568,13 +596,14 @@ def dv(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
 def _dv_kernel(scores, positives, negatives, scale, need_grad):
     """:func:`dv`'s value ``logmeanexp_Q S - mean_P S`` and ``dL/dS`` in one pass
     (``kernels.fused``): the softmax over all negatives, ``-1 / n_P`` on the positives (times
-    ``scale``)."""
-    inv_p, inv_q, pos, pf = _pair_means(scores, positives, negatives)
-    lse, e, z = _global_lse(scores, negatives)
-    value = (lse + inv_q.log() - pos) * scale
+    ``scale``); ``logmeanexp_Q S = m + log(z / n_Q)`` (:func:`_negative_exp`)."""
+    pf, qf, n_p, n_q, pos = _bound_masks(scores, positives, negatives)
+    m, e, z = _negative_exp(scores, qf)
+    value = (z / n_q).log_().add_(m).sub_(pos)
     if not need_grad:
-        return value, None
-    return value, e.mul_(scale / z).sub_(pf.mul_(inv_p * scale))
+        return _times(value, scale), None
+    grad = e.mul_(z.reciprocal()).addcmul_(pf, n_p.reciprocal(), value=-1.0)
+    return _times(value, scale), _times_(grad, scale)
 
 
 # --------------------------------------------------------------------------- N-pair

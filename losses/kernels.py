@@ -139,6 +139,12 @@ def _check_values(scores: Tensor, positives: Tensor, negatives: Tensor, terms: s
     total = scores.detach().sum()
     if terms is None:
         value, present = float(total), True
+    elif terms in ("both", "any") and plain_masks(positives, negatives) and positives.numel():
+        # both masks' "any" in one reduction over their bytes, read with the sum (5 operations
+        # instead of 9: at B = 128 each costs more than its arithmetic)
+        flags = torch.stack((positives, negatives)).view(torch.uint8).amax((1, 2))
+        value, has_p, has_q = torch.cat((total.view(1), flags)).tolist()
+        present = (has_p and has_q) if terms == "both" else (has_p or has_q)
     else:
         value, present = torch.stack((total, terms_flag(terms, positives, negatives))).tolist()
     if not math.isfinite(value) and not bool(torch.isfinite(scores.detach()).all()):

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from contrastive.critics import Cosine, NegativeL2, row_norms
+from contrastive.critics import Cosine, NegativeL2, row_dot, row_norms
 from contrastive.pairs import Pairs, check_call, require_positives
 from contrastive.validation import check_embeddings, check_temperature
 
@@ -339,7 +339,7 @@ def _unit_rows_backward(h: Tensor, x: Tensor, n: Tensor, small: Tensor) -> Tenso
     without the projection on the rows whose norm is below ``eps`` (the clamp passes no
     gradient there). No ``[N, d]`` buffer besides ``h``, where autograd's chain through
     ``F.normalize`` allocates five."""
-    dot = torch.bmm(h.unsqueeze(1), x.unsqueeze(2)).squeeze(2).div_(n).div_(n)
+    dot = row_dot(h, x).div_(n).div_(n)
     return h.addcmul_(x, dot.masked_fill_(small, 0.0), value=-1.0)
 
 

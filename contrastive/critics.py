@@ -18,6 +18,7 @@ critic                        ``S_ij``                           note
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -163,9 +164,9 @@ class _UnitGram(torch.autograd.Function):
         y = x / n
         inv = None
         if kind == "cosine":
-            s = (y * scale) @ y.T
+            s = y @ y.T if scale is None else (y * scale) @ y.T
         else:
-            s = (y @ y.T).mul_(-2.0).add_(2.0).clamp_(min=0.0)
+            s = _two_minus_twice(y, y).clamp_(min=0.0)
             if kind == "l2":
                 inv = _inverse_distance(s)
                 s.sqrt_()
@@ -182,10 +183,27 @@ class _UnitGram(torch.autograd.Function):
                                         create_graph=True)
             return gx, None, None
         if ctx.kind == "cosine":
-            gy = symmetric_product(g, y).mul_(scale)
+            gy = symmetric_product(g, y)
+            if scale is not None:
+                gy.mul_(scale)
         else:  # dS/dG = -1/S ("l2", 0 at S = 0) or 2 ("l2sq")
             gy = symmetric_product(g * inv if ctx.kind == "l2" else g * 2.0, y)
         return _unit_rows_backward(gy, y, n, small, inplace=True), None, None
+
+
+@functools.lru_cache(maxsize=32)
+def _two(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The constant 2 (0-d), made once per dtype and device (read only; never an inference
+    tensor)."""
+    with torch.inference_mode(False):
+        return torch.tensor(2.0, dtype=dtype, device=device)
+
+
+def _two_minus_twice(a: Tensor, b: Tensor) -> Tensor:
+    """``2 - 2 a b^T`` (the squared distance of unit rows) as one ``addmm``: bit-equal to the
+    product, its doubling and the addition in three operations (measured, float32 and
+    float64), and one operation instead of three."""
+    return torch.addmm(_two(a.dtype, a.device), a, b.T, alpha=-2.0)
 
 
 def _inverse_distance(sq: Tensor) -> Tensor:
@@ -224,7 +242,7 @@ def _unit_gram_plain(x: Tensor, scale: Tensor | None, kind: str) -> Tensor:
     """:class:`_UnitGram` as plain differentiable operations."""
     y = F.normalize(x, dim=1)
     if kind == "cosine":
-        return (y * scale) @ y.T
+        return y @ y.T if scale is None else (y * scale) @ y.T
     return _negative_l2_plain(y, y, kind == "l2sq", True)
 
 
@@ -290,11 +308,13 @@ class Cosine(Critic):
             self.log_inv_t = fixed.to(device=self.log_inv_t.device)
         return out
 
-    def scale(self, dtype: torch.dtype) -> Tensor:
-        """``1/t`` as a 0-d tensor of ``dtype``. A fixed temperature's is made once per
-        (buffer, dtype) and reused until the buffer changes (its version counter: an in-place
-        write, e.g. ``load_state_dict``, makes a new one): two operations fewer per call, about
-        3% of a B = 128 InfoNCE pass on CPU. A learnable one is computed in the graph."""
+    def scale(self, dtype: torch.dtype) -> Tensor | None:
+        """``1/t`` as a 0-d tensor of ``dtype``, or None for a fixed temperature of exactly 1
+        (nothing to multiply). A fixed temperature's is made once per (buffer, dtype) and
+        reused until the buffer changes (its version counter: an in-place write, e.g.
+        ``load_state_dict``, makes a new one): two operations fewer per call, about 3% of a
+        B = 128 InfoNCE pass on CPU, and two more at ``t = 1``. A learnable one is computed
+        in the graph."""
         t = self.log_inv_t
         if t.requires_grad or _compiling():
             return t.exp().to(dtype)
@@ -304,6 +324,8 @@ class Cosine(Critic):
             return cached[3]
         with torch.inference_mode(False), torch.no_grad():  # usable by any later call
             scale = t.exp().to(dtype)
+            if bool(t == 0):  # one host read per new buffer or dtype, not per call
+                scale = None
         self.__dict__["_scale_cache"] = (t, t._version, dtype, scale)
         return scale
 
@@ -311,7 +333,8 @@ class Cosine(Critic):
         if b is a:
             return unit_gram(a, "cosine", self.scale(a.dtype))
         an, bn = unit_rows(a), unit_rows(b)
-        return (an * self.scale(an.dtype)) @ bn.T
+        scale = self.scale(an.dtype)
+        return (an if scale is None else an * scale) @ bn.T
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature:.4g}"
@@ -327,11 +350,10 @@ class _NegativeL2Scores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, squared: bool, unit: bool):
-        s = a @ b.T
-        s.mul_(-2.0)
         if unit:
-            s.add_(2.0)
+            s = _two_minus_twice(a, b)
         else:
+            s = (a @ b.T).mul_(-2.0)
             s.add_((a * a).sum(1, keepdim=True)).add_((b * b).sum(1)[None, :])
         s.clamp_(min=0.0)
         if a is b and not unit:

@@ -163,25 +163,31 @@ def _supcon_kernel(scores, positives, negatives, reduction, need_grad):
     """:func:`supcon`'s value and ``dL/dS`` in one pass (``kernels.fused``): with ``V = P u Q``
     and ``w`` the reduction's weight, row i's gradient is
     ``w (softmax_V(S_i.) - P_i. / |P_i|)`` for an anchor with a positive, 0 otherwise."""
-    valid = positives | negatives
-    lse, e, _, z = K.stacked_lse(scores, K.as_float(valid, scores.dtype))
-    lse = lse.squeeze(1)
-    pf = K.as_float(positives, scores.dtype)
-    count = pf.sum(1)
-    has = count > 0
-    rows = torch.where(has, lse - (scores * pf).sum(1) / count, 0.0)
-    total = rows.sum()
+    dt = scores.dtype
+    big = torch.finfo(dt).max
+    pf, qf = K.as_float(positives, dt), K.as_float(negatives, dt)
+    keep = torch.maximum(pf, qf)  # V as 0/1 values
+    # kernels.stacked_lse's steps, inline: the dropped entries' exponent floored, z summed
+    # before they are zeroed (each adds exp(EXP_FLOOR), which changes no sum with a kept one)
+    w = keep.sub(1.0).mul_(big).add_(scores)
+    m = w.amax(1, keepdim=True).clamp_min_(-0.5 * big)
+    e = w.sub_(m).clamp_min_(K.EXP_FLOOR.get(dt, -87.0)).exp_()
+    z = e.sum(1, keepdim=True)
+    e.mul_(keep)
+    count = pf.sum(1, keepdim=True)
+    has = count.clamp_max(1.0)  # 1 for an anchor with a positive, else 0
+    inv_count = count.clamp_min(1.0).reciprocal_()
+    pulled = (scores * pf).sum(1, keepdim=True).mul_(inv_count)  # mean_P S
+    total = z.log().add_(m).sub_(pulled).mul_(has).sum()  # sum of lse - mean_P S
     if reduction == "sum":
-        value, w = total, 1.0
+        value, weight = total, has
     else:
-        used = (has & (K.count_rows(valid) > 1)).sum().clamp_min(1)
+        used = has.mul(keep.sum(1, keepdim=True) > 1).sum().clamp_min_(1.0)
         value = total / used
-        w = used.to(scores.dtype).reciprocal()
+        weight = has * used.reciprocal()
     if not need_grad:
         return value, None
-    soft = torch.where(has, w / z.squeeze(1), 0.0)[:, None]
-    pull = torch.where(has, w / count, 0.0)[:, None]
-    return value, e.mul_(soft).addcmul_(pf, pull, value=-1)
+    return value, e.mul_(z.reciprocal_()).addcmul_(pf, inv_count, value=-1.0).mul_(weight)
 
 
 def ntxent(
@@ -1258,14 +1264,19 @@ def _contrastive_kernel(scores, positives, negatives, pos_threshold, neg_thresho
     pf, qf = K.as_float(positives, dtype), K.as_float(negatives, dtype)
     hp = (pos_threshold - scores).clamp_min_(0.0).mul_(pf)
     hn = (scores - neg_threshold).clamp_min_(0.0).mul_(qf)
-    ap, an = K.as_float(hp > 0, dtype), K.as_float(hn > 0, dtype)
+    # the active pairs as 0/1 values: the hinges are >= 0, so their sign (one operation
+    # instead of a comparison and a cast)
+    ap, an = torch.sign(hp), torch.sign(hn)
     if reduction == "sum":
-        wp = wn = torch.ones((), dtype=dtype, device=scores.device)
-    elif reduction == "mean":
+        value = hp.sum() + hn.sum()
+        if not need_grad:
+            return value, None
+        return value, an.sub_(ap)
+    if reduction == "mean":
         wp, wn = pf.sum().clamp_min(1).reciprocal(), qf.sum().clamp_min(1).reciprocal()
     else:
         wp, wn = ap.sum().clamp_min(1).reciprocal(), an.sum().clamp_min(1).reciprocal()
     value = hp.sum() * wp + hn.sum() * wn
     if not need_grad:
         return value, None
-    return value, an.mul_(wn).sub_(ap.mul_(wp))
+    return value, an.mul_(wn).addcmul_(ap, wp, value=-1.0)

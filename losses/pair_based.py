@@ -429,15 +429,16 @@ def _margin_kernel(scores, positives, negatives, beta, m, nu, distance, reductio
         b, beta = b.view(-1, 1), beta.view(-1, 1)
     pf, qf = K.as_float(positives, scores.dtype), K.as_float(negatives, scores.dtype)
     n_pos, n_neg = pf.sum(1, keepdim=True), qf.sum(1, keepdim=True)
-    n_anchor = n_pos * n_neg
-    n_trip = n_anchor.sum()
+    # in-place comparisons of float values (a comparison into a bool tensor, and a bool times
+    # a float, each cost several times more on CPU)
     pos = torch.sub(b + m, scores).gt_(0.0).mul_(pf).mul_(n_neg)  # m + b - S_ap > 0
     neg = torch.sub(scores, b - m).gt_(0.0).mul_(qf).mul_(n_pos)  # m + S_an - b > 0
     active = pos.sum() + neg.sum()
     coef = neg.sub_(pos)
     value = torch.dot((scores - b).view(-1), coef.view(-1)) + m * active
+    n_anchor = n_pos * n_neg if reduction == "mean" or (nu and per_anchor) else None
     divisor = None if reduction == "sum" else (
-        n_trip if reduction == "mean" else active).clamp_min(1)
+        n_anchor.sum() if reduction == "mean" else active).clamp_min(1)
     if divisor is not None:
         value = value / divisor
     if nu and per_anchor:

@@ -272,12 +272,13 @@ def _ntxent_kernel(scores, positives, negatives, reduction, need_grad):
     w = torch.maximum(pf, qf).sub_(1.0).mul_(torch.finfo(dt).max).add_(scores)
     m = w.amax(1, keepdim=True).clamp_min_(-0.5 * torch.finfo(dt).max)
     e = w.sub_(m).clamp_min_(K.EXP_FLOOR.get(dt, -87.0)).exp_()
-    z = (e * qf).sum(1, keepdim=True)
+    eq = e * qf  # e on the negatives
+    z = eq.sum(1, keepdim=True)
     n = pf.sum()
     pairs = pf.mul_(z > 0)
-    # off P u Q e is exp(floor) > tiny, and the pairs' mask drops those entries; the clamp
-    # keeps log and 1/x finite for any score
-    ez = (e + z).clamp_min_(torch.finfo(dt).tiny)
+    # e + z in e's buffer; off P u Q e is exp(floor) > tiny, and the pairs' mask drops those
+    # entries; the clamp keeps log and 1/x finite for any score
+    ez = e.add_(z).clamp_min_(torch.finfo(dt).tiny)
     total = torch.dot(ez.log().sub_(scores).add_(m).view(-1), pairs.view(-1))
     if reduction == "sum":
         value, scale = total, 1.0
@@ -287,7 +288,7 @@ def _ntxent_kernel(scores, positives, negatives, reduction, need_grad):
     if not need_grad:
         return value, None
     inv = ez.reciprocal_().mul_(pairs).mul_(scale)
-    return value, e.mul_(qf).mul_(inv.sum(1, keepdim=True)).sub_(inv.mul_(z))
+    return value, eq.mul_(inv.sum(1, keepdim=True)).sub_(inv.mul_(z))
 
 
 def infonce(

@@ -169,7 +169,7 @@ def _supcon_kernel(scores, positives, negatives, reduction, need_grad):
     keep = torch.maximum(pf, qf)  # V as 0/1 values
     # kernels.stacked_lse's steps, inline: the dropped entries' exponent floored, z summed
     # before they are zeroed (each adds exp(EXP_FLOOR), which changes no sum with a kept one)
-    w = keep.sub(1.0).mul_(big).add_(scores)
+    w = torch.add(scores, keep.sub(1.0), alpha=big)
     m = w.amax(1, keepdim=True).clamp_min_(-0.5 * big)
     e = w.sub_(m).clamp_min_(K.EXP_FLOOR.get(dt, -87.0)).exp_()
     z = e.sum(1, keepdim=True)
@@ -268,18 +268,20 @@ def _ntxent_kernel(scores, positives, negatives, reduction, need_grad):
     the masks as 0/1 values once, ``P u Q`` as their maximum, the drop of the other entries as
     one addition of ``(keep - 1) * finfo.max``."""
     dt = scores.dtype
+    big = torch.finfo(dt).max
     pf, qf = K.as_float(positives, dt), K.as_float(negatives, dt)
-    w = torch.maximum(pf, qf).sub_(1.0).mul_(torch.finfo(dt).max).add_(scores)
-    m = w.amax(1, keepdim=True).clamp_min_(-0.5 * torch.finfo(dt).max)
+    w = torch.add(scores, torch.maximum(pf, qf).sub_(1.0), alpha=big)  # S - max off P u Q
+    m = w.amax(1, keepdim=True).clamp_min_(-0.5 * big)
     e = w.sub_(m).clamp_min_(K.EXP_FLOOR.get(dt, -87.0)).exp_()
     eq = e * qf  # e on the negatives
     z = eq.sum(1, keepdim=True)
     n = pf.sum()
     pairs = pf.mul_(z > 0)
     # e + z in e's buffer; off P u Q e is exp(floor) > tiny, and the pairs' mask drops those
-    # entries; the clamp keeps log and 1/x finite for any score
+    # entries (each term finite there, so 0 after the product); the clamp keeps log and 1/x
+    # finite for any score
     ez = e.add_(z).clamp_min_(torch.finfo(dt).tiny)
-    total = torch.dot(ez.log().sub_(scores).add_(m).view(-1), pairs.view(-1))
+    total = ez.log().sub_(scores).add_(m).mul_(pairs).sum()
     if reduction == "sum":
         value, scale = total, 1.0
     else:
@@ -288,7 +290,7 @@ def _ntxent_kernel(scores, positives, negatives, reduction, need_grad):
     if not need_grad:
         return value, None
     inv = ez.reciprocal_().mul_(pairs).mul_(scale)
-    return value, eq.mul_(inv.sum(1, keepdim=True)).sub_(inv.mul_(z))
+    return value, eq.mul_(inv.sum(1, keepdim=True)).addcmul_(inv, z, value=-1.0)
 
 
 def infonce(
@@ -465,7 +467,7 @@ def _negative_exp(scores: Tensor, qf: Tensor):
     addition of ``(qf - 1) * finfo.max`` (fewer operations than a masked fill and a flat
     view's log-sum-exp). Needs a negative."""
     big = torch.finfo(scores.dtype).max
-    w = qf.sub(1.0).mul_(big).add_(scores)
+    w = torch.add(scores, qf.sub(1.0), alpha=big)
     m = w.max()
     e = w.sub_(m).clamp_min_(K.EXP_FLOOR.get(scores.dtype, -87.0)).exp_().mul_(qf)
     return m, e, e.sum()

@@ -159,7 +159,7 @@ class _UnitGram(torch.autograd.Function):
     Double backward recomputes through the plain operations."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor | None, kind: str):
+    def forward(ctx, x: Tensor, scale: Tensor | None, kind: str, alpha: float | None = None):
         n, small = row_norms(x)
         y = x / n
         inv = None
@@ -171,7 +171,7 @@ class _UnitGram(torch.autograd.Function):
                 inv = _inverse_distance(s)
                 s.sqrt_()
             s.neg_()
-        ctx.kind = kind
+        ctx.kind, ctx.alpha = kind, alpha
         ctx.save_for_backward(x, scale, y, n, small, inv)
         return s
 
@@ -181,14 +181,17 @@ class _UnitGram(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
             (gx,) = torch.autograd.grad(_unit_gram_plain(x, scale, ctx.kind), x, g,
                                         create_graph=True)
-            return gx, None, None
+            return gx, None, None, None
         if ctx.kind == "cosine":
-            gy = symmetric_product(g, y)
-            if scale is not None:
-                gy.mul_(scale)
-        else:  # dS/dG = -1/S ("l2", 0 at S = 0) or 2 ("l2sq")
-            gy = symmetric_product(g * inv if ctx.kind == "l2" else g * 2.0, y)
-        return _unit_rows_backward(gy, y, n, small, inplace=True), None, None
+            if scale is None or ctx.alpha is not None:  # the scale in the product
+                gy = symmetric_product(g, y, 1.0 if scale is None else ctx.alpha)
+            else:
+                gy = symmetric_product(g, y).mul_(scale)
+        elif ctx.kind == "l2":  # dS/dG = -1/S, 0 at S = 0
+            gy = symmetric_product(g * inv, y)
+        else:  # "l2sq": dS/dG = 2
+            gy = symmetric_product(g, y, 2.0)
+        return _unit_rows_backward(gy, y, n, small, inplace=True), None, None, None
 
 
 @functools.lru_cache(maxsize=32)
@@ -229,13 +232,18 @@ def _infinities_to_zero_(t: Tensor) -> Tensor:
 SYMMETRIC_SUM_MAX_ROWS = 511
 
 
-def symmetric_product(h: Tensor, y: Tensor) -> Tensor:
-    """``(H + H^T) Y`` for a square ``H [N, N]``: the sum, then one product, for small ``N``;
-    ``H Y + H^T Y`` above :data:`SYMMETRIC_SUM_MAX_ROWS` rows (the second product reads ``H``
-    transposed, which BLAS does at no extra cost)."""
+def symmetric_product(h: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
+    """``alpha (H + H^T) Y`` for a square ``H [N, N]``: the sum, then one product, for small
+    ``N`` (``alpha`` in the product: ``addmm``'s ``beta = 0`` ignores its first argument, so
+    the scale costs no operation of its own); ``H Y + H^T Y`` above
+    :data:`SYMMETRIC_SUM_MAX_ROWS` rows (the second product reads ``H`` transposed, which BLAS
+    does at no extra cost)."""
     if h.shape[0] <= SYMMETRIC_SUM_MAX_ROWS:
-        return torch.mm(h + h.T, y)
-    return torch.addmm(torch.mm(h, y), h.T, y)
+        if alpha == 1.0:
+            return torch.mm(h + h.T, y)
+        return torch.addmm(y, h + h.T, y, beta=0.0, alpha=alpha)
+    out = torch.addmm(torch.mm(h, y), h.T, y)
+    return out if alpha == 1.0 else out.mul_(alpha)
 
 
 def _unit_gram_plain(x: Tensor, scale: Tensor | None, kind: str) -> Tensor:
@@ -255,14 +263,16 @@ def _plain(x: Tensor) -> bool:
             or torch.is_autocast_enabled(x.device.type))
 
 
-def unit_gram(x: Tensor, kind: str, scale: Tensor | None = None) -> Tensor:
+def unit_gram(x: Tensor, kind: str, scale: Tensor | None = None,
+              alpha: float | None = None) -> Tensor:
     """A normalising critic's scores of a batch against itself (see :class:`_UnitGram`):
-    ``"cosine"`` (``scale`` a fixed 0-d tensor), ``"l2"`` or ``"l2sq"``. Plain operations
-    under ``torch.compile``, under autocast, without a gradient, or when ``scale`` needs a
-    gradient itself."""
+    ``"cosine"`` (``scale`` a fixed 0-d tensor; ``alpha``, when given, its value as a float,
+    which the backward pass then takes into its matrix product), ``"l2"`` or ``"l2sq"``. Plain
+    operations under ``torch.compile``, under autocast, without a gradient, or when ``scale``
+    needs a gradient itself."""
     if _plain(x) or (scale is not None and scale.requires_grad):
         return _unit_gram_plain(x, scale, kind)
-    return _UnitGram.apply(x, scale, kind)
+    return _UnitGram.apply(x, scale, kind, alpha)
 
 
 def unit_rows(x: Tensor) -> Tensor:
@@ -315,23 +325,29 @@ class Cosine(Critic):
         ``load_state_dict``, makes a new one): two operations fewer per call, about 3% of a
         B = 128 InfoNCE pass on CPU, and two more at ``t = 1``. A learnable one is computed
         in the graph."""
+        return self._scale_and_value(dtype)[0]
+
+    def _scale_and_value(self, dtype: torch.dtype) -> tuple[Tensor | None, float | None]:
+        """:meth:`scale` and, for a fixed temperature, its value as a Python float (read once
+        per cache entry; :func:`unit_gram` takes it into its backward product)."""
         t = self.log_inv_t
         if t.requires_grad or _compiling():
-            return t.exp().to(dtype)
+            return t.exp().to(dtype), None
         cached = self.__dict__.get("_scale_cache")
         if (cached is not None and cached[0] is t and cached[1] == t._version
                 and cached[2] == dtype):
-            return cached[3]
+            return cached[3], cached[4]
         with torch.inference_mode(False), torch.no_grad():  # usable by any later call
             scale = t.exp().to(dtype)
-            if bool(t == 0):  # one host read per new buffer or dtype, not per call
+            value = float(scale)  # one host read per new buffer or dtype, not per call
+            if bool(t == 0):
                 scale = None
-        self.__dict__["_scale_cache"] = (t, t._version, dtype, scale)
-        return scale
+        self.__dict__["_scale_cache"] = (t, t._version, dtype, scale, value)
+        return scale, value
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if b is a:
-            return unit_gram(a, "cosine", self.scale(a.dtype))
+            return unit_gram(a, "cosine", *self._scale_and_value(a.dtype))
         an, bn = unit_rows(a), unit_rows(b)
         scale = self.scale(an.dtype)
         return (an if scale is None else an * scale) @ bn.T

@@ -66,25 +66,31 @@ def test_learnable_temperature_keeps_its_gradient():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("same", [True, False])
-def test_unit_temperature_equals_the_plain_cosine(dtype, same):
-    """``Cosine(1.0)`` skips the multiplication by 1: values and gradients as the plain ops."""
+@pytest.mark.parametrize("t", [1.0, 0.07])
+def test_cached_scale_equals_the_plain_cosine(dtype, same, t):
+    """``Cosine(1.0)`` skips the multiplication by 1, and a batch against itself takes the
+    cached ``1/t`` into its backward product as a float (``addmm``'s ``alpha``): values and
+    gradients as the plain operations'."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(9, 5, generator=g, dtype=dtype, requires_grad=True)
     b = a if same else torch.randn(7, 5, generator=g, dtype=dtype, requires_grad=True)
     w = torch.randn(9, b.shape[0], generator=g, dtype=dtype)
-    got = C.Cosine(1.0)(a, b)
+    got = C.Cosine(t)(a, b)
     (got * w).sum().backward()
     grads = [a.grad.clone()] + ([] if same else [b.grad.clone()])
     a.grad = None
     if not same:
         b.grad = None
-    want = torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
+    scale = torch.tensor(1.0 / t, dtype=torch.float64).log().exp().to(dtype)  # as the buffer
+    an = torch.nn.functional.normalize(a, dim=1)
+    want = (an if t == 1.0 else an * scale) @ torch.nn.functional.normalize(b, dim=1).T
     (want * w).sum().backward()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     tol = 1e-6 if dtype == torch.float32 else 1e-13
-    torch.testing.assert_close(grads[0], a.grad, rtol=tol, atol=tol)
-    if not same:
-        torch.testing.assert_close(grads[1], b.grad, rtol=tol, atol=tol)
+    for mine, plain in zip(grads, (a.grad, None if same else b.grad), strict=False):
+        # a few ulps of the largest entry: the two orders of the products round differently
+        atol = 4 * tol * float(plain.abs().max())
+        torch.testing.assert_close(mine, plain, rtol=tol, atol=atol)
 
 
 # --------------------------------------------------------------------------- the L2 critics

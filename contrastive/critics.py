@@ -334,16 +334,17 @@ class Cosine(Critic):
         if t.requires_grad or _compiling():
             return t.exp().to(dtype), None
         cached = self.__dict__.get("_scale_cache")
-        if (cached is not None and cached[0] is t and cached[1] == t._version
-                and cached[2] == dtype):
-            return cached[3], cached[4]
-        with torch.inference_mode(False), torch.no_grad():  # usable by any later call
-            scale = t.exp().to(dtype)
-            value = float(scale)  # one host read per new buffer or dtype, not per call
-            if bool(t == 0):
-                scale = None
-        self.__dict__["_scale_cache"] = (t, t._version, dtype, scale, value)
-        return scale, value
+        if cached is None or cached[0] is not t or cached[1] != t._version:
+            cached = (t, t._version, {})  # a new buffer, or one written in place
+            self.__dict__["_scale_cache"] = cached
+        entry = cached[2].get(dtype)
+        if entry is None:
+            with torch.inference_mode(False), torch.no_grad():  # usable by any later call
+                scale = t.exp().to(dtype)
+                value = float(scale)  # one host read per buffer version and dtype
+                entry = (None if value == 1.0 else scale, value)
+            cached[2][dtype] = entry
+        return entry
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if b is a:

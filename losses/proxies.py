@@ -553,12 +553,13 @@ class ProxyLoss(PairLoss):
         general path) by default."""
         return None
 
-    def _cosine_fold(self) -> Tensor | None:
+    def _cosine_fold(self) -> float | None:
         """The scale ``1/t`` of a fixed-temperature :class:`~contrastive.critics.Cosine`
-        critic (the only critic the fast lane folds), else None."""
+        critic (the only critic the fast lane folds), as the float the critic keeps with its
+        cached scale (no operation per call), else None."""
         critic = self.critic
         if type(critic) is Cosine and not critic.log_inv_t.requires_grad:
-            return critic.log_inv_t.exp()
+            return critic._scale_and_value(torch.float64)[1]
         return None
 
     def forward(self, embeddings: Tensor, labels: Tensor | None = None,

@@ -185,6 +185,30 @@ def host_reads(fn, x, labels) -> int:
     return counter.reads
 
 
+class Operations(TorchDispatchMode):
+    """Counts a block's ATen operations (views included): deterministic, and at B = 128 on a
+    CPU, where each costs a few microseconds more than its arithmetic, the best predictor of
+    the time ratio to the floor that we found (docs/losses.md, "Fewer operations")."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operations(fn, x, labels) -> int:
+    """ATen operations of one forward+backward pass of ``fn`` (after an uncounted one)."""
+    run_once(fn, x, labels, x.device)
+    x.grad = None
+    with Operations() as counter:
+        run_once(fn, x, labels, x.device)
+    x.grad = None
+    return counter.count
+
+
 # --------------------------------------------------------------------------- cases
 
 
@@ -545,7 +569,8 @@ def main(argv=None):
             if key not in smallest or b < smallest[key][0]:
                 reads = (host_reads(fns["ours"], x, labels),
                          host_reads(fns["ref"], x, labels) if "ref" in fns else None)
-                smallest[key] = (b, ours.ms / fl.ms, speed, reads)
+                ops = (operations(fns["ours"], x, labels), operations(fns["floor"], x, labels))
+                smallest[key] = (b, ours.ms / fl.ms, speed, reads, ops)
             del fns, res
             gc.collect()
         del x
@@ -560,15 +585,15 @@ def print_overhead_summary(smallest: dict, all_cases: dict, target: float = 1.5)
     if not smallest:
         return
     print(f"# overhead at the smallest B: ours/floor (target <= {target:g}), PML speed-up "
-          "(target >= 1) and host reads per forward+backward, ours and PML's (each a device "
-          "sync on a GPU)")
-    for key, (b, ratio, speed, (reads, ref_reads)) in smallest.items():
+          "(target >= 1), host reads per forward+backward, ours and PML's (each a device "
+          "sync on a GPU), and ATen operations per forward+backward, ours and the floor's")
+    for key, (b, ratio, speed, (reads, ref_reads), (ops, floor_ops)) in smallest.items():
         flags = [f"> {target:g}x floor"] if ratio > target else []
         if speed is not None and speed < 1.0:
             flags.append("slower than PML")
         print(f"#   {all_cases[key].name:<18} B={b:<5} ours/floor {ratio:5.2f}  "
               f"PML speed-up {fmt(speed, '5.2f')}  reads {reads:>2} (PML {fmt(ref_reads, '>2')})"
-              f"  {'; '.join(flags) or 'ok'}")
+              f"  ops {ops:>3} (floor {floor_ops:>3})  {'; '.join(flags) or 'ok'}")
 
 
 if __name__ == "__main__":

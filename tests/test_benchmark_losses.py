@@ -43,6 +43,8 @@ def test_one_case_prints_its_row_and_no_profiler_log_lines():
     assert "ours/floor" in r.stdout  # the overhead summary, with the host reads per call
     summary = [s for s in r.stdout.splitlines() if s.startswith("#   InfoNCE")]
     assert summary and "reads  1 (PML  2)" in summary[0], r.stdout
+    # the operation counts: the floor's is fixed by its four lines of code
+    assert "(floor  44)" in summary[0], r.stdout
     # PML's MarginLoss frees a tensor it made before the profiled pass: torch's allocator warns
     for noise in ("USDT", "profiler_start", "gpuGetDeviceCount", "CPUAllocator"):
         assert noise not in r.stdout + r.stderr, (noise, r.stderr)

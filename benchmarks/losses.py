@@ -175,14 +175,20 @@ class HostReads(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def host_reads(fn, x, labels) -> int:
-    """Host reads of one forward+backward pass of ``fn`` (after an uncounted one)."""
+def _counted(counter: TorchDispatchMode, fn, x, labels) -> TorchDispatchMode:
+    """``counter`` (a counting dispatch mode) after one forward+backward pass of ``fn`` inside
+    it, which follows an uncounted one (lazy initialisation and caches stay out)."""
     run_once(fn, x, labels, x.device)
     x.grad = None
-    with HostReads() as counter:
+    with counter:
         run_once(fn, x, labels, x.device)
     x.grad = None
-    return counter.reads
+    return counter
+
+
+def host_reads(fn, x, labels) -> int:
+    """Host reads of one forward+backward pass of ``fn`` (after an uncounted one)."""
+    return _counted(HostReads(), fn, x, labels).reads
 
 
 class Operations(TorchDispatchMode):
@@ -201,12 +207,7 @@ class Operations(TorchDispatchMode):
 
 def operations(fn, x, labels) -> int:
     """ATen operations of one forward+backward pass of ``fn`` (after an uncounted one)."""
-    run_once(fn, x, labels, x.device)
-    x.grad = None
-    with Operations() as counter:
-        run_once(fn, x, labels, x.device)
-    x.grad = None
-    return counter.count
+    return _counted(Operations(), fn, x, labels).count
 
 
 # --------------------------------------------------------------------------- cases

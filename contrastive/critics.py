@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -160,19 +161,10 @@ class _UnitGram(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor | None, kind: str, alpha: float | None = None):
-        n, small = row_norms(x)
-        y = x / n
-        inv = None
-        if kind == "cosine":
-            s = y @ y.T if scale is None else (y * scale) @ y.T
-        else:
-            s = _two_minus_twice(y, y).clamp_(min=0.0)
-            if kind == "l2":
-                inv = _inverse_distance(s)
-                s.sqrt_()
-            s.neg_()
-        ctx.kind, ctx.alpha = kind, alpha
-        ctx.save_for_backward(x, scale, y, n, small, inv)
+        s, state = unit_gram_forward(x, scale, kind, alpha)
+        ctx.kind = kind
+        ctx.save_for_backward(x, *state.tensors())
+        ctx.alpha = alpha
         return s
 
     @staticmethod
@@ -182,16 +174,59 @@ class _UnitGram(torch.autograd.Function):
             (gx,) = torch.autograd.grad(_unit_gram_plain(x, scale, ctx.kind), x, g,
                                         create_graph=True)
             return gx, None, None, None
-        if ctx.kind == "cosine":
-            if scale is None or ctx.alpha is not None:  # the scale in the product
-                gy = symmetric_product(g, y, 1.0 if scale is None else ctx.alpha)
-            else:
-                gy = symmetric_product(g, y).mul_(scale)
-        elif ctx.kind == "l2":  # dS/dG = -1/S, 0 at S = 0
-            gy = symmetric_product(g * inv, y)
-        else:  # "l2sq": dS/dG = 2
-            gy = symmetric_product(g, y, 2.0)
-        return _unit_rows_backward(gy, y, n, small, inplace=True), None, None, None
+        state = UnitGramState(ctx.kind, scale, ctx.alpha, y, n, small, inv)
+        return unit_gram_backward(g, state), None, None, None
+
+
+class UnitGramState(NamedTuple):
+    """What :func:`unit_gram_backward` needs of :func:`unit_gram_forward`: the kind, the scale
+    (and its float ``alpha``), the unit rows ``Y``, their divisors ``n``, the rows below
+    ``eps`` and, for ``"l2"``, ``dS/dG``."""
+
+    kind: str
+    scale: Tensor | None
+    alpha: float | None
+    y: Tensor
+    n: Tensor
+    small: Tensor
+    inv: Tensor | None
+
+    def tensors(self) -> tuple:
+        return self.scale, self.y, self.n, self.small, self.inv
+
+
+def unit_gram_forward(x: Tensor, scale: Tensor | None, kind: str,
+                      alpha: float | None = None) -> tuple[Tensor, UnitGramState]:
+    """:class:`_UnitGram`'s scores without autograd, and the state of its gradient
+    (:func:`unit_gram_backward`): for a loss that takes the critic's gradient itself
+    (:mod:`losses.lane`)."""
+    n, small = row_norms(x)
+    y = x / n
+    inv = None
+    if kind == "cosine":
+        s = y @ y.T if scale is None else (y * scale) @ y.T
+    else:
+        s = _two_minus_twice(y, y).clamp_(min=0.0)
+        if kind == "l2":
+            inv = _inverse_distance(s)
+            s.sqrt_()
+        s.neg_()
+    return s, UnitGramState(kind, scale, alpha, y, n, small, inv)
+
+
+def unit_gram_backward(g: Tensor, state: UnitGramState) -> Tensor:
+    """``dL/dX`` from ``g = dL/dS`` (:class:`_UnitGram`'s formula)."""
+    kind, scale, alpha, y, n, small, inv = state
+    if kind == "cosine":
+        if scale is None or alpha is not None:  # the scale in the product
+            gy = symmetric_product(g, y, 1.0 if scale is None else alpha)
+        else:
+            gy = symmetric_product(g, y).mul_(scale)
+    elif kind == "l2":  # dS/dG = -1/S, 0 at S = 0
+        gy = symmetric_product(g * inv, y)
+    else:  # "l2sq": dS/dG = 2
+        gy = symmetric_product(g, y, 2.0)
+    return _unit_rows_backward(gy, y, n, small, inplace=True)
 
 
 @functools.lru_cache(maxsize=32)

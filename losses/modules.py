@@ -32,6 +32,7 @@ temperatures.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +57,7 @@ from contrastive.validation import check_embeddings, check_temperature
 
 from . import functional as LF
 from . import kernels as K
+from .lane import lane_loss
 
 __all__ = ["PairLoss", "InfoNCE", "NWJ", "JS", "DV", "MultiClassNPair", "Triplet", "Contrastive",
            "first_pair_per_class"]
@@ -233,6 +235,14 @@ class PairLoss(nn.Module):
         view, positives on the diagonal. The zero of a batch without a term comes from the
         functional core (masks), so ``reduction="none"`` keeps its shape there too."""
         p = self.pairs(embeddings, labels, ref_emb, ref_labels, paired, indices_tuple)
+        if indices_tuple is None and p.self_reference and self.check and self.core_checks_terms:
+            kernel = self.lane_kernel(p.anchors.shape[0])
+            if kernel is not None:
+                loss = lane_loss(p.anchors, p.positives, p.negatives, self.critic, self.terms,
+                                 kernel, self._general(p))
+                if loss is not None:
+                    reg = self.penalty(p)
+                    return loss if reg is None else loss + reg
         s = self._score(p)
         with _NoAutocast(s.device.type):
             pos, neg, triplets = p.positives, p.negatives, None
@@ -253,6 +263,20 @@ class PairLoss(nn.Module):
                 loss = self.compute(s, pos, neg, triplets=triplets, check=self.check)
             reg = self.penalty(p)
         return loss if reg is None else loss + reg
+
+    def lane_kernel(self, n: int) -> tuple | None:
+        """``(kernel, args)``: this loss's fused kernel (:func:`losses.kernels.fused`) and its
+        arguments after ``(S, P, Q)``, for a plain call on ``n`` embeddings, so that the call
+        takes :mod:`losses.lane` (the critic and the kernel in one node); None (the default,
+        and for a reduction the kernel does not give): the general path. The kernel must be
+        the one :meth:`compute` takes for such a call, so that both give the same numbers."""
+        return None
+
+    def _general(self, p: Pairs) -> Callable[[Tensor], Tensor]:
+        """The loss of ``x`` (the call's anchors) through the general path's differentiable
+        operations, for the lane's double backward."""
+        pos, neg = p.positives, p.negatives
+        return lambda x: self.compute(self.critic(x, x), pos, neg, check=False)
 
     def _checked_compute(self, s: Tensor, pos: Tensor, neg: Tensor, embeddings: Tensor,
                          ref_emb: Tensor | None) -> Tensor | None:
@@ -363,6 +387,12 @@ class InfoNCE(PairLoss):
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return LF.infonce(scores, positives, negatives, self.positives, self.reduction, check)
 
+    def lane_kernel(self, n):
+        if self.reduction not in ("mean", "sum"):
+            return None
+        kernel = LF._ntxent_kernel if self.positives == "pair" else LF._supcon_kernel
+        return kernel, (self.reduction,)
+
     def extra_repr(self) -> str:
         return f"positives={self.positives!r}, reduction={self.reduction!r}"
 
@@ -380,8 +410,16 @@ class _Bound(PairLoss):
         super().__init__(_critic_or_temperature(critic, temperature, 0.1), strict,
                          K.check_reduction(reduction), check)
 
+    #: the fused kernel of :attr:`fn` (``losses.functional._fused_bound``'s)
+    kernel = staticmethod(LF._nwj_kernel)
+
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return self.fn(scores, positives, negatives, self.reduction, check)
+
+    def lane_kernel(self, n):
+        if self.reduction not in ("mean", "sum"):
+            return None
+        return self.kernel, (float(n) if self.reduction == "sum" else 1.0,)
 
 
 class NWJ(_Bound):
@@ -398,6 +436,7 @@ class JS(_Bound):
 
     what = "the JS loss"
     fn = staticmethod(LF.js)
+    kernel = staticmethod(LF._js_kernel)
 
 
 class DV(_Bound):
@@ -406,6 +445,7 @@ class DV(_Bound):
 
     what = "the DV loss"
     fn = staticmethod(LF.dv)
+    kernel = staticmethod(LF._dv_kernel)
 
 
 class MultiClassNPair(PairLoss):
@@ -576,6 +616,11 @@ class Contrastive(PairLoss):
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return LF.contrastive(scores, positives, negatives, self._t_pos, self._t_neg,
                               self.reduction, check)
+
+    def lane_kernel(self, n):
+        if self.reduction == "none":
+            return None
+        return LF._contrastive_kernel, (self._t_pos, self._t_neg, self.reduction)
 
     def extra_repr(self) -> str:
         return (f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, "

@@ -1,0 +1,103 @@
+"""The small-batch lane of the loss modules: a plain call's normalising critic and fused loss
+kernel in one autograd node.
+
+At B = 128 on a CPU a loss's time is mostly the fixed cost of each tensor operation and of the
+Python around it, not arithmetic (docs/losses.md, "Speed at small batches"). A plain call
+``loss(embeddings, labels)`` of a module whose loss has a fused kernel
+(:func:`losses.kernels.fused`) and whose critic scores the batch against itself through
+:func:`contrastive.critics.unit_gram` goes straight from the embeddings to the kernel::
+
+    S, state = unit_gram_forward(X)          # the critic's own forward, no autograd
+    check(S, P, Q)                           # kernels.prepare's one host read
+    L, dL/dS = kernel(S, P, Q, ...)          # the loss's fused kernel
+    dL/dX = unit_gram_backward(dL/dS, state) # saved; backward: g * dL/dX
+
+The operations are the general path's (the same critic, check and kernel); only the autograd
+bookkeeping between them -- two nodes, the module's and the functional core's dispatch -- is
+left out, so values and gradients are the general path's. A batch the check refuses
+(non-finite scores, no term) leaves the lane, and the general path gives its warning or error.
+Double backward recomputes through the general path.
+
+A module takes the lane by returning its kernel from :meth:`losses.modules.PairLoss.lane_kernel`
+(None: the general path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from contrastive.critics import Cosine, NegativeL2, unit_gram_backward, unit_gram_forward
+from contrastive.pairs import NoPairsError
+
+from . import kernels as K
+
+__all__ = ["Lane", "lane_critic", "lane_loss"]
+
+#: the dtypes the lane computes in (others take the general path, which widens them)
+_DTYPES = (torch.float32, torch.float64)
+
+
+class Lane(torch.autograd.Function):
+    """``kernel(unit_gram(X), P, Q, *args)`` in one node (see the module docstring).
+    ``critic``: ``(kind, scale, alpha)`` of :func:`~contrastive.critics.unit_gram_forward`;
+    ``loss``: ``(terms, kernel, args)``; ``general(X)``: the same loss through differentiable
+    operations, for double backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, positives: Tensor, negatives: Tensor, critic: tuple,
+                loss: tuple, general: Callable[[Tensor], Tensor]):
+        terms, kernel, args = loss
+        kind, scale, alpha = critic
+        s, state = unit_gram_forward(x, scale, kind, alpha)
+        K._check_values(s, positives, negatives, terms, "")  # raises: the general path then
+        value, ds = kernel(s, positives, negatives, *args, True)
+        ctx.general = general
+        ctx.save_for_backward(x, unit_gram_backward(ds, state))
+        return value
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, gx = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
+            with torch.enable_grad():
+                (gx,) = torch.autograd.grad(ctx.general(x), x, g, create_graph=True)
+            return gx, None, None, None, None, None
+        return gx * g, None, None, None, None, None
+
+
+def lane_critic(critic, dtype: torch.dtype) -> tuple | None:
+    """``(kind, scale, alpha)`` of :func:`~contrastive.critics.unit_gram_forward` for the
+    critics the lane computes (a fixed-temperature ``Cosine``; ``NegativeL2(normalize=True)``,
+    squared or not), else None."""
+    if type(critic) is Cosine:
+        if critic.log_inv_t.requires_grad:
+            return None
+        return ("cosine", *critic._scale_and_value(dtype))
+    if type(critic) is NegativeL2 and critic.normalize:
+        return ("l2sq" if critic.squared else "l2", None, None)
+    return None
+
+
+def lane_loss(x: Tensor, positives: Tensor, negatives: Tensor, critic, terms: str,
+              kernel: tuple, general: Callable[[Tensor], Tensor]) -> Tensor | None:
+    """The loss of ``x`` against itself through :class:`Lane`, or None where the lane does
+    not apply: no gradient wanted, not a 2-D float32 / float64 batch, autocast on for its
+    device, under ``torch.compile``, more than ``kernels.FUSED_MAX_ENTRIES`` scores (where the
+    kernels give way to autograd forms), a critic the lane does not compute
+    (:func:`lane_critic`), or a batch the check refuses (non-finite scores, no term: the
+    general path gives the error or the warning)."""
+    if not (x.requires_grad and torch.is_grad_enabled() and x.dim() == 2
+            and x.dtype in _DTYPES and 0 < x.shape[0] ** 2 <= K.FUSED_MAX_ENTRIES):
+        return None
+    if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+        return None
+    spec = lane_critic(critic, x.dtype)
+    if spec is None:
+        return None
+    try:
+        return Lane.apply(x, positives, negatives, spec, (terms, *kernel), general)
+    except (K.NonFiniteScoresError, NoPairsError):
+        return None

@@ -1,0 +1,138 @@
+"""``losses.lane``: a plain call's normalising critic and fused kernel in one autograd node.
+The lane runs the general path's operations (the same critic forward and backward, check and
+kernel) without the autograd bookkeeping between them, so its value and gradient must be the
+general path's bit for bit; every call it does not apply to, and every batch its check refuses,
+must take the general path with that path's warnings and errors."""
+
+import warnings
+
+import pytest
+import torch
+
+from contrastive.critics import Cosine, NegativeL2
+from contrastive.pairs import NoPairsError, NoPairsWarning
+from losses import lane as L
+from losses import modules as M
+
+MODULES = {
+    "infonce_pair": lambda r: M.InfoNCE(temperature=0.1, positives="pair", reduction=r),
+    "supcon": lambda r: M.InfoNCE(temperature=0.07, reduction=r),
+    "infonce_l2": lambda r: M.InfoNCE(critic=NegativeL2(normalize=True), reduction=r),
+    "infonce_l2sq": lambda r: M.InfoNCE(critic=NegativeL2(squared=True, normalize=True),
+                                        reduction=r),
+    "nwj": lambda r: M.NWJ(reduction=r),
+    "js": lambda r: M.JS(temperature=0.5, reduction=r),
+    "dv": lambda r: M.DV(reduction=r),
+    "contrastive": lambda r: M.Contrastive(reduction=r),
+    "contrastive_cosine": lambda r: M.Contrastive(critic=Cosine(1.0), reduction=r),
+}
+REDUCTIONS = {"contrastive": ("nonzero", "mean", "sum"),
+              "contrastive_cosine": ("nonzero", "mean", "sum")}
+
+
+def _general(module):
+    """The same module with the lane switched off."""
+    module.lane_kernel = lambda n: None
+    return module
+
+
+def _batch(dtype, n=48, classes=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 16, generator=g, dtype=dtype)
+    y = torch.randint(0, classes, (n,), generator=g)
+    y[-1] = classes + 5  # an anchor without a positive
+    return x, y
+
+
+def _value_and_grad(module, x, y):
+    t = x.clone().requires_grad_()
+    v = module(t, y)
+    v.backward()
+    return v.detach(), t.grad, type(v.grad_fn).__name__
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lane_equals_the_general_path_bit_for_bit(name, dtype):
+    for reduction in REDUCTIONS.get(name, ("mean", "sum")):
+        x, y = _batch(dtype)
+        v, g, node = _value_and_grad(MODULES[name](reduction), x, y)
+        assert node == "LaneBackward", (name, reduction, node)
+        v0, g0, node0 = _value_and_grad(_general(MODULES[name](reduction)), x, y)
+        assert node0 != "LaneBackward"
+        assert torch.equal(v, v0), (name, reduction, v, v0)
+        assert torch.equal(g, g0), (name, reduction, (g - g0).abs().max())
+
+
+@pytest.mark.parametrize("name", ["infonce_pair", "supcon", "nwj", "contrastive"])
+def test_double_backward_through_the_general_path(name):
+    x, y = _batch(torch.float64, n=20, classes=5)
+    grads = []
+    for module in (MODULES[name]("mean"), _general(MODULES[name]("mean"))):
+        t = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(module(t, y), t, create_graph=True)
+        (ggx,) = torch.autograd.grad((gx * gx).sum(), t)
+        grads.append((gx.detach(), ggx))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-9, atol=1e-12)
+
+
+def _node(module, x, *args, **kwargs):
+    out = module(x, *args, **kwargs)
+    return type(out.grad_fn).__name__ if out.grad_fn is not None else None
+
+
+def test_calls_the_lane_does_not_take():
+    x, y = _batch(torch.float32)
+    t = x.clone().requires_grad_()
+    assert _node(M.InfoNCE(), t, y) == "LaneBackward"
+    assert _node(M.InfoNCE(), t, y, None, t[:5], y[:5]) != "LaneBackward"  # a reference set
+    pairs = (torch.tensor([0]), torch.tensor([1]), torch.tensor([0]), torch.tensor([2]))
+    assert _node(M.InfoNCE(), t, y, pairs) != "LaneBackward"  # a miner's tuple
+    assert _node(M.InfoNCE(reduction="none"), t, y) != "LaneBackward"
+    assert _node(M.InfoNCE(critic=Cosine(0.1, learnable=True)), t, y) != "LaneBackward"
+    assert _node(M.InfoNCE(critic=NegativeL2()), t, y) != "LaneBackward"  # not normalised
+    assert _node(M.InfoNCE(check=False), t, y) != "LaneBackward"
+    assert _node(M.Triplet(), t, y) != "LaneBackward"  # no lane kernel
+    big = torch.randn(300, 8, requires_grad=True)  # 300^2 > FUSED_MAX_ENTRIES
+    assert _node(M.InfoNCE(), big, torch.arange(300) // 3) != "LaneBackward"
+    assert _node(M.InfoNCE(), t.detach(), y) is None  # no gradient wanted
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _node(M.InfoNCE(), t, y) != "LaneBackward"
+    with torch.no_grad():
+        v_off = M.InfoNCE()(x, y)
+    torch.testing.assert_close(v_off, M.InfoNCE()(x, y).detach(), rtol=0, atol=0)
+
+
+def test_a_batch_without_a_term_leaves_the_lane():
+    x = torch.randn(6, 4, requires_grad=True)
+    y = torch.arange(6)  # no positive pair
+    loss = M.InfoNCE()
+    with pytest.warns(NoPairsWarning):
+        v = loss(x, y)
+    assert v.item() == 0.0 and v.requires_grad
+    with pytest.raises(NoPairsError):
+        M.InfoNCE(strict=True)(x, y)
+
+
+def test_non_finite_embeddings_leave_the_lane_with_their_own_error():
+    x = torch.randn(8, 4)
+    x[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="embeddings"):
+        M.InfoNCE()(x.requires_grad_(), torch.arange(8) // 2)
+
+
+def test_lane_critic():
+    assert L.lane_critic(Cosine(0.5), torch.float32)[0] == "cosine"
+    assert L.lane_critic(Cosine(1.0), torch.float32)[1] is None  # t = 1: no scale
+    assert L.lane_critic(Cosine(0.5, learnable=True), torch.float32) is None
+    assert L.lane_critic(NegativeL2(normalize=True), torch.float32) == ("l2", None, None)
+    assert L.lane_critic(NegativeL2(True, True), torch.float64) == ("l2sq", None, None)
+    assert L.lane_critic(NegativeL2(), torch.float32) is None
+
+
+def test_no_warning_on_a_plain_call():
+    x, y = _batch(torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        M.InfoNCE()(x.clone().requires_grad_(), y).backward()

@@ -136,3 +136,14 @@ def test_no_warning_on_a_plain_call():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         M.InfoNCE()(x.clone().requires_grad_(), y).backward()
+
+
+def test_the_upstream_gradient_scales_the_lanes():
+    """The node's backward multiplies by the gradient it is given (a weighted loss)."""
+    x, y = _batch(torch.float64)
+    for module in (M.InfoNCE(), _general(M.InfoNCE())):
+        t = x.clone().requires_grad_()
+        (2.5 * module(t, y)).backward()
+        t1 = x.clone().requires_grad_()
+        module(t1, y).backward()
+        torch.testing.assert_close(t.grad, 2.5 * t1.grad, rtol=1e-10, atol=1e-15)

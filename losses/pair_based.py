@@ -216,6 +216,19 @@ def _multi_similarity_kernel(scores, keep, extrema, alpha, beta, base, reduction
     return value, torch.add(e[0], e[1])
 
 
+def _multi_similarity_lane_kernel(scores, positives, negatives, alpha, beta, base, epsilon,
+                                  reduction, need_grad):
+    """:func:`_multi_similarity_kernel` from ``(S, P, Q)``, its masks built as
+    :func:`multi_similarity`'s fused path builds them (the pair mining with ``epsilon``):
+    the kernel of :meth:`MultiSimilarity.lane_kernel`."""
+    if epsilon is None:
+        keep, extrema = K.stack_as_float((positives, negatives), scores.dtype), None
+    else:
+        keep, extrema = _mined_keep(scores, positives, negatives, epsilon)
+    return _multi_similarity_kernel(scores, keep, extrema, alpha, beta, base, reduction,
+                                    need_grad)
+
+
 # --------------------------------------------------------------------------- Circle
 
 
@@ -451,6 +464,16 @@ def _margin_kernel(scores, positives, negatives, beta, m, nu, distance, reductio
     return value, coef if divisor is None else coef.div_(divisor)
 
 
+def _margin_lane_kernel(scores, positives, negatives, beta, m, distance, reduction,
+                        need_grad):
+    """:func:`_margin_kernel` for a fixed single boundary, ``beta`` cast as :func:`margin` casts
+    it (no regulariser: ``nu`` applies only to a learnt boundary): the kernel of
+    :meth:`Margin.lane_kernel`."""
+    beta = beta.to(device=scores.device, dtype=scores.dtype).reshape(())
+    return _margin_kernel(scores, positives, negatives, beta, float(m), 0.0, distance, reduction,
+                          need_grad)
+
+
 def margin(
     scores: Tensor,
     positives: Tensor,
@@ -638,6 +661,13 @@ class MultiSimilarity(PairLoss):
         return multi_similarity(scores, positives, negatives, self.alpha, self.beta, base,
                                 self.epsilon, self.reduction, check)
 
+    def lane_kernel(self, n):
+        if self.reduction == "none":
+            return None
+        base = _distance_sign(self.critic) * self.base
+        return _multi_similarity_lane_kernel, (self.alpha, self.beta, base, self.epsilon,
+                                               self.reduction)
+
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, beta={self.beta}, base={self.base}, "
                 f"epsilon={self.epsilon}, reduction={self.reduction!r}")
@@ -665,6 +695,11 @@ class Circle(PairLoss):
 
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return circle(scores, positives, negatives, self.m, self.gamma, self.reduction, check)
+
+    def lane_kernel(self, n):
+        if self.reduction == "none":
+            return None
+        return _circle_kernel, (self.m, self.gamma, self.reduction)
 
     def extra_repr(self) -> str:
         return f"m={self.m}, gamma={self.gamma}, reduction={self.reduction!r}"
@@ -696,6 +731,11 @@ class LiftedStructure(PairLoss):
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return lifted_structure(scores, positives, negatives, self._t_pos, self._t_neg,
                                 self.reduction, check)
+
+    def lane_kernel(self, n):
+        if self.reduction == "none":
+            return None
+        return _lifted_kernel, (self._t_pos, self._t_neg, self.reduction)
 
     def extra_repr(self) -> str:
         return (f"neg_margin={self.neg_margin}, pos_margin={self.pos_margin}, "
@@ -772,6 +812,13 @@ class Margin(PairLoss):
             beta = beta[y]
         return beta
 
+    def lane_kernel(self, n):
+        # a fixed single boundary (a learnt one, or one per class, takes the general path)
+        if self.reduction == "none" or self.learn_beta or self.beta.numel() != 1:
+            return None
+        distance = bool(getattr(self.critic, "is_distance", False))
+        return _margin_lane_kernel, (self.beta, self.margin, distance, self.reduction)
+
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return margin(scores, positives, negatives, self._boundary(), self.margin,
                       self.nu if self.learn_beta else 0.0,
@@ -818,6 +865,11 @@ class NCA(PairLoss):
     def compute(self, scores, positives, negatives, *, triplets=None, check=True):
         return nca(scores, positives, negatives, self.softmax_scale, self.reduction, check,
                    self._weights)
+
+    def lane_kernel(self, n):
+        if self.reduction == "none":
+            return None
+        return _nca_kernel, (self.softmax_scale, self.reduction)
 
     def extra_repr(self) -> str:
         return f"softmax_scale={self.softmax_scale}, reduction={self.reduction!r}"

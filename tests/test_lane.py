@@ -13,6 +13,7 @@ from contrastive.critics import Cosine, NegativeL2
 from contrastive.pairs import NoPairsError, NoPairsWarning
 from losses import lane as L
 from losses import modules as M
+from losses import pair_based as PB
 
 MODULES = {
     "infonce_pair": lambda r: M.InfoNCE(temperature=0.1, positives="pair", reduction=r),
@@ -25,9 +26,19 @@ MODULES = {
     "dv": lambda r: M.DV(reduction=r),
     "contrastive": lambda r: M.Contrastive(reduction=r),
     "contrastive_cosine": lambda r: M.Contrastive(critic=Cosine(1.0), reduction=r),
+    "multi_similarity": lambda r: PB.MultiSimilarity(reduction=r),
+    "multi_similarity_mined": lambda r: PB.MultiSimilarity(epsilon=0.1, reduction=r),
+    "multi_similarity_l2": lambda r: PB.MultiSimilarity(critic=NegativeL2(normalize=True),
+                                                        reduction=r),
+    "circle": lambda r: PB.Circle(reduction=r),
+    "lifted": lambda r: PB.LiftedStructure(reduction=r),
+    "margin": lambda r: PB.Margin(reduction=r),
+    "margin_cosine": lambda r: PB.Margin(critic=Cosine(1.0), beta=0.3, reduction=r),
+    "nca": lambda r: PB.NCA(softmax_scale=2.0, reduction=r),
 }
-REDUCTIONS = {"contrastive": ("nonzero", "mean", "sum"),
-              "contrastive_cosine": ("nonzero", "mean", "sum")}
+REDUCTIONS = {name: ("nonzero", "mean", "sum")
+              for name in ("contrastive", "contrastive_cosine", "circle", "margin",
+                           "margin_cosine")}
 
 
 def _general(module):
@@ -94,6 +105,8 @@ def test_calls_the_lane_does_not_take():
     assert _node(M.InfoNCE(critic=NegativeL2()), t, y) != "LaneBackward"  # not normalised
     assert _node(M.InfoNCE(check=False), t, y) != "LaneBackward"
     assert _node(M.Triplet(), t, y) != "LaneBackward"  # no lane kernel
+    assert _node(PB.Margin(learn_beta=True), t, y) != "LaneBackward"  # a learnt boundary
+    assert _node(PB.Margin(num_classes=20), t, y) != "LaneBackward"  # one per class
     big = torch.randn(300, 8, requires_grad=True)  # 300^2 > FUSED_MAX_ENTRIES
     assert _node(M.InfoNCE(), big, torch.arange(300) // 3) != "LaneBackward"
     assert _node(M.InfoNCE(), t.detach(), y) is None  # no gradient wanted

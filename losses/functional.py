@@ -735,6 +735,35 @@ def _triplet_all_kernel(scores, positives, negatives, idx, valid, margin, reduct
     return total * w, (g.mul_(w) if need_grad else None)
 
 
+def _triplet_lane_kernel(scores, positives, negatives, margin, mining, reduction, need_grad):
+    """:func:`triplet`'s value and ``dL/dS`` for a checked hinge call (boolean masks, no miner's
+    triplets, a reduced loss), as :func:`triplet` computes them on its fused paths: the kernel
+    of :meth:`losses.modules.Triplet.lane_kernel`. All triplets with many positives per anchor
+    (no dense kernel) take the sorted autograd form, its gradient taken here."""
+    if mining == "hard":
+        ok = (K.count_rows(positives) > 0) & (K.count_rows(negatives) > 0)
+        return _triplet_hard_kernel(scores, positives, negatives, ok, margin, reduction,
+                                    need_grad)
+    pi = K.positive_index(positives, "the triplet loss")
+    idx, valid = K.padded_positives(pi)
+    if mining == "semihard":
+        return _triplet_semihard_kernel(scores, positives, negatives, idx, valid,
+                                        K.count_rows(negatives) > 0, margin, reduction,
+                                        need_grad)
+    n_triplets = ((K.count_rows(positives).to(torch.int64) * K.count_rows(negatives)).sum()
+                  if reduction == "mean" else None)
+    if _use_dense(idx.shape[1], scores.shape[1]):
+        return _triplet_all_kernel(scores, positives, negatives, idx, valid, margin, reduction,
+                                   n_triplets, need_grad)
+    with torch.enable_grad():
+        s = scores.detach().requires_grad_()
+        total, count = _triplet_all(s, positives, negatives, margin, "auto", pi, (idx, valid))
+        value = total if reduction == "sum" else total / (
+            n_triplets if reduction == "mean" else count).clamp_min(1)
+        (grad,) = torch.autograd.grad(value, s) if need_grad else (None,)
+    return value.detach(), grad
+
+
 def _triplet_all_slow(scores, positives, negatives, idx, valid, margin, reduction, n_triplets):
     return triplet(scores, positives, negatives, margin, "all", False, reduction, check=False)
 

@@ -571,6 +571,12 @@ class Triplet(PairLoss):
         return LF.triplet(scores, positives, negatives, self.margin, self.mining, self.soft,
                           self.reduction, check, triplets)
 
+    def lane_kernel(self, n):
+        reduction = LF._check_triplet_args(self.mining, self.reduction)
+        if self.soft or reduction == "none":
+            return None
+        return LF._triplet_lane_kernel, (self.margin, self.mining, reduction)
+
     def extra_repr(self) -> str:
         return (f"margin={self.margin}, mining={self.mining!r}, soft={self.soft}, "
                 f"reduction={self.reduction!r}")

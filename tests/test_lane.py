@@ -35,10 +35,15 @@ MODULES = {
     "margin": lambda r: PB.Margin(reduction=r),
     "margin_cosine": lambda r: PB.Margin(critic=Cosine(1.0), beta=0.3, reduction=r),
     "nca": lambda r: PB.NCA(softmax_scale=2.0, reduction=r),
+    "triplet_all": lambda r: M.Triplet(margin=0.2, reduction=r),
+    "triplet_hard": lambda r: M.Triplet(margin=0.2, mining="hard", reduction=r),
+    "triplet_semihard": lambda r: M.Triplet(margin=0.2, mining="semihard", reduction=r),
+    "triplet_cosine": lambda r: M.Triplet(margin=0.1, critic=Cosine(1.0), reduction=r),
 }
 REDUCTIONS = {name: ("nonzero", "mean", "sum")
               for name in ("contrastive", "contrastive_cosine", "circle", "margin",
-                           "margin_cosine")}
+                           "margin_cosine", "triplet_all", "triplet_hard", "triplet_semihard",
+                           "triplet_cosine")}
 
 
 def _general(module):
@@ -104,7 +109,7 @@ def test_calls_the_lane_does_not_take():
     assert _node(M.InfoNCE(critic=Cosine(0.1, learnable=True)), t, y) != "LaneBackward"
     assert _node(M.InfoNCE(critic=NegativeL2()), t, y) != "LaneBackward"  # not normalised
     assert _node(M.InfoNCE(check=False), t, y) != "LaneBackward"
-    assert _node(M.Triplet(), t, y) != "LaneBackward"  # no lane kernel
+    assert _node(M.Triplet(soft=True), t, y) != "LaneBackward"  # no fused kernel
     assert _node(PB.Margin(learn_beta=True), t, y) != "LaneBackward"  # a learnt boundary
     assert _node(PB.Margin(num_classes=20), t, y) != "LaneBackward"  # one per class
     big = torch.randn(300, 8, requires_grad=True)  # 300^2 > FUSED_MAX_ENTRIES
@@ -160,3 +165,17 @@ def test_the_upstream_gradient_scales_the_lanes():
         t1 = x.clone().requires_grad_()
         module(t1, y).backward()
         torch.testing.assert_close(t.grad, 2.5 * t1.grad, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("reduction", ["nonzero", "mean", "sum"])
+def test_triplets_with_many_positives_per_anchor(reduction):
+    """Two classes in 120 rows: about 60 positives per anchor, past the dense kernel's reach;
+    the lane takes the sorted autograd form's gradient itself, equal to the general path's."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(120, 8, generator=g, dtype=torch.float64)
+    y = torch.arange(120) % 2
+    v, gr, node = _value_and_grad(M.Triplet(margin=0.3, reduction=reduction), x, y)
+    assert node == "LaneBackward"
+    v0, g0, _ = _value_and_grad(_general(M.Triplet(margin=0.3, reduction=reduction)), x, y)
+    assert torch.equal(v, v0)
+    torch.testing.assert_close(gr, g0, rtol=1e-12, atol=1e-15)

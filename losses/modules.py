@@ -12,6 +12,9 @@ pytorch-metric-learning (PML) 2.x loss, positional order included::
 :meth:`PairLoss.forward`: resolve the call into anchors, candidates and masks, score them with the
 critic, restrict the masks to a miner's pairs (:mod:`contrastive.pairs` owns the mining), and hand
 ``(S, P, Q)`` to :meth:`PairLoss.compute`, one call of a function of :mod:`losses.functional`.
+A plain small call (a batch against itself, no miner's tuple, a normalising critic, a loss
+with a fused kernel: :meth:`PairLoss.lane_kernel`) runs the same operations in one autograd
+node (:mod:`losses.lane`), with the same numbers.
 
 ``reduction=`` is the functional core's (``"mean"``, ``"sum"``, ``"none"``; the triplet and
 contrastive losses also ``"nonzero"``), so ``loss(emb, labels)`` can return per-anchor terms for

@@ -187,6 +187,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("lane-upstream-gradient-ignored", "losses/lane.py", "term",
              "return gx * g, None, None, None, None, None",
              "return gx, None, None, None, None, None"),
+    Mutation("cosine-lane-second-set-gradient-halved", "losses/lane.py", "term",
+             "gb = _unit_rows_backward(ds.T @ scaled,",
+             "gb = _unit_rows_backward(0.5 * ds.T @ scaled,"),
     Mutation("unit-l2-zero-distance-gradient-kept", C, "term",
              "return _infinities_to_zero_(torch.rsqrt(sq))", "return torch.rsqrt(sq)"),
     # ---------------------------------------------------------------- evaluation

@@ -29,12 +29,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from contrastive.critics import Cosine, NegativeL2, unit_gram_backward, unit_gram_forward
+from contrastive.critics import (
+    Cosine,
+    NegativeL2,
+    _unit_rows_backward,
+    row_norms,
+    unit_gram_backward,
+    unit_gram_forward,
+)
 from contrastive.pairs import NoPairsError
 
 from . import kernels as K
 
-__all__ = ["Lane", "lane_critic", "lane_loss"]
+__all__ = ["CosineLane", "Lane", "lane_critic", "lane_loss"]
 
 #: the dtypes the lane computes in (others take the general path, which widens them)
 _DTYPES = (torch.float32, torch.float64)
@@ -66,6 +73,45 @@ class Lane(torch.autograd.Function):
                 (gx,) = torch.autograd.grad(ctx.general(x), x, g, create_graph=True)
             return gx, None, None, None, None, None
         return gx * g, None, None, None, None, None
+
+
+class CosineLane(torch.autograd.Function):
+    """``kernel(cos(a_i, b_j) s, P, Q, *args)`` of a batch against a second set ``b`` (e.g. a
+    proxy loss's learnable proxies) in one node, both gradients taken in the forward pass: the
+    fixed-temperature ``Cosine`` critic's operations (:func:`~contrastive.critics.row_norms`,
+    the quotients, ``(a s) b^T``) and the same backward formulas as its autograd path
+    (``unit_rows``' one-step normalisation gradient, the product's two gradients). No check:
+    the caller reads the value (a non-finite value sends it the general way).
+    ``forward(a, b, positives, negatives, scale, kernel, args, general)``; ``general(a, b)``
+    the same loss through differentiable operations, for double backward."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, positives: Tensor, negatives: Tensor,
+                scale: Tensor | None, kernel, args: tuple, general):
+        na, small_a = row_norms(a)
+        nb, small_b = row_norms(b)
+        an, bn = a / na, b / nb
+        scaled = an if scale is None else an * scale
+        value, ds = kernel(scaled @ bn.T, positives, negatives, *args, True)
+        ga = ds @ bn
+        if scale is not None:
+            ga.mul_(scale)
+        ga = _unit_rows_backward(ga, an, na, small_a, inplace=True)
+        gb = _unit_rows_backward(ds.T @ scaled, bn, nb, small_b, inplace=True)
+        ctx.general = general
+        ctx.save_for_backward(a, b, ga, gb)
+        return value
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        a, b, ga, gb = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation
+            wrt = [t for t, need in zip((a, b), needs, strict=True) if need]
+            with torch.enable_grad():
+                grads = iter(torch.autograd.grad(ctx.general(a, b), wrt, g, create_graph=True))
+            return (*(next(grads) if need else None for need in needs), *(None,) * 6)
+        return (ga * g if needs[0] else None, gb * g if needs[1] else None, *(None,) * 6)
 
 
 def lane_critic(critic, dtype: torch.dtype) -> tuple | None:

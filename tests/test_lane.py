@@ -14,6 +14,7 @@ from contrastive.pairs import NoPairsError, NoPairsWarning
 from losses import lane as L
 from losses import modules as M
 from losses import pair_based as PB
+from losses import proxies as PX
 
 MODULES = {
     "infonce_pair": lambda r: M.InfoNCE(temperature=0.1, positives="pair", reduction=r),
@@ -179,3 +180,49 @@ def test_triplets_with_many_positives_per_anchor(reduction):
     v0, g0, _ = _value_and_grad(_general(M.Triplet(margin=0.3, reduction=reduction)), x, y)
     assert torch.equal(v, v0)
     torch.testing.assert_close(gr, g0, rtol=1e-12, atol=1e-15)
+
+
+def _proxy_anchor_pair(dtype, reduction="mean"):
+    lane = PX.ProxyAnchor(7, 16, reduction=reduction).to(dtype)
+    general = PX.ProxyAnchor(7, 16, reduction=reduction).to(dtype)
+    general.load_state_dict(lane.state_dict())
+    general._one_node = lambda x, proxies, pos: None
+    return lane, general
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_proxy_anchor_one_node_equals_its_general_path(dtype, reduction):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 16, generator=g, dtype=dtype)
+    y = torch.randint(0, 7, (40,), generator=g)
+    out = []
+    for module in _proxy_anchor_pair(dtype, reduction):
+        t = x.clone().requires_grad_()
+        v = module(t, y)
+        v.backward()
+        out.append((v.detach(), t.grad, module.proxies.grad, type(v.grad_fn).__name__))
+    assert out[0][3] == "CosineLaneBackward" and out[1][3] != "CosineLaneBackward"
+    assert torch.equal(out[0][0], out[1][0])
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    for mine, plain in zip(out[0][1:3], out[1][1:3], strict=True):
+        torch.testing.assert_close(mine, plain, rtol=tol, atol=tol * float(plain.abs().max()))
+
+
+def test_proxy_anchor_one_node_double_backward():
+    x = torch.randn(12, 16, dtype=torch.float64)
+    y = torch.arange(12) % 7
+    res = []
+    for module in _proxy_anchor_pair(torch.float64):
+        t = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(module(t, y), t, create_graph=True)
+        (ggx,) = torch.autograd.grad((gx * gx).sum(), t)
+        res.append((gx.detach(), ggx))
+    torch.testing.assert_close(res[0][0], res[1][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(res[0][1], res[1][1], rtol=1e-9, atol=1e-12)
+
+
+def test_proxy_anchor_labels_out_of_range_still_raise():
+    lane, _ = _proxy_anchor_pair(torch.float32)
+    with pytest.raises(ValueError, match="class"):
+        lane(torch.randn(4, 16, requires_grad=True), torch.tensor([0, 1, 2, 9]))

@@ -39,7 +39,9 @@ LOSS_TESTS = ("tests/test_losses_reference.py", "tests/test_losses_properties.py
               "tests/test_fused_core.py", "tests/test_mined.py")
 TESTS = {
     "losses/functional.py": LOSS_TESTS,
-    "losses/kernels.py": LOSS_TESTS,
+    # the kernels' pieces also serve the pair and proxy losses (multi-similarity, Circle,
+    # lifted structure, NCA and Proxy-Anchor take kernels.stacked_lse)
+    "losses/kernels.py": (*LOSS_TESTS, "tests/test_pair_based.py", "tests/test_overhead_paths.py"),
     "contrastive/critics.py": ("tests/test_critics.py", "tests/test_fused_core.py",
                                "tests/test_large_batch_paths.py", "tests/test_fewer_operations.py"),
     "losses/lane.py": ("tests/test_lane.py",),

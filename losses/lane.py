@@ -24,6 +24,7 @@ A module takes the lane by returning its kernel from :meth:`losses.modules.PairL
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -130,20 +131,26 @@ def lane_critic(critic, dtype: torch.dtype) -> tuple | None:
 def lane_loss(x: Tensor, positives: Tensor, negatives: Tensor, critic, terms: str,
               kernel: tuple, general: Callable[[Tensor], Tensor]) -> Tensor | None:
     """The loss of ``x`` against itself through :class:`Lane`, or None where the lane does
-    not apply: no gradient wanted, not a 2-D float32 / float64 batch, autocast on for its
-    device, under ``torch.compile``, more than ``kernels.FUSED_MAX_ENTRIES`` scores (where the
-    kernels give way to autograd forms), a critic the lane does not compute
-    (:func:`lane_critic`), or a batch the check refuses (non-finite scores, no term: the
-    general path gives the error or the warning)."""
+    not apply: no gradient wanted, not a 2-D floating-point batch, under ``torch.compile``,
+    more than ``kernels.FUSED_MAX_ENTRIES`` scores (where the kernels give way to autograd
+    forms), a critic the lane does not compute (:func:`lane_critic`), or a batch the check
+    refuses (non-finite scores, no term: the general path gives the error or the warning).
+    Under autocast it computes as the general path does: autocast off for the device, bf16 /
+    fp16 embeddings widened to float32 (the widening in the graph, so their gradient comes
+    back in their dtype)."""
     if not (x.requires_grad and torch.is_grad_enabled() and x.dim() == 2
-            and x.dtype in _DTYPES and 0 < x.shape[0] ** 2 <= K.FUSED_MAX_ENTRIES):
+            and x.is_floating_point() and 0 < x.shape[0] ** 2 <= K.FUSED_MAX_ENTRIES):
         return None
-    if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return None
-    spec = lane_critic(critic, x.dtype)
-    if spec is None:
-        return None
-    try:
-        return Lane.apply(x, positives, negatives, spec, (terms, *kernel), general)
-    except (K.NonFiniteScoresError, NoPairsError):
-        return None
+    off = (torch.autocast(x.device.type, enabled=False)
+           if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext())
+    with off:
+        x = K.full_precision(x)
+        spec = lane_critic(critic, x.dtype)
+        if spec is None or x.dtype not in _DTYPES:
+            return None
+        try:
+            return Lane.apply(x, positives, negatives, spec, (terms, *kernel), general)
+        except (K.NonFiniteScoresError, NoPairsError):
+            return None

@@ -121,8 +121,6 @@ def test_calls_the_lane_does_not_take():
     big = torch.randn(300, 8, requires_grad=True)  # 300^2 > FUSED_MAX_ENTRIES
     assert _node(M.InfoNCE(), big, torch.arange(300) // 3) != "LaneBackward"
     assert _node(M.InfoNCE(), t.detach(), y) is None  # no gradient wanted
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _node(M.InfoNCE(), t, y) != "LaneBackward"
     with torch.no_grad():
         v_off = M.InfoNCE()(x, y)
     torch.testing.assert_close(v_off, M.InfoNCE()(x, y).detach(), rtol=0, atol=0)
@@ -223,3 +221,21 @@ def test_proxy_anchor_labels_out_of_range_still_raise():
     lane, _ = _proxy_anchor_pair(torch.float32)
     with pytest.raises(ValueError, match="class"):
         lane(torch.randn(4, 16, requires_grad=True), torch.tensor([0, 1, 2, 9]))
+
+
+@pytest.mark.parametrize("name", ["infonce_pair", "supcon", "contrastive", "triplet_all"])
+def test_lane_under_autocast_equals_the_general_path(name):
+    """Under autocast the lane computes as the general path: autocast off, bf16 embeddings
+    widened to float32 in the graph (their gradient comes back in bf16)."""
+    x, y = _batch(torch.float32)
+    out = []
+    for module in (MODULES[name]("mean"), _general(MODULES[name]("mean"))):
+        t = x.to(torch.bfloat16).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v = module(t, y)
+        v.backward()
+        out.append((v.detach(), t.grad, type(v.grad_fn).__name__))
+    assert out[0][2] == "LaneBackward" and out[1][2] != "LaneBackward"
+    assert v.dtype == torch.float32 and out[0][1].dtype == torch.bfloat16
+    assert torch.equal(out[0][0], out[1][0])
+    assert torch.equal(out[0][1], out[1][1])

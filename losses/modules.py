@@ -34,6 +34,7 @@ temperatures.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -238,7 +239,8 @@ class PairLoss(nn.Module):
         view, positives on the diagonal. The zero of a batch without a term comes from the
         functional core (masks), so ``reduction="none"`` keeps its shape there too."""
         p = self.pairs(embeddings, labels, ref_emb, ref_labels, paired, indices_tuple)
-        if indices_tuple is None and p.self_reference and self.check and self.core_checks_terms:
+        if (indices_tuple is None and p.self_reference and self.check and self.core_checks_terms
+                and _lane_is_own(type(self)) and "compute" not in self.__dict__):
             kernel = self.lane_kernel(p.anchors.shape[0])
             if kernel is not None:
                 loss = lane_loss(p.anchors, p.positives, p.negatives, self.critic, self.terms,
@@ -332,6 +334,18 @@ class PairLoss(nn.Module):
             else:
                 out[entry.name] = float("nan")
         return out
+
+
+@functools.lru_cache(maxsize=256)
+def _lane_is_own(cls: type) -> bool:
+    """Whether ``cls``'s :meth:`PairLoss.lane_kernel` belongs to its ``compute``: both defined
+    by the same class, and the scores not made another way (``_score`` not overridden). A
+    subclass that overrides ``compute`` or ``_score`` (a user's variant of a shipped loss)
+    keeps the general path, which calls its own methods, instead of its parent's kernel."""
+    def owner(name: str) -> type | None:
+        return next((c for c in cls.__mro__ if name in c.__dict__), None)
+
+    return owner("lane_kernel") is owner("compute") and owner("_score") is PairLoss
 
 
 def _critic_or_temperature(critic, temperature, default_t: float) -> nn.Module:

@@ -239,3 +239,23 @@ def test_lane_under_autocast_equals_the_general_path(name):
     assert v.dtype == torch.float32 and out[0][1].dtype == torch.bfloat16
     assert torch.equal(out[0][0], out[1][0])
     assert torch.equal(out[0][1], out[1][1])
+
+
+def test_a_subclass_that_overrides_compute_keeps_the_general_path():
+    """A user's variant of a shipped loss (its own ``compute``) must not get its parent's
+    kernel: the general path calls its method."""
+
+    class Doubled(M.InfoNCE):
+        def compute(self, scores, positives, negatives, *, triplets=None, check=True):
+            return 2.0 * super().compute(scores, positives, negatives, check=check)
+
+    x, y = _batch(torch.float64)
+    t = x.clone().requires_grad_()
+    v = Doubled()(t, y)
+    assert type(v.grad_fn).__name__ != "LaneBackward"
+    torch.testing.assert_close(v, 2.0 * M.InfoNCE()(t, y), rtol=1e-14, atol=0)
+
+    class Subclass(M.InfoNCE):  # nothing overridden: the lane stays
+        pass
+
+    assert _node(Subclass(), t, y) == "LaneBackward"

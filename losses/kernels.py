@@ -127,15 +127,17 @@ def prepare(scores: Tensor, positives: Tensor, negatives: Tensor | None, check: 
         )
     scores = full_precision(scores)
     if check:
-        _check_values(scores, positives, negatives, terms, what)
+        check_values(scores, positives, negatives, terms, what)
     return scores, positives, negatives
 
 
-def _check_values(scores: Tensor, positives: Tensor, negatives: Tensor, terms: str | None,
-                  what: str) -> None:
-    """:func:`prepare`'s checks in one host read: the scores' sum (one reduction instead of an
-    elementwise ``isfinite``: NaN/Inf propagate into it; an overflowing sum of finite scores
-    is told apart by the exact check) and, with ``terms``, whether there is a term."""
+def check_values(scores: Tensor, positives: Tensor, negatives: Tensor, terms: str | None,
+                 what: str) -> None:
+    """:func:`prepare`'s checks in one host read (also the one-node lane's, :mod:`losses.lane`):
+    the scores' sum (one reduction instead of an elementwise ``isfinite``: NaN/Inf propagate
+    into it; an overflowing sum of finite scores is told apart by the exact check) and, with
+    ``terms``, whether there is a term. Raises :class:`NonFiniteScoresError` or
+    :class:`~contrastive.pairs.NoPairsError`."""
     total = scores.detach().sum()
     if terms is None:
         value, present = float(total), True

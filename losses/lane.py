@@ -60,7 +60,7 @@ class Lane(torch.autograd.Function):
         terms, kernel, args = loss
         kind, scale, alpha = critic
         s, state = unit_gram_forward(x, scale, kind, alpha)
-        K._check_values(s, positives, negatives, terms, "")  # raises: the general path then
+        K.check_values(s, positives, negatives, terms, "")  # raises: the general path then
         value, ds = kernel(s, positives, negatives, *args, True)
         ctx.general = general
         ctx.save_for_backward(x, unit_gram_backward(ds, state))

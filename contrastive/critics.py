@@ -360,9 +360,9 @@ class Cosine(Critic):
         ``load_state_dict``, makes a new one): two operations fewer per call, about 3% of a
         B = 128 InfoNCE pass on CPU, and two more at ``t = 1``. A learnable one is computed
         in the graph."""
-        return self._scale_and_value(dtype)[0]
+        return self.scale_and_value(dtype)[0]
 
-    def _scale_and_value(self, dtype: torch.dtype) -> tuple[Tensor | None, float | None]:
+    def scale_and_value(self, dtype: torch.dtype) -> tuple[Tensor | None, float | None]:
         """:meth:`scale` and, for a fixed temperature, its value as a Python float (read once
         per cache entry; :func:`unit_gram` takes it into its backward product)."""
         t = self.log_inv_t
@@ -383,7 +383,7 @@ class Cosine(Critic):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if b is a:
-            return unit_gram(a, "cosine", *self._scale_and_value(a.dtype))
+            return unit_gram(a, "cosine", *self.scale_and_value(a.dtype))
         an, bn = unit_rows(a), unit_rows(b)
         scale = self.scale(an.dtype)
         return (an if scale is None else an * scale) @ bn.T

@@ -38,7 +38,7 @@ from contrastive.validation import check_positive_int
 
 from . import bounds as LB
 from . import kernels as K
-from .modules import PairLoss, _critic_or_temperature, _NoAutocast
+from .modules import PairLoss, _critic_or_temperature
 
 __all__ = ["TUBA", "MINE", "SMILE", "AlphaInfoNCE", "FLO", "L1Out", "CLUB"]
 
@@ -79,7 +79,7 @@ class _WithEmbeddings(_Estimator):
         return a, (a if p.self_reference else K.full_precision(p.candidates))
 
     def _score(self, p: Pairs) -> Tensor:
-        with _NoAutocast(p.anchors.device.type):
+        with K.no_autocast(p.anchors.device.type):
             self.batch = self._inputs(p)
             return self.critic(*self.batch)
 
@@ -343,7 +343,7 @@ class _ConditionalBound(_WithEmbeddings):
 
     def _score(self, p: Pairs) -> Tensor:
         """``L_enc``: the conditional with detached parameters (and buffers)."""
-        with _NoAutocast(p.anchors.device.type):
+        with K.no_autocast(p.anchors.device.type):
             self.batch = self._inputs(p)
             frozen = {k: v.detach() for k, v in (*self.critic.named_parameters(),
                                                  *self.critic.named_buffers())}

@@ -164,21 +164,14 @@ def _supcon_kernel(scores, positives, negatives, reduction, need_grad):
     and ``w`` the reduction's weight, row i's gradient is
     ``w (softmax_V(S_i.) - P_i. / |P_i|)`` for an anchor with a positive, 0 otherwise."""
     dt = scores.dtype
-    big = torch.finfo(dt).max
     pf, qf = K.as_float(positives, dt), K.as_float(negatives, dt)
     keep = torch.maximum(pf, qf)  # V as 0/1 values
-    # kernels.stacked_lse's steps, inline: the dropped entries' exponent floored, z summed
-    # before they are zeroed (each adds exp(EXP_FLOOR), which changes no sum with a kept one)
-    w = torch.add(scores, keep.sub(1.0), alpha=big)
-    m = w.amax(1, keepdim=True).clamp_min_(-0.5 * big)
-    e = w.sub_(m).clamp_min_(K.EXP_FLOOR.get(dt, -87.0)).exp_()
-    z = e.sum(1, keepdim=True)
-    e.mul_(keep)
+    lse, e, _, z = K.stacked_lse(scores, keep)
     count = pf.sum(1, keepdim=True)
     has = count.clamp_max(1.0)  # 1 for an anchor with a positive, else 0
     inv_count = count.clamp_min(1.0).reciprocal_()
     pulled = (scores * pf).sum(1, keepdim=True).mul_(inv_count)  # mean_P S
-    total = z.log().add_(m).sub_(pulled).mul_(has).sum()  # sum of lse - mean_P S
+    total = lse.sub_(pulled).mul_(has).sum()  # sum of lse - mean_P S
     if reduction == "sum":
         value, weight = total, has
     else:
@@ -735,11 +728,18 @@ def _triplet_all_kernel(scores, positives, negatives, idx, valid, margin, reduct
     return total * w, (g.mul_(w) if need_grad else None)
 
 
-def _triplet_lane_kernel(scores, positives, negatives, margin, mining, reduction, need_grad):
-    """:func:`triplet`'s value and ``dL/dS`` for a checked hinge call (boolean masks, no miner's
-    triplets, a reduced loss), as :func:`triplet` computes them on its fused paths: the kernel
-    of :meth:`losses.modules.Triplet.lane_kernel`. All triplets with many positives per anchor
-    (no dense kernel) take the sorted autograd form, its gradient taken here."""
+def _n_triplets(positives: Tensor, negatives: Tensor) -> Tensor:
+    """The number of valid triplets, ``sum_a |P_a| |Q_a|`` (int64: a row's product passes
+    int32 beyond ~92k reference items), for the means that divide by it."""
+    return (K.count_rows(positives).to(torch.int64) * K.count_rows(negatives)).sum()
+
+
+def _triplet_kernel(scores, positives, negatives, margin, mining, reduction, need_grad):
+    """:func:`triplet`'s hinge loss (boolean masks, no given triplets, a reduced loss) and its
+    ``dL/dS`` in one pass (``kernels.fused``; the module's one-node lane,
+    :meth:`losses.modules.Triplet.lane_kernel`, takes the same kernel): batch-hard and
+    semi-hard from their kernels, all triplets from the dense one when an anchor has few
+    positives, else from the sorted autograd form, its gradient taken here."""
     if mining == "hard":
         ok = (K.count_rows(positives) > 0) & (K.count_rows(negatives) > 0)
         return _triplet_hard_kernel(scores, positives, negatives, ok, margin, reduction,
@@ -750,8 +750,7 @@ def _triplet_lane_kernel(scores, positives, negatives, margin, mining, reduction
         return _triplet_semihard_kernel(scores, positives, negatives, idx, valid,
                                         K.count_rows(negatives) > 0, margin, reduction,
                                         need_grad)
-    n_triplets = ((K.count_rows(positives).to(torch.int64) * K.count_rows(negatives)).sum()
-                  if reduction == "mean" else None)
+    n_triplets = _n_triplets(positives, negatives) if reduction == "mean" else None
     if _use_dense(idx.shape[1], scores.shape[1]):
         return _triplet_all_kernel(scores, positives, negatives, idx, valid, margin, reduction,
                                    n_triplets, need_grad)
@@ -764,8 +763,8 @@ def _triplet_lane_kernel(scores, positives, negatives, margin, mining, reduction
     return value.detach(), grad
 
 
-def _triplet_all_slow(scores, positives, negatives, idx, valid, margin, reduction, n_triplets):
-    return triplet(scores, positives, negatives, margin, "all", False, reduction, check=False)
+def _triplet_slow(scores, positives, negatives, margin, mining, reduction):
+    return triplet(scores, positives, negatives, margin, mining, False, reduction, check=False)
 
 
 def _triplet_hard_kernel(scores, positives, negatives, ok, margin, reduction, need_grad):
@@ -787,10 +786,6 @@ def _triplet_hard_kernel(scores, positives, negatives, ok, margin, reduction, ne
     coef = (active.to(scores.dtype) * w)[:, None]
     grad = torch.zeros_like(scores).scatter_add_(1, n_col, coef)
     return value, grad.scatter_add_(1, p_col, coef.neg_())
-
-
-def _triplet_hard_slow(scores, positives, negatives, _ok, margin, reduction):
-    return triplet(scores, positives, negatives, margin, "hard", False, reduction, check=False)
 
 
 def _triplet_semihard_kernel(scores, positives, negatives, idx, valid, has_neg, margin,
@@ -819,11 +814,6 @@ def _triplet_semihard_kernel(scores, positives, negatives, idx, valid, has_neg, 
     # gather backward passes would give it
     grad = torch.zeros_like(scores).scatter_add_(1, n_col, coef)
     return value, grad.scatter_add_(1, idx, coef.neg_())
-
-
-def _triplet_semihard_slow(scores, positives, negatives, idx, valid, has_neg, margin, reduction):
-    return triplet(scores, positives, negatives, margin, "semihard", False, reduction,
-                   check=False)
 
 
 def _sorted_negatives(scores: Tensor, negatives: Tensor):
@@ -1148,22 +1138,17 @@ def triplet(
         a, p, n = triplets
         terms = _hinge(scores[a, n] - scores[a, p] + margin, soft)
         return K.reduce_terms(terms, reduction, terms.numel())
-    if mining == "all":
-        # the number of valid triplets, for the means that divide by it (soft terms are never
-        # 0); int64: a row's |P_i| |Q_i| passes int32 beyond ~92k reference items
-        n_triplets = ((K.count_rows(positives).to(torch.int64) * K.count_rows(negatives)).sum()
-                      if soft or reduction == "mean" else None)
-    else:
-        has_neg = K.count_rows(negatives) > 0
-        if mining == "hard":
-            ok = (K.count_rows(positives) > 0) & has_neg
     if reduction == "none" and mining == "all":
         return _triplet_terms(scores, positives, negatives, margin, soft)
-    fused = not soft and K.fusable(scores, positives, negatives, check, reduction)
+    if not soft and K.fusable(scores, positives, negatives, check, reduction):
+        return K.fused(_triplet_kernel, _triplet_slow, scores, positives, negatives, margin,
+                       mining, reduction)
+    if mining == "all":
+        n_triplets = _n_triplets(positives, negatives) if soft or reduction == "mean" else None
+    else:
+        has_neg = K.count_rows(negatives) > 0
     if mining == "hard":  # per anchor, from the masks: no index of the positives needed
-        if fused:
-            return K.fused(_triplet_hard_kernel, _triplet_hard_slow, scores, positives,
-                           negatives, ok, margin, reduction)
+        ok = (K.count_rows(positives) > 0) & has_neg
         p_col, n_col = _hardest_columns(scores.detach(), positives, negatives)
         diff = (scores.gather(1, n_col) - scores.gather(1, p_col)).squeeze(1)
         terms = torch.where(ok, _hinge(diff + margin, soft), 0.0)
@@ -1176,13 +1161,8 @@ def triplet(
             else:
                 total = _triplet_soft_masked(scores, positives, negatives, margin)
             return total if reduction == "sum" else total / n_triplets.clamp_min(1)
-        method, padded = ("auto" if check else "masked"), None
-        if fused:
-            padded = idx, valid = K.padded_positives(pi)
-            if _use_dense(idx.shape[1], scores.shape[1]):
-                return K.fused(_triplet_all_kernel, _triplet_all_slow, scores, positives,
-                               negatives, idx, valid, margin, reduction, n_triplets)
-        total, count = _triplet_all(scores, positives, negatives, margin, method, pi, padded)
+        total, count = _triplet_all(scores, positives, negatives, margin,
+                                    "auto" if check else "masked", pi)
         if reduction == "sum":
             return total
         if reduction == "mean":
@@ -1192,9 +1172,6 @@ def triplet(
     # every column (static shapes)
     if check:
         idx, valid = K.padded_positives(pi)
-        if fused:
-            return K.fused(_triplet_semihard_kernel, _triplet_semihard_slow, scores, positives,
-                           negatives, idx, valid, has_neg, margin, reduction)
         s_ap = scores.gather(1, idx)
     else:
         idx, valid, s_ap = None, positives, scores

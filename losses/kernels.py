@@ -15,6 +15,7 @@ pieces as the shipped ones (:mod:`losses.functional`, :mod:`losses.pair_based`,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import NamedTuple
@@ -49,6 +50,15 @@ def as_float(mask: Tensor, dtype: torch.dtype) -> Tensor:
     ``mask.to(dtype)``); multiplying by it is then several times faster than ``torch.where``
     on the mask."""
     return mask.view(torch.uint8).to(dtype)
+
+
+def no_autocast(device_type: str):
+    """``torch.autocast(device_type, enabled=False)`` when autocast is on for that device, else
+    a context that does nothing (cheaper than entering a disabled autocast): the losses and
+    their critics compute in full precision (:func:`full_precision`)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def full_precision(x: Tensor) -> Tensor:
@@ -327,7 +337,8 @@ def stacked_lse(x: Tensor, keep: Tensor, dim: int = -1, overwrite: bool = False)
     and sigmoid are exactly 0. For scores of magnitude below ``finfo.max / 2``."""
     big = torch.finfo(x.dtype).max
     off = keep - 1.0
-    w = x.add_(off, alpha=big) if overwrite and x.shape == off.shape else off.mul_(big).add_(x)
+    w = (x.add_(off, alpha=big) if overwrite and x.shape == off.shape
+         else torch.add(x, off, alpha=big))
     m = w.amax(dim, keepdim=True).clamp_min_(-0.5 * big)
     e = w.sub_(m).clamp_min_(EXP_FLOOR.get(w.dtype, -87.0)).exp_()
     z = e.sum(dim, keepdim=True)

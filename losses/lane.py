@@ -24,7 +24,6 @@ A module takes the lane by returning its kernel from :meth:`losses.modules.PairL
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -122,7 +121,7 @@ def lane_critic(critic, dtype: torch.dtype) -> tuple | None:
     if type(critic) is Cosine:
         if critic.log_inv_t.requires_grad:
             return None
-        return ("cosine", *critic._scale_and_value(dtype))
+        return ("cosine", *critic.scale_and_value(dtype))
     if type(critic) is NegativeL2 and critic.normalize:
         return ("l2sq" if critic.squared else "l2", None, None)
     return None
@@ -143,9 +142,7 @@ def lane_loss(x: Tensor, positives: Tensor, negatives: Tensor, critic, terms: st
         return None
     if torch.compiler.is_compiling():
         return None
-    off = (torch.autocast(x.device.type, enabled=False)
-           if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext())
-    with off:
+    with K.no_autocast(x.device.type):
         x = K.full_precision(x)
         spec = lane_critic(critic, x.dtype)
         if spec is None or x.dtype not in _DTYPES:

@@ -33,7 +33,6 @@ MoCo-style queue of negatives, both on one FIFO of embeddings (and labels) kept 
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -310,7 +309,7 @@ class CrossBatchMemory(nn.Module):
         """The loss of a step without anchors (a fill-only step): the functional core's zero
         on the ``[0, K]`` scores (PML's zero), in the graph, with the loss's reduction's shape;
         no warning (the step asked for it)."""
-        with _no_autocast(emb.device.type):
+        with K.no_autocast(emb.device.type):
             s = self.loss.critic(K.full_precision(emb), ref)
             none = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
             return self.loss.compute(s, none, none, check=False)
@@ -337,7 +336,7 @@ class CrossBatchMemory(nn.Module):
             a1, p = made.nonzero(as_tuple=True)
             a2, n = neg.nonzero(as_tuple=True)
             indices_tuple = _concat_tuples((a1, p, a2, n), _pml_form(indices_tuple, 4, labels))
-        with _no_autocast(s.device.type):
+        with K.no_autocast(s.device.type):
             triplets = None
             if indices_tuple is not None:
                 if loss.check and not loss.has_terms(pos, neg):
@@ -367,13 +366,6 @@ def _pml_form(indices_tuple, length: int, labels: Tensor):
     if length == 4:
         return lmu.convert_to_pairs(indices_tuple, labels)
     return lmu.convert_to_triplets(indices_tuple, labels)
-
-
-def _no_autocast(device_type: str):
-    """Autocast switched off when it is on (the loss runs in full precision, as the modules)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _aliases(a: Tensor, b: Tensor) -> bool:
@@ -468,7 +460,7 @@ class NegativeQueue(nn.Module):
             bank = bank.clone()
         pooled = self.pooled and bank.shape[0] > 0
         try:
-            with _no_autocast(query.device.type):
+            with K.no_autocast(query.device.type):
                 s = queue_scores(loss.critic, q, k, bank, pooled)
                 pos, neg = self._masks(s.shape[0], s.shape[1] - 1, s.device)
                 if loss.check and not loss.has_terms(pos, neg):

@@ -67,25 +67,6 @@ __all__ = ["PairLoss", "InfoNCE", "NWJ", "JS", "DV", "MultiClassNPair", "Triplet
            "first_pair_per_class"]
 
 
-class _NoAutocast:
-    """``torch.autocast(device_type, enabled=False)`` entered only when autocast is on for that
-    device (entering and leaving the context costs more than the check)."""
-
-    __slots__ = ("_ctx",)
-
-    def __init__(self, device_type: str):
-        self._ctx = (torch.autocast(device_type=device_type, enabled=False)
-                     if torch.is_autocast_enabled(device_type) else None)
-
-    def __enter__(self):
-        if self._ctx is not None:
-            self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return False if self._ctx is None else self._ctx.__exit__(*exc)
-
-
 class PairLoss(nn.Module):
     """Base class: resolve the call into (anchors, candidates, masks), score them with the
     critic in full precision, and hand ``(S, P, Q)`` to :meth:`compute`.
@@ -149,7 +130,7 @@ class PairLoss(nn.Module):
             check_embeddings(ref_emb, "ref_emb")
 
     def _score(self, p: Pairs) -> Tensor:
-        with _NoAutocast(p.anchors.device.type):
+        with K.no_autocast(p.anchors.device.type):
             a = K.full_precision(p.anchors)
             b = a if p.self_reference else K.full_precision(p.candidates)
             return self.critic(a, b)
@@ -249,7 +230,7 @@ class PairLoss(nn.Module):
                     reg = self.penalty(p)
                     return loss if reg is None else loss + reg
         s = self._score(p)
-        with _NoAutocast(s.device.type):
+        with K.no_autocast(s.device.type):
             pos, neg, triplets = p.positives, p.negatives, None
             mined = indices_tuple is not None
             if mined and not self.mines_in_pairs:
@@ -592,7 +573,7 @@ class Triplet(PairLoss):
         reduction = LF._check_triplet_args(self.mining, self.reduction)
         if self.soft or reduction == "none":
             return None
-        return LF._triplet_lane_kernel, (self.margin, self.mining, reduction)
+        return LF._triplet_kernel, (self.margin, self.mining, reduction)
 
     def extra_repr(self) -> str:
         return (f"margin={self.margin}, mining={self.mining!r}, soft={self.soft}, "

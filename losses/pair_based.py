@@ -139,12 +139,8 @@ def multi_similarity(
     scores, positives, negatives = K.prepare(scores, positives, negatives, check, "any",
                                              "the multi-similarity loss")
     if fused:
-        if epsilon is None:
-            keep, extrema = K.stack_as_float((positives, negatives), scores.dtype), None
-        else:
-            keep, extrema = _mined_keep(scores.detach(), positives, negatives, epsilon)
-        return K.fused(_multi_similarity_kernel, _multi_similarity_slow, scores, keep, extrema,
-                      alpha, beta, base, reduction)
+        return K.fused(_multi_similarity_masks_kernel, _multi_similarity_slow, scores,
+                       positives, negatives, alpha, beta, base, epsilon, reduction)
     if epsilon is not None:
         positives, negatives = multi_similarity_pairs(scores, positives, negatives, epsilon)
     pos = K.softplus(_positive_lse(lambda v: (base - v) * alpha, scores, positives, check))
@@ -177,8 +173,9 @@ def _mined_keep(scores: Tensor, positives: Tensor, negatives: Tensor,
     return torch.rsub(y, -epsilon).sub_(r.flip(0)).lt_(0.0), r
 
 
-def _multi_similarity_slow(scores, keep, extrema, alpha, beta, base, reduction):
-    return multi_similarity(scores, keep[0] > 0, keep[1] > 0, alpha, beta, base, None,
+def _multi_similarity_slow(scores, positives, negatives, alpha, beta, base, epsilon,
+                           reduction):
+    return multi_similarity(scores, positives, negatives, alpha, beta, base, epsilon,
                             reduction, check=False)
 
 
@@ -216,11 +213,12 @@ def _multi_similarity_kernel(scores, keep, extrema, alpha, beta, base, reduction
     return value, torch.add(e[0], e[1])
 
 
-def _multi_similarity_lane_kernel(scores, positives, negatives, alpha, beta, base, epsilon,
-                                  reduction, need_grad):
-    """:func:`_multi_similarity_kernel` from ``(S, P, Q)``, its masks built as
-    :func:`multi_similarity`'s fused path builds them (the pair mining with ``epsilon``):
-    the kernel of :meth:`MultiSimilarity.lane_kernel`."""
+def _multi_similarity_masks_kernel(scores, positives, negatives, alpha, beta, base, epsilon,
+                                   reduction, need_grad):
+    """:func:`_multi_similarity_kernel` from ``(S, P, Q)``: the masks as 0/1 values, or the
+    pairs that the mining with ``epsilon`` keeps (:func:`_mined_keep`, on scores without a
+    gradient). :func:`multi_similarity`'s fused path and :meth:`MultiSimilarity.lane_kernel`
+    both take it."""
     if epsilon is None:
         keep, extrema = K.stack_as_float((positives, negatives), scores.dtype), None
     else:
@@ -665,8 +663,8 @@ class MultiSimilarity(PairLoss):
         if self.reduction == "none":
             return None
         base = _distance_sign(self.critic) * self.base
-        return _multi_similarity_lane_kernel, (self.alpha, self.beta, base, self.epsilon,
-                                               self.reduction)
+        return _multi_similarity_masks_kernel, (self.alpha, self.beta, base, self.epsilon,
+                                                self.reduction)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, beta={self.beta}, base={self.base}, "

@@ -53,7 +53,7 @@ from contrastive.validation import check_embeddings, check_temperature
 
 from . import kernels as K
 from .lane import CosineLane
-from .modules import PairLoss, _NoAutocast
+from .modules import PairLoss
 from .pair_based import miner_weights, nca
 
 __all__ = [
@@ -515,7 +515,7 @@ class ProxyLoss(PairLoss):
         if not y.numel():
             return None
         self._weights = None
-        with _NoAutocast(x.device.type):
+        with K.no_autocast(x.device.type):
             value = _ProxySoftmax.apply(K.full_precision(x), proxies,
                                         y.clamp(0, self.num_classes - 1), lane, self.reduction,
                                         self._general)
@@ -560,7 +560,7 @@ class ProxyLoss(PairLoss):
         cached scale (no operation per call), else None."""
         critic = self.critic
         if type(critic) is Cosine and not critic.log_inv_t.requires_grad:
-            return critic._scale_and_value(torch.float64)[1]
+            return critic.scale_and_value(torch.float64)[1]
         return None
 
     def forward(self, embeddings: Tensor, labels: Tensor | None = None,
@@ -672,7 +672,7 @@ class ProxyAnchor(ProxyLoss):
             return None
         self._weights = None
         pos = self._one_hot(y.clamp(0, self.num_classes - 1))
-        with _NoAutocast(x.device.type):
+        with K.no_autocast(x.device.type):
             xf = K.full_precision(x)
             value = self._one_node(xf, proxies, pos)
             if value is None:

@@ -52,7 +52,11 @@ class NoPairsWarning(UserWarning):
 
 
 class Pairs(NamedTuple):
-    """Anchors, candidates and the boolean masks between them."""
+    """Anchors, candidates and the boolean masks between them. ``self_reference``: the
+    candidates are the anchors themselves and the masks are :func:`label_masks` of their
+    labels (so an anchor has a positive and a negative -- a triplet -- somewhere exactly when
+    the batch has a positive pair and a negative pair; the one-node lane's check relies on it,
+    :mod:`losses.lane`)."""
 
     anchors: Tensor
     candidates: Tensor

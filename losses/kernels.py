@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from contrastive.pairs import require_positives, require_terms, terms_flag
@@ -142,19 +144,23 @@ def prepare(scores: Tensor, positives: Tensor, negatives: Tensor | None, check: 
 
 
 def check_values(scores: Tensor, positives: Tensor, negatives: Tensor, terms: str | None,
-                 what: str) -> None:
+                 what: str) -> Tensor | None:
     """:func:`prepare`'s checks in one host read (also the one-node lane's, :mod:`losses.lane`):
     the scores' sum (one reduction instead of an elementwise ``isfinite``: NaN/Inf propagate
     into it; an overflowing sum of finite scores is told apart by the exact check) and, with
     ``terms``, whether there is a term. Raises :class:`NonFiniteScoresError` or
-    :class:`~contrastive.pairs.NoPairsError`."""
+    :class:`~contrastive.pairs.NoPairsError`. Returns the masks' stacked bytes
+    ``[2, N, M]`` where it built them (``terms`` "both" or "any"), else None: the lane hands
+    them to its kernel (:func:`sharing_stack`)."""
     total = scores.detach().sum()
+    stacked = None
     if terms is None:
         value, present = float(total), True
     elif terms in ("both", "any") and plain_masks(positives, negatives) and positives.numel():
         # both masks' "any" in one reduction over their bytes, read with the sum (5 operations
         # instead of 9: at B = 128 each costs more than its arithmetic)
-        flags = torch.stack((positives, negatives)).view(torch.uint8).amax((1, 2))
+        stacked = torch.stack((positives, negatives)).view(torch.uint8)
+        flags = stacked.amax((1, 2))
         value, has_p, has_q = torch.cat((total.view(1), flags)).tolist()
         present = (has_p and has_q) if terms == "both" else (has_p or has_q)
     else:
@@ -166,6 +172,7 @@ def check_values(scores: Tensor, positives: Tensor, negatives: Tensor, terms: st
         )
     if not present:
         require_terms(terms, positives, negatives, what)  # raises, saying what is missing
+    return stacked
 
 
 class PosIndex(NamedTuple):
@@ -345,10 +352,35 @@ def stacked_lse(x: Tensor, keep: Tensor, dim: int = -1, overwrite: bool = False)
     return m + z.log(), e.mul_(keep), m, z
 
 
+#: the masks' stacked bytes that :func:`check_values` built, while the one-node lane runs its
+#: kernel on the same masks (:func:`sharing_stack`; per thread)
+_SHARED = threading.local()
+
+
 def stack_as_float(masks: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
     """Boolean masks stacked as ``[len(masks), N, M]`` 0/1 values (:func:`stacked_lse`'s
-    ``keep`` for several log-sum-exps in one pass)."""
+    ``keep`` for several log-sum-exps in one pass). Inside :func:`sharing_stack` for the very
+    mask objects ``(P, Q)`` it was given, from the check's stacked bytes (one stack per call,
+    not two)."""
+    shared = getattr(_SHARED, "stack", None)
+    if (shared is not None and len(masks) == 2 and masks[0] is shared[0]
+            and masks[1] is shared[1]):
+        return shared[2].to(dtype)
     return as_float(torch.stack(masks), dtype)
+
+
+@contextlib.contextmanager
+def sharing_stack(positives: Tensor, negatives: Tensor, stacked: Tensor | None):
+    """While the block runs, :func:`stack_as_float` of exactly ``(positives, negatives)``
+    converts ``stacked`` (their stacked bytes, :func:`check_values`'s return) instead of
+    stacking them again. The lane's forward wraps its kernel call in it; with ``stacked``
+    None it changes nothing."""
+    previous = getattr(_SHARED, "stack", None)
+    _SHARED.stack = None if stacked is None else (positives, negatives, stacked)
+    try:
+        yield
+    finally:
+        _SHARED.stack = previous
 
 
 @functools.lru_cache(maxsize=256)
@@ -397,8 +429,19 @@ def valid(positives: Tensor, negatives: Tensor) -> Tensor:
     return torch.logical_or(positives, negatives)
 
 
+#: :func:`softplus`'s cut-off: above it ``softplus(z) = z`` to within ``exp(-40) = 4e-18``
+SOFTPLUS_CUT = 40.0
+
+
 def softplus(z: Tensor) -> Tensor:
-    """softplus without torch's linear cut-off above 20 (which is off by ~2e-9 there)."""
+    """``log(1 + exp(z))`` in one operation: torch's ``softplus`` with its linear cut-off moved
+    from 20 (off by ~2e-9 there, visible in float64) to :data:`SOFTPLUS_CUT` (``exp(40)``
+    still fits float32); below it ``log1p(exp(z))``, exact to a unit in the last place. One
+    operation instead of the stable form's six (``max(z, 0) + log1p(exp(-|z|))``), which
+    matters on the ``[N]`` vectors the kernels apply it to (docs/losses.md, "Fewer
+    operations"). Other dtypes (``exp(40)`` overflows float16) take the stable form."""
+    if z.dtype in (torch.float32, torch.float64):
+        return F.softplus(z, threshold=SOFTPLUS_CUT)
     return z.clamp_min(0.0) + torch.log1p(torch.exp(-z.abs()))
 
 

@@ -59,8 +59,10 @@ class Lane(torch.autograd.Function):
         terms, kernel, args = loss
         kind, scale, alpha = critic
         s, state = unit_gram_forward(x, scale, kind, alpha)
-        K.check_values(s, positives, negatives, terms, "")  # raises: the general path then
-        value, ds = kernel(s, positives, negatives, *args, True)
+        # raises: the general path then; the masks' stacked bytes go on to the kernel
+        stacked = K.check_values(s, positives, negatives, terms, "")
+        with K.sharing_stack(positives, negatives, stacked):
+            value, ds = kernel(s, positives, negatives, *args, True)
         ctx.general = general
         ctx.save_for_backward(x, unit_gram_backward(ds, state))
         return value
@@ -129,7 +131,9 @@ def lane_critic(critic, dtype: torch.dtype) -> tuple | None:
 
 def lane_loss(x: Tensor, positives: Tensor, negatives: Tensor, critic, terms: str,
               kernel: tuple, general: Callable[[Tensor], Tensor]) -> Tensor | None:
-    """The loss of ``x`` against itself through :class:`Lane`, or None where the lane does
+    """The loss of ``x`` against itself, with the label masks of
+    :func:`~contrastive.pairs.label_masks` (a self-reference :class:`~contrastive.pairs.Pairs`),
+    through :class:`Lane`, or None where the lane does
     not apply: no gradient wanted, not a 2-D floating-point batch, under ``torch.compile``,
     more than ``kernels.FUSED_MAX_ENTRIES`` scores (where the kernels give way to autograd
     forms), a critic the lane does not compute (:func:`lane_critic`), or a batch the check
@@ -142,6 +146,10 @@ def lane_loss(x: Tensor, positives: Tensor, negatives: Tensor, critic, terms: st
         return None
     if torch.compiler.is_compiling():
         return None
+    # the masks are label masks of the batch against itself (the modules take the lane only
+    # for a Pairs with self_reference): a triplet somewhere exactly when a positive pair and a
+    # negative pair, which the check reads in one reduction over both masks
+    terms = "both" if terms == "triplet" else terms
     with K.no_autocast(x.device.type):
         x = K.full_precision(x)
         spec = lane_critic(critic, x.dtype)

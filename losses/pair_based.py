@@ -134,27 +134,27 @@ def multi_similarity(
     :class:`~contrastive.pairs.NoPairsError` (a mining that keeps none gives 0).
     """
     K.check_reduction(reduction)
-    fused = K.fusable(scores, positives, negatives, check, reduction,
-                      None if epsilon is None else K.FUSED_MAX_ENTRIES * MINED_FUSED_FACTOR)
+    fused = K.fusable(scores, positives, negatives, check, reduction)
+    # past the fused kernel's size, the mining's sparse form (checked calls: it reads the
+    # positives' count)
+    sparse = (not fused and epsilon is not None
+              and K.fusable(scores, positives, negatives, check, reduction, scores.numel()))
     scores, positives, negatives = K.prepare(scores, positives, negatives, check, "any",
                                              "the multi-similarity loss")
     if fused:
         return K.fused(_multi_similarity_masks_kernel, _multi_similarity_slow, scores,
                        positives, negatives, alpha, beta, base, epsilon, reduction)
+    if sparse:
+        loss = _mined_sparse(scores, positives, negatives, alpha, beta, base, epsilon,
+                             reduction)
+        if loss is not None:
+            return loss
     if epsilon is not None:
         positives, negatives = multi_similarity_pairs(scores, positives, negatives, epsilon)
     pos = K.softplus(_positive_lse(lambda v: (base - v) * alpha, scores, positives, check))
     neg = K.softplus(K.masked_lse((scores - base) * beta, negatives, 1))
     pos, neg = pos / alpha, neg / beta
     return K.reduce_terms(pos + neg, reduction)
-
-
-#: with its pair mining (``epsilon``), multi-similarity takes its fused path up to this many
-#: times :data:`losses.kernels.FUSED_MAX_ENTRIES` score entries (B = 1448 against 256): the
-#: mining's masked extremes and comparisons cost the autograd form more than the stacked
-#: passes cost the kernel (measured on CPU, one thread, min of 28: B = 512, 4.94 -> 4.10 ms;
-#: B = 1024, 18.44 -> 17.61; B = 1448, 39.18 -> 35.86; B = 2048 about even)
-MINED_FUSED_FACTOR = 32
 
 
 def _mined_keep(scores: Tensor, positives: Tensor, negatives: Tensor,
@@ -173,6 +173,66 @@ def _mined_keep(scores: Tensor, positives: Tensor, negatives: Tensor,
     return torch.rsub(y, -epsilon).sub_(r.flip(0)).lt_(0.0), r
 
 
+def _mined_sparse_kernel(scores, negatives, idx, valid, alpha, beta, base, epsilon, reduction,
+                         need_grad):
+    """:func:`multi_similarity` with its pair mining at large batches, in one pass without
+    autograd (``kernels.fused``): the positives by index (``[N, k]``, k the most positives of a
+    row, one host read) and the negatives as one ``[N, M]`` buffer, about ten passes over it
+    where the masked form makes twenty (the two masked extremes, the comparisons into boolean
+    masks, both log-sum-exps over the whole matrix and their autograd nodes). The same
+    comparisons as :func:`multi_similarity_pairs` (``S - eps < max_Q S`` on P,
+    ``S + eps > min_P S`` on Q). The negatives' buffer ``t = S`` on Q, ``-inf`` elsewhere gives
+    ``max_Q S``; the unmined entries become ``-inf``, so ``exp(beta (t - max_Q S))`` is 0 there
+    and at most 1 on the mined ones, whose maximum is the row's hardest negative whenever the
+    row mines any (``S`` monotone). ``idx, valid``: the positives as
+    :func:`kernels.padded_positives`."""
+    n = scores.shape[0]
+    dtype = scores.dtype
+    w = 1.0 if reduction == "sum" else 1.0 / max(n, 1)
+    t = torch.where(negatives, scores, _NEG_INF)
+    hardest = t.amax(1, keepdim=True)  # -inf: no negative
+    sp = scores.gather(1, idx)
+    easiest = torch.where(valid, sp, _POS_INF).amin(1, keepdim=True)  # +inf: no positive
+    # positives: [N, k]
+    kept = torch.lt(sp - epsilon, hardest) & valid
+    xp = torch.where(kept, (base - sp) * alpha, _NEG_INF)
+    lse_p = torch.logsumexp(xp, 1, keepdim=True)  # -inf: nothing mined
+    # negatives: [N, M], in place on t
+    t.masked_fill_(torch.le(t + epsilon, easiest), _NEG_INF)
+    t.sub_(torch.where(torch.isfinite(hardest), hardest, 0.0)).mul_(beta).exp_()
+    z = t.sum(1, keepdim=True)  # >= 1 where a negative is mined (its hardest gives exp(0)), else 0
+    lse_n = (hardest - base) * beta + z.log()
+    value = (K.softplus(lse_p).sum() / alpha + K.softplus(lse_n).sum() / beta) * w
+    if not need_grad:
+        return value, None
+    # d softplus(lse) / dx = sigmoid(lse) softmax(x); x = beta (S - base) on Q', -alpha (S - base)
+    # on P', each divided by its own beta / alpha: the negatives' weight sigmoid(lse) e / z, the
+    # positives' -sigmoid(lse) softmax
+    t.mul_(torch.sigmoid(lse_n).mul_(w).div_(z.clamp_min(torch.finfo(dtype).tiny)))
+    gp = torch.exp(xp - torch.where(torch.isfinite(lse_p), lse_p, 0.0))  # 0 off the mined
+    gp.mul_(torch.sigmoid(lse_p).mul_(-w))
+    return value, t.scatter_add_(1, idx, gp)
+
+
+def _mined_sparse(scores, positives, negatives, alpha, beta, base, epsilon, reduction):
+    """:func:`_mined_sparse_kernel`'s loss, or None where the batch has no positive or an anchor
+    has more than a quarter of the columns as positives (the masked form then: indices would
+    cost more than a pass)."""
+    rows, cols = positives.nonzero(as_tuple=True)
+    if rows.numel() == 0:  # nothing to mine against: the masked form's 0
+        return None
+    count = torch.bincount(rows, minlength=positives.shape[0])
+    idx, valid = K.padded_positives(K.PosIndex(rows, cols, count))
+    if idx.shape[1] * 4 > scores.shape[1]:
+        return None
+
+    def slow(s, negatives, idx, valid, *args):
+        return _multi_similarity_slow(s, positives, negatives, *args)
+
+    return K.fused(_mined_sparse_kernel, slow, scores, negatives, idx, valid, alpha, beta, base,
+                   epsilon, reduction)
+
+
 def _multi_similarity_slow(scores, positives, negatives, alpha, beta, base, epsilon,
                            reduction):
     return multi_similarity(scores, positives, negatives, alpha, beta, base, epsilon,
@@ -184,7 +244,7 @@ def _multi_similarity_kernel(scores, keep, extrema, alpha, beta, base, reduction
     masks as :func:`kernels.stack_as_float`: both log-sum-exps as one stacked ``[2, N, M]``
     pass,
     ``x = (S - base) * (-alpha, beta)``; the gradient of ``softplus(lse_i) / a`` is
-    ``sign * e_ij / (exp(-m_i) + z_i)``. ``extrema``: :func:`_mined_keep`'s row maxima
+    ``sign * sigmoid(lse_i) e_ij / z_i``. ``extrema``: :func:`_mined_keep`'s row maxima
     ``(-min_P S, max_Q S)``, which give the mined pairs' maxima of ``x`` without a masked
     maximum (a row with a mined pair keeps its extreme one, and ``x`` is monotone in ``S``);
     the dropped entries are then zeroed after the exponential (a row without a mined pair:
@@ -194,22 +254,23 @@ def _multi_similarity_kernel(scores, keep, extrema, alpha, beta, base, reduction
     scale = K.const((-alpha, beta), dtype, device, (2, 1, 1))
     x = (scores - base).unsqueeze(0) * scale
     if extrema is None:
-        lse, e, m, z = K.stacked_lse(x, keep, overwrite=True)
+        lse, e, _, z = K.stacked_lse(x, keep, overwrite=True)
     else:
         m = (extrema * K.const((-1.0, 1.0), dtype, device, (2, 1, 1))).sub_(base).mul_(scale)
         e = x.sub_(m).clamp_(K.EXP_FLOOR.get(dtype, -87.0), 0.0).exp_().mul_(keep)
         z = e.sum(-1, keepdim=True)
         lse = m + z.log()
-    total = K.softplus(lse).div_(K.const((alpha, beta), dtype, device, (2, 1, 1))).sum(0).sum()
-    value = total if reduction == "sum" else total / n
+    w = 1.0 if reduction == "sum" else 1.0 / n
+    # the sum of softplus(lse) / (alpha, beta), times w, as one product and one sum
+    value = torch.mul(K.softplus(lse),
+                      K.const((w / alpha, w / beta), dtype, device, (2, 1, 1))).sum()
     if not need_grad:
         return value, None
-    w = 1.0 if reduction == "sum" else 1.0 / n
-    # a row without a mined pair has z = 0 and e = 0 (with float32 scores large enough for
-    # exp(-m) to underflow, 0 / 0): the floor keeps its coefficient finite; a row with one has
-    # z >= 1, which the floor leaves alone
-    denom = m.neg_().exp_().add_(z).clamp_min_(torch.finfo(dtype).tiny)
-    e.mul_(torch.div(K.const((-w, w), dtype, device, (2, 1, 1)), denom))
+    # d softplus(lse) / dx = sigmoid(lse) e / z; a row without a mined pair has z = 0, e = 0
+    # and lse = -inf (sigmoid 0): the floor on z keeps its coefficient 0 (a row of the stacked
+    # log-sum-exp always has z > 0)
+    coef = torch.sigmoid(lse).mul_(K.const((-w, w), dtype, device, (2, 1, 1)))
+    e.mul_(coef.div_(z if extrema is None else z.clamp_min_(torch.finfo(dtype).tiny)))
     return value, torch.add(e[0], e[1])
 
 

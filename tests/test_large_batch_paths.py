@@ -9,6 +9,7 @@ import torch
 from contrastive import critics as C
 from contrastive.pairs import label_masks
 from losses import functional as LF
+from losses import kernels as K
 from losses import modules as M
 from losses import pair_based as PB
 
@@ -161,23 +162,94 @@ def test_l2_against_a_reference_set_zero_distance_gradient(normalize):
     torch.testing.assert_close(got, a.grad, rtol=1e-7, atol=1e-9)
 
 
-def test_multi_similarity_mining_stays_fused_further_and_equals_the_autograd_form(monkeypatch):
-    """With its pair mining, multi-similarity keeps its fused kernel up to
-    ``MINED_FUSED_FACTOR`` times ``FUSED_MAX_ENTRIES`` (B = 400 here, past the general limit of
-    256); without mining it does not. The fused value and gradient equal the autograd form's."""
-    from losses import kernels as K
+def _ms_value_and_grad(scores, p, q, **kw):
+    s = scores.clone().requires_grad_(True)
+    v = PB.multi_similarity(s, p, q, **kw)
+    name = type(v.grad_fn).__name__
+    v.backward()
+    return v.detach(), s.grad, name
 
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(400, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    y = torch.arange(400) // 4
-    mined = PB.MultiSimilarity(epsilon=0.1)
-    v = mined(x, y)
-    assert type(v.grad_fn).__name__ == "FusedLossBackward"
-    assert type(PB.MultiSimilarity()(x, y).grad_fn).__name__ != "FusedLossBackward"
-    (gv,) = torch.autograd.grad(v, x)
-    monkeypatch.setattr(K, "FUSED_MAX_ENTRIES", 0)  # the autograd form, for mining too
-    w = mined(x, y)
-    assert type(w.grad_fn).__name__ != "FusedLossBackward"
-    (gw,) = torch.autograd.grad(w, x)
-    torch.testing.assert_close(v, w, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gv, gw, rtol=1e-9, atol=1e-12)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("labels", ["m_per_class", "uneven"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_multi_similarity_mining_sparse_path_equals_the_masked_form(dtype, labels, reduction):
+    """Past the fused kernel's size (B = 300: 90,000 scores), a checked call with the pair
+    mining takes the sparse form (positives by index, one ``[N, M]`` buffer for the
+    negatives): value and gradient equal the masked autograd form (``check=False``), with every
+    anchor having 3 positives or between 0 and 7."""
+    g = torch.Generator().manual_seed(3)
+    n = 300
+    s = torch.rand(n, n, generator=g, dtype=dtype) * 2 - 1
+    y = (torch.arange(n) // 4 if labels == "m_per_class"
+         else torch.randint(0, 80, (n,), generator=g))
+    p, q = label_masks(y)
+    assert s.numel() > K.FUSED_MAX_ENTRIES
+    v, gs, name = _ms_value_and_grad(s, p, q, epsilon=0.1, reduction=reduction)
+    assert name == "FusedLossBackward"
+    w, gw, other = _ms_value_and_grad(s, p, q, epsilon=0.1, reduction=reduction, check=False)
+    assert other != "FusedLossBackward"
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(v, w, **tol)
+    torch.testing.assert_close(gs, gw, **tol)
+    assert float(gs.abs().max()) > 0
+
+
+def test_multi_similarity_sparse_path_rows_of_every_kind():
+    """Rows without a positive, without a negative, with nothing, and with nothing mined (a
+    positive far above every negative: nothing within epsilon), in the sparse form: the
+    masked form's value and gradient, all finite."""
+    g = torch.Generator().manual_seed(5)
+    n = 280
+    s = torch.rand(n, n, generator=g, dtype=torch.float64) * 2 - 1
+    p = torch.rand(n, n, generator=g) < 0.02
+    q = ~p & (torch.rand(n, n, generator=g) < 0.9)
+    p[0], q[0] = False, True  # no positive
+    p[1, :3], q[1] = True, False  # no negative
+    p[2], q[2] = False, False  # nothing
+    p[3], q[3] = False, True
+    p[3, 5] = True
+    q[3, 5] = False
+    s[3] = -0.9
+    s[3, 5] = 0.99  # its positive is far more similar than every negative: nothing mined
+    v, gs, name = _ms_value_and_grad(s, p, q, epsilon=0.1)
+    assert name == "FusedLossBackward"
+    w, gw, _ = _ms_value_and_grad(s, p, q, epsilon=0.1, check=False)
+    torch.testing.assert_close(v, w, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gs, gw, rtol=1e-12, atol=1e-14)
+    assert bool(torch.isfinite(gs).all())
+    assert float(gs[2].abs().max()) == 0.0 and float(gs[3].abs().max()) == 0.0
+
+
+def test_multi_similarity_sparse_path_gives_way_to_the_masked_form():
+    """Many positives per anchor (two classes: half the columns) or none in the batch: the
+    masked form (its checked variant, which takes the positives by index), with its values."""
+    g = torch.Generator().manual_seed(8)
+    n = 300
+    s = torch.rand(n, n, generator=g, dtype=torch.float64) * 2 - 1
+    for y in (torch.arange(n) % 2, torch.arange(n)):
+        p, q = label_masks(y)
+        v, gs, name = _ms_value_and_grad(s, p, q, epsilon=0.1)
+        assert name != "FusedLossBackward"
+        w, gw, _ = _ms_value_and_grad(s, p, q, epsilon=0.1, check=False)
+        torch.testing.assert_close(v, w, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(gs, gw, rtol=1e-12, atol=1e-14)
+
+
+def test_multi_similarity_sparse_path_equals_pml_with_its_miner():
+    """The module at B = 300 (the sparse form) against PML's ``MultiSimilarityLoss`` with
+    ``MultiSimilarityMiner(0.1)``, value and gradient, float64."""
+    from pytorch_metric_learning import losses as pml
+    from pytorch_metric_learning import miners as pml_miners
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 60, (300,), generator=g)
+    ours = PB.MultiSimilarity(epsilon=0.1)(x, y)
+    assert type(ours.grad_fn).__name__ == "FusedLossBackward"
+    (g1,) = torch.autograd.grad(ours, x)
+    miner, ref = pml_miners.MultiSimilarityMiner(0.1), pml.MultiSimilarityLoss()
+    theirs = ref(x, y, miner(x.detach(), y))
+    (g2,) = torch.autograd.grad(theirs, x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g1, g2, rtol=1e-8, atol=1e-12)

@@ -48,3 +48,20 @@ def test_one_case_prints_its_row_and_no_profiler_log_lines():
     # PML's MarginLoss frees a tensor it made before the profiled pass: torch's allocator warns
     for noise in ("USDT", "profiler_start", "gpuGetDeviceCount", "CPUAllocator"):
         assert noise not in r.stdout + r.stderr, (noise, r.stderr)
+
+
+def test_a_run_starting_above_the_probe_size_predicts_pml_from_a_probe():
+    """``--sizes 512`` alone: PML's B^3 NT-Xent is not run blind (at B = 1024 it takes 17 GB);
+    its cost at 512 is predicted from an untimed pass at ``PROBE_B`` and, over the budget,
+    skipped with the prediction printed."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/losses.py"), "--sizes", "512", "--cases",
+         "infonce", "--repeats", "1", "--budget-gb", "0.5", "--extra-infonce-sizes"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    row = next(s for s in r.stdout.splitlines() if s.startswith("InfoNCE"))
+    assert " 512 " in row and "PML skipped (predicted" in row and "0.5 GB budget" in row, row
+    # predicted from B = 128 as B^3: about 2 GB (17.4 GB measured at 1024, / 8)
+    predicted = float(row.split("predicted ")[1].split(" GB")[0])
+    assert 1.0 < predicted < 4.0, row

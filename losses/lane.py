@@ -36,12 +36,13 @@ from contrastive.critics import (
     row_norms,
     unit_gram_backward,
     unit_gram_forward,
+    unit_gram_sparse_backward,
 )
 from contrastive.pairs import NoPairsError
 
 from . import kernels as K
 
-__all__ = ["CosineLane", "Lane", "lane_critic", "lane_loss"]
+__all__ = ["CosineLane", "Lane", "is_sparse", "lane_critic", "lane_loss"]
 
 #: the dtypes the lane computes in (others take the general path, which widens them)
 _DTYPES = (torch.float32, torch.float64)
@@ -58,13 +59,15 @@ class Lane(torch.autograd.Function):
                 loss: tuple, general: Callable[[Tensor], Tensor]):
         terms, kernel, args = loss
         kind, scale, alpha = critic
-        s, state = unit_gram_forward(x, scale, kind, alpha)
+        sparse = is_sparse(kernel)
+        s, state = unit_gram_forward(x, scale, kind, alpha, dense=not sparse)
         # raises: the general path then; the masks' stacked bytes go on to the kernel
         stacked = K.check_values(s, positives, negatives, terms, "")
         with K.sharing_stack(positives, negatives, stacked):
             value, ds = kernel(s, positives, negatives, *args, True)
+        gx = unit_gram_sparse_backward(ds, s, state) if sparse else unit_gram_backward(ds, state)
         ctx.general = general
-        ctx.save_for_backward(x, unit_gram_backward(ds, state))
+        ctx.save_for_backward(x, gx)
         return value
 
     @staticmethod
@@ -116,6 +119,13 @@ class CosineLane(torch.autograd.Function):
         return (ga * g if needs[0] else None, gb * g if needs[1] else None, *(None,) * 6)
 
 
+def is_sparse(kernel) -> bool:
+    """Whether a lane kernel gives its ``dL/dS`` as :class:`~contrastive.critics.SparseRows`
+    (a function attribute ``sparse = True``): the lane then takes the critic's sparse backward
+    (no ``[N, N]`` product), at any batch size."""
+    return bool(getattr(kernel, "sparse", False))
+
+
 def lane_critic(critic, dtype: torch.dtype) -> tuple | None:
     """``(kind, scale, alpha)`` of :func:`~contrastive.critics.unit_gram_forward` for the
     critics the lane computes (a fixed-temperature ``Cosine``; ``NegativeL2(normalize=True)``,
@@ -133,16 +143,18 @@ def lane_loss(x: Tensor, positives: Tensor, negatives: Tensor, critic, terms: st
               kernel: tuple, general: Callable[[Tensor], Tensor]) -> Tensor | None:
     """The loss of ``x`` against itself, with the label masks of
     :func:`~contrastive.pairs.label_masks` (a self-reference :class:`~contrastive.pairs.Pairs`),
-    through :class:`Lane`, or None where the lane does
-    not apply: no gradient wanted, not a 2-D floating-point batch, under ``torch.compile``,
-    more than ``kernels.FUSED_MAX_ENTRIES`` scores (where the kernels give way to autograd
-    forms), a critic the lane does not compute (:func:`lane_critic`), or a batch the check
-    refuses (non-finite scores, no term: the general path gives the error or the warning).
-    Under autocast it computes as the general path does: autocast off for the device, bf16 /
-    fp16 embeddings widened to float32 (the widening in the graph, so their gradient comes
-    back in their dtype)."""
+    through :class:`Lane`, or None where the lane does not apply: no gradient wanted, not a
+    2-D floating-point batch, under ``torch.compile``, more than ``kernels.FUSED_MAX_ENTRIES``
+    scores for a kernel with a dense ``dL/dS`` (where the kernels give way to autograd forms;
+    a sparse one, :func:`is_sparse`, has no limit), a critic the lane does not compute
+    (:func:`lane_critic`), or a batch the check refuses (non-finite scores, no term: the
+    general path gives the error or the warning). Under autocast it computes as the general
+    path does: autocast off for the device, bf16 / fp16 embeddings widened to float32 (the
+    widening in the graph, so their gradient comes back in their dtype)."""
+    limit = None if is_sparse(kernel[0]) else K.FUSED_MAX_ENTRIES
     if not (x.requires_grad and torch.is_grad_enabled() and x.dim() == 2
-            and x.is_floating_point() and 0 < x.shape[0] ** 2 <= K.FUSED_MAX_ENTRIES):
+            and x.is_floating_point() and x.shape[0] > 0
+            and (limit is None or x.shape[0] ** 2 <= limit)):
         return None
     if torch.compiler.is_compiling():
         return None

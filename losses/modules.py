@@ -573,6 +573,12 @@ class Triplet(PairLoss):
         reduction = LF._check_triplet_args(self.mining, self.reduction)
         if self.soft or reduction == "none":
             return None
+        # a few entries per row of dL/dS (batch-hard: two; semi-hard: two per positive): the
+        # sparse lane, at any size
+        if self.mining == "hard":
+            return LF._triplet_hard_sparse_kernel, (self.margin, reduction)
+        if self.mining == "semihard":
+            return LF._triplet_semihard_sparse_kernel, (self.margin, reduction)
         return LF._triplet_kernel, (self.margin, self.mining, reduction)
 
     def extra_repr(self) -> str:

@@ -883,8 +883,8 @@ def _triplet_semihard_sparse_kernel(scores, positives, negatives, margin, reduct
                                     need_grad):
     """:func:`_triplet_semihard_kernel` with its ``dL/dS`` as :class:`~contrastive.critics.
     SparseRows` (each slot's ``+coef`` at its negative, ``-coef`` at its positive): the
-    semi-hard triplet loss's one-node lane, at any batch size (:mod:`losses.lane`). The same
-    value, bit for bit; the gradient to rounding."""
+    semi-hard triplet loss's one-node lane past ``modules.SPARSE_LANE_MIN_ROWS``
+    (:mod:`losses.lane`). The same value, bit for bit; the gradient to rounding."""
     idx, valid = K.padded_positives(K.positive_index(positives, "the triplet loss"))
     value, coef, n_col = _semihard_terms(scores, negatives, idx, valid,
                                          K.count_rows(negatives) > 0, margin, reduction,

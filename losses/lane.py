@@ -122,7 +122,7 @@ class CosineLane(torch.autograd.Function):
 def is_sparse(kernel) -> bool:
     """Whether a lane kernel gives its ``dL/dS`` as :class:`~contrastive.critics.SparseRows`
     (a function attribute ``sparse = True``): the lane then takes the critic's sparse backward
-    (no ``[N, N]`` product), at any batch size."""
+    (no ``[N, N]`` product), without the dense kernels' size limit."""
     return bool(getattr(kernel, "sparse", False))
 
 

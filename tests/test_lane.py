@@ -68,16 +68,11 @@ def _value_and_grad(module, x, y):
     return v.detach(), t.grad, type(v.grad_fn).__name__
 
 
-#: the lanes whose kernel gives a sparse dL/dS (losses.lane.is_sparse): the critic's sparse
-#: backward adds the same terms in another order than the dense product
-SPARSE = {"triplet_hard", "triplet_semihard"}
-
-
 @pytest.mark.parametrize("name", sorted(MODULES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_lane_equals_the_general_path_bit_for_bit(name, dtype):
-    """The same operations, so the same bits; a sparse lane's value too, its gradient to the
-    rounding of a sum in another order."""
+    """The same operations, so the same bits (at B = 48 the triplet losses take the dense lane,
+    modules.SPARSE_LANE_MIN_ROWS; their sparse lane: tests/test_sparse_lane.py)."""
     for reduction in REDUCTIONS.get(name, ("mean", "sum")):
         x, y = _batch(dtype)
         v, g, node = _value_and_grad(MODULES[name](reduction), x, y)
@@ -85,12 +80,7 @@ def test_lane_equals_the_general_path_bit_for_bit(name, dtype):
         v0, g0, node0 = _value_and_grad(_general(MODULES[name](reduction)), x, y)
         assert node0 != "LaneBackward"
         assert torch.equal(v, v0), (name, reduction, v, v0)
-        if name in SPARSE:
-            eps = torch.finfo(dtype).eps
-            torch.testing.assert_close(g, g0, rtol=16 * eps, atol=16 * eps * float(g0.abs().max()))
-            assert float(g0.abs().max()) > 0
-        else:
-            assert torch.equal(g, g0), (name, reduction, (g - g0).abs().max())
+        assert torch.equal(g, g0), (name, reduction, (g - g0).abs().max())
 
 
 @pytest.mark.parametrize("name", ["infonce_pair", "supcon", "nwj", "contrastive"])

@@ -85,9 +85,10 @@ def _lane_and_general(module, x, y):
 @pytest.mark.parametrize("mining", ["hard", "semihard"])
 @pytest.mark.parametrize("critic", ["l2", "l2sq", "cosine"])
 @pytest.mark.parametrize("reduction", ["nonzero", "mean", "sum"])
-@pytest.mark.parametrize("n,classes", [(96, 24), (300, 70), (300, 2)])
+@pytest.mark.parametrize("n,classes", [(160, 40), (300, 70), (300, 2)])
 def test_triplet_sparse_lanes_equal_the_general_path(mining, critic, reduction, n, classes):
-    """B = 96 (batch-hard: the stacked search), 300 with a few positives per anchor (past
+    """B = 160 (batch-hard: the sparse lane with the stacked search; semi-hard: still the
+    dense lane, ``SPARSE_LANE_MIN_ROWS``), 300 with a few positives per anchor (past
     ``FUSED_MAX_ENTRIES``: batch-hard searches by index) and 300 in two classes: the lane's
     value equals the general path's (to the order of the reduction's sum above the fused
     size), its gradient to rounding; an anchor without a positive included."""
@@ -128,8 +129,8 @@ def test_batch_hard_sparse_lane_double_backward_and_its_limits():
     """Double backward recomputes through the general path; a kernel with a dense gradient
     keeps the size limit, a sparse one has none."""
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(60, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    y = torch.arange(60) // 3
+    x = torch.randn(140, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.arange(140) // 3
     module = M.Triplet(margin=0.2, mining="hard", reduction="sum")
     (gx,) = torch.autograd.grad(module(x, y), x, create_graph=True)
     (hx,) = torch.autograd.grad(gx.pow(2).sum(), x)
@@ -141,6 +142,10 @@ def test_batch_hard_sparse_lane_double_backward_and_its_limits():
     torch.testing.assert_close(hx, hx0, rtol=1e-9, atol=1e-12)
     assert L.is_sparse(LF._triplet_hard_sparse_kernel)
     assert not L.is_sparse(LF._triplet_kernel)
+    # below SPARSE_LANE_MIN_ROWS the dense lane, where it is the faster
+    assert M.Triplet(mining="hard").lane_kernel(128)[0] is LF._triplet_kernel
+    assert M.Triplet(mining="hard").lane_kernel(129)[0] is LF._triplet_hard_sparse_kernel
+    assert M.Triplet(mining="semihard").lane_kernel(256)[0] is LF._triplet_kernel
     big = torch.randn(400, 4, dtype=torch.float64, requires_grad=True)
     labels = torch.arange(400) // 4
     assert type(M.Triplet(mining="hard")(big, labels).grad_fn).__name__ == "LaneBackward"

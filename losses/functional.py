@@ -807,7 +807,8 @@ def _triplet_hard_sparse_kernel(scores, positives, negatives, margin, reduction,
     backward then needs no ``[N, N]`` product (:func:`~contrastive.critics.
     unit_gram_sparse_backward`). The same value, bit for bit; the gradient to rounding. Past
     :data:`losses.kernels.FUSED_MAX_ENTRIES` scores and with few positives per anchor the
-    search takes the positives by index (:func:`_hardest_by_index`)."""
+    search takes the positives by index (:func:`_hardest_by_index`: the lane's label masks of
+    a batch against itself, its only caller)."""
     p_col = n_col = None
     if scores.numel() > K.FUSED_MAX_ENTRIES:
         rows, cols = positives.nonzero(as_tuple=True)
@@ -815,7 +816,7 @@ def _triplet_hard_sparse_kernel(scores, positives, negatives, margin, reduction,
             count = torch.bincount(rows, minlength=positives.shape[0])
             idx, valid = K.padded_positives(K.PosIndex(rows, cols, count))
             if idx.shape[1] * 4 <= scores.shape[1]:
-                p_col, n_col = _hardest_by_index(scores, negatives, idx, valid)
+                p_col, n_col = _hardest_by_index(scores, idx, valid)
     if p_col is None:
         p_col, n_col = _hardest_columns(scores, positives, negatives)
     value, coef = _hard_terms(scores, positives, negatives, p_col, n_col, margin, reduction)
@@ -827,17 +828,27 @@ def _triplet_hard_sparse_kernel(scores, positives, negatives, margin, reduction,
 _triplet_hard_sparse_kernel.sparse = True  # its gradient is SparseRows (losses.lane)
 
 
-def _hardest_by_index(sd: Tensor, negatives: Tensor, idx: Tensor,
-                      valid: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`_hardest_columns` with the positives by index (``idx, valid`` of
-    :func:`losses.kernels.padded_positives`; a few per anchor): the hardest positive is the
-    first smallest of the ``[N, k]`` gathered scores (the index lists a row's columns in
-    order), the hardest negative the first largest of one ``[N, M]`` buffer (``S`` on Q, the
-    type's lowest value elsewhere) instead of a stacked ``[2, N, M]`` search. The same
-    columns."""
-    t = torch.where(negatives, sd, torch.finfo(sd.dtype).min)
-    n_col = _first_argmax(t)[:, None]
-    sp = torch.where(valid, sd.gather(1, idx), math.inf)
+def _hardest_by_index(scores: Tensor, idx: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_hardest_columns` for the label masks of a batch against itself (the lane's:
+    ``Q`` is everything but the positives and the diagonal), with the positives by index
+    (``idx, valid`` of :func:`losses.kernels.padded_positives`; a few per anchor): the hardest
+    positive is the first smallest of the ``[N, k]`` gathered scores (the index lists a row's
+    columns in order); for the hardest negative the positives and the diagonal of ``scores``
+    are set to ``-inf`` in place, the first largest of each row taken (``torch.max``), and
+    the entries put back: one pass over ``[N, M]`` instead of a stacked ``[2, N, M]`` search
+    or a masked copy (``torch.where``, 0.67 ms at N = 1024 on CPU). The same columns; a row
+    without a positive (or a negative) gets a column outside ``P`` (or ``Q``)."""
+    n = scores.shape[0]
+    own = torch.arange(n, device=scores.device)[:, None]
+    cols = torch.where(valid, idx, own)  # padding points at the row's own diagonal entry
+    kept = scores.gather(1, cols)
+    diag = scores.diagonal().clone()
+    scores.scatter_(1, cols, -math.inf)
+    scores.diagonal().fill_(-math.inf)
+    n_col = scores.max(1, keepdim=True).indices
+    scores.scatter_(1, cols, kept)
+    scores.diagonal().copy_(diag)
+    sp = torch.where(valid, kept, math.inf)
     return idx.gather(1, sp.argmin(1, keepdim=True)), n_col
 
 
@@ -884,11 +895,14 @@ def _triplet_semihard_sparse_kernel(scores, positives, negatives, margin, reduct
     """:func:`_triplet_semihard_kernel` with its ``dL/dS`` as :class:`~contrastive.critics.
     SparseRows` (each slot's ``+coef`` at its negative, ``-coef`` at its positive): the
     semi-hard triplet loss's one-node lane past ``modules.SPARSE_LANE_MIN_ROWS``
-    (:mod:`losses.lane`). The same value, bit for bit; the gradient to rounding."""
+    (:mod:`losses.lane`, its only caller: label masks of a batch against itself). The same
+    value, bit for bit; the gradient to rounding."""
     idx, valid = K.padded_positives(K.positive_index(positives, "the triplet loss"))
-    value, coef, n_col = _semihard_terms(scores, negatives, idx, valid,
-                                         K.count_rows(negatives) > 0, margin, reduction,
-                                         need_grad)
+    # the lane's label masks of a batch against itself, checked to hold a negative pair: two
+    # labels at least, so every anchor has a negative (no [N, M] row count, 1 ms at N = 1024)
+    has_neg = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
+    value, coef, n_col = _semihard_terms(scores, negatives, idx, valid, has_neg, margin,
+                                         reduction, need_grad)
     if not need_grad:
         return value, None
     return value, SparseRows(torch.cat((n_col, idx), 1), torch.cat((coef, coef.neg()), 1))

@@ -36,14 +36,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LOSS_TESTS = ("tests/test_losses_reference.py", "tests/test_losses_properties.py",
               "tests/test_losses_errors.py", "tests/test_reductions.py",
-              "tests/test_fused_core.py", "tests/test_mined.py")
+              "tests/test_fused_core.py", "tests/test_mined.py", "tests/test_sparse_lane.py")
 TESTS = {
     "losses/functional.py": LOSS_TESTS,
     # the kernels' pieces also serve the pair and proxy losses (multi-similarity, Circle,
     # lifted structure, NCA and Proxy-Anchor take kernels.stacked_lse)
     "losses/kernels.py": (*LOSS_TESTS, "tests/test_pair_based.py", "tests/test_overhead_paths.py"),
     "contrastive/critics.py": ("tests/test_critics.py", "tests/test_fused_core.py",
-                               "tests/test_large_batch_paths.py", "tests/test_fewer_operations.py"),
+                               "tests/test_large_batch_paths.py", "tests/test_fewer_operations.py",
+                               "tests/test_sparse_lane.py"),
+    "losses/pair_based.py": ("tests/test_pair_based.py", "tests/test_large_batch_paths.py",
+                             "tests/test_overhead_paths.py"),
     "losses/lane.py": ("tests/test_lane.py",),
     "evaluation/retrieval.py": ("tests/test_retrieval.py",),
     "evaluation/clustering.py": ("tests/test_clustering.py",),
@@ -69,7 +72,7 @@ class Mutation:
 
 
 F, K, R = "losses/functional.py", "losses/kernels.py", "evaluation/retrieval.py"
-C = "contrastive/critics.py"
+C, PB = "contrastive/critics.py", "losses/pair_based.py"
 MUTATIONS: tuple[Mutation, ...] = (
     # ---------------------------------------------------------------- losses.functional
     Mutation("infonce-sign", F, "sign", "lse - psum / n_pos", "lse + psum / n_pos"),
@@ -170,8 +173,11 @@ MUTATIONS: tuple[Mutation, ...] = (
              "g = c_an.scatter_add_(1, idx, c_ap.neg_())", "g = c_an"),
     Mutation("semihard-one-pass-fallback-is-the-hardest", F, "sign",
              "above_val = (flip - sd).mul_(qf)", "above_val = (flip + sd).mul_(qf)"),
-    Mutation("first-argmax-strict-comparison", F, "off-by-one",
-             "return x.sub_(top).ge_(0.0)", "return x.sub_(top).gt_(0.0)"),
+    Mutation("first-argmax-is-the-minimum", F, "sign",
+             "return x.max(-1).indices", "return x.min(-1).indices"),
+    Mutation("hardest-by-index-largest-positive", F, "sign",
+             "return idx.gather(1, sp.argmin(1, keepdim=True)), n_col",
+             "return idx.gather(1, sp.argmax(1, keepdim=True)), n_col"),
     Mutation("fused-contrastive-weights-swapped", F, "index",
              "an.mul_(wn).addcmul_(ap, wp, value=-1.0)",
              "an.mul_(wp).addcmul_(ap, wn, value=-1.0)"),
@@ -194,6 +200,18 @@ MUTATIONS: tuple[Mutation, ...] = (
              "gb = _unit_rows_backward(0.5 * ds.T @ scaled,"),
     Mutation("unit-l2-zero-distance-gradient-kept", C, "term",
              "return _infinities_to_zero_(torch.rsqrt(sq))", "return torch.rsqrt(sq)"),
+    Mutation("sparse-backward-transposed-entries-dropped", C, "term",
+             "gy.index_add_(0, cols.reshape(-1), (c.unsqueeze(2) * y.unsqueeze(1))",
+             "gy.index_add_(0, cols.reshape(-1), (c.unsqueeze(2) * 0.0 * y.unsqueeze(1))"),
+    Mutation("sparse-backward-l2-derivative-sign", C, "sign",
+             "c = vals * _infinities_to_zero_(torch.reciprocal(s.gather(1, cols).neg_()))",
+             "c = vals * _infinities_to_zero_(torch.reciprocal(s.gather(1, cols)))"),
+    # ---------------------------------------------------------------- losses.pair_based
+    Mutation("ms-sparse-negative-mining-epsilon-sign", PB, "sign",
+             "t.masked_fill_(torch.le(t + epsilon, easiest), _NEG_INF)",
+             "t.masked_fill_(torch.le(t - epsilon, easiest), _NEG_INF)"),
+    Mutation("ms-sparse-positive-weight-sign", PB, "sign",
+             "gp.mul_(torch.sigmoid(lse_p).mul_(-w))", "gp.mul_(torch.sigmoid(lse_p).mul_(w))"),
     # ---------------------------------------------------------------- evaluation
     Mutation("relevance-counts-self", R, "off-by-one",
              "return r - 1 if same_set else r", "return r"),

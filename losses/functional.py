@@ -809,16 +809,9 @@ def _triplet_hard_sparse_kernel(scores, positives, negatives, margin, reduction,
     :data:`losses.kernels.FUSED_MAX_ENTRIES` scores and with few positives per anchor the
     search takes the positives by index (:func:`_hardest_by_index`: the lane's label masks of
     a batch against itself, its only caller)."""
-    p_col = n_col = None
-    if scores.numel() > K.FUSED_MAX_ENTRIES:
-        rows, cols = positives.nonzero(as_tuple=True)
-        if rows.numel():
-            count = torch.bincount(rows, minlength=positives.shape[0])
-            idx, valid = K.padded_positives(K.PosIndex(rows, cols, count))
-            if idx.shape[1] * 4 <= scores.shape[1]:
-                p_col, n_col = _hardest_by_index(scores, idx, valid)
-    if p_col is None:
-        p_col, n_col = _hardest_columns(scores, positives, negatives)
+    index = K.sparse_positives(positives) if scores.numel() > K.FUSED_MAX_ENTRIES else None
+    p_col, n_col = (_hardest_columns(scores, positives, negatives) if index is None
+                    else _hardest_by_index(scores, *index))
     value, coef = _hard_terms(scores, positives, negatives, p_col, n_col, margin, reduction)
     if not need_grad:
         return value, None
@@ -1050,8 +1043,7 @@ def _first_argmax(x: Tensor) -> Tensor:
     the first maximal value's): faster on CPU than ``argmax`` itself and than the three
     vectorised passes this was before (measured, one thread: ``[128, 128]`` 12.7 us against
     53.6 and 22.3; ``[128, 3, 128]`` 32 against 184 and 41; ``[1024, 1024]`` 0.47 ms against
-    3.9 and 1.1). Finite values; ``x`` may be overwritten by a caller's later use (it is not
-    here)."""
+    3.9 and 1.1). Finite values."""
     return x.max(-1).indices
 
 

@@ -184,9 +184,13 @@ class PosIndex(NamedTuple):
     count: Tensor
 
 
-def positive_index(positives: Tensor, what: str) -> PosIndex:
+def positive_index(positives: Tensor, what: str | None) -> PosIndex | None:
+    """The positive pairs as :class:`PosIndex`. A mask without a positive raises (the sampler
+    hint, naming ``what``), or gives None with ``what=None``."""
     rows, cols = positives.nonzero(as_tuple=True)
     if rows.numel() == 0:
+        if what is None:
+            return None
         require_positives(positives, what)  # raises with the sampler hint
     if positives.is_cuda and positives.dtype == torch.bool:
         # a row sum: no sync (bincount sizes its output from a maximum it reads on the host)
@@ -194,6 +198,19 @@ def positive_index(positives: Tensor, what: str) -> PosIndex:
     else:  # on the CPU bincount reads nothing it would not anyway, and is the cheaper pass
         count = torch.bincount(rows, minlength=positives.shape[0])
     return PosIndex(rows, cols, count)
+
+
+def sparse_positives(positives: Tensor) -> tuple[Tensor, Tensor] | None:
+    """:func:`padded_positives` of the positives' index when they are few per anchor, else None:
+    no positive at all, or an anchor whose positives fill more than a quarter of the columns
+    (where an ``[N, k]`` index costs more than a pass over ``[N, M]``). The large-batch forms
+    that take the positives by index (the mined multi-similarity, batch-hard triplets) ask
+    it first."""
+    pi = positive_index(positives, None)
+    if pi is None:
+        return None
+    idx, valid = padded_positives(pi)
+    return None if idx.shape[1] * 4 > positives.shape[1] else (idx, valid)
 
 
 def padded_positives(pi: PosIndex) -> tuple[Tensor, Tensor]:

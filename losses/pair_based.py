@@ -218,13 +218,10 @@ def _mined_sparse(scores, positives, negatives, alpha, beta, base, epsilon, redu
     """:func:`_mined_sparse_kernel`'s loss, or None where the batch has no positive or an anchor
     has more than a quarter of the columns as positives (the masked form then: indices would
     cost more than a pass)."""
-    rows, cols = positives.nonzero(as_tuple=True)
-    if rows.numel() == 0:  # nothing to mine against: the masked form's 0
+    index = K.sparse_positives(positives)
+    if index is None:  # no positive (nothing to mine against: the masked form's 0), or many
         return None
-    count = torch.bincount(rows, minlength=positives.shape[0])
-    idx, valid = K.padded_positives(K.PosIndex(rows, cols, count))
-    if idx.shape[1] * 4 > scores.shape[1]:
-        return None
+    idx, valid = index
 
     def slow(s, negatives, idx, valid, *args):
         return _multi_similarity_slow(s, positives, negatives, *args)

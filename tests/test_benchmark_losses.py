@@ -4,11 +4,13 @@ descriptor 2 on every profile, do not reach the output."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +67,25 @@ def test_a_run_starting_above_the_probe_size_predicts_pml_from_a_probe():
     # predicted from B = 128 as B^3: about 2 GB (17.4 GB measured at 1024, / 8)
     predicted = float(row.split("predicted ")[1].split(" GB")[0])
     assert 1.0 < predicted < 4.0, row
+    # and it is the probe's own measurement scaled by (512 / 128)^3: the same probe run here
+    bench = _bench()
+    args = argparse.Namespace(seed=0, dim=128, budget_s=20.0, budget_gb=0.5)
+    probed = bench.probe(bench.cases()["infonce"], "cpu", args)
+    assert predicted == pytest.approx(probed.mb * 64 / 1024, abs=0.06), (row, probed)
+
+
+def test_predict_skip_scales_the_previous_size_by_its_power():
+    """The prediction is the measured time and memory times ``(b / prev_b) ** power``; over
+    either budget the case is skipped with the prediction, under both it runs."""
+    bench = _bench()
+    args = argparse.Namespace(budget_gb=6.0, budget_s=20.0)
+    prev = bench.Result(ms=100.0, mb=200.0)  # 0.1 s, 200 MB at B = 128
+    assert bench.predict_skip(prev, 128, 512, 3, args) == (
+        "skipped (predicted 12.5 GB > 6 GB budget)")  # 200 MB * 64
+    assert bench.predict_skip(prev, 128, 512, 2, args) == ""  # 3.2 GB, 1.6 s
+    slow = bench.Result(ms=1000.0, mb=10.0)
+    assert bench.predict_skip(slow, 128, 512, 3, args) == (
+        "skipped (predicted 64 s > 20 s budget)")
+    assert bench.predict_skip(None, None, 512, 3, args) == ""
+    assert bench.predict_skip(bench.Result(skipped="x"), 128, 512, 3, args) == (
+        "skipped at a smaller B")

@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from contrastive.critics import Cosine  # noqa: E402
 from losses import modules as M  # noqa: E402
+from losses import native as N  # noqa: E402
 from losses import pair_based as PB  # noqa: E402
 from losses import proxies as PX  # noqa: E402
 
@@ -513,6 +514,8 @@ def main(argv=None):
                    help="B = 128 only, 15 repeats: the fixed per-call overhead (ours / floor "
                         "and the PML speed-up per case, summarised at the end)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-native", action="store_true",
+                   help="the torch kernels instead of the C ones (losses.native) on a CPU")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads (0: leave torch's default)")
     p.add_argument("--clock", choices=["cpu", "wall"], default=None,
@@ -531,13 +534,23 @@ def main(argv=None):
     if args.small:
         args.sizes, args.repeats, args.extra_infonce_sizes = [128], 15, []
 
-    all_cases = cases()
-    chosen = args.cases or list(all_cases)
     dev = torch.device(args.device)
     clock = "process CPU time" if args.clock == "cpu" else "wall clock"
     print(f"# torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"d = {args.dim}, forward+backward, median of {args.repeats} ({clock}, interleaved)")
     print(f"# memory: {memory_method(args.device)}")
+    native_state = ("off (--no-native)" if args.no_native else
+                    N.kernel_set() or "not built (no C compiler at install)")
+    print(f"# C kernels of the small-batch losses on a CPU (losses.native): {native_state}")
+    with N.disabled() if args.no_native else contextlib.nullcontext():
+        run_cases(args, dev)
+    return 0
+
+
+def run_cases(args, dev) -> None:
+    """The table: every chosen case at every size, then the overhead summary."""
+    all_cases = cases()
+    chosen = args.cases or list(all_cases)
     print("# composition: views = 2 views per instance (B/2 instances); "
           "classes = 4 items per class (B/4 classes); proxies = "
           f"{PROXY_CLASSES} classes and proxies (the floor is then B x {PROXY_CLASSES})")
@@ -598,7 +611,6 @@ def main(argv=None):
         del x
         gc.collect()
     print_overhead_summary(smallest, all_cases)
-    return 0
 
 
 def print_overhead_summary(smallest: dict, all_cases: dict, target: float = 1.5) -> None:

@@ -65,6 +65,7 @@ from contrastive.critics import SparseRows
 from contrastive.pairs import require_negatives, require_positives
 
 from . import kernels as K
+from . import native as N
 from .kernels import REDUCTIONS
 
 __all__ = [
@@ -184,6 +185,9 @@ def _supcon_kernel(scores, positives, negatives, reduction, need_grad):
     return value, e.mul_(z.reciprocal_()).addcmul_(pf, inv_count, value=-1.0).mul_(weight)
 
 
+_supcon_kernel.native = N.supcon  # its C kernel (losses.native)
+
+
 def ntxent(
     scores: Tensor,
     positives: Tensor,
@@ -285,6 +289,9 @@ def _ntxent_kernel(scores, positives, negatives, reduction, need_grad):
         return value, None
     inv = ez.reciprocal_().mul_(pairs).mul_(scale)
     return value, eq.mul_(inv.sum(1, keepdim=True)).addcmul_(inv, z, value=-1.0)
+
+
+_ntxent_kernel.native = N.ntxent  # its C kernel (losses.native)
 
 
 def infonce(
@@ -482,6 +489,9 @@ def _nwj_kernel(scores, positives, negatives, scale, need_grad):
     return _times(value, scale), _times_(grad, scale)
 
 
+_nwj_kernel.native = N.nwj  # its C kernel (losses.native)
+
+
 def _times(x: Tensor, scale: float) -> Tensor:
     """``x * scale``, without an operation for ``scale == 1``."""
     return x if scale == 1.0 else x * scale
@@ -547,6 +557,9 @@ def _js_kernel(scores, positives, negatives, scale, need_grad):
     return value, torch.sigmoid(scores).mul_(coef).addcmul_(pf, inv_p, value=-1.0)
 
 
+_js_kernel.native = N.js  # its C kernel (losses.native)
+
+
 def js_bound(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
              reduction: str = "mean", check: bool = True) -> Tensor:
     """MI readout of a JS-trained critic: ``I_NWJ(S + 1)`` (terms as :func:`nwj_bound`'s).
@@ -609,6 +622,9 @@ def _dv_kernel(scores, positives, negatives, scale, need_grad):
     return _times(value, scale), _times_(grad, scale)
 
 
+_dv_kernel.native = N.dv  # its C kernel (losses.native)
+
+
 # --------------------------------------------------------------------------- N-pair
 
 
@@ -632,10 +648,14 @@ def multiclass_npair(
     K.check_reduction(reduction)
     scores, positives, negatives = K.prepare(scores, positives, negatives, check, "positives",
                                              "the multi-class N-pair loss")
+    # every anchor has one positive and all its other candidates are negatives (the paired
+    # rows the module builds): the cross-entropy against the positive's column, torch's fused
+    # kernel, which is what the loss computed before it had this core; the C check where it
+    # can (losses.native), else the torch one
+    target = N.partition_targets(positives, negatives) if check else None
+    if target is not None:
+        return F.cross_entropy(scores, target.to(scores.device), reduction=reduction)
     if check and bool((positives ^ negatives).all() & (K.count_rows(positives) == 1).all()):
-        # every anchor has one positive and all its other candidates are negatives (the
-        # paired rows the module builds): the cross-entropy against the positive's column,
-        # torch's fused kernel, which is what the loss computed before it had this core
         target = positives.to(torch.uint8).argmax(1)
         return F.cross_entropy(scores, target, reduction=reduction)
     pi = K.positive_index(positives, "the multi-class N-pair loss") if check else None
@@ -761,6 +781,9 @@ def _triplet_kernel(scores, positives, negatives, margin, mining, reduction, nee
             n_triplets if reduction == "mean" else count).clamp_min(1)
         (grad,) = torch.autograd.grad(value, s) if need_grad else (None,)
     return value.detach(), grad
+
+
+_triplet_kernel.native = N.triplet  # its C kernel (losses.native)
 
 
 def _triplet_slow(scores, positives, negatives, margin, mining, reduction):
@@ -1372,3 +1395,6 @@ def _contrastive_kernel(scores, positives, negatives, pos_threshold, neg_thresho
     if not need_grad:
         return value, None
     return value, an.mul_(wn).addcmul_(ap, wp, value=-1.0)
+
+
+_contrastive_kernel.native = N.contrastive  # its C kernel (losses.native)

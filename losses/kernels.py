@@ -27,6 +27,8 @@ from torch import Tensor
 
 from contrastive.pairs import require_positives, require_terms, terms_flag
 
+from . import native
+
 NEG_INF = float("-inf")
 POS_INF = float("inf")
 
@@ -296,7 +298,7 @@ class FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: Tensor, kernel, slow, args: tuple):
-        value, grad = kernel(scores, *args, True)
+        value, grad = _run(kernel, scores, args, True)
         ctx.grad, ctx.slow, ctx.args = grad, slow, args
         ctx.save_for_backward(scores)
         return value
@@ -334,7 +336,17 @@ def fused(kernel, slow, scores: Tensor, *args) -> Tensor:
     if scores.requires_grad and torch.is_grad_enabled():
         return FusedLoss.apply(scores, kernel, slow, args)
     with torch.no_grad():
-        return kernel(scores, *args, False)[0]
+        return _run(kernel, scores, args, False)[0]
+
+
+def _run(kernel, scores: Tensor, args: tuple, need_grad: bool):
+    """``kernel(scores, *args, need_grad)``, by its C form on a CPU where it has one
+    (:mod:`losses.native`; the caller has checked the scores and the masks)."""
+    out = native.run(kernel, scores, args[0], args[1], args[2:], need_grad) if len(args) > 1 \
+        else None
+    # (an int: the C kernel's check refused the batch; the caller's own check let it through,
+    # so the torch kernel decides)
+    return kernel(scores, *args, need_grad) if out is None or isinstance(out, int) else out
 
 
 #: the exponent floor of :func:`stacked_lse`, just above ``log(finfo.tiny)``: ``exp`` of a

@@ -41,6 +41,7 @@ from contrastive.critics import (
 from contrastive.pairs import NoPairsError
 
 from . import kernels as K
+from . import native as N
 
 __all__ = ["CosineLane", "Lane", "is_sparse", "lane_critic", "lane_loss"]
 
@@ -61,10 +62,15 @@ class Lane(torch.autograd.Function):
         kind, scale, alpha = critic
         sparse = is_sparse(kernel)
         s, state = unit_gram_forward(x, scale, kind, alpha, dense=not sparse)
-        # raises: the general path then; the masks' stacked bytes go on to the kernel
-        stacked = K.check_values(s, positives, negatives, terms, "")
-        with K.sharing_stack(positives, negatives, stacked):
-            value, ds = kernel(s, positives, negatives, *args, True)
+        # the kernel's C form (losses.native) checks in its first pass; where it finds a fault,
+        # or there is none, the check below raises (the general path then) or the torch kernel
+        # runs, with the masks' stacked bytes from the check
+        out = N.run(kernel, s, positives, negatives, args, True, terms)
+        if isinstance(out, int) or out is None:
+            stacked = K.check_values(s, positives, negatives, terms, "")
+            with K.sharing_stack(positives, negatives, stacked):
+                out = kernel(s, positives, negatives, *args, True)
+        value, ds = out
         gx = unit_gram_sparse_backward(ds, s, state) if sparse else unit_gram_backward(ds, state)
         ctx.general = general
         ctx.save_for_backward(x, gx)
@@ -97,7 +103,12 @@ class CosineLane(torch.autograd.Function):
         nb, small_b = row_norms(b)
         an, bn = a / na, b / nb
         scaled = an if scale is None else an * scale
-        value, ds = kernel(scaled @ bn.T, positives, negatives, *args, True)
+        s = scaled @ bn.T
+        # the C kernel where it has one (losses.native; its check only for finite scores: a
+        # non-finite batch takes the torch kernel, whose value the caller reads)
+        out = N.run(kernel, s, positives, negatives, args, True, None)
+        value, ds = (kernel(s, positives, negatives, *args, True) if out is None or
+                     isinstance(out, int) else out)
         ga = ds @ bn
         if scale is not None:
             ga.mul_(scale)

@@ -40,6 +40,7 @@ from contrastive.pairs import (
 )
 
 from . import kernels as K
+from . import native as N
 from .functional import _counts_or_none
 from .modules import PairLoss
 
@@ -285,6 +286,9 @@ def _multi_similarity_masks_kernel(scores, positives, negatives, alpha, beta, ba
                                     need_grad)
 
 
+_multi_similarity_masks_kernel.native = N.multi_similarity  # its C kernel (losses.native)
+
+
 # --------------------------------------------------------------------------- Circle
 
 
@@ -361,6 +365,9 @@ def _circle_kernel(scores, positives, negatives, m, gamma, reduction, need_grad)
     return value, torch.add(e[0], e[1])
 
 
+_circle_kernel.native = N.circle  # its C kernel (losses.native)
+
+
 # --------------------------------------------------------------------------- lifted structure
 
 
@@ -421,6 +428,9 @@ def _lifted_kernel(scores, positives, negatives, pos_threshold, neg_threshold, r
     w = 1.0 if reduction == "sum" else 1.0 / n
     e.mul_(torch.where(hinge > 0, K.const((-w, w), dtype, device, (2, 1, 1)) / z, 0.0))
     return value, torch.add(e[0], e[1])
+
+
+_lifted_kernel.native = N.lifted  # its C kernel (losses.native)
 
 
 # --------------------------------------------------------------------------- margin
@@ -528,6 +538,10 @@ def _margin_lane_kernel(scores, positives, negatives, beta, m, distance, reducti
     beta = beta.to(device=scores.device, dtype=scores.dtype).reshape(())
     return _margin_kernel(scores, positives, negatives, beta, float(m), 0.0, distance, reduction,
                           need_grad)
+
+
+_margin_kernel.native = N.margin  # its C kernels (losses.native)
+_margin_lane_kernel.native = N.margin_lane
 
 
 def margin(
@@ -674,6 +688,9 @@ def _nca_kernel(scores, positives, negatives, scale, reduction, need_grad):
         return value, None
     e.mul_(torch.where(has, w / z, 0.0))
     return value, e[0].sub_(e[1])
+
+
+_nca_kernel.native = N.nca  # its C kernel (losses.native)
 
 
 # --------------------------------------------------------------------------- modules

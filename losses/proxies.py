@@ -52,6 +52,7 @@ from contrastive.pairs import Pairs, check_call, require_positives
 from contrastive.validation import check_embeddings, check_temperature
 
 from . import kernels as K
+from . import native as N
 from .lane import CosineLane
 from .modules import PairLoss
 from .pair_based import miner_weights, nca
@@ -159,6 +160,9 @@ def _proxy_anchor_kernel(scores, positives, negatives, alpha, margin, reduction,
     # softplus' = sigmoid(lse), and 1 above torch's threshold of 20 (F.softplus's backward)
     e.mul_(torch.div(scale, torch.where(lse > 20.0, z, m.neg_().exp_().add_(z))))
     return value, torch.add(e[0], e[1])
+
+
+_proxy_anchor_kernel.native = N.proxy_anchor  # its C kernel (losses.native)
 
 
 def _target_softmax(scores: Tensor, positives: Tensor, negatives: Tensor, target_fn, scale: float,

@@ -49,7 +49,8 @@ def test_same_numbers_as_pml(output):
             rf"\[pml\] same batch, {name}\(.*\): ours (\S+)  pml (\S+)  \|diff\| (\S+)", output)
         assert abs(ours - theirs) < 1e-5 and diff < 1e-5 and ours > 0, name
     ours, theirs = _floats(r"miner\(emb, labels\)\): ours (\S+)  pml (\S+)", output)
-    assert ours == pytest.approx(theirs, abs=1e-6)
+    # printed to 6 decimals: float32 rounding (~1e-7 relative) can move the last digit
+    assert ours == pytest.approx(theirs, abs=2e-6)
     ours, grad, n_warn, theirs = _floats(
         r"batch without positives: ours (\S+) \(grad norm (\S+), (\d+) warning\)  pml (\S+)",
         output)

@@ -12,6 +12,10 @@ Python around it, not arithmetic (docs/losses.md, "Speed at small batches"). A p
     L, dL/dS = kernel(S, P, Q, ...)          # the loss's fused kernel
     dL/dX = unit_gram_backward(dL/dS, state) # saved; backward: g * dL/dX
 
+On a CPU, a kernel with a C form (:mod:`losses.native`) runs the check and the kernel in one
+call instead (the same values to rounding; a batch its check refuses goes to ``check`` above,
+which raises).
+
 The operations are the general path's (the same critic, check and kernel); only the autograd
 bookkeeping between them -- two nodes, the module's and the functional core's dispatch -- is
 left out, so values and gradients are the general path's. A batch the check refuses

@@ -109,7 +109,7 @@ def run(kernel: Callable, scores: Tensor, positives: Tensor, negatives: Tensor, 
     None: finiteness only) the check first, and an int where it fails (1: a NaN or Inf score,
     2: no term; nothing computed: the caller's own check then raises)."""
     params = getattr(kernel, "native", None)
-    if params is None or not enabled():
+    if params is None or not enabled() or torch.compiler.is_compiling():
         return None
     if not (scores.dtype in _DTYPES and scores.device.type == "cpu" and scores.dim() == 2
             and 0 < scores.numel() <= MAX_ENTRIES and positives.dtype == torch.bool

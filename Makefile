@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # torch/torchvision come from the local wheel cache where pip has one (see README).
-$(VENV)/.installed: pyproject.toml setup.py evaluation/_scan.c losses/_native.c losses/_native_body.h
+$(VENV)/.installed: pyproject.toml setup.py evaluation/_scan.c losses/_native.c losses/_native_body.h losses/_native_sets.h
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q -e '.[dev]'
 	# the reference of the lightly parity tests; its loss modules need only torch and timm (the

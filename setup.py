@@ -17,7 +17,7 @@ setup(
         Extension(
             "losses._native",
             sources=["losses/_native.c"],
-            depends=["losses/_native_body.h"],
+            depends=["losses/_native_body.h", "losses/_native_sets.h"],
             # both flags leave every result as it is (no errno, no FP traps to keep): they let
             # the compiler vectorise the masked loops
             extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"],

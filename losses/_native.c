@@ -115,41 +115,14 @@ DEFINE_LOG12_F32(log12_f32)
 #define REASSOCIATE_END
 #endif
 
-#define T float
-#define I int32_t
-#define IEXP ((int32_t)0x7f800000)
-#define FN(x) x##_f32
-#define BIG FLT_MAX
-#define EXP(x) exp_f32(x)
-#define LOG1(x) log12_f32(x)
-#define FLOOR (-87.0f)
-#include "_native_body.h"
-#undef T
-#undef IEXP
-#undef I
-#undef FN
-#undef BIG
-#undef EXP
-#undef LOG1
-#undef FLOOR
-
-#define T double
-#define I int64_t
-#define IEXP ((int64_t)0x7ff0000000000000LL)
-#define FN(x) x##_f64
-#define BIG DBL_MAX
-#define EXP(x) exp(x)
-#define LOG1(x) log(x)
-#define FLOOR (-708.0)
-#include "_native_body.h"
-#undef T
-#undef IEXP
-#undef I
-#undef FN
-#undef BIG
-#undef EXP
-#undef LOG1
-#undef FLOOR
+/* the kernels for the compiler's baseline: names x_f32 / x_f64 */
+#define SET
+#define EXP32(x) exp_f32(x)
+#define LOG32(x) log12_f32(x)
+#include "_native_sets.h"
+#undef SET
+#undef EXP32
+#undef LOG32
 
 /* the same kernels for AVX2 + FMA, taken at run time where the CPU has them (8 floats per
    instruction instead of SSE2's 4) */
@@ -164,41 +137,13 @@ DEFINE_LOG12_F32(log12_f32)
 DEFINE_EXP_F32(exp_f32_avx2)
 DEFINE_LOG12_F32(log12_f32_avx2)
 
-#define T float
-#define I int32_t
-#define IEXP ((int32_t)0x7f800000)
-#define FN(x) x##_f32_avx2
-#define BIG FLT_MAX
-#define EXP(x) exp_f32_avx2(x)
-#define LOG1(x) log12_f32_avx2(x)
-#define FLOOR (-87.0f)
-#include "_native_body.h"
-#undef T
-#undef IEXP
-#undef I
-#undef FN
-#undef BIG
-#undef EXP
-#undef LOG1
-#undef FLOOR
-
-#define T double
-#define I int64_t
-#define IEXP ((int64_t)0x7ff0000000000000LL)
-#define FN(x) x##_f64_avx2
-#define BIG DBL_MAX
-#define EXP(x) exp(x)
-#define LOG1(x) log(x)
-#define FLOOR (-708.0)
-#include "_native_body.h"
-#undef T
-#undef IEXP
-#undef I
-#undef FN
-#undef BIG
-#undef EXP
-#undef LOG1
-#undef FLOOR
+#define SET _avx2
+#define EXP32(x) exp_f32_avx2(x)
+#define LOG32(x) log12_f32_avx2(x)
+#include "_native_sets.h"
+#undef SET
+#undef EXP32
+#undef LOG32
 
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -961,3 +961,13 @@ static int FN(js)(const T *s, const uint8_t *p, const uint8_t *q, T *g, Py_ssize
     *out = (double)((T)vq * iq + (T)vp * ip);
     return 0;
 }
+
+/* the parameters of this instantiation (losses/_native_sets.h) */
+#undef T
+#undef I
+#undef IEXP
+#undef FN
+#undef BIG
+#undef EXP
+#undef LOG1
+#undef FLOOR

@@ -393,3 +393,18 @@ def test_partition_targets():
     assert torch.allclose(value, F.cross_entropy(s, perm))
     with pytest.raises(ValueError, match="exactly one positive"):
         LF.multiclass_npair(s, two, ~p)
+
+
+@needs_native
+def test_extension_refuses_bad_calls():
+    s = torch.rand(4, 4)
+    p = torch.eye(4, dtype=torch.bool)
+    args = (s.data_ptr(), p.data_ptr(), p.data_ptr(), 0, 4, 4, 0, -1, 0, 1.0, 0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="unknown kernel 99"):
+        N._native.run(99, *args)
+    with pytest.raises(ValueError, match="null buffer"):
+        N._native.run(N.NCA, 0, *args[1:])
+    with pytest.raises(ValueError, match="bad sizes"):
+        N._native.run(N.NCA, *args[:4], -1, *args[5:])
+    with pytest.raises(ValueError, match="null buffer"):
+        N._native.targets(p.data_ptr(), p.data_ptr(), 0, 4, 4)

@@ -1,12 +1,12 @@
 """Mutation check: does the test suite notice when the loss and metric cores are broken?
 
 Each mutation below is a small, plausible bug in ``losses/functional.py``, ``losses/kernels.py``,
-``contrastive/critics.py`` or ``evaluation/``: a flipped sign, a dropped term, a detached
-gradient, an off-by-one. For each one the script copies the repository into a temporary folder,
-applies the mutation to the copy (the working tree is never touched), runs the tests that cover
-that file and records whether they failed ("caught") or passed ("survived"). The caught
-fraction is the suite's mutation score on these cores; a surviving mutation names a promise no
-test checks.
+``losses/native.py``, ``contrastive/critics.py`` or ``evaluation/``: a flipped sign, a dropped
+term, a detached gradient, an off-by-one. For each one the script copies the repository into a
+temporary folder, applies the mutation to the copy (the working tree is never touched), runs the
+tests that cover that file and records whether they failed ("caught") or passed ("survived"). The
+caught fraction is the suite's mutation score on these cores; a surviving mutation names a promise
+no test checks.
 
     python benchmarks/mutation_check.py                 # all mutations (make mutation)
     python benchmarks/mutation_check.py --only nwj,map  # those whose id contains a word
@@ -34,9 +34,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# tests/test_native.py compares each fused torch kernel with its C form (losses.native): on a
+# CPU with the extension built the losses take the C kernels, so that comparison is what sees
+# a broken torch kernel (the one a GPU runs)
 LOSS_TESTS = ("tests/test_losses_reference.py", "tests/test_losses_properties.py",
               "tests/test_losses_errors.py", "tests/test_reductions.py",
-              "tests/test_fused_core.py", "tests/test_mined.py", "tests/test_sparse_lane.py")
+              "tests/test_fused_core.py", "tests/test_mined.py", "tests/test_sparse_lane.py",
+              "tests/test_native.py")
 TESTS = {
     "losses/functional.py": LOSS_TESTS,
     # the kernels' pieces also serve the pair and proxy losses (multi-similarity, Circle,
@@ -46,8 +50,9 @@ TESTS = {
                                "tests/test_large_batch_paths.py", "tests/test_fewer_operations.py",
                                "tests/test_sparse_lane.py"),
     "losses/pair_based.py": ("tests/test_pair_based.py", "tests/test_large_batch_paths.py",
-                             "tests/test_overhead_paths.py"),
-    "losses/lane.py": ("tests/test_lane.py",),
+                             "tests/test_overhead_paths.py", "tests/test_native.py"),
+    "losses/lane.py": ("tests/test_lane.py", "tests/test_native.py"),
+    "losses/native.py": ("tests/test_native.py",),
     "evaluation/retrieval.py": ("tests/test_retrieval.py",),
     "evaluation/clustering.py": ("tests/test_clustering.py",),
     "evaluation/weighted_knn.py": ("tests/test_knn_classifier.py",),
@@ -192,6 +197,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("unit-gram-scale-in-product-dropped", C, "term",
              "gy = symmetric_product(g, y, 1.0 if scale is None else alpha)",
              "gy = symmetric_product(g, y)"),
+    Mutation("native-margin-distance-sign", "losses/native.py", "sign",
+             "-b if distance else b", "b if distance else -b"),
+    Mutation("native-reduction-codes-swapped", "losses/native.py", "term",
+             '_REDUCTION = {"mean": 0, "sum": 1, "nonzero": 2}',
+             '_REDUCTION = {"mean": 1, "sum": 0, "nonzero": 2}'),
+    Mutation("native-lane-check-skipped", "losses/lane.py", "term",
+             "out = N.run(kernel, s, positives, negatives, args, True, terms)",
+             'out = N.run(kernel, s, positives, negatives, args, True, "skip")'),
     Mutation("lane-upstream-gradient-ignored", "losses/lane.py", "term",
              "return gx * g, None, None, None, None, None",
              "return gx, None, None, None, None, None"),

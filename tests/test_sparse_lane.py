@@ -13,6 +13,7 @@ from losses import functional as LF
 from losses import kernels as K
 from losses import lane as L
 from losses import modules as M
+from losses import native as N
 
 
 def _dense(g: SparseRows, shape) -> torch.Tensor:
@@ -147,10 +148,15 @@ def test_batch_hard_sparse_lane_double_backward_and_its_limits():
     torch.testing.assert_close(hx, hx0, rtol=1e-9, atol=1e-12)
     assert L.is_sparse(LF._triplet_hard_sparse_kernel)
     assert not L.is_sparse(LF._triplet_kernel)
-    # below SPARSE_LANE_MIN_ROWS the dense lane, where it is the faster
-    assert M.Triplet(mining="hard").lane_kernel(128)[0] is LF._triplet_kernel
-    assert M.Triplet(mining="hard").lane_kernel(129)[0] is LF._triplet_hard_sparse_kernel
-    assert M.Triplet(mining="semihard").lane_kernel(256)[0] is LF._triplet_kernel
+    # below SPARSE_LANE_MIN_ROWS the dense lane, where it is the faster (with the C kernels
+    # up to the dense lane's end, SPARSE_LANE_MIN_ROWS_NATIVE)
+    with N.disabled():
+        assert M.Triplet(mining="hard").lane_kernel(128)[0] is LF._triplet_kernel
+        assert M.Triplet(mining="hard").lane_kernel(129)[0] is LF._triplet_hard_sparse_kernel
+        assert M.Triplet(mining="semihard").lane_kernel(256)[0] is LF._triplet_kernel
+    if N.enabled():
+        assert M.Triplet(mining="hard").lane_kernel(256)[0] is LF._triplet_kernel
+        assert M.Triplet(mining="hard").lane_kernel(257)[0] is LF._triplet_hard_sparse_kernel
     big = torch.randn(400, 4, dtype=torch.float64, requires_grad=True)
     labels = torch.arange(400) // 4
     assert type(M.Triplet(mining="hard")(big, labels).grad_fn).__name__ == "LaneBackward"

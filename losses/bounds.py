@@ -317,7 +317,8 @@ def smile(scores: Tensor, positives: Tensor, negatives: Tensor | None = None,
     if gradient != "js":
         raise ValueError(f"gradient must be 'js' or 'dv', got {gradient!r}")
     js = LF.js(scores, positives, negatives, reduction, check)
-    return js + (value - js).detach()
+    # the value exactly (js - js is 0 in any rounding), the gradient JS's
+    return (js - js.detach()) + value.detach()
 
 
 # --------------------------------------------------------------------------- alpha-InfoNCE

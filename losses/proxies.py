@@ -315,7 +315,21 @@ def _arcface_target(margin: float):
         dacos = -(1.0 - cc * cc).rsqrt()
         return torch.where((c > -1.0) & (c < 1.0), dcos * dacos, 0.0)
 
+    def both(c: Tensor) -> tuple[Tensor, Tensor]:
+        """``(target(c), derivative(c))`` with the shared ``acos`` once, bit for bit those of
+        the two functions (``(-a)(-b) = a b`` exactly; ``|c| < 1`` is ``-1 < c < 1``): six
+        fewer operations where a loss needs both (the fused lane and kernel)."""
+        cc = c.clamp(-1.0, 1.0)
+        theta = torch.acos(cc)
+        near = theta <= math.pi - margin
+        shifted = theta + margin
+        value = torch.where(near, torch.cos(shifted), torch.cos(theta) - margin * math.sin(margin))
+        slope = torch.where(near, torch.sin(shifted), torch.sin(theta))
+        slope = slope.mul_((1.0 - cc * cc).rsqrt_())
+        return value, torch.where(c.abs() < 1.0, slope, 0.0)
+
     target.derivative = derivative
+    target.both = both
     return target
 
 
@@ -371,9 +385,9 @@ class _ProxySoftmax(torch.autograd.Function):
         w = (proxies / npx).mul_(lane.fold)
         z = (x @ w.T).div_(nx)  # (x / n) @ w.T without the [N, d] quotient
         cy = z.gather(1, y)
-        zy = cy
-        if lane.target_fn is not None:  # ArcFace's margin on the cosine
-            zy = lane.target_fn(cy)
+        zy, dy = cy, None
+        if lane.target_fn is not None:  # ArcFace's margin on the cosine, and its derivative
+            zy, dy = lane.target_fn.both(cy)
         elif lane.shift:  # CosFace: scale (c - m) = (scale c) - scale m
             zy = cy - lane.shift
         if lane.scale != 1.0:
@@ -391,9 +405,10 @@ class _ProxySoftmax(torch.autograd.Function):
         if not any(ctx.needs_input_grad[:2]):
             return value
         grad = e.div_(total)  # softmax, minus the one-hot class
-        grad.scatter_(1, y, grad.gather(1, y) - 1.0)
-        if lane.target_fn is not None:  # the margin's chain rule on the class's column
-            grad.scatter_(1, y, grad.gather(1, y) * lane.target_fn.derivative(cy))
+        column = grad.gather(1, y) - 1.0
+        if dy is not None:  # the margin's chain rule on the class's column
+            column = column * dy
+        grad.scatter_(1, y, column)
         grad.div_(nx)  # dL/dz / n: the backward's products then take x, not x / n
         ctx.save_for_backward(x, proxies, target, nx, small_x, npx, small_p, w, grad)
         return value

@@ -356,3 +356,19 @@ def test_multi_similarity_fast_path_is_finite_for_anchors_without_mined_pairs(ep
     assert bool(torch.isfinite(g_fast).all())
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_fast, g_slow, rtol=1e-5, atol=1e-5 * float(g_slow.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_arcface_target_both_is_target_and_derivative_bit_for_bit(dtype):
+    """``target.both`` (the fused lane's one pass) gives exactly ``target`` and ``derivative``:
+    cosines at, inside and beyond +-1, and around the switch at ``theta = pi - margin``."""
+    margin = math.radians(28.6)
+    fn = PX._arcface_target(margin)
+    switch = math.cos(math.pi - margin)
+    c = torch.cat([torch.tensor([-1.5, -1.0, -0.9999999, 0.0, 0.9999999, 1.0, 1.5,
+                                 switch, math.nextafter(switch, 1.0),
+                                 math.nextafter(switch, -1.0)]),
+                   torch.linspace(-1.0, 1.0, 2001)]).to(dtype)[:, None]
+    value, slope = fn.both(c)
+    assert torch.equal(value, fn(c))
+    assert torch.equal(slope, fn.derivative(c))

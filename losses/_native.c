@@ -275,6 +275,57 @@ static PyObject *native_targets(PyObject *self, PyObject *args)
     return PyBool_FromLong(ok);
 }
 
+/* (label, position) in ascending order: a stable sort by label */
+typedef struct {
+    int64_t label;
+    int64_t index;
+} labelled;
+
+static int by_label(const void *x, const void *y)
+{
+    const labelled *a = (const labelled *)x, *b = (const labelled *)y;
+    if (a->label != b->label)
+        return a->label < b->label ? -1 : 1;
+    return a->index < b->index ? -1 : (a->index > b->index);
+}
+
+/* first_pairs(labels, n, a, p) -> k: for every label with two or more of the n int64 labels,
+   in ascending label order, its first and second position into a[t], p[t] (t < k; each
+   buffer holds n / 2): contrastive.pairs.first_pair_per_class without a reference set, the
+   multi-class N-pair loss's pairs (PML's NPairsLoss) */
+static PyObject *native_first_pairs(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long l_addr, a_addr, p_addr;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "KnKK", &l_addr, &n, &a_addr, &p_addr))
+        return NULL;
+    if (n < 0 || !l_addr || !a_addr || !p_addr) {
+        PyErr_SetString(PyExc_ValueError, "_native.first_pairs: bad sizes or a null buffer");
+        return NULL;
+    }
+    const int64_t *labels = (const int64_t *)(uintptr_t)l_addr;
+    int64_t *a = (int64_t *)(uintptr_t)a_addr, *p = (int64_t *)(uintptr_t)p_addr;
+    labelled *items = (labelled *)malloc((size_t)(n > 0 ? n : 1) * sizeof(labelled));
+    if (!items)
+        return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; i++) {
+        items[i].label = labels[i];
+        items[i].index = (int64_t)i;
+    }
+    qsort(items, (size_t)n, sizeof(labelled), by_label);
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i + 1 < n; i++) {
+        if (items[i + 1].label != items[i].label || (i > 0 && items[i - 1].label == items[i].label))
+            continue; /* not the first two of a label */
+        a[k] = items[i].index;
+        p[k] = items[i + 1].index;
+        k++;
+    }
+    free(items);
+    return PyLong_FromSsize_t(k);
+}
+
 static PyObject *native_current(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -312,6 +363,8 @@ static PyMethodDef methods[] = {
      "run(kernel, s, p, q, g, n, m, is_double, terms, reduction, a, b, c, d) -> (status, value)"},
     {"targets", native_targets, METH_VARARGS,
      "targets(p, q, out, n, m) -> whether each row has one positive and p xor q holds"},
+    {"first_pairs", native_first_pairs, METH_VARARGS,
+     "first_pairs(labels, n, a, p) -> the number of labels with two or more items"},
     {"current", native_current, METH_NOARGS, "the kernel set in use: 'generic' or 'avx2'"},
     {"select", native_select, METH_VARARGS,
      "select('generic' | 'avx2') -> the previous kernel set"},

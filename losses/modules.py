@@ -490,7 +490,8 @@ class MultiClassNPair(PairLoss):
         elif c.paired:  # the two views of each item share its label
             ai, pi = first_pair_per_class(c.labels, c.labels)
         else:  # the batch itself, or PML's ref_emb whose row j has labels[j]
-            ai, pi = first_pair_per_class(c.labels)
+            pairs = native.first_pairs(c.labels)  # one C call on a CPU
+            ai, pi = first_pair_per_class(c.labels) if pairs is None else pairs
         pos, neg = diagonal_masks(ai.numel(), c.embeddings.device)
         return Pairs(c.embeddings[ai], cand[pi], pos, neg, False)
 

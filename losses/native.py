@@ -55,8 +55,8 @@ try:  # the optional C extension (losses/_native.c)
 except ImportError:  # no compiler at install time: the torch kernels
     _native = None
 
-__all__ = ["AVAILABLE", "MAX_ENTRIES", "disabled", "enabled", "kernel_set", "partition_targets",
-           "run"]
+__all__ = ["AVAILABLE", "MAX_ENTRIES", "disabled", "enabled", "first_pairs", "kernel_set",
+           "partition_targets", "run"]
 
 #: whether the extension is built
 AVAILABLE = _native is not None
@@ -148,6 +148,23 @@ def partition_targets(positives: Tensor, negatives: Tensor) -> Tensor | None:
     if _native.targets(positives.data_ptr(), negatives.data_ptr(), target.data_ptr(), n, m):
         return target
     return None
+
+
+def first_pairs(labels: Tensor) -> tuple[Tensor, Tensor] | None:
+    """:func:`contrastive.pairs.first_pair_per_class` of a batch against itself (for every
+    label with two or more items, in ascending label order, its first and second position),
+    in one C call instead of a sort and ten tensor operations; None without the C kernels or
+    for labels that are not a contiguous int64 CPU vector (the caller's torch form then)."""
+    if not (enabled() and labels.device.type == "cpu" and labels.dtype == torch.int64
+            and labels.dim() == 1 and labels.is_contiguous()):
+        return None
+    n = labels.numel()
+    a = torch.empty(n // 2, dtype=torch.int64)
+    p = torch.empty(n // 2, dtype=torch.int64)
+    if n < 2:  # no pair (and empty buffers have no address)
+        return a, p
+    k = _native.first_pairs(labels.data_ptr(), n, a.data_ptr(), p.data_ptr())
+    return a[:k], p[:k]
 
 
 # ----------------------------------------------------------------------------- parameters

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import losses
+from contrastive.critics import Cosine
 from losses import functional as LF
+from losses import modules as M
 from losses import native as N
 from losses import pair_based as PB
 from losses import proxies as PX
@@ -408,3 +410,32 @@ def test_extension_refuses_bad_calls():
         N._native.run(N.NCA, *args[:4], -1, *args[5:])
     with pytest.raises(ValueError, match="null buffer"):
         N._native.targets(p.data_ptr(), p.data_ptr(), 0, 4, 4)
+
+
+@needs_native
+def test_first_pairs_equals_first_pair_per_class():
+    from contrastive.pairs import first_pair_per_class
+
+    g = torch.Generator().manual_seed(5)
+    cases = [torch.arange(128) // 4, torch.randint(-5, 40, (97,), generator=g),
+             torch.randint(0, 3, (10,), generator=g), torch.tensor([7, 3, 7, 2**40, 3, -1]),
+             torch.arange(9), torch.zeros(0, dtype=torch.long), torch.tensor([4])]
+    for labels in cases:
+        a, p = N.first_pairs(labels)
+        ra, rp = first_pair_per_class(labels)
+        assert torch.equal(a, ra) and torch.equal(p, rp), labels
+    assert N.first_pairs(torch.arange(8, dtype=torch.int32)) is None
+    assert N.first_pairs(torch.arange(16)[::2]) is None  # not contiguous
+    with N.disabled():
+        assert N.first_pairs(torch.arange(8)) is None
+
+
+@needs_native
+def test_npair_module_with_c_pairs_equals_torch_pairs():
+    x = torch.randn(64, 16, dtype=torch.float64)
+    y = torch.randint(0, 20, (64,), generator=torch.Generator().manual_seed(6))
+    module = M.MultiClassNPair(critic=Cosine(1.0))
+    value, grad = _loss_and_grad(module, x, y)
+    with N.disabled():
+        ref_value, ref_grad = _loss_and_grad(module, x, y)
+    assert torch.equal(value, ref_value) and torch.equal(grad, ref_grad)

@@ -737,6 +737,11 @@ static int FN(ntxent)(const T *s, const uint8_t *p, const uint8_t *q, T *g, Py_s
     Py_ssize_t npairs = 0;
     for (Py_ssize_t k = 0; k < n * m; k++)
         npairs += p[k];
+    if (!npairs) { /* no positive pair (the callers have checked: not reached) */
+        free(buf);
+        free(v);
+        return 2;
+    }
     const T w = red == RED_SUM ? (T)1 : (T)1 / (T)npairs;
     double total = 0;
     for (Py_ssize_t i = 0; i < n; i++) {

@@ -194,6 +194,11 @@ def test_check_finds_missing_terms():
     assert N.run(PB._nca_kernel, s, some, none, args, True, "both") == 2
     assert isinstance(N.run(PB._nca_kernel, s, some, ~some, args, True, "both"), tuple)
     assert isinstance(N.run(PB._nca_kernel, s, none, none, args, True, None), tuple)
+    # the kernels that divide by a count of pairs refuse a batch without them even unchecked
+    # ("skip": the callers' own check has run), instead of a NaN
+    assert N.run(LF._ntxent_kernel, s, none, ~some, ("mean",), True) == 2
+    assert N.run(LF._nwj_kernel, s, none, ~some, (1.0,), True) == 2
+    assert N.run(LF._dv_kernel, s, some, none, (1.0,), True) == 2
 
 
 @needs_native

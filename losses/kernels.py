@@ -298,7 +298,7 @@ class FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: Tensor, kernel, slow, args: tuple):
-        value, grad = _run(kernel, scores, args, True)
+        value, grad = run_kernel(kernel, scores, args, True)
         ctx.grad, ctx.slow, ctx.args = grad, slow, args
         ctx.save_for_backward(scores)
         return value
@@ -336,16 +336,17 @@ def fused(kernel, slow, scores: Tensor, *args) -> Tensor:
     if scores.requires_grad and torch.is_grad_enabled():
         return FusedLoss.apply(scores, kernel, slow, args)
     with torch.no_grad():
-        return _run(kernel, scores, args, False)[0]
+        return run_kernel(kernel, scores, args, False)[0]
 
 
-def _run(kernel, scores: Tensor, args: tuple, need_grad: bool):
-    """``kernel(scores, *args, need_grad)``, by its C form on a CPU where it has one
-    (:mod:`losses.native`; the caller has checked the scores and the masks)."""
-    out = native.run(kernel, scores, args[0], args[1], args[2:], need_grad) if len(args) > 1 \
-        else None
-    # (an int: the C kernel's check refused the batch; the caller's own check let it through,
-    # so the torch kernel decides)
+def run_kernel(kernel, scores: Tensor, args: tuple, need_grad: bool,
+               terms: str | None = "skip"):
+    """``kernel(scores, *args, need_grad)`` (``args`` starting with the masks ``P, Q``), by its
+    C form on a CPU where it has one (:mod:`losses.native`). ``terms``: the C kernel's check
+    (:func:`native.run`; "skip": the caller has checked the scores and the masks). Where the C
+    check refuses the batch, the torch kernel runs (its value then tells the caller)."""
+    out = (native.run(kernel, scores, args[0], args[1], args[2:], need_grad, terms)
+           if len(args) > 1 else None)
     return kernel(scores, *args, need_grad) if out is None or isinstance(out, int) else out
 
 

@@ -107,12 +107,10 @@ class CosineLane(torch.autograd.Function):
         nb, small_b = row_norms(b)
         an, bn = a / na, b / nb
         scaled = an if scale is None else an * scale
-        s = scaled @ bn.T
-        # the C kernel where it has one (losses.native; its check only for finite scores: a
-        # non-finite batch takes the torch kernel, whose value the caller reads)
-        out = N.run(kernel, s, positives, negatives, args, True, None)
-        value, ds = (kernel(s, positives, negatives, *args, True) if out is None or
-                     isinstance(out, int) else out)
+        # the C kernel where it has one, checking only for finite scores (a non-finite batch
+        # takes the torch kernel, whose value the caller reads)
+        value, ds = K.run_kernel(kernel, scaled @ bn.T, (positives, negatives, *args), True,
+                                 None)
         ga = ds @ bn
         if scale is not None:
             ga.mul_(scale)

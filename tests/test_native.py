@@ -107,13 +107,13 @@ def _has_avx2() -> bool:
     return True
 
 
-@pytest.fixture(params=["generic", "avx2"])
+@pytest.fixture(params=[
+    pytest.param("generic", marks=needs_native),
+    pytest.param("avx2", marks=pytest.mark.skipif(not _has_avx2(),
+                                                  reason="no extension, or no AVX2 + FMA")),
+])
 def kernel_set(request):
     """Each instruction set the extension holds (AVX2 where the CPU has it), restored after."""
-    if not N.AVAILABLE:
-        pytest.skip("the C extension losses._native is not built")
-    if request.param == "avx2" and not _has_avx2():
-        pytest.skip("this CPU has no AVX2 + FMA")
     previous = N._native.select(request.param)
     assert N.kernel_set() == request.param
     yield request.param
